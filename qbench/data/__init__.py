@@ -1,0 +1,1 @@
+"""Dataset loaders: the TSV image-caption format, builtin generated sets, text corpora."""

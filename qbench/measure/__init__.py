@@ -1,0 +1,1 @@
+"""Memory, timing and weight-byte accounting."""

@@ -1,0 +1,1 @@
+"""One module per task; each supplies model loading, batches, loss and evaluation."""

@@ -1,0 +1,1 @@
+"""Builtin tiny models and the commands that build their checkpoints."""
