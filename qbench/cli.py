@@ -1,0 +1,175 @@
+"""The `qbench` command line: parses arguments, calls the library, renders with rich."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from qbench import __version__, precisions
+from qbench.suite import Cell, SuiteError
+
+console = Console()
+errors = Console(stderr=True)
+
+EXIT_OK, EXIT_FAILED_CELLS, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class ProgressListener:
+    """Rich progress: one bar over cells, one over the running cell's optimizer steps."""
+
+    def __init__(self, progress: Progress, total_cells: int):
+        self.progress = progress
+        self.cells_task = progress.add_task("cells", total=total_cells)
+        self.steps_task = progress.add_task("", total=None, visible=False)
+
+    def cell_started(self, cell: Cell, index: int, total: int) -> None:
+        self.progress.update(self.steps_task, description=f"{cell.id}: starting", completed=0, total=None, visible=True)
+
+    def cell_event(self, cell: Cell, event: dict[str, Any]) -> None:
+        if event["event"] == "phase":
+            self.progress.update(self.steps_task, description=f"{cell.id}: {event['phase']}", total=event.get("total"), completed=0)
+        elif event["event"] == "step":
+            self.progress.update(
+                self.steps_task,
+                description=f"{cell.id}: train (loss {event['loss']:.3f})",
+                completed=event["step"],
+                total=event["total"],
+            )
+
+    def cell_finished(self, cell: Cell, record: dict[str, Any]) -> None:
+        status = record["status"]
+        style = "green" if status == "ok" else "red"
+        message = f"[{style}]{cell.id}: {status}[/]"
+        if status != "ok":
+            message += f" — {record.get('error')}"
+        self.progress.console.print(message)
+        self.progress.advance(self.cells_task)
+
+
+def _render_table(table: Any, title: str) -> Table:
+    from qbench.report import format_value
+
+    shown = Table(title=title, show_lines=False)
+    shown.add_column(table.index.name or "")
+    for column in table.columns:
+        shown.add_column(str(column), justify="right")
+    for index, row in table.iterrows():
+        shown.add_row(str(index), *(format_value(v) for v in row))
+    return shown
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from qbench import checks, runner
+    from qbench.suite import load
+
+    loaded = load(args.suite)
+    only = tuple(args.only.split(",")) if args.only else None
+    if only:
+        unknown = [p for p in only if p not in loaded.suite.matrix.precisions]
+        if unknown:
+            raise SuiteError(args.suite, [f"--only: {', '.join(unknown)} not in matrix.precisions ({', '.join(loaded.suite.matrix.precisions)})"])
+    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
+    checks.check_suite(loaded)
+    device = runner.resolve_device(args.device)
+    cells = loaded.cells(only, seeds)
+    run_dir = runner.new_run_dir(Path(args.out), loaded.suite.name)
+    console.print(f"qbench {__version__}: suite [bold]{loaded.suite.name}[/] ({len(cells)} cells) on {device} -> {run_dir}")
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        listener = ProgressListener(progress, len(cells))
+        run = runner.Run(loaded, run_dir, device, cells, listener)
+        run.write_manifest()
+        try:
+            records = run.execute()
+        except runner.RunInterrupted as stop:
+            errors.print(f"[yellow]interrupted:[/] {stop}")
+            return 130
+    return _finish(run_dir, records)
+
+
+def _finish(run_dir: Path, records: list[dict[str, Any]]) -> int:
+    from qbench import report, results
+
+    frame = results.load_frame([run_dir])
+    paths = report.write_run_outputs(run_dir, frame)
+    console.print(_render_table(report.summary_table(frame), f"{frame['suite'].iloc[0]} — {run_dir}"))
+    console.print(f"records: {run_dir / 'cells'}   table: {paths['csv']}   summary: {paths['summary']}")
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        errors.print(f"[red]{len(failed)} cell(s) did not finish:[/] " + ", ".join(f"{r['cell_id']} ({r['status']})" for r in failed))
+        return EXIT_FAILED_CELLS
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from qbench.data import registry
+    from qbench.models import BUILTIN_MODELS
+
+    table = Table(title="precisions (matrix.precisions)")
+    table.add_column("name")
+    table.add_column("base weights")
+    for name, precision in precisions.REGISTRY.items():
+        table.add_row(name, precision.description)
+    console.print(table)
+    table = Table(title="builtin models (model.id = \"builtin:NAME\")")
+    table.add_column("name")
+    table.add_column("what")
+    for name, what in BUILTIN_MODELS.items():
+        table.add_row(name, what)
+    console.print(table)
+    table = Table(title="builtin datasets (data.kind = \"builtin\", data.name = NAME)")
+    table.add_column("name")
+    table.add_column("task")
+    table.add_column("what")
+    for name, (task, what) in registry.BUILTIN_DATASETS.items():
+        table.add_row(name, task, what)
+    console.print(table)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qbench",
+        description="Run the same LoRA fine-tune under every base weight format (16-bit, LLM.int8, FP4, NF4, "
+        "with and without double quantization) and compare memory, speed and quality.",
+    )
+    parser.add_argument("--version", action="version", version=f"qbench {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run a suite: one process per (precision, seed) cell, one JSON record each",
+        description="Run every cell of SUITE (a TOML file) and write records, results.csv and summary.md into "
+        "OUT/<suite>/<run-id>/. Exit 0 when every cell is ok, 1 when a cell failed, 2 on a bad suite.",
+    )
+    run.add_argument("suite", help="suite file, e.g. suites/clip.toml")
+    run.add_argument("--out", default="results", help="folder for run directories (default: results)")
+    run.add_argument("--only", metavar="PRECISIONS", help="comma-separated subset of the matrix, e.g. bf16,nf4-dq")
+    run.add_argument("--seeds", metavar="SEEDS", help="comma-separated seeds overriding matrix.seeds, e.g. 0,1,2")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
+    run.set_defaults(handler=cmd_run)
+
+    listing = commands.add_parser("list", help="show precisions, builtin models and builtin datasets")
+    listing.set_defaults(handler=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except SuiteError as error:
+        for problem in error.problems:
+            errors.print(f"[red]error:[/] {error.path}: {problem}", highlight=False)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

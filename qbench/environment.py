@@ -1,0 +1,85 @@
+"""Where a record was measured: package versions, device, driver, git commit, host."""
+
+from __future__ import annotations
+
+import platform
+import socket
+import subprocess
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("qbench", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "pandas", "nvidia-ml-py")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+@cache
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    """The commit of the qbench source tree, with '+dirty' when it has uncommitted changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def describe(device: str) -> dict[str, Any]:
+    """Flat `env.*` fields for a record (imports torch: call it in a cell's process)."""
+    import torch
+
+    fields: dict[str, Any] = {f"env.{name}_version": version for name, version in package_versions().items()}
+    fields.update(
+        {
+            "env.python_version": platform.python_version(),
+            "env.hostname": socket.gethostname(),
+            "env.git_commit": git_commit(),
+            "env.cpu_model": cpu_model(),
+            "env.cpu_count": torch.get_num_threads(),
+            "env.device": device,
+            "env.cuda_version": torch.version.cuda,
+        }
+    )
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        fields["env.device_name"] = torch.cuda.get_device_name(index)
+        fields["env.device_total_memory_bytes"] = torch.cuda.get_device_properties(index).total_memory
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            fields["env.cuda_driver_version"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception as error:
+            fields["env.cuda_driver_version"] = None
+            fields["env.cuda_driver_unavailable_reason"] = f"{type(error).__name__}: {error}"
+    else:
+        fields["env.device_name"] = cpu_model()
+        fields["env.device_total_memory_bytes"] = None
+        fields["env.cuda_driver_version"] = None
+    return fields

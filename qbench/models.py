@@ -1,0 +1,100 @@
+"""Finding a model (builtin, local folder or hub id) and loading its frozen base in a given precision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qbench.precisions import Precision
+
+BUILTIN_DIR = Path(__file__).parent / "zoo" / "checkpoints"
+BUILTIN_MODELS = {
+    "tiny-clip": "transformers CLIPModel, pretrained by qbench on the builtin shapes set (python -m qbench.zoo.clip)",
+    "tiny-llama": "transformers LlamaForCausalLM, pretrained by qbench on pydoc text (python -m qbench.zoo.llama)",
+}
+
+
+class ModelNotFound(FileNotFoundError):
+    """The model is neither builtin, a local folder, nor in the hub cache / reachable."""
+
+
+def resolve(model_id: str, base_dir: Path | None = None, revision: str | None = None) -> str:
+    """A path or hub id `from_pretrained` can load; ModelNotFound with how to fix it otherwise."""
+    if model_id.startswith("builtin:"):
+        name = model_id.removeprefix("builtin:")
+        folder = BUILTIN_DIR / name
+        if name not in BUILTIN_MODELS:
+            raise ModelNotFound(f"unknown builtin model {name!r}; builtin: {', '.join(BUILTIN_MODELS)}")
+        if not (folder / "config.json").is_file():
+            raise ModelNotFound(f"builtin model {name!r} has no checkpoint at {folder}; rebuild it with python -m qbench.zoo.{name.split('-')[-1]}")
+        return str(folder)
+    local = Path(model_id).expanduser()
+    if not local.is_absolute() and base_dir is not None and (base_dir / local).exists():
+        local = base_dir / local
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ModelNotFound(f"{local} is not a Hugging Face checkpoint folder (no config.json)")
+        return str(local.resolve())
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise ModelNotFound(f"model folder {model_id} does not exist")
+    return model_id  # a hub id: checked by `ensure_available`
+
+
+def ensure_available(model_id: str, revision: str | None = None) -> None:
+    """For a hub id: present in the local cache or downloadable, else ModelNotFound with the fix."""
+    if Path(model_id).exists():
+        return
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+
+    cached = try_to_load_from_cache(model_id, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(model_id, "config.json", revision=revision)
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise ModelNotFound(
+            f"model {model_id!r} is not in the local Hugging Face cache and could not be fetched "
+            f"({type(error).__name__}). Fix: run once with network (or `huggingface-cli download {model_id}`), "
+            f"or point `model.id` at a local checkpoint folder."
+        ) from None
+
+
+def device_map_for(device: str, mode: str) -> Any:
+    """`single` puts the whole base on one device; `auto` lets accelerate spread a large base."""
+    if mode == "auto":
+        return "auto"
+    return {"": device}
+
+
+def load_base(model_class: Any, path: str, precision: Precision, compute_dtype: str, device: str, spec: Any) -> Any:
+    """Load the frozen base in `precision` with transformers; bitsandbytes quantizes while loading."""
+    model = model_class.from_pretrained(
+        path,
+        revision=spec.revision,
+        dtype=precision.storage_dtype(compute_dtype),
+        quantization_config=precision.quantization_config(compute_dtype),
+        device_map=device_map_for(device, spec.device_map),
+        use_safetensors=True if spec.safetensors_only else None,
+        trust_remote_code=spec.trust_remote_code,
+    )
+    model.requires_grad_(False)
+    return model
+
+
+def disable_bnb_cpu_weight_packing(model: Any) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns how many layers.
+
+    bitsandbytes 0.50 converts a Linear4bit's weight to a packed CPU format on its first eval
+    forward under no_grad (on CPUs with AVX512-BF16) and never converts it back, after which
+    training raises, or silently gets no gradient through the frozen base. qbench evaluates
+    before training in the same process, so it turns the conversion off on every layer.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count

@@ -1,0 +1,101 @@
+"""The one registry of weight formats: a precision name -> how the frozen base is stored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # importing torch/transformers here would make `qbench list` slow
+    import torch
+    from transformers import BitsAndBytesConfig
+
+Kind = Literal["dense", "int8", "4bit"]
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+LLM_INT8_THRESHOLD = 6.0
+BNB_4BIT_BLOCKSIZE = 64  # values per absmax block; bitsandbytes' default and the only one transformers exposes
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the frozen base weights are stored; LoRA adapters and compute dtype are the same for every one."""
+
+    name: str
+    kind: Kind
+    description: str
+    dense_dtype: str | None = None  # for kind == "dense": the storage dtype of the base
+    quant_type: str | None = None  # for kind == "4bit": "nf4" or "fp4"
+    double_quant: bool = False  # for kind == "4bit": absmax quantized again (nested)
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind != "dense"
+
+    @property
+    def expected_linear_class(self) -> str | None:
+        """The bitsandbytes module class the loaded base's linears must have, or None for dense."""
+        return {"dense": None, "int8": "Linear8bitLt", "4bit": "Linear4bit"}[self.kind]
+
+    def storage_dtype(self, compute_dtype: str) -> torch.dtype:
+        """The dtype of the base's unquantized tensors (embeddings, norms, and every weight if dense)."""
+        import torch
+
+        return getattr(torch, self.dense_dtype or compute_dtype)
+
+    def quantization_config(self, compute_dtype: str) -> BitsAndBytesConfig | None:
+        """The `BitsAndBytesConfig` that loads the base in this format, or None for a dense base."""
+        if self.kind == "dense":
+            return None
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if self.kind == "int8":
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=LLM_INT8_THRESHOLD)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+        )
+
+    def settings(self) -> dict[str, object]:
+        """Flat, JSON-friendly description for the record."""
+        return {
+            "kind": self.kind,
+            "dense_dtype": self.dense_dtype,
+            "quant_type": self.quant_type,
+            "double_quant": self.double_quant,
+            "blocksize": BNB_4BIT_BLOCKSIZE if self.kind == "4bit" else None,
+            "llm_int8_threshold": LLM_INT8_THRESHOLD if self.kind == "int8" else None,
+        }
+
+
+def _four_bit(quant_type: str, double_quant: bool, what: str) -> Precision:
+    name = quant_type + ("-dq" if double_quant else "")
+    extra = ", absmax quantized again to 8 bits (double quantization)" if double_quant else ""
+    return Precision(name, "4bit", f"4-bit {what}, blocks of 64{extra}", quant_type=quant_type, double_quant=double_quant)
+
+
+REGISTRY: dict[str, Precision] = {
+    p.name: p
+    for p in (
+        Precision("bf16", "dense", "unquantized bfloat16 base", dense_dtype="bfloat16"),
+        Precision("fp16", "dense", "unquantized float16 base", dense_dtype="float16"),
+        Precision("fp32", "dense", "unquantized float32 base", dense_dtype="float32"),
+        Precision("int8", "int8", "LLM.int8 (8-bit rows, outliers above 6.0 kept in 16-bit)"),
+        _four_bit("fp4", False, "FP4 (E2M1)"),
+        _four_bit("fp4", True, "FP4 (E2M1)"),
+        _four_bit("nf4", False, "NormalFloat"),
+        _four_bit("nf4", True, "NormalFloat"),
+    )
+}
+
+DEFAULT_MATRIX = ("bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq")
+
+
+def get(name: str) -> Precision:
+    """The precision called `name`; KeyError naming the known ones otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown precision {name!r}; known: {', '.join(REGISTRY)}") from None

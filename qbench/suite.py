@@ -1,0 +1,219 @@
+"""TOML suite file -> validated configuration -> the matrix of cells."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qbench import precisions
+
+TASKS = ("clip", "causal_lm")
+BUILTIN_PREFIX = "builtin:"
+
+
+class SuiteError(Exception):
+    """A suite file that cannot be run; `problems` holds one line per problem, naming file and key."""
+
+    def __init__(self, path: Path | str, problems: list[str]):
+        self.path = str(path)
+        self.problems = problems
+        super().__init__("\n".join(f"{self.path}: {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Section):
+    id: str = Field(description="builtin:NAME, a Hugging Face hub id, or a local checkpoint folder")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    safetensors_only: bool = True
+    device_map: Literal["single", "auto"] = "single"
+
+
+class DataSpec(_Section):
+    kind: Literal["builtin", "tsv", "text"] = "builtin"
+    name: str | None = Field(None, description="builtin dataset name")
+    train: str | None = Field(None, description="annotation/text file for fine-tuning (kind tsv/text)")
+    eval: str | None = Field(None, description="held-out annotation/text file (kind tsv/text)")
+    image_root: str | None = Field(None, description="folder the TSV image paths are relative to")
+    num_workers: int = Field(0, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> DataSpec:
+        if self.kind == "builtin" and not self.name:
+            raise ValueError("data.kind = 'builtin' needs data.name")
+        if self.kind in ("tsv", "text") and not (self.train and self.eval):
+            raise ValueError(f"data.kind = {self.kind!r} needs data.train and data.eval")
+        if self.kind == "tsv" and not self.image_root:
+            raise ValueError("data.kind = 'tsv' needs data.image_root")
+        return self
+
+
+class LoraSpec(_Section):
+    r: int = Field(16, ge=1, le=4096)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: tuple[str, ...] = Field(min_length=1)
+
+
+class TrainSpec(_Section):
+    steps: int = Field(ge=1, description="optimizer steps")
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: str = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_length: int = Field(64, ge=2, description="tokens per text (CLIP) or per training sequence (LM)")
+    untimed_steps: int = Field(2, ge=0, description="warm-up steps left out of the speed figures")
+    prepare: Literal["none", "peft-kbit"] = Field("none", description="k-bit preparation, applied to every arm")
+    gradient_checkpointing: bool = False
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        known = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+        if value not in known:
+            raise ValueError(f"unknown scheduler {value!r}; known: {', '.join(known)}")
+        return value
+
+    @model_validator(mode="after")
+    def _timed_steps_left(self) -> TrainSpec:
+        if self.untimed_steps >= self.steps:
+            raise ValueError(f"untimed_steps ({self.untimed_steps}) must be below steps ({self.steps})")
+        return self
+
+
+class EvalSpec(_Section):
+    batch_size: int = Field(64, ge=1)
+    recall_k: tuple[int, ...] = (1, 5, 10)
+    window: int | None = Field(None, ge=2, description="perplexity window in tokens; default: the model's context")
+    before: bool = True
+
+
+class MatrixSpec(_Section):
+    precisions: tuple[str, ...] = precisions.DEFAULT_MATRIX
+    seeds: tuple[int, ...] = (0,)
+
+    @field_validator("precisions")
+    @classmethod
+    def _known_precisions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [p for p in value if p not in precisions.REGISTRY]
+        if unknown:
+            raise ValueError(f"unknown precision(s) {', '.join(map(repr, unknown))}; known: {', '.join(precisions.REGISTRY)}")
+        if len(set(value)) != len(value):
+            raise ValueError("precisions are listed twice")
+        return value
+
+
+class Suite(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    task: Literal["clip", "causal_lm"]
+    description: str = ""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    baseline: str = "bf16"
+    model: ModelSpec
+    data: DataSpec
+    lora: LoraSpec
+    train: TrainSpec
+    eval: EvalSpec = EvalSpec()
+    matrix: MatrixSpec = MatrixSpec()
+    compare: dict[str, Any] = Field(default_factory=dict, description="tolerances for `qbench compare`")
+
+    @model_validator(mode="after")
+    def _baseline_in_registry(self) -> Suite:
+        if self.baseline not in precisions.REGISTRY:
+            raise ValueError(f"baseline {self.baseline!r} is not a known precision")
+        return self
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the fine-tune: the suite fixes everything but the precision and the seed."""
+
+    precision: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.precision}-seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class LoadedSuite:
+    """A validated suite with the file it came from (relative paths resolve against its folder)."""
+
+    suite: Suite
+    path: Path
+    sha256: str
+
+    def resolve(self, relative: str) -> Path:
+        path = Path(relative).expanduser()
+        return path if path.is_absolute() else (self.path.parent / path)
+
+    def cells(self, only: tuple[str, ...] | None = None, seeds: tuple[int, ...] | None = None) -> list[Cell]:
+        chosen = [p for p in self.suite.matrix.precisions if only is None or p in only]
+        return [Cell(p, s) for s in (seeds or self.suite.matrix.seeds) for p in chosen]
+
+
+def _closest_key_hint(location: tuple[Any, ...], model: type[BaseModel]) -> str:
+    """' (did you mean X?)' for a misspelt key, found among the valid keys at that location."""
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _problems(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        location = tuple(item["loc"])
+        key = ".".join(str(part) for part in location) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{key}: unknown key{_closest_key_hint(location, Suite)}")
+        elif item["type"] == "missing":
+            problems.append(f"{key}: required key is missing")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {message} (got {item['input']!r})" if location else message)
+    return problems
+
+
+def parse(text: str, path: Path | str = "<suite>") -> Suite:
+    """Validate suite TOML text; SuiteError with one line per problem otherwise."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise SuiteError(path, [f"TOML syntax error: {error}"]) from None
+    try:
+        return Suite.model_validate(raw)
+    except ValidationError as error:
+        raise SuiteError(path, _problems(error)) from None
+
+
+def load(path: Path | str) -> LoadedSuite:
+    """Read and validate a suite file (structure only; see `qbench.checks` for files and models)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise SuiteError(path, [f"cannot read the suite file: {error.strerror}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SuiteError(path, ["the suite file is not UTF-8 text"]) from None
+    return LoadedSuite(parse(text, path), path.resolve(), hashlib.sha256(data).hexdigest())

@@ -1,0 +1,63 @@
+"""What a task supplies to the shared training loop: model, batches, loss and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class Batch:
+    """Model inputs plus how much work the batch is, for throughput."""
+
+    inputs: dict[str, torch.Tensor]
+    samples: int
+    tokens: int
+
+    def to(self, device: str | torch.device) -> Batch:
+        return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.samples, self.tokens)
+
+
+class Task(Protocol):
+    name: str
+    model_class: Any
+    peft_task_type: str | None
+
+    def prepare_data(self) -> dict[str, Any]:
+        """Load data and tokenizers; returns record fields describing the data."""
+
+    def train_batches(self, seed: int) -> Iterator[Batch]:
+        """An endless, seeded stream of training batches."""
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """The training loss of one batch."""
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Quality metrics on the held-out split (unprefixed names, e.g. 'i2t_recall@1')."""
+
+
+def get_task(suite: Any, loaded_suite: Any, model_path: str, device: str) -> Task:
+    """The task object a suite asks for."""
+    if suite.task == "clip":
+        from qbench.tasks.clip import ClipTask
+
+        return ClipTask(suite, loaded_suite, model_path, device)
+    if suite.task == "causal_lm":
+        from qbench.tasks.causal_lm import CausalLMTask
+
+        return CausalLMTask(suite, loaded_suite, model_path, device)
+    raise ValueError(f"unknown task {suite.task!r}")
+
+
+def endless(loader: Any) -> Iterator[Any]:
+    """Iterate a DataLoader epoch after epoch (a seeded sampler reshuffles each epoch)."""
+    while True:
+        produced = False
+        for item in loader:
+            produced = True
+            yield item
+        if not produced:
+            raise ValueError("the training data yields no batch (fewer examples than one batch?)")

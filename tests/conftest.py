@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny builtin checkpoints and small suites; nothing here touches a network or a GPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+SUITES = REPO / "suites"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path() -> str:
+    from qbench import models
+
+    return models.resolve("builtin:tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path() -> str:
+    from qbench import models
+
+    return models.resolve("builtin:tiny-llama")
+
+
+def write_suite(folder: Path, text: str, name: str = "suite.toml") -> Path:
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,67 @@
+"""A real run of a two-cell suite on the builtin tiny CLIP, through the command line."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from qbench import cli, results
+
+from .conftest import write_suite
+
+TWO_CELLS = """
+name = "e2e"
+task = "clip"
+[model]
+id = "builtin:tiny-clip"
+[data]
+kind = "builtin"
+name = "shapes"
+[lora]
+r = 4
+alpha = 8
+target_modules = ["q_proj", "k_proj", "v_proj", "out_proj"]
+[train]
+steps = 4
+batch_size = 16
+lr = 1e-3
+untimed_steps = 1
+[matrix]
+precisions = ["bf16", "nf4-dq"]
+"""
+
+
+def test_two_cell_suite_runs_each_cell_in_its_own_process_and_writes_records(tmp_path: Path):
+    suite = write_suite(tmp_path, TWO_CELLS)
+    code = cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 0
+    (run_dir,) = (tmp_path / "out" / "e2e").iterdir()
+    records = {r["precision"]: r for r in results.read_records(run_dir)}
+    assert set(records) == {"bf16", "nf4-dq"}
+    for record in records.values():
+        assert record["status"] == "ok", record.get("error")
+        assert 0 <= record["quality.after.mean_recall@1"] <= 1
+        assert record["speed.timed_steps"] == 3
+        assert record["memory.peak_rss_bytes"] > 0
+        assert record["memory.train.torch_max_allocated_bytes"] is None
+        assert record["memory.source.torch_cuda"].startswith("unavailable")
+        assert record["params.trainable"] > 0
+    # each cell ran in a fresh process, and the same LoRA shapes were trained in both
+    assert records["bf16"]["params.trainable"] == records["nf4-dq"]["params.trainable"]
+    assert records["nf4-dq"]["format.linear4bit_count"] > 0 and records["bf16"]["format.linear4bit_count"] == 0
+    assert records["nf4-dq"]["weights.base_bytes"] < records["bf16"]["weights.base_bytes"]
+    assert records["nf4-dq"]["bnb.cpu_weight_packing_disabled_layers"] == records["nf4-dq"]["format.linear4bit_count"]
+    table = pd.read_csv(run_dir / "results.csv")
+    assert len(table) == 2
+    summary = (run_dir / "summary.md").read_text()
+    assert "nf4-dq" in summary and "i2t R@1 after" in summary
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert [c["cell_id"] for c in manifest["cells"]] == ["bf16-seed0", "nf4-dq-seed0"]
+
+
+def test_a_bad_suite_exits_2_before_any_cell(tmp_path: Path, capsys):
+    suite = write_suite(tmp_path, TWO_CELLS.replace("steps = 4", "step = 4"))
+    assert cli.main(["run", str(suite), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "train.step: unknown key (did you mean 'steps'?)" in err
+    assert not (tmp_path / "out").exists()
