@@ -17,6 +17,7 @@ from qbench.cell import EVENT_PREFIX
 from qbench.suite import Cell, LoadedSuite
 
 CHILD_STOP_GRACE_S = 60
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Listener(Protocol):
@@ -133,6 +134,8 @@ class Run:
         record_file = results.record_path(self.run_dir, cell.id)
         record_file.unlink(missing_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **(self.env or {})}
+        # the cell must run the same qbench as this process, whatever the working directory
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
         last_phase = None
         with open(log_path, "w", encoding="utf-8") as log:
             child = subprocess.Popen(
