@@ -90,7 +90,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         from qbench import environment, models
-        from qbench.measure import weights
+        from qbench.measure import weight_error, weights
         from qbench.measure.memory import MemoryTracker
         from qbench.measure.timing import StepTimer
         from qbench.tasks.base import get_task
@@ -114,8 +114,11 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         record["time.load_s"] = time.perf_counter() - started
         record["bnb.cpu_weight_packing_disabled_layers"] = models.disable_bnb_cpu_weight_packing(model)
         record.update(weights.read_format(model))
-        weights.check_format(model, precision)
         record.update(weights.account_base(model))
+        weights.check_format(model, precision, suite.compute_dtype)  # the arm must be what its name says
+        started = time.perf_counter()  # outside every phase: reading the originals is the harness's work
+        record.update(weight_error.measure(model, model_path, suite.model.revision))
+        record["time.weight_error_s"] = time.perf_counter() - started
 
         emit("phase", phase="prepare")
         with tracker.phase("prepare"):
@@ -182,10 +185,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         record["error_traceback"] = traceback.format_exc(limit=20)
     finally:
         if tracker is not None:
-            record.update(tracker.record)
-            peaks = [v for k, v in tracker.record.items() if k.endswith(".rss_peak_bytes") and v is not None]
-            record["memory.peak_rss_bytes"] = max(peaks) if peaks else None
             tracker.close()
+            record.update(tracker.record)  # per phase and memory.peak_<source>_bytes over the phases
         if timer is not None:
             record.update(timer.summary())
         record["time.end"] = _now()
