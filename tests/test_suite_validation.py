@@ -249,7 +249,7 @@ sys.exit(code)
 def with_key_typo(text: str) -> tuple[str, str, str]:
     """The suite with the first key of its [train] section misspelt: (text, key, typo)."""
     lines = text.splitlines()
-    start = lines.index("[train]")
+    start = next(i for i, line in enumerate(lines) if re.match(r"^\s*\[\s*train\s*\]", line))
     for index in range(start + 1, len(lines)):
         match = re.match(r"^(\s*)([A-Za-z_]+)(\s*=.*)$", lines[index])
         if match:
