@@ -69,9 +69,12 @@ def _render_table(table: Any, title: str) -> Table:
 
 def _parse_seeds(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(s) for s in text.split(","))
+        seeds = tuple(int(s) for s in text.split(","))
     except ValueError:
         raise SuiteError(COMMAND_LINE, [f"--seeds: {text!r} is not a comma-separated list of integers"]) from None
+    if len(set(seeds)) != len(seeds) or not all(0 <= s < 2**32 for s in seeds):
+        raise SuiteError(COMMAND_LINE, [f"--seeds: {text!r} must be distinct integers from 0 to 2**32-1"])
+    return seeds
 
 
 def cmd_run(args: argparse.Namespace) -> int:

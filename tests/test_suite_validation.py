@@ -109,6 +109,8 @@ def test_bad_command_line_values_exit_2_with_one_line(tmp_path: Path, capsys):
     suite = write_suite(tmp_path, MINIMAL)
     assert cli.main(["run", str(suite), "--seeds", "0,x"]) == 2
     assert capsys.readouterr().err.strip() == "error: command line: --seeds: '0,x' is not a comma-separated list of integers"
+    assert cli.main(["run", str(suite), "--seeds", "1,1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: command line: --seeds: '1,1' must be distinct integers from 0 to 2**32-1"
     assert cli.main(["run"]) == 2
     assert "needs a suite file" in capsys.readouterr().err
 
