@@ -120,7 +120,10 @@ def _ok_means(frame: pd.DataFrame) -> pd.DataFrame:
     ok = frame[frame["status"] == "ok"]
     if ok.empty:
         return pd.DataFrame()
-    order = [p for p in dict.fromkeys(frame["precision"]) if p in set(ok["precision"])]
+    from qbench.precisions import REGISTRY
+
+    known = list(REGISTRY)
+    order = sorted(set(ok["precision"]), key=lambda p: (known.index(p) if p in known else len(known), p))
     return ok.groupby("precision").mean(numeric_only=True).reindex(order)
 
 
@@ -250,3 +253,28 @@ def memory_table(frame: pd.DataFrame, phases: tuple[str, ...] | None = None) -> 
             if column in means.columns and means[column].notna().any():
                 columns[f"{phase} {label}"] = means[column] / MB
     return pd.DataFrame(columns, index=pd.Index(means.index, name="precision")) if columns else pd.DataFrame()
+
+
+# (key within a phase, key of the peak over all phases, shown name)
+PEAK_SOURCES = (
+    ("nvml_process_peak_bytes", "memory.peak_nvml_process_bytes", "NVML process MiB"),
+    ("nvml_device_peak_bytes", "memory.peak_nvml_device_bytes", "NVML device MiB"),
+    ("torch_max_allocated_bytes", "memory.peak_torch_max_allocated_bytes", "torch allocated MiB"),
+    ("torch_max_reserved_bytes", "memory.peak_torch_max_reserved_bytes", "torch reserved MiB"),
+    ("rss_peak_bytes", "memory.peak_rss_bytes", "RSS MiB"),
+)
+
+
+def peak_memory_table(frame: pd.DataFrame, phase: str | None = None) -> pd.DataFrame:
+    """Peak MiB per precision from each source, over every phase (or in one `phase`); every source is a
+    column, and one never measured shows as missing, not as zero."""
+    means = _ok_means(frame)
+    if means.empty:
+        return pd.DataFrame()
+    table = pd.DataFrame(index=pd.Index(means.index, name="precision"))
+    for phase_key, overall_key, label in PEAK_SOURCES:
+        column = overall_key if phase is None else f"memory.{phase}.{phase_key}"
+        table[label] = means[column] / MB if column in means.columns else float("nan")
+    if "weights.base_bytes" in means.columns:
+        table["base weights MiB"] = means["weights.base_bytes"] / MB
+    return table

@@ -90,3 +90,17 @@ def test_summary_md_has_the_measurement_sections(tmp_path):
     assert "## Quantization damage before fine-tuning" in summary
     assert "## Why a 4-bit base is not 4x smaller" in summary
     assert "weight error % (mean)" in summary
+
+
+def test_peak_memory_table_has_every_source_and_missing_ones_stay_missing():
+    records = [
+        row("nf4", **{"memory.peak_torch_max_allocated_bytes": 100 * MiB, "memory.peak_rss_bytes": 900 * MiB,
+                      "memory.train.torch_max_allocated_bytes": 80 * MiB, "memory.peak_nvml_process_bytes": None,
+                      "weights.base_bytes": 2 * MiB}),
+    ]
+    overall = report.peak_memory_table(pd.DataFrame(records))
+    assert list(overall.columns) == ["NVML process MiB", "NVML device MiB", "torch allocated MiB", "torch reserved MiB",
+                                     "RSS MiB", "base weights MiB"]
+    assert overall.loc["nf4", "torch allocated MiB"] == pytest.approx(100.0)
+    assert pd.isna(overall.loc["nf4", "NVML process MiB"]) and pd.isna(overall.loc["nf4", "torch reserved MiB"])
+    assert report.peak_memory_table(pd.DataFrame(records), phase="train").loc["nf4", "torch allocated MiB"] == pytest.approx(80.0)
