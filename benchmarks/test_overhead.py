@@ -2,8 +2,8 @@
 train() with every tracker on (the memory sampler process, the step timer, the per-step callback).
 
     python -m pytest benchmarks/test_overhead.py -s          # prints the figures
-    QBENCH_OVERHEAD_ROUNDS=20 QBENCH_OVERHEAD_STEPS=80 ...   # longer, steadier
-    QBENCH_OVERHEAD_TOLERANCE=0.03                           # the check (default 3 %)
+    QBENCH_OVERHEAD_ROUNDS=60 QBENCH_OVERHEAD_STEPS=40 ...   # longer, steadier (default 30 x 40)
+    QBENCH_OVERHEAD_TOLERANCE=0.03                           # the most overhead allowed (default 3 %)
     QBENCH_OVERHEAD_THREADS=1                                # torch threads (default 1)
 
 Rounds interleave the two loops (bare-qbench, then qbench-bare, ...) so that a machine getting
@@ -23,8 +23,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-ROUNDS = int(os.environ.get("QBENCH_OVERHEAD_ROUNDS", "12"))
-STEPS = int(os.environ.get("QBENCH_OVERHEAD_STEPS", "60"))
+ROUNDS = int(os.environ.get("QBENCH_OVERHEAD_ROUNDS", "30"))
+STEPS = int(os.environ.get("QBENCH_OVERHEAD_STEPS", "40"))
 UNTIMED = 5
 BATCH = 16
 TOLERANCE = float(os.environ.get("QBENCH_OVERHEAD_TOLERANCE", "0.03"))
@@ -169,8 +169,9 @@ def test_qbench_train_overhead_against_a_bare_loop(benchmark):
     benchmark.extra_info.update(figures)
     lines = [f"{k:36s} {v:.6g}" if isinstance(v, float) else f"{k:36s} {v}" for k, v in figures.items()]
     print("\nqbench harness overhead (pooled over interleaved rounds)\n" + "\n".join(lines))
-    assert abs(qbench_p50 / bare_p50 - 1) <= TOLERANCE, f"median step time {qbench_p50 / bare_p50 - 1:+.2%} vs the bare loop"
-    assert abs(qbench_rate / bare_rate - 1) <= TOLERANCE, f"samples/s {qbench_rate / bare_rate - 1:+.2%} vs the bare loop"
+    # overhead is one-sided: qbench coming out faster than the bare loop is the machine's noise, shown in the figures
+    assert qbench_p50 / bare_p50 - 1 <= TOLERANCE, f"median step time {qbench_p50 / bare_p50 - 1:+.2%} vs the bare loop"
+    assert 1 - qbench_rate / bare_rate <= TOLERANCE, f"samples/s {qbench_rate / bare_rate - 1:+.2%} vs the bare loop"
 
 
 if __name__ == "__main__":
