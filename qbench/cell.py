@@ -95,9 +95,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         """The record with every figure measured so far."""
         full = dict(record)
         if tracker is not None:
-            full.update(tracker.record)
-            peaks = [v for k, v in tracker.record.items() if k.endswith(".rss_peak_bytes") and v is not None]
-            full["memory.peak_rss_bytes"] = max(peaks) if peaks else None
+            full.update(tracker.record)  # per phase, and memory.peak_<source>_bytes over the phases
         if timer is not None:
             full.update(timer.summary())
         return full
@@ -123,7 +121,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         from qbench import environment, models
-        from qbench.measure import weights
+        from qbench.measure import weight_error, weights
         from qbench.measure.memory import MemoryTracker
         from qbench.measure.timing import StepTimer
         from qbench.tasks.base import get_task
@@ -147,8 +145,11 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         record["time.load_s"] = time.perf_counter() - started
         record["bnb.cpu_weight_packing_disabled_layers"] = models.disable_bnb_cpu_weight_packing(model)
         record.update(weights.read_format(model))
-        weights.check_format(model, precision)
         record.update(weights.account_base(model))
+        weights.check_format(model, precision, suite.compute_dtype)  # the arm must be what its name says
+        started = time.perf_counter()  # outside every phase: reading the originals is the harness's work
+        record.update(weight_error.measure(model, model_path, suite.model.revision))
+        record["time.weight_error_s"] = time.perf_counter() - started
 
         enter("prepare")
         with tracker.phase("prepare"):

@@ -192,6 +192,72 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    import json
+
+    from qbench.environment import machine_report
+
+    if args.json:  # nothing but the JSON on standard output
+        report = machine_report(args.device, args.compute_dtype)
+        print(json.dumps(report, indent=1))
+    else:
+        with console.status("probing torch, CUDA, NVML and every weight format ..."):
+            report = machine_report(args.device, args.compute_dtype)
+        _render_env(report)
+    return EXIT_OK if "probe_error" not in report else EXIT_FAILED_CELLS
+
+
+def _render_env(report: dict[str, Any]) -> None:
+    from qbench.report import MB
+
+    table = Table(title="versions")
+    table.add_column("package")
+    table.add_column("version")
+    for name, version in report["packages"].items():
+        table.add_row(name, version or "[red]not installed[/]")
+    console.print(table)
+    torch_facts, nvml = report.get("torch", {}), report.get("nvml", {})
+    machine = Table(title="machine", show_header=False)
+    machine.add_column("what")
+    machine.add_column("value")
+    rows = [
+        ("python", report["python"]), ("platform", report["platform"]), ("cpu", f"{report['cpu_model']} ({report['cpu_count']} cores)"),
+        ("torch CUDA build", str(torch_facts.get("cuda_build"))), ("CUDA available", str(torch_facts.get("cuda_available"))),
+        ("NVIDIA driver", str(nvml.get("driver_version"))),
+        ("NVML", "available" if nvml.get("available") else f"unavailable: {nvml.get('reason')}"),
+        *((k, str(v)) for k, v in report["environment"].items()),
+    ]
+    for what, value in rows:
+        machine.add_row(what, value)
+    console.print(machine)
+    if torch_facts.get("devices"):
+        devices = Table(title="GPUs (torch -> NVML)")
+        for column in ("torch", "name", "capability", "memory MiB", "bf16", "NVML index", "matched"):
+            devices.add_column(column)
+        for d in torch_facts["devices"]:
+            devices.add_row(
+                d["torch_device"], d["name"], d["capability"], f"{d['total_memory_bytes'] / MB:,.0f}", str(d["bf16_supported"]),
+                str(d.get("nvml_index")), str(d.get("nvml_match")),
+            )
+        console.print(devices)
+    for d in nvml.get("devices", []):
+        console.print(f"NVML device {d['nvml_index']}: {d['name']} {d['uuid']}, used {d['used_bytes'] / MB:,.0f} of "
+                      f"{d['total_bytes'] / MB:,.0f} MiB, per-process memory {d['per_process_memory']}", highlight=False)
+    if "probe_error" in report:
+        errors.print(f"[red]probe failed:[/] {report['probe_error']}", highlight=False)
+        return
+    formats = Table(title=f"weight formats on {report['formats_device']} (quantize + forward + backward, compute {report['formats_compute_dtype']})")
+    for column in ("precision", "works", "output error vs fp32", "seconds", "error"):
+        formats.add_column(column)
+    for name, result in report["formats"].items():
+        ok = result["status"] == "ok"
+        formats.add_row(
+            name, "[green]yes[/]" if ok else "[red]no[/]",
+            f"{result['output_rel_error']:.2%}" if ok else "—", f"{result['seconds']:.2f}", result.get("error", ""),
+        )
+    console.print(formats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qbench",
@@ -219,6 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--force", action="store_true", help="with --resume: resume even if the suite file changed since")
     run.set_defaults(handler=cmd_run)
+
+    env = commands.add_parser(
+        "env",
+        help="versions, device, CUDA/driver, NVML, and which weight formats work here (each one tried)",
+        description="Show versions, the device, CUDA and driver, NVML, and which weight formats work on DEVICE: each is "
+        "tried (quantize, forward and backward a small layer) in a separate process.",
+    )
+    env.add_argument("--device", default="auto", help="where to try the formats: auto (default), cpu, cuda, cuda:N")
+    env.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    env.add_argument("--json", action="store_true", help="print the report as JSON")
+    env.set_defaults(handler=cmd_env)
 
     listing = commands.add_parser("list", help="show precisions, builtin models and builtin datasets")
     listing.set_defaults(handler=cmd_list)
