@@ -191,7 +191,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         baseline = results.load_results([args.baseline])
         new = results.load_results([args.new])
     except (results.ResultsError, ValueError, ValidationError) as error:
-        comparison = compare.Comparison(compare.pd.DataFrame(), [str(error)], [], args.baseline, args.new)
+        comparison = compare.Comparison.unusable([str(error)], args.baseline, args.new)
     else:
         comparison = compare.compare(baseline, new, settings, args.baseline, args.new)
     markdown = comparison.markdown()

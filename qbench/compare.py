@@ -111,6 +111,10 @@ class Comparison:
     baseline_label: str = "baseline"
     new_label: str = "new"
 
+    @classmethod
+    def unusable(cls, problems: list[str], baseline_label: str = "baseline", new_label: str = "new") -> Comparison:
+        return cls(pd.DataFrame(), problems, [], baseline_label, new_label)
+
     @property
     def regressions(self) -> pd.DataFrame:
         if self.checks.empty:
@@ -182,7 +186,7 @@ def compare(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings | None
     settings = settings or Settings.build()
     problems = identity_problems(baseline, new)
     if problems:
-        return Comparison(pd.DataFrame(), problems, [], baseline_label, new_label)
+        return Comparison.unusable(problems, baseline_label, new_label)
     old = tables.add_speed_ratios(baseline, settings.speed_ratios)
     now = tables.add_speed_ratios(new, settings.speed_ratios)
     base_precision = tables.baseline_precision(old)
