@@ -42,6 +42,10 @@ class QuietListener:
 class RunInterrupted(KeyboardInterrupt):
     """The run was stopped by Ctrl-C or SIGTERM; finished records are intact."""
 
+    def __init__(self, message: str, signal_name: str = "SIGINT"):
+        super().__init__(message)
+        self.signal_name = signal_name
+
 
 def resolve_device(requested: str) -> str:
     """`auto` becomes cuda when torch sees a GPU (asked in a child, so this process stays CUDA-free)."""
@@ -85,7 +89,7 @@ class Run:
             "suite": self.loaded.suite.name,
             "suite_path": str(self.loaded.path),
             "suite_sha256": self.loaded.sha256,
-            "suite_text": self.loaded.path.read_text(encoding="utf-8"),
+            "suite_text": self.loaded.source_text(),
             "device": self.device,
             "cells": [{"cell_id": c.id, "precision": c.precision, "seed": c.seed} for c in self.cells],
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -95,7 +99,7 @@ class Run:
 
     def _spec(self, cell: Cell) -> dict[str, Any]:
         return {
-            "suite_text": self.loaded.path.read_text(encoding="utf-8"),
+            "suite_text": self.loaded.source_text(),
             "suite_path": str(self.loaded.path),
             "suite_sha256": self.loaded.sha256,
             "run_id": self.run_id,
@@ -106,11 +110,30 @@ class Run:
             "record_path": str(results.record_path(self.run_dir, cell.id)),
         }
 
-    def _crash_record(self, cell: Cell, returncode: int, last_phase: str | None) -> dict[str, Any]:
-        if returncode < 0:
-            how = f"killed by signal {signal.Signals(-returncode).name}"
+    def _crash_record(
+        self, cell: Cell, returncode: int | None, last_phase: str | None, partial: dict[str, Any] | None = None,
+        interrupted: bool = False,
+    ) -> dict[str, Any]:
+        """The record of a cell whose process ended without finishing it: what it had measured, plus how it ended."""
+        if interrupted:
+            how = "was stopped because the run was interrupted"
+        elif returncode is not None and returncode < 0:
+            how = f"was killed by signal {signal.Signals(-returncode).name}"
         else:
-            how = f"exited with code {returncode} without writing its record"
+            how = f"exited with code {returncode} without finishing its record"
+        phase = (partial or {}).get("last_phase") or last_phase or "start"
+        return {
+            **(partial or {}),
+            **self._identity(cell),
+            "status": "interrupted" if interrupted else "failed",
+            "error": f"cell process {how} (last phase: {phase}); see logs/{cell.id}.log",
+            "error_type": "Interrupted" if interrupted else "ChildProcessDied",
+            "error_phase": phase,
+            "error_returncode": returncode,
+            "time.end": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+
+    def _identity(self, cell: Cell) -> dict[str, Any]:
         return {
             "schema_version": results.SCHEMA_VERSION,
             "suite": self.loaded.suite.name,
@@ -122,10 +145,20 @@ class Run:
             "precision": cell.precision,
             "baseline_precision": self.loaded.suite.baseline,
             "seed": cell.seed,
-            "status": "failed",
-            "error": f"cell process {how} (last phase: {last_phase or 'start'}); see logs/{cell.id}.log",
-            "error_type": "ChildProcessDied",
+            "config.safetensors_only": self.loaded.suite.model.safetensors_only,
+            "config.trust_remote_code": self.loaded.suite.model.trust_remote_code,
         }
+
+    def _settle(self, cell: Cell, returncode: int | None, last_phase: str | None, interrupted: bool = False) -> dict[str, Any]:
+        """The cell's final record: the one it wrote, or (if it died or was stopped first) a failure or
+        interruption record that keeps every figure its last checkpoint held. Written atomically."""
+        record_file = results.record_path(self.run_dir, cell.id)
+        written = results.read_record(record_file)
+        if written is not None and written.get("status") not in (None, "running"):
+            return written
+        record = self._crash_record(cell, returncode, last_phase, written, interrupted)
+        results.write_json_atomic(record_file, record)
+        return record
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         """Run one cell in a fresh process; always returns (and leaves on disk) its record."""
@@ -137,40 +170,45 @@ class Run:
         # the cell must run the same qbench as this process, whatever the working directory
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
         last_phase = None
-        with open(log_path, "w", encoding="utf-8") as log:
+        with open(log_path, "a", encoding="utf-8") as log:  # appended: a resumed cell keeps its earlier log
+            log.write(f"=== qbench: cell {cell.id} started {datetime.now(UTC).isoformat(timespec='seconds')} ===\n")
+            log.flush()
             child = subprocess.Popen(
                 [sys.executable, "-m", "qbench.cell"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
             )
             try:
-                child.stdin.write(json.dumps(self._spec(cell)))
-                child.stdin.close()
+                try:
+                    child.stdin.write(json.dumps(self._spec(cell)))
+                    child.stdin.close()
+                except BrokenPipeError:  # the cell died before reading its spec; its exit code says how
+                    pass
                 for line in child.stdout:
-                    if line.startswith(EVENT_PREFIX):
-                        event = json.loads(line[len(EVENT_PREFIX):])
+                    event = _event(line)
+                    if event is not None:
                         last_phase = event.get("phase", last_phase)
                         self.listener.cell_event(cell, event)
                     else:
                         log.write(line)
                 child.wait()
-            except BaseException:
+            except BaseException as error:
                 self._stop_child(child)
+                record = self._settle(cell, child.returncode, last_phase, interrupted=isinstance(error, KeyboardInterrupt))
+                log.write(_log_footer(cell, record))
                 raise
-        if record_file.exists():
-            record = json.loads(record_file.read_text(encoding="utf-8"))
-        else:
-            record = self._crash_record(cell, child.returncode, last_phase)
-            results.write_json_atomic(record_file, record)
+            record = self._settle(cell, child.returncode, last_phase)
+            log.write(_log_footer(cell, record))
         return record
 
     @staticmethod
     def _stop_child(child: subprocess.Popen) -> None:
-        """Ask a running cell to stop (it writes an interrupted record), then make sure it is gone."""
+        """Ask a running cell to stop (it writes an interrupted record), then make sure it is gone;
+        a second Ctrl-C or SIGTERM while waiting kills it at once."""
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
             try:
                 child.wait(timeout=CHILD_STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
                 child.kill()
                 child.wait()
 
@@ -179,18 +217,41 @@ class Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         records = []
         previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+        cell = None
         try:
             for index, cell in enumerate(self.cells):
                 self.listener.cell_started(cell, index, len(self.cells))
-                try:
-                    record = self.run_cell(cell)
-                except KeyboardInterrupt:
-                    raise RunInterrupted(f"run stopped during cell {cell.id}; finished records are in {self.run_dir}") from None
+                record = self.run_cell(cell)
                 self.listener.cell_finished(cell, record)
                 records.append(record)
+        except KeyboardInterrupt as stop:
+            where = f"during cell {cell.id}" if cell is not None else "before the first cell"
+            signal_name = "SIGTERM" if str(stop) == "SIGTERM" else "SIGINT"
+            raise RunInterrupted(f"run stopped by {signal_name} {where}; finished records are in {self.run_dir}", signal_name) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
         return records
+
+
+def pending_cells(run_dir: Path, cells: list[Cell]) -> list[Cell]:
+    """The cells of a run that still need running: no record, an unreadable one, or a status other than ok."""
+    return [c for c in cells if (results.read_record(results.record_path(run_dir, c.id)) or {}).get("status") != "ok"]
+
+
+def _log_footer(cell: Cell, record: dict[str, Any]) -> str:
+    error = f": {record.get('error')}" if record.get("status") != "ok" else ""
+    return f"=== qbench: cell {cell.id} ended {datetime.now(UTC).isoformat(timespec='seconds')}, {record.get('status')}{error} ===\n"
+
+
+def _event(line: str) -> dict[str, Any] | None:
+    """The progress event on a line of a cell's output, or None for any other line."""
+    if not line.startswith(EVENT_PREFIX):
+        return None
+    try:
+        event = json.loads(line[len(EVENT_PREFIX):])
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None
 
 
 def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
