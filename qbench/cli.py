@@ -296,8 +296,8 @@ def cmd_baseline_refresh(args: argparse.Namespace) -> int:
 
     loaded = load(args.suite)
     with tempfile.TemporaryDirectory(prefix="qbench-baseline-") as scratch:
-        run_args = argparse.Namespace(suite=args.suite, out=scratch, only=None, seeds=None, device=args.device)
-        code = cmd_run(run_args)
+        # parsed, not built by hand, so every option of `qbench run` gets its default
+        code = cmd_run(build_parser().parse_args(["run", args.suite, "--out", scratch, "--device", args.device]))
         run_dirs = results.find_run_dirs(scratch)
         if code != EXIT_OK or not run_dirs:
             errors.print(f"[red]the run did not finish cleanly (exit {code}); the baseline is left as it was[/]")

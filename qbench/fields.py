@@ -101,8 +101,21 @@ def first_present(frame: Any, candidates: tuple[str, ...]) -> str | None:
     return next((c for c in candidates if c in frame.columns and frame[c].notna().any()), None)
 
 
+# names people know these by; other fields get a name made from their key
+LABELS = {
+    "weights.base_bytes": "base weights MiB",
+    "memory.peak_rss_bytes": "peak RSS MiB",
+    "memory.train.torch_max_allocated_bytes": "train torch peak allocated MiB",
+    "memory.train.nvml_process_peak_bytes": "train NVML process peak MiB",
+    "speed.train_samples_per_s": "train samples/s",
+    "speed.train_tokens_per_s": "train tokens/s",
+}
+
+
 def label(name: str) -> str:
     """A short human name for a field: `quality.after.mean_recall@1` -> `after mean recall@1`."""
+    if name in LABELS:
+        return LABELS[name]
     spec = spec_for(name)
     parts = name.split(".")
     if name.startswith(RATIO_PREFIX):

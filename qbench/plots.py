@@ -37,8 +37,9 @@ def _png(figure) -> bytes:
 
 
 def _axis_label(column: str) -> str:
-    factor, unit = fields.scale(column)
-    return f"{fields.label(column)}" + (f" ({unit})" if unit and unit not in fields.label(column) else "")
+    _, unit = fields.scale(column)
+    name = fields.label(column)
+    return name if not unit or unit in name or name.endswith("/s") else f"{name} ({unit})"
 
 
 def _colours(names: list[str]) -> dict[str, object]:

@@ -36,10 +36,12 @@ precisions = ["bf16", "nf4-dq"]
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory) -> Path:
+    """A real run, made the way a committed baseline is: `qbench baseline refresh`."""
     folder = tmp_path_factory.mktemp("gate")
     suite = write_suite(folder, SMALL)
-    assert cli.main(["run", str(suite), "--out", str(folder / "out"), "--device", "cpu"]) == 0
-    (run_dir,) = (folder / "out" / "gate-e2e").iterdir()
+    assert cli.main(["baseline", "refresh", str(suite), "--out", str(folder / "baselines"), "--device", "cpu"]) == 0
+    run_dir = folder / "baselines" / "gate-e2e"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["cells", "results.csv", "run.json", "summary.md"]
     return run_dir
 
 
