@@ -222,7 +222,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _compare_settings(args: argparse.Namespace, new_paths: list[str]) -> Any:
     """The suite's [compare] table (--suite, else the new run's own suite text), then --tolerance over it."""
     from qbench import compare, results
-    from qbench.suite import load
+    from qbench.suite import load, parse_compare
 
     overrides = [compare.parse_tolerance(text) for text in args.tolerance or []]
     if args.suite:
@@ -232,7 +232,7 @@ def _compare_settings(args: argparse.Namespace, new_paths: list[str]) -> Any:
         for run_dir in results.find_run_dirs(path) if Path(path).is_dir() else []:
             manifest = results.read_manifest(run_dir)
             if manifest and manifest.get("suite_text"):
-                spec = compare.compare_spec_from_suite_text(manifest["suite_text"])
+                spec = parse_compare(manifest["suite_text"], run_dir / "run.json")
                 return compare.Settings.build(spec, overrides, args.noise_sigmas, f"suite of {run_dir.name}")
     return compare.Settings.build(None, overrides, args.noise_sigmas)
 
@@ -240,15 +240,15 @@ def _compare_settings(args: argparse.Namespace, new_paths: list[str]) -> Any:
 def cmd_compare(args: argparse.Namespace) -> int:
     import os
 
-    from pydantic import ValidationError
-
     from qbench import compare, results
 
     try:
         settings = _compare_settings(args, [args.new])
         baseline = results.load_results([args.baseline])
         new = results.load_results([args.new])
-    except (results.ResultsError, ValueError, ValidationError) as error:
+    except SuiteError as error:
+        comparison = compare.Comparison.unusable([f"{error.path}: {p}" for p in error.problems], args.baseline, args.new)
+    except (results.ResultsError, ValueError) as error:
         comparison = compare.Comparison.unusable([str(error)], args.baseline, args.new)
     else:
         comparison = compare.compare(baseline, new, settings, args.baseline, args.new)

@@ -12,7 +12,6 @@ for each field the first pattern that matches wins.
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -94,11 +93,6 @@ def parse_tolerance(text: str) -> tuple[str, ToleranceSpec]:
         return pattern.strip(), ToleranceSpec(**values)
     except ValidationError as error:
         raise ValueError(f"--tolerance {text!r}: {error.errors()[0]['msg'].removeprefix('Value error, ')}") from None
-
-
-def compare_spec_from_suite_text(text: str) -> CompareSpec:
-    """The `[compare]` table of a suite's text, validated on its own (the rest of the suite may be older)."""
-    return CompareSpec.model_validate(tomllib.loads(text).get("compare", {}))
 
 
 @dataclass

@@ -296,6 +296,17 @@ def parse(text: str, path: Path | str = "<suite>") -> Suite:
         raise SuiteError(path, ["values nested too deeply"]) from None
 
 
+def parse_compare(text: str, path: Path | str = "<suite>") -> CompareSpec:
+    """Only the `[compare]` table of suite text, validated on its own (a run's stored suite may be older)."""
+    try:
+        raw = tomllib.loads(text).get("compare", {})
+        return CompareSpec.model_validate(_tuples(raw))
+    except tomllib.TOMLDecodeError as error:
+        raise SuiteError(path, [f"TOML syntax error: {error}"]) from None
+    except ValidationError as error:
+        raise SuiteError(path, [f"compare.{p}" for p in _problems(error)]) from None
+
+
 def load(path: Path | str) -> LoadedSuite:
     """Read and validate a suite file (structure only; see `qbench.checks` for files and models)."""
     path = Path(path)

@@ -215,7 +215,7 @@ def test_cli_compares_an_exported_csv_against_a_run_directory(tmp_path: Path):
 
 
 def test_cli_takes_the_compare_table_from_the_new_runs_suite_text(tmp_path: Path):
-    loose = MINIMAL + '[compare.tolerances]\n"quality.*recall@1" = { abs = 0.10 }\n'
+    loose = MINIMAL + '[compare]\nspeed_ratios = ["speed.train_samples_per_s"]\nnoise_sigmas = 3\n[compare.tolerances]\n"quality.*recall@1" = { abs = 0.10 }\n'
     baseline = write_run(tmp_path / "baseline", make_records())
     records = make_records(run_id="run-b")
     records[2]["quality.after.mean_recall@1"] -= 0.05
@@ -242,3 +242,10 @@ def test_the_ci_suite_tolerances_catch_a_several_times_slower_arm_but_not_load_n
     assert compare.compare(baseline, everything_slower, settings).exit_code == 0
     recall_down_5 = planted({"quality.after.mean_recall@1": lambda v: v - 0.05})
     assert compare.compare(baseline, recall_down_5, settings).exit_code == 1
+
+
+def test_a_bad_compare_table_in_the_stored_suite_makes_the_input_unusable(tmp_path: Path, capsys):
+    baseline = write_run(tmp_path / "baseline", make_records())
+    new = write_run(tmp_path / "new", make_records(run_id="run-b"), suite_text='[compare]\nnoise_sigmas = "three"\n')
+    assert cli.main(["compare", str(baseline), str(new)]) == 2
+    assert "compare.noise_sigmas" in capsys.readouterr().err
