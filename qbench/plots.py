@@ -42,6 +42,15 @@ def _axis_label(column: str) -> str:
     return name if not unit or unit in name or name.endswith("/s") else f"{name} ({unit})"
 
 
+def _spread(std: float) -> float | None:
+    """An error bar only where there is a spread (several seeds); one seed has none to draw."""
+    return None if pd.isna(std) else std
+
+
+def _spreads(std: pd.Series) -> pd.Series | None:
+    return None if std.isna().all() else std.fillna(0)
+
+
 def _colours(names: list[str]) -> dict[str, object]:
     cmap = _pyplot().get_cmap("tab10")
     return {name: cmap(i % 10) for i, name in enumerate(names)}
@@ -63,13 +72,13 @@ def quality_vs_memory(frame: pd.DataFrame) -> Plot | None:
     for axis, cost in zip(axes[0], costs, strict=True):
         c_factor, _ = fields.scale(cost)
         x, y = stats.mean[cost] * c_factor, stats.mean[quality] * q_factor
-        x_err, y_err = stats.std[cost].fillna(0) * c_factor, stats.std[quality].fillna(0) * q_factor
+        x_err, y_err = stats.std[cost] * c_factor, stats.std[quality] * q_factor  # NaN with one seed: no bar
         front = tables.pareto_front(x, y, higher)
         for name in stats.mean.index:
             if pd.isna(x[name]) or pd.isna(y[name]):
                 continue
             axis.errorbar(
-                x[name], y[name], xerr=x_err[name], yerr=y_err[name], fmt="o", markersize=9 if front[name] else 7,
+                x[name], y[name], xerr=_spread(x_err[name]), yerr=_spread(y_err[name]), fmt="o", markersize=9 if front[name] else 7,
                 color=colours[name], markerfacecolor=colours[name] if front[name] else "white", capsize=3, label=name,
             )
             axis.annotate(name, (x[name], y[name]), textcoords="offset points", xytext=(6, 6), fontsize=8)
@@ -98,7 +107,7 @@ def throughput(frame: pd.DataFrame) -> Plot | None:
     figure, axis = plt.subplots(figsize=(6.5, 3.8))
     names = list(values.index)
     colours = _colours(names)
-    bars = axis.bar(names, values.fillna(0), yerr=stats.std[column].fillna(0), capsize=3, color=[colours[n] for n in names])
+    bars = axis.bar(names, values.fillna(0), yerr=_spreads(stats.std[column]), capsize=3, color=[colours[n] for n in names])
     for bar, name in zip(bars, names, strict=True):
         ratio = stats.mean.loc[name, fields.ratio_column(column)]
         if pd.notna(ratio):
@@ -130,7 +139,7 @@ def memory_by_phase(frame: pd.DataFrame) -> Plot | None:
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         positions = [p + (i - (len(names) - 1) / 2) * width for p in range(len(phases))]
-        axis.bar(positions, stats.mean.loc[name, columns].fillna(0) / 2**20, width, yerr=stats.std.loc[name, columns].fillna(0) / 2**20,
+        axis.bar(positions, stats.mean.loc[name, columns].fillna(0) / 2**20, width, yerr=_spreads(stats.std.loc[name, columns] / 2**20),
                  capsize=2, label=name, color=colours[name])
     axis.set_xticks(range(len(phases)), phases)
     axis.set_ylabel(f"peak {source.removesuffix('_bytes').replace('_', ' ')} (MiB)")
