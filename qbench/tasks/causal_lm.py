@@ -1,0 +1,176 @@
+"""Causal language modelling: next-token LoRA fine-tune, evaluated by held-out perplexity."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qbench.tasks.base import Batch
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Non-overlapping evaluation windows over one token stream; padding carries label IGNORE."""
+
+    input_ids: torch.Tensor  # [windows, window]
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # labels[w, i] is the token after input_ids[w, i]; IGNORE where padded
+
+    @property
+    def scored_tokens(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+def make_windows(token_ids: list[int] | torch.Tensor, window: int, pad_id: int) -> Windows:
+    """Cut a token stream into non-overlapping windows of `window` inputs.
+
+    Window k reads tokens [kW, kW+W) and is scored on tokens [kW+1, kW+W+1), so every token after the
+    first is scored exactly once; the last window is shorter and padded, its padding not scored.
+    """
+    ids = torch.as_tensor(token_ids, dtype=torch.long)
+    if ids.numel() < 2:
+        raise ValueError("evaluation text has fewer than two tokens")
+    targets = ids.numel() - 1
+    count = math.ceil(targets / window)
+    input_ids = torch.full((count, window), pad_id, dtype=torch.long)
+    labels = torch.full((count, window), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((count, window), dtype=torch.long)
+    for k in range(count):
+        start = k * window
+        length = min(window, targets - start)
+        input_ids[k, :length] = ids[start : start + length]
+        labels[k, :length] = ids[start + 1 : start + length + 1]
+        attention_mask[k, :length] = 1
+    return Windows(input_ids, attention_mask, labels)
+
+
+def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of negative log-likelihoods (nats) of the labelled positions; IGNORE positions excluded."""
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+def perplexity_metrics(total_nll: float, scored_tokens: int, text_bytes: int) -> dict[str, float]:
+    """Token perplexity and bits per UTF-8 byte from a summed NLL in nats."""
+    return {
+        "perplexity": math.exp(total_nll / scored_tokens),
+        "nll_per_token": total_nll / scored_tokens,
+        "bits_per_byte": total_nll / math.log(2) / text_bytes,
+    }
+
+
+@torch.no_grad()
+def evaluate_perplexity(model: torch.nn.Module, windows: Windows, text_bytes: int, batch_size: int, device: str) -> dict[str, float]:
+    """Perplexity of `model` over `windows` (padding excluded, every scored token counted once)."""
+    total = 0.0
+    for start in range(0, windows.input_ids.shape[0], batch_size):
+        part = slice(start, start + batch_size)
+        logits = model(
+            input_ids=windows.input_ids[part].to(device), attention_mask=windows.attention_mask[part].to(device)
+        ).logits
+        total += summed_nll(logits, windows.labels[part].to(device)).item()
+    return perplexity_metrics(total, windows.scored_tokens, text_bytes)
+
+
+def load_texts(suite: Any, loaded_suite: Any) -> tuple[str, str, dict[str, Any]]:
+    """(train text, eval text, record fields naming where they came from and their hash)."""
+    from qbench.data import text
+
+    data = suite.data
+    if data.kind == "builtin":
+        corpus = text.builtin_corpus(data.name)
+        source = f"builtin:{data.name}: {corpus.source}"
+    elif data.kind == "text":
+        train = text.load_text_file(loaded_suite.resolve(data.train))
+        held_out = text.load_text_file(loaded_suite.resolve(data.eval))
+        corpus = text.TextCorpus.from_parts(train, held_out, f"text files: {data.train} / {data.eval}")
+        source = corpus.source
+    else:
+        raise ValueError(f"the causal_lm task reads text (kind builtin or text), not {data.kind!r}")
+    return corpus.train, corpus.eval, {
+        "data.source": source,
+        "data.sha256": corpus.sha256,
+        "data.train_chars": len(corpus.train),
+        "data.eval_chars": len(corpus.eval),
+    }
+
+
+class CausalLMTask:
+    """AutoModelForCausalLM + tokenizer; next-token loss on random windows; perplexity on held-out text."""
+
+    name = "causal_lm"
+    peft_task_type = "CAUSAL_LM"
+
+    def __init__(self, suite: Any, loaded_suite: Any, model_path: str, device: str):
+        from transformers import AutoModelForCausalLM
+
+        self.model_class = AutoModelForCausalLM
+        self.suite = suite
+        self.loaded_suite = loaded_suite
+        self.model_path = model_path
+        self.device = device
+
+    def prepare_data(self) -> dict[str, Any]:
+        from transformers import AutoConfig, AutoTokenizer
+
+        spec = self.suite.model
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        config = AutoConfig.from_pretrained(self.model_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        train_text, eval_text, info = load_texts(self.suite, self.loaded_suite)
+        context = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
+        self.window = self.suite.eval.window or int(context)
+        encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.train_ids = torch.tensor(encode(train_text), dtype=torch.long)
+        if self.train_ids.numel() <= self.suite.train.max_length:
+            raise ValueError(f"training text has {self.train_ids.numel()} tokens, fewer than train.max_length + 1")
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.windows = make_windows(encode(eval_text), self.window, pad_id)
+        self.eval_bytes = len(eval_text.encode("utf-8"))
+        info.update(
+            {
+                "data.train_tokens": int(self.train_ids.numel()),
+                "eval.window_tokens": self.window,
+                "eval.stride_tokens": self.window,
+                "eval.windows": int(self.windows.input_ids.shape[0]),
+                "eval.scored_tokens": self.windows.scored_tokens,
+                "eval.bytes": self.eval_bytes,
+                "eval.tokenizer": f"{self.tokenizer.__class__.__name__} from {spec.id} (vocab {len(self.tokenizer)})",
+                "eval.protocol": (
+                    "token perplexity over the held-out text as one stream, no special tokens, non-overlapping "
+                    "windows (stride = window); every token after the first scored once, padding excluded; "
+                    "bits_per_byte = summed NLL / ln 2 / UTF-8 bytes of the text"
+                ),
+            }
+        )
+        return info
+
+    def train_batches(self, seed: int) -> Iterator[Batch]:
+        """Random windows of train.max_length + 1 tokens from the training text, drawn with a seeded generator."""
+        generator = torch.Generator().manual_seed(seed)
+        length, size = self.suite.train.max_length, self.suite.train.batch_size
+        offsets = torch.arange(length + 1)
+        while True:
+            starts = torch.randint(0, self.train_ids.numel() - length, (size,), generator=generator)
+            window = self.train_ids[starts[:, None] + offsets]
+            inputs = {"input_ids": window[:, :-1].to(self.device), "labels": window[:, 1:].to(self.device)}
+            yield Batch(inputs, samples=size, tokens=size * length)
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        logits = model(input_ids=batch.inputs["input_ids"]).logits
+        labels = batch.inputs["labels"]
+        return summed_nll(logits, labels) / labels.numel()
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            return evaluate_perplexity(model, self.windows, self.eval_bytes, self.suite.eval.batch_size, self.device)
+        finally:
+            model.train(was_training)
