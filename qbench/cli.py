@@ -296,14 +296,16 @@ def cmd_baseline_refresh(args: argparse.Namespace) -> int:
 
     loaded = load(args.suite)
     with tempfile.TemporaryDirectory(prefix="qbench-baseline-") as scratch:
-        # parsed, not built by hand, so every option of `qbench run` gets its default
-        code = cmd_run(build_parser().parse_args(["run", args.suite, "--out", scratch, "--device", args.device]))
-        run_dirs = results.find_run_dirs(scratch)
-        if code != EXIT_OK or not run_dirs:
-            errors.print(f"[red]the run did not finish cleanly (exit {code}); the baseline is left as it was[/]")
-            return code or EXIT_FAILED_CELLS
+        for repeat in range(args.repeats):
+            if args.repeats > 1:
+                console.print(f"repeat {repeat + 1} of {args.repeats}")
+            # parsed, not built by hand, so every option of `qbench run` gets its default
+            code = cmd_run(build_parser().parse_args(["run", args.suite, "--out", scratch, "--device", args.device]))
+            if code != EXIT_OK:
+                errors.print(f"[red]the run did not finish cleanly (exit {code}); the baseline is left as it was[/]")
+                return code
         try:
-            target = baseline.install(run_dirs[0], Path(args.out), loaded.suite.name)
+            target = baseline.install(results.find_run_dirs(scratch), Path(args.out), loaded.suite.name)
         except baseline.BaselineError as error:
             errors.print(f"[red]error:[/] {error}", highlight=False)
             return EXIT_FAILED_CELLS
@@ -374,12 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     refresh = baseline_commands.add_parser(
         "refresh",
         help="run SUITE and make its records the suite's committed baseline",
-        description="Run every cell of SUITE and, when every cell is ok, replace OUT/<suite>/ with the run's "
-        "records (run.json, cells/, results.csv, summary.md). Review the diff and commit it.",
+        description="Run every cell of SUITE (--repeats times) and, when every cell is ok, replace OUT/<suite>/ "
+        "with the runs' records (<run-id>/run.json, cells/, results.csv, summary.md). Review the diff and commit it.",
     )
     refresh.add_argument("suite", help="suite file, e.g. suites/ci.toml")
     refresh.add_argument("--out", default=str(Path("results") / "baselines"), help="baselines folder (default: results/baselines)")
     refresh.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
+    refresh.add_argument("--repeats", type=int, default=1, choices=range(1, 11), metavar="N",
+                         help="run the suite N times (1-10): compare averages them and takes their spread as noise")
     refresh.set_defaults(handler=cmd_baseline_refresh)
 
     listing = commands.add_parser("list", help="show precisions, builtin models and builtin datasets")

@@ -249,3 +249,18 @@ def test_a_bad_compare_table_in_the_stored_suite_makes_the_input_unusable(tmp_pa
     new = write_run(tmp_path / "new", make_records(run_id="run-b"), suite_text='[compare]\nnoise_sigmas = "three"\n')
     assert cli.main(["compare", str(baseline), str(new)]) == 2
     assert "compare.noise_sigmas" in capsys.readouterr().err
+
+
+def test_repeated_baseline_runs_give_speed_ratios_a_noise_floor():
+    # three baseline runs of the same seed on a busy machine: nf4-dq/bf16 came out 0.5, 0.75 and 1.0
+    runs = []
+    for run_id, factor in (("r1", 0.5 / 0.75), ("r2", 1.0), ("r3", 1.0 / 0.75)):
+        records = make_records(run_id=run_id)
+        records[2]["speed.train_samples_per_s"] *= factor
+        runs += records
+    new = planted({"speed.train_samples_per_s": lambda v: v * 0.6})  # ratio 0.45: 40 % below the mean
+    with_noise = compare.compare(frame(runs), new)
+    row = with_noise.checks[with_noise.checks["metric"] == "ratio.speed.train_samples_per_s"].set_index("precision")
+    assert row.loc["nf4-dq", "n_baseline"] == 3 and row.loc["nf4-dq", "noise"] > 0.3
+    assert with_noise.exit_code == 0
+    assert compare.compare(frame(make_records()), new).exit_code == 1  # one baseline run: no noise floor

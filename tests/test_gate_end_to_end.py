@@ -40,7 +40,7 @@ def real_run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("gate")
     suite = write_suite(folder, SMALL)
     assert cli.main(["baseline", "refresh", str(suite), "--out", str(folder / "baselines"), "--device", "cpu"]) == 0
-    run_dir = folder / "baselines" / "gate-e2e"
+    (run_dir,) = (folder / "baselines" / "gate-e2e").iterdir()
     assert sorted(p.name for p in run_dir.iterdir()) == ["cells", "results.csv", "run.json", "summary.md"]
     return run_dir
 
