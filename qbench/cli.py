@@ -256,6 +256,125 @@ def _render_env(report: dict[str, Any]) -> None:
             f"{result['output_rel_error']:.2%}" if ok else "—", f"{result['seconds']:.2f}", result.get("error", ""),
         )
     console.print(formats)
+def _render_frame(table: Any, title: str) -> Table:
+    """Any table as rich, its index first; cells already strings are shown as they are."""
+    return _render_table(table, title)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from qbench import report, results
+
+    try:
+        frame = results.load_results(args.run_dirs)
+    except results.ResultsError as error:
+        errors.print(f"[red]error:[/] {error}", highlight=False)
+        return EXIT_BAD_INPUT
+    out = Path(args.out) if args.out else report.default_report_dir([Path(p) for p in args.run_dirs])
+    paths = report.write_report(frame, out, args.title)
+    for heading, table in report.report_tables(frame).items():
+        # precisions (and runs) as columns: these tables are long, and terminals are narrow
+        wide = heading.startswith(("Per precision", "Runs merged"))
+        shown = table.T if wide else table
+        if wide:
+            shown.index.name = ""
+        console.print(_render_frame(shown, heading))
+    console.print(f"{len(frame)} cells from {len(args.run_dirs)} input(s) -> html: {paths['html']}")
+    console.print(f"also: {paths['markdown']}  {paths['csv']}  {paths['parquet']}  {paths['summary_csv']}", highlight=False)
+    return EXIT_OK
+
+
+def _compare_settings(args: argparse.Namespace, new_paths: list[str]) -> Any:
+    """The suite's [compare] table (--suite, else the new run's own suite text), then --tolerance over it."""
+    from qbench import compare, results
+    from qbench.suite import load, parse_compare
+
+    overrides = [compare.parse_tolerance(text) for text in args.tolerance or []]
+    if args.suite:
+        loaded = load(args.suite)
+        return compare.Settings.build(loaded.suite.compare, overrides, args.noise_sigmas, f"suite {args.suite}")
+    for path in new_paths:
+        for run_dir in results.find_run_dirs(path) if Path(path).is_dir() else []:
+            manifest = results.read_manifest(run_dir)
+            if manifest and manifest.get("suite_text"):
+                spec = parse_compare(manifest["suite_text"], run_dir / "run.json")
+                return compare.Settings.build(spec, overrides, args.noise_sigmas, f"suite of {run_dir.name}")
+    return compare.Settings.build(None, overrides, args.noise_sigmas)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import os
+
+    from qbench import compare, results
+
+    try:
+        settings = _compare_settings(args, [args.new])
+        baseline = results.load_results([args.baseline])
+        new = results.load_results([args.new])
+    except SuiteError as error:
+        comparison = compare.Comparison.unusable([f"{error.path}: {p}" for p in error.problems], args.baseline, args.new)
+    except (results.ResultsError, ValueError) as error:
+        comparison = compare.Comparison.unusable([str(error)], args.baseline, args.new)
+    else:
+        comparison = compare.compare(baseline, new, settings, args.baseline, args.new)
+    markdown = comparison.markdown()
+    targets = [args.markdown] if args.markdown else []
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        targets.append(os.environ["GITHUB_STEP_SUMMARY"])
+    for target in targets:
+        if target == "-":
+            sys.stdout.write(markdown + "\n")
+        else:
+            with open(target, "a", encoding="utf-8") as handle:
+                handle.write(markdown + "\n")
+    _print_comparison(comparison)
+    return comparison.exit_code
+
+
+def _print_comparison(comparison: Any) -> None:
+    from qbench import compare
+
+    if comparison.problems:
+        for problem in comparison.problems:
+            errors.print(f"[red]unusable:[/] {problem}", highlight=False)
+        return
+    regressions = comparison.regressions
+    # one line per regression: metric names are long, a table would cut them in a narrow terminal
+    for _, row in compare.checks_table(regressions).iterrows():
+        detail = f"{row['baseline']} -> {row['new']} ({row['change']}; allowed {row['allowed worse by'] or '—'})"
+        if row["verdict"] in ("failed", "missing") and row["note"]:
+            detail = row["note"]
+        console.print(f"[red]{row['verdict']}[/] {row['precision']} {row['metric']}: {detail}", highlight=False)
+    for note in comparison.notes:
+        console.print(f"[dim]note: {note}[/]", highlight=False)
+    if len(regressions):
+        errors.print(f"[red]regression:[/] {len(regressions)} check(s) failed (exit 1)")
+    else:
+        console.print(f"[green]no regression[/] in {len(comparison.checks)} checks")
+
+
+def cmd_baseline_refresh(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from qbench import baseline, results
+    from qbench.suite import load
+
+    loaded = load(args.suite)
+    with tempfile.TemporaryDirectory(prefix="qbench-baseline-") as scratch:
+        for repeat in range(args.repeats):
+            if args.repeats > 1:
+                console.print(f"repeat {repeat + 1} of {args.repeats}")
+            # parsed, not built by hand, so every option of `qbench run` gets its default
+            code = cmd_run(build_parser().parse_args(["run", args.suite, "--out", scratch, "--device", args.device]))
+            if code != EXIT_OK:
+                errors.print(f"[red]the run did not finish cleanly (exit {code}); the baseline is left as it was[/]")
+                return code
+        try:
+            target = baseline.install(results.find_run_dirs(scratch), Path(args.out), loaded.suite.name)
+        except baseline.BaselineError as error:
+            errors.print(f"[red]error:[/] {error}", highlight=False)
+            return EXIT_FAILED_CELLS
+    console.print(f"baseline of suite [bold]{loaded.suite.name}[/] refreshed: {target} — review the diff and commit it")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,6 +415,50 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     env.add_argument("--json", action="store_true", help="print the report as JSON")
     env.set_defaults(handler=cmd_env)
+    report = commands.add_parser(
+        "report",
+        help="tables and plots from one or more run directories (CSV, Parquet, Markdown, HTML)",
+        description="Merge the records of every RUN_DIR (run directories, folders of them, or exported CSV / "
+        "Parquet tables: shards of one suite on several machines merge into one report) and write report.csv, "
+        "report.parquet, summary.csv, report.md, plots/*.png and a self-contained report.html.",
+    )
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory, a folder of them, or a results CSV/Parquet")
+    report.add_argument("--out", help="output folder (default: RUN_DIR/report, or report-N-runs beside the first)")
+    report.add_argument("--title", help="page title (default: qbench report — SUITE)")
+    report.set_defaults(handler=cmd_report)
+
+    comparing = commands.add_parser(
+        "compare",
+        help="regression gate: NEW against BASELINE, exit 0 ok, 1 regression, 2 unusable input",
+        description="Compare the records of NEW against BASELINE (run directories, folders of them, or exported "
+        "CSV). Exact metrics must match, quality and memory may move the worse way by their tolerance (or the "
+        "seeds' noise), speed is compared only as ratios to the baseline precision within one run. Tolerances: "
+        "--tolerance, then the suite's [compare.tolerances], then qbench's defaults. Writes a Markdown summary "
+        "to --markdown and, when set, $GITHUB_STEP_SUMMARY. Exit 0: no regression; 1: regression; 2: unusable input.",
+    )
+    comparing.add_argument("baseline", metavar="BASELINE", help="baseline records, e.g. results/baselines/ci")
+    comparing.add_argument("new", metavar="NEW", help="new records (run directory, folder of them, or CSV)")
+    comparing.add_argument("--suite", help="take the [compare] settings from this suite file (default: the new run's suite)")
+    comparing.add_argument("--tolerance", action="append", metavar="PATTERN=SPEC",
+                           help="e.g. 'quality.*recall@1=abs:0.05' or 'ratio.*=rel:0.5' or 'memory.*=ignore'; repeatable")
+    comparing.add_argument("--noise-sigmas", type=float, help="standard errors of seed noise allowed (default: suite, 3)")
+    comparing.add_argument("--markdown", metavar="FILE", help="append the Markdown summary to FILE ('-': standard output)")
+    comparing.set_defaults(handler=cmd_compare)
+
+    baselines = commands.add_parser("baseline", help="manage committed baselines (results/baselines/<suite>/)")
+    baseline_commands = baselines.add_subparsers(dest="baseline_command", required=True, metavar="ACTION")
+    refresh = baseline_commands.add_parser(
+        "refresh",
+        help="run SUITE and make its records the suite's committed baseline",
+        description="Run every cell of SUITE (--repeats times) and, when every cell is ok, replace OUT/<suite>/ "
+        "with the runs' records (<run-id>/run.json, cells/, results.csv, summary.md). Review the diff and commit it.",
+    )
+    refresh.add_argument("suite", help="suite file, e.g. suites/ci.toml")
+    refresh.add_argument("--out", default=str(Path("results") / "baselines"), help="baselines folder (default: results/baselines)")
+    refresh.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
+    refresh.add_argument("--repeats", type=int, default=1, choices=range(1, 11), metavar="N",
+                         help="run the suite N times (1-10): compare averages them and takes their spread as noise")
+    refresh.set_defaults(handler=cmd_baseline_refresh)
 
     listing = commands.add_parser("list", help="show precisions, builtin models and builtin datasets")
     listing.set_defaults(handler=cmd_list)
