@@ -66,7 +66,7 @@ def check_suite(loaded: LoadedSuite, check_model: bool = True) -> None:
     if check_model:
         try:
             path = models.resolve(suite.model.id, loaded.path.parent, suite.model.revision)
-            models.ensure_available(path, suite.model.revision)
+            models.ensure_available(path, suite.model.revision, loaded.path.parent)
         except models.ModelNotFound as error:
             problems.append(f"model.id: {error}")
         else:
