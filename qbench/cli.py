@@ -21,23 +21,31 @@ EXIT_OK, EXIT_FAILED_CELLS, EXIT_BAD_INPUT = 0, 1, 2
 
 
 class ProgressListener:
-    """Rich progress: one bar over cells, one over the running cell's optimizer steps."""
+    """Rich progress: one bar over cells, and one per running cell over its optimizer steps."""
 
     def __init__(self, progress: Progress, total_cells: int):
         self.progress = progress
         self.cells_task = progress.add_task("cells", total=total_cells)
-        self.steps_task = progress.add_task("", total=None, visible=False)
+        self.steps_tasks: dict[str, Any] = {}  # cell id -> its bar, while it runs
+        self.where: dict[str, str] = {}  # cell id -> "(gpu 2) " when cells run in device slots
 
     def cell_started(self, cell: Cell, index: int, total: int) -> None:
-        self.progress.update(self.steps_task, description=f"{cell.id}: starting", completed=0, total=None, visible=True)
+        self.steps_tasks[cell.id] = self.progress.add_task(f"{cell.id}: starting", total=None)
 
     def cell_event(self, cell: Cell, event: dict[str, Any]) -> None:
-        if event["event"] == "phase":
-            self.progress.update(self.steps_task, description=f"{cell.id}: {event['phase']}", total=event.get("total"), completed=0)
+        task = self.steps_tasks.get(cell.id)
+        if task is None:
+            return
+        where = self.where.get(cell.id, "")
+        if event["event"] == "slot":
+            self.where[cell.id] = f"({event['slot']}) "
+            self.progress.update(task, description=f"{self.where[cell.id]}{cell.id}: starting")
+        elif event["event"] == "phase":
+            self.progress.update(task, description=f"{where}{cell.id}: {event['phase']}", total=event.get("total"), completed=0)
         elif event["event"] == "step":
             self.progress.update(
-                self.steps_task,
-                description=f"{cell.id}: train (loss {event['loss']:.3f})",
+                task,
+                description=f"{where}{cell.id}: train (loss {event['loss']:.3f})",
                 completed=event["step"],
                 total=event["total"],
             )
@@ -50,6 +58,10 @@ class ProgressListener:
             message += f" — {record.get('error')}"
         self.progress.console.print(message)
         self.progress.advance(self.cells_task)
+        task = self.steps_tasks.pop(cell.id, None)
+        if task is not None:
+            self.progress.remove_task(task)
+        self.where.pop(cell.id, None)
 
 
 def _render_table(table: Any, title: str) -> Table:
@@ -64,8 +76,35 @@ def _render_table(table: Any, title: str) -> Table:
     return shown
 
 
+def _placement(args: argparse.Namespace, loaded: Any) -> tuple[list[Any] | None, tuple[int, int] | None]:
+    """Device slots from --gpus/--gpus-per-cell and the shard from --shard; SuiteError when they are wrong."""
+    from qbench import scheduler
+
+    problems = []
+    slots = shard = None
+    try:
+        if args.gpus:
+            slots = scheduler.gpu_slots(scheduler.parse_gpus(args.gpus), args.gpus_per_cell)
+            if args.device == "cpu":
+                problems.append("--gpus runs cells on GPUs; it cannot be combined with --device cpu")
+            if args.gpus_per_cell > 1 and loaded.suite.model.device_map != "auto":
+                problems.append(
+                    f"--gpus-per-cell {args.gpus_per_cell}: a cell only spreads over several GPUs with "
+                    'model.device_map = "auto" in the suite'
+                )
+        elif args.gpus_per_cell != 1:
+            problems.append("--gpus-per-cell needs --gpus")
+        if args.shard:
+            shard = scheduler.parse_shard(args.shard)
+    except ValueError as error:
+        problems.append(str(error))
+    if problems:
+        raise SuiteError(args.suite, problems)
+    return slots, shard
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from qbench import checks, runner
+    from qbench import checks, runner, scheduler
     from qbench.suite import load
 
     loaded = load(args.suite)
@@ -75,17 +114,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         if unknown:
             raise SuiteError(args.suite, [f"--only: {', '.join(unknown)} not in matrix.precisions ({', '.join(loaded.suite.matrix.precisions)})"])
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
+    slots, shard = _placement(args, loaded)
     checks.check_suite(loaded)
-    device = runner.resolve_device(args.device)
     cells = loaded.cells(only, seeds)
-    run_dir = runner.new_run_dir(Path(args.out), loaded.suite.name)
-    console.print(f"qbench {__version__}: suite [bold]{loaded.suite.name}[/] ({len(cells)} cells) on {device} -> {run_dir}")
+    matrix_cells = len(cells)
+    if shard:
+        cells = scheduler.shard_cells(cells, *shard)
+        if not cells:
+            console.print(f"shard {shard[0]}/{shard[1]} of suite {loaded.suite.name} has no cells ({matrix_cells} in the matrix)")
+            return EXIT_OK
+    device = "cuda" if slots else runner.resolve_device(args.device)
+    label = f"shard{shard[0]}of{shard[1]}" if shard else ""
+    run_dir = runner.new_run_dir(Path(args.out), loaded.suite.name, label)
+    where = f"{device}, {len(slots)} cells at a time ({', '.join(s.name for s in slots)})" if slots else device
+    part = f", shard {shard[0]}/{shard[1]} of {matrix_cells}" if shard else ""
+    console.print(f"qbench {__version__}: suite [bold]{loaded.suite.name}[/] ({len(cells)} cells{part}) on {where} -> {run_dir}")
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
         listener = ProgressListener(progress, len(cells))
-        run = runner.Run(loaded, run_dir, device, cells, listener)
-        run.write_manifest()
+        run = runner.Run(loaded, run_dir, device, cells, listener, slots=slots or [scheduler.LOCAL_SLOT])
+        run.write_manifest(
+            {
+                "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+                "matrix_cells": matrix_cells,
+                "gpus": scheduler.parse_gpus(args.gpus) if args.gpus else None,
+                "gpus_per_cell": args.gpus_per_cell if args.gpus else None,
+            }
+        )
         try:
             records = run.execute()
         except runner.RunInterrupted as stop:
@@ -154,6 +210,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", metavar="PRECISIONS", help="comma-separated subset of the matrix, e.g. bf16,nf4-dq")
     run.add_argument("--seeds", metavar="SEEDS", help="comma-separated seeds overriding matrix.seeds, e.g. 0,1,2")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
+    run.add_argument(
+        "--gpus",
+        metavar="LIST",
+        help="run cells in parallel, one process per GPU (CUDA_VISIBLE_DEVICES set per cell), e.g. 0,1,2,3; "
+        "list a GPU twice to run two cells side by side on it",
+    )
+    run.add_argument(
+        "--gpus-per-cell",
+        type=int,
+        default=1,
+        metavar="N",
+        help='give each cell N GPUs of --gpus (for a base too large for one GPU; needs model.device_map = "auto")',
+    )
+    run.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run only the I-th of N deterministic parts of the matrix (split a run over machines or CI jobs; "
+        "load all the shards' run folders together to report them as one run)",
+    )
     run.set_defaults(handler=cmd_run)
 
     listing = commands.add_parser("list", help="show precisions, builtin models and builtin datasets")

@@ -7,17 +7,20 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from qbench import __version__, results
+from qbench import __version__, results, scheduler
 from qbench.cell import EVENT_PREFIX
+from qbench.scheduler import LOCAL_SLOT, Slot
 from qbench.suite import Cell, LoadedSuite
 
 CHILD_STOP_GRACE_S = 60
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+CELL_COMMAND = (sys.executable, "-m", "qbench.cell")  # reads the cell's spec on stdin, writes its record
 
 
 class Listener(Protocol):
@@ -54,8 +57,9 @@ def resolve_device(requested: str) -> str:
     return "cuda" if probe.stdout.strip() == "True" else "cpu"
 
 
-def new_run_dir(out: Path, suite_name: str) -> Path:
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+def new_run_dir(out: Path, suite_name: str, label: str = "") -> Path:
+    """A fresh `out/<suite>/<UTC time>[-label]` folder name (`label` e.g. `shard1of2`)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + (f"-{label}" if label else "")
     candidate = out / suite_name / stamp
     suffix = 1
     while candidate.exists():
@@ -74,6 +78,13 @@ class Run:
     cells: list[Cell]
     listener: Listener = QuietListener()
     env: dict[str, str] | None = None  # extra environment for the cell processes
+    slots: list[Slot] = field(default_factory=lambda: [LOCAL_SLOT])  # one cell process per slot at a time
+    cell_command: tuple[str, ...] = field(default_factory=lambda: CELL_COMMAND)
+    _running: set[subprocess.Popen] = field(default_factory=set, init=False, repr=False)
+    _running_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.listener = scheduler.serialized(self.listener)  # cells report from one thread per slot
 
     @property
     def run_id(self) -> str:
@@ -88,6 +99,7 @@ class Run:
             "suite_text": self.loaded.path.read_text(encoding="utf-8"),
             "device": self.device,
             "cells": [{"cell_id": c.id, "precision": c.precision, "seed": c.seed} for c in self.cells],
+            "slots": [{"name": s.name, **s.env} for s in self.slots],
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             **(extra or {}),
         }
@@ -106,7 +118,7 @@ class Run:
             "record_path": str(results.record_path(self.run_dir, cell.id)),
         }
 
-    def _crash_record(self, cell: Cell, returncode: int, last_phase: str | None) -> dict[str, Any]:
+    def _crash_record(self, cell: Cell, returncode: int, last_phase: str | None, slot: Slot) -> dict[str, Any]:
         if returncode < 0:
             how = f"killed by signal {signal.Signals(-returncode).name}"
         else:
@@ -125,23 +137,26 @@ class Run:
             "status": "failed",
             "error": f"cell process {how} (last phase: {last_phase or 'start'}); see logs/{cell.id}.log",
             "error_type": "ChildProcessDied",
+            "env.cuda_visible_devices": slot.env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")),
         }
 
-    def run_cell(self, cell: Cell) -> dict[str, Any]:
-        """Run one cell in a fresh process; always returns (and leaves on disk) its record."""
+    def run_cell(self, cell: Cell, slot: Slot = LOCAL_SLOT) -> dict[str, Any]:
+        """Run one cell in a fresh process in `slot`; always returns (and leaves on disk) its record."""
         log_path = self.run_dir / "logs" / f"{cell.id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         record_file = results.record_path(self.run_dir, cell.id)
         record_file.unlink(missing_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **(self.env or {})}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **(self.env or {}), **slot.env}
         # the cell must run the same qbench as this process, whatever the working directory
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
         last_phase = None
         with open(log_path, "w", encoding="utf-8") as log:
             child = subprocess.Popen(
-                [sys.executable, "-m", "qbench.cell"],
+                list(self.cell_command),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
             )
+            with self._running_lock:
+                self._running.add(child)
             try:
                 child.stdin.write(json.dumps(self._spec(cell)))
                 child.stdin.close()
@@ -156,10 +171,13 @@ class Run:
             except BaseException:
                 self._stop_child(child)
                 raise
+            finally:
+                with self._running_lock:
+                    self._running.discard(child)
         if record_file.exists():
             record = json.loads(record_file.read_text(encoding="utf-8"))
         else:
-            record = self._crash_record(cell, child.returncode, last_phase)
+            record = self._crash_record(cell, child.returncode, last_phase, slot)
             results.write_json_atomic(record_file, record)
         return record
 
@@ -174,23 +192,35 @@ class Run:
                 child.kill()
                 child.wait()
 
+    def stop_running(self) -> None:
+        """Stop every running cell process (each writes an interrupted record)."""
+        with self._running_lock:
+            running = list(self._running)
+        for child in running:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in running:
+            self._stop_child(child)
+
     def execute(self) -> list[dict[str, Any]]:
-        """Run every cell in order; a failed cell is recorded and the run goes on."""
+        """Run every cell, one process per slot at a time; a failed cell is recorded and the run goes on."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        records = []
+        total = len(self.cells)
+
+        def start(cell: Cell, index: int, slot: Slot) -> None:
+            self.listener.cell_started(cell, index, total)
+            if slot.env:
+                self.listener.cell_event(cell, {"event": "slot", "slot": slot.name})
+
         previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
         try:
-            for index, cell in enumerate(self.cells):
-                self.listener.cell_started(cell, index, len(self.cells))
-                try:
-                    record = self.run_cell(cell)
-                except KeyboardInterrupt:
-                    raise RunInterrupted(f"run stopped during cell {cell.id}; finished records are in {self.run_dir}") from None
-                self.listener.cell_finished(cell, record)
-                records.append(record)
+            return scheduler.schedule(
+                self.cells, self.slots, self.run_cell, on_start=start, on_finish=self.listener.cell_finished, stop_running=self.stop_running
+            )
+        except KeyboardInterrupt:
+            raise RunInterrupted(f"run stopped; finished records are in {self.run_dir}") from None
         finally:
             signal.signal(signal.SIGTERM, previous)
-        return records
 
 
 def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
