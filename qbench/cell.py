@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from qbench import faults as fault_injection
 from qbench import precisions, results
 from qbench.suite import LoadedSuite, parse
 
@@ -35,11 +36,15 @@ def _now() -> str:
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
+    # one stop is enough: a second signal (Ctrl-C reaches the cell, then the runner's SIGTERM) must not
+    # break off the writing of the record
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise Interrupted(f"stopped by signal {signal.Signals(signum).name}")
 
 
 def _status_for(error: BaseException) -> str:
-    if isinstance(error, Interrupted):
+    if isinstance(error, (Interrupted, KeyboardInterrupt)):
         return "interrupted"
     if isinstance(error, NotImplementedError):
         return "unsupported"
@@ -55,7 +60,7 @@ def _adapter_bytes(model: Any) -> int:
 def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one cell described by `spec` and return its record (also written to spec['record_path'])."""
     suite = parse(spec["suite_text"], spec["suite_path"])
-    loaded = LoadedSuite(suite, Path(spec["suite_path"]), spec["suite_sha256"])
+    loaded = LoadedSuite(suite, Path(spec["suite_path"]), spec["suite_sha256"], spec["suite_text"])
     precision = precisions.get(spec["precision"])
     seed, device = int(spec["seed"]), spec["device"]
     record: dict[str, Any] = {
@@ -85,9 +90,37 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     }
     tracker = None
     timer = None
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    signal.signal(signal.SIGINT, _raise_interrupted)
+    record_path = Path(spec["record_path"])
+
+    def measured() -> dict[str, Any]:
+        """The record with every figure measured so far."""
+        full = dict(record)
+        if tracker is not None:
+            full.update(tracker.record)
+            peaks = [v for k, v in tracker.record.items() if k.endswith(".rss_peak_bytes") and v is not None]
+            full["memory.peak_rss_bytes"] = max(peaks) if peaks else None
+        if timer is not None:
+            full.update(timer.summary())
+        return full
+
+    def enter(phase: str, **fields: Any) -> None:
+        """Start a phase: tell the runner, leave what was measured on disk (status `running`: if the
+        process dies, the runner keeps these figures in its failure record), fire any test fault."""
+        record["last_phase"] = phase
+        emit("phase", phase=phase, **fields)
+        results.write_json_atomic(record_path, measured())
+        faults.phase(phase)
+
+    def on_step(step: int, loss: float) -> None:
+        record["train.steps_completed"] = step
+        record["train.last_loss"] = loss
+        record.setdefault("train.first_loss", loss)
+        emit("step", step=step, total=suite.train.steps, loss=loss)
+
     try:
+        faults = fault_injection.Injector(spec["cell_id"])
+        if faults.faults:
+            record["test.injected_faults"] = faults.describe()
         import torch
 
         from qbench import environment, models
@@ -104,11 +137,11 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         tracker = MemoryTracker(device)
         task = get_task(suite, loaded, model_path, device)
 
-        emit("phase", phase="data")
+        enter("data")
         with tracker.phase("data"):
             record.update(task.prepare_data())
 
-        emit("phase", phase="load")
+        enter("load")
         started = time.perf_counter()
         with tracker.phase("load"):
             model = models.load_base(task.model_class, model_path, precision, suite.compute_dtype, device, suite.model)
@@ -119,7 +152,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         weights.check_format(model, precision)
         record.update(weights.account_base(model))
 
-        emit("phase", phase="prepare")
+        enter("prepare")
         with tracker.phase("prepare"):
             from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -147,13 +180,13 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         record["params.lora_modules"] = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
 
         if suite.eval.before:
-            emit("phase", phase="eval_before")
+            enter("eval_before")
             started = time.perf_counter()
             with tracker.phase("eval_before"):
                 record.update({f"quality.before.{k}": v for k, v in task.evaluate(model).items()})
             record["time.eval_before_s"] = time.perf_counter() - started
 
-        emit("phase", phase="train", total=suite.train.steps)
+        enter("train", total=suite.train.steps)
         torch.manual_seed(seed)  # the same dropout masks and data order in every arm
         timer = StepTimer(suite.train.untimed_steps, cuda=device.startswith("cuda"))
         started = time.perf_counter()
@@ -161,41 +194,41 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
             result = train(
                 model,
                 task.train_batches(seed),
-                task.loss,
+                faults.wrap_loss(task.loss),
                 suite.train,
                 timer,
-                on_step=lambda step, loss: emit("step", step=step, total=suite.train.steps, loss=loss),
+                on_step=on_step,
             )
         record["time.train_s"] = time.perf_counter() - started
         record["train.first_loss"] = result.first_loss
         record["train.final_loss"] = result.final_loss
 
-        emit("phase", phase="eval_after")
+        enter("eval_after")
         started = time.perf_counter()
         with tracker.phase("eval_after"):
             record.update({f"quality.after.{k}": v for k, v in task.evaluate(model).items()})
         record["time.eval_after_s"] = time.perf_counter() - started
         record["weights.adapter_bytes"] = _adapter_bytes(model)
         record["status"] = "ok"
+        record["last_phase"] = "done"
     except BaseException as error:  # recorded, never lost: the suite goes on with the next cell
         record["status"] = _status_for(error)
         record["error"] = f"{type(error).__name__}: {error}"
         record["error_type"] = type(error).__name__
+        record["error_phase"] = record.get("last_phase")
         record["error_traceback"] = traceback.format_exc(limit=20)
     finally:
+        record.update(measured())
         if tracker is not None:
-            record.update(tracker.record)
-            peaks = [v for k, v in tracker.record.items() if k.endswith(".rss_peak_bytes") and v is not None]
-            record["memory.peak_rss_bytes"] = max(peaks) if peaks else None
             tracker.close()
-        if timer is not None:
-            record.update(timer.summary())
         record["time.end"] = _now()
-        results.write_json_atomic(Path(spec["record_path"]), record)
+        results.write_json_atomic(record_path, record)
     return record
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGINT, _raise_interrupted)
     spec = json.loads(sys.stdin.read())
     record = run_cell(spec)
     emit("done", status=record["status"], error=record["error"])

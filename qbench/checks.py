@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
+from pathlib import Path
 from typing import Any
 
 from qbench.data.registry import BUILTIN_DATASETS
 from qbench.suite import LoadedSuite, SuiteError
+
+# module classes peft can put a LoRA adapter on (bitsandbytes' Linear8bitLt/Linear4bit replace Linear later)
+LORA_WRAPPABLE = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
+PEFT_SPECIAL_TARGETS = ("all-linear",)
 
 
 def _check_data(loaded: LoadedSuite) -> list[str]:
@@ -14,7 +20,11 @@ def _check_data(loaded: LoadedSuite) -> list[str]:
     if data.kind == "builtin":
         known = {name: task for name, (task, _) in BUILTIN_DATASETS.items()}
         if data.name not in known:
-            problems.append(f"data.name: unknown builtin dataset {data.name!r}; builtin: {', '.join(known)}")
+            hint = difflib.get_close_matches(str(data.name), list(known), n=1)
+            problems.append(
+                f"data.name: unknown builtin dataset {data.name!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+                f"builtin: {', '.join(known)}"
+            )
         elif known[data.name] != suite.task:
             problems.append(f"data.name: builtin dataset {data.name!r} is for task {known[data.name]!r}, not {suite.task!r}")
         return problems
@@ -36,14 +46,14 @@ def _check_data(loaded: LoadedSuite) -> list[str]:
 
         for key in ("train", "eval"):
             try:
-                load_tsv(loaded.resolve(getattr(data, key)), root)
+                load_tsv(loaded.resolve(getattr(data, key)), root, decode_images=True)
             except DataError as error:
                 problems += [f"data.{key}: {line}" for line in str(error).splitlines()]
     return problems
 
 
-def _module_names(model_path: str, suite: Any) -> set[str] | None:
-    """Module names of the model, built on the meta device (no weights read)."""
+def _module_types(model_path: str, suite: Any) -> dict[str, str]:
+    """Module name -> class name of the model, built on the meta device (no weights read)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
@@ -54,29 +64,75 @@ def _module_names(model_path: str, suite: Any) -> set[str] | None:
         from transformers import AutoModelForCausalLM as auto_class
     with init_empty_weights():
         model = auto_class.from_config(config, trust_remote_code=suite.model.trust_remote_code)
-    return {name for name, _ in model.named_modules()}
+    return {name: type(module).__name__ for name, module in model.named_modules()}
+
+
+def lora_target_problems(targets: tuple[str, ...], module_types: dict[str, str]) -> list[str]:
+    """Each target must name (as peft matches a list: the whole name or its last dotted parts) a module LoRA can wrap."""
+    wrappable = sorted({n.rsplit(".", 1)[-1] for n, t in module_types.items() if n and t in LORA_WRAPPABLE})
+    problems = []
+    for target in targets:
+        if target in PEFT_SPECIAL_TARGETS:
+            continue
+        matched = [n for n in module_types if n == target or n.endswith("." + target)]
+        if not matched:
+            hint = difflib.get_close_matches(target, wrappable, n=1)
+            problems.append(
+                f"lora.target_modules: {target!r} is not a module of the model"
+                f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; layers LoRA can wrap: {', '.join(wrappable[:16])}"
+            )
+        elif not any(module_types[n] in LORA_WRAPPABLE for n in matched):
+            kinds = sorted({module_types[n] for n in matched})
+            problems.append(
+                f"lora.target_modules: {target!r} names {', '.join(kinds)} modules, which LoRA cannot wrap; "
+                f"layers LoRA can wrap: {', '.join(wrappable[:16])}"
+            )
+    return problems
+
+
+def _weights_folder(path: str, revision: str | None) -> Path | None:
+    """The folder holding the checkpoint's files: the local folder, or the hub cache snapshot if cached."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, "config.json", revision=revision)
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def _check_model(loaded: LoadedSuite) -> list[str]:
+    from qbench import models
+
+    suite = loaded.suite
+    try:
+        path = models.resolve(suite.model.id, loaded.path.parent, suite.model.revision)
+        models.ensure_available(path, suite.model.revision, loaded.path.parent)
+    except models.ModelNotFound as error:
+        return [f"model.id: {error}"]
+    except Exception as error:  # e.g. a malformed hub id: one line, never a traceback
+        return [f"model.id: cannot find model {suite.model.id!r} ({type(error).__name__}: {error})"]
+    problems = []
+    try:
+        folder = _weights_folder(path, suite.model.revision)
+        problem = models.unsafe_weights_problem(folder, suite.model.safetensors_only) if folder else None
+    except Exception as error:
+        problem = f"cannot list the checkpoint's files ({type(error).__name__}: {error})"
+    if problem:
+        problems.append(f"model.safetensors_only: {problem}")
+    try:
+        module_types = _module_types(path, suite)
+    except Exception as error:  # a broken config.json, an unknown model type, remote code not allowed...
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        problems.append(f"model.id: cannot build the model from {path}/config.json ({type(error).__name__}: {first_line})")
+    else:
+        problems += lora_target_problems(suite.lora.target_modules, module_types)
+    return problems
 
 
 def check_suite(loaded: LoadedSuite, check_model: bool = True) -> None:
     """SuiteError listing every problem found, or return quietly."""
-    from qbench import models
-
     problems = _check_data(loaded)
-    suite = loaded.suite
     if check_model:
-        try:
-            path = models.resolve(suite.model.id, loaded.path.parent, suite.model.revision)
-            models.ensure_available(path, suite.model.revision, loaded.path.parent)
-        except models.ModelNotFound as error:
-            problems.append(f"model.id: {error}")
-        else:
-            names = _module_names(path, suite)
-            suffixes = {name.rsplit(".", 1)[-1] for name in names}
-            missing = [t for t in suite.lora.target_modules if t not in suffixes and t not in names]
-            if missing:
-                problems.append(
-                    f"lora.target_modules: {', '.join(missing)} not found in the model "
-                    f"(linear layer names include: {', '.join(sorted(s for s in suffixes if s.endswith('proj'))[:12])})"
-                )
+        problems += _check_model(loaded)
     if problems:
         raise SuiteError(loaded.path, problems)

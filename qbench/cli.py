@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -18,6 +19,8 @@ console = Console()
 errors = Console(stderr=True)
 
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal number, as a shell reports it
+COMMAND_LINE = "command line"
 
 
 class ProgressListener:
@@ -55,7 +58,7 @@ class ProgressListener:
         style = "green" if status == "ok" else "red"
         message = f"[{style}]{cell.id}: {status}[/]"
         if status != "ok":
-            message += f" — {record.get('error')}"
+            message += f" — {escape(str(record.get('error')))}"
         self.progress.console.print(message)
         self.progress.advance(self.cells_task)
         task = self.steps_tasks.pop(cell.id, None)
@@ -99,21 +102,37 @@ def _placement(args: argparse.Namespace, loaded: Any) -> tuple[list[Any] | None,
     except ValueError as error:
         problems.append(str(error))
     if problems:
-        raise SuiteError(args.suite, problems)
+        raise SuiteError(COMMAND_LINE, problems)
     return slots, shard
+
+
+def _parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise SuiteError(COMMAND_LINE, [f"--seeds: {text!r} is not a comma-separated list of integers"]) from None
+    if len(set(seeds)) != len(seeds) or not all(0 <= s < 2**32 for s in seeds):
+        raise SuiteError(COMMAND_LINE, [f"--seeds: {text!r} must be distinct integers from 0 to 2**32-1"])
+    return seeds
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from qbench import checks, runner, scheduler
     from qbench.suite import load
 
+    if args.resume:
+        return _resume(args)
+    if not args.suite:
+        raise SuiteError(COMMAND_LINE, ["qbench run needs a suite file (or --resume RUN_DIR)"])
+    if args.force:
+        raise SuiteError(COMMAND_LINE, ["--force only goes with --resume"])
     loaded = load(args.suite)
     only = tuple(args.only.split(",")) if args.only else None
     if only:
         unknown = [p for p in only if p not in loaded.suite.matrix.precisions]
         if unknown:
             raise SuiteError(args.suite, [f"--only: {', '.join(unknown)} not in matrix.precisions ({', '.join(loaded.suite.matrix.precisions)})"])
-    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
+    seeds = _parse_seeds(args.seeds) if args.seeds else None
     slots, shard = _placement(args, loaded)
     checks.check_suite(loaded)
     cells = loaded.cells(only, seeds)
@@ -129,25 +148,70 @@ def cmd_run(args: argparse.Namespace) -> int:
     where = f"{device}, {len(slots)} cells at a time ({', '.join(s.name for s in slots)})" if slots else device
     part = f", shard {shard[0]}/{shard[1]} of {matrix_cells}" if shard else ""
     console.print(f"qbench {__version__}: suite [bold]{loaded.suite.name}[/] ({len(cells)} cells{part}) on {where} -> {run_dir}")
+    run = runner.Run(loaded, run_dir, device, cells, slots=slots or [scheduler.LOCAL_SLOT])
+    run.write_manifest(
+        {
+            "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+            "matrix_cells": matrix_cells,
+            "gpus": scheduler.parse_gpus(args.gpus) if args.gpus else None,
+            "gpus_per_cell": args.gpus_per_cell if args.gpus else None,
+        }
+    )
+    stopped, records = _execute(run)
+    return stopped if stopped is not None else _finish(run_dir, records)
+
+
+def _execute(run: Any) -> tuple[int | None, list[dict[str, Any]]]:
+    """Run the cells with progress bars: (the exit code if the run was interrupted, else None; the records)."""
+    from qbench import runner
+
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
-        listener = ProgressListener(progress, len(cells))
-        run = runner.Run(loaded, run_dir, device, cells, listener, slots=slots or [scheduler.LOCAL_SLOT])
-        run.write_manifest(
-            {
-                "shard": f"{shard[0]}/{shard[1]}" if shard else None,
-                "matrix_cells": matrix_cells,
-                "gpus": scheduler.parse_gpus(args.gpus) if args.gpus else None,
-                "gpus_per_cell": args.gpus_per_cell if args.gpus else None,
-            }
-        )
+        run.listener = ProgressListener(progress, len(run.cells))
         try:
-            records = run.execute()
+            return None, run.execute()
         except runner.RunInterrupted as stop:
-            errors.print(f"[yellow]interrupted:[/] {stop}")
-            return 130
-    return _finish(run_dir, records)
+            errors.print(f"[yellow]interrupted:[/] {escape(str(stop))}", highlight=False, soft_wrap=True)
+            errors.print(f"resume with: qbench run --resume {escape(str(run.run_dir))}", highlight=False, soft_wrap=True)
+            return (EXIT_SIGTERM if stop.signal_name == "SIGTERM" else EXIT_SIGINT), []
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from qbench import checks, results, resume, runner, scheduler
+
+    given = [
+        flag
+        for flag, used in (
+            ("SUITE", args.suite), ("--only", args.only), ("--seeds", args.seeds),
+            ("--device", args.device != "auto"), ("--out", args.out != "results"),
+        )
+        if used
+    ]
+    if given:
+        raise SuiteError(COMMAND_LINE, [f"--resume takes its settings from RUN_DIR/run.json; drop {', '.join(given)}"])
+    state = resume.open_run(args.resume, force=args.force)
+    slots, shard = _placement(args, state.loaded)
+    if shard:
+        raise SuiteError(COMMAND_LINE, ["--shard does not go with --resume: the run folder already holds its shard's cells"])
+    if slots and state.device != "cuda":
+        raise SuiteError(COMMAND_LINE, [f"--gpus: the run in {state.run_dir} ran on {state.device}, not cuda"])
+    checks.check_suite(state.loaded)
+    if state.pending:
+        console.print(
+            f"qbench {__version__}: resuming [bold]{state.loaded.suite.name}[/] in {state.run_dir}: "
+            f"{len(state.pending)} of {len(state.cells)} cells to run ({', '.join(c.id for c in state.pending)}) on {state.device}"
+        )
+        resume.note_resume(state, forced=args.force)
+        stopped, _ = _execute(
+            runner.Run(state.loaded, state.run_dir, state.device, state.pending, slots=slots or [scheduler.LOCAL_SLOT])
+        )
+        if stopped is not None:
+            return stopped
+    else:
+        console.print(f"nothing to resume in {state.run_dir}: every cell has an ok record")
+    records = [results.read_record(results.record_path(state.run_dir, c.id)) for c in state.cells]
+    return _finish(state.run_dir, [r for r in records if r is not None])
 
 
 def _finish(run_dir: Path, records: list[dict[str, Any]]) -> int:
@@ -159,7 +223,8 @@ def _finish(run_dir: Path, records: list[dict[str, Any]]) -> int:
     console.print(f"records: {run_dir / 'cells'}   table: {paths['csv']}   summary: {paths['summary']}")
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
-        errors.print(f"[red]{len(failed)} cell(s) did not finish:[/] " + ", ".join(f"{r['cell_id']} ({r['status']})" for r in failed))
+        listed = ", ".join(f"{r['cell_id']} ({r['status']}: {r.get('error_type')})" for r in failed)
+        errors.print(f"[red]{len(failed)} cell(s) did not finish:[/] {escape(listed)}", highlight=False, soft_wrap=True)
         return EXIT_FAILED_CELLS
     return EXIT_OK
 
@@ -205,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run every cell of SUITE (a TOML file) and write records, results.csv and summary.md into "
         "OUT/<suite>/<run-id>/. Exit 0 when every cell is ok, 1 when a cell failed, 2 on a bad suite.",
     )
-    run.add_argument("suite", help="suite file, e.g. suites/clip.toml")
+    run.add_argument("suite", nargs="?", help="suite file, e.g. suites/clip.toml")
     run.add_argument("--out", default="results", help="folder for run directories (default: results)")
     run.add_argument("--only", metavar="PRECISIONS", help="comma-separated subset of the matrix, e.g. bf16,nf4-dq")
     run.add_argument("--seeds", metavar="SEEDS", help="comma-separated seeds overriding matrix.seeds, e.g. 0,1,2")
@@ -229,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only the I-th of N deterministic parts of the matrix (split a run over machines or CI jobs; "
         "load all the shards' run folders together to report them as one run)",
     )
+    run.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="finish a stopped run: run only the cells of RUN_DIR without an ok record, with the suite, cells and "
+        "device recorded in RUN_DIR/run.json",
+    )
+    run.add_argument("--force", action="store_true", help="with --resume: resume even if the suite file changed since")
     run.set_defaults(handler=cmd_run)
 
     listing = commands.add_parser("list", help="show precisions, builtin models and builtin datasets")
@@ -242,8 +313,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except SuiteError as error:
         for problem in error.problems:
-            errors.print(f"[red]error:[/] {error.path}: {problem}", highlight=False)
+            errors.print(f"[red]error:[/] {escape(f'{error.path}: {problem}')}", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # before any cell started (checks, device probe): nothing to keep
+        errors.print("[yellow]interrupted[/]")
+        return EXIT_SIGINT
 
 
 if __name__ == "__main__":

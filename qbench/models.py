@@ -18,6 +18,44 @@ class ModelNotFound(FileNotFoundError):
     """The model is neither builtin, a local folder, nor in the hub cache / reachable."""
 
 
+class UnsafeWeights(ValueError):
+    """The checkpoint has only pickle weights (which can run code when loaded) and the suite allows safetensors only."""
+
+
+SAFE_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".bin.index.json", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def unsafe_weights_problem(folder: Path | str, safetensors_only: bool) -> str | None:
+    """Why this checkpoint folder cannot be loaded under the suite's rule, or None if it can.
+
+    Only files present are judged: a hub snapshot whose weights are not downloaded yet passes.
+    """
+    import json
+
+    if not safetensors_only:
+        return None
+    folder = Path(folder)
+    names = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    safe = [n for n in names if n.endswith(SAFE_WEIGHT_SUFFIXES)]
+    pickled = [n for n in names if n.endswith(PICKLE_WEIGHT_SUFFIXES)]
+    try:  # transformers loads `transformers_weights` from config.json whatever use_safetensors says
+        explicit = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        explicit = None
+    if isinstance(explicit, str) and not explicit.endswith(SAFE_WEIGHT_SUFFIXES):
+        return (
+            f"{folder}/config.json names pickle weights (transformers_weights = {explicit!r}) and the suite allows "
+            "safetensors only (model.safetensors_only = true)"
+        )
+    if pickled and not safe:
+        return (
+            f"{folder} holds only pickle weights ({', '.join(pickled[:3])}), which can run code when loaded; the suite "
+            "allows safetensors only. Convert them to safetensors, or set model.safetensors_only = false if you trust them"
+        )
+    return None
+
+
 def resolve(model_id: str, base_dir: Path | None = None, revision: str | None = None) -> str:
     """A path or hub id `from_pretrained` can load; ModelNotFound with how to fix it otherwise."""
     if model_id.startswith("builtin:"):
@@ -98,6 +136,10 @@ def placement(model: Any) -> dict[str, Any]:
 
 def load_base(model_class: Any, path: str, precision: Precision, compute_dtype: str, device: str, spec: Any) -> Any:
     """Load the frozen base in `precision` with transformers; bitsandbytes quantizes while loading."""
+    if Path(path).is_dir():  # checked before the run too; this keeps a cell safe when called on its own
+        problem = unsafe_weights_problem(path, spec.safetensors_only)
+        if problem:
+            raise UnsafeWeights(problem)
     model = model_class.from_pretrained(
         path,
         revision=spec.revision,

@@ -33,6 +33,15 @@ def record_path(run_dir: Path, cell_id: str) -> Path:
     return Path(run_dir) / RECORDS_DIR / f"{cell_id}.json"
 
 
+def read_record(path: Path | str) -> dict[str, Any] | None:
+    """One record file, or None when it is missing or not a readable JSON object."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def read_records(run_dir: Path | str) -> list[dict[str, Any]]:
     """All cell records of a run directory, in cell-id order."""
     folder = Path(run_dir) / RECORDS_DIR

@@ -45,6 +45,10 @@ class QuietListener:
 class RunInterrupted(KeyboardInterrupt):
     """The run was stopped by Ctrl-C or SIGTERM; finished records are intact."""
 
+    def __init__(self, message: str, signal_name: str = "SIGINT"):
+        super().__init__(message)
+        self.signal_name = signal_name
+
 
 def resolve_device(requested: str) -> str:
     """`auto` becomes cuda when torch sees a GPU (asked in a child, so this process stays CUDA-free)."""
@@ -82,9 +86,7 @@ class Run:
     cell_command: tuple[str, ...] = field(default_factory=lambda: CELL_COMMAND)
     _running: set[subprocess.Popen] = field(default_factory=set, init=False, repr=False)
     _running_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.listener = scheduler.serialized(self.listener)  # cells report from one thread per slot
+    _stopping: bool = field(default=False, init=False, repr=False)  # set when the run is being interrupted
 
     @property
     def run_id(self) -> str:
@@ -96,7 +98,7 @@ class Run:
             "suite": self.loaded.suite.name,
             "suite_path": str(self.loaded.path),
             "suite_sha256": self.loaded.sha256,
-            "suite_text": self.loaded.path.read_text(encoding="utf-8"),
+            "suite_text": self.loaded.source_text(),
             "device": self.device,
             "cells": [{"cell_id": c.id, "precision": c.precision, "seed": c.seed} for c in self.cells],
             "slots": [{"name": s.name, **s.env} for s in self.slots],
@@ -107,7 +109,7 @@ class Run:
 
     def _spec(self, cell: Cell) -> dict[str, Any]:
         return {
-            "suite_text": self.loaded.path.read_text(encoding="utf-8"),
+            "suite_text": self.loaded.source_text(),
             "suite_path": str(self.loaded.path),
             "suite_sha256": self.loaded.sha256,
             "run_id": self.run_id,
@@ -118,11 +120,31 @@ class Run:
             "record_path": str(results.record_path(self.run_dir, cell.id)),
         }
 
-    def _crash_record(self, cell: Cell, returncode: int, last_phase: str | None, slot: Slot) -> dict[str, Any]:
-        if returncode < 0:
-            how = f"killed by signal {signal.Signals(-returncode).name}"
+    def _crash_record(
+        self, cell: Cell, returncode: int | None, last_phase: str | None, partial: dict[str, Any] | None = None,
+        interrupted: bool = False, slot: Slot = LOCAL_SLOT,
+    ) -> dict[str, Any]:
+        """The record of a cell whose process ended without finishing it: what it had measured, plus how it ended."""
+        if interrupted:
+            how = "was stopped because the run was interrupted"
+        elif returncode is not None and returncode < 0:
+            how = f"was killed by signal {signal.Signals(-returncode).name}"
         else:
-            how = f"exited with code {returncode} without writing its record"
+            how = f"exited with code {returncode} without finishing its record"
+        phase = (partial or {}).get("last_phase") or last_phase or "start"
+        return {
+            **(partial or {}),
+            **self._identity(cell),
+            "status": "interrupted" if interrupted else "failed",
+            "error": f"cell process {how} (last phase: {phase}); see logs/{cell.id}.log",
+            "error_type": "Interrupted" if interrupted else "ChildProcessDied",
+            "error_phase": phase,
+            "error_returncode": returncode,
+            "time.end": datetime.now(UTC).isoformat(timespec="seconds"),
+            "env.cuda_visible_devices": slot.env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")),
+        }
+
+    def _identity(self, cell: Cell) -> dict[str, Any]:
         return {
             "schema_version": results.SCHEMA_VERSION,
             "suite": self.loaded.suite.name,
@@ -134,11 +156,22 @@ class Run:
             "precision": cell.precision,
             "baseline_precision": self.loaded.suite.baseline,
             "seed": cell.seed,
-            "status": "failed",
-            "error": f"cell process {how} (last phase: {last_phase or 'start'}); see logs/{cell.id}.log",
-            "error_type": "ChildProcessDied",
-            "env.cuda_visible_devices": slot.env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")),
+            "config.safetensors_only": self.loaded.suite.model.safetensors_only,
+            "config.trust_remote_code": self.loaded.suite.model.trust_remote_code,
         }
+
+    def _settle(
+        self, cell: Cell, returncode: int | None, last_phase: str | None, interrupted: bool = False, slot: Slot = LOCAL_SLOT
+    ) -> dict[str, Any]:
+        """The cell's final record: the one it wrote, or (if it died or was stopped first) a failure or
+        interruption record that keeps every figure its last checkpoint held. Written atomically."""
+        record_file = results.record_path(self.run_dir, cell.id)
+        written = results.read_record(record_file)
+        if written is not None and written.get("status") not in (None, "running"):
+            return written
+        record = self._crash_record(cell, returncode, last_phase, written, interrupted, slot)
+        results.write_json_atomic(record_file, record)
+        return record
 
     def run_cell(self, cell: Cell, slot: Slot = LOCAL_SLOT) -> dict[str, Any]:
         """Run one cell in a fresh process in `slot`; always returns (and leaves on disk) its record."""
@@ -150,7 +183,9 @@ class Run:
         # the cell must run the same qbench as this process, whatever the working directory
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
         last_phase = None
-        with open(log_path, "w", encoding="utf-8") as log:
+        with open(log_path, "a", encoding="utf-8") as log:  # appended: a resumed cell keeps its earlier log
+            log.write(f"=== qbench: cell {cell.id} started {datetime.now(UTC).isoformat(timespec='seconds')} ===\n")
+            log.flush()
             child = subprocess.Popen(
                 list(self.cell_command),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
@@ -158,42 +193,48 @@ class Run:
             with self._running_lock:
                 self._running.add(child)
             try:
-                child.stdin.write(json.dumps(self._spec(cell)))
-                child.stdin.close()
+                try:
+                    child.stdin.write(json.dumps(self._spec(cell)))
+                    child.stdin.close()
+                except BrokenPipeError:  # the cell died before reading its spec; its exit code says how
+                    pass
                 for line in child.stdout:
-                    if line.startswith(EVENT_PREFIX):
-                        event = json.loads(line[len(EVENT_PREFIX):])
+                    event = _event(line)
+                    if event is not None:
                         last_phase = event.get("phase", last_phase)
                         self.listener.cell_event(cell, event)
                     else:
                         log.write(line)
                 child.wait()
-            except BaseException:
+            except BaseException as error:
                 self._stop_child(child)
+                record = self._settle(
+                    cell, child.returncode, last_phase, interrupted=isinstance(error, KeyboardInterrupt), slot=slot
+                )
+                log.write(_log_footer(cell, record))
                 raise
             finally:
                 with self._running_lock:
                     self._running.discard(child)
-        if record_file.exists():
-            record = json.loads(record_file.read_text(encoding="utf-8"))
-        else:
-            record = self._crash_record(cell, child.returncode, last_phase, slot)
-            results.write_json_atomic(record_file, record)
+            record = self._settle(cell, child.returncode, last_phase, interrupted=self._stopping, slot=slot)
+            log.write(_log_footer(cell, record))
         return record
 
     @staticmethod
     def _stop_child(child: subprocess.Popen) -> None:
-        """Ask a running cell to stop (it writes an interrupted record), then make sure it is gone."""
+        """Ask a running cell to stop (it writes an interrupted record), then make sure it is gone;
+        a second Ctrl-C or SIGTERM while waiting kills it at once."""
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
             try:
                 child.wait(timeout=CHILD_STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
                 child.kill()
                 child.wait()
 
     def stop_running(self) -> None:
         """Stop every running cell process (each writes an interrupted record)."""
+        self._stopping = True
         with self._running_lock:
             running = list(self._running)
         for child in running:
@@ -205,22 +246,58 @@ class Run:
     def execute(self) -> list[dict[str, Any]]:
         """Run every cell, one process per slot at a time; a failed cell is recorded and the run goes on."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.listener = scheduler.serialized(self.listener)  # cells report from one thread per slot
         total = len(self.cells)
 
+        running: list[str] = []  # ids of the cells whose process runs now
+        stopped_during: list[str] = []
+
         def start(cell: Cell, index: int, slot: Slot) -> None:
+            running.append(cell.id)
             self.listener.cell_started(cell, index, total)
             if slot.env:
                 self.listener.cell_event(cell, {"event": "slot", "slot": slot.name})
 
+        def finish(cell: Cell, record: dict[str, Any]) -> None:
+            running.remove(cell.id)
+            self.listener.cell_finished(cell, record)
+
+        def stop() -> None:
+            stopped_during.extend(running)
+            self.stop_running()
+
         previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
         try:
             return scheduler.schedule(
-                self.cells, self.slots, self.run_cell, on_start=start, on_finish=self.listener.cell_finished, stop_running=self.stop_running
+                self.cells, self.slots, self.run_cell, on_start=start, on_finish=finish, stop_running=stop
             )
-        except KeyboardInterrupt:
-            raise RunInterrupted(f"run stopped; finished records are in {self.run_dir}") from None
+        except KeyboardInterrupt as stop_signal:
+            where = f"during cell {', '.join(stopped_during)}" if stopped_during else "between cells"
+            signal_name = "SIGTERM" if str(stop_signal) == "SIGTERM" else "SIGINT"
+            raise RunInterrupted(f"run stopped by {signal_name} {where}; finished records are in {self.run_dir}", signal_name) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+
+def pending_cells(run_dir: Path, cells: list[Cell]) -> list[Cell]:
+    """The cells of a run that still need running: no record, an unreadable one, or a status other than ok."""
+    return [c for c in cells if (results.read_record(results.record_path(run_dir, c.id)) or {}).get("status") != "ok"]
+
+
+def _log_footer(cell: Cell, record: dict[str, Any]) -> str:
+    error = f": {record.get('error')}" if record.get("status") != "ok" else ""
+    return f"=== qbench: cell {cell.id} ended {datetime.now(UTC).isoformat(timespec='seconds')}, {record.get('status')}{error} ===\n"
+
+
+def _event(line: str) -> dict[str, Any] | None:
+    """The progress event on a line of a cell's output, or None for any other line."""
+    if not line.startswith(EVENT_PREFIX):
+        return None
+    try:
+        event = json.loads(line[len(EVENT_PREFIX):])
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None
 
 
 def _sigterm_as_interrupt(signum: int, frame: Any) -> None:

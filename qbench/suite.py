@@ -7,7 +7,7 @@ import hashlib
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -27,7 +27,9 @@ class SuiteError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `steps = true` or `lr = "1e-3"` is a mistake to report, not a value to coerce (parse() turns
+    # TOML arrays into tuples first, so strict tuple fields still accept them); inf and nan are no setting
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Section):
@@ -96,23 +98,34 @@ class TrainSpec(_Section):
 
 class EvalSpec(_Section):
     batch_size: int = Field(64, ge=1)
-    recall_k: tuple[int, ...] = (1, 5, 10)
+    recall_k: tuple[Annotated[int, Field(ge=1)], ...] = (1, 5, 10)
     window: int | None = Field(None, ge=2, description="perplexity window in tokens; default: the model's context")
     before: bool = True
 
 
 class MatrixSpec(_Section):
-    precisions: tuple[str, ...] = precisions.DEFAULT_MATRIX
-    seeds: tuple[int, ...] = (0,)
+    precisions: tuple[str, ...] = Field(precisions.DEFAULT_MATRIX, min_length=1)
+    seeds: tuple[Annotated[int, Field(ge=0, le=2**32 - 1)], ...] = (0,)
 
     @field_validator("precisions")
     @classmethod
     def _known_precisions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         unknown = [p for p in value if p not in precisions.REGISTRY]
         if unknown:
-            raise ValueError(f"unknown precision(s) {', '.join(map(repr, unknown))}; known: {', '.join(precisions.REGISTRY)}")
+            hints = [_did_you_mean(p, precisions.REGISTRY) for p in unknown]
+            named = ", ".join(f"{p!r}{hint}" for p, hint in zip(unknown, hints, strict=True))
+            raise ValueError(f"unknown precision(s) {named}; known: {', '.join(precisions.REGISTRY)}")
         if len(set(value)) != len(value):
             raise ValueError("precisions are listed twice")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value:
+            raise ValueError("no seeds: give at least one")
+        if len(set(value)) != len(value):
+            raise ValueError("seeds are listed twice (each seed is one cell per precision)")
         return value
 
 
@@ -130,11 +143,12 @@ class Suite(_Section):
     matrix: MatrixSpec = MatrixSpec()
     compare: dict[str, Any] = Field(default_factory=dict, description="tolerances for `qbench compare`")
 
-    @model_validator(mode="after")
-    def _baseline_in_registry(self) -> Suite:
-        if self.baseline not in precisions.REGISTRY:
-            raise ValueError(f"baseline {self.baseline!r} is not a known precision")
-        return self
+    @field_validator("baseline")
+    @classmethod
+    def _baseline_in_registry(cls, value: str) -> str:
+        if value not in precisions.REGISTRY:
+            raise ValueError(f"{value!r} is not a known precision{_did_you_mean(value, precisions.REGISTRY)}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -156,6 +170,10 @@ class LoadedSuite:
     suite: Suite
     path: Path
     sha256: str
+    text: str | None = None  # the text that was validated: cells get this, not whatever the file holds later
+
+    def source_text(self) -> str:
+        return self.text if self.text is not None else self.path.read_text(encoding="utf-8")
 
     def resolve(self, relative: str) -> Path:
         path = Path(relative).expanduser()
@@ -166,6 +184,11 @@ class LoadedSuite:
         return [Cell(p, s) for s in (seeds or self.suite.matrix.seeds) for p in chosen]
 
 
+def _did_you_mean(word: str, known: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _closest_key_hint(location: tuple[Any, ...], model: type[BaseModel]) -> str:
     """' (did you mean X?)' for a misspelt key, found among the valid keys at that location."""
     for part in location[:-1]:
@@ -174,8 +197,21 @@ def _closest_key_hint(location: tuple[Any, ...], model: type[BaseModel]) -> str:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return ""
         model = annotation
-    close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return _did_you_mean(location[-1], model.model_fields)
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _tuples(value: Any) -> Any:
+    """TOML arrays as tuples (the strict models take tuples); tables stay dicts."""
+    if isinstance(value, dict):
+        return {key: _tuples(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(item) for item in value)
+    return value
 
 
 def _problems(error: ValidationError) -> list[str]:
@@ -187,9 +223,12 @@ def _problems(error: ValidationError) -> list[str]:
             problems.append(f"{key}: unknown key{_closest_key_hint(location, Suite)}")
         elif item["type"] == "missing":
             problems.append(f"{key}: required key is missing")
+        elif item["type"] == "value_error" and isinstance(item.get("input"), dict):
+            # a check across several keys of a section: the message names them, the whole table is noise
+            problems.append(f"{key}: {item['msg'].removeprefix('Value error, ')}")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            problems.append(f"{key}: {message} (got {item['input']!r})" if location else message)
+            problems.append(f"{key}: {message} (got {_shown(item.get('input'))})")
     return problems
 
 
@@ -199,10 +238,14 @@ def parse(text: str, path: Path | str = "<suite>") -> Suite:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise SuiteError(path, [f"TOML syntax error: {error}"]) from None
+    except RecursionError:
+        raise SuiteError(path, ["TOML syntax error: arrays or tables nested too deeply"]) from None
     try:
-        return Suite.model_validate(raw)
+        return Suite.model_validate(_tuples(raw))
     except ValidationError as error:
         raise SuiteError(path, _problems(error)) from None
+    except RecursionError:
+        raise SuiteError(path, ["values nested too deeply"]) from None
 
 
 def load(path: Path | str) -> LoadedSuite:
@@ -210,10 +253,10 @@ def load(path: Path | str) -> LoadedSuite:
     path = Path(path)
     try:
         data = path.read_bytes()
-    except OSError as error:
-        raise SuiteError(path, [f"cannot read the suite file: {error.strerror}"]) from None
+    except (OSError, ValueError) as error:  # ValueError: a path with a NUL byte
+        raise SuiteError(path, [f"cannot read the suite file: {getattr(error, 'strerror', None) or error}"]) from None
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise SuiteError(path, ["the suite file is not UTF-8 text"]) from None
-    return LoadedSuite(parse(text, path), path.resolve(), hashlib.sha256(data).hexdigest())
+    except UnicodeDecodeError as error:
+        raise SuiteError(path, [f"the suite file is not UTF-8 text (byte {error.start})"]) from None
+    return LoadedSuite(parse(text, path), path.resolve(), hashlib.sha256(data).hexdigest(), text)

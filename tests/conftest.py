@@ -32,3 +32,19 @@ def write_suite(folder: Path, text: str, name: str = "suite.toml") -> Path:
     path = folder / name
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A random tiny CLIP checkpoint built for this test session (tests/tiny_assets.py)."""
+    from .tiny_assets import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def tsv_data_dir(tmp_path_factory) -> Path:
+    """images/*.png, train.tsv and eval.tsv for the tiny CLIP (tests/tiny_assets.py)."""
+    from .tiny_assets import make_tsv_data
+
+    return make_tsv_data(tmp_path_factory.mktemp("tsv-data"))

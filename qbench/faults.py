@@ -1,0 +1,117 @@
+"""Test-only fault injection into a cell, so the tests can check that every failure is recorded.
+
+Nothing here runs unless the environment variable QBENCH_TEST_FAULTS is set; no suite key turns it
+on, and a record says which faults were injected (`test.injected_faults`). Its value is a
+comma-separated list of `CELL:PHASE:KIND[:ARG]`:
+
+    CELL   a cell id (`nf4-seed0`) or `*` for every cell
+    PHASE  data, load, prepare, eval_before, train, eval_after
+    KIND   oom          raise torch.OutOfMemoryError
+           nan          make the training loss NaN (train phase only)
+           unsupported  raise NotImplementedError (the cell's status becomes `unsupported`)
+           error        raise RuntimeError
+           sigkill      the cell process kills itself with SIGKILL (no chance to write anything)
+           sleep        sleep ARG seconds (to interrupt a cell at a known point)
+    ARG    for train: the loss computation (1-based) at which the fault fires, default 1;
+           for sleep: seconds, default 60
+
+Example: QBENCH_TEST_FAULTS="nf4-seed0:train:nan:2,int8-seed0:load:sigkill"
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ENV_VAR = "QBENCH_TEST_FAULTS"
+PHASES = ("data", "load", "prepare", "eval_before", "train", "eval_after")
+KINDS = ("oom", "nan", "unsupported", "error", "sigkill", "sleep")
+
+
+@dataclass(frozen=True)
+class Fault:
+    cell: str
+    phase: str
+    kind: str
+    arg: float | None = None
+
+    @property
+    def step(self) -> int:
+        return int(self.arg) if self.arg is not None and self.kind != "sleep" else 1
+
+
+def parse(text: str) -> list[Fault]:
+    """The faults a QBENCH_TEST_FAULTS value names; ValueError for a malformed one."""
+    faults = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        parts = entry.split(":")
+        if len(parts) not in (3, 4):
+            raise ValueError(f"{ENV_VAR}: {entry!r} is not CELL:PHASE:KIND[:ARG]")
+        cell, phase, kind = parts[:3]
+        if phase not in PHASES:
+            raise ValueError(f"{ENV_VAR}: unknown phase {phase!r} in {entry!r}; phases: {', '.join(PHASES)}")
+        if kind not in KINDS:
+            raise ValueError(f"{ENV_VAR}: unknown fault {kind!r} in {entry!r}; faults: {', '.join(KINDS)}")
+        if kind == "nan" and phase != "train":
+            raise ValueError(f"{ENV_VAR}: a nan fault needs the train phase, not {phase!r}")
+        faults.append(Fault(cell, phase, kind, float(parts[3]) if len(parts) == 4 else None))
+    return faults
+
+
+def _fire(fault: Fault) -> None:
+    message = f"injected by {ENV_VAR} ({fault.cell}:{fault.phase}:{fault.kind})"
+    if fault.kind == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError(f"out of memory, {message}")
+    if fault.kind == "unsupported":
+        raise NotImplementedError(f"format not supported on this device, {message}")
+    if fault.kind == "error":
+        raise RuntimeError(message)
+    if fault.kind == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault.kind == "sleep":
+        time.sleep(fault.arg if fault.arg is not None else 60)
+
+
+class Injector:
+    """The faults meant for one cell; `phase()` and `wrap_loss()` fire them at their point."""
+
+    def __init__(self, cell_id: str, environ: Mapping[str, str] | None = None):
+        text = (os.environ if environ is None else environ).get(ENV_VAR, "")
+        self.faults = [f for f in parse(text) if f.cell in ("*", cell_id)]
+
+    def describe(self) -> str | None:
+        return ",".join(f"{f.cell}:{f.phase}:{f.kind}" + (f":{f.arg:g}" if f.arg is not None else "") for f in self.faults) or None
+
+    def phase(self, name: str) -> None:
+        """Fire the faults set for the start of phase `name` (train faults fire at their step instead)."""
+        for fault in self.faults:
+            if fault.phase == name and name != "train":
+                _fire(fault)
+
+    def wrap_loss(self, loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+        """The task's loss function, with the train-phase faults firing at their loss computation."""
+        train_faults = [f for f in self.faults if f.phase == "train"]
+        if not train_faults:
+            return loss_fn
+        calls = 0
+
+        def loss_with_faults(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            loss = loss_fn(*args, **kwargs)
+            for fault in train_faults:
+                if fault.step == calls:
+                    if fault.kind == "nan":
+                        loss = loss * math.nan
+                    else:
+                        _fire(fault)
+            return loss
+
+        return loss_with_faults

@@ -1,0 +1,91 @@
+"""Resuming a run directory: the suite and cells its run.json recorded, and which cells still need running."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from qbench import precisions, results
+from qbench.suite import Cell, LoadedSuite, SuiteError, parse
+
+MANIFEST = "run.json"
+REQUIRED_KEYS = ("suite_path", "suite_sha256", "suite_text", "device", "cells")
+
+
+@dataclass(frozen=True)
+class Resumable:
+    """A run directory ready to resume: its recorded suite and device, every cell, and those still to run."""
+
+    run_dir: Path
+    manifest: dict[str, Any]
+    loaded: LoadedSuite
+    device: str
+    cells: list[Cell]
+    pending: list[Cell]
+    suite_file_changed: bool
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _recorded_cells(manifest_path: Path, entries: Any) -> list[Cell]:
+    try:
+        cells = [Cell(str(entry["precision"]), int(entry["seed"])) for entry in entries]
+    except (TypeError, KeyError, ValueError):
+        raise SuiteError(manifest_path, ["cells: not a list of {precision, seed} entries"]) from None
+    unknown = sorted({c.precision for c in cells if c.precision not in precisions.REGISTRY})
+    if unknown:
+        raise SuiteError(manifest_path, [f"cells: unknown precision(s) {', '.join(unknown)}"])
+    return cells
+
+
+def open_run(run_dir: Path | str, force: bool = False) -> Resumable:
+    """Read RUN_DIR/run.json; SuiteError when it is missing or broken, or when the suite file changed
+    since the run started (unless `force`). The cells always run with the suite text run.json recorded,
+    so every record of one run directory comes from one suite."""
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / MANIFEST
+    manifest = results.read_record(manifest_path)
+    if manifest is None:
+        raise SuiteError(run_dir, [f"not a qbench run directory: no readable {MANIFEST}"])
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise SuiteError(manifest_path, [f"{key}: missing (not written by qbench run?)" for key in missing])
+    suite_path, recorded_sha = Path(manifest["suite_path"]), str(manifest["suite_sha256"])
+    suite_text = str(manifest["suite_text"])
+    if _sha256(suite_text) != recorded_sha:
+        raise SuiteError(manifest_path, ["suite_text: does not match suite_sha256 (run.json was edited?)"])
+    try:
+        now_sha: str | None = hashlib.sha256(suite_path.read_bytes()).hexdigest()
+    except OSError:
+        now_sha = None
+    if now_sha != recorded_sha and not force:
+        what = "no longer exists" if now_sha is None else "has changed"
+        raise SuiteError(manifest_path, [
+            f"the suite file {suite_path} {what} since this run started; resuming runs the missing cells with the "
+            "suite recorded in run.json, not with the file as it is now. Start a new run to use the file, or pass "
+            "--force to resume with the recorded suite"
+        ])
+    loaded = LoadedSuite(parse(suite_text, suite_path), suite_path, recorded_sha, suite_text)
+    cells = _recorded_cells(manifest_path, manifest["cells"])
+    from qbench.runner import pending_cells
+
+    return Resumable(
+        run_dir, manifest, loaded, str(manifest["device"]), cells, pending_cells(run_dir, cells), now_sha != recorded_sha
+    )
+
+
+def note_resume(state: Resumable, forced: bool) -> None:
+    """Add this resumption (when, which cells, whether forced) to run.json."""
+    manifest = dict(state.manifest)
+    manifest["resumes"] = [*manifest.get("resumes", []), {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cells": [c.id for c in state.pending],
+        "forced": forced,
+        "suite_file_changed": state.suite_file_changed,
+    }]
+    results.write_json_atomic(state.run_dir / MANIFEST, manifest)

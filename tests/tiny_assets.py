@@ -1,0 +1,100 @@
+"""Self-made tiny assets for robustness tests: a random CLIP checkpoint and a TSV image-caption set.
+
+They are built in a temporary folder, so these tests need neither the builtin zoo nor a network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+SHAPES = ("square", "bar", "dot")
+WORDS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "a", "on", "white", *COLOURS, *SHAPES]
+
+
+def make_tiny_clip(folder: Path) -> Path:
+    """A random two-layer CLIPModel with a word-level tokenizer and a 32-pixel image processor."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+
+    vocab = {word: index for index, word in enumerate(WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]",
+        model_max_length=16,
+    )
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=16, eos_token_id=3, bos_token_id=2, pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
+        ),
+        projection_dim=32,
+    )
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    CLIPModel(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder
+
+
+def make_tsv_data(folder: Path, train_images: int = 24, eval_images: int = 12) -> Path:
+    """images/*.png plus train.tsv and eval.tsv (`path<TAB>caption`) under `folder`."""
+    from PIL import Image, ImageDraw
+
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    combos = [(c, s) for c in COLOURS for s in SHAPES]
+    for split, count, offset in (("train", train_images, 0), ("eval", eval_images, 5)):
+        lines = []
+        for index in range(count):
+            colour, shape = combos[(index + offset) % len(combos)]
+            image = Image.new("RGB", (16, 16), "white")
+            draw = ImageDraw.Draw(image)
+            box = {"square": (3, 3, 12, 12), "bar": (2, 6, 13, 9), "dot": (5, 5, 10, 10)}[shape]
+            draw.rectangle(box, fill=COLOURS[colour]) if shape != "dot" else draw.ellipse(box, fill=COLOURS[colour])
+            name = f"{split}-{index:03d}.png"
+            image.save(images / name)
+            lines.append(f"{name}\ta {colour} {shape} on white")
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def suite_text(model: Path, data: Path, name: str = "robust", precisions: tuple[str, ...] = ("bf16", "nf4"),
+               steps: int = 3, extra: str = "") -> str:
+    """A small clip suite over the tiny checkpoint and TSV data (absolute paths)."""
+    listed = ", ".join(f'"{p}"' for p in precisions)
+    return f"""
+name = "{name}"
+task = "clip"
+[model]
+id = "{model}"
+[data]
+kind = "tsv"
+train = "{data / 'train.tsv'}"
+eval = "{data / 'eval.tsv'}"
+image_root = "{data / 'images'}"
+[lora]
+r = 4
+alpha = 8
+dropout = 0.0
+target_modules = ["q_proj", "v_proj"]
+[train]
+steps = {steps}
+batch_size = 8
+lr = 1e-3
+untimed_steps = 1
+max_length = 16
+[eval]
+batch_size = 64
+[matrix]
+precisions = [{listed}]
+{extra}"""
