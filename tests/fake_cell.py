@@ -4,12 +4,14 @@ was given and who else ran at the same time, so tests can check the scheduler wi
 
 Controlled by the environment: FAKE_CELL_DIR (shared folder of "running" markers),
 FAKE_CELL_HOLD_S (seconds to stay running), FAKE_CELL_CRASH (precisions that die without a record).
+Like a real cell, SIGTERM makes it write an interrupted record and stop.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import tomllib
@@ -39,6 +41,19 @@ def running_now(folder: Path) -> dict[str, str]:
     return seen
 
 
+def identity(spec: dict, suite: dict) -> dict:
+    return {
+        "schema_version": 1,
+        "suite": suite["name"],
+        "task": suite["task"],
+        "run_id": spec["run_id"],
+        "cell_id": spec["cell_id"],
+        "precision": spec["precision"],
+        "baseline_precision": suite.get("baseline", "bf16"),
+        "seed": spec["seed"],
+    }
+
+
 def main() -> int:
     spec = json.loads(sys.stdin.read())
     suite = tomllib.loads(spec["suite_text"])
@@ -46,6 +61,13 @@ def main() -> int:
     folder = Path(os.environ["FAKE_CELL_DIR"]) / "running"
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / cell_id
+
+    def stop(signum, frame):
+        marker.unlink(missing_ok=True)
+        write_json_atomic(Path(spec["record_path"]), {**identity(spec, suite), "status": "interrupted", "error": "SIGTERM"})
+        sys.exit(1)
+
+    signal.signal(signal.SIGTERM, stop)
     marker.write_text(device or "")
     emit(event="phase", phase="load", cell=cell_id)
     peak, clashes = 0, set()
@@ -63,14 +85,7 @@ def main() -> int:
     if spec["precision"] in os.environ.get("FAKE_CELL_CRASH", "").split(","):
         return 3  # dies without writing its record
     record = {
-        "schema_version": 1,
-        "suite": suite["name"],
-        "task": suite["task"],
-        "run_id": spec["run_id"],
-        "cell_id": cell_id,
-        "precision": spec["precision"],
-        "baseline_precision": suite.get("baseline", "bf16"),
-        "seed": spec["seed"],
+        **identity(spec, suite),
         "status": "ok",
         "error": None,
         "env.device": spec["device"],

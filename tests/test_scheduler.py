@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -180,6 +183,31 @@ def test_each_cell_process_gets_its_own_gpu_and_a_crashed_cell_frees_its_slot(ts
         assert all(event.get("cell", cell.id) == cell.id for kind, _, event in mine if kind == "event")
 
 
+def test_sigterm_stops_every_running_cell_and_starts_no_more(tsv_suite, fake_cells, tmp_path):
+    fake_cells.setenv("FAKE_CELL_HOLD_S", "60")
+    loaded = load(tsv_suite)
+    cells = loaded.cells()[:4]
+    run = runner.Run(loaded, tmp_path / "run", "cuda", cells, slots=scheduler.gpu_slots(["0", "1"]))
+    running = tmp_path / "fake" / "running"
+
+    def terminate_when_two_cells_run() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if running.is_dir() and len(list(running.iterdir())) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler Run.execute installed turns it into a stop
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=terminate_when_two_cells_run, daemon=True).start()
+    with pytest.raises(runner.RunInterrupted) as stopped:
+        run.execute()
+    assert stopped.value.signal_name == "SIGTERM"
+    assert "during cell bf16-seed0, int8-seed0" in str(stopped.value)
+    on_disk = {r["cell_id"]: r["status"] for r in results.read_records(tmp_path / "run")}
+    # the two running cells were stopped (each would otherwise hold for a minute); fp4 and fp4-dq never started
+    assert on_disk == {"bf16-seed0": "interrupted", "int8-seed0": "interrupted"}
+
+
 def test_run_with_gpus_on_the_command_line_writes_every_record_and_the_manifest(tsv_suite, fake_cells, tmp_path):
     out = tmp_path / "out"
     assert cli.main(["run", str(tsv_suite), "--out", str(out), "--gpus", "0,1,2"]) == 0
@@ -242,3 +270,38 @@ def test_a_shard_with_no_cells_exits_cleanly(tsv_suite, fake_cells, tmp_path, ca
     assert cli.main(["run", str(tsv_suite), "--out", str(out), "--only", "bf16", "--shard", "2/3"]) == 0
     assert "has no cells" in capsys.readouterr().out
     assert not out.exists()
+
+
+def test_a_cell_measures_the_gpu_its_slot_gave_it(monkeypatch):
+    """NVML numbers GPUs physically; a cell told CUDA_VISIBLE_DEVICES=2 must read GPU 2, not GPU 0."""
+    from qbench.measure import nvml
+
+    class FakeNvml:
+        def nvmlInit(self):
+            pass
+
+        def nvmlDeviceGetHandleByIndex(self, index):
+            return ("index", index)
+
+        def nvmlDeviceGetHandleByUUID(self, uuid):
+            return ("uuid", uuid)
+
+    cases = [("2", "cuda", ("index", 2)), ("3,1", "cuda:1", ("index", 1)), ("GPU-5e1f", "cuda", ("uuid", "GPU-5e1f"))]
+    for visible, device, handle in cases:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        source = nvml.NvmlSource.open(device, pynvml=FakeNvml())
+        assert source.available and source._handle == handle
+
+
+def test_resume_with_gpus_runs_the_unfinished_cells_on_the_given_gpus(tsv_suite, fake_cells, tmp_path):
+    out = tmp_path / "out"
+    fake_cells.setenv("FAKE_CELL_CRASH", "int8,nf4")
+    assert cli.main(["run", str(tsv_suite), "--out", str(out), "--gpus", "0,1"]) == 1
+    (run_dir,) = (out / "sched").iterdir()
+    fake_cells.setenv("FAKE_CELL_CRASH", "")
+    assert cli.main(["run", "--resume", str(run_dir), "--gpus", "5,6"]) == 0
+    records = {r["cell_id"]: r for r in results.read_records(run_dir)}
+    assert all(r["status"] == "ok" for r in records.values())
+    assert {records[c]["env.cuda_visible_devices"] for c in ("int8-seed0", "nf4-seed0")} <= {"5", "6"}
+    assert records["bf16-seed0"]["env.cuda_visible_devices"] in ("0", "1")  # kept from the first run
+    assert cli.main(["run", "--resume", str(run_dir), "--shard", "1/2"]) == 2

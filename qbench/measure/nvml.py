@@ -7,14 +7,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def _visible_index(device: str) -> int:
-    """The physical NVML index of a torch device string, honouring CUDA_VISIBLE_DEVICES."""
+def _visible_index(device: str) -> int | str:
+    """The NVML index (or GPU-/MIG- UUID) of a torch device string, honouring CUDA_VISIBLE_DEVICES
+    (qbench --gpus sets it per cell; CUDA_DEVICE_ORDER=PCI_BUS_ID makes CUDA's order NVML's)."""
     ordinal = int(device.split(":", 1)[1]) if ":" in device else 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
         entries = [v.strip() for v in visible.split(",") if v.strip()]
-        if ordinal < len(entries) and entries[ordinal].isdigit():
-            return int(entries[ordinal])
+        if ordinal < len(entries):
+            return int(entries[ordinal]) if entries[ordinal].isdigit() else entries[ordinal]
     return ordinal
 
 
@@ -35,7 +36,11 @@ class NvmlSource:
             if pynvml is None:
                 import pynvml  # provided by nvidia-ml-py
             pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(_visible_index(device))
+            which = _visible_index(device)
+            if isinstance(which, str):
+                handle = pynvml.nvmlDeviceGetHandleByUUID(which)
+            else:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(which)
         except Exception as error:  # NVML missing, no driver, bad index: all mean "not measured"
             return cls(False, unavailable_reason=f"unavailable: {type(error).__name__}: {error}")
         return cls(
