@@ -272,25 +272,27 @@ def test_a_shard_with_no_cells_exits_cleanly(tsv_suite, fake_cells, tmp_path, ca
     assert not out.exists()
 
 
-def test_a_cell_measures_the_gpu_its_slot_gave_it(monkeypatch):
+def test_a_cell_measures_the_gpu_its_slot_gave_it():
     """NVML numbers GPUs physically; a cell told CUDA_VISIBLE_DEVICES=2 must read GPU 2, not GPU 0."""
     from qbench.measure import nvml
 
     class FakeNvml:
-        def nvmlInit(self):
-            pass
+        def nvmlDeviceGetCount(self):
+            return 4
 
         def nvmlDeviceGetHandleByIndex(self, index):
             return ("index", index)
 
-        def nvmlDeviceGetHandleByUUID(self, uuid):
-            return ("uuid", uuid)
+        def nvmlDeviceGetUUID(self, handle):
+            return f"GPU-5e1f000{handle[1]}"
 
-    cases = [("2", "cuda", ("index", 2)), ("3,1", "cuda:1", ("index", 1)), ("GPU-5e1f", "cuda", ("uuid", "GPU-5e1f"))]
-    for visible, device, handle in cases:
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-        source = nvml.NvmlSource.open(device, pynvml=FakeNvml())
-        assert source.available and source._handle == handle
+        def nvmlDeviceGetName(self, handle):
+            return "fake"
+
+    cases = [("2", 0, 2), ("3,1", 1, 1), ("GPU-5e1f0003", 0, 3)]
+    for visible, ordinal, index in cases:
+        environ = {"CUDA_VISIBLE_DEVICES": visible, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        assert nvml.resolve(FakeNvml(), ordinal, environ=environ).index == index
 
 
 def test_resume_with_gpus_runs_the_unfinished_cells_on_the_given_gpus(tsv_suite, fake_cells, tmp_path):
