@@ -5,10 +5,13 @@
 #   2. `--shard 1/2` and `--shard 2/2` together are exactly the cells of one full run
 #   3. model.device_map = "auto" loads the base through accelerate, over every GPU of the slot
 #      (`--gpus-per-cell`), and the record says where the base went
-# The model is openai/clip-vit-base-patch32's architecture at full size with random weights
-# (python -m qbench.zoo.full_scale); the data are generated image files and a TSV file.
+# The model is openai/clip-vit-base-patch32's architecture with random weights (python -m
+# qbench.zoo.full_scale): at full size, or with QBENCH_MULTI_MODEL=small two layers per tower
+# (what scripts/gpu_check.sh uses, to stay in its time budget); the data are generated image files
+# and a TSV file.
 #
-#   scripts/gpu_check_multi.sh            # WORK=/some/dir to keep the outputs
+#   bash scripts/gpu_check_multi.sh                          # WORK=/some/dir keeps the outputs
+#   QBENCH_MULTI_MODEL=small bash scripts/gpu_check_multi.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -30,15 +33,19 @@ ALL_GPUS=$(seq -s, 0 $((GPU_COUNT - 1)))
 echo "== $GPU_COUNT GPU(s); slots: --gpus $GPUS; work folder $WORK"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 
-echo "== full-size CLIP ViT-B/32 (random weights) and a TSV data set"
-"$PY" - "$WORK" <<'EOF'
+echo "== CLIP ViT-B/32 (random weights, ${QBENCH_MULTI_MODEL:-full} size) and a TSV data set"
+"$PY" - "$WORK" "${QBENCH_MULTI_MODEL:-full}" <<'EOF'
+import copy
 import sys
 from pathlib import Path
-from qbench.zoo.full_scale import write_random_clip
+from qbench.zoo.full_scale import CLIP_VIT_B32_CONFIG, write_random_clip
 from tests.clip_data import clip_suite, write_tsv_dataset
 
-work = Path(sys.argv[1])
-checkpoint = write_random_clip(work / "clip-vit-b32-random")
+work, size = Path(sys.argv[1]), sys.argv[2]
+config = copy.deepcopy(CLIP_VIT_B32_CONFIG)
+if size == "small":  # the real widths and vocabulary, two layers per tower
+    config["vision_config"]["num_hidden_layers"] = config["text_config"]["num_hidden_layers"] = 2
+checkpoint = write_random_clip(work / "clip-vit-b32-random", config)
 data = write_tsv_dataset(work / "data", train_images=96, eval_images=32)
 train = 'steps = 12\nbatch_size = 32\ngrad_accum = 2\nlr = 1e-4\nscheduler = "cosine"\nwarmup_steps = 2\nmax_length = 64\nuntimed_steps = 2'
 matrix = '[matrix]\nprecisions = ["bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"]\n'

@@ -90,6 +90,7 @@ def main() -> int:
         "error": None,
         "env.device": spec["device"],
         "env.cuda_visible_devices": device,
+        "fake.cuda_device_order": os.environ.get("CUDA_DEVICE_ORDER"),
         "fake.peak_running": peak,
         "fake.device_clashes": ",".join(sorted(clashes)) or None,
         "fake.pid": os.getpid(),

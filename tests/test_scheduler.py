@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from qbench import cli, report, results, runner, scheduler
@@ -248,6 +249,9 @@ def test_two_shards_are_exactly_one_full_run_and_merge_into_one_report(tsv_suite
     table = report.summary_table(merged)
     assert sorted(table.index) == sorted(["bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"])
     assert set(table["seeds"]) == {2} and set(table["status"]) == {"ok"}
+    assert cli.main(["report", str(first), str(second), "--out", str(tmp_path / "report")]) == 0
+    reported = pd.read_csv(tmp_path / "report" / "report.csv")
+    assert sorted(reported["cell_id"]) == sorted(ids(full))
 
 
 def test_bad_gpu_and_shard_options_exit_2_before_any_cell(tsv_suite, fake_cells, tmp_path, capsys):
@@ -272,27 +276,35 @@ def test_a_shard_with_no_cells_exits_cleanly(tsv_suite, fake_cells, tmp_path, ca
     assert not out.exists()
 
 
-def test_a_cell_measures_the_gpu_its_slot_gave_it():
-    """NVML numbers GPUs physically; a cell told CUDA_VISIBLE_DEVICES=2 must read GPU 2, not GPU 0."""
+class FourGpuNvml:
+    """Just enough of pynvml for qbench.measure.nvml.resolve: four GPUs numbered by PCI bus."""
+
+    def nvmlDeviceGetCount(self):
+        return 4
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetUUID(self, handle):
+        return f"GPU-{handle}{handle}{handle}{handle}-0000"
+
+    def nvmlDeviceGetName(self, handle):
+        return f"fake GPU {handle}"
+
+
+def test_each_cell_measures_the_gpu_its_slot_gave_it(tsv_suite, fake_cells, tmp_path):
+    """NVML numbers GPUs by PCI bus, whatever CUDA_VISIBLE_DEVICES says: with the environment each
+    cell process really got, its cuda:0 must be its slot's GPU, not GPU 0."""
     from qbench.measure import nvml
 
-    class FakeNvml:
-        def nvmlDeviceGetCount(self):
-            return 4
-
-        def nvmlDeviceGetHandleByIndex(self, index):
-            return ("index", index)
-
-        def nvmlDeviceGetUUID(self, handle):
-            return f"GPU-5e1f000{handle[1]}"
-
-        def nvmlDeviceGetName(self, handle):
-            return "fake"
-
-    cases = [("2", 0, 2), ("3,1", 1, 1), ("GPU-5e1f0003", 0, 3)]
-    for visible, ordinal, index in cases:
-        environ = {"CUDA_VISIBLE_DEVICES": visible, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-        assert nvml.resolve(FakeNvml(), ordinal, environ=environ).index == index
+    loaded = load(tsv_suite)
+    slots = scheduler.gpu_slots(["2", "3"])
+    records = runner.Run(loaded, tmp_path / "run", "cuda", loaded.cells()[:4], slots=slots).execute()
+    assert {r["env.cuda_visible_devices"] for r in records} <= {"2", "3"}
+    for record in records:
+        environ = {"CUDA_VISIBLE_DEVICES": record["env.cuda_visible_devices"], "CUDA_DEVICE_ORDER": record["fake.cuda_device_order"]}
+        found = nvml.resolve(FourGpuNvml(), 0, environ=environ)
+        assert found.index == int(record["env.cuda_visible_devices"]) and found.name == f"fake GPU {found.index}"
 
 
 def test_resume_with_gpus_runs_the_unfinished_cells_on_the_given_gpus(tsv_suite, fake_cells, tmp_path):
