@@ -30,6 +30,7 @@ DEFAULT_TOLERANCES: tuple[tuple[str, ToleranceSpec], ...] = (
     ("quality.*accuracy*", ToleranceSpec(abs=0.03)),
     ("quality.*perplexity*", ToleranceSpec(rel=0.03)),
     ("quality.*bits_per_byte*", ToleranceSpec(rel=0.02)),
+    ("quality.*nll*", ToleranceSpec(rel=0.02)),
     ("quality.*loss*", ToleranceSpec(rel=0.05)),
     ("train.*loss", ToleranceSpec(rel=0.05)),
     ("memory.*torch_max_*_bytes", ToleranceSpec(rel=0.05)),
