@@ -264,3 +264,11 @@ def test_repeated_baseline_runs_give_speed_ratios_a_noise_floor():
     assert row.loc["nf4-dq", "n_baseline"] == 3 and row.loc["nf4-dq", "noise"] > 0.3
     assert with_noise.exit_code == 0
     assert compare.compare(frame(make_records()), new).exit_code == 1  # one baseline run: no noise floor
+
+
+def test_a_different_torch_thread_count_is_noted_next_to_the_speed_ratios():
+    new = [make_record(p, run_id="run-b", env__cpu_count=2) for p in ("bf16", "int8", "nf4-dq")]
+    old = [make_record(p, env__cpu_count=1) for p in ("bf16", "int8", "nf4-dq")]
+    result = compare.compare(frame(old), frame(new))
+    assert result.exit_code == 0
+    assert any("torch threads differ (baseline 1.0, new 2.0)" in note for note in result.notes)
