@@ -83,6 +83,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         "config.gradient_checkpointing": suite.train.gradient_checkpointing,
         "config.safetensors_only": suite.model.safetensors_only,
         "config.trust_remote_code": suite.model.trust_remote_code,
+        "config.device_map": suite.model.device_map,
         **{f"config.lora.{k}": (",".join(v) if isinstance(v, tuple) else v) for k, v in suite.lora.model_dump().items()},
         **{f"config.train.{k}": v for k, v in suite.train.model_dump().items()},
         **{f"precision.{k}": v for k, v in precision.settings().items()},
@@ -95,9 +96,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         """The record with every figure measured so far."""
         full = dict(record)
         if tracker is not None:
-            full.update(tracker.record)
-            peaks = [v for k, v in tracker.record.items() if k.endswith(".rss_peak_bytes") and v is not None]
-            full["memory.peak_rss_bytes"] = max(peaks) if peaks else None
+            full.update(tracker.record)  # per phase, and memory.peak_<source>_bytes over the phases
         if timer is not None:
             full.update(timer.summary())
         return full
@@ -123,7 +122,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         from qbench import environment, models
-        from qbench.measure import weights
+        from qbench.measure import weight_error, weights
         from qbench.measure.memory import MemoryTracker
         from qbench.measure.timing import StepTimer
         from qbench.tasks.base import get_task
@@ -145,10 +144,14 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         with tracker.phase("load"):
             model = models.load_base(task.model_class, model_path, precision, suite.compute_dtype, device, suite.model)
         record["time.load_s"] = time.perf_counter() - started
+        record.update(models.placement(model))
         record["bnb.cpu_weight_packing_disabled_layers"] = models.disable_bnb_cpu_weight_packing(model)
         record.update(weights.read_format(model))
-        weights.check_format(model, precision)
         record.update(weights.account_base(model))
+        weights.check_format(model, precision, suite.compute_dtype)  # the arm must be what its name says
+        started = time.perf_counter()  # outside every phase: reading the originals is the harness's work
+        record.update(weight_error.measure(model, model_path, suite.model.revision))
+        record["time.weight_error_s"] = time.perf_counter() - started
 
         enter("prepare")
         with tracker.phase("prepare"):

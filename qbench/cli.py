@@ -24,23 +24,31 @@ COMMAND_LINE = "command line"
 
 
 class ProgressListener:
-    """Rich progress: one bar over cells, one over the running cell's optimizer steps."""
+    """Rich progress: one bar over cells, and one per running cell over its optimizer steps."""
 
     def __init__(self, progress: Progress, total_cells: int):
         self.progress = progress
         self.cells_task = progress.add_task("cells", total=total_cells)
-        self.steps_task = progress.add_task("", total=None, visible=False)
+        self.steps_tasks: dict[str, Any] = {}  # cell id -> its bar, while it runs
+        self.where: dict[str, str] = {}  # cell id -> "(gpu 2) " when cells run in device slots
 
     def cell_started(self, cell: Cell, index: int, total: int) -> None:
-        self.progress.update(self.steps_task, description=f"{cell.id}: starting", completed=0, total=None, visible=True)
+        self.steps_tasks[cell.id] = self.progress.add_task(f"{cell.id}: starting", total=None)
 
     def cell_event(self, cell: Cell, event: dict[str, Any]) -> None:
-        if event["event"] == "phase":
-            self.progress.update(self.steps_task, description=f"{cell.id}: {event['phase']}", total=event.get("total"), completed=0)
+        task = self.steps_tasks.get(cell.id)
+        if task is None:
+            return
+        where = self.where.get(cell.id, "")
+        if event["event"] == "slot":
+            self.where[cell.id] = f"({event['slot']}) "
+            self.progress.update(task, description=f"{self.where[cell.id]}{cell.id}: starting")
+        elif event["event"] == "phase":
+            self.progress.update(task, description=f"{where}{cell.id}: {event['phase']}", total=event.get("total"), completed=0)
         elif event["event"] == "step":
             self.progress.update(
-                self.steps_task,
-                description=f"{cell.id}: train (loss {event['loss']:.3f})",
+                task,
+                description=f"{where}{cell.id}: train (loss {event['loss']:.3f})",
                 completed=event["step"],
                 total=event["total"],
             )
@@ -53,6 +61,10 @@ class ProgressListener:
             message += f" — {escape(str(record.get('error')))}"
         self.progress.console.print(message)
         self.progress.advance(self.cells_task)
+        task = self.steps_tasks.pop(cell.id, None)
+        if task is not None:
+            self.progress.remove_task(task)
+        self.where.pop(cell.id, None)
 
 
 def _render_table(table: Any, title: str) -> Table:
@@ -67,6 +79,33 @@ def _render_table(table: Any, title: str) -> Table:
     return shown
 
 
+def _placement(args: argparse.Namespace, loaded: Any) -> tuple[list[Any] | None, tuple[int, int] | None]:
+    """Device slots from --gpus/--gpus-per-cell and the shard from --shard; SuiteError when they are wrong."""
+    from qbench import scheduler
+
+    problems = []
+    slots = shard = None
+    try:
+        if args.gpus:
+            slots = scheduler.gpu_slots(scheduler.parse_gpus(args.gpus), args.gpus_per_cell)
+            if args.device == "cpu":
+                problems.append("--gpus runs cells on GPUs; it cannot be combined with --device cpu")
+            if args.gpus_per_cell > 1 and loaded.suite.model.device_map != "auto":
+                problems.append(
+                    f"--gpus-per-cell {args.gpus_per_cell}: a cell only spreads over several GPUs with "
+                    'model.device_map = "auto" in the suite'
+                )
+        elif args.gpus_per_cell != 1:
+            problems.append("--gpus-per-cell needs --gpus")
+        if args.shard:
+            shard = scheduler.parse_shard(args.shard)
+    except ValueError as error:
+        problems.append(str(error))
+    if problems:
+        raise SuiteError(COMMAND_LINE, problems)
+    return slots, shard
+
+
 def _parse_seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(s) for s in text.split(","))
@@ -78,7 +117,7 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from qbench import checks, runner
+    from qbench import checks, runner, scheduler
     from qbench.suite import load
 
     if args.resume:
@@ -94,13 +133,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         if unknown:
             raise SuiteError(args.suite, [f"--only: {', '.join(unknown)} not in matrix.precisions ({', '.join(loaded.suite.matrix.precisions)})"])
     seeds = _parse_seeds(args.seeds) if args.seeds else None
+    slots, shard = _placement(args, loaded)
     checks.check_suite(loaded)
-    device = runner.resolve_device(args.device)
     cells = loaded.cells(only, seeds)
-    run_dir = runner.new_run_dir(Path(args.out), loaded.suite.name)
-    console.print(f"qbench {__version__}: suite [bold]{loaded.suite.name}[/] ({len(cells)} cells) on {device} -> {run_dir}")
-    run = runner.Run(loaded, run_dir, device, cells)
-    run.write_manifest()
+    matrix_cells = len(cells)
+    if shard:
+        cells = scheduler.shard_cells(cells, *shard)
+        if not cells:
+            console.print(f"shard {shard[0]}/{shard[1]} of suite {loaded.suite.name} has no cells ({matrix_cells} in the matrix)")
+            return EXIT_OK
+    device = "cuda" if slots else runner.resolve_device(args.device)
+    label = f"shard{shard[0]}of{shard[1]}" if shard else ""
+    run_dir = runner.new_run_dir(Path(args.out), loaded.suite.name, label)
+    where = f"{device}, {len(slots)} cells at a time ({', '.join(s.name for s in slots)})" if slots else device
+    part = f", shard {shard[0]}/{shard[1]} of {matrix_cells}" if shard else ""
+    console.print(f"qbench {__version__}: suite [bold]{loaded.suite.name}[/] ({len(cells)} cells{part}) on {where} -> {run_dir}")
+    run = runner.Run(loaded, run_dir, device, cells, slots=slots or [scheduler.LOCAL_SLOT])
+    run.write_manifest(
+        {
+            "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+            "matrix_cells": matrix_cells,
+            "gpus": scheduler.parse_gpus(args.gpus) if args.gpus else None,
+            "gpus_per_cell": args.gpus_per_cell if args.gpus else None,
+        }
+    )
     stopped, records = _execute(run)
     return stopped if stopped is not None else _finish(run_dir, records)
 
@@ -122,7 +178,7 @@ def _execute(run: Any) -> tuple[int | None, list[dict[str, Any]]]:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from qbench import checks, results, resume, runner
+    from qbench import checks, results, resume, runner, scheduler
 
     given = [
         flag
@@ -135,6 +191,11 @@ def _resume(args: argparse.Namespace) -> int:
     if given:
         raise SuiteError(COMMAND_LINE, [f"--resume takes its settings from RUN_DIR/run.json; drop {', '.join(given)}"])
     state = resume.open_run(args.resume, force=args.force)
+    slots, shard = _placement(args, state.loaded)
+    if shard:
+        raise SuiteError(COMMAND_LINE, ["--shard does not go with --resume: the run folder already holds its shard's cells"])
+    if slots and state.device != "cuda":
+        raise SuiteError(COMMAND_LINE, [f"--gpus: the run in {state.run_dir} ran on {state.device}, not cuda"])
     checks.check_suite(state.loaded)
     if state.pending:
         console.print(
@@ -142,7 +203,9 @@ def _resume(args: argparse.Namespace) -> int:
             f"{len(state.pending)} of {len(state.cells)} cells to run ({', '.join(c.id for c in state.pending)}) on {state.device}"
         )
         resume.note_resume(state, forced=args.force)
-        stopped, _ = _execute(runner.Run(state.loaded, state.run_dir, state.device, state.pending))
+        stopped, _ = _execute(
+            runner.Run(state.loaded, state.run_dir, state.device, state.pending, slots=slots or [scheduler.LOCAL_SLOT])
+        )
         if stopped is not None:
             return stopped
     else:
@@ -192,6 +255,70 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    import json
+
+    from qbench.environment import machine_report
+
+    if args.json:  # nothing but the JSON on standard output
+        report = machine_report(args.device, args.compute_dtype)
+        print(json.dumps(report, indent=1))
+    else:
+        with console.status("probing torch, CUDA, NVML and every weight format ..."):
+            report = machine_report(args.device, args.compute_dtype)
+        _render_env(report)
+    return EXIT_OK if "probe_error" not in report else EXIT_FAILED_CELLS
+
+
+def _render_env(report: dict[str, Any]) -> None:
+    from qbench.report import MB
+
+    table = Table(title="versions")
+    table.add_column("package")
+    table.add_column("version")
+    for name, version in report["packages"].items():
+        table.add_row(name, version or "[red]not installed[/]")
+    console.print(table)
+    torch_facts, nvml = report.get("torch", {}), report.get("nvml", {})
+    machine = Table(title="machine", show_header=False)
+    machine.add_column("what")
+    machine.add_column("value")
+    rows = [
+        ("python", report["python"]), ("platform", report["platform"]), ("cpu", f"{report['cpu_model']} ({report['cpu_count']} cores)"),
+        ("torch CUDA build", str(torch_facts.get("cuda_build"))), ("CUDA available", str(torch_facts.get("cuda_available"))),
+        ("NVIDIA driver", str(nvml.get("driver_version"))),
+        ("NVML", "available" if nvml.get("available") else f"unavailable: {nvml.get('reason')}"),
+        *((k, str(v)) for k, v in report["environment"].items()),
+    ]
+    for what, value in rows:
+        machine.add_row(what, value)
+    console.print(machine)
+    if torch_facts.get("devices"):
+        devices = Table(title="GPUs (torch -> NVML)")
+        for column in ("torch", "name", "capability", "memory MiB", "bf16", "NVML index", "matched"):
+            devices.add_column(column)
+        for d in torch_facts["devices"]:
+            devices.add_row(
+                d["torch_device"], d["name"], d["capability"], f"{d['total_memory_bytes'] / MB:,.0f}", str(d["bf16_supported"]),
+                str(d.get("nvml_index")), str(d.get("nvml_match")),
+            )
+        console.print(devices)
+    for d in nvml.get("devices", []):
+        console.print(f"NVML device {d['nvml_index']}: {d['name']} {d['uuid']}, used {d['used_bytes'] / MB:,.0f} of "
+                      f"{d['total_bytes'] / MB:,.0f} MiB, per-process memory {d['per_process_memory']}", highlight=False)
+    if "probe_error" in report:
+        errors.print(f"[red]probe failed:[/] {report['probe_error']}", highlight=False)
+        return
+    formats = Table(title=f"weight formats on {report['formats_device']} (quantize + forward + backward, compute {report['formats_compute_dtype']})")
+    for column in ("precision", "works", "output error vs fp32", "seconds", "error"):
+        formats.add_column(column)
+    for name, result in report["formats"].items():
+        ok = result["status"] == "ok"
+        formats.add_row(
+            name, "[green]yes[/]" if ok else "[red]no[/]",
+            f"{result['output_rel_error']:.2%}" if ok else "—", f"{result['seconds']:.2f}", result.get("error", ""),
+        )
+    console.print(formats)
 def _render_frame(table: Any, title: str) -> Table:
     """Any table as rich, its index first; cells already strings are shown as they are."""
     return _render_table(table, title)
@@ -334,6 +461,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", metavar="SEEDS", help="comma-separated seeds overriding matrix.seeds, e.g. 0,1,2")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
     run.add_argument(
+        "--gpus",
+        metavar="LIST",
+        help="run cells in parallel, one process per GPU (CUDA_VISIBLE_DEVICES set per cell), e.g. 0,1,2,3; "
+        "list a GPU twice to run two cells side by side on it",
+    )
+    run.add_argument(
+        "--gpus-per-cell",
+        type=int,
+        default=1,
+        metavar="N",
+        help='give each cell N GPUs of --gpus (for a base too large for one GPU; needs model.device_map = "auto")',
+    )
+    run.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run only the I-th of N deterministic parts of the matrix (split a run over machines or CI jobs; "
+        "load all the shards' run folders together to report them as one run)",
+    )
+    run.add_argument(
         "--resume", metavar="RUN_DIR",
         help="finish a stopped run: run only the cells of RUN_DIR without an ok record, with the suite, cells and "
         "device recorded in RUN_DIR/run.json",
@@ -341,6 +487,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="with --resume: resume even if the suite file changed since")
     run.set_defaults(handler=cmd_run)
 
+    env = commands.add_parser(
+        "env",
+        help="versions, device, CUDA/driver, NVML, and which weight formats work here (each one tried)",
+        description="Show versions, the device, CUDA and driver, NVML, and which weight formats work on DEVICE: each is "
+        "tried (quantize, forward and backward a small layer) in a separate process.",
+    )
+    env.add_argument("--device", default="auto", help="where to try the formats: auto (default), cpu, cuda, cuda:N")
+    env.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    env.add_argument("--json", action="store_true", help="print the report as JSON")
+    env.set_defaults(handler=cmd_env)
     report = commands.add_parser(
         "report",
         help="tables and plots from one or more run directories (CSV, Parquet, Markdown, HTML)",

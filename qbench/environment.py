@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import socket
 import subprocess
+import sys
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -64,12 +67,14 @@ def describe(device: str) -> dict[str, Any]:
             "env.cpu_count": torch.get_num_threads(),
             "env.device": device,
             "env.cuda_version": torch.version.cuda,
+            "env.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
     )
     if device.startswith("cuda") and torch.cuda.is_available():
         index = torch.device(device).index or 0
         fields["env.device_name"] = torch.cuda.get_device_name(index)
         fields["env.device_total_memory_bytes"] = torch.cuda.get_device_properties(index).total_memory
+        fields["env.cuda_device_count"] = torch.cuda.device_count()
         try:
             import pynvml
 
@@ -83,3 +88,35 @@ def describe(device: str) -> dict[str, Any]:
         fields["env.device_total_memory_bytes"] = None
         fields["env.cuda_driver_version"] = None
     return fields
+
+
+def machine_report(device: str = "auto", compute_dtype: str = "bfloat16", timeout_s: float = 600) -> dict[str, Any]:
+    """Everything `qbench env` shows: versions, machine, and (from a probe process) torch, CUDA, NVML
+    and which weight formats work on `device`; this process never imports torch."""
+    report: dict[str, Any] = {
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "hostname": socket.gethostname(),
+        "git_commit": git_commit(),
+        "environment": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")},
+    }
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "CUDA_DEVICE_ORDER": os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-m", "qbench.probe", "--device", device, "--compute-dtype", compute_dtype],
+            capture_output=True, text=True, timeout=timeout_s, env=env,
+        )
+    except subprocess.TimeoutExpired:
+        report["probe_error"] = f"the probe process did not finish in {timeout_s:.0f} s"
+        return report
+    lines = [line for line in probe.stdout.splitlines() if line.startswith("{")]
+    if probe.returncode != 0 or not lines:
+        report["probe_error"] = f"the probe process exited with code {probe.returncode}: {probe.stderr.strip()[-800:]}"
+        return report
+    report.update(json.loads(lines[-1]))
+    return report

@@ -88,7 +88,7 @@ def test_format_readback_matches_the_precision(tiny_clip_path):
 
 def test_a_base_loaded_without_its_4bit_settings_fails_the_check_naming_the_modules(tiny_clip_path):
     dense = load(tiny_clip_path, "bf16")
-    with pytest.raises(weights.FormatMismatch, match="no Linear4bit module"):
+    with pytest.raises(weights.FormatMismatch, match=r"self_attn\.q_proj is Linear, expected Linear4bit"):
         weights.check_format(dense, precisions.get("nf4"))
     nf4 = load(tiny_clip_path, "nf4")
     with pytest.raises(weights.FormatMismatch, match=r"q_proj has double quantization off, expected on"):

@@ -1,127 +1,184 @@
-"""Peak memory per phase from every source the device has, each under its own labelled key."""
+"""Peak memory per phase from every source the device has, each under its own labelled key.
+
+`with tracker.phase("train"): ...` records, for that phase alone:
+
+    memory.train.rss_peak_bytes             process RSS, this process and its children (sampled)
+    memory.train.torch_max_allocated_bytes  torch.cuda.max_memory_allocated (reset at the phase start)
+    memory.train.torch_max_reserved_bytes   torch.cuda.max_memory_reserved  (reset at the phase start)
+    memory.train.nvml_process_peak_bytes    NVML, this process and its children (sampled)
+    memory.train.nvml_device_peak_bytes     NVML, the whole device: other processes and driver reserve too
+
+RSS and NVML are sampled every ~10 ms by a separate process (qbench.measure.sampler), since
+ru_maxrss is lifetime-wide and torch's counters are allocator-only. A source that is absent is None
+with `memory.source.<source>` saying why, never a zero.
+"""
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import psutil
-
-from qbench.measure import nvml
+from qbench.measure.sampler import SamplerFailed, SamplerProcess
 
 SAMPLE_INTERVAL_S = 0.01
 
+# (key in a phase, key of the sampler's reading or None for torch) in record order
+PHASE_SOURCES = (
+    "rss_peak_bytes",
+    "torch_max_allocated_bytes",
+    "torch_max_reserved_bytes",
+    "nvml_process_peak_bytes",
+    "nvml_device_peak_bytes",
+)
+_SAMPLED = {"rss_peak_bytes": "rss_bytes", "nvml_process_peak_bytes": "nvml_process_bytes", "nvml_device_peak_bytes": "nvml_device_bytes"}
 
-def process_tree_rss_bytes(process: psutil.Process) -> int:
-    """Resident set size of a process and all its children (DataLoader workers count too)."""
-    total = process.memory_info().rss
-    for child in process.children(recursive=True):
+
+class TorchCudaCounters:
+    """torch's caching-allocator peaks on one CUDA device."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self._cuda = torch.cuda
+        index = torch.device(device).index
+        self.index = torch.cuda.current_device() if index is None else index
+
+    def uuid(self) -> str | None:
         try:
-            total += child.memory_info().rss
-        except psutil.Error:  # a child that exits between listing and reading
-            pass
-    return total
+            return str(self._cuda.get_device_properties(self.index).uuid)
+        except Exception:  # older torch: fall back to CUDA_VISIBLE_DEVICES and PCI bus order
+            return None
 
+    def synchronize(self) -> None:
+        self._cuda.synchronize(self.index)
 
-class _PeakSampler:
-    """A background thread that keeps the maximum of several readings until stopped."""
+    def reset_peaks(self) -> None:
+        self._cuda.reset_peak_memory_stats(self.index)
 
-    def __init__(self, readers: dict[str, Any], interval_s: float):
-        self._readers = readers
-        self._interval_s = interval_s
-        self.peaks: dict[str, int] = {}
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="qbench-memory-sampler", daemon=True)
-
-    def _read_once(self) -> None:
-        for key, read in self._readers.items():
-            value = read()
-            if value is not None and value > self.peaks.get(key, -1):
-                self.peaks[key] = value
-        self.samples += 1
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            self._read_once()
-
-    def __enter__(self) -> _PeakSampler:
-        self._read_once()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._read_once()
+    def peaks(self) -> tuple[int, int]:
+        return self._cuda.max_memory_allocated(self.index), self._cuda.max_memory_reserved(self.index)
 
 
 class MemoryTracker:
-    """Tracks peak memory phase by phase: `with tracker.phase("train"): ...`.
+    """Tracks peak memory phase by phase: `with tracker.phase("train"): ...`; `record` holds the figures."""
 
-    Sources: process RSS (sampled, since ru_maxrss is lifetime-wide), torch CUDA max allocated and
-    reserved (reset at each phase boundary), and on NVIDIA GPUs NVML's per-process and device-wide
-    used memory (sampled). A source that is absent is recorded as such, never as a zero.
-    """
+    def __init__(self, device: str, interval_s: float = SAMPLE_INTERVAL_S, cuda_counters: Any = None):
+        from qbench.measure.nvml import device_ordinal
 
-    def __init__(self, device: str, interval_s: float = SAMPLE_INTERVAL_S, nvml_source: nvml.NvmlSource | None = None):
         self.device = device
         self.interval_s = interval_s
-        self.record: dict[str, Any] = {}
-        self._process = psutil.Process(os.getpid())
+        self.record: dict[str, Any] = {"memory.sample_interval_s": interval_s}
         self._cuda = device.startswith("cuda")
-        self._nvml = nvml_source if nvml_source is not None else (nvml.NvmlSource.open(device) if self._cuda else None)
-        self.record["memory.source.rss"] = "psutil: resident set size of this process and its children, sampled"
+        self._counters = cuda_counters if cuda_counters is not None else (TorchCudaCounters(device) if self._cuda else None)
+        self._active: str | None = None
+        try:
+            self._sampler: SamplerProcess | None = SamplerProcess(
+                os.getpid(),
+                interval_s,
+                nvml_ordinal=device_ordinal(device) if self._cuda else None,
+                torch_uuid=self._counters.uuid() if self._counters is not None else None,
+            )
+            hello = self._sampler.hello
+        except (SamplerFailed, OSError) as error:
+            self._sampler, hello = None, {}
+            self._sampler_error = f"unavailable: {error}"
+        nvml = hello.get("nvml")
+        self.nvml_available = bool(nvml and nvml["available"])
+        self.record["memory.source.rss"] = (
+            "psutil: resident set size of this process and its children, sampled by a separate process"
+            if self._sampler is not None
+            else self._sampler_error
+        )
         self.record["memory.source.torch_cuda"] = (
-            "torch.cuda.max_memory_allocated/max_memory_reserved, reset at each phase"
-            if self._cuda
+            "torch.cuda.max_memory_allocated / max_memory_reserved, reset at each phase start"
+            if self._counters is not None
             else f"unavailable: device is {device}"
         )
-        self.record["memory.source.nvml"] = (
-            self._nvml.description if self._nvml is not None and self._nvml.available
-            else (self._nvml.unavailable_reason if self._nvml is not None else f"unavailable: device is {device}")
-        )
-        self.record["memory.sample_interval_s"] = interval_s
+        if nvml is None:
+            self.record["memory.source.nvml"] = f"unavailable: device is {device}" if not self._cuda else self.record["memory.source.rss"]
+        elif nvml["available"]:
+            from qbench.measure.nvml import NvmlDevice
 
-    def _readers(self) -> dict[str, Any]:
-        readers: dict[str, Any] = {"rss_peak_bytes": lambda: process_tree_rss_bytes(self._process)}
-        if self._nvml is not None and self._nvml.available:
-            readers["nvml_process_peak_bytes"] = self._nvml.process_used_bytes
-            readers["nvml_device_peak_bytes"] = self._nvml.device_used_bytes
-        return readers
+            self.record["memory.source.nvml"] = NvmlDevice.description
+            self.record.update({f"memory.nvml.device_{k}": v for k, v in nvml.items() if k != "available"})
+        else:
+            self.record["memory.source.nvml"] = f"unavailable: {nvml['reason']}"
+        self.record["memory.nvml_available"] = self.nvml_available
+        self.record["memory.torch_cuda_available"] = self._counters is not None
+
+    def _mark(self) -> dict[str, Any] | None:
+        if self._sampler is None:
+            return None
+        try:
+            return self._sampler.mark()
+        except SamplerFailed as error:
+            self._sampler = None
+            self.record["memory.source.rss"] = f"unavailable: {error}"
+            return None
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        if self._cuda:
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        sampler = _PeakSampler(self._readers(), self.interval_s)
+        """Measure the block as phase `name`; every peak is of this phase alone."""
+        if self._active is not None:
+            raise RuntimeError(f"phase {name!r} started inside phase {self._active!r}: phases do not nest")
+        if f"memory.{name}.seconds" in self.record:
+            raise ValueError(f"phase {name!r} was already measured")
+        self._active = name
+        if self._counters is not None:
+            self._counters.synchronize()
+            self._counters.reset_peaks()
+        self._mark()  # peaks from before the phase are dropped here
         started = time.perf_counter()
         try:
-            with sampler:
-                yield
-                if self._cuda:
-                    torch.cuda.synchronize()
+            yield
         finally:
-            prefix = f"memory.{name}."
-            self.record[prefix + "seconds"] = time.perf_counter() - started
-            self.record[prefix + "samples"] = sampler.samples
-            self.record[prefix + "rss_peak_bytes"] = sampler.peaks.get("rss_peak_bytes")
-            for key in ("nvml_process_peak_bytes", "nvml_device_peak_bytes"):
-                self.record[prefix + key] = sampler.peaks.get(key)
-            if self._cuda:
-                self.record[prefix + "torch_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
-                self.record[prefix + "torch_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
-            else:
-                self.record[prefix + "torch_max_allocated_bytes"] = None
-                self.record[prefix + "torch_max_reserved_bytes"] = None
+            self._active = None
+            torch_peaks: tuple[int | None, int | None] = (None, None)
+            if self._counters is not None:
+                try:
+                    self._counters.synchronize()  # the peak includes the kernels still queued
+                    torch_peaks = self._counters.peaks()
+                except Exception as error:  # a broken CUDA context must not hide the phase's other figures
+                    self.record[f"memory.{name}.torch_error"] = f"{type(error).__name__}: {error}"
+            self._store(name, time.perf_counter() - started, self._mark(), torch_peaks)
+
+    def _store(self, name: str, seconds: float, reading: dict[str, Any] | None, torch_peaks: tuple) -> None:
+        prefix = f"memory.{name}."
+        self.record[prefix + "seconds"] = seconds
+        self.record[prefix + "samples"] = reading["samples"] if reading else 0
+        peaks = reading["peaks"] if reading else {}
+        for key, sampled in _SAMPLED.items():
+            self.record[prefix + key] = peaks.get(sampled)
+        self.record[prefix + "torch_max_allocated_bytes"], self.record[prefix + "torch_max_reserved_bytes"] = torch_peaks
+        if self.nvml_available and reading and reading["unknown_samples"].get("nvml_process_bytes"):
+            self.record[prefix + "nvml_process_note"] = (
+                f"{reading['unknown_samples']['nvml_process_bytes']} of {reading['samples']} samples had no "
+                "per-process figure from NVML; the peak is over the others"
+            )
+        reserved, process_peak = torch_peaks[1], self.record[prefix + "nvml_process_peak_bytes"]
+        if self.nvml_available and reserved and not process_peak:
+            # torch holds device memory, yet NVML lists none of this tree's PIDs: typically a container
+            # whose PIDs NVML sees under other numbers. Zero would be a lie.
+            self.record[prefix + "nvml_process_peak_bytes"] = None
+            self.record[prefix + "nvml_process_note"] = (
+                "unavailable: torch holds device memory but NVML lists none of this process tree's PIDs "
+                "(a PID namespace, e.g. a container?)"
+            )
+        self._update_overall()
+
+    def _update_overall(self) -> None:
+        """memory.peak_<source>: the largest figure of that source over every phase measured so far."""
+        for key in PHASE_SOURCES:
+            values = [
+                v for k, v in self.record.items()
+                if k.startswith("memory.") and k.endswith("." + key) and k.count(".") == 2 and v is not None
+            ]
+            self.record[f"memory.peak_{key.removesuffix('_peak_bytes').removesuffix('_bytes')}_bytes"] = max(values) if values else None
 
     def close(self) -> None:
-        if self._nvml is not None:
-            self._nvml.close()
+        if self._sampler is not None:
+            self._sampler.close()
+            self._sampler = None

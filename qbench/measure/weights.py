@@ -8,31 +8,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from qbench.precisions import Precision
+from qbench.precisions import BNB_4BIT_BLOCKSIZE, LLM_INT8_THRESHOLD, Precision
 
 
 class FormatMismatch(RuntimeError):
     """The loaded model is not stored the way the precision's name says."""
 
 
-def _tensor_key(tensor: torch.Tensor) -> tuple[int, int]:
-    return (tensor.data_ptr(), tensor.nbytes)
+# what stays unquantized, by the kind of module that owns it (record keys weights.unquantized.<kind>_bytes)
+UNQUANTIZED_KINDS = ("embedding", "norm", "dense_linear", "quantized_linear_bias", "conv", "other_param", "buffer")
+# every tensor bitsandbytes keeps beside the codes (record keys weights.quant_state.<kind>_bytes)
+STATE_KINDS = ("absmax", "nested_absmax", "code_table", "nested_code_table", "offset", "row_scale")
 
 
-def _quant_state_tensors(module: nn.Module) -> list[torch.Tensor]:
-    """Every tensor a bitsandbytes linear keeps beside its codes: absmax, nested absmax, code tables, offsets, row scales."""
+def _tensor_key(tensor: torch.Tensor) -> tuple[Any, int, int]:
+    return (tensor.device, tensor.data_ptr(), tensor.nbytes)
+
+
+def quant_state_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(kind, tensor) for every tensor a bitsandbytes linear keeps beside its codes."""
     weight = module.weight
     state = getattr(weight, "quant_state", None)
-    tensors: list[torch.Tensor] = []
-    if state is not None:  # Linear4bit
-        tensors += [t for t in (state.absmax, state.code, getattr(state, "offset", None)) if isinstance(t, torch.Tensor)]
+    tensors: list[tuple[str, Any]] = []
+    if state is not None:  # Linear4bit: absmax per block (uint8 when nested), the 16-value code table, offset
+        tensors += [("absmax", state.absmax), ("code_table", state.code), ("offset", getattr(state, "offset", None))]
         nested = getattr(state, "state2", None)
-        if nested is not None:
-            tensors += [t for t in (nested.absmax, nested.code) if isinstance(t, torch.Tensor)]
-    scb = getattr(weight, "SCB", None)
-    if isinstance(scb, torch.Tensor):  # Linear8bitLt: one float32 scale per row
-        tensors.append(scb)
-    return tensors
+        if nested is not None:  # double quantization: float32 absmax per 256 blocks, 256-value code table
+            tensors += [("nested_absmax", nested.absmax), ("nested_code_table", nested.code)]
+    tensors.append(("row_scale", getattr(weight, "SCB", None)))  # Linear8bitLt: one float32 scale per row
+    return [(kind, t) for kind, t in tensors if isinstance(t, torch.Tensor)]
 
 
 def is_bnb_linear(module: nn.Module) -> bool:
@@ -47,14 +51,27 @@ def quantized_param_count(module: nn.Module) -> int:
     return module.weight.numel()
 
 
+def _module_kind(module: nn.Module) -> str:
+    name = type(module).__name__
+    if isinstance(module, nn.Embedding) or name.endswith(("Embedding", "Embeddings")):
+        return "embedding"
+    if "Norm" in name:
+        return "norm"
+    if isinstance(module, nn.Linear):
+        return "dense_linear"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    return "other_param"
+
+
 def account_base(model: nn.Module) -> dict[str, Any]:
     """Bytes of parameters, buffers and quantization state of `model`, each stored tensor counted once.
 
-    Splits the total into the quantized linears' codes, their quantization state, and what stays
-    unquantized (embeddings, norms, biases, heads), and gives bits per quantized parameter.
+    Splits the total into the quantized linears' codes, their quantization state (by kind), and what
+    stays unquantized (by the kind of module holding it), and gives bits per quantized parameter.
     """
-    seen: set[tuple[int, int]] = set()
-    totals = Counter()
+    seen: set[tuple[Any, int, int]] = set()
+    totals: Counter[str] = Counter()
 
     def add(bucket: str, tensor: torch.Tensor) -> None:
         key = _tensor_key(tensor)
@@ -62,39 +79,57 @@ def account_base(model: nn.Module) -> dict[str, Any]:
             seen.add(key)
             totals[bucket] += tensor.nbytes
 
-    quantized_params = 0
+    quantized_params = unquantized_params = 0
     for module in model.modules():
         if is_bnb_linear(module):
             add("codes", module.weight.data)
-            for tensor in _quant_state_tensors(module):
-                add("state", tensor)
+            for kind, tensor in quant_state_tensors(module):
+                add(f"state.{kind}", tensor)
             quantized_params += quantized_param_count(module)
             if module.bias is not None:
-                add("unquantized", module.bias.data)
+                add("unquantized.quantized_linear_bias", module.bias.data)
+                unquantized_params += module.bias.numel()
+            for buffer in module.buffers(recurse=False):
+                add("unquantized.buffer", buffer)
             continue
-        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-            add("unquantized", tensor.data)
+        kind = _module_kind(module)
+        for parameter in module.parameters(recurse=False):
+            add(f"unquantized.{kind}", parameter.data)
+            unquantized_params += parameter.numel()
+        for buffer in module.buffers(recurse=False):
+            add("unquantized.buffer", buffer)
 
-    unquantized_params = sum(
-        p.numel() for m in model.modules() if not is_bnb_linear(m) for p in m.parameters(recurse=False)
-    ) + sum(m.bias.numel() for m in model.modules() if is_bnb_linear(m) and m.bias is not None)
-    quantized_bytes = totals["codes"] + totals["state"]
-    return {
-        "weights.base_bytes": totals["codes"] + totals["state"] + totals["unquantized"],
+    state_bytes = sum(totals[f"state.{k}"] for k in STATE_KINDS)
+    unquantized_bytes = sum(totals[f"unquantized.{k}"] for k in UNQUANTIZED_KINDS)
+    base_bytes = totals["codes"] + state_bytes + unquantized_bytes
+    params = quantized_params + unquantized_params
+    record: dict[str, Any] = {
+        "weights.base_bytes": base_bytes,
         "weights.quantized_codes_bytes": totals["codes"],
-        "weights.quant_state_bytes": totals["state"],
-        "weights.unquantized_bytes": totals["unquantized"],
+        "weights.quant_state_bytes": state_bytes,
+        "weights.unquantized_bytes": unquantized_bytes,
+        "weights.params": params,
         "weights.quantized_params": quantized_params,
         "weights.unquantized_params": unquantized_params,
-        "weights.quantized_share_of_params": quantized_params / max(1, quantized_params + unquantized_params),
-        "weights.bits_per_quantized_param": (8 * quantized_bytes / quantized_params) if quantized_params else None,
+        "weights.quantized_share_of_params": quantized_params / max(1, params),
+        "weights.unquantized_share_of_bytes": unquantized_bytes / base_bytes if base_bytes else None,
+        "weights.bits_per_quantized_param": (8 * (totals["codes"] + state_bytes) / quantized_params) if quantized_params else None,
+        "weights.bits_per_param": 8 * (base_bytes - totals["unquantized.buffer"]) / params if params else None,
     }
+    record.update({f"weights.quant_state.{k}_bytes": totals[f"state.{k}"] for k in STATE_KINDS})
+    record.update({f"weights.unquantized.{k}_bytes": totals[f"unquantized.{k}"] for k in UNQUANTIZED_KINDS})
+    return record
+
+
+def _joined(counter: Counter) -> str | None:
+    return ",".join(str(k).lower() for k in sorted(counter, key=str)) or None
 
 
 def read_format(model: nn.Module) -> dict[str, Any]:
     """What the loaded model really holds: counts of bitsandbytes linears and their settings."""
-    classes = Counter()
-    quant_types, blocksizes, compressed = Counter(), Counter(), Counter()
+    classes: Counter[str] = Counter()
+    quant_types, blocksizes, compressed, compute_dtypes, thresholds = Counter(), Counter(), Counter(), Counter(), Counter()
+    dense_dtypes: Counter[str] = Counter()
     dense_linears = 0
     for module in model.modules():
         name = type(module).__name__
@@ -104,40 +139,83 @@ def read_format(model: nn.Module) -> dict[str, Any]:
             quant_types[state.quant_type] += 1
             blocksizes[int(state.blocksize)] += 1
             compressed[bool(state.nested)] += 1
+            compute_dtypes[str(module.compute_dtype).removeprefix("torch.")] += 1
         elif name == "Linear8bitLt":
             classes[name] += 1
+            thresholds[float(module.state.threshold)] += 1
         elif isinstance(module, nn.Linear):
             dense_linears += 1
+            dense_dtypes[str(module.weight.dtype).removeprefix("torch.")] += 1
     return {
         "format.linear4bit_count": classes["Linear4bit"],
         "format.linear8bitlt_count": classes["Linear8bitLt"],
         "format.dense_linear_count": dense_linears,
-        "format.quant_types": ",".join(sorted(quant_types)) or None,
-        "format.blocksizes": ",".join(str(b) for b in sorted(blocksizes)) or None,
-        "format.compressed_statistics": (",".join(str(c).lower() for c in sorted(compressed)) or None),
+        "format.quant_types": _joined(quant_types),
+        "format.blocksizes": _joined(blocksizes),
+        "format.compressed_statistics": _joined(compressed),
+        "format.compute_dtypes": _joined(compute_dtypes),
+        "format.int8_thresholds": _joined(thresholds),
+        "format.dense_linear_dtypes": _joined(dense_dtypes),
     }
 
 
-def check_format(model: nn.Module, precision: Precision) -> None:
-    """Raise FormatMismatch, naming the modules that disagree, unless the model is stored as `precision` says."""
+def _kept_dense(model: nn.Module) -> list[str]:
+    """Modules transformers keeps unquantized on purpose (output head, tied and last modules, llm_int8_skip_modules)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer, "modules_to_not_convert", None) is not None:
+        return list(quantizer.modules_to_not_convert)
+    try:  # loaded without a quantizer: what transformers would have skipped
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        return list(get_keys_to_not_convert(model))
+    except Exception:
+        return []
+
+
+def _is_kept_dense(name: str, patterns: list[str]) -> bool:
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        return not should_convert_module(name, patterns)
+    except ImportError:
+        return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def check_format(model: nn.Module, precision: Precision, compute_dtype: str | None = None) -> None:
+    """Raise FormatMismatch, naming the modules that disagree, unless the model is stored as `precision` says.
+
+    For a quantized precision every linear must be the precision's bitsandbytes class with its
+    settings (quant type, double quantization, blocksize, compute dtype, LLM.int8 threshold), except
+    the modules transformers keeps dense on purpose; for a dense precision no linear may be quantized
+    and every linear weight must have the precision's dtype.
+    """
     wrong: list[str] = []
     expected = precision.expected_linear_class
-    found_expected = 0
+    kept_dense = _kept_dense(model) if expected is not None else []
+    dense_dtype = str(precision.storage_dtype(compute_dtype or "bfloat16")).removeprefix("torch.")
     for name, module in model.named_modules():
         cls = type(module).__name__
         if is_bnb_linear(module):
             if cls != expected:
                 wrong.append(f"{name} is {cls}, expected {expected or 'a dense Linear'}")
                 continue
-            found_expected += 1
             state = getattr(module.weight, "quant_state", None)
             if precision.kind == "4bit" and state is not None:
                 if state.quant_type != precision.quant_type:
                     wrong.append(f"{name} has quant_type {state.quant_type}, expected {precision.quant_type}")
                 if bool(state.nested) != precision.double_quant:
                     wrong.append(f"{name} has double quantization {'on' if state.nested else 'off'}, expected {'on' if precision.double_quant else 'off'}")
-    if expected is not None and found_expected == 0:
-        wrong.append(f"no {expected} module in the loaded model (the {precision.name} settings were not applied)")
+                if int(state.blocksize) != BNB_4BIT_BLOCKSIZE:
+                    wrong.append(f"{name} has blocksize {state.blocksize}, expected {BNB_4BIT_BLOCKSIZE}")
+                if compute_dtype is not None and module.compute_dtype != getattr(torch, compute_dtype):
+                    wrong.append(f"{name} computes in {module.compute_dtype}, expected torch.{compute_dtype}")
+            if precision.kind == "int8" and float(module.state.threshold) != LLM_INT8_THRESHOLD:
+                wrong.append(f"{name} has LLM.int8 threshold {module.state.threshold}, expected {LLM_INT8_THRESHOLD}")
+        elif isinstance(module, nn.Linear):
+            if expected is not None and not _is_kept_dense(name, kept_dense):
+                wrong.append(f"{name} is {cls}, expected {expected}")
+            elif expected is None and str(module.weight.dtype).removeprefix("torch.") != dense_dtype:
+                wrong.append(f"{name} stores {module.weight.dtype}, expected torch.{dense_dtype}")
     if wrong:
         shown = "; ".join(wrong[:5]) + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else "")
-        raise FormatMismatch(f"loaded model does not match precision {precision.name!r}: {shown}")
+        raise FormatMismatch(f"loaded model does not match precision {precision.name!r} ({len(wrong)} modules disagree): {shown}")

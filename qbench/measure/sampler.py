@@ -1,0 +1,285 @@
+"""The memory sampler process: every ~10 ms it reads a process tree's RSS and NVML memory and keeps the peaks.
+
+It runs beside the measured process, not as a thread inside it: a thread there only runs when the
+measured process lets go of its GIL, so a long C call that holds the GIL (or a busy interpreter)
+would hide a short spike; and a thread's readings would take the GIL from the very loop being timed.
+
+Protocol, one JSON object per line: the sampler first writes {"hello": {...}} (which sources work);
+for each "mark" line on its standard input it reads once more and writes {"peaks": {...}, "samples": n,
+"seconds": s} for the time since the previous mark, then starts over; "stop" or end of input ends it.
+`SamplerProcess` is the measured process's side of this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+TREE_REFRESH_S = 0.1  # how often the list of descendants is re-read for the RSS figure
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class SamplerFailed(RuntimeError):
+    """The sampler process did not start or stopped answering."""
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid`: Linux keeps them per thread in /proc; elsewhere ask psutil."""
+    tasks = f"/proc/{pid}/task"
+    try:
+        children = []
+        for task in os.listdir(tasks):
+            with open(f"{tasks}/{task}/children", "rb") as handle:
+                children += [int(c) for c in handle.read().split()]
+        return children
+    except (OSError, ValueError):
+        pass
+    try:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
+
+
+class ProcessTree:
+    """A root process and its descendants (DataLoader workers and the like), without the sampler itself."""
+
+    def __init__(self, root: int, exclude: set[int] | None = None):
+        self.root = root
+        self.exclude = exclude or set()
+        self._members: list[int] = [root]
+        self._refreshed = 0.0
+        self._readers: dict[int, int | psutil.Process] = {}  # an open statm file, or psutil where there is none
+
+    def members(self) -> list[int]:
+        now = time.monotonic()
+        if now - self._refreshed >= TREE_REFRESH_S:
+            found, frontier = [], [self.root]
+            while frontier:
+                pid = frontier.pop()
+                if pid in self.exclude or pid in found:
+                    continue
+                found.append(pid)
+                frontier.extend(_children(pid))
+            self._members, self._refreshed = found, now
+        return self._members
+
+    def contains(self, pid: int) -> bool:
+        """Whether `pid` is the root or descends from it; asked for every PID NVML lists, so a child
+        that lives for 50 ms between two refreshes of the member list is still counted."""
+        if pid in self.exclude:
+            return False
+        seen = 0
+        while pid > 1 and seen < 64:
+            if pid == self.root:
+                return True
+            try:
+                pid = psutil.Process(pid).ppid()
+            except psutil.Error:
+                return False
+            seen += 1
+        return False
+
+    def _rss_of(self, pid: int) -> int:
+        """Resident bytes of one process: on Linux one read of /proc/PID/statm on a file kept open
+        (the cheapest reading there is: the sampler wakes 100 times a second beside a timed loop)."""
+        reader = self._readers.get(pid)
+        if reader is None:
+            try:
+                reader = self._readers[pid] = os.open(f"/proc/{pid}/statm", os.O_RDONLY)
+            except OSError:
+                reader = self._readers[pid] = psutil.Process(pid)
+        if isinstance(reader, int):
+            fields = os.pread(reader, 128, 0).split()
+            if not fields:
+                raise ProcessLookupError(pid)
+            return int(fields[1]) * PAGE_BYTES
+        return reader.memory_info().rss
+
+    def rss_bytes(self) -> int | None:
+        total, read = 0, False
+        for pid in self.members():
+            try:
+                total += self._rss_of(pid)
+                read = True
+            except (OSError, ValueError, psutil.Error):  # a worker that exits between listing and reading
+                self._forget(pid)
+        return total if read else None
+
+    def _forget(self, pid: int) -> None:
+        reader = self._readers.pop(pid, None)
+        if isinstance(reader, int):
+            os.close(reader)
+
+
+class Peaks:
+    """The maximum of each reading since the last `take()`; None stays None until a reading exists."""
+
+    def __init__(self, readers: dict[str, Any]):
+        self.readers = readers
+        self._reset()
+
+    def _reset(self) -> None:
+        self.peaks: dict[str, int | None] = dict.fromkeys(self.readers)
+        self.unknown: dict[str, int] = dict.fromkeys(self.readers, 0)
+        self.samples = 0
+        self.started = time.perf_counter()
+
+    def read(self) -> None:
+        for key, reader in self.readers.items():
+            try:
+                value = reader()
+            except Exception:
+                value = None
+            if value is None:
+                self.unknown[key] += 1
+            elif self.peaks[key] is None or value > self.peaks[key]:
+                self.peaks[key] = value
+        self.samples += 1
+
+    def take(self) -> dict[str, Any]:
+        self.read()
+        taken = {
+            "peaks": dict(self.peaks),
+            "unknown_samples": dict(self.unknown),
+            "samples": self.samples,
+            "seconds": time.perf_counter() - self.started,
+        }
+        self._reset()
+        return taken
+
+
+def _write(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def serve(root: int, interval_s: float, nvml_ordinal: int | None, torch_uuid: str | None) -> None:
+    from qbench.measure import nvml
+
+    tree = ProcessTree(root, exclude={os.getpid()})
+    readers: dict[str, Any] = {"rss_bytes": tree.rss_bytes}
+    hello: dict[str, Any] = {"pid": os.getpid(), "root": root}
+    device = None
+    if nvml_ordinal is not None:
+        try:
+            device = nvml.NvmlDevice.open(nvml_ordinal, torch_uuid)
+            hello["nvml"] = {"available": True, **device.info()}
+            readers["nvml_process_bytes"] = lambda: device.process_used_bytes(tree.contains)
+            readers["nvml_device_bytes"] = device.device_used_bytes
+        except nvml.NvmlUnavailable as error:
+            hello["nvml"] = {"available": False, "reason": str(error)}
+    peaks = Peaks(readers)
+    peaks.read()
+    _write({"hello": hello})
+    stdin = sys.stdin.fileno()
+    pending = b""
+    next_read = time.monotonic() + interval_s
+    try:
+        while True:
+            ready, _, _ = select.select([stdin], [], [], max(0.0, next_read - time.monotonic()))
+            if ready:
+                chunk = os.read(stdin, 4096)
+                if not chunk:
+                    return
+                pending += chunk
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    command = line.decode().strip()
+                    if command == "stop":
+                        return
+                    if command == "mark":
+                        _write(peaks.take())
+                continue
+            peaks.read()
+            next_read += interval_s
+            if next_read < time.monotonic():  # fell behind (the machine is busy): no burst of catch-up reads
+                next_read = time.monotonic() + interval_s
+    finally:
+        if device is not None:
+            device.close()
+
+
+class SamplerProcess:
+    """The measured process's handle on its sampler: `mark()` returns the peaks since the previous mark."""
+
+    def __init__(
+        self,
+        root: int,
+        interval_s: float,
+        nvml_ordinal: int | None = None,
+        torch_uuid: str | None = None,
+        start_timeout_s: float = 120.0,
+    ):
+        command = [sys.executable, "-m", "qbench.measure.sampler", "--root", str(root), "--interval-s", str(interval_s)]
+        if nvml_ordinal is not None:
+            command += ["--nvml-ordinal", str(nvml_ordinal)]
+        if torch_uuid:
+            command += ["--torch-uuid", torch_uuid]
+        env = dict(os.environ)
+        # the sampler must run this qbench, whatever the working directory or the installed copy
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True
+        )
+        self.pid = self._process.pid
+        self.hello = self._read(start_timeout_s)["hello"]
+
+    def _read(self, timeout_s: float) -> dict[str, Any]:
+        ready, _, _ = select.select([self._process.stdout], [], [], timeout_s)
+        line = self._process.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            raise SamplerFailed(
+                f"memory sampler process {'exited' if self._process.poll() is not None else 'did not answer'}"
+                f" (exit code {self._process.returncode})"
+            )
+        return json.loads(line)
+
+    def mark(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        try:
+            self._process.stdin.write("mark\n")
+            self._process.stdin.flush()
+        except OSError as error:
+            raise SamplerFailed(f"memory sampler process is gone: {error}") from None
+        return self._read(timeout_s)
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            try:
+                self._process.stdin.write("stop\n")
+                self._process.stdin.close()
+            except OSError:
+                pass
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=int, required=True, help="PID whose tree is measured")
+    parser.add_argument("--interval-s", type=float, default=0.01)
+    parser.add_argument("--nvml-ordinal", type=int, help="torch CUDA ordinal to read through NVML")
+    parser.add_argument("--torch-uuid", help="the UUID torch reports for that device")
+    args = parser.parse_args(argv)
+    # in its own session (no Ctrl-C from the terminal); it ends when the measured process closes the pipe
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    serve(args.root, args.interval_s, args.nvml_ordinal, args.torch_uuid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

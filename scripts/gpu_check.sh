@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU check: on a machine with an NVIDIA GPU, run the CUDA tests and a short suite under every
+# weight format, then print peak memory per precision from each source -- NVML for this process
+# tree, NVML for the whole device, torch allocated, torch reserved.
+#
+#     bash scripts/gpu_check.sh        # from a fresh clone, with a CUDA build of torch installed
+#
+# It installs nothing but pip packages (qbench's dependencies, keeping the torch that is there),
+# downloads no model (the suite's tiny CLIP is generated locally, tests/tmp_clip.py), and stops
+# itself before 8 minutes. Records and tables stay in results/gpucheck/<run-id>/.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-python3}
+BUDGET_S=${QBENCH_GPU_CHECK_BUDGET_S:-470}
+START=$SECONDS
+left() { local s=$((BUDGET_S - (SECONDS - START))); echo $((s > 5 ? s : 5)); }
+WORK=$(mktemp -d -t qbench-gpu-check.XXXXXX)
+export CUDA_DEVICE_ORDER=PCI_BUS_ID HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+failed=()
+
+echo "== 1/5 torch and the GPU"
+$PYTHON - <<'PY' || exit 2
+import sys
+import torch
+if not torch.cuda.is_available():
+    sys.exit(f"torch {torch.__version__} sees no CUDA GPU: install a CUDA build of torch first (and check nvidia-smi)")
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}")
+PY
+
+echo "== 2/5 qbench's dependencies (pip only; the installed torch is kept)"
+if ! $PYTHON -c "import peft, transformers, accelerate, bitsandbytes, pynvml, psutil, pytest, pytest_benchmark, pandas, rich, tabulate, pydantic, safetensors" 2>/dev/null; then
+  TORCH_PIN=$($PYTHON -c "import torch; print(torch.__version__)")
+  $PYTHON -m pip install --quiet -e ".[dev]" -c <(echo "torch==$TORCH_PIN") || exit 2
+fi
+
+echo "== 3/5 qbench env (every weight format tried on the GPU)"
+timeout "$(left)" $PYTHON -m qbench env --device cuda || failed+=("qbench env")
+
+echo "== 4/5 CUDA tests, and the NVML/memory tests that run anywhere"
+timeout "$(left)" $PYTHON -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_nvml.py tests/test_memory.py \
+  || failed+=("tests")
+
+echo "== 5/5 a short suite under every weight format"
+$PYTHON - "$WORK" <<'PY' || exit 2
+import sys
+from pathlib import Path
+
+from tests import tmp_clip
+
+work = Path(sys.argv[1])
+checkpoint = tmp_clip.build_checkpoint(work / "checkpoint", hidden=768)  # ~20 M parameters: weights visible next to the context
+data = tmp_clip.build_data(work / "data")
+precisions = ["bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"]
+(work / "suite.toml").write_text(tmp_clip.suite_text(checkpoint, data, precisions, steps=30, name="gpucheck"))
+PY
+timeout "$(left)" $PYTHON -m qbench run "$WORK/suite.toml" --device cuda --out results || failed+=("suite")
+
+echo "== peak memory per precision"
+$PYTHON - <<'PY'
+from pathlib import Path
+
+from qbench import report, results
+
+runs = sorted(Path("results/gpucheck").glob("*/cells"), key=lambda p: p.stat().st_mtime)
+if not runs:
+    raise SystemExit("no run directory under results/gpucheck")
+run_dir = runs[-1].parent
+frame = results.load_frame([run_dir])
+columns = [c for c in ("precision", "status", "error", "memory.nvml.device_name", "memory.source.nvml") if c in frame.columns]
+print(frame[columns].to_markdown(index=False))
+lines = []
+for title, phase in (("peak over all phases", None), ("train phase", "train"), ("load phase", "load")):
+    table = report.peak_memory_table(frame, phase)
+    lines += [f"\n### {title} (MiB)\n", table.to_markdown(floatfmt=".1f")]
+text = "\n".join(lines)
+print(text)
+(run_dir / "gpu_memory.md").write_text(text + "\n")
+print(f"\nrecords: {run_dir / 'cells'}   tables: {run_dir / 'gpu_memory.md'}")
+PY
+
+echo "finished in $((SECONDS - START)) s"
+if ((${#failed[@]})); then
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "all GPU checks passed"

@@ -1,0 +1,1 @@
+"""A fake pynvml for tests without a GPU (see pynvml.py)."""

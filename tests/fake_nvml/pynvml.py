@@ -1,0 +1,180 @@
+"""A stand-in for nvidia-ml-py's `pynvml`, driven by files, so the NVML path runs without a GPU.
+
+Put this folder first on PYTHONPATH and `import pynvml` finds it, in the test process and in any
+process it starts (the memory sampler, a child that plants a spike). The state lives in the folder
+named by $QBENCH_FAKE_NVML_DIR:
+
+    devices.json      {"driver_version": ..., "devices": [{"uuid", "name", "total_bytes", "reserved_bytes"}, ...]}
+                      listed in PCI bus order, as NVML numbers them
+    procs/<pid>.json  {"device": index, "used_bytes": n, "lists": ["compute", "graphics", "mps"]}
+
+Like NVML, a device's `used` is its reserve plus every listed process; only live PIDs are listed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+STATE_ENV = "QBENCH_FAKE_NVML_DIR"
+
+
+class NVMLError(Exception):
+    pass
+
+
+class NVMLError_LibraryNotFound(NVMLError):
+    pass
+
+
+class NVMLError_InvalidArgument(NVMLError):
+    pass
+
+
+class NVMLError_NotFound(NVMLError):
+    pass
+
+
+# ---- test-side controls ----
+
+def configure(folder: Path | str, devices: list[dict], driver_version: str = "550.54.15") -> None:
+    folder = Path(folder)
+    (folder / "procs").mkdir(parents=True, exist_ok=True)
+    _write(folder / "devices.json", {"driver_version": driver_version, "devices": devices})
+
+
+def set_usage(pid: int, used_bytes: int, device: int = 0, lists: tuple[str, ...] = ("compute",), folder: Path | str | None = None) -> None:
+    _write(_state(folder) / "procs" / f"{pid}.json", {"device": device, "used_bytes": used_bytes, "lists": list(lists)})
+
+
+def clear_usage(pid: int, folder: Path | str | None = None) -> None:
+    (_state(folder) / "procs" / f"{pid}.json").unlink(missing_ok=True)
+
+
+def _write(path: Path, data: dict) -> None:
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data))
+    os.replace(temporary, path)  # a reader sees the old state or the new one, never half
+
+
+def _state(folder: Path | str | None = None) -> Path:
+    if folder is not None:
+        return Path(folder)
+    if STATE_ENV not in os.environ:
+        raise NVMLError_LibraryNotFound("NVML Shared Library Not Found")
+    return Path(os.environ[STATE_ENV])
+
+
+# ---- the pynvml API qbench uses ----
+
+_initialised = 0
+
+
+def _devices() -> list[dict]:
+    return json.loads((_state() / "devices.json").read_text())["devices"]
+
+
+def nvmlInit() -> None:
+    global _initialised
+    if not (_state() / "devices.json").is_file():
+        raise NVMLError_LibraryNotFound("NVML Shared Library Not Found")
+    _initialised += 1
+
+
+def nvmlShutdown() -> None:
+    global _initialised
+    _initialised = max(0, _initialised - 1)
+
+
+def _check() -> None:
+    if not _initialised:
+        raise NVMLError("Uninitialized")
+
+
+def nvmlSystemGetDriverVersion() -> str:
+    _check()
+    return json.loads((_state() / "devices.json").read_text())["driver_version"]
+
+
+def nvmlDeviceGetCount() -> int:
+    _check()
+    return len(_devices())
+
+
+def nvmlDeviceGetHandleByIndex(index: int) -> SimpleNamespace:
+    _check()
+    if not 0 <= index < len(_devices()):
+        raise NVMLError_InvalidArgument("Invalid Argument")
+    return SimpleNamespace(index=index)
+
+
+def nvmlDeviceGetHandleByUUID(uuid: str) -> SimpleNamespace:
+    _check()
+    for index, device in enumerate(_devices()):
+        if device["uuid"] == uuid:
+            return SimpleNamespace(index=index)
+    raise NVMLError_NotFound("Not Found")
+
+
+def nvmlDeviceGetUUID(handle: SimpleNamespace) -> str:
+    return _devices()[handle.index]["uuid"]
+
+
+def nvmlDeviceGetName(handle: SimpleNamespace) -> str:
+    return _devices()[handle.index]["name"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _entries(index: int) -> list[tuple[int, dict]]:
+    entries = []
+    for path in (_state() / "procs").glob("*.json"):
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, ValueError):  # removed between listing and reading
+            continue
+        pid = int(path.stem)
+        if entry["device"] == index and _alive(pid):
+            entries.append((pid, entry))
+    return entries
+
+
+def _processes(handle: SimpleNamespace, kind: str) -> list[SimpleNamespace]:
+    _check()
+    return [
+        SimpleNamespace(pid=pid, usedGpuMemory=entry["used_bytes"])
+        for pid, entry in _entries(handle.index)
+        if kind in entry["lists"]
+    ]
+
+
+def nvmlDeviceGetComputeRunningProcesses(handle: SimpleNamespace) -> list[SimpleNamespace]:
+    return _processes(handle, "compute")
+
+
+def nvmlDeviceGetGraphicsRunningProcesses(handle: SimpleNamespace) -> list[SimpleNamespace]:
+    return _processes(handle, "graphics")
+
+
+def nvmlDeviceGetMPSComputeRunningProcesses(handle: SimpleNamespace) -> list[SimpleNamespace]:
+    return _processes(handle, "mps")
+
+
+def nvmlDeviceGetMemoryInfo(handle: SimpleNamespace) -> SimpleNamespace:
+    _check()
+    device = _devices()[handle.index]
+    per_pid: dict[int, int] = {}
+    for pid, entry in _entries(handle.index):
+        per_pid[pid] = entry["used_bytes"] or 0
+    used = device.get("reserved_bytes", 0) + sum(per_pid.values())
+    return SimpleNamespace(total=device["total_bytes"], used=used, free=device["total_bytes"] - used)

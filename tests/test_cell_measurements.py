@@ -1,0 +1,107 @@
+"""Real cells on the CPU carry every measurement, and a cell whose base is not what its name says fails.
+
+The suite runs a throwaway tiny CLIP (tests/tmp_clip.py) through the command line, one process per
+cell. A sitecustomize.py on the cells' PYTHONPATH makes the loading of one arm drop its
+quantization_config, as a mislabelled configuration would.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from qbench import cli, results
+
+from . import tmp_clip
+
+pytestmark = pytest.mark.slow
+
+PHASES = ("data", "load", "prepare", "eval_before", "train", "eval_after")
+
+DROP_QUANTIZATION = '''
+import os
+from qbench import precisions
+
+_dropped = set(os.environ.get("QBENCH_TEST_DROP_QUANTIZATION", "").split(","))
+_original = precisions.Precision.quantization_config
+
+
+def _without_quantization(self, compute_dtype):
+    return None if self.name in _dropped else _original(self, compute_dtype)
+
+
+precisions.Precision.quantization_config = _without_quantization
+'''
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("cells")
+    checkpoint = tmp_clip.build_checkpoint(folder / "checkpoint")
+    data = tmp_clip.build_data(folder / "data")
+    suite = folder / "suite.toml"
+    suite.write_text(tmp_clip.suite_text(checkpoint, data, ["bf16", "nf4", "fp4-dq"], steps=4))
+    hook = folder / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(DROP_QUANTIZATION)
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "QBENCH_TEST_DROP_QUANTIZATION")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), saved["PYTHONPATH"]]))
+    os.environ["QBENCH_TEST_DROP_QUANTIZATION"] = "fp4-dq"
+    try:
+        code = cli.main(["run", str(suite), "--out", str(folder / "out"), "--device", "cpu"])
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    (run_dir,) = (folder / "out" / "tmpclip").iterdir()
+    return {"code": code, "dir": run_dir, "records": {r["precision"]: r for r in results.read_records(run_dir)}}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "nf4"])
+def test_every_cpu_record_carries_every_measurement(run, precision):
+    record = run["records"][precision]
+    assert record["status"] == "ok", record.get("error")
+    for phase in PHASES:
+        assert record[f"memory.{phase}.rss_peak_bytes"] > 100 * 1024 * 1024  # python + torch are resident
+        for absent in ("torch_max_allocated_bytes", "torch_max_reserved_bytes", "nvml_process_peak_bytes", "nvml_device_peak_bytes"):
+            assert f"memory.{phase}.{absent}" in record and record[f"memory.{phase}.{absent}"] is None
+    assert record["memory.source.torch_cuda"].startswith("unavailable") and record["memory.source.nvml"].startswith("unavailable")
+    assert record["memory.peak_rss_bytes"] == max(record[f"memory.{p}.rss_peak_bytes"] for p in PHASES)
+    assert record["weights.base_bytes"] == (
+        record["weights.quantized_codes_bytes"] + record["weights.quant_state_bytes"] + record["weights.unquantized_bytes"]
+    )
+    assert record["weights.error.layers"] > 0 and record["weights.error.rel_max"] >= record["weights.error.rel_mean"] > 0
+    assert 0 < record["speed.step_time_p50_s"] <= record["speed.step_time_p90_s"]
+    assert record["speed.timed_steps"] == 3
+    assert record["time.load_s"] > 0
+
+
+def test_the_quantized_record_has_its_bits_and_the_dense_one_has_none(run):
+    nf4, bf16 = run["records"]["nf4"], run["records"]["bf16"]
+    # nf4: 4 bits of code + one float32 absmax per 64 weights + a 64-byte code table per layer
+    layers = nf4["format.linear4bit_count"]
+    expected = 4 + 32 / 64 + 8 * 64 * layers / nf4["weights.quantized_params"]
+    assert nf4["weights.bits_per_quantized_param"] == pytest.approx(expected, abs=0.01)
+    assert nf4["weights.quant_state.absmax_bytes"] > 0 and nf4["weights.unquantized_bytes"] > 0
+    assert bf16["weights.bits_per_quantized_param"] is None and bf16["weights.quantized_params"] == 0
+    assert nf4["weights.error.rel_mean"] > 10 * bf16["weights.error.rel_mean"]
+    assert nf4["format.quant_types"] == "nf4" and nf4["format.compressed_statistics"] == "false"
+
+
+def test_a_base_loaded_without_its_4bit_settings_fails_naming_the_modules_that_disagree(run):
+    record = run["records"]["fp4-dq"]
+    assert record["status"] == "failed"
+    assert record["error_type"] == "FormatMismatch"
+    assert "does not match precision 'fp4-dq'" in record["error"]
+    assert "text_model.encoder.layers.0.self_attn.k_proj is Linear, expected Linear4bit" in record["error"]
+    assert record["format.linear4bit_count"] == 0  # what was read back is kept as evidence
+    assert run["code"] == 1  # the command says that a cell failed
+
+
+def test_the_summary_explains_the_bytes_and_shows_the_damage(run):
+    summary = Path(run["dir"], "summary.md").read_text()
+    assert "## Why a 4-bit base is not 4x smaller" in summary and "**nf4**: the base takes" in summary
+    assert "## Quantization damage before fine-tuning" in summary
+    assert "## Peak memory per phase (MiB)" in summary and "train RSS" in summary
+    assert "fp4-dq-seed0" in summary  # listed among the cells that did not finish
