@@ -311,7 +311,7 @@ def _limit(metric: str, row: pd.Series) -> str:
     text = {"%": f"{limit:.2f} points", "MiB": f"{limit:.2f} MiB"}.get(unit, f"{limit:.3g}")
     noise = row.get("noise")
     if noise and noise > allowed:
-        text += " (seed noise)"
+        text += " (noise floor)"
     return text
 
 
