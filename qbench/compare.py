@@ -30,6 +30,7 @@ DEFAULT_TOLERANCES: tuple[tuple[str, ToleranceSpec], ...] = (
     ("quality.*accuracy*", ToleranceSpec(abs=0.03)),
     ("quality.*perplexity*", ToleranceSpec(rel=0.03)),
     ("quality.*bits_per_byte*", ToleranceSpec(rel=0.02)),
+    ("quality.*nll*", ToleranceSpec(rel=0.02)),
     ("quality.*loss*", ToleranceSpec(rel=0.05)),
     ("train.*loss", ToleranceSpec(rel=0.05)),
     ("memory.*torch_max_*_bytes", ToleranceSpec(rel=0.05)),
@@ -245,6 +246,12 @@ def compare(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings | None
             for _, cell in bad.iterrows():
                 add(precision, "status", "failed", note=f"{cell.get('cell_id', precision)}: {cell['status']} — {cell.get('error')}")
             notes.append(f"{precision}: in the new results only; no baseline to compare with")
+    threads_old, threads_new = _values(baseline, "env.cpu_count"), _values(new, "env.cpu_count")
+    if threads_old and threads_new and threads_old != threads_new:
+        notes.append(
+            f"torch threads differ (baseline {', '.join(sorted(threads_old))}, new {', '.join(sorted(threads_new))}): "
+            "speed ratios may move for that reason alone (set OMP_NUM_THREADS as the baseline was made)"
+        )
     speed = sorted({c for c in new.columns if getattr(fields.spec_for(c), "kind", None) == "speed"})
     if speed:
         notes.append(
@@ -304,7 +311,7 @@ def _limit(metric: str, row: pd.Series) -> str:
     text = {"%": f"{limit:.2f} points", "MiB": f"{limit:.2f} MiB"}.get(unit, f"{limit:.3g}")
     noise = row.get("noise")
     if noise and noise > allowed:
-        text += " (seed noise)"
+        text += " (noise floor)"
     return text
 
 

@@ -115,7 +115,7 @@ def relative_to_baseline(frame: pd.DataFrame) -> pd.DataFrame:
         table[f"peak memory saved % ({source})"] = 100 * (1 - stats.mean[memory] / base[memory])
     if quality:
         factor, unit = fields.scale(quality)
-        unit = "points" if unit == "%" else unit
+        unit = "points" if unit == "%" else ("" if unit in fields.label(quality) else unit)
         table[f"Δ {fields.label(quality)} ({unit})".replace(" ()", "")] = (stats.mean[quality] - base[quality]) * factor
         spec = fields.spec_for(quality)
         if spec is not None and spec.direction is not None:

@@ -94,7 +94,7 @@ def test_perplexity_records_get_a_report_without_special_cases(tmp_path: Path):
     frame = pd.DataFrame(records)
     assert fields.first_present(frame, fields.HEADLINE_QUALITY) == "quality.after.perplexity"
     table = tables.relative_to_baseline(frame)
-    assert table.loc["nf4-dq", "Δ after perplexity (perplexity)"] == pytest.approx(1.0)
+    assert table.loc["nf4-dq", "Δ after perplexity"] == pytest.approx(1.0)
     assert table.loc["nf4-dq", "quality vs baseline"] == "worse"
     paths = report.write_report(frame, tmp_path / "lm")
     assert paths["html"].read_text().count("data:image/png;base64,") == 4
