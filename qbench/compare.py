@@ -140,6 +140,10 @@ def _normalised(value: Any) -> str | None:
         return str(value).lower() if str(value) in ("True", "False") else str(value)
 
 
+def _shown(values: set[str]) -> str:
+    return ", ".join(sorted(v.removesuffix(".0") for v in values))
+
+
 def _values(frame: pd.DataFrame, column: str) -> set[str]:
     return {v for v in map(_normalised, frame[column]) if v is not None} if column in frame.columns else set()
 
@@ -157,6 +161,13 @@ def identity_problems(baseline: pd.DataFrame, new: pd.DataFrame) -> list[str]:
     devices_new = {v.split(":")[0] for v in _values(new, "env.device")}
     if devices_old and devices_new and devices_old != devices_new:
         problems.append(f"measured on different devices: baseline {', '.join(sorted(devices_old))} vs new {', '.join(sorted(devices_new))}")
+    threads_old, threads_new = _values(baseline, "env.cpu_count"), _values(new, "env.cpu_count")
+    if devices_old == devices_new == {"cpu"} and threads_old and threads_new and threads_old != threads_new:
+        # on a CPU the work runs on these threads: speed ratios of different thread counts do not compare
+        problems.append(
+            f"torch threads differ on cpu: baseline {_shown(threads_old)} vs new {_shown(threads_new)} "
+            "(make both with the same OMP_NUM_THREADS)"
+        )
     if problems:
         problems.append("the baseline no longer describes this suite: refresh it deliberately (see README, 'Regression gate')")
     return problems
@@ -247,9 +258,9 @@ def compare(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings | None
                 add(precision, "status", "failed", note=f"{cell.get('cell_id', precision)}: {cell['status']} — {cell.get('error')}")
             notes.append(f"{precision}: in the new results only; no baseline to compare with")
     threads_old, threads_new = _values(baseline, "env.cpu_count"), _values(new, "env.cpu_count")
-    if threads_old and threads_new and threads_old != threads_new:
+    if threads_old and threads_new and threads_old != threads_new:  # on a GPU: a note, the GPU does the work
         notes.append(
-            f"torch threads differ (baseline {', '.join(sorted(threads_old))}, new {', '.join(sorted(threads_new))}): "
+            f"torch threads differ (baseline {_shown(threads_old)}, new {_shown(threads_new)}): "
             "speed ratios may move for that reason alone (set OMP_NUM_THREADS as the baseline was made)"
         )
     speed = sorted({c for c in new.columns if getattr(fields.spec_for(c), "kind", None) == "speed"})

@@ -265,9 +265,14 @@ def test_repeated_baseline_runs_give_speed_ratios_a_noise_floor():
     assert compare.compare(frame(make_records()), new).exit_code == 1  # one baseline run: no noise floor
 
 
-def test_a_different_torch_thread_count_is_noted_next_to_the_speed_ratios():
-    new = [make_record(p, run_id="run-b", env__cpu_count=2) for p in ("bf16", "int8", "nf4-dq")]
+def test_a_different_torch_thread_count_makes_cpu_results_unusable_and_is_noted_on_a_gpu():
     old = [make_record(p, env__cpu_count=1) for p in ("bf16", "int8", "nf4-dq")]
-    result = compare.compare(frame(old), frame(new))
-    assert result.exit_code == 0
-    assert any("torch threads differ (baseline 1.0, new 2.0)" in note for note in result.notes)
+    new = [make_record(p, run_id="run-b", env__cpu_count=2) for p in ("bf16", "int8", "nf4-dq")]
+    on_cpu = compare.compare(frame(old), frame(new))
+    assert on_cpu.exit_code == 2
+    assert any("torch threads differ on cpu: baseline 1 vs new 2" in p for p in on_cpu.problems)
+    for record in old + new:
+        record["env.device"] = "cuda:0"
+    on_gpu = compare.compare(frame(old), frame(new))
+    assert on_gpu.exit_code == 0
+    assert any("torch threads differ (baseline 1, new 2)" in note for note in on_gpu.notes)
