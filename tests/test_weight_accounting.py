@@ -151,3 +151,13 @@ def test_without_safetensors_the_error_is_unavailable_with_the_reason(checkpoint
     result = weight_error.measure(load(checkpoint, "nf4"), str(tmp_path))
     assert "no *.safetensors files" in result["weights.error.unavailable_reason"]
     assert "weights.error.rel_mean" not in result
+
+
+def test_a_tied_head_is_counted_once_in_bytes_and_in_parameters():
+    embedding = torch.nn.Embedding(100, 16)
+    head = torch.nn.Linear(16, 100, bias=False)
+    head.weight = embedding.weight
+    account = weights.account_base(torch.nn.ModuleDict({"embed": embedding, "head": head}).to(torch.bfloat16))
+    assert account["weights.params"] == 1600
+    assert account["weights.base_bytes"] == 3200
+    assert account["weights.bits_per_param"] == 16.0

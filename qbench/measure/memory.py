@@ -25,7 +25,7 @@ from qbench.measure.sampler import SamplerFailed, SamplerProcess
 
 SAMPLE_INTERVAL_S = 0.01
 
-# (key in a phase, key of the sampler's reading or None for torch) in record order
+# the figures each phase records, in record order
 PHASE_SOURCES = (
     "rss_peak_bytes",
     "torch_max_allocated_bytes",
@@ -33,6 +33,7 @@ PHASE_SOURCES = (
     "nvml_process_peak_bytes",
     "nvml_device_peak_bytes",
 )
+# the ones the sampler process reads: record key -> the sampler's reading
 _SAMPLED = {"rss_peak_bytes": "rss_bytes", "nvml_process_peak_bytes": "nvml_process_bytes", "nvml_device_peak_bytes": "nvml_device_bytes"}
 
 
@@ -88,7 +89,7 @@ class MemoryTracker:
         nvml = hello.get("nvml")
         self.nvml_available = bool(nvml and nvml["available"])
         self.record["memory.source.rss"] = (
-            "psutil: resident set size of this process and its children, sampled by a separate process"
+            "resident set size of this process and its children (/proc/PID/statm), sampled by a separate process"
             if self._sampler is not None
             else self._sampler_error
         )
@@ -114,9 +115,12 @@ class MemoryTracker:
             return None
         try:
             return self._sampler.mark()
-        except SamplerFailed as error:
+        except SamplerFailed as error:  # from here on nothing is sampled, and the record says so
             self._sampler = None
             self.record["memory.source.rss"] = f"unavailable: {error}"
+            if self.nvml_available:
+                self.record["memory.source.nvml"] = f"unavailable: {error}"
+                self.nvml_available = False
             return None
 
     @contextmanager

@@ -90,7 +90,9 @@ def measure(model: nn.Module, model_path: str, revision: str | None = None) -> d
     except (CheckpointUnavailable, OSError) as error:
         record["weights.error.unavailable_reason"] = str(error)
         return record
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # a head tied to the embedding is the embedding's tensor: not a linear of its own, and not in the checkpoint
+    owned_elsewhere = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m.weight) not in owned_elsewhere]
     quantized = [(n, m) for n, m in linears if is_bnb_linear(m)]
     chosen = quantized or linears
     record["weights.error.scope"] = "quantized linears" if quantized else "all linears (dense base)"

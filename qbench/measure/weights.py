@@ -73,11 +73,14 @@ def account_base(model: nn.Module) -> dict[str, Any]:
     seen: set[tuple[Any, int, int]] = set()
     totals: Counter[str] = Counter()
 
-    def add(bucket: str, tensor: torch.Tensor) -> None:
+    def add(bucket: str, tensor: torch.Tensor) -> bool:
+        """Count a tensor's bytes once, however many modules share it (tied embeddings and heads)."""
         key = _tensor_key(tensor)
-        if key not in seen:
-            seen.add(key)
-            totals[bucket] += tensor.nbytes
+        if key in seen:
+            return False
+        seen.add(key)
+        totals[bucket] += tensor.nbytes
+        return True
 
     quantized_params = unquantized_params = 0
     for module in model.modules():
@@ -86,16 +89,15 @@ def account_base(model: nn.Module) -> dict[str, Any]:
             for kind, tensor in quant_state_tensors(module):
                 add(f"state.{kind}", tensor)
             quantized_params += quantized_param_count(module)
-            if module.bias is not None:
-                add("unquantized.quantized_linear_bias", module.bias.data)
+            if module.bias is not None and add("unquantized.quantized_linear_bias", module.bias.data):
                 unquantized_params += module.bias.numel()
             for buffer in module.buffers(recurse=False):
                 add("unquantized.buffer", buffer)
             continue
         kind = _module_kind(module)
         for parameter in module.parameters(recurse=False):
-            add(f"unquantized.{kind}", parameter.data)
-            unquantized_params += parameter.numel()
+            if add(f"unquantized.{kind}", parameter.data):
+                unquantized_params += parameter.numel()
         for buffer in module.buffers(recurse=False):
             add("unquantized.buffer", buffer)
 
