@@ -83,6 +83,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         "config.gradient_checkpointing": suite.train.gradient_checkpointing,
         "config.safetensors_only": suite.model.safetensors_only,
         "config.trust_remote_code": suite.model.trust_remote_code,
+        "config.device_map": suite.model.device_map,
         **{f"config.lora.{k}": (",".join(v) if isinstance(v, tuple) else v) for k, v in suite.lora.model_dump().items()},
         **{f"config.train.{k}": v for k, v in suite.train.model_dump().items()},
         **{f"precision.{k}": v for k, v in precision.settings().items()},
@@ -143,6 +144,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         with tracker.phase("load"):
             model = models.load_base(task.model_class, model_path, precision, suite.compute_dtype, device, suite.model)
         record["time.load_s"] = time.perf_counter() - started
+        record.update(models.placement(model))
         record["bnb.cpu_weight_packing_disabled_layers"] = models.disable_bnb_cpu_weight_packing(model)
         record.update(weights.read_format(model))
         record.update(weights.account_base(model))

@@ -106,7 +106,7 @@ def _check_model(loaded: LoadedSuite) -> list[str]:
     suite = loaded.suite
     try:
         path = models.resolve(suite.model.id, loaded.path.parent, suite.model.revision)
-        models.ensure_available(path, suite.model.revision)
+        models.ensure_available(path, suite.model.revision, loaded.path.parent)
     except models.ModelNotFound as error:
         return [f"model.id: {error}"]
     except Exception as error:  # e.g. a malformed hub id: one line, never a traceback

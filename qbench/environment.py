@@ -67,12 +67,14 @@ def describe(device: str) -> dict[str, Any]:
             "env.cpu_count": torch.get_num_threads(),
             "env.device": device,
             "env.cuda_version": torch.version.cuda,
+            "env.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
     )
     if device.startswith("cuda") and torch.cuda.is_available():
         index = torch.device(device).index or 0
         fields["env.device_name"] = torch.cuda.get_device_name(index)
         fields["env.device_total_memory_bytes"] = torch.cuda.get_device_properties(index).total_memory
+        fields["env.cuda_device_count"] = torch.cuda.device_count()
         try:
             import pynvml
 

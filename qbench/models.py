@@ -78,26 +78,42 @@ def resolve(model_id: str, base_dir: Path | None = None, revision: str | None = 
     return model_id  # a hub id: checked by `ensure_available`
 
 
-def ensure_available(model_id: str, revision: str | None = None) -> None:
-    """For a hub id: present in the local cache or downloadable, else ModelNotFound with the fix."""
+HUB_PROBE_TIMEOUT_S = 10
+
+
+def ensure_available(model_id: str, revision: str | None = None, base_dir: Path | None = None) -> None:
+    """For a hub id: in the local Hugging Face cache, or on a hub that answers now (one request, no
+    retries, nothing downloaded); ModelNotFound saying which and how to fix it otherwise."""
     if Path(model_id).exists():
         return
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
-    cached = try_to_load_from_cache(model_id, "config.json", revision=revision)
+    try:
+        cached = try_to_load_from_cache(model_id, "config.json", revision=revision)
+    except (HFValidationError, ValueError) as error:
+        raise ModelNotFound(f"model {model_id!r} is neither a local checkpoint folder nor a valid hub id ({error})") from None
     if isinstance(cached, str):
         return
+    at = f" at revision {revision!r}" if revision else ""
+    folder = f"; there is no folder {(base_dir or Path.cwd()) / model_id} either" if "/" in model_id else ""
+    missing = f"model {model_id!r}{at} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}){folder}"
+    fix = (
+        f"Fix: download it once where there is network (`hf download {model_id}"
+        f"{f' --revision {revision}' if revision else ''}`) and use that cache here (copy it, or set HF_HOME), "
+        "or set model.id to a local checkpoint folder (one written by save_pretrained)."
+    )
+    if constants.is_offline_mode():
+        raise ModelNotFound(f"{missing}, and offline mode is on (HF_HUB_OFFLINE=1), so it cannot be downloaded. {fix}")
     try:
-        from huggingface_hub import hf_hub_download
-
-        hf_hub_download(model_id, "config.json", revision=revision)
-    except (HfHubHTTPError, OSError, ValueError) as error:
+        get_hf_file_metadata(hf_hub_url(model_id, "config.json", revision=revision), timeout=HUB_PROBE_TIMEOUT_S)
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as error:
         raise ModelNotFound(
-            f"model {model_id!r} is not in the local Hugging Face cache and could not be fetched "
-            f"({type(error).__name__}). Fix: run once with network (or `huggingface-cli download {model_id}`), "
-            f"or point `model.id` at a local checkpoint folder."
+            f"{missing}, and the hub does not serve it ({type(error).__name__}: no such model{at}, or a gated or "
+            f"private one: log in with `hf auth login`). {fix}"
         ) from None
+    except Exception as error:  # no network, DNS, proxy, TLS, timeout: all mean "cannot be fetched now"
+        raise ModelNotFound(f"{missing}, and {constants.ENDPOINT} cannot be reached ({type(error).__name__}). {fix}") from None
 
 
 def device_map_for(device: str, mode: str) -> Any:
@@ -105,6 +121,17 @@ def device_map_for(device: str, mode: str) -> Any:
     if mode == "auto":
         return "auto"
     return {"": device}
+
+
+def placement(model: Any) -> dict[str, Any]:
+    """Where the loaded base lives: its devices, and accelerate's module -> device map when it split the base."""
+    devices = sorted({str(t.device) for t in list(model.parameters()) + list(model.buffers())})
+    split = getattr(model, "hf_device_map", None)
+    return {
+        "model.devices": ",".join(devices),
+        "model.device_count": len(devices),
+        "model.device_map_modules": len(split) if split else None,
+    }
 
 
 def load_base(model_class: Any, path: str, precision: Precision, compute_dtype: str, device: str, spec: Any) -> Any:

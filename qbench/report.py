@@ -7,6 +7,8 @@ from typing import Any
 
 import pandas as pd
 
+from qbench import fields, tables
+
 MB = 1024 * 1024
 
 # (record column, shown name, scale) in the order the summary shows them; absent columns are skipped
@@ -278,3 +280,122 @@ def peak_memory_table(frame: pd.DataFrame, phase: str | None = None) -> pd.DataF
     if "weights.base_bytes" in means.columns:
         table["base weights MiB"] = means["weights.base_bytes"] / MB
     return table
+
+
+# --- `qbench report`: several run directories -> one set of tables, plots and files -------------
+
+PROVENANCE_COLUMNS = ("run_id", "suite", "env.device", "env.device_name", "env.hostname", "env.git_commit", "env.torch_version", "env.bitsandbytes_version")
+
+
+def _mean_with_spread(mean: float, std: float, count: int, scale: float) -> str:
+    if pd.isna(mean):
+        return "—"
+    if count > 1 and pd.notna(std):
+        return f"{mean * scale:.2f} ± {std * scale:.2f}"
+    return f"{mean * scale:.2f}"
+
+
+def precision_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The summary per precision as display strings: mean, and ± sample std where a precision has several seeds."""
+    if frame.empty:
+        return pd.DataFrame()
+    order = tables.precision_order(frame)
+    columns = [c for c, _, _ in SUMMARY_COLUMNS if c in frame.columns]
+    stats = tables.aggregate(frame, columns)
+    table = pd.DataFrame(index=pd.Index(order, name="precision"))
+    grouped = frame.groupby("precision", sort=False)
+    table["status"] = grouped["status"].agg(lambda s: ",".join(sorted(set(s)))).reindex(order)
+    table["seeds"] = grouped["seed"].nunique().reindex(order) if "seed" in frame.columns else 1
+    table["cells"] = grouped.size().reindex(order)
+    for column, label, scale in SUMMARY_COLUMNS:
+        if column not in stats.mean.columns or stats.mean[column].isna().all():
+            continue
+        table[label] = [
+            _mean_with_spread(stats.mean.loc[p, column], stats.std.loc[p, column], stats.count.loc[p, column], scale) for p in order
+        ]
+    return table
+
+
+def provenance_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per run directory merged into the report: where and with what it was measured."""
+    columns = [c for c in PROVENANCE_COLUMNS if c in frame.columns]
+    if not columns or "run_id" not in columns:
+        return pd.DataFrame()
+    runs = frame.groupby("run_id", sort=True)
+    table = runs[[c for c in columns if c != "run_id"]].first()
+    table["cells"] = runs.size()
+    table["ok"] = runs["status"].agg(lambda s: int((s == "ok").sum()))
+    return table
+
+
+def report_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The report's tables, titled, in the order every renderer (terminal, Markdown, HTML) shows them."""
+    baseline = tables.baseline_precision(frame) or "baseline"
+    shown = {
+        "Per precision (mean ± sample std over seeds)": precision_table(frame),
+        f"Relative to {baseline}": tables.relative_to_baseline(frame),
+        "Cells that did not finish": failures(frame),
+        "Runs merged into this report": provenance_table(frame),
+    }
+    return {title: table for title, table in shown.items() if not table.empty}
+
+
+def default_report_dir(run_dirs: list[Path]) -> Path:
+    """`RUN_DIR/report` for one run; for several, `report-<n>-runs` beside the first."""
+    if len(run_dirs) == 1:
+        return Path(run_dirs[0]) / "report"
+    return Path(run_dirs[0]).parent / f"report-{len(run_dirs)}-runs"
+
+
+def _writable_for_parquet(frame: pd.DataFrame) -> pd.DataFrame:
+    """Object columns as strings (None kept): records may hold a number in one cell and text in another."""
+    fixed = frame.copy()
+    for column in fixed.columns:
+        if fixed[column].dtype == object:
+            fixed[column] = fixed[column].map(lambda v: v if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
+    return fixed
+
+
+def _markdown(title: str, tables_shown: dict[str, pd.DataFrame], plot_files: list[tuple[str, str]]) -> str:
+    lines = [f"# {title}", ""]
+    for caption, file_name in plot_files:
+        lines += [f"![{caption}]({file_name})", ""]
+    for heading, table in tables_shown.items():
+        lines += [f"## {heading}", "", table.to_markdown(floatfmt=".2f"), ""]
+    return "\n".join(lines)
+
+
+def write_report(frame: pd.DataFrame, out_dir: Path, title: str | None = None) -> dict[str, Path]:
+    """report.csv / report.parquet (every record field, plus within-run speed ratios), summary.csv, report.md,
+    plots/*.png and a self-contained report.html (plots embedded) in `out_dir`."""
+    from qbench import html, plots  # matplotlib is imported only when a report is written
+
+    out_dir = Path(out_dir)
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    throughput = [c for c in fields.HEADLINE_THROUGHPUT if c in frame.columns]
+    flat = tables.add_speed_ratios(frame, tuple(throughput)) if throughput else frame
+    suites = ", ".join(dict.fromkeys(str(s) for s in frame.get("suite", pd.Series(["?"])).dropna()))
+    title = title or f"qbench report — {suites}"
+    paths = {
+        "csv": out_dir / "report.csv",
+        "parquet": out_dir / "report.parquet",
+        "summary_csv": out_dir / "summary.csv",
+        "markdown": out_dir / "report.md",
+        "html": out_dir / "report.html",
+    }
+    flat.to_csv(paths["csv"], index=False)
+    _writable_for_parquet(flat).to_parquet(paths["parquet"], index=False)
+    numeric = [c for c in flat.columns if fields.spec_for(c) is not None]
+    tables.mean_and_spread(flat, numeric).to_csv(paths["summary_csv"])
+    shown = report_tables(frame)
+    figures = plots.all_plots(frame)
+    plot_files = []
+    for plot in figures:
+        path = out_dir / "plots" / f"{plot.name}.png"
+        path.write_bytes(plot.png)
+        paths[f"plot:{plot.name}"] = path
+        plot_files.append((plot.title, f"plots/{plot.name}.png"))
+    paths["markdown"].write_text(_markdown(title, shown, plot_files), encoding="utf-8")
+    paths["html"].write_text(html.page(title, shown, figures), encoding="utf-8")
+    return paths
+

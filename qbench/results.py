@@ -54,3 +54,69 @@ def load_frame(run_dirs: list[Path | str]) -> Any:
 
     rows = [record for run_dir in run_dirs for record in read_records(run_dir)]
     return pd.DataFrame(rows)
+
+
+class ResultsError(ValueError):
+    """A path given as results that holds no records qbench can read."""
+
+
+TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+def find_run_dirs(path: Path | str) -> list[Path]:
+    """Run directories at or under `path`: a folder with `cells/*.json`, or folders holding such folders."""
+    path = Path(path)
+    if (path / RECORDS_DIR).is_dir():
+        return [path]
+    return sorted(cells.parent for cells in path.rglob(RECORDS_DIR) if cells.is_dir() and any(cells.glob("*.json")))
+
+
+def read_manifest(run_dir: Path | str) -> dict[str, Any] | None:
+    """The run's `run.json` (suite text, device, cells), or None when the folder has none."""
+    path = Path(run_dir) / "run.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _read_table(path: Path) -> Any:
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except Exception as error:  # pandas raises many kinds; every one means the file is unusable
+        raise ResultsError(f"{path}: cannot read as a results table ({type(error).__name__}: {error})") from None
+
+
+def load_results(paths: list[Path | str]) -> Any:
+    """One flat DataFrame from run directories, folders of them, or exported CSV / Parquet tables.
+
+    Several inputs (shards of one suite run on several machines, or several seeds' runs) are
+    concatenated; every row keeps its `run_id`. ResultsError when a path holds no records.
+    """
+    import pandas as pd
+
+    parts = []
+    for path in map(Path, paths):
+        if path.is_file() and path.suffix in TABLE_SUFFIXES:
+            table = _read_table(path)
+        elif path.is_dir():
+            run_dirs = find_run_dirs(path)
+            if not run_dirs:
+                raise ResultsError(f"{path}: no run directory (a folder with {RECORDS_DIR}/*.json) at or under it")
+            try:
+                table = pd.DataFrame([record for run_dir in run_dirs for record in read_records(run_dir)])
+            except (OSError, json.JSONDecodeError) as error:
+                raise ResultsError(f"{path}: a record cannot be read ({error})") from None
+        elif path.exists():
+            raise ResultsError(f"{path}: not a run directory nor a {' / '.join(TABLE_SUFFIXES)} table")
+        else:
+            raise ResultsError(f"{path}: no such file or folder")
+        missing = [c for c in ("precision", "status") if c not in table.columns]
+        if table.empty or missing:
+            raise ResultsError(f"{path}: holds no cell records" + (f" (no {', '.join(missing)} column)" if missing else ""))
+        parts.append(table)
+    if not parts:
+        raise ResultsError("no results given")
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]

@@ -7,17 +7,20 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from qbench import __version__, results
+from qbench import __version__, results, scheduler
 from qbench.cell import EVENT_PREFIX
+from qbench.scheduler import LOCAL_SLOT, Slot
 from qbench.suite import Cell, LoadedSuite
 
 CHILD_STOP_GRACE_S = 60
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+CELL_COMMAND = (sys.executable, "-m", "qbench.cell")  # reads the cell's spec on stdin, writes its record
 
 
 class Listener(Protocol):
@@ -58,8 +61,9 @@ def resolve_device(requested: str) -> str:
     return "cuda" if probe.stdout.strip() == "True" else "cpu"
 
 
-def new_run_dir(out: Path, suite_name: str) -> Path:
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+def new_run_dir(out: Path, suite_name: str, label: str = "") -> Path:
+    """A fresh `out/<suite>/<UTC time>[-label]` folder name (`label` e.g. `shard1of2`)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + (f"-{label}" if label else "")
     candidate = out / suite_name / stamp
     suffix = 1
     while candidate.exists():
@@ -78,6 +82,11 @@ class Run:
     cells: list[Cell]
     listener: Listener = QuietListener()
     env: dict[str, str] | None = None  # extra environment for the cell processes
+    slots: list[Slot] = field(default_factory=lambda: [LOCAL_SLOT])  # one cell process per slot at a time
+    cell_command: tuple[str, ...] = field(default_factory=lambda: CELL_COMMAND)
+    _running: set[subprocess.Popen] = field(default_factory=set, init=False, repr=False)
+    _running_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _stopping: bool = field(default=False, init=False, repr=False)  # set when the run is being interrupted
 
     @property
     def run_id(self) -> str:
@@ -92,6 +101,7 @@ class Run:
             "suite_text": self.loaded.source_text(),
             "device": self.device,
             "cells": [{"cell_id": c.id, "precision": c.precision, "seed": c.seed} for c in self.cells],
+            "slots": [{"name": s.name, **s.env} for s in self.slots],
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             **(extra or {}),
         }
@@ -112,7 +122,7 @@ class Run:
 
     def _crash_record(
         self, cell: Cell, returncode: int | None, last_phase: str | None, partial: dict[str, Any] | None = None,
-        interrupted: bool = False,
+        interrupted: bool = False, slot: Slot = LOCAL_SLOT,
     ) -> dict[str, Any]:
         """The record of a cell whose process ended without finishing it: what it had measured, plus how it ended."""
         if interrupted:
@@ -131,6 +141,7 @@ class Run:
             "error_phase": phase,
             "error_returncode": returncode,
             "time.end": datetime.now(UTC).isoformat(timespec="seconds"),
+            "env.cuda_visible_devices": slot.env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")),
         }
 
     def _identity(self, cell: Cell) -> dict[str, Any]:
@@ -149,24 +160,26 @@ class Run:
             "config.trust_remote_code": self.loaded.suite.model.trust_remote_code,
         }
 
-    def _settle(self, cell: Cell, returncode: int | None, last_phase: str | None, interrupted: bool = False) -> dict[str, Any]:
+    def _settle(
+        self, cell: Cell, returncode: int | None, last_phase: str | None, interrupted: bool = False, slot: Slot = LOCAL_SLOT
+    ) -> dict[str, Any]:
         """The cell's final record: the one it wrote, or (if it died or was stopped first) a failure or
         interruption record that keeps every figure its last checkpoint held. Written atomically."""
         record_file = results.record_path(self.run_dir, cell.id)
         written = results.read_record(record_file)
         if written is not None and written.get("status") not in (None, "running"):
             return written
-        record = self._crash_record(cell, returncode, last_phase, written, interrupted)
+        record = self._crash_record(cell, returncode, last_phase, written, interrupted, slot)
         results.write_json_atomic(record_file, record)
         return record
 
-    def run_cell(self, cell: Cell) -> dict[str, Any]:
-        """Run one cell in a fresh process; always returns (and leaves on disk) its record."""
+    def run_cell(self, cell: Cell, slot: Slot = LOCAL_SLOT) -> dict[str, Any]:
+        """Run one cell in a fresh process in `slot`; always returns (and leaves on disk) its record."""
         log_path = self.run_dir / "logs" / f"{cell.id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         record_file = results.record_path(self.run_dir, cell.id)
         record_file.unlink(missing_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **(self.env or {})}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **(self.env or {}), **slot.env}
         # the cell must run the same qbench as this process, whatever the working directory
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
         last_phase = None
@@ -174,9 +187,11 @@ class Run:
             log.write(f"=== qbench: cell {cell.id} started {datetime.now(UTC).isoformat(timespec='seconds')} ===\n")
             log.flush()
             child = subprocess.Popen(
-                [sys.executable, "-m", "qbench.cell"],
+                list(self.cell_command),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
             )
+            with self._running_lock:
+                self._running.add(child)
             try:
                 try:
                     child.stdin.write(json.dumps(self._spec(cell)))
@@ -193,10 +208,15 @@ class Run:
                 child.wait()
             except BaseException as error:
                 self._stop_child(child)
-                record = self._settle(cell, child.returncode, last_phase, interrupted=isinstance(error, KeyboardInterrupt))
+                record = self._settle(
+                    cell, child.returncode, last_phase, interrupted=isinstance(error, KeyboardInterrupt), slot=slot
+                )
                 log.write(_log_footer(cell, record))
                 raise
-            record = self._settle(cell, child.returncode, last_phase)
+            finally:
+                with self._running_lock:
+                    self._running.discard(child)
+            record = self._settle(cell, child.returncode, last_phase, interrupted=self._stopping, slot=slot)
             log.write(_log_footer(cell, record))
         return record
 
@@ -212,25 +232,51 @@ class Run:
                 child.kill()
                 child.wait()
 
+    def stop_running(self) -> None:
+        """Stop every running cell process (each writes an interrupted record)."""
+        self._stopping = True
+        with self._running_lock:
+            running = list(self._running)
+        for child in running:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in running:
+            self._stop_child(child)
+
     def execute(self) -> list[dict[str, Any]]:
-        """Run every cell in order; a failed cell is recorded and the run goes on."""
+        """Run every cell, one process per slot at a time; a failed cell is recorded and the run goes on."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        records = []
+        self.listener = scheduler.serialized(self.listener)  # cells report from one thread per slot
+        total = len(self.cells)
+
+        running: list[str] = []  # ids of the cells whose process runs now
+        stopped_during: list[str] = []
+
+        def start(cell: Cell, index: int, slot: Slot) -> None:
+            running.append(cell.id)
+            self.listener.cell_started(cell, index, total)
+            if slot.env:
+                self.listener.cell_event(cell, {"event": "slot", "slot": slot.name})
+
+        def finish(cell: Cell, record: dict[str, Any]) -> None:
+            running.remove(cell.id)
+            self.listener.cell_finished(cell, record)
+
+        def stop() -> None:
+            stopped_during.extend(running)
+            self.stop_running()
+
         previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-        cell = None
         try:
-            for index, cell in enumerate(self.cells):
-                self.listener.cell_started(cell, index, len(self.cells))
-                record = self.run_cell(cell)
-                self.listener.cell_finished(cell, record)
-                records.append(record)
-        except KeyboardInterrupt as stop:
-            where = f"during cell {cell.id}" if cell is not None else "before the first cell"
-            signal_name = "SIGTERM" if str(stop) == "SIGTERM" else "SIGINT"
+            return scheduler.schedule(
+                self.cells, self.slots, self.run_cell, on_start=start, on_finish=finish, stop_running=stop
+            )
+        except KeyboardInterrupt as stop_signal:
+            where = f"during cell {', '.join(stopped_during)}" if stopped_during else "between cells"
+            signal_name = "SIGTERM" if str(stop_signal) == "SIGTERM" else "SIGINT"
             raise RunInterrupted(f"run stopped by {signal_name} {where}; finished records are in {self.run_dir}", signal_name) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
-        return records
 
 
 def pending_cells(run_dir: Path, cells: list[Cell]) -> list[Cell]:

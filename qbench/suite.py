@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qbench import precisions
+from qbench import fields, precisions
 
 TASKS = ("clip", "causal_lm")
 BUILTIN_PREFIX = "builtin:"
@@ -129,6 +129,54 @@ class MatrixSpec(_Section):
         return value
 
 
+class ToleranceSpec(_Section):
+    """How far a metric may move the worse way before `qbench compare` calls it a regression.
+
+    The allowed change is the larger of `abs` (in the metric's stored unit: recall as a fraction,
+    bytes as bytes) and `rel` times the baseline value; `ignore` leaves the metric out of the verdict.
+    """
+
+    abs: float | None = Field(None, ge=0)
+    rel: float | None = Field(None, ge=0)
+    ignore: bool = False
+
+    @model_validator(mode="after")
+    def _says_something(self) -> ToleranceSpec:
+        if self.abs is None and self.rel is None and not self.ignore:
+            raise ValueError("a tolerance needs abs, rel or ignore = true")
+        return self
+
+
+class CompareSpec(_Section):
+    """Settings of `qbench compare` for this suite, over qbench's defaults (see qbench.compare)."""
+
+    tolerances: dict[str, ToleranceSpec] = Field(
+        default_factory=dict, description="field name or pattern (fnmatch, e.g. 'quality.*recall@1') -> tolerance"
+    )
+    speed_ratios: tuple[str, ...] = Field(
+        ("speed.train_samples_per_s",), description="speed fields compared as ratio to the baseline precision in one run"
+    )
+    noise_sigmas: float = Field(3.0, ge=0, description="with several seeds, allow this many standard errors of noise")
+
+    @field_validator("tolerances")
+    @classmethod
+    def _patterns_name_metrics(cls, value: dict[str, ToleranceSpec]) -> dict[str, ToleranceSpec]:
+        for pattern in value:
+            if not pattern.strip():
+                raise ValueError("an empty field pattern")
+            if not any(ch in pattern for ch in "*?[") and fields.spec_for(pattern) is None:
+                raise ValueError(f"{pattern!r} is not a metric qbench compares (see qbench.fields.FIELDS)")
+        return value
+
+    @field_validator("speed_ratios")
+    @classmethod
+    def _speed_fields(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        wrong = [name for name in value if getattr(fields.spec_for(name), "kind", None) != "speed"]
+        if wrong:
+            raise ValueError(f"not speed fields: {', '.join(wrong)} (e.g. speed.train_samples_per_s)")
+        return value
+
+
 class Suite(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     task: Literal["clip", "causal_lm"]
@@ -141,7 +189,7 @@ class Suite(_Section):
     train: TrainSpec
     eval: EvalSpec = EvalSpec()
     matrix: MatrixSpec = MatrixSpec()
-    compare: dict[str, Any] = Field(default_factory=dict, description="tolerances for `qbench compare`")
+    compare: CompareSpec = Field(default_factory=CompareSpec, description="tolerances for `qbench compare`")
 
     @field_validator("baseline")
     @classmethod
@@ -246,6 +294,17 @@ def parse(text: str, path: Path | str = "<suite>") -> Suite:
         raise SuiteError(path, _problems(error)) from None
     except RecursionError:
         raise SuiteError(path, ["values nested too deeply"]) from None
+
+
+def parse_compare(text: str, path: Path | str = "<suite>") -> CompareSpec:
+    """Only the `[compare]` table of suite text, validated on its own (a run's stored suite may be older)."""
+    try:
+        raw = tomllib.loads(text).get("compare", {})
+        return CompareSpec.model_validate(_tuples(raw))
+    except tomllib.TOMLDecodeError as error:
+        raise SuiteError(path, [f"TOML syntax error: {error}"]) from None
+    except ValidationError as error:
+        raise SuiteError(path, [f"compare.{p}" for p in _problems(error)]) from None
 
 
 def load(path: Path | str) -> LoadedSuite:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with an NVIDIA GPU, run the CUDA tests and a short suite under every
 # weight format, then print peak memory per precision from each source -- NVML for this process
-# tree, NVML for the whole device, torch allocated, torch reserved.
+# tree, NVML for the whole device, torch allocated, torch reserved -- and, with the time left, run
+# cells side by side (--gpus), shards and device_map = "auto" (scripts/gpu_check_multi.sh).
 #
 #     bash scripts/gpu_check.sh        # from a fresh clone, with a CUDA build of torch installed
 #
@@ -19,7 +20,7 @@ export CUDA_DEVICE_ORDER=PCI_BUS_ID HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTH
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 failed=()
 
-echo "== 1/5 torch and the GPU"
+echo "== 1/6 torch and the GPU"
 $PYTHON - <<'PY' || exit 2
 import sys
 import torch
@@ -28,20 +29,20 @@ if not torch.cuda.is_available():
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}")
 PY
 
-echo "== 2/5 qbench's dependencies (pip only; the installed torch is kept)"
+echo "== 2/6 qbench's dependencies (pip only; the installed torch is kept)"
 if ! $PYTHON -c "import peft, transformers, accelerate, bitsandbytes, pynvml, psutil, pytest, pytest_benchmark, pandas, rich, tabulate, pydantic, safetensors" 2>/dev/null; then
   TORCH_PIN=$($PYTHON -c "import torch; print(torch.__version__)")
   $PYTHON -m pip install --quiet -e ".[dev]" -c <(echo "torch==$TORCH_PIN") || exit 2
 fi
 
-echo "== 3/5 qbench env (every weight format tried on the GPU)"
+echo "== 3/6 qbench env (every weight format tried on the GPU)"
 timeout "$(left)" $PYTHON -m qbench env --device cuda || failed+=("qbench env")
 
-echo "== 4/5 CUDA tests, and the NVML/memory tests that run anywhere"
+echo "== 4/6 CUDA tests, and the NVML/memory tests that run anywhere"
 timeout "$(left)" $PYTHON -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_nvml.py tests/test_memory.py \
   || failed+=("tests")
 
-echo "== 5/5 a short suite under every weight format"
+echo "== 5/6 a short suite under every weight format"
 $PYTHON - "$WORK" <<'PY' || exit 2
 import sys
 from pathlib import Path
@@ -78,6 +79,14 @@ print(text)
 (run_dir / "gpu_memory.md").write_text(text + "\n")
 print(f"\nrecords: {run_dir / 'cells'}   tables: {run_dir / 'gpu_memory.md'}")
 PY
+
+echo "== 6/6 several cells at a time (--gpus), shards (--shard), device_map auto: scripts/gpu_check_multi.sh"
+if [ "$(left)" -gt 150 ]; then
+  QBENCH_MULTI_MODEL=small WORK="$WORK/multi" PYTHON="$PYTHON" timeout "$(left)" bash scripts/gpu_check_multi.sh \
+    || failed+=("multi-GPU")
+else
+  echo "skipped: $(left) s of the budget left; run bash scripts/gpu_check_multi.sh on its own"
+fi
 
 echo "finished in $((SECONDS - START)) s"
 if ((${#failed[@]})); then

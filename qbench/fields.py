@@ -1,0 +1,147 @@
+"""What each record field is — its kind, which direction is better, its unit — looked up by name pattern.
+
+Reports and `qbench compare` are driven by this registry alone, so a new task's metrics (a causal
+LM's perplexity, bits per byte) work as soon as their names match a pattern here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any, Literal
+
+Kind = Literal["exact", "quality", "memory", "speed", "speed-ratio"]
+Direction = Literal["higher", "lower"]
+
+# derived columns: a speed metric of one precision over the baseline precision's, within one run
+RATIO_PREFIX = "ratio."
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """How to read one record field.
+
+    kind:      exact — must match between runs (bytes, bits, counts); quality — task metrics, compared
+               within a tolerance; memory — peaks, compared within a relative tolerance; speed — absolute
+               times and rates, which move from machine to machine and are only compared as ratios;
+               speed-ratio — a speed metric of one precision over the baseline precision's, in one run
+    direction: which way is better (`None`: neither, e.g. a parameter count)
+    unit:      what the stored number is in; the renderers scale it (bytes -> MiB, fraction -> %)
+    """
+
+    pattern: str
+    kind: Kind
+    direction: Direction | None
+    unit: str
+
+    def matches(self, name: str) -> bool:
+        return fnmatchcase(name, self.pattern)
+
+
+# first match wins: specific patterns before general ones
+FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("weights.bits_per_quantized_param", "exact", "lower", "bits"),
+    FieldSpec("weights.quantized_share_of_params", "exact", None, "fraction"),
+    FieldSpec("weights.*_bytes", "exact", "lower", "bytes"),
+    FieldSpec("weights.*_params", "exact", None, "count"),
+    FieldSpec("params.*", "exact", None, "count"),
+    FieldSpec("format.*_count", "exact", None, "count"),
+    # what was trained on and evaluated: a change here means the data or the eval protocol changed
+    FieldSpec("data.*_images", "exact", None, "count"),
+    FieldSpec("data.*_captions", "exact", None, "count"),
+    FieldSpec("eval.*tokens", "exact", None, "count"),
+    FieldSpec("eval.windows", "exact", None, "count"),
+    FieldSpec("eval.bytes", "exact", None, "count"),
+    FieldSpec("quality.*recall@*", "quality", "higher", "fraction"),
+    FieldSpec("quality.*accuracy*", "quality", "higher", "fraction"),
+    FieldSpec("quality.*perplexity*", "quality", "lower", "perplexity"),
+    FieldSpec("quality.*bits_per_byte*", "quality", "lower", "bits/byte"),
+    FieldSpec("quality.*nll*", "quality", "lower", "nats"),
+    FieldSpec("quality.*loss*", "quality", "lower", "loss"),
+    FieldSpec("train.*loss", "quality", "lower", "loss"),
+    FieldSpec("memory.*_bytes", "memory", "lower", "bytes"),
+    FieldSpec("memory.*.seconds", "speed", "lower", "s"),
+    FieldSpec(RATIO_PREFIX + "speed.*_per_s", "speed-ratio", "higher", "ratio"),
+    FieldSpec(RATIO_PREFIX + "speed.*_s", "speed-ratio", "lower", "ratio"),
+    FieldSpec(RATIO_PREFIX + "time.*_s", "speed-ratio", "lower", "ratio"),
+    FieldSpec("speed.*_per_s", "speed", "higher", "1/s"),
+    FieldSpec("speed.*_s", "speed", "lower", "s"),
+    FieldSpec("time.*_s", "speed", "lower", "s"),
+)
+
+# the one number per axis the report plots; the first column a frame has is used
+HEADLINE_QUALITY = (
+    "quality.after.mean_recall@1",
+    "quality.after.perplexity",
+    "quality.after.bits_per_byte",
+    "quality.after.loss",
+    "train.final_loss",
+)
+HEADLINE_PEAK_MEMORY = (
+    "memory.train.torch_max_allocated_bytes",
+    "memory.train.nvml_process_peak_bytes",
+    "memory.peak_rss_bytes",
+)
+HEADLINE_THROUGHPUT = ("speed.train_samples_per_s", "speed.train_tokens_per_s")
+HEADLINE_WEIGHTS = "weights.base_bytes"
+
+# the phases of a cell in the order they run (memory.<phase>.*); phases not listed go after them
+PHASES = ("data", "load", "prepare", "eval_before", "train", "eval_after")
+# memory sources in the order a per-phase plot prefers them (the first one with values is used)
+PHASE_MEMORY_SOURCES = ("torch_max_allocated_bytes", "nvml_process_peak_bytes", "rss_peak_bytes")
+
+
+def spec_for(name: str) -> FieldSpec | None:
+    """The registry entry for a field name, or None for fields that only describe (identity, config, env)."""
+    for spec in FIELDS:
+        if spec.matches(name):
+            return spec
+    return None
+
+
+def ratio_column(name: str) -> str:
+    return RATIO_PREFIX + name
+
+
+def first_present(frame: Any, candidates: tuple[str, ...]) -> str | None:
+    """The first of `candidates` that is a column of `frame` with at least one value (CPU records hold None for CUDA counters)."""
+    return next((c for c in candidates if c in frame.columns and frame[c].notna().any()), None)
+
+
+# names people know these by; other fields get a name made from their key
+LABELS = {
+    "weights.base_bytes": "base weights MiB",
+    "memory.peak_rss_bytes": "peak RSS MiB",
+    "memory.train.torch_max_allocated_bytes": "train torch peak allocated MiB",
+    "memory.train.nvml_process_peak_bytes": "train NVML process peak MiB",
+    "speed.train_samples_per_s": "train samples/s",
+    "speed.train_tokens_per_s": "train tokens/s",
+}
+
+
+def label(name: str) -> str:
+    """A short human name for a field: `quality.after.mean_recall@1` -> `after mean recall@1`."""
+    if name in LABELS:
+        return LABELS[name]
+    spec = spec_for(name)
+    parts = name.split(".")
+    if name.startswith(RATIO_PREFIX):
+        return label(name.removeprefix(RATIO_PREFIX)) + " / baseline's"
+    if parts[0] in ("quality", "params", "speed", "time", "train") and len(parts) > 1:
+        parts = parts[1:]
+    shown = " ".join(parts).replace("_", " ")
+    if spec is not None and spec.unit == "bytes":
+        shown = shown.removesuffix(" bytes") + " MiB"
+    return shown
+
+
+def scale(name: str) -> tuple[float, str]:
+    """(factor, unit) to show a stored value in readable units: bytes as MiB, fractions as %."""
+    spec = spec_for(name)
+    if spec is None:
+        return 1.0, ""
+    if spec.unit == "bytes":
+        return 1 / (1024 * 1024), "MiB"
+    if spec.unit == "fraction":
+        return 100.0, "%"
+    return 1.0, spec.unit

@@ -1,0 +1,175 @@
+"""Figures of a report (matplotlib, Agg backend): quality vs memory, throughput, memory per phase, vs baseline."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import pandas as pd
+
+from qbench import fields, tables
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One rendered figure: a file stem, a caption, and the PNG bytes."""
+
+    name: str
+    title: str
+    png: bytes
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # never a window: reports are rendered on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=110)
+    _pyplot().close(figure)
+    return buffer.getvalue()
+
+
+def _axis_label(column: str) -> str:
+    _, unit = fields.scale(column)
+    name = fields.label(column)
+    return name if not unit or unit in name or name.endswith("/s") else f"{name} ({unit})"
+
+
+def _spread(std: float) -> float | None:
+    """An error bar only where there is a spread (several seeds); one seed has none to draw."""
+    return None if pd.isna(std) else std
+
+
+def _spreads(std: pd.Series) -> pd.Series | None:
+    return None if std.isna().all() else std.fillna(0)
+
+
+def _colours(names: list[str]) -> dict[str, object]:
+    cmap = _pyplot().get_cmap("tab10")
+    return {name: cmap(i % 10) for i, name in enumerate(names)}
+
+
+def quality_vs_memory(frame: pd.DataFrame) -> Plot | None:
+    """Headline quality against peak memory and against base weight bytes, Pareto front marked."""
+    quality = fields.first_present(frame, fields.HEADLINE_QUALITY)
+    costs = [c for c in (fields.first_present(frame, fields.HEADLINE_PEAK_MEMORY), fields.first_present(frame, (fields.HEADLINE_WEIGHTS,))) if c]
+    if quality is None or not costs:
+        return None
+    stats = tables.aggregate(frame, [quality, *costs])
+    spec = fields.spec_for(quality)
+    higher = spec is None or spec.direction != "lower"
+    q_factor, _ = fields.scale(quality)
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(costs), figsize=(5.2 * len(costs), 4.2), squeeze=False)
+    colours = _colours(list(stats.mean.index))
+    for axis, cost in zip(axes[0], costs, strict=True):
+        c_factor, _ = fields.scale(cost)
+        x, y = stats.mean[cost] * c_factor, stats.mean[quality] * q_factor
+        x_err, y_err = stats.std[cost] * c_factor, stats.std[quality] * q_factor  # NaN with one seed: no bar
+        front = tables.pareto_front(x, y, higher)
+        for name in stats.mean.index:
+            if pd.isna(x[name]) or pd.isna(y[name]):
+                continue
+            axis.errorbar(
+                x[name], y[name], xerr=_spread(x_err[name]), yerr=_spread(y_err[name]), fmt="o", markersize=9 if front[name] else 7,
+                color=colours[name], markerfacecolor=colours[name] if front[name] else "white", capsize=3, label=name,
+            )
+            axis.annotate(name, (x[name], y[name]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        on_front = pd.DataFrame({"x": x[front], "y": y[front]}).sort_values("x")
+        if len(on_front) > 0:
+            axis.step(on_front["x"], on_front["y"], where="post", linestyle="--", color="grey", linewidth=1, label="Pareto front")
+        axis.set_xlabel(_axis_label(cost))
+        axis.set_ylabel(_axis_label(quality) + (" ↑ better" if higher else " ↓ better"))
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
+    figure.suptitle("quality vs memory per precision (filled: on the Pareto front)", fontsize=10)
+    return Plot("quality_vs_memory", "Quality vs peak memory and base weights, Pareto front marked", _png(figure))
+
+
+def throughput(frame: pd.DataFrame) -> Plot | None:
+    """Training throughput per precision (mean, spread over seeds), with the within-run ratio to the baseline."""
+    column = fields.first_present(frame, fields.HEADLINE_THROUGHPUT)
+    if column is None:
+        return None
+    with_ratio = tables.add_speed_ratios(frame, (column,))
+    stats = tables.aggregate(with_ratio, [column, fields.ratio_column(column)])
+    values = stats.mean[column]
+    if values.dropna().empty:
+        return None
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 3.8))
+    names = list(values.index)
+    colours = _colours(names)
+    bars = axis.bar(names, values.fillna(0), yerr=_spreads(stats.std[column]), capsize=3, color=[colours[n] for n in names])
+    for bar, name in zip(bars, names, strict=True):
+        ratio = stats.mean.loc[name, fields.ratio_column(column)]
+        if pd.notna(ratio):
+            axis.annotate(f"{ratio:.2f}× {tables.baseline_precision(frame)}", (bar.get_x() + bar.get_width() / 2, 0),
+                          textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8, color="white", weight="bold")
+    axis.set_ylabel(_axis_label(column) + " ↑ better")
+    axis.set_title("training throughput (timed steps after warm-up)", fontsize=10)
+    axis.grid(axis="y", alpha=0.3)
+    return Plot("throughput", "Training throughput per precision", _png(figure))
+
+
+def memory_by_phase(frame: pd.DataFrame) -> Plot | None:
+    """Peak memory of each phase (load, prepare, eval, train, ...) per precision, from the best source present."""
+    for source in fields.PHASE_MEMORY_SOURCES:
+        columns = [c for c in frame.columns if c.startswith("memory.") and c.endswith("." + source) and c.count(".") == 2]
+        columns = [c for c in columns if pd.to_numeric(frame[c], errors="coerce").notna().any()]
+        rank = {phase: i for i, phase in enumerate(fields.PHASES)}
+        columns.sort(key=lambda c: (rank.get(c.split(".")[1], len(rank)), c))
+        if columns:
+            break
+    else:
+        return None
+    stats = tables.aggregate(frame, columns)
+    phases = [c.split(".")[1] for c in columns]
+    names = list(stats.mean.index)
+    colours = _colours(names)
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(max(6.5, 1.3 * len(phases) + 2), 3.8))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        positions = [p + (i - (len(names) - 1) / 2) * width for p in range(len(phases))]
+        axis.bar(positions, stats.mean.loc[name, columns].fillna(0) / 2**20, width, yerr=_spreads(stats.std.loc[name, columns] / 2**20),
+                 capsize=2, label=name, color=colours[name])
+    axis.set_xticks(range(len(phases)), phases)
+    axis.set_ylabel(f"peak {source.removesuffix('_bytes').replace('_', ' ')} (MiB)")
+    axis.set_title("peak memory per phase", fontsize=10)
+    axis.legend(fontsize=7, ncols=min(len(names), 6))
+    axis.grid(axis="y", alpha=0.3)
+    return Plot("memory_by_phase", f"Peak memory per phase ({source})", _png(figure))
+
+
+def versus_baseline(frame: pd.DataFrame) -> Plot | None:
+    """Each precision against the baseline: memory saved, quality delta, slowdown."""
+    table = tables.relative_to_baseline(frame)
+    numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+    if table.empty or not numeric:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(numeric), figsize=(3.3 * len(numeric), 3.4), squeeze=False)
+    names = list(table.index)
+    colours = _colours(names)
+    for axis, column in zip(axes[0], numeric, strict=True):
+        axis.barh(names, table[column].fillna(0), color=[colours[n] for n in names])
+        axis.axvline(1 if column.startswith("slowdown") else 0, color="black", linewidth=0.8)
+        axis.set_title(column, fontsize=9)
+        axis.invert_yaxis()
+        axis.grid(axis="x", alpha=0.3)
+    figure.suptitle(f"relative to the baseline precision ({tables.baseline_precision(frame)})", fontsize=10)
+    return Plot("versus_baseline", "Each precision relative to the baseline precision", _png(figure))
+
+
+def all_plots(frame: pd.DataFrame) -> list[Plot]:
+    """Every figure the frame has data for, in report order."""
+    made = (quality_vs_memory(frame), throughput(frame), memory_by_phase(frame), versus_baseline(frame))
+    return [plot for plot in made if plot is not None]

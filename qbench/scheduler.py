@@ -1,0 +1,169 @@
+"""Where cells run: a matrix shard per machine, and the next cell to the next free device slot."""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+CellT = TypeVar("CellT")
+
+# a GPU as CUDA_VISIBLE_DEVICES names it: an index, or a GPU-/MIG- UUID
+_GPU_NAME = re.compile(r"^(\d+|(GPU|MIG)-[0-9A-Za-z/-]+)$")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Room for one cell process at a time; `env` is what that process gets on top of the parent's."""
+
+    name: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+LOCAL_SLOT = Slot("local")
+
+
+def parse_gpus(text: str) -> list[str]:
+    """`--gpus 0,1,2,3` -> ['0', '1', '2', '3']; ValueError naming what is wrong.
+
+    A GPU may be listed twice to run two cells side by side on it (small cells on a large card)."""
+    names = [part.strip() for part in text.split(",")]
+    if not text.strip() or any(not name for name in names):
+        raise ValueError(f"--gpus: expected a comma-separated list of GPU indices such as 0,1,2,3 (got {text!r})")
+    bad = [name for name in names if not _GPU_NAME.match(name)]
+    if bad:
+        raise ValueError(f"--gpus: {', '.join(map(repr, bad))} is not a GPU index or GPU-/MIG- UUID")
+    return names
+
+
+def gpu_slots(gpus: Sequence[str], per_cell: int = 1) -> list[Slot]:
+    """One slot per `per_cell` consecutive GPUs of the list; each slot's cells see only its GPUs."""
+    if per_cell < 1:
+        raise ValueError(f"--gpus-per-cell must be at least 1 (got {per_cell})")
+    if len(gpus) % per_cell:
+        raise ValueError(f"--gpus lists {len(gpus)} GPUs, which is not a multiple of --gpus-per-cell {per_cell}")
+    groups = [list(gpus[start : start + per_cell]) for start in range(0, len(gpus), per_cell)]
+    for group in groups:
+        if len(set(group)) != len(group):
+            raise ValueError(f"--gpus: one cell cannot use GPU {group[0]} twice ({','.join(group)})")
+    return [Slot(f"gpu {'+'.join(group)}", {"CUDA_VISIBLE_DEVICES": ",".join(group)}) for group in groups]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`--shard 2/4` -> (2, 4): the second of four shards, counted from 1."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match:
+        raise ValueError(f"--shard: expected I/N such as 1/2 (got {text!r})")
+    index, count = int(match[1]), int(match[2])
+    if not 1 <= index <= count:
+        raise ValueError(f"--shard: I must be between 1 and N (got {text!r})")
+    return index, count
+
+
+def shard_cells(cells: Sequence[CellT], index: int, count: int) -> list[CellT]:
+    """Shard `index` of `count` (from 1): every count-th cell of the matrix, starting at the index-th.
+
+    Deterministic for the same suite and the same --only/--seeds, so the shards of all machines
+    together are exactly the cells of one full run, each once; dealing round-robin spreads every
+    precision's cells over the shards."""
+    if not 1 <= index <= count:
+        raise ValueError(f"shard {index}/{count} does not exist")
+    return list(cells[index - 1 :: count])
+
+
+class _Serialized:
+    """Calls a listener from one thread at a time, so listeners need not be thread-safe."""
+
+    def __init__(self, listener: Any):
+        self._listener = listener
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._listener, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return method(*args, **kwargs)
+
+        return call
+
+
+def serialized(listener: Any) -> Any:
+    """`listener` with its calls made one at a time (cells report from one thread per slot)."""
+    return listener if isinstance(listener, _Serialized) else _Serialized(listener)
+
+
+def schedule(
+    cells: Sequence[CellT],
+    slots: Sequence[Slot],
+    run_cell: Callable[[CellT, Slot], dict[str, Any]],
+    on_start: Callable[[CellT, int, Slot], None] = lambda cell, index, slot: None,
+    on_finish: Callable[[CellT, dict[str, Any]], None] = lambda cell, record: None,
+    stop_running: Callable[[], None] = lambda: None,
+    poll_s: float = 0.2,
+) -> list[dict[str, Any]]:
+    """Run every cell, at most one per slot at a time, handing the next cell to the next free slot.
+
+    Cells start in matrix order; a slot is free again as soon as its cell returns, whatever its
+    status. Returns the records in cell order (not finishing order). `on_start` and `on_finish`
+    are called from one thread at a time. If `run_cell` raises, no further cell starts, the
+    running ones finish, and the first error is raised. On KeyboardInterrupt no further cell
+    starts, `stop_running` is called, the running cells are waited for, and the interrupt goes on.
+    """
+    if not slots:
+        raise ValueError("no slot to run cells on")
+    free: queue.Queue[Slot] = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+    records: list[dict[str, Any] | None] = [None] * len(cells)
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    threads: list[threading.Thread] = []
+
+    def work(index: int, cell: CellT, slot: Slot) -> None:
+        try:
+            record = run_cell(cell, slot)
+            with lock:
+                records[index] = record
+                on_finish(cell, record)
+        except BaseException as error:  # handed to the calling thread
+            with lock:
+                errors.append(error)
+        finally:
+            free.put(slot)
+
+    try:
+        for index, cell in enumerate(cells):
+            slot = _next_free(free, poll_s)
+            with lock:
+                if errors:
+                    break
+                on_start(cell, index, slot)
+            thread = threading.Thread(target=work, args=(index, cell, slot), name=f"qbench-{slot.name}", daemon=True)
+            threads.append(thread)
+            thread.start()
+        _wait(threads, poll_s)
+    except KeyboardInterrupt:
+        stop_running()
+        _wait(threads, poll_s)
+        raise
+    if errors:
+        raise errors[0]
+    return [record for record in records if record is not None]
+
+
+def _next_free(free: queue.Queue[Slot], poll_s: float) -> Slot:
+    while True:  # a timeout keeps Ctrl-C responsive while every slot is busy
+        try:
+            return free.get(timeout=poll_s)
+        except queue.Empty:
+            continue
+
+
+def _wait(threads: list[threading.Thread], poll_s: float) -> None:
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(poll_s)

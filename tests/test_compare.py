@@ -1,0 +1,278 @@
+"""The regression gate: planted regressions are caught, machine-speed changes are not, bad input exits 2."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from qbench import cli, compare, precisions
+from qbench.suite import SuiteError, parse
+
+from .records import make_record, make_records, slower, write_run
+from .test_suite import MINIMAL
+
+
+def frame(records) -> pd.DataFrame:
+    return pd.DataFrame(records)
+
+
+def planted(change: dict, precision: str = "nf4-dq", seeds=(0,)) -> pd.DataFrame:
+    """New results equal to the baseline except `change` (field -> function of the old value) in `precision`."""
+    records = make_records(seeds=seeds, run_id="run-b")
+    for record in records:
+        if record["precision"] == precision:
+            for key, how in change.items():
+                record[key] = how(record[key])
+    return frame(records)
+
+
+def regressed(comparison: compare.Comparison) -> set[tuple[str, str]]:
+    return set(zip(comparison.regressions["precision"], comparison.regressions["metric"], strict=True))
+
+
+def test_identical_results_pass():
+    result = compare.compare(frame(make_records()), frame(make_records(run_id="run-b")))
+    assert result.exit_code == 0
+    assert len(result.regressions) == 0
+    assert (result.checks["verdict"] == "ok").all()
+    assert len(result.checks) > 20  # exact, quality, memory and ratio checks for three precisions
+
+
+def test_recall_at_1_down_5_points_is_a_regression():
+    result = compare.compare(frame(make_records()), planted({"quality.after.mean_recall@1": lambda v: v - 0.05}))
+    assert result.exit_code == 1
+    assert regressed(result) == {("nf4-dq", "quality.after.mean_recall@1")}
+    assert "-5.00 points" in result.markdown()
+
+
+def test_recall_down_less_than_the_tolerance_passes():
+    result = compare.compare(frame(make_records()), planted({"quality.after.mean_recall@1": lambda v: v - 0.02}))
+    assert result.exit_code == 0
+
+
+def test_weight_bytes_up_one_block_is_a_mismatch():
+    one_block = precisions.BNB_4BIT_BLOCKSIZE * 4 // 8  # 64 four-bit codes
+    result = compare.compare(
+        frame(make_records()),
+        planted({"weights.base_bytes": lambda v: v + one_block, "weights.quantized_codes_bytes": lambda v: v + one_block}),
+    )
+    assert result.exit_code == 1
+    assert regressed(result) == {("nf4-dq", "weights.base_bytes"), ("nf4-dq", "weights.quantized_codes_bytes")}
+    assert set(result.regressions["verdict"]) == {"mismatch"}
+    assert "+32" in result.markdown()
+
+
+def test_fewer_weight_bytes_is_also_a_mismatch_because_exact_metrics_must_match():
+    result = compare.compare(frame(make_records()), planted({"weights.base_bytes": lambda v: v - 1}))
+    assert regressed(result) == {("nf4-dq", "weights.base_bytes")}
+
+
+def test_nf4_dq_over_bf16_throughput_ratio_down_30_percent_is_a_regression():
+    result = compare.compare(frame(make_records()), planted({"speed.train_samples_per_s": lambda v: v * 0.7}))
+    assert result.exit_code == 1
+    assert regressed(result) == {("nf4-dq", "ratio.speed.train_samples_per_s")}
+    row = result.regressions.iloc[0]
+    assert row["baseline"] == pytest.approx(15 / 20) and row["new"] == pytest.approx(0.7 * 15 / 20)
+
+
+def test_a_run_20_percent_slower_everywhere_with_unchanged_ratios_passes():
+    new = frame([slower(r, 1 / 0.8) for r in make_records(run_id="run-b")])
+    assert new.loc[0, "speed.train_samples_per_s"] == pytest.approx(0.8 * 20)
+    result = compare.compare(frame(make_records()), new)
+    assert result.exit_code == 0, result.markdown()
+    ratios = result.checks[result.checks["metric"] == "ratio.speed.train_samples_per_s"]
+    assert set(ratios["verdict"]) == {"ok"} and len(ratios) == 2  # int8 and nf4-dq; bf16 is the denominator
+    assert "absolute times and rates are not gated" in result.markdown()
+
+
+def test_ratios_pair_cells_of_the_same_run_only():
+    # two shards measured on machines of different speed: each shard's own bf16 is the denominator
+    fast = make_records(run_id="fast")
+    slow = [slower(r, 2.0) for r in make_records(run_id="slow")]
+    result = compare.compare(frame(make_records()), frame(fast + slow))
+    assert result.exit_code == 0
+
+
+def test_noise_floor_from_seeds_widens_the_allowance():
+    seeds = (0, 1, 2, 3)
+    old = make_records(seeds=seeds)
+    for record in old:  # recall spread of about 6 points between seeds
+        record["quality.after.mean_recall@1"] += {0: -0.06, 1: 0.0, 2: 0.06, 3: 0.0}[record["seed"]]
+    drop = planted({"quality.after.mean_recall@1": lambda v: v - 0.04}, seeds=seeds)
+    for record_index, record in drop.iterrows():
+        drop.loc[record_index, "quality.after.mean_recall@1"] += {0: -0.06, 1: 0.0, 2: 0.06, 3: 0.0}[record["seed"]]
+    noisy = compare.compare(frame(old), drop)
+    row = noisy.checks[(noisy.checks["precision"] == "nf4-dq") & (noisy.checks["metric"] == "quality.after.mean_recall@1")].iloc[0]
+    assert row["noise"] > 0.04 and row["verdict"] == "ok"
+    # the same 4-point drop without the noise is within the 3-point tolerance? no: it is caught
+    quiet = compare.compare(frame(make_records(seeds=seeds)), planted({"quality.after.mean_recall@1": lambda v: v - 0.04}, seeds=seeds))
+    assert ("nf4-dq", "quality.after.mean_recall@1") in regressed(quiet)
+
+
+def test_failed_or_missing_cells_are_regressions():
+    new = make_records(run_id="run-b")
+    new[2] = make_record("nf4-dq", run_id="run-b", status="failed", error="RuntimeError: boom")
+    del new[1]  # int8 gone
+    result = compare.compare(frame(make_records()), frame(new))
+    assert result.exit_code == 1
+    verdicts = dict(zip(result.regressions["precision"], result.regressions["verdict"], strict=True))
+    assert verdicts == {"int8": "missing", "nf4-dq": "failed"}
+    assert "RuntimeError: boom" in result.markdown()
+
+
+def test_a_changed_configuration_makes_the_input_unusable():
+    new = [make_record(p, run_id="run-b", config__train__steps=20) for p in ("bf16", "int8", "nf4-dq")]
+    result = compare.compare(frame(make_records()), frame(new))
+    assert result.exit_code == 2
+    assert any("config.train.steps differs" in p for p in result.problems)
+    assert "refresh" in result.markdown()
+
+
+def test_cpu_baseline_against_cuda_results_is_unusable():
+    new = [make_record(p, run_id="run-b", env__device="cuda:0") for p in ("bf16", "int8", "nf4-dq")]
+    assert compare.compare(frame(make_records()), frame(new)).exit_code == 2
+
+
+def test_perplexity_records_work_without_special_cases():
+    def lm(precision: str, ppl: float) -> dict:
+        record = make_record(precision, task="causal_lm", model="builtin:tiny-llama")
+        for key in [k for k in record if k.startswith("quality.")]:
+            del record[key]
+        record.update({"quality.after.perplexity": ppl, "quality.after.bits_per_byte": 1.5})
+        return record
+
+    old = frame([lm("bf16", 10.0), lm("nf4-dq", 10.5)])
+    worse = compare.compare(old, frame([lm("bf16", 10.0), lm("nf4-dq", 11.5)]))  # +9.5 %: lower is better
+    better = compare.compare(old, frame([lm("bf16", 10.0), lm("nf4-dq", 9.0)]))
+    assert regressed(worse) == {("nf4-dq", "quality.after.perplexity")}
+    assert better.exit_code == 0
+    assert "improved" in set(better.checks["verdict"])
+
+
+def test_command_line_tolerance_beats_the_suite_and_the_suite_beats_the_default():
+    suite = parse(MINIMAL + '[compare.tolerances]\n"quality.*recall@1" = { abs = 0.10 }\n')
+    settings = compare.Settings.build(suite.compare, [compare.parse_tolerance("quality.after.mean_recall@1=abs:0.01")])
+    assert settings.tolerance_for("quality.after.mean_recall@1", "quality")[0].abs == 0.01
+    assert settings.tolerance_for("quality.after.i2t_recall@1", "quality")[0].abs == 0.10
+    assert settings.tolerance_for("quality.after.i2t_recall@5", "quality")[0].abs == 0.03
+    assert settings.tolerance_for("weights.base_bytes", "exact")[0] == compare.EXACT
+    drop = planted({"quality.after.mean_recall@1": lambda v: v - 0.05})
+    assert compare.compare(frame(make_records()), drop, compare.Settings.build(suite.compare)).exit_code == 0
+
+
+def test_speed_ratio_tolerance_from_the_suite_applies():
+    suite = parse(MINIMAL + '[compare.tolerances]\n"ratio.speed.*" = { rel = 0.5 }\n')
+    drop = planted({"speed.train_samples_per_s": lambda v: v * 0.7})
+    assert compare.compare(frame(make_records()), drop, compare.Settings.build(suite.compare)).exit_code == 0
+    assert compare.compare(frame(make_records()), drop).exit_code == 1
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ('[compare.tolerances]\n"quality.*" = { abss = 0.1 }\n', "unknown key"),
+        ('[compare.tolerances]\n"quality.*" = { abs = -1 }\n', "greater than or equal to 0"),
+        ('[compare.tolerances]\n"quality.*" = {}\n', "needs abs, rel or ignore"),
+        ('[compare.tolerances]\n"quality.after.recal@1" = { abs = 0.1 }\n', "not a metric qbench compares"),
+        ('[compare]\nspeed_ratios = ["weights.base_bytes"]\n', "not speed fields"),
+        ('[compare]\nnoise_sigma = 2\n', "did you mean 'noise_sigmas'"),
+    ],
+)
+def test_the_suite_compare_table_is_validated(table: str, expected: str):
+    with pytest.raises(SuiteError) as caught:
+        parse(MINIMAL + table, "s.toml")
+    assert any(expected in problem and problem.startswith("compare.") for problem in caught.value.problems), caught.value.problems
+
+
+@pytest.mark.parametrize("bad", ["quality.*", "=abs:1", "quality.*=abs:x", "quality.*=fast:1"])
+def test_bad_command_line_tolerances_are_rejected(bad: str):
+    with pytest.raises(ValueError):
+        compare.parse_tolerance(bad)
+
+
+def test_cli_exit_codes_and_markdown_summary(tmp_path: Path, capsys):
+    baseline = write_run(tmp_path / "baseline", make_records())
+    same = write_run(tmp_path / "same", make_records(run_id="run-b"))
+    records = make_records(run_id="run-c")
+    records[2]["quality.after.mean_recall@1"] -= 0.07
+    worse = write_run(tmp_path / "worse", records)
+    summary = tmp_path / "summary.md"
+    assert cli.main(["compare", str(baseline), str(same), "--markdown", str(summary)]) == 0
+    assert cli.main(["compare", str(baseline), str(worse), "--markdown", str(summary)]) == 1
+    assert cli.main(["compare", str(baseline), str(tmp_path / "nowhere")]) == 2
+    assert cli.main(["compare", str(baseline), str(same), "--tolerance", "nonsense"]) == 2
+    text = summary.read_text()
+    assert "✅ no regression" in text and "❌ 1 regression(s)" in text
+    assert "quality.after.mean_recall@1" in capsys.readouterr().out
+
+
+def test_cli_compares_an_exported_csv_against_a_run_directory(tmp_path: Path):
+    baseline = write_run(tmp_path / "baseline", make_records())
+    exported = tmp_path / "results.csv"
+    pd.DataFrame(make_records(run_id="run-b")).to_csv(exported, index=False)
+    assert cli.main(["compare", str(baseline), str(exported)]) == 0
+    assert cli.main(["compare", str(exported), str(baseline)]) == 0
+
+
+def test_cli_takes_the_compare_table_from_the_new_runs_suite_text(tmp_path: Path):
+    loose = MINIMAL + '[compare]\nspeed_ratios = ["speed.train_samples_per_s"]\nnoise_sigmas = 3\n[compare.tolerances]\n"quality.*recall@1" = { abs = 0.10 }\n'
+    baseline = write_run(tmp_path / "baseline", make_records())
+    records = make_records(run_id="run-b")
+    records[2]["quality.after.mean_recall@1"] -= 0.05
+    new = write_run(tmp_path / "new", records, suite_text=loose)
+    assert cli.main(["compare", str(baseline), str(new)]) == 0
+    strict = tmp_path / "strict.toml"
+    strict.write_text(MINIMAL)
+    assert cli.main(["compare", str(baseline), str(new), "--suite", str(strict)]) == 1
+
+
+def test_the_ci_suite_tolerances_catch_the_planted_regressions_and_pass_a_slower_machine():
+    from qbench.suite import load
+
+    from .conftest import SUITES
+
+    settings = compare.Settings.build(load(SUITES / "ci.toml").suite.compare)
+    baseline = frame(make_records())
+    within_noise = planted({"speed.train_samples_per_s": lambda v: v * 0.85})  # the spread seen between runs
+    assert compare.compare(baseline, within_noise, settings).exit_code == 0
+    ratio_down_30 = planted({"speed.train_samples_per_s": lambda v: v * 0.7})
+    assert regressed(compare.compare(baseline, ratio_down_30, settings)) == {("nf4-dq", "ratio.speed.train_samples_per_s")}
+    everything_slower = frame([slower(r, 1 / 0.8) for r in make_records(run_id="run-b")])
+    assert compare.compare(baseline, everything_slower, settings).exit_code == 0
+    recall_down_5 = planted({"quality.after.mean_recall@1": lambda v: v - 0.05})
+    assert compare.compare(baseline, recall_down_5, settings).exit_code == 1
+
+
+def test_a_bad_compare_table_in_the_stored_suite_makes_the_input_unusable(tmp_path: Path, capsys):
+    baseline = write_run(tmp_path / "baseline", make_records())
+    new = write_run(tmp_path / "new", make_records(run_id="run-b"), suite_text='[compare]\nnoise_sigmas = "three"\n')
+    assert cli.main(["compare", str(baseline), str(new)]) == 2
+    assert "compare.noise_sigmas" in capsys.readouterr().err
+
+
+def test_repeated_baseline_runs_give_speed_ratios_a_noise_floor():
+    # three baseline runs of the same seed on a busy machine: nf4-dq/bf16 came out 0.5, 0.75 and 1.0
+    runs = []
+    for run_id, factor in (("r1", 0.5 / 0.75), ("r2", 1.0), ("r3", 1.0 / 0.75)):
+        records = make_records(run_id=run_id)
+        records[2]["speed.train_samples_per_s"] *= factor
+        runs += records
+    new = planted({"speed.train_samples_per_s": lambda v: v * 0.6})  # ratio 0.45: 40 % below the mean
+    with_noise = compare.compare(frame(runs), new)
+    row = with_noise.checks[with_noise.checks["metric"] == "ratio.speed.train_samples_per_s"].set_index("precision")
+    assert row.loc["nf4-dq", "n_baseline"] == 3 and row.loc["nf4-dq", "noise"] > 0.3
+    assert with_noise.exit_code == 0
+    assert compare.compare(frame(make_records()), new).exit_code == 1  # one baseline run: no noise floor
+
+
+def test_a_different_torch_thread_count_makes_cpu_results_unusable_and_is_noted_on_a_gpu():
+    old = [make_record(p, env__cpu_count=1) for p in ("bf16", "int8", "nf4-dq")]
+    new = [make_record(p, run_id="run-b", env__cpu_count=2) for p in ("bf16", "int8", "nf4-dq")]
+    on_cpu = compare.compare(frame(old), frame(new))
+    assert on_cpu.exit_code == 2
+    assert any("torch threads differ on cpu: baseline 1 vs new 2" in p for p in on_cpu.problems)
+    for record in old + new:
+        record["env.device"] = "cuda:0"
+    on_gpu = compare.compare(frame(old), frame(new))
+    assert on_gpu.exit_code == 0
+    assert any("torch threads differ (baseline 1, new 2)" in note for note in on_gpu.notes)

@@ -1,0 +1,124 @@
+"""`qbench report`: merged run directories -> tables, plots and a self-contained HTML page."""
+
+import base64
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from qbench import cli, fields, report, results, tables
+
+from .records import make_record, make_records, slower, write_run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def two_shards(tmp_path: Path) -> list[Path]:
+    """One suite run as two shards on two machines (one twice as slow), two seeds each."""
+    first = write_run(tmp_path / "machine-a", [make_record(p, s, "run-a") for s in (0, 1) for p in ("bf16", "int8")])
+    second = write_run(tmp_path / "machine-b", [slower(make_record(p, s, "run-b"), 2.0) for s in (0, 1) for p in ("bf16", "nf4-dq")])
+    return [first, second]
+
+
+def test_shards_merge_into_one_frame_with_every_cell(two_shards):
+    frame = results.load_results(two_shards)
+    assert len(frame) == 8
+    assert tables.precision_order(frame) == ["bf16", "int8", "nf4-dq"]
+
+
+def test_speed_ratios_use_the_baseline_of_the_same_run_and_seed(two_shards):
+    frame = tables.add_speed_ratios(results.load_results(two_shards))
+    nf4 = frame[(frame["precision"] == "nf4-dq")]["ratio.speed.train_samples_per_s"]
+    assert nf4.tolist() == pytest.approx([15 / 20, 15 / 20])  # machine b is twice as slow, the ratio is not
+    assert (frame[frame["precision"] == "bf16"]["ratio.speed.train_samples_per_s"] == 1).all()
+    assert frame[frame["precision"] == "int8"]["ratio.speed.train_samples_per_s"].tolist() == pytest.approx([17 / 20] * 2)
+
+
+def test_relative_table_gives_memory_saved_quality_delta_and_slowdown():
+    frame = pd.DataFrame(make_records())
+    table = tables.relative_to_baseline(frame)
+    assert table.loc["nf4-dq", "weights saved %"] == pytest.approx(100 * (1 - 174_930 / 445_450))
+    assert table.loc["int8", "peak memory saved % (peak rss)"] == pytest.approx(100 * (1 - 690 / 580))
+    assert table.loc["nf4-dq", "Δ after mean recall@1 (points)"] == pytest.approx(-3.0)
+    assert table.loc["nf4-dq", "slowdown ×"] == pytest.approx(20 / 15)
+    assert table.loc["bf16", "slowdown ×"] == pytest.approx(1.0)
+    assert table.loc["nf4-dq", "quality vs baseline"] == "worse"
+
+
+def test_pareto_front_is_direction_aware():
+    cost = pd.Series({"a": 1.0, "b": 2.0, "c": 3.0, "d": 2.5})
+    quality = pd.Series({"a": 0.5, "b": 0.7, "c": 0.9, "d": 0.6})
+    assert tables.pareto_front(cost, quality, higher_is_better=True).to_dict() == {"a": True, "b": True, "c": True, "d": False}
+    # lower is better (perplexity): only the cheapest point with the lowest value survives
+    assert tables.pareto_front(cost, quality, higher_is_better=False).to_dict() == {"a": True, "b": False, "c": False, "d": False}
+
+
+def test_precision_table_shows_spread_only_with_several_seeds(two_shards):
+    one_seed = report.precision_table(pd.DataFrame(make_records()))
+    assert "±" not in one_seed.loc["nf4-dq", "samples/s"]
+    two_seeds = report.precision_table(results.load_results(two_shards))
+    assert two_seeds.loc["bf16", "seeds"] == 2 and two_seeds.loc["bf16", "cells"] == 4
+    assert two_seeds.loc["int8", "i2t R@1 after"] == "60.50 ± 0.71"  # 60 and 61 points
+
+
+def test_report_writes_every_file_and_a_self_contained_html(two_shards, tmp_path: Path):
+    paths = report.write_report(results.load_results(two_shards), tmp_path / "report")
+    html = paths["html"].read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) == 4  # quality vs memory, throughput, memory per phase, vs baseline
+    assert all(base64.b64decode(image).startswith(PNG_MAGIC) for image in images)
+    sources = re.findall(r'(?:src|href)="([^"]*)"', html)
+    assert all(source.startswith("data:") for source in sources)  # nothing is loaded from elsewhere
+    for heading in ("Per precision", "Relative to bf16", "Runs merged into this report"):
+        assert heading in html
+    flat = pd.read_parquet(paths["parquet"])
+    assert len(flat) == 8 and "ratio.speed.train_samples_per_s" in flat.columns
+    assert len(pd.read_csv(paths["csv"])) == 8
+    summary = pd.read_csv(paths["summary_csv"], index_col="precision")
+    assert summary.loc["bf16", "memory.peak_rss_bytes n"] == 4
+    markdown = paths["markdown"].read_text()
+    for link in re.findall(r"\]\((plots/[^)]+)\)", markdown):
+        assert (paths["markdown"].parent / link).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_perplexity_records_get_a_report_without_special_cases(tmp_path: Path):
+    records = []
+    for precision, ppl in (("bf16", 10.0), ("int8", 10.2), ("nf4-dq", 11.0)):
+        record = make_record(precision, task="causal_lm")
+        for key in [k for k in record if k.startswith("quality.")]:
+            del record[key]
+        record["quality.after.perplexity"] = ppl
+        records.append(record)
+    frame = pd.DataFrame(records)
+    assert fields.first_present(frame, fields.HEADLINE_QUALITY) == "quality.after.perplexity"
+    table = tables.relative_to_baseline(frame)
+    assert table.loc["nf4-dq", "Δ after perplexity"] == pytest.approx(1.0)
+    assert table.loc["nf4-dq", "quality vs baseline"] == "worse"
+    paths = report.write_report(frame, tmp_path / "lm")
+    assert paths["html"].read_text().count("data:image/png;base64,") == 4
+
+
+def test_failed_cells_are_listed_and_left_out_of_the_means(tmp_path: Path):
+    records = make_records()
+    records.append(make_record("nf4-dq", seed=1, status="failed", error="OutOfMemoryError: boom", weights__base_bytes=1))
+    frame = pd.DataFrame(records)
+    shown = report.report_tables(frame)
+    assert "OutOfMemoryError: boom" in shown["Cells that did not finish"].to_string()
+    assert shown["Per precision (mean ± sample std over seeds)"].loc["nf4-dq", "status"] == "failed,ok"
+    assert shown["Per precision (mean ± sample std over seeds)"].loc["nf4-dq", "base weights MiB"] == "0.17"
+
+
+def test_cli_report_merges_run_directories(two_shards, tmp_path: Path, capsys):
+    out = tmp_path / "merged"
+    assert cli.main(["report", *map(str, two_shards), "--out", str(out)]) == 0
+    assert (out / "report.html").is_file() and (out / "plots" / "quality_vs_memory.png").is_file()
+    shown = capsys.readouterr().out
+    assert "Relative to bf16" in shown and "nf4-dq" in shown
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_cli_report_default_folder_is_inside_the_run(two_shards):
+    assert cli.main(["report", str(two_shards[0])]) == 0
+    assert (two_shards[0] / "report" / "report.md").is_file()
