@@ -334,6 +334,8 @@ def report_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     shown = {
         "Per precision (mean ± sample std over seeds)": precision_table(frame),
         f"Relative to {baseline}": tables.relative_to_baseline(frame),
+        "Quantization damage before fine-tuning": quantization_damage(frame),
+        "Peak memory over all phases, each source (MiB)": peak_memory_table(frame),
         "Cells that did not finish": failures(frame),
         "Runs merged into this report": provenance_table(frame),
     }

@@ -104,3 +104,9 @@ def test_peak_memory_table_has_every_source_and_missing_ones_stay_missing():
     assert overall.loc["nf4", "torch allocated MiB"] == pytest.approx(100.0)
     assert pd.isna(overall.loc["nf4", "NVML process MiB"]) and pd.isna(overall.loc["nf4", "torch reserved MiB"])
     assert report.peak_memory_table(pd.DataFrame(records), phase="train").loc["nf4", "torch allocated MiB"] == pytest.approx(80.0)
+
+
+def test_qbench_report_shows_the_damage_and_the_memory_sources():
+    shown = report.report_tables(pd.DataFrame([BF16, NF4]))
+    assert shown["Quantization damage before fine-tuning"].loc["nf4", "Δ vs bf16 before training"] == pytest.approx(-6.0)
+    assert "NVML process MiB" in shown["Peak memory over all phases, each source (MiB)"].columns
