@@ -22,7 +22,8 @@ def recall_at_k(similarity: torch.Tensor, positives: torch.Tensor, ks: tuple[int
     similarity = similarity.float()
     best_positive = similarity.masked_fill(~positives, -math.inf).max(dim=1).values
     negatives_at_or_above = ((similarity >= best_positive[:, None]) & ~positives).sum(dim=1)
-    return {k: (negatives_at_or_above < k).float().mean().item() for k in ks}
+    queries = similarity.shape[0]
+    return {k: int((negatives_at_or_above < k).sum()) / queries for k in ks}  # exact share, not a float32 mean
 
 
 def contrastive_loss(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per precision (mean over seeds): the figures a person compares, in readable units."""
     if frame.empty:
         return pd.DataFrame()
-    order = list(dict.fromkeys(frame["precision"]))
+    order = tables.precision_order(frame)
     grouped = frame.groupby("precision", sort=False)
     table = pd.DataFrame(index=pd.Index(order, name="precision"))
     table["status"] = grouped["status"].agg(lambda s: ",".join(sorted(set(s)))).reindex(order)
@@ -122,11 +122,7 @@ def _ok_means(frame: pd.DataFrame) -> pd.DataFrame:
     ok = frame[frame["status"] == "ok"]
     if ok.empty:
         return pd.DataFrame()
-    from qbench.precisions import REGISTRY
-
-    known = list(REGISTRY)
-    order = sorted(set(ok["precision"]), key=lambda p: (known.index(p) if p in known else len(known), p))
-    return ok.groupby("precision").mean(numeric_only=True).reindex(order)
+    return ok.groupby("precision").mean(numeric_only=True).reindex(tables.precision_order(ok))
 
 
 def quantization_damage(frame: pd.DataFrame) -> pd.DataFrame:
@@ -148,7 +144,8 @@ def quantization_damage(frame: pd.DataFrame) -> pd.DataFrame:
             table[f"{metric} before (this base)"] = means[before] * scale
             if baseline in means.index:
                 table[f"{metric} before ({baseline} base)"] = means.loc[baseline, before] * scale
-                table[f"Δ vs {baseline} before training"] = (means[before] - means.loc[baseline, before]) * scale
+                delta = (means[before] - means.loc[baseline, before]) * scale
+                table[f"Δ vs {baseline} before training"] = delta.round(9) + 0.0  # no -1e-17 (or -0) from float sums
     return table if len(table.columns) else pd.DataFrame()
 
 
