@@ -169,6 +169,9 @@ def test_qbench_train_overhead_against_a_bare_loop(benchmark):
     benchmark.extra_info.update(figures)
     lines = [f"{k:36s} {v:.6g}" if isinstance(v, float) else f"{k:36s} {v}" for k, v in figures.items()]
     print("\nqbench harness overhead (pooled over interleaved rounds)\n" + "\n".join(lines))
+    assert bare_rate > 0 and qbench_rate > 0
+    if benchmark.disabled:  # a smoke run (.ci/run, shared CPU): the 3 % target is judged only when benchmarking
+        return
     assert abs(qbench_p50 / bare_p50 - 1) <= TOLERANCE, f"median step time {qbench_p50 / bare_p50 - 1:+.2%} vs the bare loop"
     assert abs(qbench_rate / bare_rate - 1) <= TOLERANCE, f"samples/s {qbench_rate / bare_rate - 1:+.2%} vs the bare loop"
 
