@@ -13,37 +13,10 @@ WORDS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "a", "on", "white", *COLOURS, *SHAP
 
 
 def make_tiny_clip(folder: Path) -> Path:
-    """A random two-layer CLIPModel with a word-level tokenizer and a 32-pixel image processor."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+    """A random two-layer CLIPModel (hidden 32) with a word-level tokenizer and a 16-pixel image processor."""
+    from .tmp_clip import build_checkpoint
 
-    vocab = {word: index for index, word in enumerate(WORDS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]",
-        model_max_length=16,
-    )
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=16, eos_token_id=3, bos_token_id=2, pad_token_id=0,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
-        ),
-        projection_dim=32,
-    )
-    torch.manual_seed(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    CLIPModel(config).save_pretrained(folder)
-    fast.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
-    return folder
+    return build_checkpoint(folder, hidden=32, words=WORDS, heads=2, image_size=16, patch_size=4)
 
 
 def make_tsv_data(folder: Path, train_images: int = 24, eval_images: int = 12) -> Path:

@@ -42,13 +42,16 @@ def build_data(folder: Path) -> Path:
     return folder
 
 
-def build_checkpoint(folder: Path, hidden: int = 64) -> Path:
-    """A random CLIPModel (float32 safetensors) with a word-level tokenizer and an image processor."""
+def build_checkpoint(
+    folder: Path, hidden: int = 64, *, words: list[str] | None = None, heads: int = 4, image_size: int = 32, patch_size: int = 8
+) -> Path:
+    """A random two-layer CLIPModel (float32 safetensors, MLPs twice `hidden`) with a word-level
+    tokenizer over `words` (ids 0-3 are PAD, UNK, BOS, EOS: EOS is not 2, see zoo/clip.py) and an image processor."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
 
-    words = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "a", *COLOURS, *SHAPES]
+    words = words or ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "a", *COLOURS, *SHAPES]
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -61,11 +64,11 @@ def build_checkpoint(folder: Path, hidden: int = 64) -> Path:
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(words), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=16, eos_token_id=3, bos_token_id=2, pad_token_id=0,
+            num_attention_heads=heads, max_position_embeddings=16, eos_token_id=3, bos_token_id=2, pad_token_id=0,
         ),
         vision_config=dict(
-            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-            image_size=32, patch_size=8,
+            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=heads,
+            image_size=image_size, patch_size=patch_size,
         ),
         projection_dim=hidden,
     )
@@ -73,7 +76,8 @@ def build_checkpoint(folder: Path, hidden: int = 64) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     CLIPModel(config).save_pretrained(folder)
     fast.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    crop = {"height": image_size, "width": image_size}
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop).save_pretrained(folder)
     return folder
 
 
