@@ -112,7 +112,9 @@ for r in results.read_records(run_dir):
     assert all(d.startswith("cuda") for d in devices), devices
     if gpu_count > 1:
         assert len(devices) > 1 and r["model.device_map_modules"], (devices, r["model.device_map_modules"])
-    print(f'{r["cell_id"]:>14}  base on {r["model.devices"]}  ({r["model.device_map_modules"]} modules placed by accelerate)')
+    split = r["model.device_map_modules"]
+    how = f"{split} modules placed by accelerate" if split else "one piece: accelerate recorded no split"
+    print(f'{r["cell_id"]:>14}  base on {r["model.devices"]}  ({how})')
 print("ok: device_map = auto")
 EOF
 echo "== all multi-GPU checks passed ($WORK)"
