@@ -62,7 +62,7 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     if task in HEADLINE and ok_means is not None:
         column, label, scale = HEADLINE[task]
         if column in ok_means.columns and baseline in ok_means.index:
-            table[label.format(base=baseline)] = (ok_means[column] - ok_means.loc[baseline, column]) * scale
+            table[label.format(base=baseline)] = tables.delta_to(ok_means[column], ok_means.loc[baseline, column]) * scale
     return table
 
 
@@ -144,8 +144,7 @@ def quantization_damage(frame: pd.DataFrame) -> pd.DataFrame:
             table[f"{metric} before (this base)"] = means[before] * scale
             if baseline in means.index:
                 table[f"{metric} before ({baseline} base)"] = means.loc[baseline, before] * scale
-                delta = (means[before] - means.loc[baseline, before]) * scale
-                table[f"Δ vs {baseline} before training"] = delta.round(9) + 0.0  # no -1e-17 (or -0) from float sums
+                table[f"Δ vs {baseline} before training"] = tables.delta_to(means[before], means.loc[baseline, before]) * scale
     return table if len(table.columns) else pd.DataFrame()
 
 

@@ -86,6 +86,13 @@ def aggregate(frame: pd.DataFrame, columns: list[str] | None = None) -> Aggregat
     )
 
 
+def delta_to(values: pd.Series, reference: float) -> pd.Series:
+    """`values - reference`, with differences of float rounding alone (a mean of two recalls summed in
+    another order) made exactly 0, so that equal figures never read as "-0.00, worse"."""
+    delta = values - reference
+    return delta.where(delta.abs() > 1e-9 * max(abs(reference), 1.0), 0.0)
+
+
 def relative_to_baseline(frame: pd.DataFrame) -> pd.DataFrame:
     """Each precision against the baseline precision: memory and weights saved, quality delta, slowdown.
 
@@ -116,13 +123,12 @@ def relative_to_baseline(frame: pd.DataFrame) -> pd.DataFrame:
     if quality:
         factor, unit = fields.scale(quality)
         unit = "points" if unit == "%" else ("" if unit in fields.label(quality) else unit)
-        table[f"Δ {fields.label(quality)} ({unit})".replace(" ()", "")] = (stats.mean[quality] - base[quality]) * factor
+        delta = delta_to(stats.mean[quality], base[quality])
+        table[f"Δ {fields.label(quality)} ({unit})".replace(" ()", "")] = delta * factor
         spec = fields.spec_for(quality)
         if spec is not None and spec.direction is not None:
-            better = stats.mean[quality] > base[quality] if spec.direction == "higher" else stats.mean[quality] < base[quality]
-            table["quality vs baseline"] = better.map({True: "better", False: "worse"}).where(
-                stats.mean[quality] != base[quality], "same"
-            )
+            better = delta > 0 if spec.direction == "higher" else delta < 0
+            table["quality vs baseline"] = better.map({True: "better", False: "worse"}).where(delta != 0, "same")
     if throughput:
         table["slowdown ×"] = 1 / stats.mean[fields.ratio_column(throughput)]
     return table

@@ -47,6 +47,24 @@ def test_relative_table_gives_memory_saved_quality_delta_and_slowdown():
     assert table.loc["nf4-dq", "quality vs baseline"] == "worse"
 
 
+def test_a_quality_equal_but_for_float_rounding_is_the_same_not_worse():
+    # two means of two recalls that are equal, but not in floating point: (0.1 + 0.2) / 2 != 0.3 / 2
+    records = make_records()
+    bf16 = (0.1 + 0.2) / 2
+    records[0]["quality.after.mean_recall@1"] = records[0]["quality.before.mean_recall@1"] = bf16
+    records[1]["quality.after.mean_recall@1"] = records[1]["quality.before.mean_recall@1"] = (0.0 + 0.3) / 2
+    records[2]["quality.after.mean_recall@1"] = bf16 - 0.0125  # a real difference of one query in 80 stays
+    assert records[1]["quality.after.mean_recall@1"] != bf16
+    frame = pd.DataFrame(records)
+    relative = tables.relative_to_baseline(frame)
+    assert relative.loc["int8", "Δ after mean recall@1 (points)"] == 0.0
+    assert relative.loc["int8", "quality vs baseline"] == "same"
+    assert relative.loc["nf4-dq", "Δ after mean recall@1 (points)"] == pytest.approx(-1.25)
+    assert relative.loc["nf4-dq", "quality vs baseline"] == "worse"
+    assert report.summary_table(frame).loc["int8", "Δ mean R@1 vs bf16 (points)"] == 0.0
+    assert report.quantization_damage(frame).loc["int8", "Δ vs bf16 before training"] == 0.0
+
+
 def test_pareto_front_is_direction_aware():
     cost = pd.Series({"a": 1.0, "b": 2.0, "c": 3.0, "d": 2.5})
     quality = pd.Series({"a": 0.5, "b": 0.7, "c": 0.9, "d": 0.6})
