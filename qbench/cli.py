@@ -219,7 +219,7 @@ def _finish(run_dir: Path, records: list[dict[str, Any]]) -> int:
 
     frame = results.load_frame([run_dir])
     paths = report.write_run_outputs(run_dir, frame)
-    console.print(_render_table(report.summary_table(frame), f"{frame['suite'].iloc[0]} — {run_dir}"))
+    console.print(_render_transposed(report.summary_table(frame), f"{frame['suite'].iloc[0]} — {run_dir}"))
     console.print(f"records: {run_dir / 'cells'}   table: {paths['csv']}   summary: {paths['summary']}")
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
@@ -319,9 +319,12 @@ def _render_env(report: dict[str, Any]) -> None:
             f"{result['output_rel_error']:.2%}" if ok else "—", f"{result['seconds']:.2f}", result.get("error", ""),
         )
     console.print(formats)
-def _render_frame(table: Any, title: str) -> Table:
-    """Any table as rich, its index first; cells already strings are shown as they are."""
-    return _render_table(table, title)
+def _render_transposed(table: Any, title: str) -> Table:
+    """A table with one row per precision (or run) and many figures, turned so that precisions are
+    the columns: a terminal (and a CI log, 80 columns wide) holds six precisions, not twenty figures."""
+    turned = table.T
+    turned.index.name = ""
+    return _render_table(turned, title)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -335,12 +338,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else report.default_report_dir([Path(p) for p in args.run_dirs])
     paths = report.write_report(frame, out, args.title)
     for heading, table in report.report_tables(frame).items():
-        # precisions (and runs) as columns: these tables are long, and terminals are narrow
         wide = heading.startswith(("Per precision", "Runs merged"))
-        shown = table.T if wide else table
-        if wide:
-            shown.index.name = ""
-        console.print(_render_frame(shown, heading))
+        console.print(_render_transposed(table, heading) if wide else _render_table(table, heading))
     console.print(f"{len(frame)} cells from {len(args.run_dirs)} input(s) -> html: {paths['html']}")
     console.print(f"also: {paths['markdown']}  {paths['csv']}  {paths['parquet']}  {paths['summary_csv']}", highlight=False)
     return EXIT_OK

@@ -31,10 +31,15 @@ precisions = ["bf16", "nf4-dq"]
 """
 
 
-def test_two_cell_suite_runs_each_cell_in_its_own_process_and_writes_records(tmp_path: Path):
+def test_two_cell_suite_runs_each_cell_in_its_own_process_and_writes_records(tmp_path: Path, capsys):
     suite = write_suite(tmp_path, TWO_CELLS)
     code = cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert code == 0
+    # the closing table has the precisions as columns, so it stays readable 80 columns wide (a CI log)
+    shown = capsys.readouterr().out.splitlines()
+    assert any("bf16" in line and "nf4-dq" in line for line in shown)
+    (samples_row,) = [line for line in shown if line.startswith("│ samples/s")]
+    assert "…" not in samples_row and len(samples_row.split("│")) == 5  # label, bf16, nf4-dq
     (run_dir,) = (tmp_path / "out" / "e2e").iterdir()
     records = {r["precision"]: r for r in results.read_records(run_dir)}
     assert set(records) == {"bf16", "nf4-dq"}
