@@ -125,3 +125,21 @@ def test_base_model_is_blind_to_backgrounds_so_lora_has_room_to_learn(model, tok
     mean_r1 = (image_to_text_r1 + text_to_image_r1) / 2
     # knows colour and shape (chance is 1/160), not which of ~4 backgrounds
     assert 0.10 < mean_r1 < 0.45
+
+
+def test_the_build_trains_with_one_thread_and_gives_the_callers_back(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_build(out_dir, seed):
+        seen.update(threads=torch.get_num_threads(), deterministic=torch.are_deterministic_algorithms_enabled())
+
+    monkeypatch.setattr(zoo_clip, "_build", fake_build)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        zoo_clip.build(tmp_path)
+        # one thread whatever the machine has: the committed checkpoint was built so, byte for byte
+        assert seen == {"threads": 1, "deterministic": True}
+        assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(before)

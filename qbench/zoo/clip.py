@@ -45,6 +45,7 @@ PRETRAIN_BATCH = 128
 PRETRAIN_LR = 1e-3
 PRETRAIN_WARMUP_STEPS = 100
 PRETRAIN_WEIGHT_DECAY = 0.05
+PRETRAIN_THREADS = 1
 
 
 def build(out_dir: pathlib.Path, seed: int = 0) -> None:
@@ -53,11 +54,16 @@ def build(out_dir: pathlib.Path, seed: int = 0) -> None:
 
     torch.manual_seed(seed)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
+    caller_threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
+    # One thread, as the committed checkpoint was built: float sums split over another number of
+    # threads round differently, and the rebuild is meant to be byte-identical on any machine.
+    torch.set_num_threads(PRETRAIN_THREADS)
     try:
         _build(pathlib.Path(out_dir), seed)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(caller_threads)
 
 
 def _build(out_dir: pathlib.Path, seed: int) -> None:
