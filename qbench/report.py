@@ -52,14 +52,13 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(index=pd.Index(order, name="precision"))
     table["status"] = grouped["status"].agg(lambda s: ",".join(sorted(set(s)))).reindex(order)
     table["seeds"] = grouped["seed"].nunique().reindex(order)
-    ok = frame[frame["status"] == "ok"]
-    ok_means = ok.groupby("precision").mean(numeric_only=True).reindex(order) if not ok.empty else None
+    ok_means = _ok_means(frame)  # empty when no cell is ok: then only status and seeds are shown
     for column, label, scale in SUMMARY_COLUMNS:
-        if column in frame.columns and ok_means is not None and column in ok_means.columns:
+        if column in ok_means.columns:
             table[label] = ok_means[column] * scale
     task = frame["task"].iloc[0]
     baseline = frame["baseline_precision"].iloc[0]
-    if task in HEADLINE and ok_means is not None:
+    if task in HEADLINE:
         column, label, scale = HEADLINE[task]
         if column in ok_means.columns and baseline in ok_means.index:
             table[label.format(base=baseline)] = tables.delta_to(ok_means[column], ok_means.loc[baseline, column]) * scale
