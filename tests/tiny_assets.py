@@ -44,30 +44,7 @@ def make_tsv_data(folder: Path, train_images: int = 24, eval_images: int = 12) -
 def suite_text(model: Path, data: Path, name: str = "robust", precisions: tuple[str, ...] = ("bf16", "nf4"),
                steps: int = 3, extra: str = "") -> str:
     """A small clip suite over the tiny checkpoint and TSV data (absolute paths)."""
-    listed = ", ".join(f'"{p}"' for p in precisions)
-    return f"""
-name = "{name}"
-task = "clip"
-[model]
-id = "{model}"
-[data]
-kind = "tsv"
-train = "{data / 'train.tsv'}"
-eval = "{data / 'eval.tsv'}"
-image_root = "{data / 'images'}"
-[lora]
-r = 4
-alpha = 8
-dropout = 0.0
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = {steps}
-batch_size = 8
-lr = 1e-3
-untimed_steps = 1
-max_length = 16
-[eval]
-batch_size = 64
-[matrix]
-precisions = [{listed}]
-{extra}"""
+    from .tmp_clip import suite_text as clip_suite_text
+
+    return clip_suite_text(model, data, list(precisions), steps, name, targets=("q_proj", "v_proj"), dropout=0.0,
+                           recall_k=None, extra=extra)

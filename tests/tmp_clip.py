@@ -81,8 +81,23 @@ def build_checkpoint(
     return folder
 
 
-def suite_text(checkpoint: Path, data: Path, precisions: list[str], steps: int = 4, name: str = "tmpclip") -> str:
+def suite_text(
+    checkpoint: Path,
+    data: Path,
+    precisions: list[str],
+    steps: int = 4,
+    name: str = "tmpclip",
+    *,
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj"),
+    dropout: float | None = None,
+    recall_k: tuple[int, ...] | None = (1, 5),
+    extra: str = "",
+) -> str:
+    """A small clip suite over a tmp checkpoint and TSV data (absolute paths); None leaves qbench's default."""
     listed = ", ".join(f'"{p}"' for p in precisions)
+    listed_targets = ", ".join(f'"{t}"' for t in targets)
+    lora = (f"dropout = {dropout}\n" if dropout is not None else "") + f"target_modules = [{listed_targets}]"
+    evaluation = "batch_size = 64" + (f"\nrecall_k = [{', '.join(map(str, recall_k))}]" if recall_k else "")
     return f"""
 name = "{name}"
 task = "clip"
@@ -96,7 +111,7 @@ image_root = "{data / 'images'}"
 [lora]
 r = 4
 alpha = 8
-target_modules = ["q_proj", "k_proj", "v_proj", "out_proj"]
+{lora}
 [train]
 steps = {steps}
 batch_size = 8
@@ -104,8 +119,7 @@ lr = 1e-3
 max_length = 16
 untimed_steps = 1
 [eval]
-batch_size = 64
-recall_k = [1, 5]
+{evaluation}
 [matrix]
 precisions = [{listed}]
-"""
+{extra}"""
