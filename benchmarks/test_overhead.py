@@ -56,7 +56,7 @@ def tiny_clip_with_lora():
 
 
 def make_batches(count: int) -> list:
-    from qbench.tasks.base import Batch
+    from qbench.tasks.batch import Batch
 
     generator = torch.Generator().manual_seed(1)
     batches = []
@@ -70,7 +70,7 @@ def make_batches(count: int) -> list:
 
 
 def clip_loss(model, batch):
-    from qbench.metrics import contrastive_loss
+    from qbench.tasks.metrics import contrastive_loss
 
     outputs = model(**batch.inputs, return_loss=False)
     return contrastive_loss(outputs.logits_per_image, outputs.logits_per_text)
@@ -105,9 +105,9 @@ def bare_loop(model, batches) -> dict:
 
 def qbench_loop(model, batches) -> dict:
     """qbench's train() inside a MemoryTracker phase (sampler process running), timed by its StepTimer."""
+    from qbench.cell.train import train
     from qbench.measure.memory import MemoryTracker
     from qbench.measure.timing import StepTimer
-    from qbench.train import train
 
     timer = StepTimer(UNTIMED)
     tracker = MemoryTracker("cpu")

@@ -16,14 +16,14 @@ SUITES = REPO / "suites"
 
 @pytest.fixture(scope="session")
 def tiny_clip_path() -> str:
-    from qbench import models
+    from qbench.cell import models
 
     return models.resolve("builtin:tiny-clip")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_path() -> str:
-    from qbench import models
+    from qbench.cell import models
 
     return models.resolve("builtin:tiny-llama")
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from qbench import baseline, cli
+from qbench import cli
+from qbench.gate import baseline
 
 from .records import make_record, make_records, write_run
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qbench.models import disable_bnb_cpu_weight_packing
+from qbench.cell.models import disable_bnb_cpu_weight_packing
 
 bnb = pytest.importorskip("bitsandbytes")
 

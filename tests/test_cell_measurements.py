@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from qbench import cli, results
+from qbench import cli
+from qbench.results import records as results
 
 from . import tmp_clip
 
@@ -22,7 +23,7 @@ PHASES = ("data", "load", "prepare", "eval_before", "train", "eval_after")
 
 DROP_QUANTIZATION = '''
 import os
-from qbench import precisions
+from qbench.suite import precisions
 
 _dropped = set(os.environ.get("QBENCH_TEST_DROP_QUANTIZATION", "").split(","))
 _original = precisions.Precision.quantization_config

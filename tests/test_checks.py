@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from qbench import checks, cli, models
+from qbench import cli
+from qbench.cell import models
 from qbench.data.pairs import DataError
 from qbench.data.tsv import load_tsv
-from qbench.suite import SuiteError, load
+from qbench.suite import preflight as checks
+from qbench.suite.spec import SuiteError, load
 
 from .conftest import write_suite
 from .tiny_assets import suite_text
@@ -188,8 +190,8 @@ def test_config_naming_pickle_weights_is_refused(tmp_path: Path, tiny_clip_dir: 
 def test_loading_refuses_pickle_weights_even_without_the_checks(pickle_only: Path):
     from transformers import CLIPModel
 
-    from qbench import precisions
-    from qbench.suite import ModelSpec
+    from qbench.suite import precisions
+    from qbench.suite.spec import ModelSpec
 
     with pytest.raises(models.UnsafeWeights, match="holds only pickle weights"):
         models.load_base(CLIPModel, str(pickle_only), precisions.get("bf16"), "bfloat16", "cpu", ModelSpec(id=str(pickle_only)))

@@ -13,10 +13,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qbench import models, precisions, probe
+from qbench.cell import models
+from qbench.machine import probe
 from qbench.measure import nvml, weight_error, weights
 from qbench.measure.memory import MemoryTracker
 from qbench.measure.timing import StepTimer
+from qbench.suite import precisions
 
 from . import tmp_clip
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from qbench import cli, results
+from qbench import cli
+from qbench.results import records as results
 
 from .conftest import write_suite
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-from qbench import cli, environment, probe
+from qbench import cli
+from qbench.machine import environment, probe
 
 from .fake_nvml import pynvml as fake
 from .test_nvml import GPU_A, GPU_B, MiB
@@ -86,7 +87,7 @@ def test_a_crashing_probe_is_reported_not_raised(monkeypatch):
     real_run = subprocess.run
 
     def crashing_probe(command, **kwargs):
-        if "qbench.probe" in command:
+        if "qbench.machine.probe" in command:
             command = [command[0], "-c", "import sys; sys.stderr.write('Segmentation fault'); sys.exit(139)"]
         return real_run(command, **kwargs)
 

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from qbench import cell, cli, faults, results
-from qbench.suite import load
+from qbench import cli
+from qbench.cell import faults
+from qbench.cell import pipeline as cell
+from qbench.results import records as results
+from qbench.suite.spec import load
 
 from .conftest import write_suite
 from .tiny_assets import suite_text

@@ -8,7 +8,9 @@ import math
 
 import pytest
 
-from qbench import cli, precisions, results
+from qbench import cli
+from qbench.results import records as results
+from qbench.suite import precisions
 from qbench.zoo.full_scale import CLIP_VIT_B32_CONFIG, write_random_clip
 
 from .clip_data import clip_suite, write_tsv_dataset

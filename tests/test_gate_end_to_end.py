@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from qbench import cli, precisions
+from qbench import cli
+from qbench.suite import precisions
 
 from .conftest import write_suite
 

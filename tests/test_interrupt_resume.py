@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from qbench import cli, faults, results, runner
-from qbench.suite import Cell, load
+from qbench import cli
+from qbench.cell import faults
+from qbench.results import records as results
+from qbench.run import runner
+from qbench.suite.spec import Cell, load
 
 from .conftest import REPO, write_suite
 from .tiny_assets import suite_text

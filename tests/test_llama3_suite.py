@@ -6,8 +6,9 @@ import re
 import shutil
 from pathlib import Path
 
-from qbench import cli, results
-from qbench.suite import load
+from qbench import cli
+from qbench.results import records as results
+from qbench.suite.spec import load
 
 from .conftest import SUITES
 
@@ -36,7 +37,7 @@ def test_llama3_suite_keeps_the_users_settings():
     assert (suite.lora.r, suite.lora.alpha, suite.lora.dropout, suite.lora.bias) == (8, 16, 0.05, "none")
     assert suite.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
     assert "nf4-dq" in suite.matrix.precisions
-    config = __import__("qbench.precisions", fromlist=["get"]).get("nf4-dq").quantization_config(suite.compute_dtype)
+    config = __import__("qbench.suite.precisions", fromlist=["get"]).get("nf4-dq").quantization_config(suite.compute_dtype)
     assert config.load_in_4bit and config.bnb_4bit_use_double_quant and config.bnb_4bit_quant_type == "nf4"
 
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from qbench import cli, results
+from qbench import cli
 from qbench.data.pairs import positives
 from qbench.data.tsv import load_tsv
+from qbench.results import records as results
 
 from .clip_data import clip_suite, write_tiny_clip, write_tsv_dataset
 from .conftest import write_suite

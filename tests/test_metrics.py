@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from qbench.metrics import contrastive_loss, recall_at_k
+from qbench.tasks.metrics import contrastive_loss, recall_at_k
 
 
 def test_recall_counts_a_query_when_its_true_match_ranks_within_k():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qbench import models
+from qbench.cell import models
 
 from .conftest import REPO
 

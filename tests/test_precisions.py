@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qbench import precisions
+from qbench.suite import precisions
 
 
 def test_default_matrix_names_are_all_registered():

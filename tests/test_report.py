@@ -7,7 +7,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qbench import cli, fields, report, results, tables
+from qbench import cli
+from qbench.report import write as report
+from qbench.results import fields
+from qbench.results import records as results
+from qbench.results import stats as tables
 
 from .records import make_record, make_records, slower, write_run
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from qbench import report
+from qbench.report import write as report
 
 MiB = 1024 * 1024
 

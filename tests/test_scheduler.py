@@ -13,9 +13,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qbench import cli, report, results, runner, scheduler
-from qbench.scheduler import Slot
-from qbench.suite import Cell, load
+from qbench import cli
+from qbench.report import write as report
+from qbench.results import records as results
+from qbench.run import runner, scheduler
+from qbench.run.scheduler import Slot
+from qbench.suite.spec import Cell, load
 
 from . import fake_cell
 from .clip_data import clip_suite, write_tiny_clip, write_tsv_dataset
@@ -128,7 +131,7 @@ def tsv_suite(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def fake_cells(monkeypatch, tmp_path):
-    from qbench.cell import EVENT_PREFIX
+    from qbench.cell.pipeline import EVENT_PREFIX
 
     assert fake_cell.EVENT_PREFIX == EVENT_PREFIX
     monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(FAKE_CELL)))

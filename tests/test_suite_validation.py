@@ -14,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qbench import checks, cli
-from qbench.suite import Suite, SuiteError, load, parse
+from qbench import cli
+from qbench.suite import preflight as checks
+from qbench.suite.spec import Suite, SuiteError, load, parse
 
 from .conftest import REPO, SUITES, write_suite
 from .test_suite import MINIMAL

@@ -9,8 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qbench import models, precisions
+from qbench.cell import models
 from qbench.measure import weight_error, weights
+from qbench.suite import precisions
 
 from . import tmp_clip
 

@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qbench import models, precisions
+from qbench.cell import models
 from qbench.measure import weights
+from qbench.suite import precisions
 
 SPEC = SimpleNamespace(revision=None, device_map="single", safetensors_only=True, trust_remote_code=False)
 

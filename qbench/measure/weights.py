@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qbench.precisions import BNB_4BIT_BLOCKSIZE, LLM_INT8_THRESHOLD, Precision
+from qbench.suite.precisions import BNB_4BIT_BLOCKSIZE, LLM_INT8_THRESHOLD, Precision
 
 
 class FormatMismatch(RuntimeError):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from qbench.tasks.base import Batch
+from qbench.tasks.batch import Batch
 
 IGNORE = -100
 

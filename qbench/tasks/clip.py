@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from qbench.data.pairs import CaptionPairs, ClipSplit, open_image, positives
-from qbench.metrics import contrastive_loss, recall_at_k
-from qbench.tasks.base import Batch, endless
+from qbench.tasks.batch import Batch, endless
+from qbench.tasks.metrics import contrastive_loss, recall_at_k
 
 
 def load_splits(suite: Any, loaded_suite: Any) -> tuple[ClipSplit, ClipSplit, dict[str, Any]]:

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from qbench import results
+from qbench.results import records as results
 
 DEFAULT_DIR = Path("results") / "baselines"
 # what a baseline keeps of a run directory (logs and reports stay behind: they are large and local)

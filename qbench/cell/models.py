@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qbench.precisions import Precision
+from qbench.suite.precisions import Precision
 
-BUILTIN_DIR = Path(__file__).parent / "zoo" / "checkpoints"
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints"
 BUILTIN_MODELS = {
     "tiny-clip": "transformers CLIPModel, pretrained by qbench on the builtin shapes set (python -m qbench.zoo.clip)",
     "tiny-llama": "transformers LlamaForCausalLM, pretrained by qbench on pydoc text (python -m qbench.zoo.llama)",

@@ -7,7 +7,8 @@ from typing import Any
 
 import pandas as pd
 
-from qbench import fields, tables
+from qbench.results import fields
+from qbench.results import stats as tables
 
 MB = 1024 * 1024
 
@@ -365,7 +366,8 @@ def _markdown(title: str, tables_shown: dict[str, pd.DataFrame], plot_files: lis
 def write_report(frame: pd.DataFrame, out_dir: Path, title: str | None = None) -> dict[str, Path]:
     """report.csv / report.parquet (every record field, plus within-run speed ratios), summary.csv, report.md,
     plots/*.png and a self-contained report.html (plots embedded) in `out_dir`."""
-    from qbench import html, plots  # matplotlib is imported only when a report is written
+    from qbench.report import page as html  # matplotlib is imported only when a report is written
+    from qbench.report import plots
 
     out_dir = Path(out_dir)
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)

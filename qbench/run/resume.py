@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from qbench import precisions, results
-from qbench.suite import Cell, LoadedSuite, SuiteError, parse
+from qbench.results import records as results
+from qbench.suite import precisions
+from qbench.suite.spec import Cell, LoadedSuite, SuiteError, parse
 
 MANIFEST = "run.json"
 REQUIRED_KEYS = ("suite_path", "suite_sha256", "suite_text", "device", "cells")
@@ -72,7 +73,7 @@ def open_run(run_dir: Path | str, force: bool = False) -> Resumable:
         ])
     loaded = LoadedSuite(parse(suite_text, suite_path), suite_path, recorded_sha, suite_text)
     cells = _recorded_cells(manifest_path, manifest["cells"])
-    from qbench.runner import pending_cells
+    from qbench.run.runner import pending_cells
 
     return Resumable(
         run_dir, manifest, loaded, str(manifest["device"]), cells, pending_cells(run_dir, cells), now_sha != recorded_sha

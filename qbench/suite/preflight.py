@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qbench.data.registry import BUILTIN_DATASETS
-from qbench.suite import LoadedSuite, SuiteError
+from qbench.suite.spec import LoadedSuite, SuiteError
 
 # module classes peft can put a LoRA adapter on (bitsandbytes' Linear8bitLt/Linear4bit replace Linear later)
 LORA_WRAPPABLE = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
@@ -101,7 +101,7 @@ def _weights_folder(path: str, revision: str | None) -> Path | None:
 
 
 def _check_model(loaded: LoadedSuite) -> list[str]:
-    from qbench import models
+    from qbench.cell import models
 
     suite = loaded.suite
     try:

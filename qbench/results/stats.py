@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from qbench import fields, precisions
+from qbench.results import fields
+from qbench.suite import precisions
 
 DEFAULT_SPEED_RATIOS = ("speed.train_samples_per_s",)
 

@@ -12,8 +12,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qbench import __version__, precisions
-from qbench.suite import Cell, SuiteError
+from qbench import __version__
+from qbench.suite import precisions
+from qbench.suite.spec import Cell, SuiteError
 
 console = Console()
 errors = Console(stderr=True)
@@ -68,7 +69,7 @@ class ProgressListener:
 
 
 def _render_table(table: Any, title: str) -> Table:
-    from qbench.report import format_value
+    from qbench.report.write import format_value
 
     shown = Table(title=title, show_lines=False)
     shown.add_column(table.index.name or "")
@@ -81,7 +82,7 @@ def _render_table(table: Any, title: str) -> Table:
 
 def _placement(args: argparse.Namespace, loaded: Any) -> tuple[list[Any] | None, tuple[int, int] | None]:
     """Device slots from --gpus/--gpus-per-cell and the shard from --shard; SuiteError when they are wrong."""
-    from qbench import scheduler
+    from qbench.run import scheduler
 
     problems = []
     slots = shard = None
@@ -117,8 +118,9 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from qbench import checks, runner, scheduler
-    from qbench.suite import load
+    from qbench.run import runner, scheduler
+    from qbench.suite import preflight as checks
+    from qbench.suite.spec import load
 
     if args.resume:
         return _resume(args)
@@ -163,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _execute(run: Any) -> tuple[int | None, list[dict[str, Any]]]:
     """Run the cells with progress bars: (the exit code if the run was interrupted, else None; the records)."""
-    from qbench import runner
+    from qbench.run import runner
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
@@ -178,7 +180,9 @@ def _execute(run: Any) -> tuple[int | None, list[dict[str, Any]]]:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from qbench import checks, results, resume, runner, scheduler
+    from qbench.results import records as results
+    from qbench.run import resume, runner, scheduler
+    from qbench.suite import preflight as checks
 
     given = [
         flag
@@ -215,7 +219,8 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _finish(run_dir: Path, records: list[dict[str, Any]]) -> int:
-    from qbench import report, results
+    from qbench.report import write as report
+    from qbench.results import records as results
 
     frame = results.load_frame([run_dir])
     paths = report.write_run_outputs(run_dir, frame)
@@ -230,8 +235,8 @@ def _finish(run_dir: Path, records: list[dict[str, Any]]) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from qbench.cell.models import BUILTIN_MODELS
     from qbench.data import registry
-    from qbench.models import BUILTIN_MODELS
 
     table = Table(title="precisions (matrix.precisions)")
     table.add_column("name")
@@ -258,7 +263,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_env(args: argparse.Namespace) -> int:
     import json
 
-    from qbench.environment import machine_report
+    from qbench.machine.environment import machine_report
 
     if args.json:  # nothing but the JSON on standard output
         report = machine_report(args.device, args.compute_dtype)
@@ -271,7 +276,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def _render_env(report: dict[str, Any]) -> None:
-    from qbench.report import MB
+    from qbench.report.write import MB
 
     table = Table(title="versions")
     table.add_column("package")
@@ -328,7 +333,8 @@ def _render_transposed(table: Any, title: str) -> Table:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from qbench import report, results
+    from qbench.report import write as report
+    from qbench.results import records as results
 
     try:
         frame = results.load_results(args.run_dirs)
@@ -347,8 +353,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _compare_settings(args: argparse.Namespace, new_paths: list[str]) -> Any:
     """The suite's [compare] table (--suite, else the new run's own suite text), then --tolerance over it."""
-    from qbench import compare, results
-    from qbench.suite import load, parse_compare
+    from qbench.gate import compare
+    from qbench.results import records as results
+    from qbench.suite.spec import load, parse_compare
 
     overrides = [compare.parse_tolerance(text) for text in args.tolerance or []]
     if args.suite:
@@ -366,7 +373,8 @@ def _compare_settings(args: argparse.Namespace, new_paths: list[str]) -> Any:
 def cmd_compare(args: argparse.Namespace) -> int:
     import os
 
-    from qbench import compare, results
+    from qbench.gate import compare
+    from qbench.results import records as results
 
     try:
         settings = _compare_settings(args, [args.new])
@@ -393,7 +401,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _print_comparison(comparison: Any) -> None:
-    from qbench import compare
+    from qbench.gate import compare
 
     if comparison.problems:
         for problem in comparison.problems:
@@ -417,8 +425,9 @@ def _print_comparison(comparison: Any) -> None:
 def cmd_baseline_refresh(args: argparse.Namespace) -> int:
     import tempfile
 
-    from qbench import baseline, results
-    from qbench.suite import load
+    from qbench.gate import baseline
+    from qbench.results import records as results
+    from qbench.suite.spec import load
 
     loaded = load(args.suite)
     with tempfile.TemporaryDirectory(prefix="qbench-baseline-") as scratch:

@@ -28,7 +28,7 @@ def _layer(precision: Any, dense: Any, device: str, compute_dtype: str) -> Any:
         return copy.deepcopy(dense).to(device=device, dtype=precision.storage_dtype(compute_dtype))
     import bitsandbytes as bnb
 
-    from qbench.precisions import LLM_INT8_THRESHOLD
+    from qbench.suite.precisions import LLM_INT8_THRESHOLD
 
     if precision.kind == "int8":
         layer = bnb.nn.Linear8bitLt(IN_FEATURES, OUT_FEATURES, bias=True, has_fp16_weights=False, threshold=LLM_INT8_THRESHOLD)
@@ -39,7 +39,7 @@ def _layer(precision: Any, dense: Any, device: str, compute_dtype: str) -> Any:
         )
     layer.load_state_dict({k: v.to(dtype) for k, v in dense.state_dict().items()})
     layer = layer.to(device)
-    from qbench.models import disable_bnb_cpu_weight_packing
+    from qbench.cell.models import disable_bnb_cpu_weight_packing
 
     disable_bnb_cpu_weight_packing(layer)
     return layer
@@ -50,8 +50,8 @@ def probe_format(name: str, device: str, compute_dtype: str = "bfloat16") -> dic
     the format read back from the layer is the one asked for."""
     import torch
 
-    from qbench import precisions
     from qbench.measure import weights
+    from qbench.suite import precisions
 
     precision = precisions.get(name)
     started = time.perf_counter()
@@ -156,7 +156,7 @@ def nvml_facts(torch_devices: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def collect(device: str, compute_dtype: str = "bfloat16") -> dict[str, Any]:
-    from qbench import precisions
+    from qbench.suite import precisions
 
     facts = {"torch": torch_facts()}
     facts["nvml"] = nvml_facts(facts["torch"]["devices"])

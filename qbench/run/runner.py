@@ -13,13 +13,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from qbench import __version__, results, scheduler
-from qbench.cell import EVENT_PREFIX
-from qbench.scheduler import LOCAL_SLOT, Slot
-from qbench.suite import Cell, LoadedSuite
+from qbench import __version__
+from qbench.cell.pipeline import EVENT_PREFIX
+from qbench.results import records as results
+from qbench.run import scheduler
+from qbench.run.scheduler import LOCAL_SLOT, Slot
+from qbench.suite.spec import Cell, LoadedSuite
 
 CHILD_STOP_GRACE_S = 60
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 CELL_COMMAND = (sys.executable, "-m", "qbench.cell")  # reads the cell's spec on stdin, writes its record
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from qbench import fields, tables
+from qbench.results import fields
+from qbench.results import stats as tables
 
 
 @dataclass(frozen=True)

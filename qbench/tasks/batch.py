@@ -1,4 +1,4 @@
-"""What a task supplies to the shared training loop: model, batches, loss and evaluation."""
+"""What a task supplies to the shared training loop: the Batch, the Task protocol, an endless loader."""
 
 from __future__ import annotations
 
@@ -37,19 +37,6 @@ class Task(Protocol):
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Quality metrics on the held-out split (unprefixed names, e.g. 'i2t_recall@1')."""
-
-
-def get_task(suite: Any, loaded_suite: Any, model_path: str, device: str) -> Task:
-    """The task object a suite asks for."""
-    if suite.task == "clip":
-        from qbench.tasks.clip import ClipTask
-
-        return ClipTask(suite, loaded_suite, model_path, device)
-    if suite.task == "causal_lm":
-        from qbench.tasks.causal_lm import CausalLMTask
-
-        return CausalLMTask(suite, loaded_suite, model_path, device)
-    raise ValueError(f"unknown task {suite.task!r}")
 
 
 def endless(loader: Any) -> Iterator[Any]:

@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qbench import fields, precisions
+from qbench.results import fields
+from qbench.suite import precisions
 
 TASKS = ("clip", "causal_lm")
 BUILTIN_PREFIX = "builtin:"
@@ -308,7 +309,7 @@ def parse_compare(text: str, path: Path | str = "<suite>") -> CompareSpec:
 
 
 def load(path: Path | str) -> LoadedSuite:
-    """Read and validate a suite file (structure only; see `qbench.checks` for files and models)."""
+    """Read and validate a suite file (structure only; see `qbench.suite.preflight` for files and models)."""
     path = Path(path)
     try:
         data = path.read_bytes()

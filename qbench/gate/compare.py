@@ -1,6 +1,6 @@
 """Baseline vs new results: direction-aware tolerances per metric, a noise floor from seeds, a Markdown verdict.
 
-What is compared comes from the metric registry (`qbench.fields`):
+What is compared comes from the metric registry (`qbench.results.fields`):
 - exact metrics (weight bytes, bits per parameter, parameter and module counts) must match;
 - quality and memory may move the worse way by their tolerance (or by the seeds' noise, if larger);
 - absolute times and rates are never compared (they move from machine to machine); speed is
@@ -19,8 +19,9 @@ from typing import Any
 import pandas as pd
 from pydantic import ValidationError
 
-from qbench import fields, tables
-from qbench.suite import CompareSpec, ToleranceSpec
+from qbench.results import fields
+from qbench.results import stats as tables
+from qbench.suite.spec import CompareSpec, ToleranceSpec
 
 EXIT_OK, EXIT_REGRESSION, EXIT_UNUSABLE = 0, 1, 2
 

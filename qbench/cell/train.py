@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from qbench.measure.timing import StepTimer
-from qbench.tasks.base import Batch
+from qbench.tasks.batch import Batch
 
 
 class NonFiniteLoss(FloatingPointError):

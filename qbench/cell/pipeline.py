@@ -16,9 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from qbench import faults as fault_injection
-from qbench import precisions, results
-from qbench.suite import LoadedSuite, parse
+from qbench.cell import faults as fault_injection
+from qbench.results import records as results
+from qbench.suite import precisions
+from qbench.suite.spec import LoadedSuite, parse
 
 EVENT_PREFIX = "QBENCH_EVENT "
 
@@ -121,12 +122,13 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
             record["test.injected_faults"] = faults.describe()
         import torch
 
-        from qbench import environment, models
+        from qbench.cell import models
+        from qbench.cell.train import train
+        from qbench.machine import environment
         from qbench.measure import weight_error, weights
         from qbench.measure.memory import MemoryTracker
         from qbench.measure.timing import StepTimer
-        from qbench.tasks.base import get_task
-        from qbench.train import train
+        from qbench.tasks import get_task
 
         record.update(environment.describe(device))
         torch.manual_seed(seed)

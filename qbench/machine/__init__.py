@@ -1,0 +1,1 @@
+"""What this machine is: versions, CPU, devices, and which weight formats work (facts for records and `qbench env`)."""

@@ -1,0 +1,1 @@
+"""The parent process: one child process per cell, every record kept; scheduling, resume."""

@@ -1,0 +1,1 @@
+"""What to run (parent process): suite TOML -> validated spec -> cells; precision registry; preflight checks."""
