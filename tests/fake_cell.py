@@ -17,7 +17,7 @@ import time
 import tomllib
 from pathlib import Path
 
-EVENT_PREFIX = "QBENCH_EVENT "  # qbench.cell's; the standard library only, so a fake cell starts in a blink
+EVENT_PREFIX = "QBENCH_EVENT "  # qbench.run.protocol's; the standard library only, so a fake cell starts in a blink
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

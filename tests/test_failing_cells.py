@@ -11,6 +11,7 @@ from qbench import cli
 from qbench.cell import faults
 from qbench.cell import pipeline as cell
 from qbench.results import records as results
+from qbench.run.protocol import CellSpec
 from qbench.suite.spec import load
 
 from .conftest import write_suite
@@ -40,10 +41,10 @@ def run_in_process(tmp_path: Path, model: Path, data: Path, monkeypatch, fault: 
     loaded = load(suite)
     record_path = tmp_path / "cells" / "bf16-seed0.json"
     monkeypatch.setenv(faults.ENV_VAR, fault)
-    spec = {
-        "suite_text": loaded.text, "suite_path": str(loaded.path), "suite_sha256": loaded.sha256, "run_id": "test",
-        "cell_id": "bf16-seed0", "precision": "bf16", "seed": 0, "device": "cpu", "record_path": str(record_path),
-    }
+    spec = CellSpec(
+        suite_text=loaded.text, suite_path=str(loaded.path), suite_sha256=loaded.sha256, run_id="test",
+        cell_id="bf16-seed0", precision="bf16", seed=0, device="cpu", record_path=str(record_path),
+    )
     record = cell.run_cell(spec)
     assert results.read_record(record_path) == record  # what is returned is what is on disk
     assert record["config.safetensors_only"] is True and record["config.trust_remote_code"] is False

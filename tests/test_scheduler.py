@@ -131,7 +131,7 @@ def tsv_suite(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def fake_cells(monkeypatch, tmp_path):
-    from qbench.cell.pipeline import EVENT_PREFIX
+    from qbench.run.protocol import EVENT_PREFIX
 
     assert fake_cell.EVENT_PREFIX == EVENT_PREFIX
     monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(FAKE_CELL)))

@@ -28,8 +28,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from qbench.results.schema import PHASES
+
 ENV_VAR = "QBENCH_TEST_FAULTS"
-PHASES = ("data", "load", "prepare", "eval_before", "train", "eval_after")
 KINDS = ("oom", "nan", "unsupported", "error", "sigkill", "sleep")
 
 

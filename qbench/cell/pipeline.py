@@ -1,27 +1,33 @@
 """One cell in its own process: load, quantize, attach LoRA, evaluate, train, evaluate, measure.
 
-Run as `python -m qbench.cell` with the cell's spec as JSON on standard input. Progress goes to
-standard output as `QBENCH_EVENT {...}` lines; the record is written atomically whatever happens.
+Run as `python -m qbench.cell` with the cell's spec (`qbench.run.protocol.CellSpec`) as JSON on
+standard input. Progress goes to standard output as `QBENCH_EVENT {...}` lines; the record is
+written atomically whatever happens, and at the start of every phase as a `running` checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qbench.cell import faults as fault_injection
 from qbench.results import records as results
+from qbench.run.protocol import CellSpec, event_line, identity_fields
 from qbench.suite import precisions
-from qbench.suite.spec import LoadedSuite, parse
 
-EVENT_PREFIX = "QBENCH_EVENT "
+if TYPE_CHECKING:
+    from qbench.measure.memory import MemoryTracker
+    from qbench.measure.timing import StepTimer
+    from qbench.suite.precisions import Precision
+    from qbench.suite.spec import Suite
 
 
 class Interrupted(BaseException):
@@ -29,7 +35,7 @@ class Interrupted(BaseException):
 
 
 def emit(event: str, **fields: Any) -> None:
-    print(EVENT_PREFIX + json.dumps({"event": event, **fields}), flush=True)
+    print(event_line(event, **fields), flush=True)
 
 
 def _now() -> str:
@@ -52,191 +58,156 @@ def _status_for(error: BaseException) -> str:
     return "failed"
 
 
-def _adapter_bytes(model: Any) -> int:
-    with tempfile.TemporaryDirectory(prefix="qbench-adapter-") as folder:
-        model.save_pretrained(folder)
-        return sum(p.stat().st_size for p in Path(folder).glob("adapter_model.*"))
-
-
-def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one cell described by `spec` and return its record (also written to spec['record_path'])."""
-    suite = parse(spec["suite_text"], spec["suite_path"])
-    loaded = LoadedSuite(suite, Path(spec["suite_path"]), spec["suite_sha256"], spec["suite_text"])
-    precision = precisions.get(spec["precision"])
-    seed, device = int(spec["seed"]), spec["device"]
-    record: dict[str, Any] = {
-        "schema_version": results.SCHEMA_VERSION,
-        "suite": suite.name,
-        "suite_sha256": spec["suite_sha256"],
-        "run_id": spec["run_id"],
-        "cell_id": spec["cell_id"],
-        "task": suite.task,
-        "model": suite.model.id,
-        "precision": precision.name,
-        "baseline_precision": suite.baseline,
-        "seed": seed,
-        "status": "running",
-        "error": None,
-        "error_type": None,
-        "time.start": _now(),
+def config_fields(suite: Suite, precision: Precision) -> dict[str, Any]:
+    """`config.*` and `precision.*`: every setting the cell ran with, flat."""
+    return {
         "config.compute_dtype": suite.compute_dtype,
         "config.prepare": suite.train.prepare,
         "config.gradient_checkpointing": suite.train.gradient_checkpointing,
-        "config.safetensors_only": suite.model.safetensors_only,
-        "config.trust_remote_code": suite.model.trust_remote_code,
         "config.device_map": suite.model.device_map,
         **{f"config.lora.{k}": (",".join(v) if isinstance(v, tuple) else v) for k, v in suite.lora.model_dump().items()},
         **{f"config.train.{k}": v for k, v in suite.train.model_dump().items()},
         **{f"precision.{k}": v for k, v in precision.settings().items()},
     }
-    tracker = None
-    timer = None
-    record_path = Path(spec["record_path"])
 
-    def measured() -> dict[str, Any]:
+
+def adapter_bytes(model: Any) -> int:
+    """Bytes of the saved LoRA adapter weights (what a user ships after fine-tuning)."""
+    with tempfile.TemporaryDirectory(prefix="qbench-adapter-") as folder:
+        model.save_pretrained(folder)
+        return sum(p.stat().st_size for p in Path(folder).glob("adapter_model.*"))
+
+
+def prefixed(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}{k}": v for k, v in values.items()}
+
+
+class CellRun:
+    """One cell's record as it is measured: the phases enter, measure and time themselves through `phase()`."""
+
+    def __init__(self, spec: CellSpec):
+        self.spec = spec
+        self.loaded = spec.loaded_suite()
+        self.suite = self.loaded.suite
+        self.precision = precisions.get(spec.precision)
+        self.seed, self.device = spec.seed, spec.device
+        self.record_path = Path(spec.record_path)
+        self.record: dict[str, Any] = {
+            **identity_fields(self.loaded, spec.run_id, spec.cell_id, self.precision.name, self.seed),
+            "status": "running",
+            "error": None,
+            "error_type": None,
+            "time.start": _now(),
+            **config_fields(self.suite, self.precision),
+        }
+        self.tracker: MemoryTracker | None = None
+        self.timer: StepTimer | None = None
+        self.faults = fault_injection.Injector(spec.cell_id)
+        if self.faults.faults:
+            self.record["test.injected_faults"] = self.faults.describe()
+
+    def update(self, fields: dict[str, Any]) -> None:
+        self.record.update(fields)
+
+    def measured(self) -> dict[str, Any]:
         """The record with every figure measured so far."""
-        full = dict(record)
-        if tracker is not None:
-            full.update(tracker.record)  # per phase, and memory.peak_<source>_bytes over the phases
-        if timer is not None:
-            full.update(timer.summary())
+        full = dict(self.record)
+        if self.tracker is not None:
+            full.update(self.tracker.record)  # per phase, and memory.peak_<source>_bytes over the phases
+        if self.timer is not None:
+            full.update(self.timer.summary())
         return full
 
-    def enter(phase: str, **fields: Any) -> None:
-        """Start a phase: tell the runner, leave what was measured on disk (status `running`: if the
-        process dies, the runner keeps these figures in its failure record), fire any test fault."""
-        record["last_phase"] = phase
-        emit("phase", phase=phase, **fields)
-        results.write_json_atomic(record_path, measured())
-        faults.phase(phase)
+    @contextmanager
+    def phase(self, name: str, timed: bool = False, **event_fields: Any) -> Iterator[None]:
+        """Enter phase `name`: tell the runner, leave what was measured so far on disk (status `running`:
+        if the process dies, the runner keeps these figures in its failure record), fire any test fault,
+        then measure the block's memory and, when `timed`, its wall time as `time.<name>_s`."""
+        self.record["last_phase"] = name
+        emit("phase", phase=name, **event_fields)
+        results.write_json_atomic(self.record_path, self.measured())
+        self.faults.phase(name)
+        started = time.perf_counter()
+        with self.tracker.phase(name):
+            yield
+        if timed:
+            self.record[f"time.{name}_s"] = time.perf_counter() - started
 
-    def on_step(step: int, loss: float) -> None:
-        record["train.steps_completed"] = step
-        record["train.last_loss"] = loss
-        record.setdefault("train.first_loss", loss)
-        emit("step", step=step, total=suite.train.steps, loss=loss)
+    def on_step(self, step: int, loss: float) -> None:
+        self.record["train.steps_completed"] = step
+        self.record["train.last_loss"] = loss
+        self.record.setdefault("train.first_loss", loss)
+        emit("step", step=step, total=self.suite.train.steps, loss=loss)
 
-    try:
-        faults = fault_injection.Injector(spec["cell_id"])
-        if faults.faults:
-            record["test.injected_faults"] = faults.describe()
+    @contextmanager
+    def recorded(self) -> Iterator[None]:
+        """Whatever happens inside, the record ends on disk with a status; an error is recorded, never lost."""
+        try:
+            yield
+        except BaseException as error:  # the suite goes on with the next cell
+            self.record["status"] = _status_for(error)
+            self.record["error"] = f"{type(error).__name__}: {error}"
+            self.record["error_type"] = type(error).__name__
+            self.record["error_phase"] = self.record.get("last_phase")
+            self.record["error_traceback"] = traceback.format_exc(limit=20)
+        finally:
+            self.record.update(self.measured())
+            if self.tracker is not None:
+                self.tracker.close()
+            self.record["time.end"] = _now()
+            results.write_json_atomic(self.record_path, self.record)
+
+
+def run_cell(spec: CellSpec) -> dict[str, Any]:
+    """Run one cell and return its record (also written to spec.record_path)."""
+    cell = CellRun(spec)
+    suite, seed = cell.suite, cell.seed
+    with cell.recorded():
         import torch
 
-        from qbench.cell import models
+        from qbench.cell import lora, models, readback
         from qbench.cell.train import train
         from qbench.machine import environment
-        from qbench.measure import weight_error, weights
         from qbench.measure.memory import MemoryTracker
         from qbench.measure.timing import StepTimer
         from qbench.tasks import get_task
 
-        record.update(environment.describe(device))
+        cell.update(environment.describe(cell.device))
         torch.manual_seed(seed)
-        model_path = models.resolve(suite.model.id, loaded.path.parent, suite.model.revision)
-        record["model_path"] = model_path
-        tracker = MemoryTracker(device)
-        task = get_task(suite, loaded, model_path, device)
+        model_path = models.resolve(suite.model.id, cell.loaded.path.parent, suite.model.revision)
+        cell.update({"model_path": model_path})
+        cell.tracker = MemoryTracker(cell.device)
+        task = get_task(suite, cell.loaded, model_path, cell.device)
 
-        enter("data")
-        with tracker.phase("data"):
-            record.update(task.prepare_data())
-
-        enter("load")
-        started = time.perf_counter()
-        with tracker.phase("load"):
-            model = models.load_base(task.model_class, model_path, precision, suite.compute_dtype, device, suite.model)
-        record["time.load_s"] = time.perf_counter() - started
-        record.update(models.placement(model))
-        record["bnb.cpu_weight_packing_disabled_layers"] = models.disable_bnb_cpu_weight_packing(model)
-        record.update(weights.read_format(model))
-        record.update(weights.account_base(model))
-        weights.check_format(model, precision, suite.compute_dtype)  # the arm must be what its name says
-        started = time.perf_counter()  # outside every phase: reading the originals is the harness's work
-        record.update(weight_error.measure(model, model_path, suite.model.revision))
-        record["time.weight_error_s"] = time.perf_counter() - started
-
-        enter("prepare")
-        with tracker.phase("prepare"):
-            from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-            if suite.train.prepare == "peft-kbit":
-                model = prepare_model_for_kbit_training(
-                    model, use_gradient_checkpointing=suite.train.gradient_checkpointing
-                )
-            elif suite.train.gradient_checkpointing:
-                model.gradient_checkpointing_enable()
-            lora = suite.lora
-            torch.manual_seed(seed)  # the same LoRA initialisation in every arm
-            model = get_peft_model(
-                model,
-                LoraConfig(
-                    r=lora.r,
-                    lora_alpha=lora.alpha,
-                    lora_dropout=lora.dropout,
-                    bias=lora.bias,
-                    target_modules=list(lora.target_modules),
-                    task_type=task.peft_task_type,
-                ),
-            )
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        record["params.trainable"] = trainable
-        record["params.lora_modules"] = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+        with cell.phase("data"):
+            cell.update(task.prepare_data())
+        with cell.phase("load", timed=True):
+            model = models.load_base(task.model_class, model_path, cell.precision, suite.compute_dtype, cell.device, suite.model)
+        readback.inspect_base(model, cell.precision, suite, model_path, cell.record)  # the arm is what its name says
+        with cell.phase("prepare"):
+            model = lora.attach(model, suite, task.peft_task_type, seed)
+        cell.update(lora.counts(model))
 
         if suite.eval.before:
-            enter("eval_before")
-            started = time.perf_counter()
-            with tracker.phase("eval_before"):
-                record.update({f"quality.before.{k}": v for k, v in task.evaluate(model).items()})
-            record["time.eval_before_s"] = time.perf_counter() - started
+            with cell.phase("eval_before", timed=True):
+                cell.update(prefixed("quality.before.", task.evaluate(model)))
 
-        enter("train", total=suite.train.steps)
-        torch.manual_seed(seed)  # the same dropout masks and data order in every arm
-        timer = StepTimer(suite.train.untimed_steps, cuda=device.startswith("cuda"))
-        started = time.perf_counter()
-        with tracker.phase("train"):
-            result = train(
-                model,
-                task.train_batches(seed),
-                faults.wrap_loss(task.loss),
-                suite.train,
-                timer,
-                on_step=on_step,
-            )
-        record["time.train_s"] = time.perf_counter() - started
-        record["train.first_loss"] = result.first_loss
-        record["train.final_loss"] = result.final_loss
+        with cell.phase("train", timed=True, total=suite.train.steps):
+            torch.manual_seed(seed)  # the same dropout masks and data order in every arm
+            cell.timer = StepTimer(suite.train.untimed_steps, cuda=cell.device.startswith("cuda"))
+            result = train(model, task.train_batches(seed), cell.faults.wrap_loss(task.loss), suite.train, cell.timer,
+                           on_step=cell.on_step)
+        cell.update({"train.first_loss": result.first_loss, "train.final_loss": result.final_loss})
 
-        enter("eval_after")
-        started = time.perf_counter()
-        with tracker.phase("eval_after"):
-            record.update({f"quality.after.{k}": v for k, v in task.evaluate(model).items()})
-        record["time.eval_after_s"] = time.perf_counter() - started
-        record["weights.adapter_bytes"] = _adapter_bytes(model)
-        record["status"] = "ok"
-        record["last_phase"] = "done"
-    except BaseException as error:  # recorded, never lost: the suite goes on with the next cell
-        record["status"] = _status_for(error)
-        record["error"] = f"{type(error).__name__}: {error}"
-        record["error_type"] = type(error).__name__
-        record["error_phase"] = record.get("last_phase")
-        record["error_traceback"] = traceback.format_exc(limit=20)
-    finally:
-        record.update(measured())
-        if tracker is not None:
-            tracker.close()
-        record["time.end"] = _now()
-        results.write_json_atomic(record_path, record)
-    return record
+        with cell.phase("eval_after", timed=True):
+            cell.update(prefixed("quality.after.", task.evaluate(model)))
+        cell.update({"weights.adapter_bytes": adapter_bytes(model), "status": "ok", "last_phase": "done"})
+    return cell.record
 
 
 def main() -> int:
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)
-    spec = json.loads(sys.stdin.read())
-    record = run_cell(spec)
+    record = run_cell(CellSpec.from_json(sys.stdin.read()))
     emit("done", status=record["status"], error=record["error"])
     return 0 if record["status"] == "ok" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

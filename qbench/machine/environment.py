@@ -103,9 +103,9 @@ def machine_report(device: str = "auto", compute_dtype: str = "bfloat16", timeou
         "git_commit": git_commit(),
         "environment": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")},
     }
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "CUDA_DEVICE_ORDER": os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    from qbench.run.protocol import child_env
+
+    env = child_env()
     try:
         probe = subprocess.run(
             [sys.executable, "-m", "qbench.machine.probe", "--device", device, "--compute-dtype", compute_dtype],

@@ -22,17 +22,12 @@ from contextlib import contextmanager
 from typing import Any
 
 from qbench.measure.sampler import SamplerFailed, SamplerProcess
+from qbench.results import schema
 
 SAMPLE_INTERVAL_S = 0.01
 
-# the figures each phase records, in record order
-PHASE_SOURCES = (
-    "rss_peak_bytes",
-    "torch_max_allocated_bytes",
-    "torch_max_reserved_bytes",
-    "nvml_process_peak_bytes",
-    "nvml_device_peak_bytes",
-)
+# the figures each phase records
+PHASE_SOURCES = tuple(schema.MEMORY_SOURCES)
 # the ones the sampler process reads: record key -> the sampler's reading
 _SAMPLED = {"rss_peak_bytes": "rss_bytes", "nvml_process_peak_bytes": "nvml_process_bytes", "nvml_device_peak_bytes": "nvml_device_bytes"}
 
@@ -180,7 +175,7 @@ class MemoryTracker:
                 v for k, v in self.record.items()
                 if k.startswith("memory.") and k.endswith("." + key) and k.count(".") == 2 and v is not None
             ]
-            self.record[f"memory.peak_{key.removesuffix('_peak_bytes').removesuffix('_bytes')}_bytes"] = max(values) if values else None
+            self.record[schema.overall_peak_key(key)] = max(values) if values else None
 
     def close(self) -> None:
         if self._sampler is not None:

@@ -20,12 +20,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import psutil
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 TREE_REFRESH_S = 0.1  # how often the list of descendants is re-read for the RSS figure
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -226,9 +224,9 @@ class SamplerProcess:
             command += ["--nvml-ordinal", str(nvml_ordinal)]
         if torch_uuid:
             command += ["--torch-uuid", torch_uuid]
-        env = dict(os.environ)
-        # the sampler must run this qbench, whatever the working directory or the installed copy
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+        from qbench.run.protocol import child_env
+
+        env = child_env()  # the sampler must run this qbench, whatever the working directory or the installed copy
         self._process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True
         )

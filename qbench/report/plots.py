@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from qbench.results import fields
+from qbench.results import fields, schema
 from qbench.results import stats as tables
 
 
@@ -122,10 +122,10 @@ def throughput(frame: pd.DataFrame) -> Plot | None:
 
 def memory_by_phase(frame: pd.DataFrame) -> Plot | None:
     """Peak memory of each phase (load, prepare, eval, train, ...) per precision, from the best source present."""
-    for source in fields.PHASE_MEMORY_SOURCES:
+    for source in schema.PHASE_MEMORY_PREFERENCE:
         columns = [c for c in frame.columns if c.startswith("memory.") and c.endswith("." + source) and c.count(".") == 2]
         columns = [c for c in columns if pd.to_numeric(frame[c], errors="coerce").notna().any()]
-        rank = {phase: i for i, phase in enumerate(fields.PHASES)}
+        rank = {phase: i for i, phase in enumerate(schema.PHASES)}
         columns.sort(key=lambda c: (rank.get(c.split(".")[1], len(rank)), c))
         if columns:
             break

@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from qbench.results import fields
+from qbench.results import fields, schema
 from qbench.results import stats as tables
 
 MB = 1024 * 1024
@@ -105,14 +105,6 @@ def format_value(value: Any) -> str:
 
 # ---- measurement tables: quantization damage, weight bytes, memory per phase ----
 
-PHASE_ORDER = ("data", "load", "prepare", "eval_before", "train", "eval_after")
-MEMORY_SOURCES = {
-    "nvml_process_peak_bytes": "NVML process",
-    "nvml_device_peak_bytes": "NVML device",
-    "torch_max_allocated_bytes": "torch allocated",
-    "torch_max_reserved_bytes": "torch reserved",
-    "rss_peak_bytes": "RSS",
-}
 
 
 def _ok_means(frame: pd.DataFrame) -> pd.DataFrame:
@@ -244,9 +236,9 @@ def memory_table(frame: pd.DataFrame, phases: tuple[str, ...] | None = None) -> 
         return pd.DataFrame()
     columns = {}
     found = {c.split(".")[1] for c in means.columns if c.startswith("memory.") and c.endswith(".seconds")}
-    ordered = [p for p in PHASE_ORDER if p in found] + sorted(found - set(PHASE_ORDER))
+    ordered = [p for p in schema.PHASES if p in found] + sorted(found - set(schema.PHASES))
     for phase in phases or tuple(ordered):
-        for key, label in MEMORY_SOURCES.items():
+        for key, label in schema.MEMORY_SOURCES.items():
             column = f"memory.{phase}.{key}"
             if column in means.columns and means[column].notna().any():
                 columns[f"{phase} {label}"] = means[column] / MB
@@ -254,13 +246,7 @@ def memory_table(frame: pd.DataFrame, phases: tuple[str, ...] | None = None) -> 
 
 
 # (key within a phase, key of the peak over all phases, shown name)
-PEAK_SOURCES = (
-    ("nvml_process_peak_bytes", "memory.peak_nvml_process_bytes", "NVML process MiB"),
-    ("nvml_device_peak_bytes", "memory.peak_nvml_device_bytes", "NVML device MiB"),
-    ("torch_max_allocated_bytes", "memory.peak_torch_max_allocated_bytes", "torch allocated MiB"),
-    ("torch_max_reserved_bytes", "memory.peak_torch_max_reserved_bytes", "torch reserved MiB"),
-    ("rss_peak_bytes", "memory.peak_rss_bytes", "RSS MiB"),
-)
+PEAK_SOURCES = tuple((key, schema.overall_peak_key(key), f"{label} MiB") for key, label in schema.MEMORY_SOURCES.items())
 
 
 def peak_memory_table(frame: pd.DataFrame, phase: str | None = None) -> pd.DataFrame:

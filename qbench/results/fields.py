@@ -85,10 +85,6 @@ HEADLINE_PEAK_MEMORY = (
 HEADLINE_THROUGHPUT = ("speed.train_samples_per_s", "speed.train_tokens_per_s")
 HEADLINE_WEIGHTS = "weights.base_bytes"
 
-# the phases of a cell in the order they run (memory.<phase>.*); phases not listed go after them
-PHASES = ("data", "load", "prepare", "eval_before", "train", "eval_after")
-# memory sources in the order a per-phase plot prefers them (the first one with values is used)
-PHASE_MEMORY_SOURCES = ("torch_max_allocated_bytes", "nvml_process_peak_bytes", "rss_peak_bytes")
 
 
 def spec_for(name: str) -> FieldSpec | None:

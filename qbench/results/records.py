@@ -8,8 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-STATUSES = ("ok", "failed", "unsupported", "skipped", "interrupted")
 RECORDS_DIR = "cells"
 
 

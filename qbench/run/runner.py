@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,14 +13,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from qbench import __version__
-from qbench.cell.pipeline import EVENT_PREFIX
 from qbench.results import records as results
 from qbench.run import scheduler
+from qbench.run.protocol import CellSpec, child_env, identity_fields, parse_event
 from qbench.run.scheduler import LOCAL_SLOT, Slot
 from qbench.suite.spec import Cell, LoadedSuite
 
 CHILD_STOP_GRACE_S = 60
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 CELL_COMMAND = (sys.executable, "-m", "qbench.cell")  # reads the cell's spec on stdin, writes its record
 
 
@@ -109,18 +107,18 @@ class Run:
         }
         results.write_json_atomic(self.run_dir / "run.json", manifest)
 
-    def _spec(self, cell: Cell) -> dict[str, Any]:
-        return {
-            "suite_text": self.loaded.source_text(),
-            "suite_path": str(self.loaded.path),
-            "suite_sha256": self.loaded.sha256,
-            "run_id": self.run_id,
-            "cell_id": cell.id,
-            "precision": cell.precision,
-            "seed": cell.seed,
-            "device": self.device,
-            "record_path": str(results.record_path(self.run_dir, cell.id)),
-        }
+    def _spec(self, cell: Cell) -> CellSpec:
+        return CellSpec(
+            suite_text=self.loaded.source_text(),
+            suite_path=str(self.loaded.path),
+            suite_sha256=self.loaded.sha256,
+            run_id=self.run_id,
+            cell_id=cell.id,
+            precision=cell.precision,
+            seed=cell.seed,
+            device=self.device,
+            record_path=str(results.record_path(self.run_dir, cell.id)),
+        )
 
     def _crash_record(
         self, cell: Cell, returncode: int | None, last_phase: str | None, partial: dict[str, Any] | None = None,
@@ -147,20 +145,7 @@ class Run:
         }
 
     def _identity(self, cell: Cell) -> dict[str, Any]:
-        return {
-            "schema_version": results.SCHEMA_VERSION,
-            "suite": self.loaded.suite.name,
-            "suite_sha256": self.loaded.sha256,
-            "run_id": self.run_id,
-            "cell_id": cell.id,
-            "task": self.loaded.suite.task,
-            "model": self.loaded.suite.model.id,
-            "precision": cell.precision,
-            "baseline_precision": self.loaded.suite.baseline,
-            "seed": cell.seed,
-            "config.safetensors_only": self.loaded.suite.model.safetensors_only,
-            "config.trust_remote_code": self.loaded.suite.model.trust_remote_code,
-        }
+        return identity_fields(self.loaded, self.run_id, cell.id, cell.precision, cell.seed)
 
     def _settle(
         self, cell: Cell, returncode: int | None, last_phase: str | None, interrupted: bool = False, slot: Slot = LOCAL_SLOT
@@ -181,9 +166,7 @@ class Run:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         record_file = results.record_path(self.run_dir, cell.id)
         record_file.unlink(missing_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **(self.env or {}), **slot.env}
-        # the cell must run the same qbench as this process, whatever the working directory
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+        env = child_env({**(self.env or {}), **slot.env})
         last_phase = None
         with open(log_path, "a", encoding="utf-8") as log:  # appended: a resumed cell keeps its earlier log
             log.write(f"=== qbench: cell {cell.id} started {datetime.now(UTC).isoformat(timespec='seconds')} ===\n")
@@ -196,12 +179,12 @@ class Run:
                 self._running.add(child)
             try:
                 try:
-                    child.stdin.write(json.dumps(self._spec(cell)))
+                    child.stdin.write(self._spec(cell).to_json())
                     child.stdin.close()
                 except BrokenPipeError:  # the cell died before reading its spec; its exit code says how
                     pass
                 for line in child.stdout:
-                    event = _event(line)
+                    event = parse_event(line)
                     if event is not None:
                         last_phase = event.get("phase", last_phase)
                         self.listener.cell_event(cell, event)
@@ -289,17 +272,6 @@ def pending_cells(run_dir: Path, cells: list[Cell]) -> list[Cell]:
 def _log_footer(cell: Cell, record: dict[str, Any]) -> str:
     error = f": {record.get('error')}" if record.get("status") != "ok" else ""
     return f"=== qbench: cell {cell.id} ended {datetime.now(UTC).isoformat(timespec='seconds')}, {record.get('status')}{error} ===\n"
-
-
-def _event(line: str) -> dict[str, Any] | None:
-    """The progress event on a line of a cell's output, or None for any other line."""
-    if not line.startswith(EVENT_PREFIX):
-        return None
-    try:
-        event = json.loads(line[len(EVENT_PREFIX):])
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) and "event" in event else None
 
 
 def _sigterm_as_interrupt(signum: int, frame: Any) -> None:

@@ -1,0 +1,41 @@
+"""The record's vocabulary, written once: schema version, statuses, phases, memory sources, identity keys.
+
+Every module that names a phase or a memory source imports it from here (the cell that measures,
+the report that shows, the gate that compares), so the words cannot drift apart.
+"""
+
+from __future__ import annotations
+
+# bump when a record key changes meaning; `qbench compare` refuses to compare across versions
+SCHEMA_VERSION = 1
+
+# ok: measured to the end; failed: an error (OOM, NaN loss, a crash) ended it; unsupported: the device cannot run
+# the format; interrupted: Ctrl-C / SIGTERM; running: a checkpoint left while the cell is still going
+STATUSES = ("ok", "failed", "unsupported", "interrupted", "running")
+
+# the phases of a cell in the order they run (memory.<phase>.*, time.<phase>_s)
+PHASES = ("data", "load", "prepare", "eval_before", "train", "eval_after")
+
+# per-phase memory figures (memory.<phase>.<key>) -> how a report labels them
+MEMORY_SOURCES = {
+    "nvml_process_peak_bytes": "NVML process",
+    "nvml_device_peak_bytes": "NVML device",
+    "torch_max_allocated_bytes": "torch allocated",
+    "torch_max_reserved_bytes": "torch reserved",
+    "rss_peak_bytes": "RSS",
+}
+
+
+def overall_peak_key(source: str) -> str:
+    """`memory.peak_<source>_bytes`, the largest figure of a per-phase source over every phase."""
+    return f"memory.peak_{source.removesuffix('_peak_bytes').removesuffix('_bytes')}_bytes"
+
+
+# the order a per-phase plot prefers them (the first one with values is used)
+PHASE_MEMORY_PREFERENCE = ("torch_max_allocated_bytes", "nvml_process_peak_bytes", "rss_peak_bytes")
+
+# what says which cell a record is, in every record, whether the cell finished or its process died
+IDENTITY_KEYS = (
+    "schema_version", "suite", "suite_sha256", "run_id", "cell_id", "task", "model", "precision",
+    "baseline_precision", "seed", "config.safetensors_only", "config.trust_remote_code",
+)
