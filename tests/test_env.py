@@ -6,6 +6,7 @@ import json
 import os
 
 from qbench import cli
+from qbench.cli import render
 from qbench.machine import environment, probe
 
 from .fake_nvml import pynvml as fake
@@ -73,7 +74,7 @@ def test_qbench_env_renders_tables(monkeypatch, capsys):
                     "int8": {"status": "failed", "error": "RuntimeError: no kernel", "seconds": 0.1}},
     }
     monkeypatch.setattr(environment, "machine_report", lambda *args: canned)
-    monkeypatch.setattr(cli.console, "width", 200)
+    monkeypatch.setattr(render.console, "width", 200)
     assert cli.main(["env"]) == 0
     out = capsys.readouterr().out
     assert "not installed" in out and "550.54.15" in out

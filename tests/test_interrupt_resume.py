@@ -14,6 +14,7 @@ import pytest
 
 from qbench import cli
 from qbench.cell import faults
+from qbench.exitcodes import Exit
 from qbench.results import records as results
 from qbench.run import runner
 from qbench.suite.spec import Cell, load
@@ -123,7 +124,7 @@ def test_sigterm_after_the_first_cell_then_resume_gives_the_records_of_an_uninte
             wait_for(lambda: status_of(run_dirs(), "bf16-seed0") == "ok", 300, "the first cell to finish")
             wait_for(lambda: status_of(run_dirs(), "nf4-seed0") == "running", 300, "the second cell to start")
             process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=120) == cli.EXIT_SIGTERM
+            assert process.wait(timeout=120) == Exit.SIGTERM
         finally:
             if process.poll() is None:
                 process.kill()

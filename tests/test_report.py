@@ -8,10 +8,9 @@ import pandas as pd
 import pytest
 
 from qbench import cli
-from qbench.report import write as report
-from qbench.results import fields
+from qbench.report import summary, tables, write
+from qbench.results import fields, stats
 from qbench.results import records as results
-from qbench.results import stats as tables
 
 from .records import make_record, make_records, slower, write_run
 
@@ -29,11 +28,11 @@ def two_shards(tmp_path: Path) -> list[Path]:
 def test_shards_merge_into_one_frame_with_every_cell(two_shards):
     frame = results.load_results(two_shards)
     assert len(frame) == 8
-    assert tables.precision_order(frame) == ["bf16", "int8", "nf4-dq"]
+    assert stats.precision_order(frame) == ["bf16", "int8", "nf4-dq"]
 
 
 def test_speed_ratios_use_the_baseline_of_the_same_run_and_seed(two_shards):
-    frame = tables.add_speed_ratios(results.load_results(two_shards))
+    frame = stats.add_speed_ratios(results.load_results(two_shards))
     nf4 = frame[(frame["precision"] == "nf4-dq")]["ratio.speed.train_samples_per_s"]
     assert nf4.tolist() == pytest.approx([15 / 20, 15 / 20])  # machine b is twice as slow, the ratio is not
     assert (frame[frame["precision"] == "bf16"]["ratio.speed.train_samples_per_s"] == 1).all()
@@ -42,7 +41,7 @@ def test_speed_ratios_use_the_baseline_of_the_same_run_and_seed(two_shards):
 
 def test_relative_table_gives_memory_saved_quality_delta_and_slowdown():
     frame = pd.DataFrame(make_records())
-    table = tables.relative_to_baseline(frame)
+    table = stats.relative_to_baseline(frame)
     assert table.loc["nf4-dq", "weights saved %"] == pytest.approx(100 * (1 - 174_930 / 445_450))
     assert table.loc["int8", "peak memory saved % (peak rss)"] == pytest.approx(100 * (1 - 690 / 580))
     assert table.loc["nf4-dq", "Δ after mean recall@1 (points)"] == pytest.approx(-3.0)
@@ -60,33 +59,33 @@ def test_a_quality_equal_but_for_float_rounding_is_the_same_not_worse():
     records[2]["quality.after.mean_recall@1"] = bf16 - 0.0125  # a real difference of one query in 80 stays
     assert records[1]["quality.after.mean_recall@1"] != bf16
     frame = pd.DataFrame(records)
-    relative = tables.relative_to_baseline(frame)
+    relative = stats.relative_to_baseline(frame)
     assert relative.loc["int8", "Δ after mean recall@1 (points)"] == 0.0
     assert relative.loc["int8", "quality vs baseline"] == "same"
     assert relative.loc["nf4-dq", "Δ after mean recall@1 (points)"] == pytest.approx(-1.25)
     assert relative.loc["nf4-dq", "quality vs baseline"] == "worse"
-    assert report.summary_table(frame).loc["int8", "Δ mean R@1 vs bf16 (points)"] == 0.0
-    assert report.quantization_damage(frame).loc["int8", "Δ vs bf16 before training"] == 0.0
+    assert summary.summary_table(frame).loc["int8", "Δ mean R@1 vs bf16 (points)"] == 0.0
+    assert tables.quantization_damage(frame).loc["int8", "Δ vs bf16 before training"] == 0.0
 
 
 def test_pareto_front_is_direction_aware():
     cost = pd.Series({"a": 1.0, "b": 2.0, "c": 3.0, "d": 2.5})
     quality = pd.Series({"a": 0.5, "b": 0.7, "c": 0.9, "d": 0.6})
-    assert tables.pareto_front(cost, quality, higher_is_better=True).to_dict() == {"a": True, "b": True, "c": True, "d": False}
+    assert stats.pareto_front(cost, quality, higher_is_better=True).to_dict() == {"a": True, "b": True, "c": True, "d": False}
     # lower is better (perplexity): only the cheapest point with the lowest value survives
-    assert tables.pareto_front(cost, quality, higher_is_better=False).to_dict() == {"a": True, "b": False, "c": False, "d": False}
+    assert stats.pareto_front(cost, quality, higher_is_better=False).to_dict() == {"a": True, "b": False, "c": False, "d": False}
 
 
 def test_precision_table_shows_spread_only_with_several_seeds(two_shards):
-    one_seed = report.precision_table(pd.DataFrame(make_records()))
+    one_seed = tables.precision_table(pd.DataFrame(make_records()))
     assert "±" not in one_seed.loc["nf4-dq", "samples/s"]
-    two_seeds = report.precision_table(results.load_results(two_shards))
+    two_seeds = tables.precision_table(results.load_results(two_shards))
     assert two_seeds.loc["bf16", "seeds"] == 2 and two_seeds.loc["bf16", "cells"] == 4
     assert two_seeds.loc["int8", "i2t R@1 after"] == "60.50 ± 0.71"  # 60 and 61 points
 
 
 def test_report_writes_every_file_and_a_self_contained_html(two_shards, tmp_path: Path):
-    paths = report.write_report(results.load_results(two_shards), tmp_path / "report")
+    paths = write.write_report(results.load_results(two_shards), tmp_path / "report")
     html = paths["html"].read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(images) == 4  # quality vs memory, throughput, memory per phase, vs baseline
@@ -115,10 +114,10 @@ def test_perplexity_records_get_a_report_without_special_cases(tmp_path: Path):
         records.append(record)
     frame = pd.DataFrame(records)
     assert fields.first_present(frame, fields.HEADLINE_QUALITY) == "quality.after.perplexity"
-    table = tables.relative_to_baseline(frame)
+    table = stats.relative_to_baseline(frame)
     assert table.loc["nf4-dq", "Δ after perplexity"] == pytest.approx(1.0)
     assert table.loc["nf4-dq", "quality vs baseline"] == "worse"
-    paths = report.write_report(frame, tmp_path / "lm")
+    paths = write.write_report(frame, tmp_path / "lm")
     assert paths["html"].read_text().count("data:image/png;base64,") == 4
 
 
@@ -126,7 +125,7 @@ def test_failed_cells_are_listed_and_left_out_of_the_means(tmp_path: Path):
     records = make_records()
     records.append(make_record("nf4-dq", seed=1, status="failed", error="OutOfMemoryError: boom", weights__base_bytes=1))
     frame = pd.DataFrame(records)
-    shown = report.report_tables(frame)
+    shown = tables.report_tables(frame)
     assert "OutOfMemoryError: boom" in shown["Cells that did not finish"].to_string()
     assert shown["Per precision (mean ± sample std over seeds)"].loc["nf4-dq", "status"] == "failed,ok"
     assert shown["Per precision (mean ± sample std over seeds)"].loc["nf4-dq", "base weights MiB"] == "0.17"

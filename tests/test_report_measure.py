@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from qbench.report import write as report
+from qbench.report import explain, summary, tables
 
 MiB = 1024 * 1024
 
@@ -40,7 +40,7 @@ NF4 = row("nf4", **weights_of(450_000, {"absmax": 56_250, "code_table": 750},
 
 
 def test_the_explanation_derives_every_figure_from_the_byte_accounting():
-    text = report.weight_bytes_explanation(pd.DataFrame([BF16, NF4]))
+    text = explain.weight_bytes_explanation(pd.DataFrame([BF16, NF4]))
     assert "**nf4**: the base takes 690.4 KiB against 1.91 MiB for bf16: 2.83x smaller, not 4x." in text
     assert "900,000 quantized weights take 4.51 bits each, not 4: 4 bits of code plus 0.51 bits of quantization state" in text
     assert "absmax per block 0.500" in text and "4-bit code tables 0.007" in text
@@ -51,7 +51,7 @@ def test_the_explanation_derives_every_figure_from_the_byte_accounting():
 
 
 def test_without_a_dense_baseline_the_explanation_estimates_16_bits():
-    text = report.weight_bytes_explanation(pd.DataFrame([NF4]))
+    text = explain.weight_bytes_explanation(pd.DataFrame([NF4]))
     assert "against an estimated 1.91 MiB at 16 bits: 2.83x smaller" in text
 
 
@@ -59,13 +59,13 @@ def test_double_quantization_that_costs_more_than_it_saves_is_called_out():
     dq = row("nf4-dq", **weights_of(450_000, {"absmax": 14_063, "nested_absmax": 220, "code_table": 750,
                                               "nested_code_table": 51_200, "offset": 200},
                                     {"embedding": 150_000, "norm": 10_000, "dense_linear": 40_000}, 900_000, 1_000_000))
-    text = report.weight_bytes_explanation(pd.DataFrame([BF16, NF4, dq]))
+    text = explain.weight_bytes_explanation(pd.DataFrame([BF16, NF4, dq]))
     assert "**nf4-dq** is 9.2 KiB *larger* than nf4" in text
     assert "the 50 layers" in text
 
 
 def test_quantization_damage_puts_the_base_metric_next_to_the_baselines_before_training():
-    table = report.quantization_damage(pd.DataFrame([BF16, NF4]))
+    table = tables.quantization_damage(pd.DataFrame([BF16, NF4]))
     assert table.loc["nf4", "mean_recall@1 before (this base)"] == pytest.approx(44.0)
     assert table.loc["nf4", "mean_recall@1 before (bf16 base)"] == pytest.approx(50.0)
     assert table.loc["nf4", "Δ vs bf16 before training"] == pytest.approx(-6.0)
@@ -79,17 +79,17 @@ def test_memory_table_orders_phases_and_leaves_out_sources_never_measured():
                   "memory.load.rss_peak_bytes": rss * MiB, "memory.train.nvml_process_peak_bytes": None})
         for p, rss in (("bf16", 200), ("nf4", 150))
     ]
-    table = report.memory_table(pd.DataFrame(records))
+    table = tables.memory_table(pd.DataFrame(records))
     assert list(table.columns) == ["load RSS", "train RSS"]
     assert table.loc["nf4", "load RSS"] == pytest.approx(150.0)
 
 
 def test_summary_md_has_the_measurement_sections(tmp_path):
-    paths = report.write_run_outputs(tmp_path, pd.DataFrame([BF16, NF4]))
-    summary = paths["summary"].read_text()
-    assert "## Quantization damage before fine-tuning" in summary
-    assert "## Why a 4-bit base is not 4x smaller" in summary
-    assert "weight error % (mean)" in summary
+    paths = summary.write_run_outputs(tmp_path, pd.DataFrame([BF16, NF4]))
+    text = paths["summary"].read_text()
+    assert "## Quantization damage before fine-tuning" in text
+    assert "## Why a 4-bit base is not 4x smaller" in text
+    assert "weight error % (mean)" in text
 
 
 def test_peak_memory_table_has_every_source_and_missing_ones_stay_missing():
@@ -98,15 +98,15 @@ def test_peak_memory_table_has_every_source_and_missing_ones_stay_missing():
                       "memory.train.torch_max_allocated_bytes": 80 * MiB, "memory.peak_nvml_process_bytes": None,
                       "weights.base_bytes": 2 * MiB}),
     ]
-    overall = report.peak_memory_table(pd.DataFrame(records))
+    overall = tables.peak_memory_table(pd.DataFrame(records))
     assert list(overall.columns) == ["NVML process MiB", "NVML device MiB", "torch allocated MiB", "torch reserved MiB",
                                      "RSS MiB", "base weights MiB"]
     assert overall.loc["nf4", "torch allocated MiB"] == pytest.approx(100.0)
     assert pd.isna(overall.loc["nf4", "NVML process MiB"]) and pd.isna(overall.loc["nf4", "torch reserved MiB"])
-    assert report.peak_memory_table(pd.DataFrame(records), phase="train").loc["nf4", "torch allocated MiB"] == pytest.approx(80.0)
+    assert tables.peak_memory_table(pd.DataFrame(records), phase="train").loc["nf4", "torch allocated MiB"] == pytest.approx(80.0)
 
 
 def test_qbench_report_shows_the_damage_and_the_memory_sources():
-    shown = report.report_tables(pd.DataFrame([BF16, NF4]))
+    shown = tables.report_tables(pd.DataFrame([BF16, NF4]))
     assert shown["Quantization damage before fine-tuning"].loc["nf4", "Δ vs bf16 before training"] == pytest.approx(-6.0)
     assert "NVML process MiB" in shown["Peak memory over all phases, each source (MiB)"].columns

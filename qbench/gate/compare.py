@@ -19,11 +19,9 @@ from typing import Any
 import pandas as pd
 from pydantic import ValidationError
 
-from qbench.results import fields
-from qbench.results import stats as tables
+from qbench.exitcodes import Exit
+from qbench.results import fields, stats
 from qbench.suite.spec import CompareSpec, ToleranceSpec
-
-EXIT_OK, EXIT_REGRESSION, EXIT_UNUSABLE = 0, 1, 2
 
 # quality tolerances are in the stored unit: recall is a fraction, so 0.03 is 3 points
 DEFAULT_TOLERANCES: tuple[tuple[str, ToleranceSpec], ...] = (
@@ -50,7 +48,7 @@ class Settings:
     """Tolerance rules in priority order, the speed fields compared as ratios, the noise multiplier."""
 
     rules: tuple[tuple[str, ToleranceSpec, str], ...] = ()  # (pattern, tolerance, where it came from)
-    speed_ratios: tuple[str, ...] = tables.DEFAULT_SPEED_RATIOS
+    speed_ratios: tuple[str, ...] = stats.DEFAULT_SPEED_RATIOS
     noise_sigmas: float = 3.0
 
     @classmethod
@@ -120,10 +118,12 @@ class Comparison:
     @property
     def exit_code(self) -> int:
         if self.problems:
-            return EXIT_UNUSABLE
-        return EXIT_REGRESSION if len(self.regressions) else EXIT_OK
+            return Exit.BAD_INPUT
+        return Exit.FAILED if len(self.regressions) else Exit.OK
 
     def markdown(self) -> str:
+        from qbench.gate.markdown import render_markdown
+
         return render_markdown(self)
 
 
@@ -194,78 +194,107 @@ def compare(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings | None
     problems = identity_problems(baseline, new)
     if problems:
         return Comparison.unusable(problems, baseline_label, new_label)
-    old = tables.add_speed_ratios(baseline, settings.speed_ratios)
-    now = tables.add_speed_ratios(new, settings.speed_ratios)
-    base_precision = tables.baseline_precision(old)
+    old = stats.add_speed_ratios(baseline, settings.speed_ratios)
+    now = stats.add_speed_ratios(new, settings.speed_ratios)
     columns = _gated_columns(old)
-    old_stats, new_stats = tables.aggregate(old, columns), tables.aggregate(now, [c for c in columns if c in now.columns])
+    both = _Stats(stats.aggregate(old, columns), stats.aggregate(now, [c for c in columns if c in now.columns]),
+                  stats.baseline_precision(old))
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     used_rules: set[str] = set()
-
-    def add(precision: str, metric: str, verdict: str, **extra: Any) -> None:
-        spec = fields.spec_for(metric)
-        rows.append({"precision": precision, "metric": metric, "kind": getattr(spec, "kind", ""),
-                     "direction": getattr(spec, "direction", None), "verdict": verdict, **extra})
-
-    for precision in tables.precision_order(old):
-        if old_stats.count.loc[precision].max() == 0:
+    for precision in stats.precision_order(old):
+        if both.old.count.loc[precision].max() == 0:
             notes.append(f"{precision}: no ok cell in the baseline; not compared")
             continue
-        cells = now[now["precision"] == precision] if "precision" in now.columns else now.iloc[0:0]
-        if cells.empty:
-            add(precision, "cells", "missing", note="no cell of this precision in the new results")
-            continue
-        failed = cells[cells["status"] != "ok"]
-        for _, cell in failed.iterrows():
-            add(precision, "status", "failed", note=f"{cell.get('cell_id', precision)}: {cell['status']} — {cell.get('error')}")
-        if len(failed) == len(cells):
-            continue
-        for metric in columns:
-            before = old_stats.mean.loc[precision, metric]
-            if pd.isna(before) or (metric.startswith(fields.RATIO_PREFIX) and precision == base_precision):
-                continue
-            spec = fields.spec_for(metric)
-            after = new_stats.mean.loc[precision, metric] if metric in new_stats.mean.columns and precision in new_stats.mean.index else float("nan")
-            n_old = int(old_stats.count.loc[precision, metric])
-            n_new = int(new_stats.count.loc[precision, metric]) if not pd.isna(after) else 0
-            tolerance, source = settings.tolerance_for(metric, spec.kind)
-            used_rules.add(source)
-            row = {"baseline": before, "new": after, "n_baseline": n_old, "n_new": n_new, "tolerance": source}
-            if tolerance.ignore:
-                add(precision, metric, "ignored", **row)
-                continue
-            if pd.isna(after):
-                add(precision, metric, "missing", note="the new results lack this metric", **row)
-                continue
-            allowed = max(tolerance.abs or 0.0, (tolerance.rel or 0.0) * abs(before))
-            noise = 0.0
-            if spec.kind != "exact":
-                noise = settings.noise_sigmas * _noise(old_stats.std.loc[precision, metric], n_old,
-                                                       new_stats.std.loc[precision, metric], n_new)
-            limit = max(allowed, noise)
-            row.update(allowed=allowed, noise=noise)
-            if spec.kind == "exact":
-                verdict = "mismatch" if abs(after - before) > limit else "ok"
-            else:
-                worse_by = {"higher": before - after, "lower": after - before}.get(spec.direction, abs(after - before))
-                verdict = "regression" if worse_by > limit else ("improved" if -worse_by > limit and spec.direction else "ok")
-            add(precision, metric, verdict, **row)
-
-    for precision in tables.precision_order(now):
-        if precision not in old_stats.mean.index:
-            bad = now[(now["precision"] == precision) & (now["status"] != "ok")]
-            for _, cell in bad.iterrows():
-                add(precision, "status", "failed", note=f"{cell.get('cell_id', precision)}: {cell['status']} — {cell.get('error')}")
+        rows += _check_precision(precision, now, both, columns, settings, used_rules)
+    for precision in stats.precision_order(now):
+        if precision not in both.old.mean.index:
+            rows += _failed_cell_rows(precision, now[(now["precision"] == precision) & (now["status"] != "ok")])
             notes.append(f"{precision}: in the new results only; no baseline to compare with")
+    notes += _notes(baseline, new, settings, used_rules, both.base_precision)
+    return Comparison(pd.DataFrame(rows), [], notes, baseline_label, new_label)
+
+
+@dataclass(frozen=True)
+class _Stats:
+    """Per-precision mean, spread and count of both sides, and the precision speed ratios are taken to."""
+
+    old: stats.Aggregate
+    new: stats.Aggregate
+    base_precision: str | None
+
+
+def _row(precision: str, metric: str, verdict: str, **extra: Any) -> dict[str, Any]:
+    spec = fields.spec_for(metric)
+    return {"precision": precision, "metric": metric, "kind": getattr(spec, "kind", ""),
+            "direction": getattr(spec, "direction", None), "verdict": verdict, **extra}
+
+
+def _failed_cell_rows(precision: str, cells: pd.DataFrame) -> list[dict[str, Any]]:
+    return [_row(precision, "status", "failed", note=f"{cell.get('cell_id', precision)}: {cell['status']} — {cell.get('error')}")
+            for _, cell in cells.iterrows()]
+
+
+def _check_precision(precision: str, now: pd.DataFrame, both: _Stats, columns: list[str], settings: Settings,
+                     used_rules: set[str]) -> list[dict[str, Any]]:
+    """The rows of one precision: missing, failed cells, then one per gated metric."""
+    cells = now[now["precision"] == precision] if "precision" in now.columns else now.iloc[0:0]
+    if cells.empty:
+        return [_row(precision, "cells", "missing", note="no cell of this precision in the new results")]
+    failed = cells[cells["status"] != "ok"]
+    rows = _failed_cell_rows(precision, failed)
+    if len(failed) == len(cells):
+        return rows
+    for metric in columns:
+        row = _check_metric(precision, metric, both, settings, used_rules)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def _check_metric(precision: str, metric: str, both: _Stats, settings: Settings, used_rules: set[str]) -> dict[str, Any] | None:
+    """One metric of one precision against its tolerance and the noise floor; None when there is nothing to check."""
+    before = both.old.mean.loc[precision, metric]
+    if pd.isna(before) or (metric.startswith(fields.RATIO_PREFIX) and precision == both.base_precision):
+        return None
+    spec = fields.spec_for(metric)
+    present = metric in both.new.mean.columns and precision in both.new.mean.index
+    after = both.new.mean.loc[precision, metric] if present else float("nan")
+    n_old = int(both.old.count.loc[precision, metric])
+    n_new = int(both.new.count.loc[precision, metric]) if not pd.isna(after) else 0
+    tolerance, source = settings.tolerance_for(metric, spec.kind)
+    used_rules.add(source)
+    row = {"baseline": before, "new": after, "n_baseline": n_old, "n_new": n_new, "tolerance": source}
+    if tolerance.ignore:
+        return _row(precision, metric, "ignored", **row)
+    if pd.isna(after):
+        return _row(precision, metric, "missing", note="the new results lack this metric", **row)
+    allowed = max(tolerance.abs or 0.0, (tolerance.rel or 0.0) * abs(before))
+    noise = 0.0
+    if spec.kind != "exact":
+        noise = settings.noise_sigmas * _noise(both.old.std.loc[precision, metric], n_old, both.new.std.loc[precision, metric], n_new)
+    row.update(allowed=allowed, noise=noise)
+    return _row(precision, metric, _verdict(spec, before, after, max(allowed, noise)), **row)
+
+
+def _verdict(spec: fields.FieldSpec, before: float, after: float, limit: float) -> str:
+    if spec.kind == "exact":
+        return "mismatch" if abs(after - before) > limit else "ok"
+    worse_by = {"higher": before - after, "lower": after - before}.get(spec.direction, abs(after - before))
+    return "regression" if worse_by > limit else ("improved" if -worse_by > limit and spec.direction else "ok")
+
+
+def _notes(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings, used_rules: set[str],
+           base_precision: str | None) -> list[str]:
+    """What a reader of the verdict should know: thread counts, what speed is gated as, unused tolerances."""
+    notes = []
     threads_old, threads_new = _values(baseline, "env.cpu_count"), _values(new, "env.cpu_count")
     if threads_old and threads_new and threads_old != threads_new:  # on a GPU: a note, the GPU does the work
         notes.append(
             f"torch threads differ (baseline {_shown(threads_old)}, new {_shown(threads_new)}): "
             "speed ratios may move for that reason alone (set OMP_NUM_THREADS as the baseline was made)"
         )
-    speed = sorted({c for c in new.columns if getattr(fields.spec_for(c), "kind", None) == "speed"})
-    if speed:
+    if any(getattr(fields.spec_for(c), "kind", None) == "speed" for c in new.columns):
         notes.append(
             "absolute times and rates are not gated (they move from machine to machine); speed is gated as "
             f"ratios to {base_precision} within one run: " + ", ".join(fields.ratio_column(c) for c in settings.speed_ratios)
@@ -274,95 +303,4 @@ def compare(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings | None
               if source != "default" and f"{source}: {pattern}" not in used_rules]
     if unused:
         notes.append("tolerances that matched no compared metric: " + "; ".join(unused))
-    checks = pd.DataFrame(rows)
-    return Comparison(checks, [], notes, baseline_label, new_label)
-
-
-# --- Markdown ---------------------------------------------------------------------------------------
-
-def show(metric: str, value: Any) -> str:
-    """A value in readable units: exact metrics as stored, memory in MiB, fractions in %, ratios to 3 places."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    spec = fields.spec_for(metric)
-    if spec is None:
-        return str(value)
-    if spec.kind == "exact":
-        return f"{value:,.0f}" if float(value).is_integer() else f"{value:.4g}"
-    if spec.kind == "speed-ratio":
-        return f"{value:.3f}"
-    factor, unit = fields.scale(metric)
-    if unit == "%":
-        return f"{value * factor:.2f} %"
-    if unit == "MiB":
-        return f"{value * factor:.2f} MiB"
-    return f"{value * factor:.4g}"
-
-
-def _change(metric: str, before: Any, after: Any) -> str:
-    if any(v is None or pd.isna(v) for v in (before, after)):
-        return "—"
-    spec = fields.spec_for(metric)
-    delta = after - before
-    if spec is not None and spec.kind == "exact":
-        return f"{delta:+,.0f}" if float(delta).is_integer() else f"{delta:+.4g}"
-    factor, unit = fields.scale(metric)
-    shown = {"%": f"{delta * factor:+.2f} points", "MiB": f"{delta * factor:+.2f} MiB"}.get(unit, f"{delta * factor:+.3g}")
-    return shown + (f" ({100 * delta / abs(before):+.1f} %)" if before else "")
-
-
-def _limit(metric: str, row: pd.Series) -> str:
-    allowed = row.get("allowed")
-    if allowed is None or pd.isna(allowed):
-        return ""
-    spec = fields.spec_for(metric)
-    if spec is not None and spec.kind == "exact":
-        return "exact"
-    factor, unit = fields.scale(metric)
-    limit = max(allowed, row.get("noise") or 0.0) * factor
-    text = {"%": f"{limit:.2f} points", "MiB": f"{limit:.2f} MiB"}.get(unit, f"{limit:.3g}")
-    noise = row.get("noise")
-    if noise and noise > allowed:
-        text += " (noise floor)"
-    return text
-
-
-def checks_table(checks: pd.DataFrame) -> pd.DataFrame:
-    """The checks as display strings: precision, metric, baseline, new, change, allowed, verdict, note."""
-    shown = []
-    for _, row in checks.iterrows():
-        metric = row["metric"]
-        shown.append({
-            "precision": row["precision"],
-            "metric": metric,
-            "baseline": show(metric, row.get("baseline")),
-            "new": show(metric, row.get("new")),
-            "change": _change(metric, row.get("baseline"), row.get("new")),
-            "allowed worse by": _limit(metric, row),
-            "seeds": f"{row.get('n_baseline', '') or ''}/{row.get('n_new', '') or ''}".strip("/") if pd.notna(row.get("n_baseline")) else "",
-            "verdict": row["verdict"],
-            "note": row.get("note") if isinstance(row.get("note"), str) else "",
-        })
-    return pd.DataFrame(shown)
-
-
-def render_markdown(comparison: Comparison) -> str:
-    """A summary for a CI job page: the verdict, what regressed and why, then every check folded away."""
-    lines = ["## qbench compare", "", f"baseline: `{comparison.baseline_label}`  ", f"new: `{comparison.new_label}`", ""]
-    if comparison.problems:
-        lines += ["**Unusable input (exit 2)** — nothing was compared:", ""]
-        lines += [f"- {p}" for p in comparison.problems] + [""]
-        return "\n".join(lines)
-    regressions = comparison.regressions
-    checks = comparison.checks
-    if len(regressions):
-        lines += [f"**❌ {len(regressions)} regression(s)** in {len(checks)} checks (exit 1)", ""]
-        lines += [checks_table(regressions).to_markdown(index=False), ""]
-    else:
-        improved = int((checks["verdict"] == "improved").sum()) if not checks.empty else 0
-        lines += [f"**✅ no regression** in {len(checks)} checks" + (f" ({improved} improved)" if improved else "") + " (exit 0)", ""]
-    if comparison.notes:
-        lines += [f"- {note}" for note in comparison.notes] + [""]
-    if not checks.empty:
-        lines += ["<details><summary>every check</summary>", "", checks_table(checks).to_markdown(index=False), "", "</details>", ""]
-    return "\n".join(lines)
+    return notes

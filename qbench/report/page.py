@@ -9,6 +9,8 @@ from typing import Any
 
 import pandas as pd
 
+from qbench.report.tables import format_value
+
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5rem auto; max-width: 1200px;
        color: #222; padding: 0 1rem; }
@@ -22,21 +24,13 @@ th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
 """
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return "—" if pd.isna(value) else f"{value:.2f}"
-    if value is None:
-        return "—"
-    return str(value)
-
-
 def table_html(table: pd.DataFrame) -> str:
     """A DataFrame as an escaped HTML table, floats to two decimals, missing values as a dash."""
     index_name = table.index.name or ""
     head = "".join(f"<th>{escape.escape(str(c))}</th>" for c in [index_name, *table.columns])
     rows = []
     for index, row in table.iterrows():
-        cells = "".join(f"<td>{escape.escape(_cell(v))}</td>" for v in row)
+        cells = "".join(f"<td>{escape.escape(format_value(v))}</td>" for v in row)
         rows.append(f"<tr><td>{escape.escape(str(index))}</td>{cells}</tr>")
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from qbench.results import fields, schema
-from qbench.results import stats as tables
+from qbench.results import fields, schema, stats
 
 
 @dataclass(frozen=True)
@@ -63,19 +62,19 @@ def quality_vs_memory(frame: pd.DataFrame) -> Plot | None:
     costs = [c for c in (fields.first_present(frame, fields.HEADLINE_PEAK_MEMORY), fields.first_present(frame, (fields.HEADLINE_WEIGHTS,))) if c]
     if quality is None or not costs:
         return None
-    stats = tables.aggregate(frame, [quality, *costs])
+    agg = stats.aggregate(frame, [quality, *costs])
     spec = fields.spec_for(quality)
     higher = spec is None or spec.direction != "lower"
     q_factor, _ = fields.scale(quality)
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(costs), figsize=(5.2 * len(costs), 4.2), squeeze=False)
-    colours = _colours(list(stats.mean.index))
+    colours = _colours(list(agg.mean.index))
     for axis, cost in zip(axes[0], costs, strict=True):
         c_factor, _ = fields.scale(cost)
-        x, y = stats.mean[cost] * c_factor, stats.mean[quality] * q_factor
-        x_err, y_err = stats.std[cost] * c_factor, stats.std[quality] * q_factor  # NaN with one seed: no bar
-        front = tables.pareto_front(x, y, higher)
-        for name in stats.mean.index:
+        x, y = agg.mean[cost] * c_factor, agg.mean[quality] * q_factor
+        x_err, y_err = agg.std[cost] * c_factor, agg.std[quality] * q_factor  # NaN with one seed: no bar
+        front = stats.pareto_front(x, y, higher)
+        for name in agg.mean.index:
             if pd.isna(x[name]) or pd.isna(y[name]):
                 continue
             axis.errorbar(
@@ -99,20 +98,20 @@ def throughput(frame: pd.DataFrame) -> Plot | None:
     column = fields.first_present(frame, fields.HEADLINE_THROUGHPUT)
     if column is None:
         return None
-    with_ratio = tables.add_speed_ratios(frame, (column,))
-    stats = tables.aggregate(with_ratio, [column, fields.ratio_column(column)])
-    values = stats.mean[column]
+    with_ratio = stats.add_speed_ratios(frame, (column,))
+    agg = stats.aggregate(with_ratio, [column, fields.ratio_column(column)])
+    values = agg.mean[column]
     if values.dropna().empty:
         return None
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 3.8))
     names = list(values.index)
     colours = _colours(names)
-    bars = axis.bar(names, values.fillna(0), yerr=_spreads(stats.std[column]), capsize=3, color=[colours[n] for n in names])
+    bars = axis.bar(names, values.fillna(0), yerr=_spreads(agg.std[column]), capsize=3, color=[colours[n] for n in names])
     for bar, name in zip(bars, names, strict=True):
-        ratio = stats.mean.loc[name, fields.ratio_column(column)]
+        ratio = agg.mean.loc[name, fields.ratio_column(column)]
         if pd.notna(ratio):
-            axis.annotate(f"{ratio:.2f}× {tables.baseline_precision(frame)}", (bar.get_x() + bar.get_width() / 2, 0),
+            axis.annotate(f"{ratio:.2f}× {stats.baseline_precision(frame)}", (bar.get_x() + bar.get_width() / 2, 0),
                           textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8, color="white", weight="bold")
     axis.set_ylabel(_axis_label(column) + " ↑ better")
     axis.set_title("training throughput (timed steps after warm-up)", fontsize=10)
@@ -131,16 +130,16 @@ def memory_by_phase(frame: pd.DataFrame) -> Plot | None:
             break
     else:
         return None
-    stats = tables.aggregate(frame, columns)
+    agg = stats.aggregate(frame, columns)
     phases = [c.split(".")[1] for c in columns]
-    names = list(stats.mean.index)
+    names = list(agg.mean.index)
     colours = _colours(names)
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(max(6.5, 1.3 * len(phases) + 2), 3.8))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         positions = [p + (i - (len(names) - 1) / 2) * width for p in range(len(phases))]
-        axis.bar(positions, stats.mean.loc[name, columns].fillna(0) / 2**20, width, yerr=_spreads(stats.std.loc[name, columns] / 2**20),
+        axis.bar(positions, agg.mean.loc[name, columns].fillna(0) / 2**20, width, yerr=_spreads(agg.std.loc[name, columns] / 2**20),
                  capsize=2, label=name, color=colours[name])
     axis.set_xticks(range(len(phases)), phases)
     axis.set_ylabel(f"peak {source.removesuffix('_bytes').replace('_', ' ')} (MiB)")
@@ -152,7 +151,7 @@ def memory_by_phase(frame: pd.DataFrame) -> Plot | None:
 
 def versus_baseline(frame: pd.DataFrame) -> Plot | None:
     """Each precision against the baseline: memory saved, quality delta, slowdown."""
-    table = tables.relative_to_baseline(frame)
+    table = stats.relative_to_baseline(frame)
     numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
     if table.empty or not numeric:
         return None
@@ -166,7 +165,7 @@ def versus_baseline(frame: pd.DataFrame) -> Plot | None:
         axis.set_title(column, fontsize=9)
         axis.invert_yaxis()
         axis.grid(axis="x", alpha=0.3)
-    figure.suptitle(f"relative to the baseline precision ({tables.baseline_precision(frame)})", fontsize=10)
+    figure.suptitle(f"relative to the baseline precision ({stats.baseline_precision(frame)})", fontsize=10)
     return Plot("versus_baseline", "Each precision relative to the baseline precision", _png(figure))
 
 

@@ -1,0 +1,268 @@
+"""The commands behind `qbench run | env | report | compare | baseline | list`: thin calls into the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from qbench import __version__
+from qbench.cli import render
+from qbench.cli.render import console, errors
+from qbench.exitcodes import Exit
+from qbench.run.plan import COMMAND_LINE
+from qbench.suite import precisions
+from qbench.suite.spec import SuiteError
+
+if TYPE_CHECKING:
+    from qbench.gate.compare import Settings
+    from qbench.run.plan import RunPlan
+    from qbench.run.runner import Run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from qbench.run import plan
+    from qbench.suite.spec import load
+
+    if args.resume:
+        return _resume(args)
+    if not args.suite:
+        raise SuiteError(COMMAND_LINE, ["qbench run needs a suite file (or --resume RUN_DIR)"])
+    if args.force:
+        raise SuiteError(COMMAND_LINE, ["--force only goes with --resume"])
+    loaded = load(args.suite)
+    run_plan = plan.make(loaded, only=args.only, seeds=args.seeds, shard=args.shard, gpus=args.gpus,
+                         gpus_per_cell=args.gpus_per_cell, device=args.device)
+    return run_suite(run_plan, Path(args.out), args.device)
+
+
+def run_suite(run_plan: RunPlan, out: Path, device: str) -> int:
+    """Check the suite against the world, run the plan's cells into a new run folder under `out`, and
+    write its results.csv and summary.md; the exit code says how it went."""
+    from qbench.run import runner
+    from qbench.suite import preflight
+
+    loaded = run_plan.loaded
+    preflight.check_suite(loaded)
+    if not run_plan.cells:
+        shard = run_plan.shard or (0, 0)
+        console.print(f"shard {shard[0]}/{shard[1]} of suite {loaded.suite.name} has no cells ({run_plan.matrix_cells} in the matrix)")
+        return Exit.OK
+    slots = run_plan.slots
+    device = "cuda" if slots else runner.resolve_device(device)
+    run_dir = runner.new_run_dir(out, loaded.suite.name, run_plan.label)
+    where = f"{device}, {len(slots)} cells at a time ({', '.join(s.name for s in slots)})" if slots else device
+    part = f", shard {run_plan.shard[0]}/{run_plan.shard[1]} of {run_plan.matrix_cells}" if run_plan.shard else ""
+    console.print(f"qbench {__version__}: suite [bold]{escape(loaded.suite.name)}[/] ({len(run_plan.cells)} cells{part}) on {where} -> {escape(str(run_dir))}")
+    run = runner.Run(loaded, run_dir, device, run_plan.cells, slots=run_plan.run_slots())
+    run.write_manifest(run_plan.manifest_extras())
+    stopped, records = _execute(run)
+    return stopped if stopped is not None else _finish(run_dir, records)
+
+
+def _execute(run: Run) -> tuple[int | None, list[dict[str, Any]]]:
+    """Run the cells with progress bars: (the exit code if the run was interrupted, else None; the records)."""
+    from qbench.run import runner
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        run.listener = render.ProgressListener(progress, len(run.cells))
+        try:
+            return None, run.execute()
+        except runner.RunInterrupted as stop:
+            errors.print(f"[yellow]interrupted:[/] {escape(str(stop))}", highlight=False, soft_wrap=True)
+            errors.print(f"resume with: qbench run --resume {escape(str(run.run_dir))}", highlight=False, soft_wrap=True)
+            return (Exit.SIGTERM if stop.signal_name == "SIGTERM" else Exit.SIGINT), []
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from qbench.results import records as results
+    from qbench.run import plan, resume, runner
+    from qbench.suite import preflight
+
+    given = [
+        flag
+        for flag, used in (
+            ("SUITE", args.suite), ("--only", args.only), ("--seeds", args.seeds),
+            ("--device", args.device != "auto"), ("--out", args.out != "results"),
+        )
+        if used
+    ]
+    if given:
+        raise SuiteError(COMMAND_LINE, [f"--resume takes its settings from RUN_DIR/run.json; drop {', '.join(given)}"])
+    state = resume.open_run(args.resume, force=args.force)
+    slots, shard = plan.placement(state.loaded, args.gpus, args.gpus_per_cell, args.device, args.shard)
+    if shard:
+        raise SuiteError(COMMAND_LINE, ["--shard does not go with --resume: the run folder already holds its shard's cells"])
+    if slots and state.device != "cuda":
+        raise SuiteError(COMMAND_LINE, [f"--gpus: the run in {state.run_dir} ran on {state.device}, not cuda"])
+    preflight.check_suite(state.loaded)
+    if state.pending:
+        console.print(
+            f"qbench {__version__}: resuming [bold]{escape(state.loaded.suite.name)}[/] in {escape(str(state.run_dir))}: "
+            f"{len(state.pending)} of {len(state.cells)} cells to run ({', '.join(c.id for c in state.pending)}) on {state.device}"
+        )
+        resume.note_resume(state, forced=args.force)
+        from qbench.run.scheduler import LOCAL_SLOT
+
+        stopped, _ = _execute(runner.Run(state.loaded, state.run_dir, state.device, state.pending, slots=slots or [LOCAL_SLOT]))
+        if stopped is not None:
+            return stopped
+    else:
+        console.print(f"nothing to resume in {escape(str(state.run_dir))}: every cell has an ok record")
+    records = [results.read_record(results.record_path(state.run_dir, c.id)) for c in state.cells]
+    return _finish(state.run_dir, [r for r in records if r is not None])
+
+
+def _finish(run_dir: Path, records: list[dict[str, Any]]) -> int:
+    from qbench.report import summary
+    from qbench.results import records as results
+
+    frame = results.load_frame([run_dir])
+    paths = summary.write_run_outputs(run_dir, frame)
+    console.print(render.transposed(summary.summary_table(frame), f"{frame['suite'].iloc[0]} — {run_dir}"))
+    console.print(f"records: {run_dir / 'cells'}   table: {paths['csv']}   summary: {paths['summary']}")
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        listed = ", ".join(f"{r['cell_id']} ({r['status']}: {r.get('error_type')})" for r in failed)
+        errors.print(f"[red]{len(failed)} cell(s) did not finish:[/] {escape(listed)}", highlight=False, soft_wrap=True)
+        return Exit.FAILED
+    return Exit.OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from qbench.cell.models import BUILTIN_MODELS
+    from qbench.data import registry
+
+    shown = Table(title="precisions (matrix.precisions)")
+    shown.add_column("name")
+    shown.add_column("base weights")
+    for name, precision in precisions.REGISTRY.items():
+        shown.add_row(name, precision.description)
+    console.print(shown)
+    shown = Table(title="builtin models (model.id = \"builtin:NAME\")")
+    shown.add_column("name")
+    shown.add_column("what")
+    for name, what in BUILTIN_MODELS.items():
+        shown.add_row(name, what)
+    console.print(shown)
+    shown = Table(title="builtin datasets (data.kind = \"builtin\", data.name = NAME)")
+    shown.add_column("name")
+    shown.add_column("task")
+    shown.add_column("what")
+    for name, (task, what) in registry.BUILTIN_DATASETS.items():
+        shown.add_row(name, task, what)
+    console.print(shown)
+    return Exit.OK
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from qbench.machine.environment import machine_report
+
+    if args.json:  # nothing but the JSON on standard output
+        report = machine_report(args.device, args.compute_dtype)
+        print(json.dumps(report, indent=1))
+    else:
+        with console.status("probing torch, CUDA, NVML and every weight format ..."):
+            report = machine_report(args.device, args.compute_dtype)
+        render.machine(report)
+    return Exit.OK if "probe_error" not in report else Exit.FAILED
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from qbench.report import tables, write
+    from qbench.results import records as results
+
+    try:
+        frame = results.load_results(args.run_dirs)
+    except results.ResultsError as problem:
+        render.error(str(problem))
+        return Exit.BAD_INPUT
+    out = Path(args.out) if args.out else write.default_report_dir([Path(p) for p in args.run_dirs])
+    paths = write.write_report(frame, out, args.title)
+    for heading, shown in tables.report_tables(frame).items():
+        wide = heading.startswith(("Per precision", "Runs merged"))
+        console.print(render.transposed(shown, heading) if wide else render.table(shown, heading))
+    console.print(f"{len(frame)} cells from {len(args.run_dirs)} input(s) -> html: {paths['html']}")
+    console.print(f"also: {paths['markdown']}  {paths['csv']}  {paths['parquet']}  {paths['summary_csv']}", highlight=False)
+    return Exit.OK
+
+
+def _compare_settings(args: argparse.Namespace, new_paths: list[str]) -> Settings:
+    """The suite's [compare] table (--suite, else the new run's own suite text), then --tolerance over it."""
+    from qbench.gate import compare
+    from qbench.results import records as results
+    from qbench.suite.spec import load, parse_compare
+
+    overrides = [compare.parse_tolerance(text) for text in args.tolerance or []]
+    if args.suite:
+        loaded = load(args.suite)
+        return compare.Settings.build(loaded.suite.compare, overrides, args.noise_sigmas, f"suite {args.suite}")
+    for path in new_paths:
+        for run_dir in results.find_run_dirs(path) if Path(path).is_dir() else []:
+            manifest = results.read_manifest(run_dir)
+            if manifest and manifest.get("suite_text"):
+                spec = parse_compare(manifest["suite_text"], run_dir / "run.json")
+                return compare.Settings.build(spec, overrides, args.noise_sigmas, f"suite of {run_dir.name}")
+    return compare.Settings.build(None, overrides, args.noise_sigmas)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from qbench.gate import compare
+    from qbench.results import records as results
+
+    try:
+        settings = _compare_settings(args, [args.new])
+        baseline = results.load_results([args.baseline])
+        new = results.load_results([args.new])
+    except SuiteError as problem:
+        comparison = compare.Comparison.unusable([f"{problem.path}: {p}" for p in problem.problems], args.baseline, args.new)
+    except (results.ResultsError, ValueError) as problem:
+        comparison = compare.Comparison.unusable([str(problem)], args.baseline, args.new)
+    else:
+        comparison = compare.compare(baseline, new, settings, args.baseline, args.new)
+    markdown = comparison.markdown()
+    targets = [args.markdown] if args.markdown else []
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        targets.append(os.environ["GITHUB_STEP_SUMMARY"])
+    for target in targets:
+        if target == "-":
+            sys.stdout.write(markdown + "\n")
+        else:
+            with open(target, "a", encoding="utf-8") as handle:
+                handle.write(markdown + "\n")
+    render.comparison(comparison)
+    return comparison.exit_code
+
+
+def cmd_baseline_refresh(args: argparse.Namespace) -> int:
+    from qbench.gate import baseline
+    from qbench.results import records as results
+    from qbench.run import plan
+    from qbench.suite.spec import load
+
+    loaded = load(args.suite)
+    with tempfile.TemporaryDirectory(prefix="qbench-baseline-") as scratch:
+        for repeat in range(args.repeats):
+            if args.repeats > 1:
+                console.print(f"repeat {repeat + 1} of {args.repeats}")
+            code = run_suite(plan.make(loaded, device=args.device), Path(scratch), args.device)
+            if code != Exit.OK:
+                errors.print(f"[red]the run did not finish cleanly (exit {code}); the baseline is left as it was[/]")
+                return code
+        try:
+            target = baseline.install(results.find_run_dirs(scratch), Path(args.out), loaded.suite.name)
+        except baseline.BaselineError as problem:
+            render.error(str(problem))
+            return Exit.FAILED
+    console.print(f"baseline of suite [bold]{escape(loaded.suite.name)}[/] refreshed: {escape(str(target))} — review the diff and commit it")
+    return Exit.OK

@@ -1,0 +1,134 @@
+"""The argument parser: one small function per command, each next to the handler it calls."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from qbench import __version__
+from qbench.cli import commands
+
+Commands = Any  # argparse's _SubParsersAction, which it does not name publicly
+
+
+def _add_run(commands_: Commands) -> None:
+    run = commands_.add_parser(
+        "run",
+        help="run a suite: one process per (precision, seed) cell, one JSON record each",
+        description="Run every cell of SUITE (a TOML file) and write records, results.csv and summary.md into "
+        "OUT/<suite>/<run-id>/. Exit 0 when every cell is ok, 1 when a cell failed, 2 on a bad suite.",
+    )
+    run.add_argument("suite", nargs="?", help="suite file, e.g. suites/clip.toml")
+    run.add_argument("--out", default="results", help="folder for run directories (default: results)")
+    run.add_argument("--only", metavar="PRECISIONS", help="comma-separated subset of the matrix, e.g. bf16,nf4-dq")
+    run.add_argument("--seeds", metavar="SEEDS", help="comma-separated seeds overriding matrix.seeds, e.g. 0,1,2")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
+    run.add_argument(
+        "--gpus",
+        metavar="LIST",
+        help="run cells in parallel, one process per GPU (CUDA_VISIBLE_DEVICES set per cell), e.g. 0,1,2,3; "
+        "list a GPU twice to run two cells side by side on it",
+    )
+    run.add_argument(
+        "--gpus-per-cell",
+        type=int,
+        default=1,
+        metavar="N",
+        help='give each cell N GPUs of --gpus (for a base too large for one GPU; needs model.device_map = "auto")',
+    )
+    run.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run only the I-th of N deterministic parts of the matrix (split a run over machines or CI jobs; "
+        "load all the shards' run folders together to report them as one run)",
+    )
+    run.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="finish a stopped run: run only the cells of RUN_DIR without an ok record, with the suite, cells and "
+        "device recorded in RUN_DIR/run.json",
+    )
+    run.add_argument("--force", action="store_true", help="with --resume: resume even if the suite file changed since")
+    run.set_defaults(handler=commands.cmd_run)
+
+
+def _add_env(commands_: Commands) -> None:
+    env = commands_.add_parser(
+        "env",
+        help="versions, device, CUDA/driver, NVML, and which weight formats work here (each one tried)",
+        description="Show versions, the device, CUDA and driver, NVML, and which weight formats work on DEVICE: each is "
+        "tried (quantize, forward and backward a small layer) in a separate process.",
+    )
+    env.add_argument("--device", default="auto", help="where to try the formats: auto (default), cpu, cuda, cuda:N")
+    env.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    env.add_argument("--json", action="store_true", help="print the report as JSON")
+    env.set_defaults(handler=commands.cmd_env)
+
+
+def _add_report(commands_: Commands) -> None:
+    report = commands_.add_parser(
+        "report",
+        help="tables and plots from one or more run directories (CSV, Parquet, Markdown, HTML)",
+        description="Merge the records of every RUN_DIR (run directories, folders of them, or exported CSV / "
+        "Parquet tables: shards of one suite on several machines merge into one report) and write report.csv, "
+        "report.parquet, summary.csv, report.md, plots/*.png and a self-contained report.html.",
+    )
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory, a folder of them, or a results CSV/Parquet")
+    report.add_argument("--out", help="output folder (default: RUN_DIR/report, or report-N-runs beside the first)")
+    report.add_argument("--title", help="page title (default: qbench report — SUITE)")
+    report.set_defaults(handler=commands.cmd_report)
+
+
+def _add_compare(commands_: Commands) -> None:
+    comparing = commands_.add_parser(
+        "compare",
+        help="regression gate: NEW against BASELINE, exit 0 ok, 1 regression, 2 unusable input",
+        description="Compare the records of NEW against BASELINE (run directories, folders of them, or exported "
+        "CSV). Exact metrics must match, quality and memory may move the worse way by their tolerance (or the "
+        "seeds' noise), speed is compared only as ratios to the baseline precision within one run. Tolerances: "
+        "--tolerance, then the suite's [compare.tolerances], then qbench's defaults. Writes a Markdown summary "
+        "to --markdown and, when set, $GITHUB_STEP_SUMMARY. Exit 0: no regression; 1: regression; 2: unusable input.",
+    )
+    comparing.add_argument("baseline", metavar="BASELINE", help="baseline records, e.g. results/baselines/ci")
+    comparing.add_argument("new", metavar="NEW", help="new records (run directory, folder of them, or CSV)")
+    comparing.add_argument("--suite", help="take the [compare] settings from this suite file (default: the new run's suite)")
+    comparing.add_argument("--tolerance", action="append", metavar="PATTERN=SPEC",
+                           help="e.g. 'quality.*recall@1=abs:0.05' or 'ratio.*=rel:0.5' or 'memory.*=ignore'; repeatable")
+    comparing.add_argument("--noise-sigmas", type=float, help="standard errors of seed noise allowed (default: suite, 3)")
+    comparing.add_argument("--markdown", metavar="FILE", help="append the Markdown summary to FILE ('-': standard output)")
+    comparing.set_defaults(handler=commands.cmd_compare)
+
+
+def _add_baseline(commands_: Commands) -> None:
+    baselines = commands_.add_parser("baseline", help="manage committed baselines (results/baselines/<suite>/)")
+    actions = baselines.add_subparsers(dest="baseline_command", required=True, metavar="ACTION")
+    refresh = actions.add_parser(
+        "refresh",
+        help="run SUITE and make its records the suite's committed baseline",
+        description="Run every cell of SUITE (--repeats times) and, when every cell is ok, replace OUT/<suite>/ "
+        "with the runs' records (<run-id>/run.json, cells/, results.csv, summary.md). Review the diff and commit it.",
+    )
+    refresh.add_argument("suite", help="suite file, e.g. suites/ci.toml")
+    refresh.add_argument("--out", default=str(Path("results") / "baselines"), help="baselines folder (default: results/baselines)")
+    refresh.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
+    refresh.add_argument("--repeats", type=int, default=1, choices=range(1, 11), metavar="N",
+                         help="run the suite N times (1-10): compare averages them and takes their spread as noise")
+    refresh.set_defaults(handler=commands.cmd_baseline_refresh)
+
+
+def _add_list(commands_: Commands) -> None:
+    listing = commands_.add_parser("list", help="show precisions, builtin models and builtin datasets")
+    listing.set_defaults(handler=commands.cmd_list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qbench",
+        description="Run the same LoRA fine-tune under every base weight format (16-bit, LLM.int8, FP4, NF4, "
+        "with and without double quantization) and compare memory, speed and quality.",
+    )
+    parser.add_argument("--version", action="version", version=f"qbench {__version__}")
+    commands_ = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_run, _add_env, _add_report, _add_compare, _add_baseline, _add_list):
+        add(commands_)
+    return parser

@@ -1,0 +1,163 @@
+"""Everything the command line shows with rich: progress bars, tables, the machine report, the gate's verdict."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress
+from rich.table import Table
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from qbench.gate.compare import Comparison
+    from qbench.suite.spec import Cell
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def error(message: str) -> None:
+    """One red line on standard error; the text is escaped (it may hold user input)."""
+    errors.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+class ProgressListener:
+    """Rich progress: one bar over cells, and one per running cell over its optimizer steps."""
+
+    def __init__(self, progress: Progress, total_cells: int):
+        self.progress = progress
+        self.cells_task = progress.add_task("cells", total=total_cells)
+        self.steps_tasks: dict[str, Any] = {}  # cell id -> its bar, while it runs
+        self.where: dict[str, str] = {}  # cell id -> "(gpu 2) " when cells run in device slots
+
+    def cell_started(self, cell: Cell, index: int, total: int) -> None:
+        self.steps_tasks[cell.id] = self.progress.add_task(f"{cell.id}: starting", total=None)
+
+    def cell_event(self, cell: Cell, event: dict[str, Any]) -> None:
+        task = self.steps_tasks.get(cell.id)
+        if task is None:
+            return
+        where = self.where.get(cell.id, "")
+        if event["event"] == "slot":
+            self.where[cell.id] = f"({event['slot']}) "
+            self.progress.update(task, description=f"{self.where[cell.id]}{cell.id}: starting")
+        elif event["event"] == "phase":
+            self.progress.update(task, description=f"{where}{cell.id}: {event['phase']}", total=event.get("total"), completed=0)
+        elif event["event"] == "step":
+            self.progress.update(
+                task,
+                description=f"{where}{cell.id}: train (loss {event['loss']:.3f})",
+                completed=event["step"],
+                total=event["total"],
+            )
+
+    def cell_finished(self, cell: Cell, record: dict[str, Any]) -> None:
+        status = record["status"]
+        style = "green" if status == "ok" else "red"
+        message = f"[{style}]{cell.id}: {status}[/]"
+        if status != "ok":
+            message += f" — {escape(str(record.get('error')))}"
+        self.progress.console.print(message)
+        self.progress.advance(self.cells_task)
+        task = self.steps_tasks.pop(cell.id, None)
+        if task is not None:
+            self.progress.remove_task(task)
+        self.where.pop(cell.id, None)
+
+
+def table(frame: pd.DataFrame, title: str) -> Table:
+    from qbench.report.tables import format_value
+
+    shown = Table(title=title, show_lines=False)
+    shown.add_column(frame.index.name or "")
+    for column in frame.columns:
+        shown.add_column(str(column), justify="right")
+    for index, row in frame.iterrows():
+        shown.add_row(str(index), *(format_value(v) for v in row))
+    return shown
+
+
+def transposed(frame: pd.DataFrame, title: str) -> Table:
+    """A table with one row per precision (or run) and many figures, turned so that precisions are
+    the columns: a terminal (and a CI log, 80 columns wide) holds six precisions, not twenty figures."""
+    turned = frame.T
+    turned.index.name = ""
+    return table(turned, title)
+
+
+def machine(report: dict[str, Any]) -> None:
+    """`qbench env`: versions, machine, GPUs and the weight formats tried on the device."""
+    from qbench.report.tables import MB
+
+    versions = Table(title="versions")
+    versions.add_column("package")
+    versions.add_column("version")
+    for name, version in report["packages"].items():
+        versions.add_row(name, version or "[red]not installed[/]")
+    console.print(versions)
+    torch_facts, nvml = report.get("torch", {}), report.get("nvml", {})
+    facts = Table(title="machine", show_header=False)
+    facts.add_column("what")
+    facts.add_column("value")
+    rows = [
+        ("python", report["python"]), ("platform", report["platform"]), ("cpu", f"{report['cpu_model']} ({report['cpu_count']} cores)"),
+        ("torch CUDA build", str(torch_facts.get("cuda_build"))), ("CUDA available", str(torch_facts.get("cuda_available"))),
+        ("NVIDIA driver", str(nvml.get("driver_version"))),
+        ("NVML", "available" if nvml.get("available") else f"unavailable: {nvml.get('reason')}"),
+        *((k, str(v)) for k, v in report["environment"].items()),
+    ]
+    for what, value in rows:
+        facts.add_row(what, value)
+    console.print(facts)
+    if torch_facts.get("devices"):
+        devices = Table(title="GPUs (torch -> NVML)")
+        for column in ("torch", "name", "capability", "memory MiB", "bf16", "NVML index", "matched"):
+            devices.add_column(column)
+        for d in torch_facts["devices"]:
+            devices.add_row(
+                d["torch_device"], d["name"], d["capability"], f"{d['total_memory_bytes'] / MB:,.0f}", str(d["bf16_supported"]),
+                str(d.get("nvml_index")), str(d.get("nvml_match")),
+            )
+        console.print(devices)
+    for d in nvml.get("devices", []):
+        console.print(f"NVML device {d['nvml_index']}: {d['name']} {d['uuid']}, used {d['used_bytes'] / MB:,.0f} of "
+                      f"{d['total_bytes'] / MB:,.0f} MiB, per-process memory {d['per_process_memory']}", highlight=False)
+    if "probe_error" in report:
+        errors.print(f"[red]probe failed:[/] {report['probe_error']}", highlight=False)
+        return
+    formats = Table(title=f"weight formats on {report['formats_device']} (quantize + forward + backward, compute {report['formats_compute_dtype']})")
+    for column in ("precision", "works", "output error vs fp32", "seconds", "error"):
+        formats.add_column(column)
+    for name, result in report["formats"].items():
+        ok = result["status"] == "ok"
+        formats.add_row(
+            name, "[green]yes[/]" if ok else "[red]no[/]",
+            f"{result['output_rel_error']:.2%}" if ok else "—", f"{result['seconds']:.2f}", result.get("error", ""),
+        )
+    console.print(formats)
+
+
+def comparison(result: Comparison) -> None:
+    """The gate's verdict in the terminal: one line per regression, the notes, then the count."""
+    from qbench.gate.markdown import checks_table
+
+    if result.problems:
+        for problem in result.problems:
+            errors.print(f"[red]unusable:[/] {escape(problem)}", highlight=False)
+        return
+    regressions = result.regressions
+    # one line per regression: metric names are long, a table would cut them in a narrow terminal
+    for _, row in checks_table(regressions).iterrows():
+        detail = f"{row['baseline']} -> {row['new']} ({row['change']}; allowed {row['allowed worse by'] or '—'})"
+        if row["verdict"] in ("failed", "missing") and row["note"]:
+            detail = row["note"]
+        console.print(f"[red]{row['verdict']}[/] {row['precision']} {row['metric']}: {escape(detail)}", highlight=False)
+    for note in result.notes:
+        console.print(f"[dim]note: {escape(note)}[/]", highlight=False)
+    if len(regressions):
+        errors.print(f"[red]regression:[/] {len(regressions)} check(s) failed (exit 1)")
+    else:
+        console.print(f"[green]no regression[/] in {len(result.checks)} checks")
