@@ -268,8 +268,8 @@ def test_repeated_baseline_runs_give_speed_ratios_a_noise_floor():
 
 
 def test_a_different_torch_thread_count_makes_cpu_results_unusable_and_is_noted_on_a_gpu():
-    old = [make_record(p, env__cpu_count=1) for p in ("bf16", "int8", "nf4-dq")]
-    new = [make_record(p, run_id="run-b", env__cpu_count=2) for p in ("bf16", "int8", "nf4-dq")]
+    old = [make_record(p, env__torch_threads=1) for p in ("bf16", "int8", "nf4-dq")]
+    new = [make_record(p, run_id="run-b", env__torch_threads=2) for p in ("bf16", "int8", "nf4-dq")]
     on_cpu = compare.compare(frame(old), frame(new))
     assert on_cpu.exit_code == 2
     assert any("torch threads differ on cpu: baseline 1 vs new 2" in p for p in on_cpu.problems)
@@ -278,3 +278,11 @@ def test_a_different_torch_thread_count_makes_cpu_results_unusable_and_is_noted_
     on_gpu = compare.compare(frame(old), frame(new))
     assert on_gpu.exit_code == 0
     assert any("torch threads differ (baseline 1, new 2)" in note for note in on_gpu.notes)
+
+
+def test_a_schema_1_baseline_that_named_the_thread_count_cpu_count_still_compares():
+    old = [make_record(p, env__cpu_count=1) for p in ("bf16", "int8", "nf4-dq")]
+    same = [make_record(p, run_id="run-b", env__torch_threads=1) for p in ("bf16", "int8", "nf4-dq")]
+    other = [make_record(p, run_id="run-c", env__torch_threads=2) for p in ("bf16", "int8", "nf4-dq")]
+    assert compare.compare(frame(old), frame(same)).exit_code == 0
+    assert compare.compare(frame(old), frame(other)).exit_code == 2

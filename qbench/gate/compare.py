@@ -149,6 +149,12 @@ def _values(frame: pd.DataFrame, column: str) -> set[str]:
     return {v for v in map(_normalised, frame[column]) if v is not None} if column in frame.columns else set()
 
 
+def _threads(frame: pd.DataFrame) -> set[str]:
+    """torch's thread count per cell: `env.torch_threads`, or `env.cpu_count` in records of schema 1, which
+    held the same number under a name that said otherwise."""
+    return _values(frame, "env.torch_threads") | _values(frame, "env.cpu_count")
+
+
 def identity_problems(baseline: pd.DataFrame, new: pd.DataFrame) -> list[str]:
     """Reasons the two sets of records measure different things (suite, model, data, configuration, device)."""
     problems = []
@@ -162,7 +168,7 @@ def identity_problems(baseline: pd.DataFrame, new: pd.DataFrame) -> list[str]:
     devices_new = {v.split(":")[0] for v in _values(new, "env.device")}
     if devices_old and devices_new and devices_old != devices_new:
         problems.append(f"measured on different devices: baseline {', '.join(sorted(devices_old))} vs new {', '.join(sorted(devices_new))}")
-    threads_old, threads_new = _values(baseline, "env.cpu_count"), _values(new, "env.cpu_count")
+    threads_old, threads_new = _threads(baseline), _threads(new)
     if devices_old == devices_new == {"cpu"} and threads_old and threads_new and threads_old != threads_new:
         # on a CPU the work runs on these threads: speed ratios of different thread counts do not compare
         problems.append(
@@ -288,7 +294,7 @@ def _notes(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings, used_r
            base_precision: str | None) -> list[str]:
     """What a reader of the verdict should know: thread counts, what speed is gated as, unused tolerances."""
     notes = []
-    threads_old, threads_new = _values(baseline, "env.cpu_count"), _values(new, "env.cpu_count")
+    threads_old, threads_new = _threads(baseline), _threads(new)
     if threads_old and threads_new and threads_old != threads_new:  # on a GPU: a note, the GPU does the work
         notes.append(
             f"torch threads differ (baseline {_shown(threads_old)}, new {_shown(threads_new)}): "

@@ -64,7 +64,7 @@ def describe(device: str) -> dict[str, Any]:
             "env.hostname": socket.gethostname(),
             "env.git_commit": git_commit(),
             "env.cpu_model": cpu_model(),
-            "env.cpu_count": torch.get_num_threads(),
+            "env.torch_threads": torch.get_num_threads(),  # intra-op threads the cell computes with
             "env.device": device,
             "env.cuda_version": torch.version.cuda,
             "env.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
