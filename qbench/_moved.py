@@ -29,6 +29,7 @@ MOVED = {
     "qbench.compare": "qbench.gate.compare",
     "qbench.baseline": "qbench.gate.baseline",
     "qbench.tasks.base": "qbench.tasks.batch",
+    "qbench.data.registry": "qbench.data",
 }
 
 

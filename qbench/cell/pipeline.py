@@ -177,7 +177,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         model_path = models.resolve(suite.model.id, cell.loaded.path.parent, suite.model.revision)
         cell.update({"model_path": model_path})
         cell.tracker = MemoryTracker(cell.device)
-        task = get_task(suite, cell.loaded, model_path, cell.device)
+        task = get_task(cell.loaded, model_path, cell.device)
 
         with cell.phase("data"):
             cell.update(task.prepare_data())

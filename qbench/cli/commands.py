@@ -141,7 +141,7 @@ def _finish(run_dir: Path, records: list[dict[str, Any]]) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from qbench.cell.models import BUILTIN_MODELS
-    from qbench.data import registry
+    from qbench.data import BUILTIN_DATASETS
 
     shown = Table(title="precisions (matrix.precisions)")
     shown.add_column("name")
@@ -159,7 +159,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     shown.add_column("name")
     shown.add_column("task")
     shown.add_column("what")
-    for name, (task, what) in registry.BUILTIN_DATASETS.items():
+    for name, (task, what) in BUILTIN_DATASETS.items():
         shown.add_row(name, task, what)
     console.print(shown)
     return Exit.OK

@@ -8,6 +8,7 @@ from typing import Any
 
 from qbench import __version__
 from qbench.cli import commands
+from qbench.suite import precisions
 
 Commands = Any  # argparse's _SubParsersAction, which it does not name publicly
 
@@ -60,7 +61,7 @@ def _add_env(commands_: Commands) -> None:
         "tried (quantize, forward and backward a small layer) in a separate process.",
     )
     env.add_argument("--device", default="auto", help="where to try the formats: auto (default), cpu, cuda, cuda:N")
-    env.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    env.add_argument("--compute-dtype", default="bfloat16", choices=precisions.DTYPE_NAMES)
     env.add_argument("--json", action="store_true", help="print the report as JSON")
     env.set_defaults(handler=commands.cmd_env)
 

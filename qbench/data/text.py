@@ -22,10 +22,7 @@ import pathlib
 import sys
 from dataclasses import dataclass
 
-BUILTIN: dict[str, str] = {
-    "pydoc": "Python reference documentation shipped with CPython (pydoc_data.topics), "
-    "split by topic into pretrain / fine-tune / held-out parts",
-}
+from qbench.data import builtin_names
 
 # The fine-tune domain is the tail of the sorted topics holding at least this share of the
 # characters: string-methods .. yield for Python 3.11, half of it the library's "Built-in Types"
@@ -130,8 +127,9 @@ def _read_jsonl_texts(path: pathlib.Path) -> list[str]:
 
 
 def _check_builtin_name(name: str) -> str:
-    if name not in BUILTIN:
-        raise ValueError(f"unknown builtin corpus {name!r}; known: {', '.join(sorted(BUILTIN))}")
+    known = builtin_names("causal_lm")
+    if name not in known:
+        raise ValueError(f"unknown builtin corpus {name!r}; known: {', '.join(sorted(known))}")
     return name
 
 

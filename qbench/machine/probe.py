@@ -169,7 +169,9 @@ def collect(device: str, compute_dtype: str = "bfloat16") -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="where the formats are tried: auto, cpu, cuda, cuda:N")
-    parser.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    from qbench.suite import precisions
+
+    parser.add_argument("--compute-dtype", default="bfloat16", choices=precisions.DTYPE_NAMES)
     args = parser.parse_args(argv)
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     device = args.device

@@ -6,7 +6,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from qbench.data.registry import BUILTIN_DATASETS
+from qbench.data import BUILTIN_DATASETS
 from qbench.suite.spec import LoadedSuite, SuiteError
 
 # module classes peft can put a LoRA adapter on (bitsandbytes' Linear8bitLt/Linear4bit replace Linear later)
@@ -58,12 +58,10 @@ def _module_types(model_path: str, suite: Any) -> dict[str, str]:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path, revision=suite.model.revision, trust_remote_code=suite.model.trust_remote_code)
-    if suite.task == "clip":
-        from transformers import AutoModel as auto_class
-    else:
-        from transformers import AutoModelForCausalLM as auto_class
+    from qbench.tasks import auto_class
+
     with init_empty_weights():
-        model = auto_class.from_config(config, trust_remote_code=suite.model.trust_remote_code)
+        model = auto_class(suite.task).from_config(config, trust_remote_code=suite.model.trust_remote_code)
     return {name: type(module).__name__ for name, module in model.named_modules()}
 
 

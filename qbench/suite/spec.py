@@ -13,9 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qbench.results import fields
 from qbench.suite import precisions
-
-TASKS = ("clip", "causal_lm")
-BUILTIN_PREFIX = "builtin:"
+from qbench.tasks import TASKS
 
 
 class SuiteError(Exception):
@@ -180,9 +178,9 @@ class CompareSpec(_Section):
 
 class Suite(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    task: Literal["clip", "causal_lm"]
+    task: Literal[tuple(TASKS)]  # type: ignore[valid-type]  # the task registry's names
     description: str = ""
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    compute_dtype: Literal[precisions.DTYPE_NAMES] = "bfloat16"  # type: ignore[valid-type]
     baseline: str = "bf16"
     model: ModelSpec
     data: DataSpec

@@ -1,7 +1,8 @@
 """Tasks (child process): each supplies model class, batches, loss and evaluation to the shared loop.
 
 The registry maps a suite's `task` to "module:Class", imported only when a cell asks for it (as
-lm-evaluation-harness's MODEL_MAPPING does), so the members never import their users.
+lm-evaluation-harness's MODEL_MAPPING does), so the members never import their users, and the parent
+can name and check tasks without importing torch.
 """
 
 from __future__ import annotations
@@ -10,12 +11,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from qbench.suite.spec import LoadedSuite, Suite
+    from qbench.suite.spec import LoadedSuite
     from qbench.tasks.batch import Task
 
 TASKS = {
     "clip": "qbench.tasks.clip:ClipTask",
     "causal_lm": "qbench.tasks.causal_lm:CausalLMTask",
+}
+# the transformers Auto class that builds each task's model from a config (preflight does, on the meta device)
+AUTO_CLASSES = {
+    "clip": "AutoModel",
+    "causal_lm": "AutoModelForCausalLM",
 }
 
 
@@ -27,6 +33,13 @@ def task_class(name: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
-def get_task(suite: Suite, loaded_suite: LoadedSuite, model_path: str, device: str) -> Task:
+def auto_class(name: str) -> Any:
+    """The transformers Auto class for task `name`'s models."""
+    import transformers
+
+    return getattr(transformers, AUTO_CLASSES[name])
+
+
+def get_task(loaded_suite: LoadedSuite, model_path: str, device: str) -> Task:
     """The task object a suite asks for."""
-    return task_class(suite.task)(suite, loaded_suite, model_path, device)
+    return task_class(loaded_suite.suite.task)(loaded_suite, model_path, device)

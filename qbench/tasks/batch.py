@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from qbench.suite.spec import LoadedSuite
 
 
 @dataclass
@@ -37,6 +40,22 @@ class Task(Protocol):
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Quality metrics on the held-out split (unprefixed names, e.g. 'i2t_recall@1')."""
+
+
+class TaskBase:
+    """What every task holds: the suite it runs (and the file it came from), the model's folder, the device."""
+
+    name: str
+    model_class_name: str  # the transformers class that loads the base, e.g. CLIPModel
+
+    def __init__(self, loaded_suite: LoadedSuite, model_path: str, device: str):
+        import transformers
+
+        self.loaded_suite = loaded_suite
+        self.suite = loaded_suite.suite
+        self.model_class = getattr(transformers, self.model_class_name)
+        self.model_path = model_path
+        self.device = device
 
 
 def endless(loader: Any) -> Iterator[Any]:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qbench.tasks.batch import Batch
+from qbench.tasks.batch import Batch, TaskBase
+
+if TYPE_CHECKING:
+    from qbench.suite.spec import LoadedSuite
 
 IGNORE = -100
 
@@ -79,11 +82,11 @@ def evaluate_perplexity(model: torch.nn.Module, windows: Windows, text_bytes: in
     return perplexity_metrics(total, windows.scored_tokens, text_bytes)
 
 
-def load_texts(suite: Any, loaded_suite: Any) -> tuple[str, str, dict[str, Any]]:
+def load_texts(loaded_suite: LoadedSuite) -> tuple[str, str, dict[str, Any]]:
     """(train text, eval text, record fields naming where they came from and their hash)."""
     from qbench.data import text
 
-    data = suite.data
+    data = loaded_suite.suite.data
     if data.kind == "builtin":
         corpus = text.builtin_corpus(data.name)
         source = f"builtin:{data.name}: {corpus.source}"
@@ -102,20 +105,12 @@ def load_texts(suite: Any, loaded_suite: Any) -> tuple[str, str, dict[str, Any]]
     }
 
 
-class CausalLMTask:
+class CausalLMTask(TaskBase):
     """AutoModelForCausalLM + tokenizer; next-token loss on random windows; perplexity on held-out text."""
 
     name = "causal_lm"
+    model_class_name = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
-
-    def __init__(self, suite: Any, loaded_suite: Any, model_path: str, device: str):
-        from transformers import AutoModelForCausalLM
-
-        self.model_class = AutoModelForCausalLM
-        self.suite = suite
-        self.loaded_suite = loaded_suite
-        self.model_path = model_path
-        self.device = device
 
     def prepare_data(self) -> dict[str, Any]:
         from transformers import AutoConfig, AutoTokenizer
@@ -123,7 +118,7 @@ class CausalLMTask:
         spec = self.suite.model
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         config = AutoConfig.from_pretrained(self.model_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-        train_text, eval_text, info = load_texts(self.suite, self.loaded_suite)
+        train_text, eval_text, info = load_texts(self.loaded_suite)
         context = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
         self.window = self.suite.eval.window or int(context)
         encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731

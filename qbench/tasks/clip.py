@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from qbench.data import builtin_names
 from qbench.data.pairs import CaptionPairs, ClipSplit, open_image, positives
-from qbench.tasks.batch import Batch, endless
+from qbench.tasks.batch import Batch, TaskBase, endless
 from qbench.tasks.metrics import contrastive_loss, recall_at_k
 
+if TYPE_CHECKING:
+    from qbench.suite.spec import LoadedSuite
 
-def load_splits(suite: Any, loaded_suite: Any) -> tuple[ClipSplit, ClipSplit, dict[str, Any]]:
+
+def load_splits(loaded_suite: LoadedSuite) -> tuple[ClipSplit, ClipSplit, dict[str, Any]]:
     """(train, eval) splits of the suite's data and record fields describing them."""
-    data = suite.data
+    data = loaded_suite.suite.data
     if data.kind == "builtin":
         from qbench.data import shapes
 
-        if data.name != "shapes":
-            raise ValueError(f"unknown builtin image-text dataset {data.name!r}; builtin: shapes")
+        if data.name not in builtin_names("clip"):
+            raise ValueError(f"unknown builtin image-text dataset {data.name!r}; builtin: {', '.join(builtin_names('clip'))}")
         train, held_out = shapes.make_split("shifted-train"), shapes.make_split("shifted-eval")
         source = "builtin:shapes (generated; splits shifted-train / shifted-eval)"
     elif data.kind == "tsv":
@@ -41,27 +45,19 @@ def load_splits(suite: Any, loaded_suite: Any) -> tuple[ClipSplit, ClipSplit, di
     return train, held_out, info
 
 
-class ClipTask:
+class ClipTask(TaskBase):
     """CLIPModel + tokenizer + image processor; symmetric contrastive loss; recall@k both ways."""
 
     name = "clip"
+    model_class_name = "CLIPModel"
     peft_task_type = None
-
-    def __init__(self, suite: Any, loaded_suite: Any, model_path: str, device: str):
-        from transformers import CLIPModel
-
-        self.model_class = CLIPModel
-        self.suite = suite
-        self.loaded_suite = loaded_suite
-        self.model_path = model_path
-        self.device = device
 
     def prepare_data(self) -> dict[str, Any]:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, revision=self.suite.model.revision)
         self.image_processor = AutoImageProcessor.from_pretrained(self.model_path, revision=self.suite.model.revision)
-        self.train_split, self.eval_split, info = load_splits(self.suite, self.loaded_suite)
+        self.train_split, self.eval_split, info = load_splits(self.loaded_suite)
         info["eval.protocol"] = (
             "recall@k over the held-out split, image->text and text->image; a query counts if any true "
             "match is in the top k; ties count against the query"
