@@ -36,15 +36,17 @@ def write_suite(folder: Path, text: str, name: str = "suite.toml") -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    """A random tiny CLIP checkpoint built for this test session (tests/tiny_assets.py)."""
-    from .tiny_assets import make_tiny_clip
+    """A random tiny CLIP checkpoint built for this test session (tests/helpers/clip.py)."""
+    from .helpers import clip
 
-    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+    return clip.checkpoint(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture(scope="session")
 def tsv_data_dir(tmp_path_factory) -> Path:
-    """images/*.png, train.tsv and eval.tsv for the tiny CLIP (tests/tiny_assets.py)."""
-    from .tiny_assets import make_tsv_data
+    """images/*.png, train.tsv and eval.tsv for the tiny CLIP (tests/helpers/clip.py)."""
+    from .helpers import clip
 
-    return make_tsv_data(tmp_path_factory.mktemp("tsv-data"))
+    folder = tmp_path_factory.mktemp("tsv-data")
+    clip.images_tsv(folder, train_images=24, eval_images=12, size=16)
+    return folder

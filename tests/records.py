@@ -43,6 +43,11 @@ def make_records(precisions=("bf16", "int8", "nf4-dq"), seeds=(0,), run_id: str 
     return [make_record(p, s, run_id) for s in seeds for p in precisions]
 
 
+def by_precision(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The records of one seed by precision name, so a test says `["nf4-dq"]` rather than a position."""
+    return {record["precision"]: record for record in records}
+
+
 def write_run(folder: Path, records: list[dict[str, Any]], suite_text: str | None = None) -> Path:
     """A run directory as the runner writes it: cells/<cell>.json (and run.json when a suite text is given)."""
     (folder / "cells").mkdir(parents=True, exist_ok=True)

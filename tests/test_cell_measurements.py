@@ -1,6 +1,6 @@
 """Real cells on the CPU carry every measurement, and a cell whose base is not what its name says fails.
 
-The suite runs a throwaway tiny CLIP (tests/tmp_clip.py) through the command line, one process per
+The suite runs a throwaway tiny CLIP (tests/helpers/clip.py) through the command line, one process per
 cell. A sitecustomize.py on the cells' PYTHONPATH makes the loading of one arm drop its
 quantization_config, as a mislabelled configuration would.
 """
@@ -15,7 +15,7 @@ import pytest
 from qbench import cli
 from qbench.results import records as results
 
-from . import tmp_clip
+from .helpers import clip
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +40,14 @@ precisions.Precision.quantization_config = _without_quantization
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("cells")
-    checkpoint = tmp_clip.build_checkpoint(folder / "checkpoint")
-    data = tmp_clip.build_data(folder / "data")
+    checkpoint = clip.checkpoint(folder / "checkpoint", hidden=64, heads=4, image_size=32, patch_size=8)
+    data = clip.images_tsv(folder / "data", train_images=24, eval_images=12, size=32)
     suite = folder / "suite.toml"
-    suite.write_text(tmp_clip.suite_text(checkpoint, data, ["bf16", "nf4", "fp4-dq"], steps=4))
+    suite.write_text(clip.suite(
+        checkpoint, data, ("bf16", "nf4", "fp4-dq"), name="tmpclip", steps=4,
+        lora='r = 4\nalpha = 8\ntarget_modules = ["q_proj", "k_proj", "v_proj", "out_proj"]',
+        evaluation="batch_size = 64\nrecall_k = [1, 5]",
+    ))
     hook = folder / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(DROP_QUANTIZATION)

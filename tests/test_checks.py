@@ -16,7 +16,7 @@ from qbench.suite import preflight as checks
 from qbench.suite.spec import SuiteError, load
 
 from .conftest import write_suite
-from .tiny_assets import suite_text
+from .helpers import clip
 
 
 def check_problems(path: Path, check_model: bool = True) -> list[str]:
@@ -26,12 +26,12 @@ def check_problems(path: Path, check_model: bool = True) -> list[str]:
 
 
 def test_a_good_suite_passes_every_check(tmp_path: Path, tiny_clip_dir: Path, tsv_data_dir: Path):
-    checks.check_suite(load(write_suite(tmp_path, suite_text(tiny_clip_dir, tsv_data_dir))))
+    checks.check_suite(load(write_suite(tmp_path, clip.suite(tiny_clip_dir, tsv_data_dir, name="robust"))))
 
 
 def test_missing_data_files_and_image_root_are_named(tmp_path: Path, tiny_clip_dir: Path):
     absent = tmp_path / "nowhere"
-    problems = check_problems(write_suite(tmp_path, suite_text(tiny_clip_dir, absent)), check_model=False)
+    problems = check_problems(write_suite(tmp_path, clip.suite(tiny_clip_dir, absent, name="robust")), check_model=False)
     assert problems == [
         f"data.train: file not found: {absent / 'train.tsv'}",
         f"data.eval: file not found: {absent / 'eval.tsv'}",
@@ -112,7 +112,7 @@ def test_tsv_problems_reach_the_command_line_as_one_line_each(tmp_path: Path, ti
     data = image_root.parent
     (data / "train.tsv").write_text("train-000.png\tfine\ngarbage.png\tbroken\n", encoding="utf-8")
     (data / "eval.tsv").write_text("eval-000.png\n", encoding="utf-8")
-    suite = write_suite(tmp_path, suite_text(tiny_clip_dir, data))
+    suite = write_suite(tmp_path, clip.suite(tiny_clip_dir, data, name="robust"))
     assert cli.main(["run", str(suite), "--out", str(tmp_path / "out")]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(": ", 3)[2] for line in lines] == ["data.train", "data.eval"]
@@ -125,7 +125,7 @@ def test_tsv_problems_reach_the_command_line_as_one_line_each(tmp_path: Path, ti
 
 
 def test_lora_targets_are_checked_against_the_model_modules(tmp_path: Path, tiny_clip_dir: Path, tsv_data_dir: Path):
-    text = suite_text(tiny_clip_dir, tsv_data_dir).replace('["q_proj", "v_proj"]', '["q_prj", "encoder", "self_attn.k_proj", "fc1"]')
+    text = clip.suite(tiny_clip_dir, tsv_data_dir, name="robust").replace('["q_proj", "v_proj"]', '["q_prj", "encoder", "self_attn.k_proj", "fc1"]')
     problems = check_problems(write_suite(tmp_path, text))
     assert len(problems) == 2
     assert problems[0].startswith("lora.target_modules: 'q_prj' is not a module of the model (did you mean 'q_proj'?); layers LoRA can wrap: ")
@@ -137,7 +137,7 @@ def test_a_broken_config_json_is_one_line_not_a_traceback(tmp_path: Path, tiny_c
     broken = tmp_path / "broken"
     shutil.copytree(tiny_clip_dir, broken)
     (broken / "config.json").write_text('{"model_type": "clip", ', encoding="utf-8")
-    suite = write_suite(tmp_path, suite_text(broken, tsv_data_dir))
+    suite = write_suite(tmp_path, clip.suite(broken, tsv_data_dir, name="robust"))
     assert cli.main(["run", str(suite), "--out", str(tmp_path / "out")]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: {suite}: model.id: cannot build the model from {broken}/config.json (OSError: ")
@@ -148,9 +148,9 @@ def test_a_broken_config_json_is_one_line_not_a_traceback(tmp_path: Path, tiny_c
 
 def test_a_folder_without_config_json_or_a_missing_folder_is_named(tmp_path: Path, tsv_data_dir: Path):
     (tmp_path / "empty").mkdir()
-    problems = check_problems(write_suite(tmp_path, suite_text(tmp_path / "empty", tsv_data_dir)))
+    problems = check_problems(write_suite(tmp_path, clip.suite(tmp_path / "empty", tsv_data_dir, name="robust")))
     assert problems == [f"model.id: {tmp_path / 'empty'} is not a Hugging Face checkpoint folder (no config.json)"]
-    problems = check_problems(write_suite(tmp_path, suite_text(tmp_path / "gone", tsv_data_dir)))
+    problems = check_problems(write_suite(tmp_path, clip.suite(tmp_path / "gone", tsv_data_dir, name="robust")))
     assert problems == [f"model.id: model folder {tmp_path / 'gone'} does not exist"]
 
 
@@ -168,11 +168,11 @@ def pickle_only(tmp_path: Path, tiny_clip_dir: Path) -> Path:
 
 
 def test_pickle_only_weights_are_refused_unless_the_suite_allows_them(tmp_path: Path, pickle_only: Path, tsv_data_dir: Path):
-    suite = write_suite(tmp_path, suite_text(pickle_only, tsv_data_dir))
+    suite = write_suite(tmp_path, clip.suite(pickle_only, tsv_data_dir, name="robust"))
     (problem,) = check_problems(suite)
     assert problem.startswith(f"model.safetensors_only: {pickle_only} holds only pickle weights (pytorch_model.bin)")
     assert "model.safetensors_only = false" in problem
-    allowed = suite_text(pickle_only, tsv_data_dir).replace(f'id = "{pickle_only}"', f'id = "{pickle_only}"\nsafetensors_only = false')
+    allowed = clip.suite(pickle_only, tsv_data_dir, name="robust").replace(f'id = "{pickle_only}"', f'id = "{pickle_only}"\nsafetensors_only = false')
     checks.check_suite(load(write_suite(tmp_path, allowed, "allowed.toml")))
 
 

@@ -20,7 +20,7 @@ from qbench.measure.memory import MemoryTracker
 from qbench.measure.timing import StepTimer
 from qbench.suite import precisions
 
-from . import tmp_clip
+from .helpers import clip
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with a CUDA build of torch")
 
@@ -127,7 +127,7 @@ def test_every_format_quantizes_runs_forward_and_backward_on_the_gpu(name):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    return str(tmp_clip.build_checkpoint(tmp_path_factory.mktemp("tiny-clip")))
+    return str(clip.checkpoint(tmp_path_factory.mktemp("tiny-clip"), hidden=64, heads=4, image_size=32, patch_size=8))
 
 
 @pytest.mark.parametrize("name", ["int8", "nf4-dq"])

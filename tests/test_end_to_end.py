@@ -1,6 +1,7 @@
 """A real run of a two-cell suite on the builtin tiny CLIP, through the command line."""
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -9,27 +10,12 @@ from qbench import cli
 from qbench.results import records as results
 
 from .conftest import write_suite
+from .helpers import clip
 
-TWO_CELLS = """
-name = "e2e"
-task = "clip"
-[model]
-id = "builtin:tiny-clip"
-[data]
-kind = "builtin"
-name = "shapes"
-[lora]
-r = 4
-alpha = 8
-target_modules = ["q_proj", "k_proj", "v_proj", "out_proj"]
-[train]
-steps = 4
-batch_size = 16
-lr = 1e-3
-untimed_steps = 1
-[matrix]
-precisions = ["bf16", "nf4-dq"]
-"""
+TWO_CELLS = clip.suite(
+    precisions=("bf16", "nf4-dq"), name="e2e", steps=4, train="batch_size = 16\nlr = 1e-3\nmax_length = 16\nuntimed_steps = 1",
+    lora='r = 4\nalpha = 8\ntarget_modules = ["q_proj", "k_proj", "v_proj", "out_proj"]', evaluation=None,
+)
 
 
 def test_two_cell_suite_runs_each_cell_in_its_own_process_and_writes_records(tmp_path: Path, capsys):
@@ -46,13 +32,15 @@ def test_two_cell_suite_runs_each_cell_in_its_own_process_and_writes_records(tmp
     assert set(records) == {"bf16", "nf4-dq"}
     for record in records.values():
         assert record["status"] == "ok", record.get("error")
-        assert 0 <= record["quality.after.mean_recall@1"] <= 1
+        clip.assert_recall_is_an_exact_share(record, "after")
         assert record["speed.timed_steps"] == 3
         assert record["memory.peak_rss_bytes"] > 0
         assert record["memory.train.torch_max_allocated_bytes"] is None
         assert record["memory.source.torch_cuda"].startswith("unavailable")
         assert record["params.trainable"] > 0
-    # each cell ran in a fresh process, and the same LoRA shapes were trained in both
+    # each cell ran in a fresh process of its own (not this one), and the same LoRA shapes were trained in both
+    pids = {record["env.pid"] for record in records.values()}
+    assert len(pids) == 2 and os.getpid() not in pids
     assert records["bf16"]["params.trainable"] == records["nf4-dq"]["params.trainable"]
     assert records["nf4-dq"]["format.linear4bit_count"] > 0 and records["bf16"]["format.linear4bit_count"] == 0
     assert records["nf4-dq"]["weights.base_bytes"] < records["bf16"]["weights.base_bytes"]

@@ -15,7 +15,7 @@ from qbench.run.protocol import CellSpec
 from qbench.suite.spec import load
 
 from .conftest import write_suite
-from .tiny_assets import suite_text
+from .helpers import clip
 
 
 def test_fault_specs_parse_and_bad_ones_are_refused():
@@ -37,7 +37,7 @@ def test_without_the_variable_nothing_is_injected():
 
 def run_in_process(tmp_path: Path, model: Path, data: Path, monkeypatch, fault: str) -> dict:
     """One bf16 cell, run in this process with QBENCH_TEST_FAULTS=fault."""
-    suite = write_suite(tmp_path, suite_text(model, data, precisions=("bf16",), steps=3))
+    suite = write_suite(tmp_path, clip.suite(model, data, precisions=("bf16",), steps=3, name="robust"))
     loaded = load(suite)
     record_path = tmp_path / "cells" / "bf16-seed0.json"
     monkeypatch.setenv(faults.ENV_VAR, fault)
@@ -58,7 +58,8 @@ def test_a_nan_loss_fails_the_cell_and_keeps_what_was_measured(tmp_path, tiny_cl
     assert record["error"] == "NonFiniteLoss: training loss is nan at step 2"
     assert record["error_phase"] == "train" and record["train.steps_completed"] == 1
     assert math.isfinite(record["train.first_loss"]) and "train.final_loss" not in record
-    assert 0 <= record["quality.before.mean_recall@1"] <= 1 and "quality.after.mean_recall@1" not in record
+    clip.assert_recall_is_an_exact_share(record, "before")
+    assert "quality.after.mean_recall@1" not in record
     assert record["time.load_s"] > 0 and record["weights.base_bytes"] > 0
     assert record["memory.train.rss_peak_bytes"] > 0 and record["speed.timed_steps"] == 0
 
@@ -79,7 +80,7 @@ def test_a_format_the_device_cannot_run_is_unsupported(tmp_path, tiny_clip_dir, 
 
 
 def test_a_killed_cell_process_is_recorded_and_the_other_cells_still_finish(tmp_path, tiny_clip_dir, tsv_data_dir, monkeypatch, capsys):
-    suite = write_suite(tmp_path, suite_text(tiny_clip_dir, tsv_data_dir, precisions=("bf16", "nf4"), steps=3))
+    suite = write_suite(tmp_path, clip.suite(tiny_clip_dir, tsv_data_dir, precisions=("bf16", "nf4"), steps=3, name="robust"))
     monkeypatch.setenv(faults.ENV_VAR, "bf16-seed0:train:sigkill:2")
     code = cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert code == 1
@@ -91,7 +92,8 @@ def test_a_killed_cell_process_is_recorded_and_the_other_cells_still_finish(tmp_
     assert killed["error"].startswith("cell process was killed by signal SIGKILL (last phase: train)")
     assert killed["error_returncode"] == -9
     # what the cell had measured before it died survives from its last checkpoint
-    assert 0 <= killed["quality.before.mean_recall@1"] <= 1 and killed["time.load_s"] > 0
+    clip.assert_recall_is_an_exact_share(killed, "before")
+    assert killed["time.load_s"] > 0
     assert killed["weights.base_bytes"] > 0 and killed["config.safetensors_only"] is True
     summary = (run_dir / "summary.md").read_text()
     assert "Cells that did not finish" in summary and "bf16-seed0" in summary and "SIGKILL" in summary

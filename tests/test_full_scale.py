@@ -13,8 +13,8 @@ from qbench.results import records as results
 from qbench.suite import precisions
 from qbench.zoo.full_scale import CLIP_VIT_B32_CONFIG, write_random_clip
 
-from .clip_data import clip_suite, write_tsv_dataset
 from .conftest import write_suite
+from .helpers import clip
 
 pytestmark = pytest.mark.slow
 
@@ -126,15 +126,19 @@ def test_the_prediction_counts_the_published_parameter_count_of_clip_vit_b32():
 def full_scale_run(tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("full-scale")
     checkpoint = write_random_clip(root / "clip-vit-b32-random")
-    data = write_tsv_dataset(root / "data", train_images=4, eval_images=2)
+    data = clip.images_tsv(root / "data", train_images=4, eval_images=2, size=48, user_format=True)
     suite = write_suite(
         root,
-        clip_suite(
-            "clip-vit-b32-full-scale",
+        clip.suite(
             checkpoint,
             data,
+            None,
+            name="clip-vit-b32-full-scale",
+            steps=None,
+            lora=clip.USER_LORA,
+            evaluation=None,
             # one optimizer step of two pairs per cell: what is checked here is the loaded base
-            "steps = 1\nbatch_size = 2\ngrad_accum = 1\nlr = 1e-4\nweight_decay = 0.01\nscheduler = \"cosine\"\n"
+            train="steps = 1\nbatch_size = 2\ngrad_accum = 1\nlr = 1e-4\nweight_decay = 0.01\nscheduler = \"cosine\"\n"
             "warmup_steps = 0\nmax_length = 64\nuntimed_steps = 0",
             extra=f"[eval]\nbatch_size = 8\nbefore = false\n[matrix]\nprecisions = {EVERY_PRECISION}\n",
         ),

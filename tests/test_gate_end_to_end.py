@@ -10,29 +10,12 @@ from qbench import cli
 from qbench.suite import precisions
 
 from .conftest import write_suite
+from .helpers import clip
 
-SMALL = """
-name = "gate-e2e"
-task = "clip"
-[model]
-id = "builtin:tiny-clip"
-[data]
-kind = "builtin"
-name = "shapes"
-[lora]
-r = 4
-alpha = 8
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = 3
-batch_size = 16
-lr = 1e-3
-untimed_steps = 1
-[eval]
-before = false
-[matrix]
-precisions = ["bf16", "nf4-dq"]
-"""
+SMALL = clip.suite(
+    precisions=("bf16", "nf4-dq"), name="gate-e2e", steps=3, train="batch_size = 16\nlr = 1e-3\nmax_length = 16\nuntimed_steps = 1",
+    lora='r = 4\nalpha = 8\ntarget_modules = ["q_proj", "v_proj"]', evaluation="before = false",
+)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from qbench.run import runner
 from qbench.suite.spec import Cell, load
 
 from .conftest import REPO, write_suite
-from .tiny_assets import suite_text
+from .helpers import clip
 
 
 def write_record(run_dir: Path, cell_id: str, status: str, **fields) -> None:
@@ -45,7 +45,7 @@ def test_pending_cells_are_those_without_an_ok_record(tmp_path: Path):
 @pytest.fixture
 def finished_run(tmp_path: Path, tiny_clip_dir: Path, tsv_data_dir: Path) -> tuple[Path, Path]:
     """(suite file, run directory) of a two-cell run whose records are all ok (written by hand: no cell runs)."""
-    suite = write_suite(tmp_path, suite_text(tiny_clip_dir, tsv_data_dir, precisions=("bf16", "nf4")))
+    suite = write_suite(tmp_path, clip.suite(tiny_clip_dir, tsv_data_dir, precisions=("bf16", "nf4"), name="robust"))
     loaded = load(suite)
     run_dir = tmp_path / "out" / "robust" / "run1"
     runner.Run(loaded, run_dir, "cpu", loaded.cells()).write_manifest()
@@ -106,7 +106,7 @@ def status_of(run_dirs: list[Path], cell_id: str) -> str | None:
 def test_sigterm_after_the_first_cell_then_resume_gives_the_records_of_an_uninterrupted_run(
     tmp_path: Path, tiny_clip_dir: Path, tsv_data_dir: Path, capsys
 ):
-    suite = write_suite(tmp_path, suite_text(tiny_clip_dir, tsv_data_dir, precisions=("bf16", "nf4"), steps=3))
+    suite = write_suite(tmp_path, clip.suite(tiny_clip_dir, tsv_data_dir, precisions=("bf16", "nf4"), steps=3, name="robust"))
     assert cli.main(["run", str(suite), "--out", str(tmp_path / "reference"), "--device", "cpu"]) == 0
     (reference_dir,) = (tmp_path / "reference" / "robust").iterdir()
     reference = {r["cell_id"]: r for r in results.read_records(reference_dir)}

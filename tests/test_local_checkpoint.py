@@ -11,14 +11,14 @@ from qbench.data.pairs import positives
 from qbench.data.tsv import load_tsv
 from qbench.results import records as results
 
-from .clip_data import clip_suite, write_tiny_clip, write_tsv_dataset
 from .conftest import write_suite
+from .helpers import clip
 
 EVERY_PRECISION = ["bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"]
 
 
 def test_the_user_tsv_format_skips_blank_lines_and_takes_several_captions_per_image(tmp_path: Path):
-    data = write_tsv_dataset(tmp_path, train_images=6, eval_images=4)
+    data = clip.images_tsv(tmp_path, train_images=6, eval_images=4, size=48, user_format=True)
     train = load_tsv(data["train"], data["images"])
     # 6 images; the odd ones carry a second caption as an extra tab-separated field
     assert len(train.images) == 6 and len(train.captions) == 9
@@ -33,7 +33,7 @@ def test_the_user_tsv_format_skips_blank_lines_and_takes_several_captions_per_im
 
 
 def test_windows_line_endings_and_a_byte_order_mark_are_read_as_the_same_lines(tmp_path: Path):
-    data = write_tsv_dataset(tmp_path, train_images=3, eval_images=1)
+    data = clip.images_tsv(tmp_path, train_images=3, eval_images=1, size=48, user_format=True)
     text = data["train"].read_text(encoding="utf-8")
     crlf = tmp_path / "crlf.tsv"
     crlf.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8"))
@@ -43,7 +43,7 @@ def test_windows_line_endings_and_a_byte_order_mark_are_read_as_the_same_lines(t
 @pytest.fixture(scope="module")
 def local_setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("local")
-    return {"checkpoint": write_tiny_clip(root / "my-clip"), **write_tsv_dataset(root / "data")}
+    return {"checkpoint": clip.checkpoint(root / "my-clip", image_size=32, patch_size=8, text_positions=32), **clip.images_tsv(root / "data", size=48, user_format=True)}
 
 
 def test_every_precision_runs_to_ok_on_a_local_checkpoint_and_tsv_images(local_setup, tmp_path: Path):
@@ -51,11 +51,15 @@ def test_every_precision_runs_to_ok_on_a_local_checkpoint_and_tsv_images(local_s
     decoding the image files, and model.device_map = "auto" (accelerate places the base)."""
     suite = write_suite(
         tmp_path,
-        clip_suite(
-            "local",
+        clip.suite(
             local_setup["checkpoint"],
             local_setup,
-            "steps = 2\nbatch_size = 4\ngrad_accum = 2\nlr = 1e-3\nscheduler = \"cosine\"\nwarmup_steps = 1\n"
+            None,
+            name="local",
+            steps=None,
+            lora=clip.USER_LORA,
+            evaluation=None,
+            train="steps = 2\nbatch_size = 4\ngrad_accum = 2\nlr = 1e-3\nscheduler = \"cosine\"\nwarmup_steps = 1\n"
             "max_length = 64\nuntimed_steps = 1",
             extra=f"[eval]\nbatch_size = 8\nbefore = false\n[matrix]\nprecisions = {EVERY_PRECISION}\n",
             model_extra='device_map = "auto"',
@@ -75,6 +79,6 @@ def test_every_precision_runs_to_ok_on_a_local_checkpoint_and_tsv_images(local_s
         assert record["config.train.grad_accum"] == 2 and record["config.lora.r"] == 16
         assert record["speed.timed_steps"] == 1
         assert record["config.device_map"] == "auto" and record["model.devices"] == "cpu"
-        assert 0 <= record["quality.after.mean_recall@1"] <= 1
+        clip.assert_recall_is_an_exact_share(record, "after")
     assert records["nf4-dq"]["format.linear4bit_count"] > 0 and records["int8"]["format.linear8bitlt_count"] > 0
     assert records["nf4"]["weights.base_bytes"] < records["int8"]["weights.base_bytes"] < records["bf16"]["weights.base_bytes"]

@@ -21,8 +21,8 @@ from qbench.run.scheduler import Slot
 from qbench.suite.spec import Cell, load
 
 from . import fake_cell
-from .clip_data import clip_suite, write_tiny_clip, write_tsv_dataset
 from .conftest import write_suite
+from .helpers import clip
 
 FAKE_CELL = Path(__file__).with_name("fake_cell.py")
 CELLS = [Cell(p, s) for s in (0, 1) for p in ("bf16", "int8", "nf4")]
@@ -122,10 +122,10 @@ def tsv_suite(tmp_path_factory) -> Path:
     """A suite on a local tiny CLIP folder and real image files (the fake cell never loads them,
     but the suite checks before any cell starts do)."""
     root = tmp_path_factory.mktemp("sched")
-    checkpoint = write_tiny_clip(root / "ckpt")
-    data = write_tsv_dataset(root / "data", train_images=6, eval_images=3)
-    text = clip_suite("sched", checkpoint, data, "steps = 2\nlr = 1e-3\nuntimed_steps = 1",
-                      extra='[matrix]\nprecisions = ["bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"]\n')
+    checkpoint = clip.checkpoint(root / "ckpt", image_size=32, patch_size=8, text_positions=32)
+    data = clip.images_tsv(root / "data", train_images=6, eval_images=3, size=48, user_format=True)
+    text = clip.suite(checkpoint, data, ("bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"), name="sched", steps=2,
+                      train="lr = 1e-3\nuntimed_steps = 1", lora=clip.USER_LORA, evaluation=None)
     return write_suite(root, text)
 
 

@@ -13,14 +13,14 @@ from qbench.cell import models
 from qbench.measure import weight_error, weights
 from qbench.suite import precisions
 
-from . import tmp_clip
+from .helpers import clip
 
 SPEC = SimpleNamespace(revision=None, device_map="single", safetensors_only=True, trust_remote_code=False)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    return str(tmp_clip.build_checkpoint(tmp_path_factory.mktemp("tiny-clip")))
+    return str(clip.checkpoint(tmp_path_factory.mktemp("tiny-clip"), hidden=64, heads=4, image_size=32, patch_size=8))
 
 
 def load(path: str, name: str):

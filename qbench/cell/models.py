@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qbench.suite.precisions import Precision
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+    from qbench.suite.spec import ModelSpec
 
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints"
 BUILTIN_MODELS = {
@@ -123,7 +129,7 @@ def device_map_for(device: str, mode: str) -> Any:
     return {"": device}
 
 
-def placement(model: Any) -> dict[str, Any]:
+def placement(model: torch.nn.Module) -> dict[str, Any]:
     """Where the loaded base lives: its devices, and accelerate's module -> device map when it split the base."""
     devices = sorted({str(t.device) for t in list(model.parameters()) + list(model.buffers())})
     split = getattr(model, "hf_device_map", None)
@@ -134,7 +140,8 @@ def placement(model: Any) -> dict[str, Any]:
     }
 
 
-def load_base(model_class: Any, path: str, precision: Precision, compute_dtype: str, device: str, spec: Any) -> Any:
+def load_base(model_class: type[PreTrainedModel], path: str, precision: Precision, compute_dtype: str, device: str,
+              spec: ModelSpec) -> PreTrainedModel:
     """Load the frozen base in `precision` with transformers; bitsandbytes quantizes while loading."""
     if Path(path).is_dir():  # checked before the run too; this keeps a cell safe when called on its own
         problem = unsafe_weights_problem(path, spec.safetensors_only)
@@ -153,7 +160,7 @@ def load_base(model_class: Any, path: str, precision: Precision, compute_dtype: 
     return model
 
 
-def disable_bnb_cpu_weight_packing(model: Any) -> int:
+def disable_bnb_cpu_weight_packing(model: torch.nn.Module) -> int:
     """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns how many layers.
 
     bitsandbytes 0.50 converts a Linear4bit's weight to a packed CPU format on its first eval

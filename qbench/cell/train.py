@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from qbench.measure.timing import StepTimer
 from qbench.tasks.batch import Batch
+
+if TYPE_CHECKING:
+    from qbench.suite.spec import TrainSpec
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -28,7 +31,7 @@ def train(
     model: torch.nn.Module,
     batches: Iterator[Batch],
     loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor],
-    config: Any,
+    config: TrainSpec,
     timer: StepTimer,
     on_step: Callable[[int, float], None] = lambda step, loss: None,
 ) -> TrainResult:

@@ -62,6 +62,7 @@ def describe(device: str) -> dict[str, Any]:
         {
             "env.python_version": platform.python_version(),
             "env.hostname": socket.gethostname(),
+            "env.pid": os.getpid(),  # the cell's own process: each cell runs in a fresh one
             "env.git_commit": git_commit(),
             "env.cpu_model": cpu_model(),
             "env.torch_threads": torch.get_num_threads(),  # intra-op threads the cell computes with

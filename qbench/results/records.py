@@ -6,7 +6,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 RECORDS_DIR = "cells"
 
@@ -46,7 +49,7 @@ def read_records(run_dir: Path | str) -> list[dict[str, Any]]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
 
 
-def load_frame(run_dirs: list[Path | str]) -> Any:
+def load_frame(run_dirs: list[Path | str]) -> pd.DataFrame:
     """One DataFrame row per cell record over one or more run directories."""
     import pandas as pd
 
@@ -78,7 +81,7 @@ def read_manifest(run_dir: Path | str) -> dict[str, Any] | None:
         return None
 
 
-def _read_table(path: Path) -> Any:
+def _read_table(path: Path) -> pd.DataFrame:
     import pandas as pd
 
     try:
@@ -87,7 +90,7 @@ def _read_table(path: Path) -> Any:
         raise ResultsError(f"{path}: cannot read as a results table ({type(error).__name__}: {error})") from None
 
 
-def load_results(paths: list[Path | str]) -> Any:
+def load_results(paths: list[Path | str]) -> pd.DataFrame:
     """One flat DataFrame from run directories, folders of them, or exported CSV / Parquet tables.
 
     Several inputs (shards of one suite run on several machines, or several seeds' runs) are

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
 
 from qbench.data import BUILTIN_DATASETS
-from qbench.suite.spec import LoadedSuite, SuiteError
+from qbench.suite.spec import LoadedSuite, Suite, SuiteError
 
 # module classes peft can put a LoRA adapter on (bitsandbytes' Linear8bitLt/Linear4bit replace Linear later)
 LORA_WRAPPABLE = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
@@ -52,7 +51,7 @@ def _check_data(loaded: LoadedSuite) -> list[str]:
     return problems
 
 
-def _module_types(model_path: str, suite: Any) -> dict[str, str]:
+def _module_types(model_path: str, suite: Suite) -> dict[str, str]:
     """Module name -> class name of the model, built on the meta device (no weights read)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig

@@ -97,29 +97,13 @@ def _build(out_dir: pathlib.Path, seed: int) -> None:
 
 def make_tokenizer(words: list[str]):
     """A word-level tokenizer over ``words`` + SPARE_WORDS that wraps text as [BOS] ... [EOS]."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from qbench.zoo.tokenizers import word_level
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for word in sorted(set(words) | set(SPARE_WORDS)):
         vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A {EOS_TOKEN}",
-        pair=f"{BOS_TOKEN} $A {EOS_TOKEN} $B:1 {EOS_TOKEN}:1",
-        special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN]), (EOS_TOKEN, vocab[EOS_TOKEN])],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        unk_token=UNK_TOKEN,
-        model_max_length=MAX_TEXT_TOKENS,
-        padding_side="right",
-    )
+    return word_level(vocab, bos=BOS_TOKEN, eos=EOS_TOKEN, pad=PAD_TOKEN, unk=UNK_TOKEN, model_max_length=MAX_TEXT_TOKENS,
+                      pairs=True, padding_side="right")
 
 
 def make_image_processor(image_size: int):

@@ -57,8 +57,7 @@ DEFAULT_WORDS = (
 def word_tokenizer(words: tuple[str, ...], vocab_size: int, model_max_length: int) -> Any:
     """A lower-casing word-level tokenizer with CLIP's special-token layout: start/end of text at the
     two highest ids (end of text is also the pad token), words from 0 up."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from qbench.zoo.tokenizers import word_level
 
     vocab = {word: index for index, word in enumerate(dict.fromkeys(w.lower() for w in words))}
     vocab[UNKNOWN_TOKEN] = len(vocab)
@@ -66,20 +65,7 @@ def word_tokenizer(words: tuple[str, ...], vocab_size: int, model_max_length: in
         raise ValueError(f"{len(vocab)} words do not fit a vocabulary of {vocab_size}")
     start_id, end_id = vocab_size - 2, vocab_size - 1
     vocab[START_TOKEN], vocab[END_TOKEN] = start_id, end_id
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNKNOWN_TOKEN))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{START_TOKEN} $A {END_TOKEN}", special_tokens=[(START_TOKEN, start_id), (END_TOKEN, end_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=START_TOKEN,
-        eos_token=END_TOKEN,
-        pad_token=END_TOKEN,
-        unk_token=UNKNOWN_TOKEN,
-        model_max_length=model_max_length,
-    )
+    return word_level(vocab, bos=START_TOKEN, eos=END_TOKEN, pad=END_TOKEN, unk=UNKNOWN_TOKEN, model_max_length=model_max_length)
 
 
 def write_random_clip(

@@ -1,0 +1,1 @@
+"""Test helpers: tiny assets built in temporary folders (tests need neither the network nor a GPU)."""
