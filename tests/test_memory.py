@@ -106,3 +106,23 @@ def test_the_sampler_process_ends_with_the_tracker():
     assert psutil.pid_exists(pid)
     tracker.close()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_the_process_baseline_is_what_the_process_held_as_the_marked_phase_started():
+    tracker = MemoryTracker("cpu")
+    try:
+        with tracker.phase("data"):
+            pass
+        with tracker.phase("load", process_baseline=True):
+            held = bytearray(200 * MiB)  # zero-filled: resident
+            time.sleep(0.1)
+        with tracker.phase("train"):
+            pass
+    finally:
+        tracker.close()
+    record = tracker.record
+    baseline = record["memory.process_baseline_rss_bytes"]
+    assert 0 < baseline < record["memory.load.rss_peak_bytes"] - 150 * MiB  # read before the block allocated
+    assert record["memory.process_baseline_at"] == "start of phase load, before the model is loaded"
+    assert record["memory.process_baseline_torch_allocated_bytes"] is None  # no CUDA: missing, not zero
+    assert len(held) == 200 * MiB

@@ -67,6 +67,9 @@ class FakeCudaCounters:
         self.calls.append("peaks")
         return self.allocated_bytes, self.reserved_bytes
 
+    def current(self):
+        return self.allocated_bytes // 4, self.reserved_bytes // 2
+
 
 # ---- which GPU is "cuda:N": torch and NVML number them differently ----
 
@@ -331,3 +334,25 @@ def test_a_sampler_thread_misses_a_child_spike_while_the_gil_is_held_but_the_sam
         device.close()
     assert tracker.record[f"memory.attempt{_attempt}.nvml_process_peak_bytes"] == 1200 * MiB
     assert thread_peak[0] == 0
+
+
+def test_the_process_baseline_before_the_model_is_read_from_every_process_source(fake_nvml):
+    fake.set_usage(os.getpid(), 300 * MiB)  # the CUDA context, before any weight is loaded
+    fake.set_usage(os.getppid(), 9000 * MiB)  # another process: not this process's baseline
+    counters = FakeCudaCounters(uuid=GPU_A, reserved_bytes=64 * MiB)
+    tracker = MemoryTracker("cuda:0", cuda_counters=counters)
+    try:
+        with tracker.phase("data"):
+            pass
+        with tracker.phase("load", process_baseline=True):
+            fake.set_usage(os.getpid(), 800 * MiB)
+            time.sleep(0.1)
+    finally:
+        tracker.close()
+    record = tracker.record
+    assert record["memory.process_baseline_nvml_process_bytes"] == 300 * MiB
+    assert record["memory.process_baseline_torch_allocated_bytes"] == 8 * MiB  # FakeCudaCounters.current()
+    assert record["memory.process_baseline_torch_reserved_bytes"] == 32 * MiB
+    assert record["memory.process_baseline_rss_bytes"] > 0
+    assert "memory.process_baseline_nvml_device_bytes" not in record  # the whole GPU is not this process's
+    assert record["memory.load.nvml_process_peak_bytes"] == 800 * MiB

@@ -119,16 +119,17 @@ class CellRun:
         return full
 
     @contextmanager
-    def phase(self, name: str, timed: bool = False, **event_fields: Any) -> Iterator[None]:
+    def phase(self, name: str, timed: bool = False, process_baseline: bool = False, **event_fields: Any) -> Iterator[None]:
         """Enter phase `name`: tell the runner, leave what was measured so far on disk (status `running`:
         if the process dies, the runner keeps these figures in its failure record), fire any test fault,
-        then measure the block's memory and, when `timed`, its wall time as `time.<name>_s`."""
+        then measure the block's memory and, when `timed`, its wall time as `time.<name>_s`; with
+        `process_baseline`, the memory of the process as the phase starts (see MemoryTracker.phase)."""
         self.record["last_phase"] = name
         emit("phase", phase=name, **event_fields)
         results.write_json_atomic(self.record_path, self.measured())
         self.faults.phase(name)
         started = time.perf_counter()
-        with self.tracker.phase(name):
+        with self.tracker.phase(name, process_baseline=process_baseline):
             yield
         if timed:
             self.record[f"time.{name}_s"] = time.perf_counter() - started
@@ -181,7 +182,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 
         with cell.phase("data"):
             cell.update(task.prepare_data())
-        with cell.phase("load", timed=True):
+        with cell.phase("load", timed=True, process_baseline=True):  # the runtime before the model: what no format changes
             model = models.load_base(task.model_class, model_path, cell.precision, suite.compute_dtype, cell.device, suite.model)
         readback.inspect_base(model, cell.precision, suite, model_path, cell.record)  # the arm is what its name says
         with cell.phase("prepare"):

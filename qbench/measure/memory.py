@@ -11,6 +11,10 @@
 RSS and NVML are sampled every ~10 ms by a separate process (qbench.measure.sampler), since
 ru_maxrss is lifetime-wide and torch's counters are allocator-only. A source that is absent is None
 with `memory.source.<source>` saying why, never a zero.
+
+`tracker.phase("load", process_baseline=True)` also records what each process source read as the
+phase started — `memory.process_baseline_rss_bytes`, `..._torch_allocated_bytes`, ... (the runtime
+before the model is loaded; a peak minus it is what the model and its training added).
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ class TorchCudaCounters:
 
     def peaks(self) -> tuple[int, int]:
         return self._cuda.max_memory_allocated(self.index), self._cuda.max_memory_reserved(self.index)
+
+    def current(self) -> tuple[int, int]:
+        return self._cuda.memory_allocated(self.index), self._cuda.memory_reserved(self.index)
 
 
 class MemoryTracker:
@@ -119,8 +126,9 @@ class MemoryTracker:
             return None
 
     @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Measure the block as phase `name`; every peak is of this phase alone."""
+    def phase(self, name: str, process_baseline: bool = False) -> Iterator[None]:
+        """Measure the block as phase `name`; every peak is of this phase alone. With `process_baseline`, what
+        each process source reads as the phase starts is recorded as `memory.process_baseline_<source>_bytes`."""
         if self._active is not None:
             raise RuntimeError(f"phase {name!r} started inside phase {self._active!r}: phases do not nest")
         if f"memory.{name}.seconds" in self.record:
@@ -129,7 +137,9 @@ class MemoryTracker:
         if self._counters is not None:
             self._counters.synchronize()
             self._counters.reset_peaks()
-        self._mark()  # peaks from before the phase are dropped here
+        start = self._mark()  # peaks from before the phase are dropped here
+        if process_baseline:
+            self._store_process_baseline(name, start)
         started = time.perf_counter()
         try:
             yield
@@ -143,6 +153,20 @@ class MemoryTracker:
                 except Exception as error:  # a broken CUDA context must not hide the phase's other figures
                     self.record[f"memory.{name}.torch_error"] = f"{type(error).__name__}: {error}"
             self._store(name, time.perf_counter() - started, self._mark(), torch_peaks)
+
+    def _store_process_baseline(self, phase: str, reading: dict[str, Any] | None) -> None:
+        current = (reading or {}).get("current", {})
+        torch_now: tuple[int | None, int | None] = (None, None)
+        if self._counters is not None and hasattr(self._counters, "current"):
+            try:
+                torch_now = self._counters.current()
+            except Exception:  # a broken CUDA context: the figure is missing, the phase still runs
+                pass
+        values = {"torch_max_allocated_bytes": torch_now[0], "torch_max_reserved_bytes": torch_now[1]}
+        values.update({key: current.get(sampled) for key, sampled in _SAMPLED.items()})
+        for key in schema.PROCESS_MEMORY_SOURCES:
+            self.record[schema.process_baseline_key(key)] = values.get(key)
+        self.record["memory.process_baseline_at"] = f"start of phase {phase}, before the model is loaded"
 
     def _store(self, name: str, seconds: float, reading: dict[str, Any] | None, torch_peaks: tuple) -> None:
         prefix = f"memory.{name}."

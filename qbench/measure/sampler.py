@@ -5,8 +5,8 @@ measured process lets go of its GIL, so a long C call that holds the GIL (or a b
 would hide a short spike; and a thread's readings would take the GIL from the very loop being timed.
 
 Protocol, one JSON object per line: the sampler first writes {"hello": {...}} (which sources work);
-for each "mark" line on its standard input it reads once more and writes {"peaks": {...}, "samples": n,
-"seconds": s} for the time since the previous mark, then starts over; "stop" or end of input ends it.
+for each "mark" line on its standard input it reads once more and writes {"peaks": {...}, "current": {...},
+"samples": n, "seconds": s} (the peaks since the previous mark, and that last reading), then starts over; "stop" or end of input ends it.
 `SamplerProcess` is the measured process's side of this.
 """
 
@@ -129,6 +129,7 @@ class Peaks:
 
     def _reset(self) -> None:
         self.peaks: dict[str, int | None] = dict.fromkeys(self.readers)
+        self.current: dict[str, int | None] = dict.fromkeys(self.readers)  # the latest reading of each source
         self.unknown: dict[str, int] = dict.fromkeys(self.readers, 0)
         self.samples = 0
         self.started = time.perf_counter()
@@ -139,6 +140,7 @@ class Peaks:
                 value = reader()
             except Exception:
                 value = None
+            self.current[key] = value
             if value is None:
                 self.unknown[key] += 1
             elif self.peaks[key] is None or value > self.peaks[key]:
@@ -149,6 +151,7 @@ class Peaks:
         self.read()
         taken = {
             "peaks": dict(self.peaks),
+            "current": dict(self.current),
             "unknown_samples": dict(self.unknown),
             "samples": self.samples,
             "seconds": time.perf_counter() - self.started,

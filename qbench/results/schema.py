@@ -31,6 +31,16 @@ def overall_peak_key(source: str) -> str:
     return f"memory.peak_{source.removesuffix('_peak_bytes').removesuffix('_bytes')}_bytes"
 
 
+def process_baseline_key(source: str) -> str:
+    """`memory.process_baseline_<what>_bytes`: what a per-phase source (`rss_peak_bytes`, `torch_max_allocated_bytes`)
+    read just before the model was loaded: the runtime (Python, torch, the data) that no weight format changes."""
+    what = source.removesuffix("_bytes").removesuffix("_peak").replace("torch_max_", "torch_")
+    return f"memory.process_baseline_{what}_bytes"
+
+
+# the sources whose process baseline is recorded: the process's own memory (the whole device's is not the process's)
+PROCESS_MEMORY_SOURCES = tuple(source for source in MEMORY_SOURCES if source != "nvml_device_peak_bytes")
+
 # the order a per-phase plot prefers them (the first one with values is used)
 PHASE_MEMORY_PREFERENCE = ("torch_max_allocated_bytes", "nvml_process_peak_bytes", "rss_peak_bytes")
 
