@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
+from qbench.results import schema
+
 Kind = Literal["exact", "quality", "memory", "speed", "speed-ratio"]
 Direction = Literal["higher", "lower"]
 
@@ -77,11 +79,15 @@ HEADLINE_QUALITY = (
     "quality.after.loss",
     "train.final_loss",
 )
+# on CUDA torch's allocator (tensors only) or NVML; on a CPU the process tree's PSS (shared pages once), else its RSS
 HEADLINE_PEAK_MEMORY = (
     "memory.train.torch_max_allocated_bytes",
     "memory.train.nvml_process_peak_bytes",
+    "memory.peak_pss_bytes",
     "memory.peak_rss_bytes",
 )
+# how a report names each memory source (the schema's names win; PSS is named here until the schema has it)
+SOURCE_LABELS = {"pss_peak_bytes": "PSS", **schema.MEMORY_SOURCES}
 HEADLINE_THROUGHPUT = ("speed.train_samples_per_s", "speed.train_tokens_per_s")
 HEADLINE_WEIGHTS = "weights.base_bytes"
 
@@ -108,11 +114,36 @@ def first_present(frame: Any, candidates: tuple[str, ...]) -> str | None:
 LABELS = {
     "weights.base_bytes": "base weights MiB",
     "memory.peak_rss_bytes": "peak RSS MiB",
+    "memory.peak_pss_bytes": "peak PSS MiB",
     "memory.train.torch_max_allocated_bytes": "train torch peak allocated MiB",
     "memory.train.nvml_process_peak_bytes": "train NVML process peak MiB",
     "speed.train_samples_per_s": "train samples/s",
     "speed.train_tokens_per_s": "train tokens/s",
 }
+
+
+def memory_source(column: str) -> str | None:
+    """The per-phase source key of a memory column: `memory.train.rss_peak_bytes` and `memory.peak_rss_bytes`
+    both give `rss_peak_bytes`; None for other columns."""
+    parts = column.split(".")
+    if len(parts) == 3 and parts[0] == "memory" and parts[2] in SOURCE_LABELS:
+        return parts[2]
+    return next((source for source in SOURCE_LABELS if schema.overall_peak_key(source) == column), None)
+
+
+def memory_source_label(column: str) -> str:
+    """`memory.peak_rss_bytes` -> "RSS", `memory.train.torch_max_allocated_bytes` -> "torch allocated, train"."""
+    source = memory_source(column)
+    if source is None:
+        return label(column)
+    parts = column.split(".")
+    return SOURCE_LABELS[source] + (f", {parts[1]}" if len(parts) == 3 else "")
+
+
+def process_baseline_of(column: str) -> str | None:
+    """The record key of a memory column's process baseline (its source read before the model was loaded)."""
+    source = memory_source(column)
+    return schema.process_baseline_key(source) if source else None
 
 
 def label(name: str) -> str:
@@ -129,6 +160,21 @@ def label(name: str) -> str:
     if spec is not None and spec.unit == "bytes":
         shown = shown.removesuffix(" bytes") + " MiB"
     return shown
+
+
+def quality_name(column: str, short: bool = False) -> str:
+    """`quality.after.mean_recall@1` -> "mean recall@1 after fine-tuning" ("mean recall@1 after" when `short`);
+    other fields by their label."""
+    parts = column.split(".")
+    if len(parts) == 3 and parts[0] == "quality":
+        phase = parts[1] if short else {"after": "after fine-tuning", "before": "before fine-tuning"}.get(parts[1], parts[1])
+        return f"{parts[2].replace('_', ' ')} {phase}"
+    return label(column)
+
+
+def headed(name: str, unit: str) -> str:
+    """A column header with its unit: "mean recall@1 after (%)"; the unit is left out where the name says it."""
+    return name if not unit or unit in name else f"{name} ({unit})"
 
 
 def scale(name: str) -> tuple[float, str]:
