@@ -48,7 +48,7 @@ def test_two_cell_suite_runs_each_cell_in_its_own_process_and_writes_records(tmp
     table = pd.read_csv(run_dir / "results.csv")
     assert len(table) == 2
     summary = (run_dir / "summary.md").read_text()
-    assert "nf4-dq" in summary and "i2t R@1 after" in summary
+    assert "nf4-dq" in summary and "i2t recall@1 after (%)" in summary and "## Verdict" in summary
     manifest = json.loads((run_dir / "run.json").read_text())
     assert [c["cell_id"] for c in manifest["cells"]] == ["bf16-seed0", "nf4-dq-seed0"]
 

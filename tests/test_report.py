@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from qbench import cli
-from qbench.report import summary, tables, write
+from qbench.report import tables, write
 from qbench.results import fields, stats
 from qbench.results import records as results
 
@@ -39,15 +39,16 @@ def test_speed_ratios_use_the_baseline_of_the_same_run_and_seed(two_shards):
     assert frame[frame["precision"] == "int8"]["ratio.speed.train_samples_per_s"].tolist() == pytest.approx([17 / 20] * 2)
 
 
-def test_relative_table_gives_memory_saved_quality_delta_and_slowdown():
+def test_relative_table_gives_savings_as_less_than_the_baseline_and_speed_as_times_of_it():
     frame = pd.DataFrame(make_records())
     table = stats.relative_to_baseline(frame)
-    assert table.loc["nf4-dq", "weights saved %"] == pytest.approx(100 * (1 - 174_930 / 445_450))
-    assert table.loc["int8", "peak memory saved % (peak rss)"] == pytest.approx(100 * (1 - 690 / 580))
-    assert table.loc["nf4-dq", "Δ after mean recall@1 (points)"] == pytest.approx(-3.0)
-    assert table.loc["nf4-dq", "slowdown ×"] == pytest.approx(20 / 15)
-    assert table.loc["bf16", "slowdown ×"] == pytest.approx(1.0)
-    assert table.loc["nf4-dq", "quality vs baseline"] == "worse"
+    assert table.loc["nf4-dq", "weights (% less than bf16)"] == pytest.approx(100 * (1 - 174_930 / 445_450))
+    assert table.loc["int8", "peak RSS (% less than bf16)"] == pytest.approx(100 * (1 - 690 / 580))  # negative: more
+    assert table.loc["nf4-dq", "Δ mean recall@1 after (points)"] == pytest.approx(-3.0)
+    assert table.loc["nf4-dq", "train samples/s (× of bf16)"] == pytest.approx(15 / 20)  # higher = faster
+    assert table.loc["bf16", "train samples/s (× of bf16)"] == pytest.approx(1.0)
+    # one seed and no bootstrap interval in the records: a 3-point difference is not called worse
+    assert table.loc["nf4-dq", "quality vs bf16"] == "no interval"
 
 
 def test_a_quality_equal_but_for_float_rounding_is_the_same_not_worse():
@@ -60,12 +61,12 @@ def test_a_quality_equal_but_for_float_rounding_is_the_same_not_worse():
     assert records[1]["quality.after.mean_recall@1"] != bf16
     frame = pd.DataFrame(records)
     relative = stats.relative_to_baseline(frame)
-    assert relative.loc["int8", "Δ after mean recall@1 (points)"] == 0.0
-    assert relative.loc["int8", "quality vs baseline"] == "same"
-    assert relative.loc["nf4-dq", "Δ after mean recall@1 (points)"] == pytest.approx(-1.25)
-    assert relative.loc["nf4-dq", "quality vs baseline"] == "worse"
-    assert summary.summary_table(frame).loc["int8", "Δ mean R@1 vs bf16 (points)"] == 0.0
-    assert tables.quantization_damage(frame).loc["int8", "Δ vs bf16 before training"] == 0.0
+    assert relative.loc["int8", "Δ mean recall@1 after (points)"] == 0.0
+    assert relative.loc["int8", "quality vs bf16"] == "same"
+    assert relative.loc["nf4-dq", "Δ mean recall@1 after (points)"] == pytest.approx(-1.25)
+    shown = tables.display(relative)
+    assert shown.loc["int8", "Δ mean recall@1 after (points) [95 % interval]"] == "0.00"  # not "-0.00"
+    assert tables.quantization_damage(frame).loc["int8", "Δ mean recall@1 vs bf16 before training (points)"] == 0.0
 
 
 def test_pareto_front_is_direction_aware():
@@ -76,12 +77,14 @@ def test_pareto_front_is_direction_aware():
     assert stats.pareto_front(cost, quality, higher_is_better=False).to_dict() == {"a": True, "b": False, "c": False, "d": False}
 
 
-def test_precision_table_shows_spread_only_with_several_seeds(two_shards):
-    one_seed = tables.precision_table(pd.DataFrame(make_records()))
-    assert "±" not in one_seed.loc["nf4-dq", "samples/s"]
+def test_precision_table_gives_quality_an_interval_only_where_there_is_noise_to_make_one(two_shards):
+    one_seed = tables.display(tables.precision_table(pd.DataFrame(make_records())))
+    assert one_seed.loc["nf4-dq", "mean recall@1 after (%) [95 % interval]"] == "57.00"  # one seed, no bootstrap: no interval
     two_seeds = tables.precision_table(results.load_results(two_shards))
-    assert two_seeds.loc["bf16", "seeds"] == 2 and two_seeds.loc["bf16", "cells"] == 4
-    assert two_seeds.loc["int8", "i2t R@1 after"] == "60.50 ± 0.71"  # 60 and 61 points
+    assert two_seeds.loc["bf16", "seeds"] == 2
+    # int8: 59 and 60 points, two seeds: 59.5 ± 1.96 · 0.71 / sqrt(2)
+    assert two_seeds.loc["int8", "mean recall@1 after (%)"] == pytest.approx(59.5)
+    assert two_seeds.loc["int8", "mean recall@1 after (%) high"] == pytest.approx(59.5 + 1.959964 * 0.5, abs=1e-4)
 
 
 def test_report_writes_every_file_and_a_self_contained_html(two_shards, tmp_path: Path):
@@ -92,8 +95,9 @@ def test_report_writes_every_file_and_a_self_contained_html(two_shards, tmp_path
     assert all(base64.b64decode(image).startswith(PNG_MAGIC) for image in images)
     sources = re.findall(r'(?:src|href)="([^"]*)"', html)
     assert all(source.startswith("data:") for source in sources)  # nothing is loaded from elsewhere
-    for heading in ("Per precision", "Relative to bf16", "Runs merged into this report"):
+    for heading in ("Verdict", "Per precision", "Relative to bf16", "Runs merged into this report"):
         assert heading in html
+    assert html.index("Verdict") < html.index("<h2>Plots</h2>") < html.index("Per precision")
     flat = pd.read_parquet(paths["parquet"])
     assert len(flat) == 8 and "ratio.speed.train_samples_per_s" in flat.columns
     assert len(pd.read_csv(paths["csv"])) == 8
@@ -115,8 +119,8 @@ def test_perplexity_records_get_a_report_without_special_cases(tmp_path: Path):
     frame = pd.DataFrame(records)
     assert fields.first_present(frame, fields.HEADLINE_QUALITY) == "quality.after.perplexity"
     table = stats.relative_to_baseline(frame)
-    assert table.loc["nf4-dq", "Δ after perplexity"] == pytest.approx(1.0)
-    assert table.loc["nf4-dq", "quality vs baseline"] == "worse"
+    assert table.loc["nf4-dq", "Δ perplexity after"] == pytest.approx(1.0)
+    assert table.loc["nf4-dq", "quality vs bf16"] == "no interval"
     paths = write.write_report(frame, tmp_path / "lm")
     assert paths["html"].read_text().count("data:image/png;base64,") == 4
 
@@ -125,10 +129,12 @@ def test_failed_cells_are_listed_and_left_out_of_the_means(tmp_path: Path):
     records = make_records()
     records.append(make_record("nf4-dq", seed=1, status="failed", error="OutOfMemoryError: boom", weights__base_bytes=1))
     frame = pd.DataFrame(records)
-    shown = tables.report_tables(frame)
-    assert "OutOfMemoryError: boom" in shown["Cells that did not finish"].to_string()
-    assert shown["Per precision (mean ± sample std over seeds)"].loc["nf4-dq", "status"] == "failed,ok"
-    assert shown["Per precision (mean ± sample std over seeds)"].loc["nf4-dq", "base weights MiB"] == "0.17"
+    shown = {s.key: s for s in write.report_sections(frame)}
+    assert "OutOfMemoryError: boom" in shown["failures"].table.to_string()
+    assert shown["per_precision"].table.loc["nf4-dq", "status"] == "failed,ok"
+    assert shown["per_precision"].table.loc["nf4-dq", "base weights (MiB)"] == "0.17"  # the failed cell's 1 byte is left out
+    assert "**nf4-dq**: weights 61 % less than bf16" in shown["verdict"].text
+    assert "1 of 2 cells did not finish (" in shown["verdict"].text
 
 
 def test_cli_report_merges_run_directories(two_shards, tmp_path: Path, capsys):
@@ -136,7 +142,7 @@ def test_cli_report_merges_run_directories(two_shards, tmp_path: Path, capsys):
     assert cli.main(["report", *map(str, two_shards), "--out", str(out)]) == 0
     assert (out / "report.html").is_file() and (out / "plots" / "quality_vs_memory.png").is_file()
     shown = capsys.readouterr().out
-    assert "Relative to bf16" in shown and "nf4-dq" in shown
+    assert shown.index("Verdict") < shown.index("Relative to bf16") and "nf4-dq" in shown
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from qbench.report import explain, summary, tables
+from qbench.report import explain, summary, tables, write
 
 MiB = 1024 * 1024
 
@@ -66,11 +66,11 @@ def test_double_quantization_that_costs_more_than_it_saves_is_called_out():
 
 def test_quantization_damage_puts_the_base_metric_next_to_the_baselines_before_training():
     table = tables.quantization_damage(pd.DataFrame([BF16, NF4]))
-    assert table.loc["nf4", "mean_recall@1 before (this base)"] == pytest.approx(44.0)
-    assert table.loc["nf4", "mean_recall@1 before (bf16 base)"] == pytest.approx(50.0)
-    assert table.loc["nf4", "Δ vs bf16 before training"] == pytest.approx(-6.0)
-    assert table.loc["nf4", "weight error % (mean)"] == pytest.approx(9.2)
-    assert table.loc["bf16", "Δ vs bf16 before training"] == 0
+    assert table.loc["nf4", "mean recall@1 before, this base (%)"] == pytest.approx(44.0)
+    assert table.loc["nf4", "mean recall@1 before, bf16 base (%)"] == pytest.approx(50.0)
+    assert table.loc["nf4", "Δ mean recall@1 vs bf16 before training (points)"] == pytest.approx(-6.0)
+    assert table.loc["nf4", "weight error, mean (%)"] == pytest.approx(9.2)
+    assert table.loc["bf16", "Δ mean recall@1 vs bf16 before training (points)"] == 0
 
 
 def test_memory_table_orders_phases_and_leaves_out_sources_never_measured():
@@ -89,7 +89,7 @@ def test_summary_md_has_the_measurement_sections(tmp_path):
     text = paths["summary"].read_text()
     assert "## Quantization damage before fine-tuning" in text
     assert "## Why a 4-bit base is not 4x smaller" in text
-    assert "weight error % (mean)" in text
+    assert "weight error, mean (%)" in text
 
 
 def test_peak_memory_table_has_every_source_and_missing_ones_stay_missing():
@@ -106,7 +106,7 @@ def test_peak_memory_table_has_every_source_and_missing_ones_stay_missing():
     assert tables.peak_memory_table(pd.DataFrame(records), phase="train").loc["nf4", "torch allocated MiB"] == pytest.approx(80.0)
 
 
-def test_qbench_report_shows_the_damage_and_the_memory_sources():
-    shown = tables.report_tables(pd.DataFrame([BF16, NF4]))
-    assert shown["Quantization damage before fine-tuning"].loc["nf4", "Δ vs bf16 before training"] == pytest.approx(-6.0)
-    assert "NVML process MiB" in shown["Peak memory over all phases, each source (MiB)"].columns
+def test_qbench_report_shows_the_damage_and_the_explanation():
+    shown = {s.key: s for s in write.report_sections(pd.DataFrame([BF16, NF4]))}
+    assert shown["damage"].table.loc["nf4", "Δ mean recall@1 vs bf16 before training (points) [95 % interval]"] == "-6.00"
+    assert "**nf4**: the base takes 690.4 KiB" in shown["weight_bytes"].text

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from qbench import cli
-from qbench.report import summary
+from qbench.report import tables
 from qbench.results import records as results
 from qbench.run import runner, scheduler
 from qbench.run.scheduler import Slot
@@ -249,7 +249,7 @@ def test_two_shards_are_exactly_one_full_run_and_merge_into_one_report(tsv_suite
 
     merged = results.load_frame([first, second])
     assert sorted(merged["cell_id"]) == sorted(ids(full))
-    table = summary.summary_table(merged)
+    table = tables.precision_table(merged)
     assert sorted(table.index) == sorted(["bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"])
     assert set(table["seeds"]) == {2} and set(table["status"]) == {"ok"}
     assert cli.main(["report", str(first), str(second), "--out", str(tmp_path / "report")]) == 0

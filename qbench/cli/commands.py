@@ -123,13 +123,19 @@ def _resume(args: argparse.Namespace) -> int:
     return _finish(state.run_dir, [r for r in records if r is not None])
 
 
+# what the terminal shows at the end of a run: the verdict first, then the tables a person compares
+RUN_END_SECTIONS = ("verdict", "warnings", "relative", "per_precision", "failures")
+
+
 def _finish(run_dir: Path, records: list[dict[str, Any]]) -> int:
-    from qbench.report import summary
+    from qbench.report import summary, write
     from qbench.results import records as results
 
     frame = results.load_frame([run_dir])
-    paths = summary.write_run_outputs(run_dir, frame)
-    console.print(render.transposed(summary.summary_table(frame), f"{frame['suite'].iloc[0]} — {run_dir}"))
+    shown = write.report_sections(frame, _report_settings([run_dir]))
+    paths = summary.write_run_outputs(run_dir, frame, shown=shown)
+    console.print(f"[bold]{escape(str(frame['suite'].iloc[0]))}[/] — {escape(str(run_dir))}", highlight=False)
+    render.sections(shown, RUN_END_SECTIONS)
     console.print(f"records: {run_dir / 'cells'}   table: {paths['csv']}   summary: {paths['summary']}")
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
@@ -179,7 +185,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from qbench.report import tables, write
+    from qbench.report import write
     from qbench.results import records as results
 
     try:
@@ -188,10 +194,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         render.error(str(problem))
         return Exit.BAD_INPUT
     out = Path(args.out) if args.out else write.default_report_dir([Path(p) for p in args.run_dirs])
-    paths = write.write_report(frame, out, args.title)
-    for heading, shown in tables.report_tables(frame).items():
-        wide = heading.startswith(("Per precision", "Runs merged"))
-        console.print(render.transposed(shown, heading) if wide else render.table(shown, heading))
+    shown = write.report_sections(frame, _report_settings(args.run_dirs))
+    paths = write.write_report(frame, out, args.title, shown=shown)
+    render.sections(shown)
     console.print(f"{len(frame)} cells from {len(args.run_dirs)} input(s) -> html: {paths['html']}")
     console.print(f"also: {paths['markdown']}  {paths['csv']}  {paths['parquet']}  {paths['summary_csv']}", highlight=False)
     return Exit.OK
@@ -200,20 +205,24 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _compare_settings(args: argparse.Namespace, new_paths: list[str]) -> Settings:
     """The suite's [compare] table (--suite, else the new run's own suite text), then --tolerance over it."""
     from qbench.gate import compare
-    from qbench.results import records as results
-    from qbench.suite.spec import load, parse_compare
+    from qbench.suite.spec import load
 
     overrides = [compare.parse_tolerance(text) for text in args.tolerance or []]
     if args.suite:
         loaded = load(args.suite)
         return compare.Settings.build(loaded.suite.compare, overrides, args.noise_sigmas, f"suite {args.suite}")
-    for path in new_paths:
-        for run_dir in results.find_run_dirs(path) if Path(path).is_dir() else []:
-            manifest = results.read_manifest(run_dir)
-            if manifest and manifest.get("suite_text"):
-                spec = parse_compare(manifest["suite_text"], run_dir / "run.json")
-                return compare.Settings.build(spec, overrides, args.noise_sigmas, f"suite of {run_dir.name}")
-    return compare.Settings.build(None, overrides, args.noise_sigmas)
+    return compare.settings_of_runs(new_paths, overrides, args.noise_sigmas)
+
+
+def _report_settings(paths: list) -> Settings | None:
+    """The gate settings of the suite the runs recorded (the eval-set warnings compare with its tolerances);
+    None (qbench's defaults) when the stored suite text has an unusable [compare] table."""
+    from qbench.gate import compare
+
+    try:
+        return compare.settings_of_runs(paths)
+    except SuiteError:
+        return None
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

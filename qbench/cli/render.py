@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from qbench.gate.compare import Comparison
+    from qbench.report.sections import Section
     from qbench.suite.spec import Cell
 
 console = Console()
@@ -71,7 +72,7 @@ class ProgressListener:
 def table(frame: pd.DataFrame, title: str) -> Table:
     from qbench.report.tables import format_value
 
-    shown = Table(title=title, show_lines=False)
+    shown = Table(title=title or None, show_lines=False)
     shown.add_column(frame.index.name or "")
     for column in frame.columns:
         shown.add_column(str(column), justify="right")
@@ -86,6 +87,25 @@ def transposed(frame: pd.DataFrame, title: str) -> Table:
     turned = frame.T
     turned.index.name = ""
     return table(turned, title)
+
+
+def sections(shown: list[Section], keys: tuple[str, ...] | None = None) -> None:
+    """Report sections in the terminal, in their order (only `keys`, when given): the title as a rule, the prose
+    as Markdown, the table (turned when it is wide), the note dimmed."""
+    from rich.markdown import Markdown
+    from rich.rule import Rule
+
+    for section in shown:
+        if keys is not None and section.key not in keys:
+            continue
+        console.print(Rule(f"[bold]{escape(section.title)}[/]", align="left", style="yellow" if section.key == "warnings" else "bold"))
+        if section.text:
+            console.print(Markdown(section.text))
+        if section.table is not None and not section.table.empty:
+            turn = section.wide or len(section.table.columns) > 5  # an 80-column terminal holds about six columns
+            console.print(transposed(section.table, "") if turn else table(section.table, ""))
+        if section.note:
+            console.print(f"[dim]{escape(section.note)}[/]", highlight=False)
 
 
 def machine(report: dict[str, Any]) -> None:

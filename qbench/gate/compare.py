@@ -71,6 +71,25 @@ class Settings:
         return ToleranceSpec(abs=0.0), "none (must not get worse)"
 
 
+def settings_of_runs(paths: list, overrides: list[tuple[str, ToleranceSpec]] | None = None,
+                     noise_sigmas: float | None = None) -> Settings:
+    """The [compare] settings of the suite text stored in the first run directory's `run.json` under `paths`
+    (then `overrides` over it); qbench's defaults when no run directory holds a suite text.
+    SuiteError when that stored [compare] table is invalid."""
+    from pathlib import Path
+
+    from qbench.results import records as results
+    from qbench.suite.spec import parse_compare
+
+    for path in map(Path, paths):
+        for run_dir in results.find_run_dirs(path) if path.is_dir() else []:
+            manifest = results.read_manifest(run_dir)
+            if manifest and manifest.get("suite_text"):
+                spec = parse_compare(manifest["suite_text"], run_dir / "run.json")
+                return Settings.build(spec, overrides, noise_sigmas, f"suite of {run_dir.name}")
+    return Settings.build(None, overrides, noise_sigmas)
+
+
 def parse_tolerance(text: str) -> tuple[str, ToleranceSpec]:
     """`PATTERN=abs:0.05,rel:0.1` or `PATTERN=ignore` (the command line's --tolerance) -> (pattern, tolerance)."""
     pattern, sep, spec = text.partition("=")

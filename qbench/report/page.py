@@ -1,15 +1,18 @@
-"""A self-contained HTML page from titled tables and rendered plots (PNGs embedded as base64; no external files)."""
+"""A self-contained HTML page from the report's sections and rendered plots (PNGs embedded as base64; no external files)."""
 
 from __future__ import annotations
 
 import base64
 import html as escape
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from qbench.report.tables import format_value
+
+if TYPE_CHECKING:
+    from qbench.report.sections import Section
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5rem auto; max-width: 1200px;
@@ -20,8 +23,15 @@ figcaption { font-size: 0.85rem; color: #555; }
 table { border-collapse: collapse; font-size: 0.8rem; margin: 0.5rem 0; }
 th, td { border: 1px solid #ddd; padding: 0.25rem 0.5rem; text-align: right; white-space: nowrap; }
 th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
-.scroll { overflow-x: auto; } .meta { color: #666; font-size: 0.8rem; }
+.scroll { overflow-x: auto; } .meta { color: #666; font-size: 0.8rem; } .note { color: #555; font-size: 0.85rem; }
 """
+
+
+def text_html(markdown: str) -> str:
+    """Markdown prose (bullets, **bold**, `code`) as HTML; raw HTML in it is escaped, not passed through."""
+    from markdown_it import MarkdownIt  # rich's own Markdown parser
+
+    return MarkdownIt("commonmark", {"html": False}).render(markdown)
 
 
 def table_html(table: pd.DataFrame) -> str:
@@ -41,8 +51,19 @@ def figure_html(plot: Any) -> str:
     return f'<figure id="{escape.escape(plot.name)}"><img alt="{caption}" src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>'
 
 
-def page(title: str, tables: dict[str, pd.DataFrame], plots: list[Any]) -> str:
-    """The whole report page: title, plots, then each titled table."""
+def section_html(section: Section) -> str:
+    parts = [f'<h2 id="{escape.escape(section.key)}">{escape.escape(section.title)}</h2>']
+    if section.text:
+        parts.append(text_html(section.text))
+    if section.table is not None and not section.table.empty:
+        parts.append(table_html(section.table))
+    if section.note:
+        parts.append(f'<div class="note">{text_html(section.note)}</div>')
+    return "\n".join(parts)
+
+
+def page(title: str, sections: list[Section], plots: list[Any], leading: tuple[str, ...] = ()) -> str:
+    """The whole report page: title, the `leading` sections (the verdict), the plots, then the other sections."""
     generated = datetime.now(UTC).isoformat(timespec="seconds")
     parts = [
         "<!DOCTYPE html>",
@@ -50,10 +71,10 @@ def page(title: str, tables: dict[str, pd.DataFrame], plots: list[Any]) -> str:
         f"<title>{escape.escape(title)}</title><style>{STYLE}</style></head><body>",
         f"<h1>{escape.escape(title)}</h1>",
         f'<p class="meta">generated {generated} by qbench</p>',
+        *(section_html(s) for s in sections if s.key in leading),
         "<h2>Plots</h2>" if plots else "",
         *(figure_html(plot) for plot in plots),
+        *(section_html(s) for s in sections if s.key not in leading),
+        "</body></html>",
     ]
-    for heading, table in tables.items():
-        parts += [f"<h2>{escape.escape(heading)}</h2>", table_html(table)]
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return "\n".join(p for p in parts if p)

@@ -62,23 +62,29 @@ def quality_vs_memory(frame: pd.DataFrame) -> Plot | None:
     costs = [c for c in (fields.first_present(frame, fields.HEADLINE_PEAK_MEMORY), fields.first_present(frame, (fields.HEADLINE_WEIGHTS,))) if c]
     if quality is None or not costs:
         return None
-    agg = stats.aggregate(frame, [quality, *costs])
+    agg = stats.aggregate(frame, costs)
+    intervals = stats.quality_intervals(frame, quality).reindex(agg.mean.index)
     spec = fields.spec_for(quality)
     higher = spec is None or spec.direction != "lower"
     q_factor, _ = fields.scale(quality)
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(costs), figsize=(5.2 * len(costs), 4.2), squeeze=False)
     colours = _colours(list(agg.mean.index))
+    y = intervals["mean"] * q_factor
+    # the quality's interval as the error bar (asymmetric: a bootstrap interval need not be centred)
+    below, above = (y - intervals["low"] * q_factor), (intervals["high"] * q_factor - y)
     for axis, cost in zip(axes[0], costs, strict=True):
         c_factor, _ = fields.scale(cost)
-        x, y = agg.mean[cost] * c_factor, agg.mean[quality] * q_factor
-        x_err, y_err = agg.std[cost] * c_factor, agg.std[quality] * q_factor  # NaN with one seed: no bar
-        front = stats.pareto_front(x, y, higher)
+        x = agg.mean[cost] * c_factor
+        x_err = agg.std[cost] * c_factor  # NaN with one seed: no bar
+        # on the front only for a cost saved or a quality difference the intervals can tell
+        front = stats.pareto_front(x, y, higher, se=intervals["se"] * q_factor, confidence=stats.confidence_of(frame))
         for name in agg.mean.index:
             if pd.isna(x[name]) or pd.isna(y[name]):
                 continue
+            y_err = None if pd.isna(below[name]) or pd.isna(above[name]) else [[below[name]], [above[name]]]
             axis.errorbar(
-                x[name], y[name], xerr=_spread(x_err[name]), yerr=_spread(y_err[name]), fmt="o", markersize=9 if front[name] else 7,
+                x[name], y[name], xerr=_spread(x_err[name]), yerr=y_err, fmt="o", markersize=9 if front[name] else 7,
                 color=colours[name], markerfacecolor=colours[name] if front[name] else "white", capsize=3, label=name,
             )
             axis.annotate(name, (x[name], y[name]), textcoords="offset points", xytext=(6, 6), fontsize=8)
@@ -89,7 +95,11 @@ def quality_vs_memory(frame: pd.DataFrame) -> Plot | None:
         axis.set_ylabel(_axis_label(quality) + (" ↑ better" if higher else " ↓ better"))
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
-    figure.suptitle("quality vs memory per precision (filled: on the Pareto front)", fontsize=10)
+    if intervals["se"].notna().any():
+        heading = f"quality vs memory per precision, bars: {stats.confidence_label(frame)} (filled: on the Pareto front, within noise)"
+    else:
+        heading = "quality vs memory per precision (filled: on the Pareto front; no intervals recorded: bare means)"
+    figure.suptitle(heading, fontsize=10)
     return Plot("quality_vs_memory", "Quality vs peak memory and base weights, Pareto front marked", _png(figure))
 
 
@@ -141,18 +151,24 @@ def memory_by_phase(frame: pd.DataFrame) -> Plot | None:
         positions = [p + (i - (len(names) - 1) / 2) * width for p in range(len(phases))]
         axis.bar(positions, agg.mean.loc[name, columns].fillna(0) / 2**20, width, yerr=_spreads(agg.std.loc[name, columns] / 2**20),
                  capsize=2, label=name, color=colours[name])
+    process = schema.process_baseline_key(source)
+    if process in frame.columns and pd.to_numeric(frame[process], errors="coerce").notna().any():
+        held = stats.aggregate(frame, [process]).mean[process].mean() / 2**20
+        axis.axhline(held, color="black", linestyle=":", linewidth=1, label=f"before model load ({held:,.0f} MiB)")
     axis.set_xticks(range(len(phases)), phases)
-    axis.set_ylabel(f"peak {source.removesuffix('_bytes').replace('_', ' ')} (MiB)")
+    axis.set_ylabel(f"peak {fields.SOURCE_LABELS.get(source, source)} (MiB)")
     axis.set_title("peak memory per phase", fontsize=10)
     axis.legend(fontsize=7, ncols=min(len(names), 6))
     axis.grid(axis="y", alpha=0.3)
-    return Plot("memory_by_phase", f"Peak memory per phase ({source})", _png(figure))
+    return Plot("memory_by_phase", f"Peak memory per phase ({fields.SOURCE_LABELS.get(source, source)})", _png(figure))
 
 
 def versus_baseline(frame: pd.DataFrame) -> Plot | None:
-    """Each precision against the baseline: memory saved, quality delta, slowdown."""
+    """Each precision against the baseline: % less weights and memory, × of its speed, the quality difference
+    with its interval as an error bar."""
     table = stats.relative_to_baseline(frame)
-    numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+    numeric = [c for c in table.columns
+               if pd.api.types.is_numeric_dtype(table[c]) and not c.endswith((" low", " high")) and table[c].notna().any()]
     if table.empty or not numeric:
         return None
     plt = _pyplot()
@@ -160,9 +176,15 @@ def versus_baseline(frame: pd.DataFrame) -> Plot | None:
     names = list(table.index)
     colours = _colours(names)
     for axis, column in zip(axes[0], numeric, strict=True):
-        axis.barh(names, table[column].fillna(0), color=[colours[n] for n in names])
-        axis.axvline(1 if column.startswith("slowdown") else 0, color="black", linewidth=0.8)
-        axis.set_title(column, fontsize=9)
+        error = None
+        if f"{column} low" in table.columns and table[f"{column} low"].notna().any():
+            error = [(table[column] - table[f"{column} low"]).fillna(0), (table[f"{column} high"] - table[column]).fillna(0)]
+        ratio = "× of" in column
+        # a ratio's bar starts at 1 (the baseline), so that below 1 reads as less and above as more
+        values = table[column] - 1 if ratio else table[column]
+        axis.barh(names, values.fillna(0), left=1 if ratio else 0, xerr=error, capsize=3, color=[colours[n] for n in names])
+        axis.axvline(1 if ratio else 0, color="black", linewidth=0.8)
+        axis.set_title(column, fontsize=9, wrap=True)
         axis.invert_yaxis()
         axis.grid(axis="x", alpha=0.3)
     figure.suptitle(f"relative to the baseline precision ({stats.baseline_precision(frame)})", fontsize=10)

@@ -2,56 +2,87 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import re
 from typing import Any
 
 import pandas as pd
 
-from qbench.results import schema, stats
+from qbench.results import fields, schema, stats
 
 MB = 1024 * 1024
+MISSING = "—"
 
-# (record column, shown name, scale) in the order the summary shows them; absent columns are skipped
-SUMMARY_COLUMNS = [
-    ("weights.base_bytes", "base weights MiB", 1 / MB),
-    ("weights.bits_per_quantized_param", "bits/quantized param", 1),
-    ("memory.peak_rss_bytes", "peak RSS MiB", 1 / MB),
-    ("memory.train.torch_max_allocated_bytes", "train torch peak MiB", 1 / MB),
-    ("speed.train_samples_per_s", "samples/s", 1),
-    ("speed.train_tokens_per_s", "tokens/s", 1),
-    ("quality.before.i2t_recall@1", "i2t R@1 before", 100),
-    ("quality.after.i2t_recall@1", "i2t R@1 after", 100),
-    ("quality.before.t2i_recall@1", "t2i R@1 before", 100),
-    ("quality.after.t2i_recall@1", "t2i R@1 after", 100),
-    ("quality.before.i2t_recall@5", "i2t R@5 before", 100),
-    ("quality.after.i2t_recall@5", "i2t R@5 after", 100),
-    ("quality.before.t2i_recall@5", "t2i R@5 before", 100),
-    ("quality.after.t2i_recall@5", "t2i R@5 after", 100),
-    ("quality.before.perplexity", "ppl before", 1),
-    ("quality.after.perplexity", "ppl after", 1),
-    ("quality.after.bits_per_byte", "bits/byte after", 1),
-    ("train.final_loss", "final loss", 1),
-    ("weights.error.rel_mean", "weight error % (mean)", 100),
-    ("speed.step_time_p50_s", "step p50 s", 1),
-    ("speed.step_time_p90_s", "step p90 s", 1),
-]
-
-# the one quality number per task the summary compares against the baseline precision
+# the one quality number per task the damage table puts before fine-tuning next to the baseline's
 HEADLINE = {
     "clip": ("quality.after.mean_recall@1", "Δ mean R@1 vs {base} (points)", 100),
     "causal_lm": ("quality.after.perplexity", "Δ ppl vs {base}", 1),
 }
 
 
-def format_value(value: Any) -> str:
-    """A table cell as every renderer shows it (terminal, HTML): floats to two decimals, missing as a dash."""
-    if isinstance(value, float):
-        return "—" if pd.isna(value) else f"{value:.2f}"
+def format_value(value: Any, digits: int = 2, signed: bool = False) -> str:
+    """A table cell as every renderer shows it: floats to `digits` decimals, never "-0.00" (a value that
+    rounds to zero is "0.00"), missing (None, NaN) as "—", infinities as "∞"; `signed` adds "+" to positives."""
     if value is None:
-        return "—"
-    return str(value)
+        return MISSING
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return str(bool(value)).lower()
+    if isinstance(value, numbers.Integral):
+        return f"{int(value):+d}" if signed else str(int(value))
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if math.isnan(value):
+            return MISSING
+        if math.isinf(value):
+            return ("+∞" if signed else "∞") if value > 0 else "-∞"
+        shown = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+        if float(shown) == 0:  # "-0.00" and "+0.00" both say a sign the value does not have
+            shown = f"{0:.{digits}f}"
+        return shown
+    if isinstance(value, str):
+        return value
+    return MISSING if pd.isna(value) else str(value)
 
 
+def with_interval(value: Any, low: Any, high: Any, digits: int = 2, signed: bool = False) -> str:
+    """"31.88 [24.38, 39.38]": a value and its interval; the value alone where the interval is missing."""
+    shown = format_value(value, digits, signed)
+    if shown == MISSING or any(v is None or pd.isna(v) for v in (low, high)):
+        return shown
+    return f"{shown} [{format_value(low, digits, signed)}, {format_value(high, digits, signed)}]"
 
+
+LOW, HIGH = " low", " high"  # a numeric table's interval columns beside the figure they bound
+
+
+def display(table: pd.DataFrame, digits: int | dict[str, int] = 2, interval: str | None = None) -> pd.DataFrame:
+    """`table` with every cell a display string (format_value): what the terminal, Markdown and HTML all show.
+
+    A column `X` with columns `X low` and `X high` beside it becomes one column "X [low, high]"; a
+    column whose name starts with "Δ" (a difference) shows its sign.
+    """
+    shown = pd.DataFrame(index=table.index)
+    for column in table.columns:
+        if column.endswith((LOW, HIGH)) and column.rsplit(" ", 1)[0] in table.columns:
+            continue
+        places = digits.get(column, 2) if isinstance(digits, dict) else digits
+        signed = str(column).startswith("Δ")
+        values = table[column]
+        if f"{column}{LOW}" in table.columns and f"{column}{HIGH}" in table.columns:
+            lows, highs = table[f"{column}{LOW}"], table[f"{column}{HIGH}"]
+            shown[f"{column} [{interval or stats.confidence_label()}]"] = [
+                with_interval(v, lo, hi, places, signed) for v, lo, hi in zip(values, lows, highs, strict=True)
+            ]
+        else:
+            shown[column] = [format_value(v, places, signed) for v in values]
+    return shown
+
+
+def markdown(table: pd.DataFrame, digits: int | dict[str, int] = 2, interval: str | None = None) -> str:
+    """A table as GitHub Markdown with the cells exactly as `display` writes them (no "nan", no "-0.00")."""
+    shown = display(table, digits, interval)
+    return shown.to_markdown(disable_numparse=True, colalign=("left", *("right",) * len(shown.columns)))
 
 
 def ok_means(frame: pd.DataFrame) -> pd.DataFrame:
@@ -73,38 +104,50 @@ def failures(frame: pd.DataFrame) -> pd.DataFrame:
 
 def quantization_damage(frame: pd.DataFrame) -> pd.DataFrame:
     """Per precision: weight error vs the checkpoint, and the task metric of the base *before* any
-    fine-tuning next to the baseline precision's (the damage quantization alone does)."""
+    fine-tuning next to the baseline precision's (the damage quantization alone does), the difference
+    with its interval (`Δ ... low` / `high`) and what it says."""
     means = ok_means(frame)
     if means.empty:
         return pd.DataFrame()
     table = pd.DataFrame(index=pd.Index(means.index, name="precision"))
-    for column, label in (("weights.error.rel_mean", "weight error % (mean)"), ("weights.error.rel_max", "weight error % (max)")):
+    for column, label in (("weights.error.rel_mean", "weight error, mean (%)"), ("weights.error.rel_max", "weight error, max (%)")):
         if column in means.columns:
             table[label] = means[column] * 100
-    task, baseline = frame["task"].iloc[0], frame["baseline_precision"].iloc[0]
+    task, baseline = frame["task"].iloc[0], stats.baseline_precision(frame)
     if task in HEADLINE:
-        after, _, scale = HEADLINE[task]
-        before = after.replace(".after.", ".before.")
-        metric = before.removeprefix("quality.before.")
+        before = HEADLINE[task][0].replace(".after.", ".before.")
+        factor, unit = fields.scale(before)
+        metric = fields.quality_name(before, short=True).removesuffix(" before")
         if before in means.columns:
-            table[f"{metric} before (this base)"] = means[before] * scale
-            if baseline in means.index:
-                table[f"{metric} before ({baseline} base)"] = means.loc[baseline, before] * scale
-                table[f"Δ vs {baseline} before training"] = stats.delta_to(means[before], means.loc[baseline, before]) * scale
+            table[fields.headed(f"{metric} before, this base", unit)] = means[before] * factor
+            compared = stats.compare_quality(frame, before)
+            if compared is not None:
+                table[fields.headed(f"{metric} before, {baseline} base", unit)] = compared.table.loc[baseline, "mean"] * factor
+                head = fields.headed(f"Δ {metric} vs {baseline} before training", "points" if unit == "%" else unit)
+                table[head] = compared.table["delta"] * factor
+                table[head + LOW] = compared.table["delta_low"] * factor
+                table[head + HIGH] = compared.table["delta_high"] * factor
+                table[f"before training vs {baseline}"] = compared.table["verdict"]
     return table if len(table.columns) else pd.DataFrame()
 
 
 def memory_table(frame: pd.DataFrame, phases: tuple[str, ...] | None = None) -> pd.DataFrame:
-    """Peak MiB per precision for every (phase, source) the records measured; sources never measured are left out."""
+    """Peak MiB per precision for every (phase, source) the records measured, after the process baseline of
+    each source ("before load": what the process held before the model was loaded); sources never
+    measured are left out."""
     means = ok_means(frame)
     if means.empty:
         return pd.DataFrame()
     columns = {}
     found = {c.split(".")[1] for c in means.columns if c.startswith("memory.") and c.endswith(".seconds")}
     ordered = [p for p in schema.PHASES if p in found] + sorted(found - set(schema.PHASES))
+    for source, label in fields.SOURCE_LABELS.items():
+        baseline = schema.process_baseline_key(source)
+        if baseline in means.columns and means[baseline].notna().any():
+            columns[f"before load {label}"] = means[baseline] / MB
     for phase in phases or tuple(ordered):
-        for key, label in schema.MEMORY_SOURCES.items():
-            column = f"memory.{phase}.{key}"
+        for source, label in fields.SOURCE_LABELS.items():
+            column = f"memory.{phase}.{source}"
             if column in means.columns and means[column].notna().any():
                 columns[f"{phase} {label}"] = means[column] / MB
     return pd.DataFrame(columns, index=pd.Index(means.index, name="precision")) if columns else pd.DataFrame()
@@ -129,37 +172,95 @@ def peak_memory_table(frame: pd.DataFrame, phase: str | None = None) -> pd.DataF
     return table
 
 
+PROVENANCE_COLUMNS = ("run_id", "suite", "env.device", "env.device_name", "env.hostname", "env.git_commit", "env.torch_version",
+                      "env.bitsandbytes_version")
 
-PROVENANCE_COLUMNS = ("run_id", "suite", "env.device", "env.device_name", "env.hostname", "env.git_commit", "env.torch_version", "env.bitsandbytes_version")
 
-
-def _mean_with_spread(mean: float, std: float, count: int, scale: float) -> str:
-    if pd.isna(mean):
-        return "—"
-    if count > 1 and pd.notna(std):
-        return f"{mean * scale:.2f} ± {std * scale:.2f}"
-    return f"{mean * scale:.2f}"
+def _status(frame: pd.DataFrame, order: list[str]) -> pd.Series:
+    grouped = frame.groupby("precision", sort=False)["status"]
+    return grouped.agg(lambda s: ",".join(sorted(set(s)))).reindex(order)
 
 
 def precision_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """The summary per precision as display strings: mean, and ± sample std where a precision has several seeds."""
+    """The one per-precision table (mean over ok cells), numeric, with units in the headers: status, seeds,
+    base weights, peak memory from the source that means something on this device with the process
+    baseline before the model and the increase over it, throughput, the headline quality before and
+    after (after with its interval: `... low` / `... high`) and the final train loss. Every renderer
+    (terminal, summary.md, report.md, HTML) shows this table; `display` formats it."""
     if frame.empty:
         return pd.DataFrame()
     order = stats.precision_order(frame)
-    columns = [c for c, _, _ in SUMMARY_COLUMNS if c in frame.columns]
-    agg = stats.aggregate(frame, columns)
     table = pd.DataFrame(index=pd.Index(order, name="precision"))
-    grouped = frame.groupby("precision", sort=False)
-    table["status"] = grouped["status"].agg(lambda s: ",".join(sorted(set(s)))).reindex(order)
-    table["seeds"] = grouped["seed"].nunique().reindex(order) if "seed" in frame.columns else 1
-    table["cells"] = grouped.size().reindex(order)
-    for column, label, scale in SUMMARY_COLUMNS:
-        if column not in agg.mean.columns or agg.mean[column].isna().all():
-            continue
-        table[label] = [
-            _mean_with_spread(agg.mean.loc[p, column], agg.std.loc[p, column], agg.count.loc[p, column], scale) for p in order
-        ]
+    table["status"] = _status(frame, order)
+    table["seeds"] = frame.groupby("precision", sort=False)["seed"].nunique().reindex(order) if "seed" in frame.columns else 1
+    memory = fields.first_present(frame, fields.HEADLINE_PEAK_MEMORY)
+    process = fields.process_baseline_of(memory) if memory else None
+    throughput = fields.first_present(frame, fields.HEADLINE_THROUGHPUT)
+    wanted = [c for c in ("weights.base_bytes", "weights.bits_per_quantized_param", memory, process, throughput,
+                          "speed.step_time_p50_s", "train.final_loss") if c]
+    agg = stats.aggregate(frame, wanted)
+    mean = agg.mean
+    if "weights.base_bytes" in mean.columns:
+        table["base weights (MiB)"] = mean["weights.base_bytes"] / MB
+    if "weights.bits_per_quantized_param" in mean.columns and mean["weights.bits_per_quantized_param"].notna().any():
+        table["bits per quantized weight"] = mean["weights.bits_per_quantized_param"]
+    if memory:
+        source = fields.memory_source_label(memory)
+        table[f"peak memory (MiB, {source})"] = mean[memory] / MB
+        if process in mean.columns and mean[process].notna().any():
+            table["before model load (MiB)"] = mean[process] / MB
+            table["increase over it (MiB)"] = (mean[memory] - mean[process]) / MB
+    if throughput:
+        table[fields.label(throughput)] = mean[throughput]
+    if "speed.step_time_p50_s" in mean.columns:
+        table["step time p50 (s)"] = mean["speed.step_time_p50_s"]
+    quality = fields.first_present(frame, fields.HEADLINE_QUALITY)
+    if quality:
+        factor, unit = fields.scale(quality)
+        before = quality.replace(".after.", ".before.")
+        if before != quality and before in frame.columns:
+            table[fields.headed(fields.quality_name(before, short=True), unit)] = stats.quality_intervals(frame, before)["mean"].reindex(order) * factor
+        intervals = stats.quality_intervals(frame, quality).reindex(order)
+        head = fields.headed(fields.quality_name(quality, short=True), unit)
+        table[head] = intervals["mean"] * factor
+        table[head + LOW] = intervals["low"] * factor
+        table[head + HIGH] = intervals["high"] * factor
+    if "train.final_loss" in mean.columns and quality != "train.final_loss":
+        table["final train loss"] = mean["train.final_loss"]
     return table
+
+
+def quality_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every quality figure (rows: metric and phase, unit in the name; columns: precisions) as display strings
+    "mean [low, high]" with the interval of `stats.quality_intervals`."""
+    columns = [c for c in frame.columns if c.startswith("quality.") and getattr(fields.spec_for(c), "kind", None) == "quality"]
+    if frame.empty or not columns:
+        return pd.DataFrame()
+    phase_rank = {"before": 0, "after": 1}
+
+    def natural(column: str) -> tuple:  # i2t recall@5 before i2t recall@10; before before after
+        _, phase, name = column.split(".", 2)
+        return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)) + (phase_rank.get(phase, 2), phase)
+
+    columns.sort(key=natural)
+    order = stats.precision_order(frame)
+    rows = {}
+    for column in columns:
+        intervals = stats.quality_intervals(frame, column).reindex(order)
+        if intervals["mean"].isna().all():
+            continue
+        factor, unit = fields.scale(column)
+        name = fields.headed(fields.quality_name(column, short=True), unit)
+        rows[name] = [with_interval(m * factor, lo * factor, hi * factor) for m, lo, hi in
+                      zip(intervals["mean"], intervals["low"], intervals["high"], strict=True)]
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=order)
+    table.index.name = f"metric [{stats.confidence_label(frame)}]"
+    return table
+
+
+def relative_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """`stats.relative_to_baseline` (numeric, the report's conventions)."""
+    return stats.relative_to_baseline(frame)
 
 
 def provenance_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -172,17 +273,3 @@ def provenance_table(frame: pd.DataFrame) -> pd.DataFrame:
     table["cells"] = runs.size()
     table["ok"] = runs["status"].agg(lambda s: int((s == "ok").sum()))
     return table
-
-
-def report_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The report's tables, titled, in the order every renderer (terminal, Markdown, HTML) shows them."""
-    baseline = stats.baseline_precision(frame) or "baseline"
-    shown = {
-        "Per precision (mean ± sample std over seeds)": precision_table(frame),
-        f"Relative to {baseline}": stats.relative_to_baseline(frame),
-        "Quantization damage before fine-tuning": quantization_damage(frame),
-        "Peak memory over all phases, each source (MiB)": peak_memory_table(frame),
-        "Cells that did not finish": failures(frame),
-        "Runs merged into this report": provenance_table(frame),
-    }
-    return {title: table for title, table in shown.items() if not table.empty}

@@ -1,13 +1,50 @@
-"""`qbench report`: several run directories -> report.csv / .parquet, summary.csv, report.md, plots and report.html."""
+"""`qbench report`: run directories -> report.csv / .parquet, summary.csv, report.md, plots and report.html, and the
+list of sections every rendering of a report shows (summary.md after a run, report.md, the HTML page, the terminal)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from qbench.report.tables import report_tables
+from qbench.report import sections
+from qbench.report.sections import ReportData, Section
 from qbench.results import fields, stats
+
+if TYPE_CHECKING:
+    from qbench.gate.compare import Settings
+
+# what a report says, in order: the verdict first, then the tables; add a part by adding its maker here
+SECTIONS = (
+    sections.verdict_section,
+    sections.warnings_section,
+    sections.relative_section,
+    sections.per_precision_section,
+    sections.quality_section,
+    sections.damage_section,
+    sections.weight_bytes_section,
+    sections.memory_section,
+    sections.failures_section,
+    sections.provenance_section,
+)
+# the ones before the plots in report.md and the HTML page
+LEADING = ("verdict", "warnings")
+
+
+def report_sections(frame: pd.DataFrame, settings: Settings | None = None) -> list[Section]:
+    """Every section of the report of `frame`, in SECTIONS order (`settings`: the suite's [compare] table)."""
+    return sections.build(ReportData(frame, settings), SECTIONS)
+
+
+def markdown_document(title: str, shown: list[Section], plot_files: list[tuple[str, str]] = ()) -> str:
+    """The sections as one Markdown document: the leading ones, the plots (caption, relative path), the rest."""
+    lines = [f"# {title}", ""]
+    lines += [s.markdown() for s in shown if s.key in LEADING]
+    for caption, file_name in plot_files:
+        lines += [f"![{caption}]({file_name})", ""]
+    lines += [s.markdown() for s in shown if s.key not in LEADING]
+    return "\n".join(lines)
 
 
 def default_report_dir(run_dirs: list[Path]) -> Path:
@@ -26,18 +63,11 @@ def _writable_for_parquet(frame: pd.DataFrame) -> pd.DataFrame:
     return fixed
 
 
-def _markdown(title: str, tables_shown: dict[str, pd.DataFrame], plot_files: list[tuple[str, str]]) -> str:
-    lines = [f"# {title}", ""]
-    for caption, file_name in plot_files:
-        lines += [f"![{caption}]({file_name})", ""]
-    for heading, table in tables_shown.items():
-        lines += [f"## {heading}", "", table.to_markdown(floatfmt=".2f"), ""]
-    return "\n".join(lines)
-
-
-def write_report(frame: pd.DataFrame, out_dir: Path, title: str | None = None) -> dict[str, Path]:
+def write_report(frame: pd.DataFrame, out_dir: Path, title: str | None = None, settings: Settings | None = None,
+                 shown: list[Section] | None = None) -> dict[str, Path]:
     """report.csv / report.parquet (every record field, plus within-run speed ratios), summary.csv, report.md,
-    plots/*.png and a self-contained report.html (plots embedded) in `out_dir`."""
+    plots/*.png and a self-contained report.html (plots embedded) in `out_dir`; `shown`: the sections, when
+    the caller made them already."""
     from qbench.report import page as html  # matplotlib is imported only when a report is written
     from qbench.report import plots
 
@@ -58,7 +88,7 @@ def write_report(frame: pd.DataFrame, out_dir: Path, title: str | None = None) -
     _writable_for_parquet(flat).to_parquet(paths["parquet"], index=False)
     numeric = [c for c in flat.columns if fields.spec_for(c) is not None]
     stats.mean_and_spread(flat, numeric).to_csv(paths["summary_csv"])
-    shown = report_tables(frame)
+    shown = shown if shown is not None else report_sections(frame, settings)
     figures = plots.all_plots(frame)
     plot_files = []
     for plot in figures:
@@ -66,6 +96,6 @@ def write_report(frame: pd.DataFrame, out_dir: Path, title: str | None = None) -
         path.write_bytes(plot.png)
         paths[f"plot:{plot.name}"] = path
         plot_files.append((plot.title, f"plots/{plot.name}.png"))
-    paths["markdown"].write_text(_markdown(title, shown, plot_files), encoding="utf-8")
-    paths["html"].write_text(html.page(title, shown, figures), encoding="utf-8")
+    paths["markdown"].write_text(markdown_document(title, shown, plot_files), encoding="utf-8")
+    paths["html"].write_text(html.page(title, shown, figures, LEADING), encoding="utf-8")
     return paths
