@@ -259,7 +259,14 @@ def cmd_baseline_refresh(args: argparse.Namespace) -> int:
     from qbench.run import plan
     from qbench.suite.spec import load
 
+    from qbench.machine.environment import git_commit
+
     loaded = load(args.suite)
+    try:  # before any cell: the runs would measure code that no commit holds
+        baseline.check_commit(git_commit(), args.allow_dirty)
+    except baseline.BaselineError as problem:
+        render.error(str(problem))
+        return Exit.BAD_INPUT
     with tempfile.TemporaryDirectory(prefix="qbench-baseline-") as scratch:
         for repeat in range(args.repeats):
             if args.repeats > 1:
@@ -269,7 +276,7 @@ def cmd_baseline_refresh(args: argparse.Namespace) -> int:
                 errors.print(f"[red]the run did not finish cleanly (exit {code}); the baseline is left as it was[/]")
                 return code
         try:
-            target = baseline.install(results.find_run_dirs(scratch), Path(args.out), loaded.suite.name)
+            target = baseline.install(results.find_run_dirs(scratch), Path(args.out), loaded.suite.name, args.allow_dirty)
         except baseline.BaselineError as problem:
             render.error(str(problem))
             return Exit.FAILED

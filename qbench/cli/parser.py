@@ -107,13 +107,16 @@ def _add_baseline(commands_: Commands) -> None:
         "refresh",
         help="run SUITE and make its records the suite's committed baseline",
         description="Run every cell of SUITE (--repeats times) and, when every cell is ok, replace OUT/<suite>/ "
-        "with the runs' records (<run-id>/run.json, cells/, results.csv, summary.md). Review the diff and commit it.",
+        "with the runs' records (<run-id>/run.json, cells/, results.csv, summary.md) and baseline.json (the commit "
+        "measured). Refuses a working tree with uncommitted changes unless --allow-dirty. Review the diff and commit it.",
     )
     refresh.add_argument("suite", help="suite file, e.g. suites/ci.toml")
     refresh.add_argument("--out", default=str(Path("results") / "baselines"), help="baselines folder (default: results/baselines)")
     refresh.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
     refresh.add_argument("--repeats", type=int, default=1, choices=range(1, 11), metavar="N",
                          help="run the suite N times (1-10): compare averages them and takes their spread as noise")
+    refresh.add_argument("--allow-dirty", action="store_true",
+                         help="make the baseline even from a working tree with uncommitted changes (its records say +dirty)")
     refresh.set_defaults(handler=commands.cmd_baseline_refresh)
 
 

@@ -309,6 +309,30 @@ def _verdict(spec: fields.FieldSpec, before: float, after: float, limit: float) 
     return "regression" if worse_by > limit else ("improved" if -worse_by > limit and spec.direction else "ok")
 
 
+def _short(commit: str) -> str:
+    return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
+
+
+def _code_notes(baseline: pd.DataFrame, new: pd.DataFrame) -> list[str]:
+    """Whether the code or the CPU's kernels changed since the baseline: the reasons a figure may move."""
+    notes = []
+    old, now = _values(baseline, "env.git_commit"), _values(new, "env.git_commit")
+    if old and now and old != now:
+        shown_old, shown_new = ", ".join(map(_short, sorted(old))), ", ".join(map(_short, sorted(now)))
+        notes.append(f"code changed since the baseline: baseline made at {shown_old}, new at {shown_new}"
+                     + (f" (git diff {min(old)[:12]} {min(now)[:12]})" if len(old) == len(now) == 1 else ""))
+    dirty = sorted(c for c in old if c.endswith("+dirty"))
+    if dirty:
+        notes.append(f"the baseline was made from a tree with uncommitted changes ({', '.join(map(_short, dirty))}): the code "
+                     "it measured is in no commit; refresh it from a clean one")
+    isa_old, isa_new = _values(baseline, "env.torch_cpu_capability"), _values(new, "env.torch_cpu_capability")
+    if isa_old and isa_new and isa_old != isa_new:
+        notes.append(f"torch computes with other CPU kernels (baseline {_shown(isa_old)}, new {_shown(isa_new)}): quality "
+                     "figures are bit-identical only on the same level, and moved by up to 1.9 recall points between "
+                     "AVX512 and AVX2 on the CI suite")
+    return notes
+
+
 def _notes(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings, used_rules: set[str],
            base_precision: str | None) -> list[str]:
     """What a reader of the verdict should know: thread counts, what speed is gated as, unused tolerances."""
@@ -324,6 +348,7 @@ def _notes(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings, used_r
             "absolute times and rates are not gated (they move from machine to machine); speed is gated as "
             f"ratios to {base_precision} within one run: " + ", ".join(fields.ratio_column(c) for c in settings.speed_ratios)
         )
+    notes += _code_notes(baseline, new)
     unused = [f"{source}: {pattern}" for pattern, _, source in settings.rules
               if source != "default" and f"{source}: {pattern}" not in used_rules]
     if unused:

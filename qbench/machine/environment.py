@@ -13,7 +13,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("qbench", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "pandas", "nvidia-ml-py")
+# every library whose version can move a figure (pillow draws the builtin images, numpy their noise, tokenizers and
+# safetensors read the model), so that two records that differ can be traced to what differed
+PACKAGES = ("qbench", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "pandas", "nvidia-ml-py", "pillow",
+            "numpy", "tokenizers", "safetensors")
+# CPU instruction-set flags that choose which kernels torch (ATen, oneDNN) and bitsandbytes run on a CPU
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -35,6 +40,19 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+@cache
+def cpu_isa_flags() -> str | None:
+    """The ISA_FLAGS this CPU has, comma-separated ("" when none; None where /proc/cpuinfo cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return ",".join(flag for flag in ISA_FLAGS if flag in present)
+    except OSError:
+        pass
+    return None
 
 
 def git_commit() -> str | None:
@@ -66,6 +84,10 @@ def describe(device: str) -> dict[str, Any]:
             "env.git_commit": git_commit(),
             "env.cpu_model": cpu_model(),
             "env.torch_threads": torch.get_num_threads(),  # intra-op threads the cell computes with
+            # the kernels a CPU computes with: figures are bit-identical run to run only on the same level
+            # (AVX2 against AVX512 moved the CI suite's recall by up to 1.9 points, README "Regression gate")
+            "env.torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "env.cpu_isa_flags": cpu_isa_flags(),
             "env.device": device,
             "env.cuda_version": torch.version.cuda,
             "env.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
