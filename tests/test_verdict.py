@@ -244,3 +244,10 @@ def test_every_renderer_shows_the_same_verdict(tmp_path: Path, capsys):
     sentence = line_of(verdict.verdict(pd.DataFrame(cpu_records())), "nf4-dq").sentence()
     assert sentence.removeprefix("nf4-dq") in terminal
     assert sentence.removeprefix("nf4-dq") in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_without_a_finished_baseline_the_verdict_gives_absolute_figures_and_says_why():
+    records = [r for r in cpu_records() if r["precision"] != "bf16"]
+    result = verdict.verdict(pd.DataFrame(records))
+    assert "no cell of the baseline precision bf16 finished" in result.notes[0]
+    assert line_of(result, "nf4-dq").sentence().startswith("nf4-dq: weights 0.17 MiB; peak memory ")

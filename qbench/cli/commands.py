@@ -255,11 +255,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_baseline_refresh(args: argparse.Namespace) -> int:
     from qbench.gate import baseline
+    from qbench.machine.environment import git_commit
     from qbench.results import records as results
     from qbench.run import plan
     from qbench.suite.spec import load
-
-    from qbench.machine.environment import git_commit
 
     loaded = load(args.suite)
     try:  # before any cell: the runs would measure code that no commit holds

@@ -125,6 +125,7 @@ class _Builder:
     def __init__(self, frame: pd.DataFrame, warnings: list[str]):
         self.frame = frame
         self.device = _device(frame)
+        self.device_name = {"cpu": "CPU", "cuda": "GPU"}.get(self.device, self.device)
         self.relative = stats.relative(frame)
         self.baseline = self.relative.baseline if self.relative else stats.baseline_precision(frame)
         memory = self.relative.memory_column if self.relative else fields.first_present(frame, fields.HEADLINE_PEAK_MEMORY)
@@ -181,9 +182,9 @@ class _Builder:
         else:
             held = "the records do not say how much of it the process held before the model was loaded (most of it, on a CPU)"
         self.notes["memory"] = (
-            f"**Peak memory on this {self.device}** is the process's {source}: {held}. A weight format changes only the part "
+            f"**Peak memory on this {self.device_name}** is the process's {source}: {held}. A weight format changes only the part "
             "above that, so the percentages say little about the format. Its own effect is in the weights saved (exact "
-            "bytes of the base) and the increase over the process baseline (memory table); for the memory a fine-tune "
+            "bytes of the base) and the increase over the process baseline (per-precision table); for the memory a fine-tune "
             "needs, run the suite on a GPU (`qbench run SUITE --device cuda`), where torch counts its tensors alone."
         )
 
@@ -201,7 +202,7 @@ class _Builder:
         meaningful = self.device == "cuda" and not self.contended(precision)
         if self.device != "cuda":
             self.notes["speed"] = (
-                f"**Speed on this {self.device}** times bitsandbytes' CPU kernels on this machine, not the CUDA kernels a "
+                f"**Speed on this {self.device_name}** times bitsandbytes' CPU kernels on this machine, not the CUDA kernels a "
                 "GPU fine-tune runs, and on a shared machine the load of other processes too: its ratios say little about "
                 "a format's speed on a GPU. Measure speed on the GPU you will train on."
             )
@@ -294,6 +295,9 @@ def verdict(frame: pd.DataFrame, warnings: list[str] | None = None) -> Verdict:
         "faster); a quality difference comes with its interval and is called better or worse only when the interval "
         "excludes 0."
     )
-    order = ("memory", "speed", "interval", "frozen")
+    if builder.relative is None and builder.baseline:
+        builder.notes["no_baseline"] = (f"**No comparison**: no cell of the baseline precision {builder.baseline} finished in "
+                                        "these records, so every figure above is absolute.")
+    order = ("no_baseline", "memory", "speed", "interval", "frozen")
     notes = tuple(builder.notes[k] for k in order if k in builder.notes)
     return Verdict(builder.baseline, builder.device, lines, notes, conventions, tuple(warnings or ()))
