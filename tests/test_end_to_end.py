@@ -25,8 +25,11 @@ def test_two_cell_suite_runs_each_cell_in_its_own_process_and_writes_records(tmp
     # the closing table has the precisions as columns, so it stays readable 80 columns wide (a CI log)
     shown = capsys.readouterr().out.splitlines()
     assert any("bf16" in line and "nf4-dq" in line for line in shown)
-    (samples_row,) = [line for line in shown if line.startswith("│ samples/s")]
+    (samples_row,) = [line for line in shown if line.startswith("│ train samples/s")]
     assert "…" not in samples_row and len(samples_row.split("│")) == 5  # label, bf16, nf4-dq
+    text = "\n".join(shown)
+    assert text.index("Verdict") < text.index("Per precision")  # the verdict first, then the tables
+    assert "not measured meaningfully here: peak memory" in " ".join(text.split())  # RSS on a CPU
     (run_dir,) = (tmp_path / "out" / "e2e").iterdir()
     records = {r["precision"]: r for r in results.read_records(run_dir)}
     assert set(records) == {"bf16", "nf4-dq"}
@@ -35,6 +38,8 @@ def test_two_cell_suite_runs_each_cell_in_its_own_process_and_writes_records(tmp
         clip.assert_recall_is_an_exact_share(record, "after")
         assert record["speed.timed_steps"] == 3
         assert record["memory.peak_rss_bytes"] > 0
+        # the runtime before the model: most of the peak on a CPU, and never more than the load phase's peak
+        assert 0 < record["memory.process_baseline_rss_bytes"] <= record["memory.load.rss_peak_bytes"]
         assert record["memory.train.torch_max_allocated_bytes"] is None
         assert record["memory.source.torch_cuda"].startswith("unavailable")
         assert record["params.trainable"] > 0

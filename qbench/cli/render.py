@@ -73,7 +73,8 @@ def table(frame: pd.DataFrame, title: str) -> Table:
     from qbench.report.tables import format_value
 
     shown = Table(title=title or None, show_lines=False)
-    shown.add_column(frame.index.name or "")
+    longest = max([len(str(i)) for i in frame.index] + [len(str(frame.index.name or ""))])
+    shown.add_column(frame.index.name or "", min_width=min(longest, 26))  # row names wrap no more than they must
     for column in frame.columns:
         shown.add_column(str(column), justify="right")
     for index, row in frame.iterrows():
