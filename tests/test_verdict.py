@@ -251,3 +251,10 @@ def test_without_a_finished_baseline_the_verdict_gives_absolute_figures_and_says
     result = verdict.verdict(pd.DataFrame(records))
     assert "no cell of the baseline precision bf16 finished" in result.notes[0]
     assert line_of(result, "nf4-dq").sentence().startswith("nf4-dq: weights 0.17 MiB; peak memory ")
+
+
+def test_repeated_runs_of_one_seed_are_not_taken_for_the_seeds_spread():
+    # three bit-identical repeats of seed 0 (a CI baseline): no spread of training noise to speak of
+    records = [make_record(p, seed=0, run_id=f"run-{i}") for i in range(3) for p in ("bf16", "nf4-dq")]
+    compared = stats.compare_quality(pd.DataFrame(records), "quality.after.mean_recall@1").table
+    assert compared.loc["nf4-dq", "verdict"] == "no interval"  # not "worse" on a zero-width interval

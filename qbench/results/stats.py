@@ -134,7 +134,8 @@ def quality_intervals(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     error of the mean, sample std / sqrt(n), from two or more cells). se = sqrt(eval² + seeds²).
     One cell keeps its own bootstrap interval (percentile, not symmetric); otherwise the interval is
     mean ± z·se at the records' confidence (`interval.confidence`, else 95 %). se is NaN when the
-    records give neither kind of noise: then nothing can be said about a difference.
+    records give neither kind of noise: then nothing can be said about a difference. Repeated runs of
+    one seed count once (their mean): they repeat the same training, they do not sample its noise.
     """
     order = precision_order(frame)
     table = pd.DataFrame(index=pd.Index(order, name="precision"), columns=["mean", "se", "low", "high", "cells", "source"], dtype=object)
@@ -148,6 +149,7 @@ def quality_intervals(frame: pd.DataFrame, column: str) -> pd.DataFrame:
 
     values, se, low, high = (numeric(c) for c in (column, interval_column(column, "se"), interval_column(column, "low"),
                                                  interval_column(column, "high")))
+    seeds = ok["seed"] if "seed" in ok.columns else pd.Series(range(len(ok)), index=ok.index)
     for precision in order:
         mask = (ok["precision"] == precision) & values.notna()
         cells = int(mask.sum())
@@ -155,8 +157,11 @@ def quality_intervals(frame: pd.DataFrame, column: str) -> pd.DataFrame:
             table.loc[precision] = [float("nan"), float("nan"), float("nan"), float("nan"), 0, None]
             continue
         mean = float(values[mask].mean())
-        eval_se = float(math.sqrt((se[mask] ** 2).mean())) if se[mask].notna().any() else float("nan")
-        seeds_se = float(values[mask].std(ddof=1) / math.sqrt(cells)) if cells >= 2 else float("nan")
+        eval_se = float(math.sqrt((se[mask] ** 2).dropna().mean())) if se[mask].notna().any() else float("nan")
+        # repeated runs of one seed are not independent draws of training noise (on a CPU they are bit-identical):
+        # the spread is taken over the seeds' means
+        per_seed = values[mask].groupby(seeds[mask]).mean()
+        seeds_se = float(per_seed.std(ddof=1) / math.sqrt(len(per_seed))) if len(per_seed) >= 2 else float("nan")
         parts = [p for p in (eval_se, seeds_se) if not math.isnan(p)]
         total = math.sqrt(sum(p * p for p in parts)) if parts else float("nan")
         source = " + ".join(name for name, p in (("bootstrap", eval_se), ("seeds", seeds_se)) if not math.isnan(p)) or None
