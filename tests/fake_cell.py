@@ -69,6 +69,9 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, stop)
     marker.write_text(device or "")
+    pids = Path(os.environ["FAKE_CELL_DIR"]) / "pids"  # who runs each cell, for tests that kill its parent
+    pids.mkdir(parents=True, exist_ok=True)
+    (pids / cell_id).write_text(str(os.getpid()))
     emit(event="phase", phase="load", cell=cell_id)
     peak, clashes = 0, set()
     deadline = time.monotonic() + float(os.environ.get("FAKE_CELL_HOLD_S", "0"))
@@ -89,6 +92,7 @@ def main() -> int:
         "status": "ok",
         "error": None,
         "env.device": spec["device"],
+        "env.executor": spec.get("executor", "local"),
         "env.cuda_visible_devices": device,
         "fake.cuda_device_order": os.environ.get("CUDA_DEVICE_ORDER"),
         "fake.peak_running": peak,

@@ -98,6 +98,7 @@ class CellRun:
             "error": None,
             "error_type": None,
             "time.start": _now(),
+            "env.executor": spec.executor,
             **config_fields(self.suite, self.precision),
         }
         self.tracker: MemoryTracker | None = None

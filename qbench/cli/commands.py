@@ -7,6 +7,8 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +42,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SuiteError(COMMAND_LINE, ["--force only goes with --resume"])
     loaded = load(args.suite)
     run_plan = plan.make(loaded, only=args.only, seeds=args.seeds, shard=args.shard, gpus=args.gpus,
-                         gpus_per_cell=args.gpus_per_cell, device=args.device)
+                         gpus_per_cell=args.gpus_per_cell, device=args.device, executor=args.executor,
+                         ray_address=args.ray_address, cpus_per_cell=args.cpus_per_cell)
     return run_suite(run_plan, Path(args.out), args.device)
 
 
@@ -56,16 +59,52 @@ def run_suite(run_plan: RunPlan, out: Path, device: str) -> int:
         shard = run_plan.shard or (0, 0)
         console.print(f"shard {shard[0]}/{shard[1]} of suite {loaded.suite.name} has no cells ({run_plan.matrix_cells} in the matrix)")
         return Exit.OK
-    slots = run_plan.slots
-    device = "cuda" if slots else runner.resolve_device(device)
-    run_dir = runner.new_run_dir(out, loaded.suite.name, run_plan.label)
-    where = f"{device}, {len(slots)} cells at a time ({', '.join(s.name for s in slots)})" if slots else device
-    part = f", shard {run_plan.shard[0]}/{run_plan.shard[1]} of {run_plan.matrix_cells}" if run_plan.shard else ""
-    console.print(f"qbench {__version__}: suite [bold]{escape(loaded.suite.name)}[/] ({len(run_plan.cells)} cells{part}) on {where} -> {escape(str(run_dir))}")
-    run = runner.Run(loaded, run_dir, device, run_plan.cells, slots=run_plan.run_slots())
-    run.write_manifest(run_plan.manifest_extras())
-    stopped, records = _execute(run)
+    with _cluster(run_plan.executor, run_plan.ray_address) as cluster:
+        run_dir = runner.new_run_dir(out, loaded.suite.name, run_plan.label)
+        if cluster is not None:
+            run, where, extras = _ray_run(cluster, loaded, run_dir, run_plan.cells, device, run_plan.gpus_per_cell or 1,
+                                          run_plan.cpus_per_cell)
+        else:
+            slots = run_plan.slots
+            device = "cuda" if slots else runner.resolve_device(device)
+            where = f"{device}, {len(slots)} cells at a time ({', '.join(s.name for s in slots)})" if slots else device
+            run, extras = runner.Run(loaded, run_dir, device, run_plan.cells, slots=run_plan.run_slots()), {}
+        part = f", shard {run_plan.shard[0]}/{run_plan.shard[1]} of {run_plan.matrix_cells}" if run_plan.shard else ""
+        console.print(f"qbench {__version__}: suite [bold]{escape(loaded.suite.name)}[/] ({len(run_plan.cells)} cells{part}) on {escape(where)} -> {escape(str(run_dir))}")
+        run.write_manifest({**run_plan.manifest_extras(), **extras})
+        stopped, records = _execute(run)
     return stopped if stopped is not None else _finish(run_dir, records)
+
+
+@contextmanager
+def _cluster(executor: str, address: str | None) -> Iterator[Any]:
+    """The Ray cluster for `--executor ray` (joined before any cell; exit 2 when it cannot be), else None."""
+    if executor != "ray":
+        yield None
+        return
+    from qbench.run import ray_executor
+
+    cluster = ray_executor.connect(address)
+    try:
+        yield cluster
+    finally:
+        ray_executor.disconnect(cluster)
+
+
+def _ray_run(cluster: Any, loaded: Any, run_dir: Path, cells: list, device: str, gpus_per_cell: float,
+             cpus_per_cell: float) -> tuple[Run, str, dict[str, Any]]:
+    """A run of `cells` on the Ray cluster: the device (auto: cuda when the cluster has GPUs), what each
+    cell asks for (SuiteError when no node has room for it), the header text and run.json's `ray` entry."""
+    from qbench.run import ray_executor
+
+    if device == "auto":
+        device = "cuda" if cluster.has_gpus() else "cpu"
+    resources = ray_executor.cell_resources(device, gpus_per_cell, cpus_per_cell)
+    cluster.check_fits(resources)
+    total = ", ".join(f"{cluster.resources.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
+    where = f"{device}, Ray at {cluster.address} ({len(cluster.nodes)} node(s), {total}; {resources.describe()} per cell)"
+    run = ray_executor.RayRun(loaded, run_dir, device, cells, resources=resources)
+    return run, where, {"executor": "ray", "ray": cluster.manifest(resources)}
 
 
 def _execute(run: Run) -> tuple[int | None, list[dict[str, Any]]]:
@@ -86,7 +125,7 @@ def _execute(run: Run) -> tuple[int | None, list[dict[str, Any]]]:
 
 def _resume(args: argparse.Namespace) -> int:
     from qbench.results import records as results
-    from qbench.run import plan, resume, runner
+    from qbench.run import plan, resume
     from qbench.suite import preflight
 
     given = [
@@ -100,27 +139,42 @@ def _resume(args: argparse.Namespace) -> int:
     if given:
         raise SuiteError(COMMAND_LINE, [f"--resume takes its settings from RUN_DIR/run.json; drop {', '.join(given)}"])
     state = resume.open_run(args.resume, force=args.force)
-    slots, shard = plan.placement(state.loaded, args.gpus, args.gpus_per_cell, args.device, args.shard)
+    on_ray = args.executor == "ray"
+    slots, shard = plan.placement(state.loaded, args.gpus, args.gpus_per_cell, state.device if on_ray else args.device,
+                                  args.shard, args.executor, args.ray_address, args.cpus_per_cell)
     if shard:
         raise SuiteError(COMMAND_LINE, ["--shard does not go with --resume: the run folder already holds its shard's cells"])
     if slots and state.device != "cuda":
         raise SuiteError(COMMAND_LINE, [f"--gpus: the run in {state.run_dir} ran on {state.device}, not cuda"])
     preflight.check_suite(state.loaded)
-    if state.pending:
-        console.print(
-            f"qbench {__version__}: resuming [bold]{escape(state.loaded.suite.name)}[/] in {escape(str(state.run_dir))}: "
-            f"{len(state.pending)} of {len(state.cells)} cells to run ({', '.join(c.id for c in state.pending)}) on {state.device}"
-        )
-        resume.note_resume(state, forced=args.force)
-        from qbench.run.scheduler import LOCAL_SLOT
-
-        stopped, _ = _execute(runner.Run(state.loaded, state.run_dir, state.device, state.pending, slots=slots or [LOCAL_SLOT]))
+    if not state.pending:
+        console.print(f"nothing to resume in {escape(str(state.run_dir))}: every cell has an ok record")
+    else:
+        stopped = _run_pending(state, args, slots)
         if stopped is not None:
             return stopped
-    else:
-        console.print(f"nothing to resume in {escape(str(state.run_dir))}: every cell has an ok record")
     records = [results.read_record(results.record_path(state.run_dir, c.id)) for c in state.cells]
     return _finish(state.run_dir, [r for r in records if r is not None])
+
+
+def _run_pending(state: Any, args: argparse.Namespace, slots: Any) -> int | None:
+    """Run the cells a resumed run still needs, here or on Ray; the exit code when interrupted, else None."""
+    from qbench.run import resume, runner
+    from qbench.run.scheduler import LOCAL_SLOT
+
+    with _cluster(args.executor, args.ray_address) as cluster:
+        if cluster is not None:
+            run, where, _ = _ray_run(cluster, state.loaded, state.run_dir, state.pending, state.device,
+                                     args.gpus_per_cell, args.cpus_per_cell or 1.0)
+        else:
+            run, where = runner.Run(state.loaded, state.run_dir, state.device, state.pending, slots=slots or [LOCAL_SLOT]), state.device
+        console.print(
+            f"qbench {__version__}: resuming [bold]{escape(state.loaded.suite.name)}[/] in {escape(str(state.run_dir))}: "
+            f"{len(state.pending)} of {len(state.cells)} cells to run ({', '.join(c.id for c in state.pending)}) on {escape(where)}"
+        )
+        resume.note_resume(state, forced=args.force, executor=args.executor)
+        stopped, _ = _execute(run)
+    return stopped
 
 
 # what the terminal shows at the end of a run: the verdict first, then the tables a person compares

@@ -33,10 +33,31 @@ def _add_run(commands_: Commands) -> None:
     )
     run.add_argument(
         "--gpus-per-cell",
-        type=int,
+        type=float,
         default=1,
         metavar="N",
-        help='give each cell N GPUs of --gpus (for a base too large for one GPU; needs model.device_map = "auto")',
+        help='give each cell N GPUs of --gpus, or N GPUs on Ray (for a base too large for one GPU; needs '
+        'model.device_map = "auto"); on Ray a share such as 0.5 runs two cells per GPU',
+    )
+    run.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local (default): cells run on this machine; ray: each cell is a Ray task on a Ray cluster "
+        'and its record comes back to this run folder (pip install "qbench[ray]")',
+    )
+    run.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="with --executor ray: local (a cluster of this machine for this run; the default unless RAY_ADDRESS "
+        "is set), auto (the cluster `ray start` joined this machine to), HOST:PORT (the head node) or "
+        "ray://HOST:PORT (Ray Client)",
+    )
+    run.add_argument(
+        "--cpus-per-cell",
+        type=float,
+        metavar="N",
+        help="with --executor ray: CPUs each cell's task asks for (default 1)",
     )
     run.add_argument(
         "--shard",

@@ -1,5 +1,6 @@
 """What one `qbench run` will do, decided before anything runs: the cells (after --only, --seeds and
---shard), the device slots (--gpus), and what run.json records about that choice."""
+--shard), where they run (device slots from --gpus, or Ray with --executor ray), and what run.json
+records about that choice."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from qbench.run.scheduler import LOCAL_SLOT, Slot
 from qbench.suite.spec import Cell, LoadedSuite, SuiteError
 
 COMMAND_LINE = "command line"
+EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,10 @@ class RunPlan:
     slots: list[Slot] | None = None  # None: one cell at a time on this machine's device
     shard: tuple[int, int] | None = None
     gpus: list[str] | None = None
-    gpus_per_cell: int | None = None
+    gpus_per_cell: float | None = None
+    executor: str = "local"  # local: this machine (--gpus slots); ray: one Ray task per cell
+    ray_address: str | None = None
+    cpus_per_cell: float = 1.0  # with Ray: the CPUs each cell's task asks for
 
     @property
     def label(self) -> str:
@@ -36,27 +41,38 @@ class RunPlan:
             "shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None,
             "matrix_cells": self.matrix_cells,
             "gpus": self.gpus,
-            "gpus_per_cell": self.gpus_per_cell if self.gpus else None,
+            "gpus_per_cell": self.gpus_per_cell if self.gpus or self.executor == "ray" else None,
+            "executor": self.executor,
         }
 
 
-def placement(loaded: LoadedSuite, gpus: str | None, gpus_per_cell: int, device: str,
-              shard: str | None) -> tuple[list[Slot] | None, tuple[int, int] | None]:
-    """Device slots from --gpus / --gpus-per-cell and the shard from --shard; SuiteError when they are wrong."""
+def placement(loaded: LoadedSuite, gpus: str | None, gpus_per_cell: float, device: str, shard: str | None,
+              executor: str = "local", ray_address: str | None = None,
+              cpus_per_cell: float | None = None) -> tuple[list[Slot] | None, tuple[int, int] | None]:
+    """Device slots from --gpus / --gpus-per-cell and the shard from --shard, checked against --executor;
+    SuiteError when they are wrong."""
     problems = []
     slots = parsed_shard = None
     try:
-        if gpus:
-            slots = scheduler.gpu_slots(scheduler.parse_gpus(gpus), gpus_per_cell)
-            if device == "cpu":
-                problems.append("--gpus runs cells on GPUs; it cannot be combined with --device cpu")
-            if gpus_per_cell > 1 and loaded.suite.model.device_map != "auto":
-                problems.append(
-                    f"--gpus-per-cell {gpus_per_cell}: a cell only spreads over several GPUs with "
-                    'model.device_map = "auto" in the suite'
-                )
-        elif gpus_per_cell != 1:
-            problems.append("--gpus-per-cell needs --gpus")
+        if executor == "ray":
+            problems += _ray_problems(gpus, gpus_per_cell, device, cpus_per_cell)
+        else:
+            problems += [f"{flag} goes with --executor ray" for flag, given in
+                         (("--ray-address", ray_address is not None), ("--cpus-per-cell", cpus_per_cell is not None)) if given]
+            if gpus_per_cell != int(gpus_per_cell) or gpus_per_cell < 1:
+                problems.append(f"--gpus-per-cell {gpus_per_cell:g}: a share of a GPU needs --executor ray; on this "
+                                "machine list a GPU twice to run two cells on it (--gpus 0,0)")
+            elif gpus:
+                slots = scheduler.gpu_slots(scheduler.parse_gpus(gpus), int(gpus_per_cell))
+                if device == "cpu":
+                    problems.append("--gpus runs cells on GPUs; it cannot be combined with --device cpu")
+            elif gpus_per_cell != 1:
+                problems.append("--gpus-per-cell needs --gpus (or --executor ray)")
+        if gpus_per_cell > 1 and loaded.suite.model.device_map != "auto" and not problems:
+            problems.append(
+                f"--gpus-per-cell {gpus_per_cell:g}: a cell only spreads over several GPUs with "
+                'model.device_map = "auto" in the suite'
+            )
         if shard:
             parsed_shard = scheduler.parse_shard(shard)
     except ValueError as error:
@@ -64,6 +80,21 @@ def placement(loaded: LoadedSuite, gpus: str | None, gpus_per_cell: int, device:
     if problems:
         raise SuiteError(COMMAND_LINE, problems)
     return slots, parsed_shard
+
+
+def _ray_problems(gpus: str | None, gpus_per_cell: float, device: str, cpus_per_cell: float | None) -> list[str]:
+    """What is wrong with the placement options of a run on Ray (Ray picks the GPUs; a cell asks for
+    a whole number of them, or a share of one)."""
+    problems = []
+    if gpus:
+        problems.append("--gpus picks GPUs of this machine; on Ray, Ray gives each cell its GPUs (--gpus-per-cell N)")
+    if not gpus_per_cell > 0 or (gpus_per_cell > 1 and gpus_per_cell != int(gpus_per_cell)):
+        problems.append(f"--gpus-per-cell {gpus_per_cell:g}: a whole number of GPUs, or a share of one (0.5: two cells per GPU)")
+    elif device == "cpu" and gpus_per_cell != 1:
+        problems.append("--gpus-per-cell: cells on --device cpu take no GPU")
+    if cpus_per_cell is not None and not cpus_per_cell > 0:
+        problems.append(f"--cpus-per-cell {cpus_per_cell:g}: must be more than 0")
+    return problems
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -78,7 +109,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def make(loaded: LoadedSuite, only: str | None = None, seeds: str | None = None, shard: str | None = None,
-         gpus: str | None = None, gpus_per_cell: int = 1, device: str = "auto") -> RunPlan:
+         gpus: str | None = None, gpus_per_cell: float = 1, device: str = "auto", executor: str = "local",
+         ray_address: str | None = None, cpus_per_cell: float | None = None) -> RunPlan:
     """The plan for the command line's options; SuiteError (one line per problem) when they are wrong."""
     chosen = tuple(only.split(",")) if only else None
     if chosen:
@@ -88,10 +120,10 @@ def make(loaded: LoadedSuite, only: str | None = None, seeds: str | None = None,
                 f"--only: {', '.join(unknown)} not in matrix.precisions ({', '.join(loaded.suite.matrix.precisions)})"
             ])
     seed_list = parse_seeds(seeds) if seeds else None
-    slots, parsed_shard = placement(loaded, gpus, gpus_per_cell, device, shard)
+    slots, parsed_shard = placement(loaded, gpus, gpus_per_cell, device, shard, executor, ray_address, cpus_per_cell)
     cells = loaded.cells(chosen, seed_list)
     matrix_cells = len(cells)
     if parsed_shard:
         cells = scheduler.shard_cells(cells, *parsed_shard)
     return RunPlan(loaded, cells, matrix_cells, slots, parsed_shard, scheduler.parse_gpus(gpus) if gpus else None,
-                   gpus_per_cell)
+                   gpus_per_cell, executor, ray_address, cpus_per_cell or 1.0)

@@ -37,6 +37,7 @@ class CellSpec:
     seed: int
     device: str
     record_path: str
+    executor: str = "local"  # what started the cell's process (`local`, `ray`), recorded as env.executor
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -80,13 +80,14 @@ def open_run(run_dir: Path | str, force: bool = False) -> Resumable:
     )
 
 
-def note_resume(state: Resumable, forced: bool) -> None:
-    """Add this resumption (when, which cells, whether forced) to run.json."""
+def note_resume(state: Resumable, forced: bool, executor: str = "local") -> None:
+    """Add this resumption (when, which cells, whether forced, what ran them) to run.json."""
     manifest = dict(state.manifest)
     manifest["resumes"] = [*manifest.get("resumes", []), {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "cells": [c.id for c in state.pending],
         "forced": forced,
         "suite_file_changed": state.suite_file_changed,
+        "executor": executor,
     }]
     results.write_json_atomic(state.run_dir / MANIFEST, manifest)

@@ -15,12 +15,10 @@ from typing import Any, Protocol
 from qbench import __version__
 from qbench.results import records as results
 from qbench.run import scheduler
-from qbench.run.protocol import CellSpec, child_env, identity_fields, parse_event
+from qbench.run.launch import CELL_COMMAND, CellProcess
+from qbench.run.protocol import CellSpec, child_env, identity_fields
 from qbench.run.scheduler import LOCAL_SLOT, Slot
 from qbench.suite.spec import Cell, LoadedSuite
-
-CHILD_STOP_GRACE_S = 60
-CELL_COMMAND = (sys.executable, "-m", "qbench.cell")  # reads the cell's spec on stdin, writes its record
 
 
 class Listener(Protocol):
@@ -84,7 +82,8 @@ class Run:
     env: dict[str, str] | None = None  # extra environment for the cell processes
     slots: list[Slot] = field(default_factory=lambda: [LOCAL_SLOT])  # one cell process per slot at a time
     cell_command: tuple[str, ...] = field(default_factory=lambda: CELL_COMMAND)
-    _running: set[subprocess.Popen] = field(default_factory=set, init=False, repr=False)
+    executor = "local"  # recorded as env.executor; each executor's Run says its own
+    _running: set[CellProcess] = field(default_factory=set, init=False, repr=False)
     _running_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)  # set when the run is being interrupted
 
@@ -118,6 +117,7 @@ class Run:
             seed=cell.seed,
             device=self.device,
             record_path=str(results.record_path(self.run_dir, cell.id)),
+            executor=self.executor,
         )
 
     def _crash_record(
@@ -140,6 +140,7 @@ class Run:
             "error_type": "Interrupted" if interrupted else "ChildProcessDied",
             "error_phase": phase,
             "error_returncode": returncode,
+            "env.executor": self.executor,
             "time.end": datetime.now(UTC).isoformat(timespec="seconds"),
             "env.cuda_visible_devices": slot.env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")),
         }
@@ -167,55 +168,29 @@ class Run:
         record_file = results.record_path(self.run_dir, cell.id)
         record_file.unlink(missing_ok=True)
         env = child_env({**(self.env or {}), **slot.env})
-        last_phase = None
         with open(log_path, "a", encoding="utf-8") as log:  # appended: a resumed cell keeps its earlier log
-            log.write(f"=== qbench: cell {cell.id} started {datetime.now(UTC).isoformat(timespec='seconds')} ===\n")
+            log.write(log_header(cell))
             log.flush()
-            child = subprocess.Popen(
-                list(self.cell_command),
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
-            )
+            child = CellProcess(self._spec(cell), env, log, self.cell_command)
             with self._running_lock:
                 self._running.add(child)
             try:
-                try:
-                    child.stdin.write(self._spec(cell).to_json())
-                    child.stdin.close()
-                except BrokenPipeError:  # the cell died before reading its spec; its exit code says how
-                    pass
-                for line in child.stdout:
-                    event = parse_event(line)
-                    if event is not None:
-                        last_phase = event.get("phase", last_phase)
-                        self.listener.cell_event(cell, event)
-                    else:
-                        log.write(line)
+                for event in child.events():
+                    self.listener.cell_event(cell, event)
                 child.wait()
             except BaseException as error:
-                self._stop_child(child)
+                child.stop()
                 record = self._settle(
-                    cell, child.returncode, last_phase, interrupted=isinstance(error, KeyboardInterrupt), slot=slot
+                    cell, child.returncode, child.last_phase, interrupted=isinstance(error, KeyboardInterrupt), slot=slot
                 )
-                log.write(_log_footer(cell, record))
+                log.write(log_footer(cell, record))
                 raise
             finally:
                 with self._running_lock:
                     self._running.discard(child)
-            record = self._settle(cell, child.returncode, last_phase, interrupted=self._stopping, slot=slot)
-            log.write(_log_footer(cell, record))
+            record = self._settle(cell, child.returncode, child.last_phase, interrupted=self._stopping, slot=slot)
+            log.write(log_footer(cell, record))
         return record
-
-    @staticmethod
-    def _stop_child(child: subprocess.Popen) -> None:
-        """Ask a running cell to stop (it writes an interrupted record), then make sure it is gone;
-        a second Ctrl-C or SIGTERM while waiting kills it at once."""
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-            try:
-                child.wait(timeout=CHILD_STOP_GRACE_S)
-            except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                child.kill()
-                child.wait()
 
     def stop_running(self) -> None:
         """Stop every running cell process (each writes an interrupted record)."""
@@ -223,10 +198,9 @@ class Run:
         with self._running_lock:
             running = list(self._running)
         for child in running:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+            child.terminate()
         for child in running:
-            self._stop_child(child)
+            child.stop()
 
     def execute(self) -> list[dict[str, Any]]:
         """Run every cell, one process per slot at a time; a failed cell is recorded and the run goes on."""
@@ -269,7 +243,11 @@ def pending_cells(run_dir: Path, cells: list[Cell]) -> list[Cell]:
     return [c for c in cells if (results.read_record(results.record_path(run_dir, c.id)) or {}).get("status") != "ok"]
 
 
-def _log_footer(cell: Cell, record: dict[str, Any]) -> str:
+def log_header(cell: Cell) -> str:
+    return f"=== qbench: cell {cell.id} started {datetime.now(UTC).isoformat(timespec='seconds')} ===\n"
+
+
+def log_footer(cell: Cell, record: dict[str, Any]) -> str:
     error = f": {record.get('error')}" if record.get("status") != "ok" else ""
     return f"=== qbench: cell {cell.id} ended {datetime.now(UTC).isoformat(timespec='seconds')}, {record.get('status')}{error} ===\n"
 

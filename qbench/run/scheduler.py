@@ -6,6 +6,7 @@ import queue
 import re
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -107,63 +108,59 @@ def schedule(
 ) -> list[dict[str, Any]]:
     """Run every cell, at most one per slot at a time, handing the next cell to the next free slot.
 
-    Cells start in matrix order; a slot is free again as soon as its cell returns, whatever its
-    status. Returns the records in cell order (not finishing order). `on_start` and `on_finish`
-    are called from one thread at a time. If `run_cell` raises, no further cell starts, the
-    running ones finish, and the first error is raised. On KeyboardInterrupt no further cell
-    starts, `stop_running` is called, the running cells are waited for, and the interrupt goes on.
+    A thread pool with one thread per slot (`concurrent.futures`): cells start in matrix order; a
+    slot is free again as soon as its cell returns, whatever its status. Returns the records in cell
+    order (not finishing order). `on_start` and `on_finish` are called from one thread at a time. If
+    `run_cell` raises, no further cell starts, the running ones finish, and the first error (in cell
+    order) is raised. On KeyboardInterrupt no further cell starts, `stop_running` is called, the
+    running cells are waited for, and the interrupt goes on.
     """
     if not slots:
         raise ValueError("no slot to run cells on")
-    free: queue.Queue[Slot] = queue.Queue()
+    free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
     for slot in slots:
         free.put(slot)
-    records: list[dict[str, Any] | None] = [None] * len(cells)
-    errors: list[BaseException] = []
     lock = threading.Lock()
-    threads: list[threading.Thread] = []
+    stopping = threading.Event()  # set by a runner error or an interrupt: start no further cell
 
-    def work(index: int, cell: CellT, slot: Slot) -> None:
+    def work(index: int, cell: CellT) -> dict[str, Any] | None:
+        with lock:
+            if stopping.is_set():
+                return None
+            slot = free.get_nowait()  # never empty: the pool runs at most one cell per slot
+            on_start(cell, index, slot)
         try:
             record = run_cell(cell, slot)
-            with lock:
-                records[index] = record
-                on_finish(cell, record)
-        except BaseException as error:  # handed to the calling thread
-            with lock:
-                errors.append(error)
+        except BaseException:
+            stopping.set()
+            raise
         finally:
             free.put(slot)
+        with lock:
+            on_finish(cell, record)
+        return record
 
+    pool = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="qbench-cell")
+    futures = [pool.submit(work, index, cell) for index, cell in enumerate(cells)]
     try:
-        for index, cell in enumerate(cells):
-            slot = _next_free(free, poll_s)
-            with lock:
-                if errors:
-                    break
-                on_start(cell, index, slot)
-            thread = threading.Thread(target=work, args=(index, cell, slot), name=f"qbench-{slot.name}", daemon=True)
-            threads.append(thread)
-            thread.start()
-        _wait(threads, poll_s)
+        _wait(futures, poll_s)
     except KeyboardInterrupt:
+        stopping.set()
+        for future in futures:
+            future.cancel()  # those not started yet
         stop_running()
-        _wait(threads, poll_s)
+        _wait(futures, poll_s)
         raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
     if errors:
         raise errors[0]
-    return [record for record in records if record is not None]
+    return [record for record in (f.result() for f in futures) if record is not None]
 
 
-def _next_free(free: queue.Queue[Slot], poll_s: float) -> Slot:
-    while True:  # a timeout keeps Ctrl-C responsive while every slot is busy
-        try:
-            return free.get(timeout=poll_s)
-        except queue.Empty:
-            continue
-
-
-def _wait(threads: list[threading.Thread], poll_s: float) -> None:
-    for thread in threads:
-        while thread.is_alive():
-            thread.join(poll_s)
+def _wait(futures: list[Future], poll_s: float) -> None:
+    """Until every future is done; a timeout keeps Ctrl-C responsive in the calling thread."""
+    pending = set(futures)
+    while pending:
+        _, pending = wait(pending, timeout=poll_s)

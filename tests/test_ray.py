@@ -1,0 +1,324 @@
+"""`qbench run --executor ray`: cells as Ray tasks on a local Ray cluster started inside pytest with two
+declared (fake) GPUs, checked with the stdlib stand-in cell (tests/fake_cell.py) and, once, real cells."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from qbench import cli
+from qbench.results import records as results
+from qbench.run import ray_executor, ray_task, runner
+from qbench.suite.spec import load
+
+from .clip_data import clip_suite, write_tiny_clip, write_tsv_dataset
+from .conftest import REPO, write_suite
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+FAKE_CELL = Path(__file__).with_name("fake_cell.py")
+FAKE_COMMAND = (sys.executable, str(FAKE_CELL))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster for the module: 4 CPUs and 2 declared GPUs (no real GPU is needed; Ray sets
+    CUDA_VISIBLE_DEVICES for each task from the declared ones)."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # nothing leaves the machine
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="error",
+             object_store_memory=100 * 1024 * 1024)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tsv_suite(tmp_path_factory) -> Path:
+    """A suite on a local tiny CLIP folder and real image files (the fake cell never loads them, but the
+    checks before any cell do)."""
+    root = tmp_path_factory.mktemp("ray-suite")
+    checkpoint = write_tiny_clip(root / "ckpt")
+    data = write_tsv_dataset(root / "data", train_images=6, eval_images=3)
+    text = clip_suite("onray", checkpoint, data, "steps = 2\nlr = 1e-3\nuntimed_steps = 1",
+                      extra='[matrix]\nprecisions = ["bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"]\n')
+    return write_suite(root, text)
+
+
+@pytest.fixture
+def fake_cells(monkeypatch, tmp_path):
+    """Cells are tests/fake_cell.py; its settings reach the Ray workers like the driver's HF_/OMP_ ones."""
+    monkeypatch.setattr(runner, "CELL_COMMAND", FAKE_COMMAND)
+    monkeypatch.setattr(ray_executor, "FORWARDED_ENV_PREFIXES", (*ray_executor.FORWARDED_ENV_PREFIXES, "FAKE_CELL_"))
+    monkeypatch.setenv("FAKE_CELL_DIR", str(tmp_path / "fake"))
+    monkeypatch.setenv("FAKE_CELL_HOLD_S", "0")
+    monkeypatch.setenv("FAKE_CELL_CRASH", "")
+    return monkeypatch
+
+
+def ray_run(suite: Path, run_dir: Path, cells, device: str = "cuda", gpus: float = 1.0, **fake_env) -> ray_executor.RayRun:
+    loaded = load(suite)
+    env = {"FAKE_CELL_DIR": str(run_dir.parent / "fake"), "FAKE_CELL_HOLD_S": "0", **fake_env}
+    resources = ray_executor.cell_resources(device, gpus, 1.0)
+    return ray_executor.RayRun(loaded, run_dir, device, cells(loaded), env=env, cell_command=FAKE_COMMAND, resources=resources)
+
+
+def running_now(tmp_path: Path) -> list[str]:
+    folder = tmp_path / "fake" / "running"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def wait_for(condition, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+# --- without a cluster ------------------------------------------------------------------------
+
+
+def test_an_unreachable_address_stops_before_any_cell_with_exit_2_and_one_line(tsv_suite, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "300"}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "qbench", "run", str(tsv_suite), "--out", str(out), "--executor", "ray",
+         "--ray-address", "127.0.0.1:1"], capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: command line: --ray-address 127.0.0.1:1: cannot reach a Ray cluster at 127.0.0.1:1: Connection refused"
+    ]
+    assert time.monotonic() - started < 60  # Ray alone would wait two minutes
+    assert not out.exists()
+
+
+def test_without_ray_installed_executor_ray_exits_2_with_one_line(tsv_suite, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
+    assert cli.main(["run", str(tsv_suite), "--out", str(tmp_path / "out"), "--executor", "ray"]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert error.startswith("error: command line: --executor ray: Ray is not installed here")
+    assert 'pip install "qbench[ray]"' in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_placement_options_that_do_not_fit_the_executor_exit_2(tsv_suite, tmp_path, capsys):
+    cases = {
+        ("--executor", "ray", "--gpus", "0,1"): "--gpus picks GPUs of this machine",
+        ("--executor", "ray", "--gpus-per-cell", "1.5"): "a whole number of GPUs, or a share of one",
+        ("--executor", "ray", "--gpus-per-cell", "2"): 'model.device_map = "auto"',
+        ("--executor", "ray", "--device", "cpu", "--gpus-per-cell", "0.5"): "cells on --device cpu take no GPU",
+        ("--executor", "ray", "--cpus-per-cell", "0"): "--cpus-per-cell 0: must be more than 0",
+        ("--gpus", "0", "--gpus-per-cell", "0.5"): "a share of a GPU needs --executor ray",
+        ("--ray-address", "auto"): "--ray-address goes with --executor ray",
+        ("--cpus-per-cell", "2"): "--cpus-per-cell goes with --executor ray",
+    }
+    for options, message in cases.items():
+        assert cli.main(["run", str(tsv_suite), "--out", str(tmp_path / "out"), *options]) == 2, options
+        assert message in " ".join(capsys.readouterr().err.split()), options
+    assert not (tmp_path / "out").exists()
+
+
+def test_ray_errors_become_error_types_that_say_what_was_lost():
+    from ray import exceptions
+
+    assert ray_executor.ray_error_type(exceptions.WorkerCrashedError()) == "RayWorkerDied"
+    assert ray_executor.ray_error_type(exceptions.NodeDiedError("node 1 died")) == "RayNodeDied"
+    assert ray_executor.ray_error_type(exceptions.TaskCancelledError()) == "Interrupted"
+    wrapped = exceptions.RayTaskError("cell_task", "Traceback ...", ModuleNotFoundError("No module named 'qbench'"))
+    assert ray_executor.ray_error_type(wrapped.as_instanceof_cause()) == "RayTaskError"
+
+
+def test_gpu_uuids_are_read_through_nvml_in_visible_order():
+    class TwoGpus:  # just enough of pynvml
+        def nvmlInit(self): pass
+        def nvmlShutdown(self): pass
+        def nvmlDeviceGetCount(self): return 2
+        def nvmlDeviceGetHandleByIndex(self, index): return index
+        def nvmlDeviceGetUUID(self, handle): return f"GPU-{handle}{handle}{handle}{handle}"
+        def nvmlDeviceGetName(self, handle): return "fake"
+
+    assert ray_task.gpu_uuids({"CUDA_VISIBLE_DEVICES": "1,0"}, TwoGpus()) == {"env.ray.gpu_uuids": "GPU-1111,GPU-0000"}
+    assert ray_task.gpu_uuids({"CUDA_VISIBLE_DEVICES": ""}, TwoGpus())["env.ray.gpu_uuids"] is None
+    missing = ray_task.gpu_uuids({"CUDA_VISIBLE_DEVICES": "5"}, TwoGpus())
+    assert missing["env.ray.gpu_uuids"] is None and "does not exist" in missing["env.ray.gpu_uuids_reason"]
+
+
+# --- on the local cluster ---------------------------------------------------------------------
+
+
+def test_cells_spread_over_the_declared_gpus_each_seeing_only_its_own(ray_cluster, tsv_suite, tmp_path):
+    run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:4], FAKE_CELL_HOLD_S="1.5")
+    records = run.execute()
+
+    assert [r["cell_id"] for r in records] == [c.id for c in run.cells]
+    on_disk = {r["cell_id"]: r for r in results.read_records(tmp_path / "run")}
+    assert set(on_disk) == {c.id for c in run.cells} and all(r["status"] == "ok" for r in on_disk.values())
+    assert {r["env.cuda_visible_devices"] for r in on_disk.values()} == {"0", "1"}  # both GPUs, one each
+    for record in on_disk.values():
+        assert record["env.executor"] == "ray" and record["env.ray.node_id"] == ray.get_runtime_context().get_node_id()
+        assert record["env.ray.gpu_ids"] == record["env.cuda_visible_devices"]  # what Ray gave is what the cell saw
+        assert record["env.ray.gpu_uuids"] is None and record["env.ray.gpu_uuids_reason"]  # fake GPUs: no NVML
+        assert record["env.ray.node_ip"] and record["env.hostname"]
+        assert record["fake.device_clashes"] is None  # never two cells on one GPU
+    assert max(r["fake.peak_running"] for r in on_disk.values()) <= 2
+    assert len({r["fake.pid"] for r in on_disk.values()}) == 4  # one process per cell
+    for cell in run.cells:
+        log = (tmp_path / "run" / "logs" / f"{cell.id}.log").read_text()
+        assert f"cell {cell.id} started" in log and f"cell {cell.id} ended" in log and ", ok" in log
+
+
+def test_half_a_gpu_per_cell_puts_two_cells_on_each_gpu(ray_cluster, tsv_suite, tmp_path):
+    run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:4], gpus=0.5, FAKE_CELL_HOLD_S="1.0")
+    records = run.execute()
+    assert all(r["status"] == "ok" for r in records)
+    assert {r["env.cuda_visible_devices"] for r in records} <= {"0", "1"}
+    assert all(r["env.ray.gpu_ids"] == r["env.cuda_visible_devices"] for r in records)
+
+
+def test_cpu_cells_ask_for_cpus_and_see_no_gpu(ray_cluster, tsv_suite, tmp_path):
+    run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:2], device="cpu")
+    assert run.resources.options() == {"num_gpus": 0.0, "num_cpus": 1.0}
+    records = run.execute()
+    assert all(r["status"] == "ok" and r["env.device"] == "cpu" for r in records)
+    assert all(not r["env.cuda_visible_devices"] and r["env.ray.gpu_ids"] is None for r in records)
+
+
+def test_a_cell_process_that_dies_and_a_worker_that_dies_give_failed_records_and_the_run_goes_on(ray_cluster, tsv_suite, tmp_path):
+    run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:3], FAKE_CELL_HOLD_S="30", FAKE_CELL_CRASH="int8")
+    pids = tmp_path / "fake" / "pids"
+    orphans: list[int] = []
+
+    def kill_the_worker_of_fp4() -> None:
+        wait_for(lambda: (pids / "fp4-seed0").is_file() and "fp4-seed0" in running_now(tmp_path))
+        cell = psutil.Process(int((pids / "fp4-seed0").read_text()))
+        orphans.append(cell.pid)
+        os.kill(cell.ppid(), signal.SIGKILL)  # the Ray worker running the task, as if its node lost it
+
+    killer = threading.Thread(target=kill_the_worker_of_fp4, daemon=True)
+    killer.start()
+    started = time.monotonic()
+    records = {r["cell_id"]: r for r in run.execute()}
+    killer.join()
+    for pid in orphans:  # the cell of the killed worker (a real cell dies with its parent; the fake one holds on)
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert time.monotonic() - started < 60 + 30  # nobody waited for the orphan's 30 s hold after the kill...
+
+    crashed, lost, fine = records["int8-seed0"], records["fp4-seed0"], records["bf16-seed0"]
+    assert crashed["status"] == "failed" and crashed["error_type"] == "ChildProcessDied"
+    assert crashed["error_returncode"] == 3 and crashed["env.executor"] == "ray"
+    assert lost["status"] == "failed" and lost["error_type"] == "RayWorkerDied"
+    assert "WorkerCrashedError" in lost["error"] and lost["env.ray.node_id"]
+    assert fine["status"] == "ok"
+    on_disk = {r["cell_id"]: r for r in results.read_records(tmp_path / "run")}
+    assert on_disk == records
+
+
+def test_sigterm_cancels_pending_tasks_stops_running_cells_and_resume_finishes_locally_and_on_ray(
+    ray_cluster, tsv_suite, fake_cells, tmp_path
+):
+    fake_cells.setenv("FAKE_CELL_HOLD_S", "60")
+    out = tmp_path / "out"
+
+    def terminate_when_two_cells_run() -> None:
+        wait_for(lambda: len(running_now(tmp_path)) == 2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_when_two_cells_run, daemon=True).start()
+    started = time.monotonic()
+    assert cli.main(["run", str(tsv_suite), "--out", str(out), "--executor", "ray", "--device", "cuda"]) == 143
+    assert time.monotonic() - started < 60  # the cells' 60 s holds were cut short
+    wait_for(lambda: running_now(tmp_path) == [], 30)  # the running cells' processes were stopped
+    (run_dir,) = (out / "onray").iterdir()
+    statuses = {r["cell_id"]: r["status"] for r in results.read_records(run_dir)}
+    assert sorted(statuses.values()) == ["interrupted", "interrupted"]  # the four others never started
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["executor"] == "ray" and manifest["ray"]["cell_resources"] == {"num_gpus": 1.0, "num_cpus": 1.0}
+
+    fake_cells.setenv("FAKE_CELL_HOLD_S", "0")
+    fake_cells.setenv("FAKE_CELL_CRASH", "fp4,nf4")
+    assert cli.main(["run", "--resume", str(run_dir)]) == 1  # locally: the interrupted and never-started cells
+    records = {r["cell_id"]: r for r in results.read_records(run_dir)}
+    assert len(records) == 6 and {r["env.executor"] for r in records.values() if r["status"] == "ok"} == {"local"}
+    assert sorted(c for c, r in records.items() if r["status"] != "ok") == ["fp4-seed0", "nf4-seed0"]
+
+    fake_cells.setenv("FAKE_CELL_CRASH", "")
+    assert cli.main(["run", "--resume", str(run_dir), "--executor", "ray"]) == 0  # and the rest on Ray
+    records = {r["cell_id"]: r for r in results.read_records(run_dir)}
+    assert all(r["status"] == "ok" for r in records.values())
+    assert {records[c]["env.executor"] for c in ("fp4-seed0", "nf4-seed0")} == {"ray"}
+    resumes = json.loads((run_dir / "run.json").read_text())["resumes"]
+    assert [r["executor"] for r in resumes] == ["local", "ray"]
+    assert (run_dir / "results.csv").is_file() and (run_dir / "summary.md").is_file()
+
+
+# --- real cells: a record does not depend on where it was made ---------------------------------
+
+VOLATILE = ("time.", "speed.", "memory.", "env.", "run_id", "error_traceback", "model_path")
+
+
+def comparable(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.startswith(VOLATILE)}
+
+
+@pytest.mark.slow
+def test_real_cells_on_ray_give_the_records_of_the_local_runner(ray_cluster, tmp_path, monkeypatch):
+    suite = write_suite(tmp_path, """
+name = "same"
+task = "clip"
+compute_dtype = "float32"
+baseline = "nf4"
+[model]
+id = "builtin:tiny-clip"
+[data]
+kind = "builtin"
+name = "shapes"
+[lora]
+r = 4
+alpha = 8
+dropout = 0.0
+target_modules = ["q_proj", "v_proj"]
+[train]
+steps = 3
+batch_size = 8
+lr = 1e-3
+warmup_steps = 0
+untimed_steps = 1
+[eval]
+batch_size = 64
+recall_k = [1, 5]
+[matrix]
+precisions = ["nf4"]
+seeds = [0]
+""")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # forwarded to the Ray workers' cells as to local ones
+    assert cli.main(["run", str(suite), "--out", str(tmp_path / "local"), "--device", "cpu"]) == 0
+    assert cli.main(["run", str(suite), "--out", str(tmp_path / "ray"), "--device", "cpu", "--executor", "ray"]) == 0
+    (local_dir,) = (tmp_path / "local" / "same").iterdir()
+    (ray_dir,) = (tmp_path / "ray" / "same").iterdir()
+    local = {r["cell_id"]: r for r in results.read_records(local_dir)}
+    on_ray = {r["cell_id"]: r for r in results.read_records(ray_dir)}
+    assert set(local) == set(on_ray) == {"nf4-seed0"}
+    for cell_id in local:
+        assert comparable(on_ray[cell_id]) == comparable(local[cell_id]), cell_id
+        assert local[cell_id]["env.executor"] == "local" and on_ray[cell_id]["env.executor"] == "ray"
+        assert on_ray[cell_id]["env.torch_threads"] == local[cell_id]["env.torch_threads"] == 1
+        assert set(local[cell_id]) - set(on_ray[cell_id]) == set()  # the Ray record holds every local key ...
+        assert {k for k in set(on_ray[cell_id]) - set(local[cell_id])} <= {  # ... and where it ran
+            "env.ray.node_id", "env.ray.node_ip", "env.ray.task_id", "env.ray.gpu_ids", "env.ray.gpu_uuids",
+            "env.ray.gpu_uuids_reason", "env.ray.worker_pid",
+        }
+    assert "quality.after.mean_recall@1" in comparable(local["nf4-seed0"])  # the comparison covered quality
+    assert cli.main(["report", str(ray_dir), "--out", str(tmp_path / "report")]) == 0
