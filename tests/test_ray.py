@@ -185,6 +185,18 @@ def test_half_a_gpu_per_cell_puts_two_cells_on_each_gpu(ray_cluster, tsv_suite, 
     assert all(r["env.ray.gpu_ids"] == r["env.cuda_visible_devices"] for r in records)
 
 
+def test_without_streaming_as_over_ray_client_each_task_hands_back_everything_when_it_ends(ray_cluster, tsv_suite, tmp_path):
+    """Ray Client (ray://) cannot stream a task's items: the same items then come back in one piece."""
+    run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:3], FAKE_CELL_CRASH="int8")
+    run.stream = False
+    records = {r["cell_id"]: r for r in run.execute()}
+    assert [records[c]["status"] for c in ("bf16-seed0", "int8-seed0", "fp4-seed0")] == ["ok", "failed", "ok"]
+    assert records["int8-seed0"]["error_type"] == "ChildProcessDied" and records["int8-seed0"]["error_phase"] == "train"
+    assert {r["env.cuda_visible_devices"] for r in records.values()} <= {"0", "1"}
+    assert all(r["env.ray.node_id"] for r in records.values())
+    assert "cell bf16-seed0 ended" in (tmp_path / "run" / "logs" / "bf16-seed0.log").read_text()
+
+
 def test_cpu_cells_ask_for_cpus_and_see_no_gpu(ray_cluster, tsv_suite, tmp_path):
     run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:2], device="cpu")
     assert run.resources.options() == {"num_gpus": 0.0, "num_cpus": 1.0}

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from qbench.results import records as results
 from qbench.run import launch, runner
-from qbench.run.ray_task import cell_task, spec_dict
+from qbench.run.ray_task import cell_task, collected_cell_task, spec_dict
 from qbench.suite.spec import Cell, SuiteError
 
 INSTALL_HINT = 'pip install "qbench[ray]"'
@@ -192,6 +192,9 @@ class RayRun(runner.Run):
     """A run whose cells are Ray tasks; records, logs and run.json as a local run writes them."""
 
     resources: CellResources = field(default_factory=lambda: CellResources(0.0, 1.0))
+    # True: each task streams its items as they come (progress, checkpoints, log); False: a task hands
+    # them all back when it ends (Ray Client); None: streams unless connected through Ray Client
+    stream: bool | None = None
     executor = "ray"
 
     def execute(self) -> list[dict[str, Any]]:
@@ -200,8 +203,12 @@ class RayRun(runner.Run):
         `interrupted`) and raises RunInterrupted."""
         ray = import_ray()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        remote = ray.remote(cell_task)
-        options = {**self.resources.options(), "max_retries": 0, "retry_exceptions": False, "num_returns": "streaming"}
+        if self.stream is None:  # Ray Client (ray://) cannot stream a task's items
+            self.stream = not ray.util.client.ray.is_connected()
+        remote = ray.remote(cell_task if self.stream else collected_cell_task)
+        options = {**self.resources.options(), "max_retries": 0, "retry_exceptions": False}
+        if self.stream:
+            options["num_returns"] = "streaming"
         command = None if tuple(self.cell_command) == launch.CELL_COMMAND else list(self.cell_command)
         env = forwarded_env(self.env)
         tasks: dict[Any, _Task] = {}
@@ -240,21 +247,28 @@ class RayRun(runner.Run):
         """Take the tasks' items as they come until every task ended (or `deadline`, a monotonic time)."""
         while tasks and (deadline is None or time.monotonic() < deadline):
             ready, _ = ray.wait(list(tasks), num_returns=1, timeout=POLL_S)
-            for generator in ready:
-                task = tasks[generator]
+            for handle in ready:
+                task = tasks[handle]
                 try:
-                    item = ray.get(next(generator))
-                except StopIteration:
-                    item = {"kind": "done", "returncode": None, "last_phase": None, "record": None}
+                    items = self._items(ray, handle)
                 except Exception as error:  # the task ended without its record: a Ray failure
-                    del tasks[generator]
+                    del tasks[handle]
                     record = self._ray_failure(task, error)
                     if record is not None:
                         records[task.index] = self._finish(task, record)
                     continue
-                if self._take(task, item):
-                    del tasks[generator]
+                if any([self._take(task, item) for item in items]):
+                    del tasks[handle]
                     records[task.index] = self._finish(task, self._final_record(task))
+
+    def _items(self, ray: Any, handle: Any) -> list[dict[str, Any]]:
+        """The task's next item (streaming), or all its items (when it ended, without streaming)."""
+        if not self.stream:
+            return ray.get(handle)
+        try:
+            return [ray.get(next(handle))]
+        except StopIteration:  # ended without its last item
+            return [{"kind": "done", "returncode": None, "last_phase": None, "record": None}]
 
     def _take(self, task: _Task, item: dict[str, Any]) -> bool:
         """Act on one item of a task; True when it was the last one."""

@@ -156,6 +156,11 @@ def cell_task(spec: dict[str, Any], env: Mapping[str, str], command: Sequence[st
                    "record": results.read_record(record_path)}
 
 
+def collected_cell_task(spec: dict[str, Any], env: Mapping[str, str], command: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """`cell_task`'s items all at once, when the cell ended (for Ray Client, which cannot stream them)."""
+    return list(cell_task(spec, env, command))
+
+
 def _new_log(reader: Any) -> Iterator[dict[str, Any]]:
     while text := reader.read(LOG_CHUNK_CHARS):
         yield {"kind": "log", "text": text}
