@@ -5,6 +5,9 @@
 #   2. `--shard 1/2` and `--shard 2/2` together are exactly the cells of one full run
 #   3. model.device_map = "auto" loads the base through accelerate, over every GPU of the slot
 #      (`--gpus-per-cell`), and the record says where the base went
+#   4. `--executor ray`: the same suite through a Ray cluster started for the run on this machine, one
+#      cell per GPU (two per GPU on a single GPU: --gpus-per-cell 0.5); prints each cell's Ray GPU,
+#      the GPU UUID the task saw, and its NVML peaks (skipped when Ray is not installed: pip install -e ".[ray]")
 # The model is openai/clip-vit-base-patch32's architecture with random weights (python -m
 # qbench.zoo.full_scale): at full size, or with QBENCH_MULTI_MODEL=small two layers per tower
 # (what scripts/gpu_check.sh uses, to stay in its time budget); the data are generated image files
@@ -12,6 +15,7 @@
 #
 #   bash scripts/gpu_check_multi.sh                          # WORK=/some/dir keeps the outputs
 #   QBENCH_MULTI_MODEL=small bash scripts/gpu_check_multi.sh
+#   QBENCH_MULTI_ONLY=ray bash scripts/gpu_check_multi.sh     # only the model, the data and check 4
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -55,6 +59,8 @@ matrix = '[matrix]\nprecisions = ["bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-d
 )
 EOF
 
+ONLY=${QBENCH_MULTI_ONLY:-all}
+if [ "$ONLY" = all ]; then
 echo "== 1. cells in parallel: --gpus $GPUS"
 "$PY" -m qbench run "$WORK/multi.toml" --out "$WORK/out" --gpus "$GPUS"
 "$PY" - "$WORK/out/multi" "$GPUS" <<'EOF'
@@ -117,4 +123,40 @@ for r in results.read_records(run_dir):
     print(f'{r["cell_id"]:>14}  base on {r["model.devices"]}  ({how})')
 print("ok: device_map = auto")
 EOF
+fi
+
+echo "== 4. cells as Ray tasks: --executor ray"
+if ! "$PY" -c "import ray" 2>/dev/null; then
+    echo "skipped: Ray is not installed (pip install -e \".[ray]\")"
+else
+    if [ "$GPU_COUNT" -ge 2 ]; then PER_CELL=1; else PER_CELL=0.5; fi  # one GPU: two cells share it
+    RAY_USAGE_STATS_ENABLED=0 "$PY" -m qbench run "$WORK/multi.toml" --out "$WORK/ray" --executor ray --device cuda \
+        --gpus-per-cell "$PER_CELL" --only bf16,int8,nf4,nf4-dq
+    "$PY" - "$WORK/ray/multi" <<'EOF'
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from qbench.results import records as results
+
+(run_dir,) = Path(sys.argv[1]).iterdir()
+records = results.read_records(run_dir)
+assert len(records) == 4 and all(r["status"] == "ok" for r in records), [(r["cell_id"], r["status"], r.get("error")) for r in records]
+MiB = 2**20
+for r in records:
+    assert r["env.executor"] == "ray" and r["env.ray.gpu_ids"] == r["env.cuda_visible_devices"], r
+    uuids = (r["env.ray.gpu_uuids"] or "").split(",")
+    # the GPU Ray gave the task is the one the cell measured: the task's NVML UUID == the cell's NVML device
+    assert r["memory.nvml_available"] and r["memory.nvml.device_uuid"] == uuids[0], (uuids, r.get("memory.nvml.device_uuid"))
+    print(f'{r["cell_id"]:>14}  node {r["env.ray.node_ip"]}  Ray GPU {r["env.ray.gpu_ids"]}  {uuids[0]}  '
+          f'NVML process peak {r["memory.peak_nvml_process_bytes"] / MiB:,.0f} MiB  '
+          f'device peak {r["memory.peak_nvml_device_bytes"] / MiB:,.0f} MiB  '
+          f'torch allocated peak {r["memory.peak_torch_max_allocated_bytes"] / MiB:,.0f} MiB')
+spans = [(datetime.fromisoformat(r["time.start"]), datetime.fromisoformat(r["time.end"])) for r in records]
+overlaps = sum(1 for i, a in enumerate(spans) for b in spans[i + 1:] if a[0] < b[1] and b[0] < a[1])
+manifest = json.loads((run_dir / "run.json").read_text())
+print(f'ok: 4 cells on Ray ({manifest["ray"]["cell_resources"]} each, {len({r["env.ray.gpu_uuids"] for r in records})} GPU(s)), '
+      f'{overlaps} overlapping pair(s) of cells')
+EOF
+fi
 echo "== all multi-GPU checks passed ($WORK)"
