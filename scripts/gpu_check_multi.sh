@@ -43,20 +43,19 @@ import copy
 import sys
 from pathlib import Path
 from qbench.zoo.full_scale import CLIP_VIT_B32_CONFIG, write_random_clip
-from tests.clip_data import clip_suite, write_tsv_dataset
+from tests.helpers import clip
 
 work, size = Path(sys.argv[1]), sys.argv[2]
 config = copy.deepcopy(CLIP_VIT_B32_CONFIG)
 if size == "small":  # the real widths and vocabulary, two layers per tower
     config["vision_config"]["num_hidden_layers"] = config["text_config"]["num_hidden_layers"] = 2
 checkpoint = write_random_clip(work / "clip-vit-b32-random", config)
-data = write_tsv_dataset(work / "data", train_images=96, eval_images=32)
-train = 'steps = 12\nbatch_size = 32\ngrad_accum = 2\nlr = 1e-4\nscheduler = "cosine"\nwarmup_steps = 2\nmax_length = 64\nuntimed_steps = 2'
-matrix = '[matrix]\nprecisions = ["bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"]\n'
-(work / "multi.toml").write_text(clip_suite("multi", checkpoint, data, train, extra=matrix, data_extra="num_workers = 2"))
-(work / "auto.toml").write_text(
-    clip_suite("auto", checkpoint, data, train, extra=matrix, model_extra='device_map = "auto"', data_extra="num_workers = 2")
-)
+data = clip.images_tsv(work / "data", train_images=96, eval_images=32, size=48, user_format=True)
+train = 'batch_size = 32\ngrad_accum = 2\nlr = 1e-4\nscheduler = "cosine"\nwarmup_steps = 2\nmax_length = 64\nuntimed_steps = 2'
+precisions = ("bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq")
+common = dict(steps=12, train=train, lora=clip.USER_LORA, evaluation=None, data_extra="num_workers = 2")
+(work / "multi.toml").write_text(clip.suite(checkpoint, data, precisions, name="multi", **common))
+(work / "auto.toml").write_text(clip.suite(checkpoint, data, precisions, name="auto", model_extra='device_map = "auto"', **common))
 EOF
 
 ONLY=${QBENCH_MULTI_ONLY:-all}

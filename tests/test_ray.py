@@ -20,8 +20,8 @@ from qbench.results import records as results
 from qbench.run import ray_executor, ray_task, runner
 from qbench.suite.spec import load
 
-from .clip_data import clip_suite, write_tiny_clip, write_tsv_dataset
 from .conftest import REPO, write_suite
+from .helpers import clip
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -46,10 +46,10 @@ def tsv_suite(tmp_path_factory) -> Path:
     """A suite on a local tiny CLIP folder and real image files (the fake cell never loads them, but the
     checks before any cell do)."""
     root = tmp_path_factory.mktemp("ray-suite")
-    checkpoint = write_tiny_clip(root / "ckpt")
-    data = write_tsv_dataset(root / "data", train_images=6, eval_images=3)
-    text = clip_suite("onray", checkpoint, data, "steps = 2\nlr = 1e-3\nuntimed_steps = 1",
-                      extra='[matrix]\nprecisions = ["bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"]\n')
+    checkpoint = clip.checkpoint(root / "ckpt")
+    data = clip.images_tsv(root / "data", train_images=6, eval_images=3)
+    text = clip.suite(checkpoint, data, ("bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"), name="onray", steps=2,
+                      train="lr = 1e-3\nuntimed_steps = 1", evaluation=None)
     return write_suite(root, text)
 
 
