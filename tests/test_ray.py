@@ -192,6 +192,14 @@ def test_cells_spread_over_the_declared_gpus_each_seeing_only_its_own(ray_cluste
         assert f"cell {cell.id} started" in log and f"cell {cell.id} ended" in log and ", ok" in log
 
 
+def test_a_cell_no_node_can_hold_stops_the_run_before_it_starts(ray_cluster, tsv_suite, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["run", str(tsv_suite), "--out", str(out), "--executor", "ray", "--cpus-per-cell", "64"]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "no node of the Ray cluster" in error and "room for one cell (1 GPU, 64 CPU)" in error and "4 CPU, 2 GPU" in error
+    assert not out.exists()
+
+
 def test_half_a_gpu_per_cell_puts_two_cells_on_each_gpu(ray_cluster, tsv_suite, tmp_path):
     run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:4], gpus=0.5, FAKE_CELL_HOLD_S="1.0")
     records = run.execute()

@@ -27,7 +27,11 @@ from qbench.suite.spec import SuiteError
 if TYPE_CHECKING:
     from qbench.gate.compare import Settings
     from qbench.run.plan import RunPlan
+    from qbench.run.ray_executor import Cluster
+    from qbench.run.resume import Resumable
     from qbench.run.runner import Run
+    from qbench.run.scheduler import Slot
+    from qbench.suite.spec import Cell, LoadedSuite
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -77,7 +81,7 @@ def run_suite(run_plan: RunPlan, out: Path, device: str) -> int:
 
 
 @contextmanager
-def _cluster(executor: str, address: str | None) -> Iterator[Any]:
+def _cluster(executor: str, address: str | None) -> Iterator[Cluster | None]:
     """The Ray cluster for `--executor ray` (joined before any cell; exit 2 when it cannot be), else None."""
     if executor != "ray":
         yield None
@@ -91,7 +95,7 @@ def _cluster(executor: str, address: str | None) -> Iterator[Any]:
         ray_executor.disconnect(cluster)
 
 
-def _ray_run(cluster: Any, loaded: Any, run_dir: Path, cells: list, device: str, gpus_per_cell: float,
+def _ray_run(cluster: Cluster, loaded: LoadedSuite, run_dir: Path, cells: list[Cell], device: str, gpus_per_cell: float,
              cpus_per_cell: float) -> tuple[Run, str, dict[str, Any]]:
     """A run of `cells` on the Ray cluster: the device (auto: cuda when the cluster has GPUs), what each
     cell asks for (SuiteError when no node has room for it), the header text and run.json's `ray` entry."""
@@ -157,7 +161,7 @@ def _resume(args: argparse.Namespace) -> int:
     return _finish(state.run_dir, [r for r in records if r is not None])
 
 
-def _run_pending(state: Any, args: argparse.Namespace, slots: Any) -> int | None:
+def _run_pending(state: Resumable, args: argparse.Namespace, slots: list[Slot] | None) -> int | None:
     """Run the cells a resumed run still needs, here or on Ray; the exit code when interrupted, else None."""
     from qbench.run import resume, runner
     from qbench.run.scheduler import LOCAL_SLOT

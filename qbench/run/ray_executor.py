@@ -69,7 +69,7 @@ class CellResources:
         return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
 
     def describe(self) -> str:
-        return ", ".join(f"{v:g} {k.removeprefix('num_').upper()}" for k, v in self.options().items() if v)
+        return ", ".join(f"{amount:g} {name}" for name, amount in (("GPU", self.num_gpus), ("CPU", self.num_cpus)) if amount)
 
 
 def cell_resources(device: str, gpus_per_cell: float, cpus_per_cell: float) -> CellResources:
