@@ -7,7 +7,7 @@
 #     bash scripts/gpu_check.sh        # from a fresh clone, with a CUDA build of torch installed
 #
 # It installs nothing but pip packages (qbench's dependencies, keeping the torch that is there),
-# downloads no model (the suite's tiny CLIP is generated locally, tests/tmp_clip.py), and stops
+# downloads no model (the suite's tiny CLIP is generated locally, tests/helpers/clip.py), and stops
 # itself before 8 minutes. Records and tables stay in results/gpucheck/<run-id>/.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -47,13 +47,18 @@ $PYTHON - "$WORK" <<'PY' || exit 2
 import sys
 from pathlib import Path
 
-from tests import tmp_clip
+from tests.helpers import clip
 
 work = Path(sys.argv[1])
-checkpoint = tmp_clip.build_checkpoint(work / "checkpoint", hidden=768)  # ~20 M parameters: weights visible next to the context
-data = tmp_clip.build_data(work / "data")
-precisions = ["bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"]
-(work / "suite.toml").write_text(tmp_clip.suite_text(checkpoint, data, precisions, steps=30, name="gpucheck"))
+# ~20 M parameters: weights visible next to the CUDA context
+checkpoint = clip.checkpoint(work / "checkpoint", hidden=768, heads=4, image_size=32, patch_size=8)
+data = clip.images_tsv(work / "data", train_images=24, eval_images=12, size=32)
+precisions = ("bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq")
+(work / "suite.toml").write_text(clip.suite(
+    checkpoint, data, precisions, name="gpucheck", steps=30,
+    lora='r = 4\nalpha = 8\ntarget_modules = ["q_proj", "k_proj", "v_proj", "out_proj"]',
+    evaluation="batch_size = 64\nrecall_k = [1, 5]",
+))
 PY
 timeout "$(left)" $PYTHON -m qbench run "$WORK/suite.toml" --device cuda --out results || failed+=("suite")
 
