@@ -1,14 +1,16 @@
-"""Per-phase memory on the CPU: RSS sampled by the sampler process, absent sources said to be absent."""
+"""Per-phase memory on the CPU: RSS of the cell and PSS of its process tree sampled by the sampler process,
+absent sources said to be absent."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-from qbench.measure import memory
+from qbench.measure import memory, sampler
 from qbench.measure.memory import MemoryTracker
 
 MiB = 1024 * 1024
@@ -21,7 +23,7 @@ time.sleep(float(sys.argv[2]))
 """
 
 
-def test_rss_peak_includes_a_child_process_and_resets_at_the_next_phase():
+def test_pss_peak_includes_a_child_process_rss_does_not_and_both_reset_at_the_next_phase():
     tracker = MemoryTracker("cpu")
     try:
         with tracker.phase("quiet"):
@@ -35,11 +37,62 @@ def test_rss_peak_includes_a_child_process_and_resets_at_the_next_phase():
     finally:
         tracker.close()
     record = tracker.record
-    quiet, spiked, after = (record[f"memory.{p}.rss_peak_bytes"] for p in ("quiet", "child", "after"))
-    assert spiked >= quiet + 400 * MiB
+    quiet, spiked, after = (record[f"memory.{p}.pss_peak_bytes"] for p in ("quiet", "child", "after"))
+    assert spiked >= quiet + 400 * MiB  # the child's pages are its own: all of them count
     assert after < quiet + 100 * MiB  # the child's memory is not carried into the next phase
-    assert record["memory.peak_rss_bytes"] == spiked
-    assert record["memory.child.samples"] >= 10
+    assert record["memory.peak_pss_bytes"] == spiked
+    assert record["memory.child.tree_processes_max"] == 2 and record["memory.quiet.tree_processes_max"] == 1
+    assert record["memory.child.rss_peak_bytes"] < record["memory.quiet.rss_peak_bytes"] + 100 * MiB  # the cell's own
+    assert record["memory.child.samples"] >= 10 and record["memory.child.pss_reads"] >= 1
+
+
+def test_pages_a_forked_child_shares_with_the_cell_count_once():
+    """A DataLoader worker is a fork: it maps the cell's pages, and a sum of RSS would count them twice."""
+    block = bytearray(300 * MiB)  # zero-filled, so resident; shared copy-on-write with the fork below
+    tracker = MemoryTracker("cpu")
+    try:
+        with tracker.phase("alone"):
+            time.sleep(0.3)
+        with tracker.phase("forked"):
+            child = os.fork()
+            if child == 0:  # the worker only holds the shared pages
+                time.sleep(1.5)
+                os._exit(0)
+            os.waitpid(child, 0)
+    finally:
+        tracker.close()
+    record = tracker.record
+    assert record["memory.forked.tree_processes_max"] == 2
+    alone, forked = record["memory.alone.pss_peak_bytes"], record["memory.forked.pss_peak_bytes"]
+    assert alone > 300 * MiB
+    assert forked < alone + 60 * MiB, (alone / MiB, forked / MiB)  # summed RSS would be ~ alone + 300 MiB
+    del block
+
+
+def test_pss_is_read_in_full_only_as_often_as_its_cost_allows_and_follows_rss_between_reads(monkeypatch):
+    calls = []
+
+    def costly_pss(pid):  # 20 ms of CPU a read: at a 5 % share, one full read per 0.4 s at most
+        calls.append(time.monotonic())
+        started = time.process_time()
+        while time.process_time() - started < 0.02:
+            pass
+        return 100 * MiB
+
+    monkeypatch.setattr(sampler.ProcessTree, "_pss_of", staticmethod(costly_pss))
+    tree = sampler.ProcessTree(os.getpid(), pss_min_interval_s=0.01)
+    first = tree.pss_bytes()
+    assert first == 100 * MiB and len(calls) == 1
+    held = bytearray(64 * MiB)  # resident at once: RSS, and so the PSS estimate, grow by 64 MiB
+    grown = tree.pss_bytes()
+    if len(calls) == 1:  # no full read in between (the allocation took less than 0.4 s)
+        assert 60 * MiB <= grown - first <= 70 * MiB
+    deadline = time.monotonic() + 1.2
+    while time.monotonic() < deadline:
+        tree.pss_bytes()
+    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    assert 2 <= len(calls) <= 4 and min(gaps) >= 0.02 / sampler.PSS_CPU_SHARE * 0.9, gaps
+    del held
 
 
 def test_a_cpu_record_marks_cuda_and_nvml_unavailable_instead_of_zero():
@@ -56,7 +109,7 @@ def test_a_cpu_record_marks_cuda_and_nvml_unavailable_instead_of_zero():
     for key in ("torch_max_allocated_bytes", "torch_max_reserved_bytes", "nvml_process_peak_bytes", "nvml_device_peak_bytes"):
         assert key in {k.split(".", 2)[2] for k in record if k.startswith("memory.train.")}
         assert record[f"memory.train.{key}"] is None
-    assert record["memory.train.rss_peak_bytes"] > 0
+    assert record["memory.train.rss_peak_bytes"] > 0 and record["memory.train.pss_peak_bytes"] > 0
 
 
 def test_phases_do_not_nest_and_are_measured_once():
@@ -94,8 +147,10 @@ def test_without_a_sampler_process_rss_is_unavailable_with_the_reason(monkeypatc
         pass
     tracker.close()
     assert tracker.record["memory.source.rss"] == "unavailable: memory sampler process exited (exit code 1)"
-    assert tracker.record["memory.load.rss_peak_bytes"] is None
-    assert tracker.record["memory.peak_rss_bytes"] is None
+    assert tracker.record["memory.source.pss"] == "unavailable: memory sampler process exited (exit code 1)"
+    for source in ("rss", "pss"):
+        assert tracker.record[f"memory.load.{source}_peak_bytes"] is None
+        assert tracker.record[f"memory.peak_{source}_bytes"] is None
 
 
 def test_the_sampler_process_ends_with_the_tracker():

@@ -2,13 +2,18 @@
 
 `with tracker.phase("train"): ...` records, for that phase alone:
 
-    memory.train.rss_peak_bytes             process RSS, this process and its children (sampled)
+    memory.train.pss_peak_bytes             PSS of this process and its children (DataLoader workers):
+                                            shared pages divided among their sharers, so counted once (sampled)
+    memory.train.rss_peak_bytes             RSS of this process alone (sampled)
     memory.train.torch_max_allocated_bytes  torch.cuda.max_memory_allocated (reset at the phase start)
     memory.train.torch_max_reserved_bytes   torch.cuda.max_memory_reserved  (reset at the phase start)
     memory.train.nvml_process_peak_bytes    NVML, this process and its children (sampled)
     memory.train.nvml_device_peak_bytes     NVML, the whole device: other processes and driver reserve too
 
-RSS and NVML are sampled every ~10 ms by a separate process (qbench.measure.sampler), since
+plus `memory.train.tree_processes_max` (the most processes the tree had at once) and
+`memory.train.pss_reads` (full smaps_rollup reads of the tree behind the PSS figure).
+
+RSS, PSS and NVML are sampled every ~10 ms by a separate process (qbench.measure.sampler), since
 ru_maxrss is lifetime-wide and torch's counters are allocator-only. A source that is absent is None
 with `memory.source.<source>` saying why, never a zero.
 
@@ -33,7 +38,12 @@ SAMPLE_INTERVAL_S = 0.01
 # the figures each phase records
 PHASE_SOURCES = tuple(schema.MEMORY_SOURCES)
 # the ones the sampler process reads: record key -> the sampler's reading
-_SAMPLED = {"rss_peak_bytes": "rss_bytes", "nvml_process_peak_bytes": "nvml_process_bytes", "nvml_device_peak_bytes": "nvml_device_bytes"}
+_SAMPLED = {
+    "pss_peak_bytes": "pss_bytes",
+    "rss_peak_bytes": "rss_bytes",
+    "nvml_process_peak_bytes": "nvml_process_bytes",
+    "nvml_device_peak_bytes": "nvml_device_bytes",
+}
 
 
 class TorchCudaCounters:
@@ -91,10 +101,25 @@ class MemoryTracker:
         nvml = hello.get("nvml")
         self.nvml_available = bool(nvml and nvml["available"])
         self.record["memory.source.rss"] = (
-            "resident set size of this process and its children (/proc/PID/statm), sampled by a separate process"
+            "resident set size of the cell's own process, DataLoader workers not included (/proc/PID/statm), "
+            "sampled by a separate process"
             if self._sampler is not None
             else self._sampler_error
         )
+        pss = hello.get("pss")
+        if self._sampler is None:
+            self.record["memory.source.pss"] = self._sampler_error
+        elif pss and pss["available"]:
+            self.record["memory.source.pss"] = (
+                "proportional set size of the cell's process tree (the cell and its DataLoader workers): each "
+                "resident page divided by the number of processes sharing it, so pages a forked worker shares "
+                "with the cell count once (/proc/PID/smaps_rollup). The tree is read in full at most every "
+                f"sample interval, less often when a read costs more than {pss['cpu_share']:.0%} of a core, and "
+                "whenever a process joins or leaves it; between reads each process's figure follows its RSS "
+                "change (statm, every sample)"
+            )
+        else:
+            self.record["memory.source.pss"] = f"unavailable: {pss['reason'] if pss else 'the sampler did not say'}"
         self.record["memory.source.torch_cuda"] = (
             "torch.cuda.max_memory_allocated / max_memory_reserved, reset at each phase start"
             if self._counters is not None
@@ -120,6 +145,7 @@ class MemoryTracker:
         except SamplerFailed as error:  # from here on nothing is sampled, and the record says so
             self._sampler = None
             self.record["memory.source.rss"] = f"unavailable: {error}"
+            self.record["memory.source.pss"] = f"unavailable: {error}"
             if self.nvml_available:
                 self.record["memory.source.nvml"] = f"unavailable: {error}"
                 self.nvml_available = False
@@ -175,6 +201,8 @@ class MemoryTracker:
         peaks = reading["peaks"] if reading else {}
         for key, sampled in _SAMPLED.items():
             self.record[prefix + key] = peaks.get(sampled)
+        self.record[prefix + "tree_processes_max"] = peaks.get("processes")
+        self.record[prefix + "pss_reads"] = reading.get("pss_reads") if reading else None
         self.record[prefix + "torch_max_allocated_bytes"], self.record[prefix + "torch_max_reserved_bytes"] = torch_peaks
         if self.nvml_available and reading and reading["unknown_samples"].get("nvml_process_bytes"):
             self.record[prefix + "nvml_process_note"] = (

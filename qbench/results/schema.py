@@ -22,7 +22,8 @@ MEMORY_SOURCES = {
     "nvml_device_peak_bytes": "NVML device",
     "torch_max_allocated_bytes": "torch allocated",
     "torch_max_reserved_bytes": "torch reserved",
-    "rss_peak_bytes": "RSS",
+    "pss_peak_bytes": "PSS (process tree)",
+    "rss_peak_bytes": "RSS (cell process)",
 }
 
 
@@ -42,7 +43,8 @@ def process_baseline_key(source: str) -> str:
 PROCESS_MEMORY_SOURCES = tuple(source for source in MEMORY_SOURCES if source != "nvml_device_peak_bytes")
 
 # the order a per-phase plot prefers them (the first one with values is used)
-PHASE_MEMORY_PREFERENCE = ("torch_max_allocated_bytes", "nvml_process_peak_bytes", "rss_peak_bytes")
+# on a CPU the tree's PSS: RSS summed over forked DataLoader workers would count shared pages once per worker
+PHASE_MEMORY_PREFERENCE = ("torch_max_allocated_bytes", "nvml_process_peak_bytes", "pss_peak_bytes", "rss_peak_bytes")
 
 # what says which cell a record is, in every record, whether the cell finished or its process died
 IDENTITY_KEYS = (
