@@ -10,16 +10,26 @@ if TYPE_CHECKING:
     from qbench.suite.spec import Suite
 
 
-def attach(model: torch.nn.Module, suite: Suite, peft_task_type: str | None, seed: int) -> Any:
-    """The base prepared as the suite says (`train.prepare`, `train.gradient_checkpointing`) with LoRA
-    adapters on `lora.target_modules`; the seed is set just before, so every arm starts from the same adapters."""
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def prepare(model: torch.nn.Module, suite: Suite) -> torch.nn.Module:
+    """The base prepared as the suite says: `train.prepare = "peft-kbit"` runs peft's
+    prepare_model_for_kbit_training (every 16-bit parameter that is not 4-bit is cast to float32, input
+    gradients on, gradient checkpointing as `train.gradient_checkpointing` says); "none" changes nothing
+    but gradient checkpointing. What the base became is read back afterwards (`readback.inspect_trained_base`)."""
+    from peft import prepare_model_for_kbit_training
 
     if suite.train.prepare == "peft-kbit":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=suite.train.gradient_checkpointing)
-    elif suite.train.gradient_checkpointing:
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=suite.train.gradient_checkpointing)
+    if suite.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    return model
+
+
+def attach(model: torch.nn.Module, suite: Suite, peft_task_type: str | None, seed: int) -> Any:
+    """LoRA adapters on `lora.target_modules` of the prepared base; the seed is set just before, so every
+    arm starts from the same adapters."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
     lora = suite.lora
     torch.manual_seed(seed)  # the same LoRA initialisation in every arm
     config = LoraConfig(

@@ -187,8 +187,9 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
             model = models.load_base(task.model_class, model_path, cell.precision, suite.compute_dtype, cell.device, suite.model)
         readback.inspect_base(model, cell.precision, suite, model_path, cell.record)  # the arm is what its name says
         with cell.phase("prepare"):
-            model = lora.attach(model, suite, task.peft_task_type, seed)
+            model = lora.attach(lora.prepare(model, suite), suite, task.peft_task_type, seed)
         cell.update(lora.counts(model))
+        readback.inspect_trained_base(model, cell.precision, suite, cell.record)  # still what its name says?
 
         if suite.eval.before:
             with cell.phase("eval_before", timed=True):

@@ -1,5 +1,5 @@
-"""What the base really is once loaded: where it sits, its format read back and checked, its exact bytes,
-and how far its dequantized weights are from the checkpoint's."""
+"""What the base really is once loaded, and again just before it trains: where it sits, its format read
+back and checked, its exact bytes and dtypes, and how far its dequantized weights are from the checkpoint's."""
 
 from __future__ import annotations
 
@@ -28,3 +28,16 @@ def inspect_base(model: torch.nn.Module, precision: Precision, suite: Suite, mod
     started = time.perf_counter()  # outside every phase: reading the originals is the harness's work
     fields.update(weight_error.measure(model, model_path, suite.model.revision))
     fields["time.weight_error_s"] = time.perf_counter() - started
+
+
+def inspect_trained_base(model: torch.nn.Module, precision: Precision, suite: Suite, fields: dict[str, Any]) -> None:
+    """Read the base back after the prepare phase (k-bit preparation and LoRA attached), just before training:
+    `weights.train.*` (bytes by kind and by dtype, as `weights.*` at load) and `format.train.*`; then fail
+    with FormatMismatch, naming modules and dtypes, if the base is no longer in its precision's format (a
+    preparation that cast a 16-bit base to float32 would otherwise train an fp32 arm under a bf16 label)."""
+    from qbench.measure import weights
+
+    fields.update({k.replace("weights.", "weights.train.", 1): v for k, v in weights.account_base(model).items()})
+    fields.update({k.replace("format.", "format.train.", 1): v for k, v in weights.read_format(model).items()})
+    weights.check_format(model, precision, suite.compute_dtype,
+                         stage=f'after the prepare phase (train.prepare = "{suite.train.prepare}")')

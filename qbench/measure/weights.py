@@ -51,6 +51,26 @@ def quantized_param_count(module: nn.Module) -> int:
     return module.weight.numel()
 
 
+def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the frozen base only, as it was loaded: with LoRA attached (a peft model), the
+    adapters (`lora_A`, `lora_B`, ...) are left out, each wrapper is replaced by the layer it wraps
+    (`base_layer`) under the wrapped layer's own name; without LoRA, every module of `model`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    found = []
+    for name, module in inner.named_modules():
+        parts = name.split(".") if name else []
+        if any(part.startswith("lora_") for part in parts):
+            continue
+        if isinstance(getattr(module, "base_layer", None), nn.Module):
+            continue  # the adapter's wrapper: its `base_layer` child is the base's layer
+        found.append((".".join(p for p in parts if p != "base_layer"), module))
+    return found
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
 def _module_kind(module: nn.Module) -> str:
     name = type(module).__name__
     if isinstance(module, nn.Embedding) or name.endswith(("Embedding", "Embeddings")):
@@ -68,10 +88,14 @@ def account_base(model: nn.Module) -> dict[str, Any]:
     """Bytes of parameters, buffers and quantization state of `model`, each stored tensor counted once.
 
     Splits the total into the quantized linears' codes, their quantization state (by kind), and what
-    stays unquantized (by the kind of module holding it), and gives bits per quantized parameter.
+    stays unquantized (by the kind of module holding it), gives bits per quantized parameter, and the
+    same total by dtype (`weights.dtype.<dtype>_bytes`, e.g. uint8 codes, bfloat16 norms). With LoRA
+    attached, only the base is counted (`base_modules`).
     """
     seen: set[tuple[Any, int, int]] = set()
     totals: Counter[str] = Counter()
+    by_dtype: Counter[str] = Counter()
+    unquantized_dtypes: Counter[str] = Counter()
 
     def add(bucket: str, tensor: torch.Tensor) -> bool:
         """Count a tensor's bytes once, however many modules share it (tied embeddings and heads)."""
@@ -80,10 +104,13 @@ def account_base(model: nn.Module) -> dict[str, Any]:
             return False
         seen.add(key)
         totals[bucket] += tensor.nbytes
+        by_dtype[_dtype_name(tensor)] += tensor.nbytes
+        if bucket.startswith("unquantized.") and bucket != "unquantized.buffer":
+            unquantized_dtypes[_dtype_name(tensor)] += tensor.nbytes
         return True
 
     quantized_params = unquantized_params = 0
-    for module in model.modules():
+    for _, module in base_modules(model):
         if is_bnb_linear(module):
             add("codes", module.weight.data)
             for kind, tensor in quant_state_tensors(module):
@@ -117,7 +144,9 @@ def account_base(model: nn.Module) -> dict[str, Any]:
         "weights.unquantized_share_of_bytes": unquantized_bytes / base_bytes if base_bytes else None,
         "weights.bits_per_quantized_param": (8 * (totals["codes"] + state_bytes) / quantized_params) if quantized_params else None,
         "weights.bits_per_param": 8 * (base_bytes - totals["unquantized.buffer"]) / params if params else None,
+        "weights.unquantized_param_dtypes": _joined(unquantized_dtypes),
     }
+    record.update({f"weights.dtype.{name}_bytes": size for name, size in sorted(by_dtype.items())})
     record.update({f"weights.quant_state.{k}_bytes": totals[f"state.{k}"] for k in STATE_KINDS})
     record.update({f"weights.unquantized.{k}_bytes": totals[f"unquantized.{k}"] for k in UNQUANTIZED_KINDS})
     return record
@@ -133,7 +162,7 @@ def read_format(model: nn.Module) -> dict[str, Any]:
     quant_types, blocksizes, compressed, compute_dtypes, thresholds = Counter(), Counter(), Counter(), Counter(), Counter()
     dense_dtypes: Counter[str] = Counter()
     dense_linears = 0
-    for module in model.modules():
+    for _, module in base_modules(model):
         name = type(module).__name__
         if name == "Linear4bit":
             classes[name] += 1
@@ -183,19 +212,20 @@ def _is_kept_dense(name: str, patterns: list[str]) -> bool:
         return any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def check_format(model: nn.Module, precision: Precision, compute_dtype: str | None = None) -> None:
+def check_format(model: nn.Module, precision: Precision, compute_dtype: str | None = None, stage: str = "loaded") -> None:
     """Raise FormatMismatch, naming the modules that disagree, unless the model is stored as `precision` says.
 
     For a quantized precision every linear must be the precision's bitsandbytes class with its
     settings (quant type, double quantization, blocksize, compute dtype, LLM.int8 threshold), except
     the modules transformers keeps dense on purpose; for a dense precision no linear may be quantized
-    and every linear weight must have the precision's dtype.
+    and every linear weight must have the precision's dtype. With LoRA attached only the base is
+    checked (`base_modules`). `stage` says when, in the message ("loaded", "after the prepare phase").
     """
     wrong: list[str] = []
     expected = precision.expected_linear_class
-    kept_dense = _kept_dense(model) if expected is not None else []
+    kept_dense = _kept_dense(model.get_base_model() if hasattr(model, "get_base_model") else model) if expected is not None else []
     dense_dtype = str(precision.storage_dtype(compute_dtype or "bfloat16")).removeprefix("torch.")
-    for name, module in model.named_modules():
+    for name, module in base_modules(model):
         cls = type(module).__name__
         if is_bnb_linear(module):
             if cls != expected:
@@ -220,4 +250,6 @@ def check_format(model: nn.Module, precision: Precision, compute_dtype: str | No
                 wrong.append(f"{name} stores {module.weight.dtype}, expected torch.{dense_dtype}")
     if wrong:
         shown = "; ".join(wrong[:5]) + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else "")
-        raise FormatMismatch(f"loaded model does not match precision {precision.name!r} ({len(wrong)} modules disagree): {shown}")
+        raise FormatMismatch(f"{stage} model does not match precision {precision.name!r} ({len(wrong)} modules disagree): {shown}"
+                             if stage == "loaded" else
+                             f"the base {stage} does not match precision {precision.name!r} ({len(wrong)} modules disagree): {shown}")

@@ -6,6 +6,7 @@ import difflib
 from pathlib import Path
 
 from qbench.data import BUILTIN_DATASETS
+from qbench.suite import precisions
 from qbench.suite.spec import LoadedSuite, Suite, SuiteError
 
 # module classes peft can put a LoRA adapter on (bitsandbytes' Linear8bitLt/Linear4bit replace Linear later)
@@ -49,6 +50,24 @@ def _check_data(loaded: LoadedSuite) -> list[str]:
             except DataError as error:
                 problems += [f"data.{key}: {line}" for line in str(error).splitlines()]
     return problems
+
+
+def preparation_problems(loaded: LoadedSuite) -> list[str]:
+    """A dense 16-bit arm cannot keep its format under peft's k-bit preparation, which casts every 16-bit
+    parameter that is not 4-bit to float32: the "bf16" arm would train a float32 base under its bf16 label
+    (and set the speed ratios of every other arm). Known from the registry alone, so refused before any cell."""
+    suite = loaded.suite
+    if suite.train.prepare != "peft-kbit":
+        return []
+    cast = [p for p in suite.matrix.precisions
+            if precisions.get(p).kind == "dense" and precisions.get(p).dense_dtype in ("bfloat16", "float16")]
+    if not cast:
+        return []
+    return [
+        f'train.prepare: "peft-kbit" runs peft\'s prepare_model_for_kbit_training, which casts every 16-bit parameter '
+        f"that is not 4-bit to float32: the {', '.join(cast)} arm(s) would train a float32 base under a 16-bit label; "
+        'use train.prepare = "none", or fp32 as the dense arm (matrix.precisions and baseline)'
+    ]
 
 
 def _module_types(model_path: str, suite: Suite) -> dict[str, str]:
@@ -128,7 +147,7 @@ def _check_model(loaded: LoadedSuite) -> list[str]:
 
 def check_suite(loaded: LoadedSuite, check_model: bool = True) -> None:
     """SuiteError listing every problem found, or return quietly."""
-    problems = _check_data(loaded)
+    problems = preparation_problems(loaded) + _check_data(loaded)
     if check_model:
         problems += _check_model(loaded)
     if problems:
