@@ -299,3 +299,51 @@ def test_a_schema_1_baseline_that_named_the_thread_count_cpu_count_still_compare
     other = [make_record(p, run_id="run-c", env__torch_threads=2) for p in ("bf16", "int8", "nf4-dq")]
     assert compare.compare(frame(old), frame(same)).exit_code == 0
     assert compare.compare(frame(old), frame(other)).exit_code == 2
+
+
+# --- non-finite outputs and intervals (issue 11, kinds 1 and 6) ---
+
+def _with(records, **fields):
+    for record in records:
+        record.update({key.replace("__", "."): value for key, value in fields.items()})
+    return records
+
+
+def test_a_count_of_non_finite_embeddings_that_rose_is_a_regression_even_when_recall_holds():
+    baseline = frame(_with(make_records(), quality__after__nonfinite_image_embeddings=0))
+    new = _with(make_records(run_id="run-b"), quality__after__nonfinite_image_embeddings=0)
+    new[2]["quality.after.nonfinite_image_embeddings"] = 1  # nf4-dq: one image embedding is NaN now
+    result = compare.compare(baseline, frame(new))
+    assert regressed(result) == {("nf4-dq", "quality.after.nonfinite_image_embeddings")}
+    row = result.checks[result.checks["metric"] == "quality.after.nonfinite_image_embeddings"].iloc[0]
+    assert row["kind"] == "health"
+
+
+def test_a_rise_of_non_finite_losses_is_not_excused_by_the_seeds_spread():
+    seeds = (0, 1, 2)
+    baseline = make_records(seeds=seeds)
+    for record in baseline:  # the baseline's seeds already disagree: 0, 3 and 0 NaN losses
+        record["quality.after.nonfinite_losses"] = 3 if record["seed"] == 1 else 0
+    new = make_records(seeds=seeds, run_id="run-b")
+    for record in new:
+        record["quality.after.nonfinite_losses"] = 3 if record["seed"] == 1 else (1 if record["precision"] == "int8" else 0)
+    result = compare.compare(frame(baseline), frame(new))
+    assert ("int8", "quality.after.nonfinite_losses") in regressed(result)
+    assert ("bf16", "quality.after.nonfinite_losses") not in regressed(result)
+
+
+def test_interval_bounds_are_never_gated():
+    baseline = frame(_with(make_records(), interval__after__mean_recall_1__low=0.5))
+    new = frame(_with(make_records(run_id="run-b"), interval__after__mean_recall_1__low=0.1))
+    baseline = baseline.rename(columns={"interval.after.mean_recall_1.low": "interval.after.mean_recall@1.low"})
+    new = new.rename(columns={"interval.after.mean_recall_1.low": "interval.after.mean_recall@1.low"})
+    result = compare.compare(baseline, new)
+    assert result.exit_code == 0
+    assert not result.checks["metric"].str.startswith("interval.").any()
+
+
+def test_an_infinite_perplexity_in_the_new_run_is_a_regression():
+    baseline = frame(_with(make_records(), quality__after__perplexity=20.0))
+    new = _with(make_records(run_id="run-b"), quality__after__perplexity=20.0)
+    new[1]["quality.after.perplexity"] = float("inf")
+    assert regressed(compare.compare(baseline, frame(new))) == {("int8", "quality.after.perplexity")}

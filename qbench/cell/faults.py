@@ -7,13 +7,16 @@ comma-separated list of `CELL:PHASE:KIND[:ARG]`:
     CELL   a cell id (`nf4-seed0`) or `*` for every cell
     PHASE  data, load, prepare, eval_before, train, eval_after
     KIND   oom          raise torch.OutOfMemoryError
-           nan          make the training loss NaN (train phase only)
+           nan          train: make the training loss NaN; eval_before / eval_after: make the model's
+                        outputs NaN for the first ARG rows of the first batch through its output
+                        projection (CLIP `visual_projection`: image embeddings; causal LM `lm_head`:
+                        logits of the first window's first ARG positions)
            unsupported  raise NotImplementedError (the cell's status becomes `unsupported`)
            error        raise RuntimeError
            sigkill      the cell process kills itself with SIGKILL (no chance to write anything)
            sleep        sleep ARG seconds (to interrupt a cell at a known point)
     ARG    for train: the loss computation (1-based) at which the fault fires, default 1;
-           for sleep: seconds, default 60
+           for nan in an eval phase: how many rows become NaN, default 1; for sleep: seconds, default 60
 
 Example: QBENCH_TEST_FAULTS="nf4-seed0:train:nan:2,int8-seed0:load:sigkill"
 """
@@ -32,6 +35,8 @@ from qbench.results.schema import PHASES
 
 ENV_VAR = "QBENCH_TEST_FAULTS"
 KINDS = ("oom", "nan", "unsupported", "error", "sigkill", "sleep")
+EVAL_PHASES = ("eval_before", "eval_after")
+OUTPUT_PROJECTIONS = ("visual_projection", "lm_head")  # where an eval-phase nan fault plants its NaN
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,8 @@ def parse(text: str) -> list[Fault]:
             raise ValueError(f"{ENV_VAR}: unknown phase {phase!r} in {entry!r}; phases: {', '.join(PHASES)}")
         if kind not in KINDS:
             raise ValueError(f"{ENV_VAR}: unknown fault {kind!r} in {entry!r}; faults: {', '.join(KINDS)}")
-        if kind == "nan" and phase != "train":
-            raise ValueError(f"{ENV_VAR}: a nan fault needs the train phase, not {phase!r}")
+        if kind == "nan" and phase != "train" and phase not in EVAL_PHASES:
+            raise ValueError(f"{ENV_VAR}: a nan fault needs the train or an eval phase, not {phase!r}")
         faults.append(Fault(cell, phase, kind, float(parts[3]) if len(parts) == 4 else None))
     return faults
 
@@ -91,10 +96,43 @@ class Injector:
         return ",".join(f"{f.cell}:{f.phase}:{f.kind}" + (f":{f.arg:g}" if f.arg is not None else "") for f in self.faults) or None
 
     def phase(self, name: str) -> None:
-        """Fire the faults set for the start of phase `name` (train faults fire at their step instead)."""
+        """Fire the faults set for the start of phase `name` (train faults fire at their step, eval-phase
+        nan faults inside the evaluation instead)."""
         for fault in self.faults:
-            if fault.phase == name and name != "train":
+            if fault.phase == name and name != "train" and not (fault.kind == "nan" and name in EVAL_PHASES):
                 _fire(fault)
+
+    def wrap_evaluate(self, evaluate: Callable[[Any], Any], phase: str) -> Callable[[Any], Any]:
+        """The task's evaluation, with the phase's nan faults planting NaN in the model's outputs."""
+        planted = [f for f in self.faults if f.phase == phase and f.kind == "nan"]
+        if not planted:
+            return evaluate
+        rows = int(planted[0].arg) if planted[0].arg is not None else 1
+
+        def evaluate_with_nan(model: Any) -> Any:
+            fired = False
+
+            def plant(module: Any, inputs: Any, output: Any) -> Any:
+                nonlocal fired
+                if fired:
+                    return output
+                fired = True
+                output = output.clone()
+                if output.dim() == 3:  # [windows, positions, vocabulary]: the first window's first positions
+                    output[0, :rows] = math.nan
+                else:  # [images, dimensions]
+                    output[:rows] = math.nan
+                return output
+
+            handles = [m.register_forward_hook(plant) for name, m in model.named_modules()
+                       if name.rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS]
+            try:
+                return evaluate(model)
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+        return evaluate_with_nan
 
     def wrap_loss(self, loss_fn: Callable[..., Any]) -> Callable[..., Any]:
         """The task's loss function, with the train-phase faults firing at their loss computation."""

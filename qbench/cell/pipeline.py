@@ -78,10 +78,6 @@ def adapter_bytes(model: Any) -> int:
         return sum(p.stat().st_size for p in Path(folder).glob("adapter_model.*"))
 
 
-def prefixed(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
-    return {f"{prefix}{k}": v for k, v in values.items()}
-
-
 class CellRun:
     """One cell's record as it is measured: the phases enter, measure and time themselves through `phase()`."""
 
@@ -193,7 +189,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 
         if suite.eval.before:
             with cell.phase("eval_before", timed=True):
-                cell.update(prefixed("quality.before.", task.evaluate(model)))
+                cell.update(cell.faults.wrap_evaluate(task.evaluate, "eval_before")(model).record("before"))
 
         with cell.phase("train", timed=True, total=suite.train.steps):
             torch.manual_seed(seed)  # the same dropout masks and data order in every arm
@@ -203,7 +199,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         cell.update({"train.first_loss": result.first_loss, "train.final_loss": result.final_loss})
 
         with cell.phase("eval_after", timed=True):
-            cell.update(prefixed("quality.after.", task.evaluate(model)))
+            cell.update(cell.faults.wrap_evaluate(task.evaluate, "eval_after")(model).record("after"))
         cell.update({"weights.adapter_bytes": adapter_bytes(model), "status": "ok", "last_phase": "done"})
     return cell.record
 

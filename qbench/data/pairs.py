@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,30 @@ class ClipSplit:
     caption_image: list[int]
 
 
-def positives(split: ClipSplit) -> torch.Tensor:
-    """Boolean [captions, images] matrix of true matches."""
-    index = torch.tensor(split.caption_image)
-    return index[:, None] == torch.arange(len(split.images))[None, :]
+def _text_groups(split: ClipSplit, text_of: Callable[[str], Hashable] | None) -> torch.Tensor:
+    """Per caption, the index of its text among the split's distinct texts."""
+    ids: dict[Hashable, int] = {}
+    return torch.tensor([ids.setdefault(text_of(c) if text_of else c, len(ids)) for c in split.captions], dtype=torch.long)
+
+
+def positives(split: ClipSplit, text_of: Callable[[str], Hashable] | None = None) -> torch.Tensor:
+    """Boolean [captions, images] matrix of true matches.
+
+    Caption c matches its own image and every image that carries a caption with the same text, as in
+    CLIP_benchmark's positive matrix: identical captions get identical embeddings, so they tie, and a
+    tie counted against the query would make such captions unfindable whatever the model does.
+    `text_of` says what "the same text" is (default: the identical string; the CLIP task passes the
+    token ids the model reads, so captions that differ only where the tokenizer does not look match too).
+    """
+    groups = _text_groups(split, text_of)
+    carried = torch.zeros(int(groups.max()) + 1 if len(groups) else 0, len(split.images), dtype=torch.bool)
+    carried[groups, torch.tensor(split.caption_image, dtype=torch.long)] = True  # text -> the images carrying it
+    return carried[groups]
+
+
+def duplicate_captions(split: ClipSplit, text_of: Callable[[str], Hashable] | None = None) -> int:
+    """How many captions share their text (as `positives` reads it) with a caption of another image."""
+    return int((positives(split, text_of).sum(dim=1) > 1).sum())
 
 
 def open_image(image: Any):

@@ -3,6 +3,8 @@
 What is compared comes from the metric registry (`qbench.results.fields`):
 - exact metrics (weight bytes, bits per parameter, parameter and module counts) must match;
 - quality and memory may move the worse way by their tolerance (or by the seeds' noise, if larger);
+- counts of non-finite model outputs in evaluation (`quality.<phase>.nonfinite_*`) must not rise;
+- interval bounds (`interval.*`) describe a metric's noise and are not gated themselves;
 - absolute times and rates are never compared (they move from machine to machine); speed is
   compared as ratios measured within one run, e.g. nf4-dq samples/s over bf16 samples/s.
 Tolerances: the command line's, then the suite's `[compare.tolerances]`, then DEFAULT_TOLERANCES;
@@ -25,6 +27,7 @@ from qbench.suite.spec import CompareSpec, ToleranceSpec
 
 # quality tolerances are in the stored unit: recall is a fraction, so 0.03 is 3 points
 DEFAULT_TOLERANCES: tuple[tuple[str, ToleranceSpec], ...] = (
+    ("quality.*nonfinite_*", ToleranceSpec(abs=0.0)),  # one more NaN embedding or logit is a regression
     ("quality.*recall@*", ToleranceSpec(abs=0.03)),
     ("quality.*accuracy*", ToleranceSpec(abs=0.03)),
     ("quality.*perplexity*", ToleranceSpec(rel=0.03)),
@@ -38,7 +41,8 @@ DEFAULT_TOLERANCES: tuple[tuple[str, ToleranceSpec], ...] = (
     (fields.RATIO_PREFIX + "*", ToleranceSpec(rel=0.20)),
 )
 EXACT = ToleranceSpec(abs=0.0, rel=1e-9)  # float noise only: bits per parameter is a quotient
-GATED_KINDS = ("exact", "quality", "memory", "speed-ratio")
+GATED_KINDS = ("exact", "quality", "health", "memory", "speed-ratio")
+NO_NOISE_KINDS = ("exact", "health")  # deterministic or must-not-rise: no allowance from the seeds' spread
 # what must agree for two sets of records to be comparable at all
 IDENTITY_COLUMNS = ("suite", "task", "model", "data.source", "eval.protocol")
 
@@ -296,7 +300,7 @@ def _check_metric(precision: str, metric: str, both: _Stats, settings: Settings,
         return _row(precision, metric, "missing", note="the new results lack this metric", **row)
     allowed = max(tolerance.abs or 0.0, (tolerance.rel or 0.0) * abs(before))
     noise = 0.0
-    if spec.kind != "exact":
+    if spec.kind not in NO_NOISE_KINDS:
         noise = settings.noise_sigmas * _noise(both.old.std.loc[precision, metric], n_old, both.new.std.loc[precision, metric], n_new)
     row.update(allowed=allowed, noise=noise)
     return _row(precision, metric, _verdict(spec, before, after, max(allowed, noise)), **row)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from qbench.results import schema
 
-Kind = Literal["exact", "quality", "memory", "speed", "speed-ratio"]
+Kind = Literal["exact", "quality", "health", "memory", "speed", "speed-ratio", "interval"]
 Direction = Literal["higher", "lower"]
 
 # derived columns: a speed metric of one precision over the baseline precision's, within one run
@@ -24,9 +24,12 @@ class FieldSpec:
     """How to read one record field.
 
     kind:      exact — must match between runs (bytes, bits, counts); quality — task metrics, compared
-               within a tolerance; memory — peaks, compared within a relative tolerance; speed — absolute
-               times and rates, which move from machine to machine and are only compared as ratios;
-               speed-ratio — a speed metric of one precision over the baseline precision's, in one run
+               within a tolerance; health — counts of non-finite model outputs in evaluation, which
+               must not rise (no noise allowance); memory — peaks, compared within a relative
+               tolerance; speed — absolute times and rates, which move from machine to machine and
+               are only compared as ratios; speed-ratio — a speed metric of one precision over the
+               baseline precision's, in one run; interval — a bound or standard error of a quality
+               metric (`interval.<phase>.<metric>.low|high|se`), never gated itself
     direction: which way is better (`None`: neither, e.g. a parameter count)
     unit:      what the stored number is in; the renderers scale it (bytes -> MiB, fraction -> %)
     """
@@ -54,6 +57,8 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("eval.*tokens", "exact", None, "count"),
     FieldSpec("eval.windows", "exact", None, "count"),
     FieldSpec("eval.bytes", "exact", None, "count"),
+    # before the quality patterns: `nonfinite_losses` must not read as a loss
+    FieldSpec("quality.*nonfinite_*", "health", "lower", "count"),
     FieldSpec("quality.*recall@*", "quality", "higher", "fraction"),
     FieldSpec("quality.*accuracy*", "quality", "higher", "fraction"),
     FieldSpec("quality.*perplexity*", "quality", "lower", "perplexity"),
@@ -83,18 +88,43 @@ HEADLINE_QUALITY = (
 HEADLINE_PEAK_MEMORY = (
     "memory.train.torch_max_allocated_bytes",
     "memory.train.nvml_process_peak_bytes",
-    "memory.peak_pss_bytes",
-    "memory.peak_rss_bytes",
+    "memory.peak_pss_bytes",  # on a CPU: the process tree with shared pages counted once (DataLoader workers)
+    "memory.peak_rss_bytes",  # records made before PSS was measured
 )
-# how a report names each memory source (the schema's names win; PSS is named here until the schema has it)
-SOURCE_LABELS = {"pss_peak_bytes": "PSS", **schema.MEMORY_SOURCES}
+# how a report names each memory source
+SOURCE_LABELS = dict(schema.MEMORY_SOURCES)
 HEADLINE_THROUGHPUT = ("speed.train_samples_per_s", "speed.train_tokens_per_s")
 HEADLINE_WEIGHTS = "weights.base_bytes"
 
 
 
+INTERVAL_PREFIX = "interval."
+INTERVAL_PARTS = ("low", "high", "se")
+
+
+def interval_metric(name: str) -> str | None:
+    """`interval.after.mean_recall@1.low` -> `quality.after.mean_recall@1`; None for any other name."""
+    if not name.startswith(INTERVAL_PREFIX):
+        return None
+    body, _, part = name.removeprefix(INTERVAL_PREFIX).rpartition(".")
+    return f"quality.{body}" if body and part in INTERVAL_PARTS else None
+
+
+def interval_columns(metric: str) -> dict[str, str]:
+    """`quality.after.perplexity` -> {"low": "interval.after.perplexity.low", "high": ..., "se": ...}."""
+    body = metric.removeprefix("quality.")
+    return {part: f"{INTERVAL_PREFIX}{body}.{part}" for part in INTERVAL_PARTS}
+
+
 def spec_for(name: str) -> FieldSpec | None:
-    """The registry entry for a field name, or None for fields that only describe (identity, config, env)."""
+    """The registry entry for a field name, or None for fields that only describe (identity, config, env).
+
+    An interval bound or standard error gets kind "interval" (never gated) in its metric's unit, so it
+    scales like the metric (recall as %, bytes as MiB)."""
+    metric = interval_metric(name)
+    if metric is not None:
+        spec = spec_for(metric)
+        return FieldSpec(INTERVAL_PREFIX + "*", "interval", None, spec.unit) if spec is not None else None
     for spec in FIELDS:
         if spec.matches(name):
             return spec
@@ -113,8 +143,8 @@ def first_present(frame: Any, candidates: tuple[str, ...]) -> str | None:
 # names people know these by; other fields get a name made from their key
 LABELS = {
     "weights.base_bytes": "base weights MiB",
-    "memory.peak_rss_bytes": "peak RSS MiB",
     "memory.peak_pss_bytes": "peak PSS MiB",
+    "memory.peak_rss_bytes": "peak RSS MiB",
     "memory.train.torch_max_allocated_bytes": "train torch peak allocated MiB",
     "memory.train.nvml_process_peak_bytes": "train NVML process peak MiB",
     "speed.train_samples_per_s": "train samples/s",

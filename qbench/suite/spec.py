@@ -163,7 +163,7 @@ class CompareSpec(_Section):
         for pattern in value:
             if not pattern.strip():
                 raise ValueError("an empty field pattern")
-            if not any(ch in pattern for ch in "*?[") and fields.spec_for(pattern) is None:
+            if not any(ch in pattern for ch in "*?[") and getattr(fields.spec_for(pattern), "kind", "interval") == "interval":
                 raise ValueError(f"{pattern!r} is not a metric qbench compares (see qbench.fields.FIELDS)")
         return value
 

@@ -1,4 +1,4 @@
-"""What a task supplies to the shared training loop: the Batch, the Task protocol, an endless loader."""
+"""What a task supplies to the shared loop: the Batch, the Evaluation, the Task protocol, an endless loader."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+from qbench.tasks.intervals import CONFIDENCE, RESAMPLES, SEED, Interval
 
 if TYPE_CHECKING:
     from qbench.suite.spec import LoadedSuite
@@ -24,6 +26,34 @@ class Batch:
         return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.samples, self.tokens)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of the model on the held-out split.
+
+    metrics:   unprefixed names (`i2t_recall@1`, `perplexity`, and the counts `nonfinite_<what>` of
+               non-finite model outputs met on the way);
+    intervals: a bootstrap interval for each quality metric of `metrics`, by the same name;
+    method:    how the intervals were made, in words (what was resampled).
+    """
+
+    metrics: dict[str, float]
+    intervals: dict[str, Interval]
+    method: str
+
+    def record(self, phase: str) -> dict[str, Any]:
+        """Flat record fields: `quality.<phase>.<name>`, `interval.<phase>.<name>.low|high|se` (and
+        `.note` where an interval is undefined), and `interval.method|resamples|confidence|seed`."""
+        fields: dict[str, Any] = {f"quality.{phase}.{name}": value for name, value in self.metrics.items()}
+        for name, interval in self.intervals.items():
+            prefix = f"interval.{phase}.{name}."
+            fields.update({prefix + "low": interval.low, prefix + "high": interval.high, prefix + "se": interval.se})
+            if interval.note:
+                fields[prefix + "note"] = interval.note
+        fields.update({"interval.method": self.method, "interval.resamples": RESAMPLES,
+                       "interval.confidence": CONFIDENCE, "interval.seed": SEED})
+        return fields
+
+
 class Task(Protocol):
     name: str
     model_class: Any
@@ -38,8 +68,8 @@ class Task(Protocol):
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """The training loss of one batch."""
 
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Quality metrics on the held-out split (unprefixed names, e.g. 'i2t_recall@1')."""
+    def evaluate(self, model: torch.nn.Module) -> Evaluation:
+        """Quality metrics on the held-out split, their intervals and the non-finite outputs met."""
 
 
 class TaskBase:

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qbench.tasks.batch import Batch, TaskBase
+from qbench.tasks import intervals
+from qbench.tasks.batch import Batch, Evaluation, TaskBase
 
 if TYPE_CHECKING:
     from qbench.suite.spec import LoadedSuite
 
 IGNORE = -100
+MAX_LOG_FLOAT = math.log(sys.float_info.max)  # exp() of anything larger is infinite as a float64
+BOOTSTRAP_METHOD = (
+    "percentile bootstrap over eval windows: windows resampled with replacement, each with its summed NLL, "
+    "scored tokens and UTF-8 bytes; perplexity, NLL per token and bits per byte from the resampled sums"
+)
 
 
 @dataclass(frozen=True)
@@ -61,25 +68,90 @@ def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def perplexity_metrics(total_nll: float, scored_tokens: int, text_bytes: int) -> dict[str, float]:
-    """Token perplexity and bits per UTF-8 byte from a summed NLL in nats."""
+    """Token perplexity and bits per UTF-8 byte from a summed NLL in nats; a non-finite sum (a token the
+    model gave a NaN or infinite loss) makes every figure infinite: it is never averaged away."""
+    if not math.isfinite(total_nll):
+        return {"perplexity": math.inf, "nll_per_token": math.inf, "bits_per_byte": math.inf}
+    per_token = total_nll / scored_tokens
     return {
-        "perplexity": math.exp(total_nll / scored_tokens),
-        "nll_per_token": total_nll / scored_tokens,
+        "perplexity": math.exp(per_token) if per_token < MAX_LOG_FLOAT else math.inf,  # beyond a float64
+        "nll_per_token": per_token,
         "bits_per_byte": total_nll / math.log(2) / text_bytes,
     }
 
 
+@dataclass(frozen=True)
+class WindowScores:
+    """Per eval window: summed NLL in nats (float64; +inf where a scored token's loss is not finite) and
+    scored tokens; and the non-finite outputs met: scored positions whose logits hold a NaN or infinite
+    value, and scored tokens whose NLL is NaN or infinite."""
+
+    nll: torch.Tensor  # [windows]
+    tokens: torch.Tensor  # [windows]
+    nonfinite_logits: int
+    nonfinite_losses: int
+
+
 @torch.no_grad()
-def evaluate_perplexity(model: torch.nn.Module, windows: Windows, text_bytes: int, batch_size: int, device: str) -> dict[str, float]:
-    """Perplexity of `model` over `windows` (padding excluded, every scored token counted once)."""
-    total = 0.0
+def score_windows(model: torch.nn.Module, windows: Windows, batch_size: int, device: str) -> WindowScores:
+    """Run `model` over `windows` and score every labelled position (padding excluded)."""
+    sums, bad_logits, bad_losses = [], 0, 0
     for start in range(0, windows.input_ids.shape[0], batch_size):
         part = slice(start, start + batch_size)
         logits = model(
             input_ids=windows.input_ids[part].to(device), attention_mask=windows.attention_mask[part].to(device)
-        ).logits
-        total += summed_nll(logits, windows.labels[part].to(device)).item()
-    return perplexity_metrics(total, windows.scored_tokens, text_bytes)
+        ).logits.float()
+        labels = windows.labels[part].to(device)
+        scored = labels != IGNORE
+        token_nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+        ).reshape(labels.shape)
+        bad_logits += int((~torch.isfinite(logits).all(dim=-1) & scored).sum())
+        broken = ~torch.isfinite(token_nll) & scored
+        bad_losses += int(broken.sum())
+        token_nll = token_nll.masked_fill(broken, math.inf).masked_fill(~scored, 0.0)  # NaN -> +inf: never averaged away
+        sums.append(token_nll.double().sum(dim=1).cpu())
+    tokens = (windows.labels != IGNORE).sum(dim=1)
+    return WindowScores(torch.cat(sums), tokens, bad_logits, bad_losses)
+
+
+def window_bytes(windows: Windows, text_bytes: int, decode: Any = None) -> torch.Tensor:
+    """UTF-8 bytes each window scores, summing to `text_bytes`: from `decode` (token ids -> text) where
+    given, else shared out by scored tokens. Decoding window by window can add or drop a byte at a
+    window's edge (a leading space, a character split between windows); the share is rescaled to the total."""
+    tokens = (windows.labels != IGNORE).sum(dim=1).to(torch.float64)
+    if decode is not None:
+        sizes = torch.tensor(
+            [len(decode(row[row != IGNORE].tolist()).encode("utf-8")) for row in windows.labels], dtype=torch.float64
+        )
+        if float(sizes.sum()) > 0:
+            return sizes * (text_bytes / float(sizes.sum()))
+    return tokens * (text_bytes / float(tokens.sum()))
+
+
+def perplexity_evaluation(scores: WindowScores, text_bytes: int, byte_shares: torch.Tensor | None = None) -> Evaluation:
+    """Perplexity, NLL per token and bits per byte over every window, each with a bootstrap interval over
+    windows, plus the counts of non-finite logits and losses."""
+    total_tokens = int(scores.tokens.sum())
+    metrics: dict[str, float] = dict(perplexity_metrics(float(scores.nll.sum()), total_tokens, text_bytes))
+    if byte_shares is None:
+        byte_shares = scores.tokens.to(torch.float64) * (text_bytes / max(total_tokens, 1))
+    sums = intervals.resampled_sums(
+        torch.stack([scores.nll, scores.tokens.to(torch.float64), byte_shares.to(torch.float64)], dim=1), intervals.generator()
+    )
+    nll_per_token = sums[:, 0] / sums[:, 1]
+    replicates = {"perplexity": torch.exp(nll_per_token), "nll_per_token": nll_per_token, "bits_per_byte": sums[:, 0] / math.log(2) / sums[:, 2]}
+    units = int(scores.nll.shape[0])
+    found = {name: intervals.percentile_interval(values, units) for name, values in replicates.items()}
+    metrics["nonfinite_logits"] = scores.nonfinite_logits
+    metrics["nonfinite_losses"] = scores.nonfinite_losses
+    return Evaluation(metrics, found, BOOTSTRAP_METHOD)
+
+
+def evaluate_perplexity(model: torch.nn.Module, windows: Windows, text_bytes: int, batch_size: int, device: str,
+                        byte_shares: torch.Tensor | None = None) -> Evaluation:
+    """Perplexity of `model` over `windows` (padding excluded, every scored token counted once), with intervals."""
+    return perplexity_evaluation(score_windows(model, windows, batch_size, device), text_bytes, byte_shares)
 
 
 def load_texts(loaded_suite: LoadedSuite) -> tuple[str, str, dict[str, Any]]:
@@ -128,6 +200,7 @@ class CausalLMTask(TaskBase):
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.windows = make_windows(encode(eval_text), self.window, pad_id)
         self.eval_bytes = len(eval_text.encode("utf-8"))
+        self.window_bytes = window_bytes(self.windows, self.eval_bytes, self.tokenizer.decode)
         info.update(
             {
                 "data.train_tokens": int(self.train_ids.numel()),
@@ -140,7 +213,8 @@ class CausalLMTask(TaskBase):
                 "eval.protocol": (
                     "token perplexity over the held-out text as one stream, no special tokens, non-overlapping "
                     "windows (stride = window); every token after the first scored once, padding excluded; "
-                    "bits_per_byte = summed NLL / ln 2 / UTF-8 bytes of the text"
+                    "bits_per_byte = summed NLL / ln 2 / UTF-8 bytes of the text; a token with a non-finite loss "
+                    "makes perplexity infinite"
                 ),
             }
         )
@@ -162,10 +236,11 @@ class CausalLMTask(TaskBase):
         labels = batch.inputs["labels"]
         return summed_nll(logits, labels) / labels.numel()
 
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module) -> Evaluation:
         was_training = model.training
         model.eval()
         try:
-            return evaluate_perplexity(model, self.windows, self.eval_bytes, self.suite.eval.batch_size, self.device)
+            return evaluate_perplexity(model, self.windows, self.eval_bytes, self.suite.eval.batch_size, self.device,
+                                       self.window_bytes)
         finally:
             model.train(was_training)

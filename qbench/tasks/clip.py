@@ -8,9 +8,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qbench.data import builtin_names
-from qbench.data.pairs import CaptionPairs, ClipSplit, open_image, positives
-from qbench.tasks.batch import Batch, TaskBase, endless
-from qbench.tasks.metrics import contrastive_loss, recall_at_k
+from qbench.data.pairs import CaptionPairs, ClipSplit, duplicate_captions, open_image, positives
+from qbench.tasks import intervals
+from qbench.tasks.batch import Batch, Evaluation, TaskBase, endless
+from qbench.tasks.metrics import contrastive_loss, hits_at_k, match_ranks, nonfinite_rows
+
+BOOTSTRAP_METHOD = (
+    "percentile bootstrap over eval queries: captions (t2i) and images (i2t) resampled with replacement, "
+    "each direction on its own; mean recall from the two resampled recalls"
+)
 
 if TYPE_CHECKING:
     from qbench.suite.spec import LoadedSuite
@@ -58,11 +64,19 @@ class ClipTask(TaskBase):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, revision=self.suite.model.revision)
         self.image_processor = AutoImageProcessor.from_pretrained(self.model_path, revision=self.suite.model.revision)
         self.train_split, self.eval_split, info = load_splits(self.loaded_suite)
+        self.positives = positives(self.eval_split, self._model_text)
+        info["data.eval.duplicate_captions"] = duplicate_captions(self.eval_split, self._model_text)
         info["eval.protocol"] = (
             "recall@k over the held-out split, image->text and text->image; a query counts if any true "
-            "match is in the top k; ties count against the query"
+            "match is in the top k; ties count against the query; captions the model reads as the same "
+            "tokens are positives of every image carrying one; a non-finite score never matches"
         )
         return info
+
+    def _model_text(self, caption: str) -> tuple[int, ...]:
+        """A caption as the text tower reads it: its token ids after truncation to train.max_length."""
+        ids = self.tokenizer(caption, truncation=True, max_length=self.suite.train.max_length)["input_ids"]
+        return tuple(ids)
 
     def _collate(self, items: list[tuple[Any, str]]) -> Batch:
         images, captions = zip(*items, strict=True)
@@ -117,21 +131,40 @@ class ClipTask(TaskBase):
         texts = torch.nn.functional.normalize(torch.cat(text_embeds), dim=-1)
         return images.cpu(), texts.cpu()
 
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module) -> Evaluation:
         was_training = model.training
         model.eval()
         try:
             images, texts = self._embed(model, self.eval_split)
         finally:
             model.train(was_training)
-        similarity = texts @ images.T  # [captions, images]
-        ks = self.suite.eval.recall_k
-        matches = positives(self.eval_split)
-        t2i = recall_at_k(similarity, matches, ks)
-        i2t = recall_at_k(similarity.T, matches.T, ks)
-        metrics: dict[str, float] = {}
-        for k in ks:
-            metrics[f"i2t_recall@{k}"] = i2t[k]
-            metrics[f"t2i_recall@{k}"] = t2i[k]
-            metrics[f"mean_recall@{k}"] = (i2t[k] + t2i[k]) / 2
-        return metrics
+        return retrieval_evaluation(texts @ images.T, self.positives, self.suite.eval.recall_k, {
+            "nonfinite_image_embeddings": nonfinite_rows(images),
+            "nonfinite_text_embeddings": nonfinite_rows(texts),
+        })
+
+
+def retrieval_evaluation(similarity: torch.Tensor, matches: torch.Tensor, ks: tuple[int, ...],
+                         counts: dict[str, int] | None = None) -> Evaluation:
+    """Recall@k both ways from a [captions, images] similarity and positive matrix, with a bootstrap
+    interval for each recall (`intervals`), plus the given counts of non-finite outputs as metrics."""
+    hits = {
+        "t2i": hits_at_k(match_ranks(similarity, matches), ks).to(torch.float64),  # [captions, k]
+        "i2t": hits_at_k(match_ranks(similarity.T, matches.T), ks).to(torch.float64),  # [images, k]
+    }
+    gen = intervals.generator()
+    replicates = {d: intervals.resampled_sums(h, gen) / h.shape[0] for d, h in hits.items()}  # [resamples, k]
+    replicates["mean"] = (replicates["t2i"] + replicates["i2t"]) / 2
+    units = {"t2i": hits["t2i"].shape[0], "i2t": hits["i2t"].shape[0]}
+    units["mean"] = min(units.values())
+    metrics: dict[str, float] = {}
+    found: dict[str, intervals.Interval] = {}
+    for i, k in enumerate(ks):
+        recall = {d: int(h[:, i].sum()) / h.shape[0] for d, h in hits.items()}  # exact shares
+        recall["mean"] = (recall["i2t"] + recall["t2i"]) / 2
+        for direction in ("i2t", "t2i", "mean"):
+            name = f"{direction}_recall@{k}"
+            metrics[name] = recall[direction]
+            found[name] = intervals.percentile_interval(replicates[direction][:, i], units[direction])
+    metrics.update(counts or {})
+    return Evaluation(metrics, found, BOOTSTRAP_METHOD)
