@@ -182,7 +182,7 @@ def _run_pending(state: Resumable, args: argparse.Namespace, slots: list[Slot] |
 
 
 # what the terminal shows at the end of a run: the verdict first, then the tables a person compares
-RUN_END_SECTIONS = ("verdict", "warnings", "relative", "per_precision", "failures")
+RUN_END_SECTIONS = ("verdict", "nonfinite", "warnings", "relative", "per_precision", "failures")
 
 
 def _finish(run_dir: Path, records: list[dict[str, Any]]) -> int:

@@ -16,6 +16,7 @@ import pandas as pd
 from qbench.report import tables
 from qbench.report.eval_checks import eval_set_warnings
 from qbench.report.explain import weight_bytes_explanation
+from qbench.report.findings import nonfinite_findings
 from qbench.report.verdict import Verdict, verdict
 from qbench.results import fields, stats
 
@@ -67,6 +68,15 @@ def verdict_section(data: ReportData) -> Section | None:
     if not data.verdict.lines:
         return None
     return Section("verdict", f"Verdict: each precision against {data.baseline}", text=data.verdict.markdown())
+
+
+def nonfinite_section(data: ReportData) -> Section | None:
+    """The cells whose model gave NaN or infinite outputs in evaluation, in words (`findings.nonfinite_findings`)."""
+    found = nonfinite_findings(data.frame)
+    if not found:
+        return None
+    return Section("nonfinite", "Non-finite model outputs: a format that breaks the model",
+                   text="\n".join(f"- {line}" for line in found))
 
 
 def warnings_section(data: ReportData) -> Section | None:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 # what a report says, in order: the verdict first, then the tables; add a part by adding its maker here
 SECTIONS = (
     sections.verdict_section,
+    sections.nonfinite_section,
     sections.warnings_section,
     sections.relative_section,
     sections.per_precision_section,
@@ -29,7 +30,7 @@ SECTIONS = (
     sections.provenance_section,
 )
 # the ones before the plots in report.md and the HTML page
-LEADING = ("verdict", "warnings")
+LEADING = ("verdict", "nonfinite", "warnings")
 
 
 def report_sections(frame: pd.DataFrame, settings: Settings | None = None) -> list[Section]:
