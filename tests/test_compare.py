@@ -312,7 +312,7 @@ def _with(records, **fields):
 def test_a_count_of_non_finite_embeddings_that_rose_is_a_regression_even_when_recall_holds():
     baseline = frame(_with(make_records(), quality__after__nonfinite_image_embeddings=0))
     new = _with(make_records(run_id="run-b"), quality__after__nonfinite_image_embeddings=0)
-    new[2]["quality.after.nonfinite_image_embeddings"] = 1  # nf4-dq: one image embedding is NaN now
+    by_precision(new)["nf4-dq"]["quality.after.nonfinite_image_embeddings"] = 1  # one image embedding is NaN now
     result = compare.compare(baseline, frame(new))
     assert regressed(result) == {("nf4-dq", "quality.after.nonfinite_image_embeddings")}
     row = result.checks[result.checks["metric"] == "quality.after.nonfinite_image_embeddings"].iloc[0]
@@ -345,5 +345,5 @@ def test_interval_bounds_are_never_gated():
 def test_an_infinite_perplexity_in_the_new_run_is_a_regression():
     baseline = frame(_with(make_records(), quality__after__perplexity=20.0))
     new = _with(make_records(run_id="run-b"), quality__after__perplexity=20.0)
-    new[1]["quality.after.perplexity"] = float("inf")
+    by_precision(new)["int8"]["quality.after.perplexity"] = float("inf")
     assert regressed(compare.compare(baseline, frame(new))) == {("int8", "quality.after.perplexity")}

@@ -12,7 +12,7 @@ from qbench.tasks.clip import ClipTask
 from qbench.tasks.metrics import recall_at_k
 
 from .conftest import write_suite
-from .tiny_assets import make_tsv_data, suite_text
+from .helpers import clip
 
 
 def test_identical_captions_are_positives_of_every_image_that_carries_them():
@@ -45,15 +45,15 @@ def test_ten_images_with_five_caption_texts_are_no_longer_frozen_at_a_tie():
 
 
 def test_the_clip_task_counts_captions_the_model_reads_as_the_same_text(tmp_path: Path, tiny_clip_dir: Path):
-    data = make_tsv_data(tmp_path / "data", eval_images=6)
-    lines = (data / "eval.tsv").read_text().splitlines()
-    first_image, first_caption = lines[0].split("\t")
+    data = clip.images_tsv(tmp_path / "data", eval_images=6, size=16)
+    lines = data["eval"].read_text().splitlines()
+    first_caption = lines[0].split("\t")[1]
     second_image = lines[1].split("\t")[0]
     # the same words with other spacing: the tokenizer reads the same tokens
     lines[1] = f"{second_image}\t{first_caption.replace(' ', '  ')}"
-    (data / "eval.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    loaded = spec.load(write_suite(tmp_path, suite_text(tiny_clip_dir, data)))
-    task = ClipTask(loaded.suite, loaded, str(tiny_clip_dir), "cpu")
+    data["eval"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    loaded = spec.load(write_suite(tmp_path, clip.suite(tiny_clip_dir, data)))
+    task = ClipTask(loaded, str(tiny_clip_dir), "cpu")
     info = task.prepare_data()
     assert info["data.eval.duplicate_captions"] == 2
     assert task.positives[:2, :2].all() and int(task.positives.sum()) == 6 + 2

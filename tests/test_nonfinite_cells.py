@@ -21,8 +21,8 @@ from qbench.gate import compare
 from qbench.report.findings import nonfinite_findings
 from qbench.results import records as results
 
-from . import tmp_clip
 from .conftest import write_suite
+from .helpers import clip
 from .records import make_records
 
 pytestmark = pytest.mark.slow
@@ -42,28 +42,32 @@ def test_findings_say_in_words_which_cell_broke_how_often_and_what_it_does_to_th
     assert nonfinite_findings(pd.DataFrame(make_records())) == []
 
 
-def _clip_inputs(folder: Path) -> tuple[Path, Path]:
+def _clip_inputs(folder: Path) -> tuple[Path, dict[str, Path]]:
     import torch
-    from PIL import Image, ImageDraw
     from transformers import CLIPModel
 
-    checkpoint = tmp_clip.build_checkpoint(folder / "checkpoint")
+    checkpoint = clip.checkpoint(folder / "checkpoint", image_size=32, patch_size=8)
     model = CLIPModel.from_pretrained(checkpoint)
     weight = model.vision_model.embeddings.patch_embedding.weight
     torch.manual_seed(0)
     with torch.no_grad():
-        weight.add_(120 * (torch.rand(weight.shape[0], 1, 1, 1) + 0.5))  # near-white images overflow float16
+        weight.add_(200 * (torch.rand(weight.shape[0], 1, 1, 1) + 0.5))  # white images overflow float16, grey do not
     model.save_pretrained(checkpoint)
-    data = tmp_clip.build_data(folder / "data")  # eval: 12 images on a near-white background
-    lines = []
-    for index, (colour, rgb) in enumerate(tmp_clip.COLOURS.items()):
-        for shape in tmp_clip.SHAPES:
-            image = Image.new("RGB", (32, 32), (120, 120, 120))  # grey: finite in float16, so training is
-            ImageDraw.Draw(image).rectangle((6 + index, 6, 22, 24), fill=rgb)
-            image.save(data / "images" / f"grey-{colour}-{shape}.png")
-            lines.append(f"grey-{colour}-{shape}.png\ta {colour} {shape}")
-    (data / "train.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return checkpoint, data
+    images = folder / "data" / "images"
+    images.mkdir(parents=True)
+    lines: dict[str, list[str]] = {"train": [], "eval": []}
+    for colour in clip.COLOURS:
+        for shape in clip.SHAPES:  # training on grey: finite in float16 too, so every arm trains
+            clip.draw(shape, colour, "gray", 32).save(images / f"train-{colour}-{shape}.png")
+            lines["train"].append(f"train-{colour}-{shape}.png\ta {colour} {shape} on a gray background")
+        for background in ("white", "gray"):
+            clip.draw("circle", colour, background, 32, shift=1).save(images / f"eval-{colour}-{background}.png")
+            lines["eval"].append(f"eval-{colour}-{background}.png\ta {colour} circle on a {background} background")
+    paths = {"images": images}
+    for split, split_lines in lines.items():
+        paths[split] = folder / "data" / f"{split}.tsv"
+        paths[split].write_text("\n".join(split_lines) + "\n", encoding="utf-8")
+    return checkpoint, paths
 
 
 def _run(tmp_path: Path, text: str, monkeypatch, fault: str) -> tuple[int, Path, dict]:
@@ -95,23 +99,22 @@ def _assert_tree_memory(record: dict, workers: int) -> None:
 
 def test_clip_float16_overflow_and_planted_nan_are_counted_never_hits_and_flagged(tmp_path, monkeypatch, capsys):
     checkpoint, data = _clip_inputs(tmp_path)
-    text = tmp_clip.suite_text(checkpoint, data, ["bf16", "fp16", "nf4"], steps=3, name="nanclip", recall_k=(1, 5),
-                               targets=("q_proj", "v_proj"), dropout=0.0)
-    text = text.replace('image_root = "', 'num_workers = 2\nimage_root = "')
+    text = clip.suite(checkpoint, data, ("bf16", "fp16", "nf4"), name="nanclip", data_extra="num_workers = 2",
+                      evaluation="batch_size = 64\nrecall_k = [1, 5]")
     code, run_dir, records = _run(tmp_path, text, monkeypatch, "nf4-seed0:eval_after:nan:3")
     assert code == 0 and all(r["status"] == "ok" for r in records.values()), {p: r.get("error") for p, r in records.items()}
     bf16, fp16, nf4 = records["bf16"], records["fp16"], records["nf4"]
     for phase in ("before", "after"):
         assert bf16[f"quality.{phase}.nonfinite_image_embeddings"] == 0
         assert bf16[f"quality.{phase}.nonfinite_text_embeddings"] == 0
-        # the circles and bars overflow float16 (8 of 12 images), the squares do not
-        assert fp16[f"quality.{phase}.nonfinite_image_embeddings"] == 8
+        # the 4 images on white overflow float16, the 4 on grey do not
+        assert fp16[f"quality.{phase}.nonfinite_image_embeddings"] == 4
         # a NaN image can find nothing and be found by nothing: at most the 4 finite images / their captions hit
         for direction in ("i2t", "t2i"):
-            assert fp16[f"quality.{phase}.{direction}_recall@5"] <= 4 / 12
+            assert fp16[f"quality.{phase}.{direction}_recall@5"] <= 4 / 8
         _assert_intervals(fp16, phase, ["i2t_recall@1", "t2i_recall@1", "mean_recall@1", "mean_recall@5"])
     assert nf4["quality.before.nonfinite_image_embeddings"] == 0 and nf4["quality.after.nonfinite_image_embeddings"] == 3
-    assert nf4["quality.after.i2t_recall@5"] <= 9 / 12
+    assert nf4["quality.after.i2t_recall@5"] <= 5 / 8
     assert nf4["data.eval.duplicate_captions"] == 0
     for record in records.values():
         _assert_tree_memory(record, workers=2)
@@ -120,7 +123,7 @@ def test_clip_float16_overflow_and_planted_nan_are_counted_never_hits_and_flagge
     assert "fp16-seed0: the model's outputs were NaN or infinite" in summary and "nf4-seed0" in summary
     assert "bf16-seed0: the model" not in summary
     captured = capsys.readouterr()
-    assert "8 of 12 image embeddings" in captured.out + captured.err  # the terminal says it too
+    assert "4 of 8 image embeddings" in captured.out + captured.err  # the terminal says it too
 
     # the gate: a baseline where these arms were finite, against this run
     frame = results.load_frame([run_dir])
