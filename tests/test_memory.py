@@ -69,6 +69,22 @@ def test_pages_a_forked_child_shares_with_the_cell_count_once():
     del block
 
 
+def test_a_worker_that_exited_and_was_not_yet_reaped_does_not_force_a_full_pss_read_at_every_sample():
+    tracker = MemoryTracker("cpu")
+    try:
+        with tracker.phase("zombie"):
+            child = os.fork()
+            if child == 0:
+                os._exit(0)  # a zombie until the parent reaps it: listed as a child, its smaps_rollup unreadable
+            time.sleep(1.0)
+            os.waitpid(child, 0)
+    finally:
+        tracker.close()
+    record = tracker.record
+    assert record["memory.zombie.pss_peak_bytes"] > 0
+    assert record["memory.zombie.pss_reads"] < record["memory.zombie.samples"] / 2, record
+
+
 def test_pss_is_read_in_full_only_as_often_as_its_cost_allows_and_follows_rss_between_reads(monkeypatch):
     calls = []
 

@@ -128,9 +128,9 @@ class ProcessTree:
                 for line in handle:
                     if line.startswith(b"Pss:"):
                         return int(line.split()[1]) * 1024
+            return 0  # no mappings at all (a zombie)
         except FileNotFoundError:
-            pass
-        return psutil.Process(pid).memory_full_info().pss
+            return psutil.Process(pid).memory_full_info().pss
 
     def pss_bytes(self) -> int | None:
         """Proportional set size of the whole tree: pages the root shares with its forked DataLoader workers
@@ -156,10 +156,12 @@ class ProcessTree:
             for pid in rss:
                 try:
                     readings[pid] = (self._pss_of(pid), rss[pid])
-                except (OSError, ValueError, psutil.Error):
-                    continue
-            if self.root in rss and self.root not in readings:
-                raise OSError(f"cannot read the PSS of process {self.root}")
+                except (OSError, ValueError, TypeError, psutil.Error):
+                    if pid == self.root:
+                        raise OSError(f"cannot read the PSS of process {pid}") from None
+                    # an exiting worker (a zombie maps nothing): counted from its RSS change alone, and kept,
+                    # so that it does not look like a new member at every sample and force a full read
+                    readings[pid] = (0, rss[pid])
             self._pss = readings
             self.pss_reads += 1
             cost = time.process_time() - started
