@@ -80,8 +80,8 @@ def test_memory_table_orders_phases_and_leaves_out_sources_never_measured():
         for p, rss in (("bf16", 200), ("nf4", 150))
     ]
     table = tables.memory_table(pd.DataFrame(records))
-    assert list(table.columns) == ["load RSS (cell process)", "train RSS (cell process)"]
-    assert table.loc["nf4", "load RSS (cell process)"] == pytest.approx(150.0)
+    assert list(table.columns) == ["load RSS", "train RSS"]
+    assert table.loc["nf4", "load RSS"] == pytest.approx(150.0)
 
 
 def test_summary_md_has_the_measurement_sections(tmp_path):
@@ -100,8 +100,8 @@ def test_peak_memory_table_has_every_source_and_missing_ones_stay_missing():
     ]
     overall = tables.peak_memory_table(pd.DataFrame(records))
     assert list(overall.columns) == ["NVML process MiB", "NVML device MiB", "torch allocated MiB", "torch reserved MiB",
-                                     "PSS (process tree) MiB", "RSS (cell process) MiB", "base weights MiB"]
-    assert pd.isna(overall.loc["nf4", "PSS (process tree) MiB"])  # a record from before PSS: missing, not zero
+                                     "PSS MiB", "RSS MiB", "base weights MiB"]
+    assert pd.isna(overall.loc["nf4", "PSS MiB"])  # a record from before PSS: missing, not zero
     assert overall.loc["nf4", "torch allocated MiB"] == pytest.approx(100.0)
     assert pd.isna(overall.loc["nf4", "NVML process MiB"]) and pd.isna(overall.loc["nf4", "torch reserved MiB"])
     assert tables.peak_memory_table(pd.DataFrame(records), phase="train").loc["nf4", "torch allocated MiB"] == pytest.approx(80.0)
@@ -123,7 +123,7 @@ def test_on_a_cpu_the_relative_table_and_the_plots_use_the_tree_pss_not_the_rss(
     frame = pd.DataFrame(records)
     assert fields.first_present(frame, fields.HEADLINE_PEAK_MEMORY) == "memory.peak_pss_bytes"
     relative = stats.relative_to_baseline(frame)
-    assert relative.loc["nf4", "peak PSS (process tree) (% less than bf16)"] == pytest.approx(25.0)
+    assert relative.loc["nf4", "peak PSS (% less than bf16)"] == pytest.approx(25.0)
     assert schema.PHASE_MEMORY_PREFERENCE.index("pss_peak_bytes") < schema.PHASE_MEMORY_PREFERENCE.index("rss_peak_bytes")
     older = frame.drop(columns=["memory.peak_pss_bytes"])  # records from before PSS was measured
     assert fields.first_present(older, fields.HEADLINE_PEAK_MEMORY) == "memory.peak_rss_bytes"

@@ -22,8 +22,8 @@ MEMORY_SOURCES = {
     "nvml_device_peak_bytes": "NVML device",
     "torch_max_allocated_bytes": "torch allocated",
     "torch_max_reserved_bytes": "torch reserved",
-    "pss_peak_bytes": "PSS (process tree)",
-    "rss_peak_bytes": "RSS (cell process)",
+    "pss_peak_bytes": "PSS",  # of the cell's process tree (DataLoader workers included, shared pages once)
+    "rss_peak_bytes": "RSS",  # of the cell's own process
 }
 
 
