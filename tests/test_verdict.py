@@ -258,3 +258,16 @@ def test_repeated_runs_of_one_seed_are_not_taken_for_the_seeds_spread():
     records = [make_record(p, seed=0, run_id=f"run-{i}") for i in range(3) for p in ("bf16", "nf4-dq")]
     compared = stats.compare_quality(pd.DataFrame(records), "quality.after.mean_recall@1").table
     assert compared.loc["nf4-dq", "verdict"] == "no interval"  # not "worse" on a zero-width interval
+
+
+def test_a_precision_whose_model_gave_nan_outputs_is_never_read_as_a_quality_result():
+    records = cpu_records(recalls=(0.40, 0.60, 0.41))  # int8 "better" by 20 points...
+    for record in records:
+        record["quality.after.nonfinite_image_embeddings"] = 3 if record["precision"] == "int8" else 0
+    result = verdict.verdict(pd.DataFrame(records))
+    int8 = line_of(result, "int8")
+    assert "from a model that gave 3 NaN or infinite outputs in evaluation" in int8.sentence()
+    assert "quality" in int8.not_meaningful  # ...by a broken model: not the format's quality
+    assert "NaN" not in line_of(result, "nf4-dq").sentence() and "quality" not in line_of(result, "nf4-dq").not_meaningful
+    shown = {s.key: s for s in write.report_sections(pd.DataFrame(records))}
+    assert "int8-seed0: the model's outputs were NaN or infinite" in shown["nonfinite"].text

@@ -239,7 +239,8 @@ class _Builder:
                 text += f" ({level} interval {format_value(row['low'] * factor)} to {format_value(row['high'] * factor)})"
             else:
                 self.note_no_interval()
-            return Figure("quality", text, not frozen and pd.notna(row["se"]), named=False)
+            text, broken = self.with_nonfinite(precision, text)
+            return Figure("quality", text, not frozen and not broken and pd.notna(row["se"]), named=False)
         delta = format_value(row["delta"] * factor, 2, signed=True)
         text = f"{name} {format_value(row['mean'] * factor)}{suffix} ({delta} {points} vs {self.baseline}".replace("  ", " ")
         if pd.notna(row["delta_low"]):
@@ -248,7 +249,19 @@ class _Builder:
         text += f": {verdict})" if verdict != "no interval" else ": no interval to judge it by)"
         if verdict == "no interval":
             self.note_no_interval()
-        return Figure("quality", text, verdict != "no interval" and not frozen, named=False)
+        text, broken = self.with_nonfinite(precision, text)
+        return Figure("quality", text, verdict != "no interval" and not frozen and not broken, named=False)
+
+    def with_nonfinite(self, precision: str, text: str) -> tuple[str, bool]:
+        """The quality text, saying so when this precision's model gave NaN or infinite outputs in evaluation
+        (`quality.<phase>.nonfinite_*` of its ok cells): such a figure is the broken model's, not the format's cost."""
+        columns = [c for c in self.frame.columns if c.startswith("quality.") and ".nonfinite_" in c]
+        cells = stats.ok_rows(self.frame)
+        cells = cells[cells["precision"] == precision] if "precision" in cells.columns else cells.iloc[0:0]
+        count = int(cells[columns].apply(pd.to_numeric, errors="coerce").fillna(0).to_numpy().sum()) if columns else 0
+        if not count:
+            return text, False
+        return text + f", from a model that gave {count:,} NaN or infinite outputs in evaluation (see below)", True
 
     def note_no_interval(self) -> None:
         self.notes["interval"] = (
