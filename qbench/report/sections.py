@@ -118,6 +118,15 @@ def quality_section(data: ReportData) -> Section | None:
     return Section("quality", "Quality, every metric", table=table)
 
 
+def base_origin_section(data: ReportData) -> Section | None:
+    """What the base really is, when its checkpoint says (a converted one: builtin:smollm2-135m's bf16 is 4-bit-derived)."""
+    frame = data.frame
+    if "model.base_origin" not in frame.columns or frame["model.base_origin"].dropna().empty:
+        return None
+    model = frame["model"].dropna().iloc[0] if "model" in frame.columns else "the model"
+    return Section("base_origin", "What the base is", text=f"The base of {model} is {frame['model.base_origin'].dropna().iloc[0]}.")
+
+
 def damage_section(data: ReportData) -> Section | None:
     table = tables.quantization_damage(data.frame)
     if table.empty:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from qbench.report import sections
+from qbench.report import paper, sections
 from qbench.report.sections import ReportData, Section
 from qbench.results import fields, stats
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 # what a report says, in order: the verdict first, then the tables; add a part by adding its maker here
 SECTIONS = (
     sections.verdict_section,
+    sections.base_origin_section,
     sections.nonfinite_section,
     sections.warnings_section,
     sections.relative_section,
@@ -27,10 +28,11 @@ SECTIONS = (
     sections.weight_bytes_section,
     sections.memory_section,
     sections.failures_section,
+    paper.paper_section,
     sections.provenance_section,
 )
 # the ones before the plots in report.md and the HTML page
-LEADING = ("verdict", "nonfinite", "warnings")
+LEADING = ("verdict", "base_origin", "nonfinite", "warnings")
 
 
 def report_sections(frame: pd.DataFrame, settings: Settings | None = None) -> list[Section]:

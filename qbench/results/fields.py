@@ -83,6 +83,9 @@ HEADLINE_QUALITY = (
     "quality.after.bits_per_byte",
     "quality.after.loss",
     "train.final_loss",
+    # a suite with train.steps = 0 measures the base before fine-tuning only
+    "quality.before.mean_recall@1",
+    "quality.before.perplexity",
 )
 # on CUDA torch's allocator (tensors only) or NVML; on a CPU the process tree's PSS (shared pages once), else its RSS
 HEADLINE_PEAK_MEMORY = (

@@ -67,7 +67,7 @@ class LoraSpec(_Section):
 
 
 class TrainSpec(_Section):
-    steps: int = Field(ge=1, description="optimizer steps")
+    steps: int = Field(ge=0, description="optimizer steps; 0 measures the quantized base alone (no train phase)")
     batch_size: int = Field(32, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(gt=0)
@@ -90,7 +90,7 @@ class TrainSpec(_Section):
 
     @model_validator(mode="after")
     def _timed_steps_left(self) -> TrainSpec:
-        if self.untimed_steps >= self.steps:
+        if self.steps and self.untimed_steps >= self.steps:
             raise ValueError(f"untimed_steps ({self.untimed_steps}) must be below steps ({self.steps})")
         return self
 
@@ -99,6 +99,9 @@ class EvalSpec(_Section):
     batch_size: int = Field(64, ge=1)
     recall_k: tuple[Annotated[int, Field(ge=1)], ...] = (1, 5, 10)
     window: int | None = Field(None, ge=2, description="perplexity window in tokens; default: the model's context")
+    max_windows: int | None = Field(
+        None, ge=1, description="perplexity on at most this many windows, spread evenly over the held-out text"
+    )
     before: bool = True
 
 
@@ -189,6 +192,12 @@ class Suite(_Section):
     eval: EvalSpec = EvalSpec()
     matrix: MatrixSpec = MatrixSpec()
     compare: CompareSpec = Field(default_factory=CompareSpec, description="tolerances for `qbench compare`")
+
+    @model_validator(mode="after")
+    def _something_measured(self) -> Suite:
+        if self.train.steps == 0 and not self.eval.before:
+            raise ValueError("train.steps = 0 measures the quantized base only before fine-tuning: set eval.before = true")
+        return self
 
     @field_validator("baseline")
     @classmethod

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -39,6 +39,9 @@ class Evaluation:
     metrics: dict[str, float]
     intervals: dict[str, Interval]
     method: str
+    # per eval unit scores, for comparisons of two arms paired on the same units (a causal LM's summed NLL
+    # per window: `window_nll`); recorded as `per_window.<phase>.<name>` lists
+    per_window: dict[str, list[float]] = field(default_factory=dict)
 
     def record(self, phase: str) -> dict[str, Any]:
         """Flat record fields: `quality.<phase>.<name>`, `interval.<phase>.<name>.low|high|se` (and
@@ -49,6 +52,7 @@ class Evaluation:
             fields.update({prefix + "low": interval.low, prefix + "high": interval.high, prefix + "se": interval.se})
             if interval.note:
                 fields[prefix + "note"] = interval.note
+        fields.update({f"per_window.{phase}.{name}": list(values) for name, values in self.per_window.items()})
         fields.update({"interval.method": self.method, "interval.resamples": RESAMPLES,
                        "interval.confidence": CONFIDENCE, "interval.seed": SEED})
         return fields

@@ -60,6 +60,36 @@ def make_windows(token_ids: list[int] | torch.Tensor, window: int, pad_id: int) 
     return Windows(input_ids, attention_mask, labels)
 
 
+def spread_windows(count: int, keep: int | None) -> list[int]:
+    """Indices of `keep` windows out of `count`, evenly spaced from the first to the last (all when keep is None
+    or not smaller), so that a capped evaluation still samples the whole held-out text, not just its start."""
+    if keep is None or keep >= count:
+        return list(range(count))
+    if keep == 1:
+        return [0]
+    return sorted({round(i * (count - 1) / (keep - 1)) for i in range(keep)})
+
+
+def select_windows(windows: Windows, indices: list[int]) -> Windows:
+    return Windows(windows.input_ids[indices], windows.attention_mask[indices], windows.labels[indices])
+
+
+def scored_bytes(text: str, char_starts: list[int], window: int, indices: list[int]) -> int:
+    """UTF-8 bytes of the text that the scored tokens of the chosen windows cover.
+
+    Window k scores tokens kW+1 .. kW+W; its text runs from the first character of token kW+1 to the
+    first character of token (k+1)W+1 (or the end of the text), so the windows' spans partition the text
+    after the first token and whitespace a tokenizer leaves out of every offset is counted once.
+    """
+    total = 0
+    for k in indices:
+        start = char_starts[k * window + 1]
+        end_token = (k + 1) * window + 1
+        end = char_starts[end_token] if end_token < len(char_starts) else len(text)
+        total += len(text[start:end].encode("utf-8"))
+    return total
+
+
 def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of negative log-likelihoods (nats) of the labelled positions; IGNORE positions excluded."""
     return torch.nn.functional.cross_entropy(
@@ -145,7 +175,7 @@ def perplexity_evaluation(scores: WindowScores, text_bytes: int, byte_shares: to
     found = {name: intervals.percentile_interval(values, units) for name, values in replicates.items()}
     metrics["nonfinite_logits"] = scores.nonfinite_logits
     metrics["nonfinite_losses"] = scores.nonfinite_losses
-    return Evaluation(metrics, found, BOOTSTRAP_METHOD)
+    return Evaluation(metrics, found, BOOTSTRAP_METHOD, {"window_nll": scores.nll.tolist()})
 
 
 def evaluate_perplexity(model: torch.nn.Module, windows: Windows, text_bytes: int, batch_size: int, device: str,
@@ -198,24 +228,44 @@ class CausalLMTask(TaskBase):
         if self.train_ids.numel() <= self.suite.train.max_length:
             raise ValueError(f"training text has {self.train_ids.numel()} tokens, fewer than train.max_length + 1")
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.windows = make_windows(encode(eval_text), self.window, pad_id)
-        self.eval_bytes = len(eval_text.encode("utf-8"))
-        self.window_bytes = window_bytes(self.windows, self.eval_bytes, self.tokenizer.decode)
+        protocol = (
+            "token perplexity over the held-out text as one stream, no special tokens, non-overlapping "
+            "windows (stride = window); every token after the first scored once, padding excluded; "
+            "bits_per_byte = summed NLL / ln 2 / UTF-8 bytes of the text; a token with a non-finite loss "
+            "makes perplexity infinite"
+        )
+        max_windows = self.suite.eval.max_windows
+        if max_windows is None:
+            self.windows = make_windows(encode(eval_text), self.window, pad_id)
+            self.eval_bytes = len(eval_text.encode("utf-8"))
+            self.window_bytes = window_bytes(self.windows, self.eval_bytes, self.tokenizer.decode)
+            all_windows = int(self.windows.input_ids.shape[0])
+        else:
+            encoded = self.tokenizer(eval_text, add_special_tokens=False, return_offsets_mapping=True)
+            every = make_windows(encoded["input_ids"], self.window, pad_id)
+            all_windows = int(every.input_ids.shape[0])
+            chosen = spread_windows(all_windows, max_windows)
+            self.windows = select_windows(every, chosen)
+            starts = [start for start, _ in encoded["offset_mapping"]]
+            # each chosen window's bytes exactly (the spans partition the text), summing to eval_bytes
+            self.window_bytes = torch.tensor([float(scored_bytes(eval_text, starts, self.window, [k])) for k in chosen],
+                                             dtype=torch.float64)
+            self.eval_bytes = int(self.window_bytes.sum())
+            protocol = protocol.replace("over the held-out text as one stream", (
+                f"over {len(chosen)} of the held-out text's {all_windows} windows, evenly spread (eval.max_windows), "
+                "the text cut as one stream")).replace("UTF-8 bytes of the text", "UTF-8 bytes of the text the scored tokens cover")
         info.update(
             {
                 "data.train_tokens": int(self.train_ids.numel()),
                 "eval.window_tokens": self.window,
                 "eval.stride_tokens": self.window,
                 "eval.windows": int(self.windows.input_ids.shape[0]),
+                "eval.available_windows": all_windows,
                 "eval.scored_tokens": self.windows.scored_tokens,
                 "eval.bytes": self.eval_bytes,
                 "eval.tokenizer": f"{self.tokenizer.__class__.__name__} from {spec.id} (vocab {len(self.tokenizer)})",
-                "eval.protocol": (
-                    "token perplexity over the held-out text as one stream, no special tokens, non-overlapping "
-                    "windows (stride = window); every token after the first scored once, padding excluded; "
-                    "bits_per_byte = summed NLL / ln 2 / UTF-8 bytes of the text; a token with a non-finite loss "
-                    "makes perplexity infinite"
-                ),
+                "eval.protocol": protocol,
+                "per_window.scored_tokens": (self.windows.labels != IGNORE).sum(dim=1).tolist(),
             }
         )
         return info
