@@ -58,7 +58,8 @@ def test_a_suite_of_precisions_has_one_arm_per_precision_named_by_it():
     assert stats.arms(frame).tolist() == ["bf16", "int8", "nf4-dq"] * 2
     agg = stats.aggregate(frame, ["speed.train_samples_per_s"])
     assert agg.mean.index.name == "precision" and list(agg.mean.index) == ["bf16", "int8", "nf4-dq"]
-    assert grid_report.grid_tables(frame) == {} and grid_report.grid_plots(frame) == []
+    assert grid_report.scaling_tables(frame) == {} and grid_report.optimizer_state_table(frame).empty
+    assert grid_report.grid_plots(frame) == []
 
 
 def test_optimizers_are_separate_arms_never_averaged_and_each_is_compared_with_bf16_adamw():
@@ -73,9 +74,14 @@ def test_optimizers_are_separate_arms_never_averaged_and_each_is_compared_with_b
     assert ratio["nf4-dq-adamw8bit-seed1"] == pytest.approx(12 / 20)  # bf16 ran AdamW only: that is the baseline arm
     relative = stats.relative_to_baseline(frame)
     assert relative.loc["nf4-dq paged_adamw8bit", "baseline arm"] == "bf16 adamw"
-    assert relative.loc["nf4-dq paged_adamw8bit", "slowdown ×"] == pytest.approx(20 / 11)
+    assert relative.loc["nf4-dq paged_adamw8bit", "train samples/s (× of bf16)"] == pytest.approx(11 / 20)
     table = tables.precision_table(frame)
     assert list(table.index) == ["bf16 adamw", "nf4-dq adamw", "nf4-dq adamw8bit", "nf4-dq paged_adamw8bit"]
+    assert table.loc["nf4-dq adamw8bit", "train samples/s"] == 12.0
+    verdict = write.report_sections(frame)[0]
+    assert verdict.key == "verdict"
+    assert "**nf4-dq adamw8bit**: weights 61 % less than bf16 adamw" in verdict.text
+    assert "0.60× bf16 adamw's train samples/s" in verdict.text
 
 
 def test_each_scaling_point_is_compared_with_the_baseline_at_the_same_batch_size_and_length():
@@ -85,9 +91,9 @@ def test_each_scaling_point_is_compared_with_the_baseline_at_the_same_batch_size
     relative = stats.relative_to_baseline(frame)
     assert relative.loc["nf4-dq bs8 len128", "baseline arm"] == "bf16 bs8 len128"
     expected = 100 * (1 - (300_000_000 + 1_024_000_000) / (500_000_000 + 1_024_000_000))
-    assert relative.loc["nf4-dq bs8 len128", "peak memory saved % (peak rss)"] == pytest.approx(expected)
-    summary_table = summary.summary_table(frame)
-    assert len(summary_table) == 8 and summary_table.index.name == "arm"
+    assert relative.loc["nf4-dq bs8 len128", "peak RSS (% less than bf16)"] == pytest.approx(expected)
+    table = tables.precision_table(frame)
+    assert len(table) == 8 and table.index.name == "arm"
 
 
 def test_the_report_shows_memory_against_batch_size_and_length_per_precision(tmp_path: Path):
@@ -100,6 +106,7 @@ def test_the_report_shows_memory_against_batch_size_and_length_per_precision(tmp
     assert {"plot:scaling_batch_size", "plot:scaling_max_length"} <= set(paths)
     assert paths["plot:scaling_batch_size"].read_bytes().startswith(b"\x89PNG")
     assert "peak RSS MiB across the grid" in paths["markdown"].read_text()
+    assert "plots/scaling_max_length.png" in paths["markdown"].read_text()
 
 
 def test_the_optimizer_state_table_gives_8bit_state_over_adamw_state(tmp_path: Path):
@@ -174,7 +181,20 @@ def test_arms_stay_named_by_an_axis_value_only_failed_cells_have():
     frame = pd.DataFrame(records)
     means = tables.ok_means(frame)
     assert list(means.index) == ["bf16 bs4 len64", "bf16 bs4 len128", "nf4-dq bs4 len64", "nf4-dq bs4 len128"]
-    table = summary.summary_table(frame)
-    assert table.loc["nf4-dq bs4 len128", "peak RSS MiB"] == pytest.approx((300_000_000 + 512_000_000) / 2**20)
+    table = tables.precision_table(frame)
+    assert table.loc["nf4-dq bs4 len128", "peak memory (MiB, RSS)"] == pytest.approx((300_000_000 + 512_000_000) / 2**20)
     assert table.loc["nf4-dq bs8 len128", "status"] == "failed"
     assert tables.failures(frame)["cell_id"].str.contains("bs8").all()
+
+
+def test_the_terminal_shows_a_grid_of_many_arms_as_rows_with_the_figures_that_fit(tmp_path: Path, capsys):
+    from qbench import cli
+
+    from .records import write_run
+
+    run_dir = write_run(tmp_path / "run", scaling_records())
+    assert cli.main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("│ nf4-dq bs8 len128")]
+    assert rows and all("…" not in row for row in rows), out  # one row per arm, not eight squeezed columns
+    assert "more columns in summary.md" in out
