@@ -78,7 +78,7 @@ def test_gradient_checkpointing_as_an_axis_trains_the_same_adapters(tiny_llama_p
         task = get_task(cell_suite, tiny_llama_path, "cpu")
         task.prepare_data()
         model = models.load_base(task.model_class, tiny_llama_path, precisions.get(cell.precision), suite.compute_dtype, "cpu", suite.model)
-        model = lora.attach(model, suite, task.peft_task_type, cell.seed)
+        model = lora.attach(lora.prepare(model, suite), suite, task.peft_task_type, cell.seed)  # as the cell does
         assert model.base_model.model.is_gradient_checkpointing == suite.train.gradient_checkpointing
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         torch.manual_seed(cell.seed)

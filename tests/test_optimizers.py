@@ -113,7 +113,7 @@ def _adapter_update(optimizer: str) -> torch.Tensor:
     task = get_task(cell_suite, path, "cpu")
     task.prepare_data()
     model = models.load_base(task.model_class, path, precisions.get("bf16"), suite.compute_dtype, "cpu", suite.model)
-    model = lora.attach(model, suite, task.peft_task_type, seed=0)
+    model = lora.attach(lora.prepare(model, suite), suite, task.peft_task_type, seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     torch.manual_seed(0)
     train(model, task.train_batches(0), task.loss, config, StepTimer(1))

@@ -277,7 +277,7 @@ class _Builder:
         (`quality.<phase>.nonfinite_*` of its ok cells): such a figure is the broken model's, not the format's cost."""
         columns = [c for c in self.frame.columns if c.startswith("quality.") and ".nonfinite_" in c]
         cells = stats.ok_rows(self.frame)
-        cells = cells[cells["precision"] == precision] if "precision" in cells.columns else cells.iloc[0:0]
+        cells = cells[self.labels[cells.index] == precision] if "precision" in cells.columns else cells.iloc[0:0]  # this arm's
         count = int(cells[columns].apply(pd.to_numeric, errors="coerce").fillna(0).to_numpy().sum()) if columns else 0
         if not count:
             return text, False
