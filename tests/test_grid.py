@@ -257,3 +257,23 @@ def test_shards_of_a_grid_are_exactly_one_full_run(grid_suite, fake_cells, tmp_p
     assert cli.main(["run", str(grid_suite), "--out", str(out), "--shard", "2/3", "--gpus", "0,1"]) == 0
     (run_dir,) = (out / "gridded").iterdir()
     assert sorted(r["cell_id"] for r in results.read_records(run_dir)) == sorted(c.id for c in plan.make(load(grid_suite), shard="2/3").cells)
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        ("--only", "--only: an empty list of precisions"),
+        ("--seeds", "--seeds: '' is not a comma-separated list of integers"),
+        ("--where", "--where: expected AXIS=VALUE[,VALUE...]"),
+        ("--shard", "--shard: expected I/N such as 1/2 (got '')"),
+        ("--gpus", "--gpus: expected a comma-separated list of GPU indices"),
+    ],
+)
+def test_an_empty_filter_or_placement_is_refused_not_taken_for_the_whole_matrix(option, expected, tmp_path, capsys, monkeypatch):
+    """`--only "$PRECISIONS"` with the variable unset must not run every cell (case only-empty-runs-whole-matrix)."""
+    monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, "-c", "raise SystemExit('a cell started')"))
+    suite = write_suite(tmp_path, MINIMAL)
+    assert cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu", option, ""]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

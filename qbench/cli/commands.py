@@ -135,7 +135,7 @@ def _resume(args: argparse.Namespace) -> int:
     given = [
         flag
         for flag, used in (
-            ("SUITE", args.suite), ("--only", args.only), ("--seeds", args.seeds), ("--where", args.where),
+            ("SUITE", args.suite), ("--only", args.only is not None), ("--seeds", args.seeds is not None), ("--where", args.where),
             ("--device", args.device != "auto"), ("--out", args.out != "results"),
         )
         if used

@@ -65,7 +65,7 @@ def placement(loaded: LoadedSuite, gpus: str | None, gpus_per_cell: float, devic
             if gpus_per_cell != int(gpus_per_cell) or gpus_per_cell < 1:
                 problems.append(f"--gpus-per-cell {gpus_per_cell:g}: a share of a GPU needs --executor ray; on this "
                                 "machine list a GPU twice to run two cells on it (--gpus 0,0)")
-            elif gpus:
+            elif gpus is not None:  # --gpus "" (an unset variable) is an empty list, not no --gpus
                 slots = scheduler.gpu_slots(scheduler.parse_gpus(gpus), int(gpus_per_cell))
                 if device == "cpu":
                     problems.append("--gpus runs cells on GPUs; it cannot be combined with --device cpu")
@@ -76,7 +76,7 @@ def placement(loaded: LoadedSuite, gpus: str | None, gpus_per_cell: float, devic
                 f"--gpus-per-cell {gpus_per_cell:g}: a cell only spreads over several GPUs with "
                 'model.device_map = "auto" in the suite'
             )
-        if shard:
+        if shard is not None:
             parsed_shard = scheduler.parse_shard(shard)
     except ValueError as error:
         problems.append(str(error))
@@ -146,14 +146,17 @@ def make(loaded: LoadedSuite, only: str | None = None, seeds: str | None = None,
          ray_address: str | None = None, cpus_per_cell: float | None = None,
          where: list[str] | tuple[str, ...] = ()) -> RunPlan:
     """The plan for the command line's options; SuiteError (one line per problem) when they are wrong."""
-    chosen = tuple(only.split(",")) if only else None
+    # an empty list (`--only ""`, e.g. an unset variable) is a mistake to report, not "no filter": it would run everything
+    chosen = tuple(p.strip() for p in only.split(",")) if only is not None else None
+    if chosen is not None and not any(chosen):
+        raise SuiteError(COMMAND_LINE, [f"--only: an empty list of precisions (got {only!r}); leave --only out to run every one"])
     if chosen:
         unknown = [p for p in chosen if p not in loaded.suite.matrix.precisions]
         if unknown:
             raise SuiteError(loaded.path, [
                 f"--only: {', '.join(unknown)} not in matrix.precisions ({', '.join(loaded.suite.matrix.precisions)})"
             ])
-    seed_list = parse_seeds(seeds) if seeds else None
+    seed_list = parse_seeds(seeds) if seeds is not None else None
     conditions = parse_where(where, loaded, seed_list)
     slots, parsed_shard = placement(loaded, gpus, gpus_per_cell, device, shard, executor, ray_address, cpus_per_cell)
     cells = loaded.cells(chosen, seed_list, conditions)
