@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with an NVIDIA GPU, run the CUDA tests and a short suite under every
 # weight format, then print peak memory per precision from each source -- NVML for this process
-# tree, NVML for the whole device, torch allocated, torch reserved -- and, with the time left, run
-# cells side by side (--gpus), shards and device_map = "auto" (scripts/gpu_check_multi.sh).
+# tree, NVML for the whole device, torch allocated, torch reserved --, run suites/qlora.toml and print
+# each optimizer's state bytes, whether paging took effect, and peak memory, and, with the time left,
+# run cells side by side (--gpus), shards and device_map = "auto" (scripts/gpu_check_multi.sh).
 #
 #     bash scripts/gpu_check.sh        # from a fresh clone, with a CUDA build of torch installed
 #
@@ -20,7 +21,7 @@ export CUDA_DEVICE_ORDER=PCI_BUS_ID HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTH
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 failed=()
 
-echo "== 1/6 torch and the GPU"
+echo "== 1/7 torch and the GPU"
 $PYTHON - <<'PY' || exit 2
 import sys
 import torch
@@ -29,20 +30,20 @@ if not torch.cuda.is_available():
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}")
 PY
 
-echo "== 2/6 qbench's dependencies (pip only; the installed torch is kept)"
+echo "== 2/7 qbench's dependencies (pip only; the installed torch is kept)"
 if ! $PYTHON -c "import peft, transformers, accelerate, bitsandbytes, pynvml, psutil, pytest, pytest_benchmark, pandas, rich, tabulate, pydantic, safetensors" 2>/dev/null; then
   TORCH_PIN=$($PYTHON -c "import torch; print(torch.__version__)")
   $PYTHON -m pip install --quiet -e ".[dev]" -c <(echo "torch==$TORCH_PIN") || exit 2
 fi
 
-echo "== 3/6 qbench env (every weight format tried on the GPU)"
+echo "== 3/7 qbench env (every weight format tried on the GPU)"
 timeout "$(left)" $PYTHON -m qbench env --device cuda || failed+=("qbench env")
 
-echo "== 4/6 CUDA tests, and the NVML/memory tests that run anywhere"
+echo "== 4/7 CUDA tests, and the NVML/memory tests that run anywhere"
 timeout "$(left)" $PYTHON -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_nvml.py tests/test_memory.py \
   || failed+=("tests")
 
-echo "== 5/6 a short suite under every weight format"
+echo "== 5/7 a short suite under every weight format"
 $PYTHON - "$WORK" <<'PY' || exit 2
 import sys
 from pathlib import Path
@@ -85,7 +86,34 @@ print(text)
 print(f"\nrecords: {run_dir / 'cells'}   tables: {run_dir / 'gpu_memory.md'}")
 PY
 
-echo "== 6/6 several cells at a time (--gpus), shards (--shard), device_map auto: scripts/gpu_check_multi.sh"
+echo "== 6/7 QLoRA's optimizers: suites/qlora.toml (nf4-dq x adamw / adamw8bit / paged_adamw8bit, bf16 + adamw)"
+timeout "$(left)" $PYTHON -m qbench run suites/qlora.toml --device cuda --out results/gpucheck-qlora || failed+=("qlora suite")
+$PYTHON - <<'PY'
+from pathlib import Path
+
+import pandas as pd
+
+from qbench.results import records
+
+runs = sorted(Path("results/gpucheck-qlora/qlora").glob("*/cells"), key=lambda p: p.stat().st_mtime)
+if not runs:
+    raise SystemExit("no run directory under results/gpucheck-qlora/qlora")
+run_dir = runs[-1].parent
+frame = records.load_frame([run_dir])
+columns = ["cell_id", "status", "optimizer.class", "optimizer.state_bytes", "optimizer.state.float32_bytes",
+           "optimizer.state.uint8_bytes", "optimizer.params_with_8bit_state", "optimizer.paged", "optimizer.paged_state_bytes",
+           "optimizer.paged_reason", "memory.train.torch_max_allocated_bytes", "memory.train.torch_max_reserved_bytes",
+           "memory.train.nvml_process_peak_bytes", "speed.train_tokens_per_s", "quality.after.perplexity"]
+shown = frame[[c for c in columns if c in frame.columns]].copy()
+for column in [c for c in shown.columns if c.startswith("memory.")]:
+    shown[column.replace("_bytes", " MiB")] = pd.to_numeric(shown.pop(column), errors="coerce") / 2**20
+text = shown.set_index("cell_id").T.to_markdown(floatfmt=".4g")
+print(text)
+(run_dir / "gpu_optimizers.md").write_text(text + "\n")
+print(f"\nrecords: {run_dir / 'cells'}   table: {run_dir / 'gpu_optimizers.md'}")
+PY
+
+echo "== 7/7 several cells at a time (--gpus), shards (--shard), device_map auto: scripts/gpu_check_multi.sh"
 if [ "$(left)" -gt 150 ]; then
   QBENCH_MULTI_MODEL=small WORK="$WORK/multi" PYTHON="$PYTHON" timeout "$(left)" bash scripts/gpu_check_multi.sh \
     || failed+=("multi-GPU")

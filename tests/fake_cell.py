@@ -98,6 +98,7 @@ def main() -> int:
         "fake.peak_running": peak,
         "fake.device_clashes": ",".join(sorted(clashes)) or None,
         "fake.pid": os.getpid(),
+        "fake.axes": spec.get("axes"),  # the grid axis values the runner sent (qbench.run.protocol.CellSpec.axes)
     }
     write_json_atomic(Path(spec["record_path"]), record)
     return 0

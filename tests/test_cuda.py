@@ -140,3 +140,20 @@ def test_byte_accounting_and_weight_error_are_the_same_on_gpu_and_cpu(checkpoint
     errors = {d: weight_error.measure(model, checkpoint)["weights.error.rel_mean"] for d, model in on.items()}
     assert errors["cuda"] == pytest.approx(errors["cpu"], rel=0.05)
 
+
+
+@pytest.mark.parametrize("name", ["paged_adamw", "paged_adamw8bit"])
+def test_a_paged_optimizer_pages_large_state_on_the_gpu_and_the_record_says_how_much(name):
+    from qbench.measure import optimizer_state
+    from qbench.suite import optimizers
+
+    large, small = (torch.nn.Parameter(torch.zeros(n, device="cuda")) for n in (256 * 1024, 4096))
+    optimizer = optimizers.get(name).build([large, small], lr=1e-3, weight_decay=0.0)
+    large.grad, small.grad = torch.ones_like(large), torch.ones_like(small)
+    optimizer.step()
+    record = optimizer_state.describe(optimizer, optimizers.get(name), "cuda:0")
+    assert record["optimizer.paged"] is True and record["optimizer.paged_reason"] is None
+    # only the large parameter's moments are paged (bitsandbytes pages state of >= 100,000 elements)
+    per_element = 2 * (4 if name == "paged_adamw" else 1)
+    assert record["optimizer.paged_state_bytes"] == per_element * 256 * 1024
+    assert record["optimizer.state_bytes"] > record["optimizer.paged_state_bytes"]

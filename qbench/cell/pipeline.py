@@ -105,13 +105,15 @@ class CellRun:
 
     def __init__(self, spec: CellSpec):
         self.spec = spec
-        self.loaded = spec.loaded_suite()
+        loaded = spec.loaded_suite()
+        self.cell = spec.cell(loaded)
+        self.loaded = loaded.for_cell(self.cell)  # the suite with the cell's axis values in the settings they override
         self.suite = self.loaded.suite
         self.precision = precisions.get(spec.precision)
         self.seed, self.device = spec.seed, spec.device
         self.record_path = Path(spec.record_path)
         self.record: dict[str, Any] = {
-            **identity_fields(self.loaded, spec.run_id, spec.cell_id, self.precision.name, self.seed),
+            **identity_fields(self.loaded, spec.run_id, self.cell, spec.cell_id),
             "status": "running",
             "error": None,
             "error_type": None,
@@ -158,6 +160,13 @@ class CellRun:
         self.record["train.last_loss"] = loss
         self.record.setdefault("train.first_loss", loss)
         emit("step", step=step, total=self.suite.train.steps, loss=loss)
+
+    def on_first_step(self, optimizer: Any) -> None:
+        """What optimizer was built and its exact state bytes, read once its state exists."""
+        from qbench.measure import optimizer_state
+        from qbench.suite import optimizers
+
+        self.record.update(optimizer_state.describe(optimizer, optimizers.get(self.suite.train.optimizer), self.device))
 
     @contextmanager
     def recorded(self) -> Iterator[None]:
@@ -220,7 +229,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
                 torch.manual_seed(seed)  # the same dropout masks and data order in every arm
                 cell.timer = StepTimer(suite.train.untimed_steps, cuda=cell.device.startswith("cuda"))
                 result = train(model, task.train_batches(seed), cell.faults.wrap_loss(task.loss), suite.train, cell.timer,
-                               on_step=cell.on_step)
+                               on_step=cell.on_step, on_first_step=cell.on_first_step)
             cell.update({"train.first_loss": result.first_loss, "train.final_loss": result.final_loss})
 
             with cell.phase("eval_after", timed=True):

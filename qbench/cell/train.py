@@ -34,12 +34,18 @@ def train(
     config: TrainSpec,
     timer: StepTimer,
     on_step: Callable[[int, float], None] = lambda step, loss: None,
+    on_first_step: Callable[[torch.optim.Optimizer], None] = lambda optimizer: None,
 ) -> TrainResult:
-    """Run `config.steps` optimizer steps of AdamW with a transformers schedule and gradient accumulation."""
+    """Run `config.steps` optimizer steps of `config.optimizer` (a name of `qbench.suite.optimizers`,
+    AdamW by default) with a transformers schedule and gradient accumulation. `on_first_step` sees the
+    optimizer once, right after its first step, when its state exists."""
     from transformers import get_scheduler
 
+    from qbench.suite import optimizers
+
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    chosen = optimizers.get(getattr(config, "optimizer", optimizers.DEFAULT))
+    optimizer = chosen.build(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_scheduler(
         config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps
     )
@@ -60,6 +66,8 @@ def train(
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
         optimizer.step()
+        if step == 0:
+            on_first_step(optimizer)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         timer.stop(samples, tokens)

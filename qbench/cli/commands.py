@@ -21,7 +21,7 @@ from qbench.cli import render
 from qbench.cli.render import console, errors
 from qbench.exitcodes import Exit
 from qbench.run.plan import COMMAND_LINE
-from qbench.suite import precisions
+from qbench.suite import optimizers, precisions
 from qbench.suite.spec import SuiteError
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     loaded = load(args.suite)
     run_plan = plan.make(loaded, only=args.only, seeds=args.seeds, shard=args.shard, gpus=args.gpus,
                          gpus_per_cell=args.gpus_per_cell, device=args.device, executor=args.executor,
-                         ray_address=args.ray_address, cpus_per_cell=args.cpus_per_cell)
+                         ray_address=args.ray_address, cpus_per_cell=args.cpus_per_cell, where=args.where)
     return run_suite(run_plan, Path(args.out), args.device)
 
 
@@ -135,7 +135,7 @@ def _resume(args: argparse.Namespace) -> int:
     given = [
         flag
         for flag, used in (
-            ("SUITE", args.suite), ("--only", args.only), ("--seeds", args.seeds),
+            ("SUITE", args.suite), ("--only", args.only is not None), ("--seeds", args.seeds is not None), ("--where", args.where),
             ("--device", args.device != "auto"), ("--out", args.out != "results"),
         )
         if used
@@ -212,6 +212,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     shown.add_column("base weights")
     for name, precision in precisions.REGISTRY.items():
         shown.add_row(name, precision.description)
+    console.print(shown)
+    shown = Table(title="optimizers (train.optimizer, matrix.optimizers)")
+    shown.add_column("name")
+    shown.add_column("what")
+    for name, optimizer in optimizers.REGISTRY.items():
+        shown.add_row(name, optimizer.description)
     console.print(shown)
     shown = Table(title="builtin models (model.id = \"builtin:NAME\")")
     shown.add_column("name")

@@ -16,13 +16,19 @@ Commands = Any  # argparse's _SubParsersAction, which it does not name publicly
 def _add_run(commands_: Commands) -> None:
     run = commands_.add_parser(
         "run",
-        help="run a suite: one process per (precision, seed) cell, one JSON record each",
+        help="run a suite: one process per cell of its grid (precision, seed, ...), one JSON record each",
         description="Run every cell of SUITE (a TOML file) and write records, results.csv and summary.md into "
         "OUT/<suite>/<run-id>/. Exit 0 when every cell is ok, 1 when a cell failed, 2 on a bad suite.",
     )
     run.add_argument("suite", nargs="?", help="suite file, e.g. suites/clip.toml")
     run.add_argument("--out", default="results", help="folder for run directories (default: results)")
     run.add_argument("--only", metavar="PRECISIONS", help="comma-separated subset of the matrix, e.g. bf16,nf4-dq")
+    run.add_argument(
+        "--where", action="append", default=[], metavar="AXIS=VALUES",
+        help="keep only the cells whose AXIS has one of VALUES, e.g. optimizer=adamw8bit or batch_size=4,8; "
+        "repeatable (every condition must hold); axes: precision, optimizer, lora_r, batch_size, max_length, "
+        "gradient_checkpointing, seed",
+    )
     run.add_argument("--seeds", metavar="SEEDS", help="comma-separated seeds overriding matrix.seeds, e.g. 0,1,2")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
     run.add_argument(

@@ -103,8 +103,14 @@ def sections(shown: list[Section], keys: tuple[str, ...] | None = None) -> None:
         if section.text:
             console.print(Markdown(section.text))
         if section.table is not None and not section.table.empty:
-            turn = section.wide or len(section.table.columns) > 5  # an 80-column terminal holds about six columns
-            console.print(transposed(section.table, "") if turn else table(section.table, ""))
+            from qbench.report.grid import TURNED_MAX_ARMS, narrow
+
+            shown = section.table
+            if len(shown) > TURNED_MAX_ARMS and len(shown.columns) > 5:  # a grid's many arms: rows, and what fits
+                shown = narrow(shown)
+                console.print(f"[dim]{len(section.table.columns) - len(shown.columns)} more columns in summary.md[/]", highlight=False)
+            turn = len(shown) <= TURNED_MAX_ARMS and (section.wide or len(shown.columns) > 5)  # 80 columns hold about six
+            console.print(transposed(shown, "") if turn else table(shown, ""))
         if section.note:
             console.print(f"[dim]{escape(section.note)}[/]", highlight=False)
 
@@ -175,7 +181,8 @@ def comparison(result: Comparison) -> None:
         detail = f"{row['baseline']} -> {row['new']} ({row['change']}; allowed {row['allowed worse by'] or '—'})"
         if row["verdict"] in ("failed", "missing") and row["note"]:
             detail = row["note"]
-        console.print(f"[red]{row['verdict']}[/] {row['precision']} {row['metric']}: {escape(detail)}", highlight=False)
+        console.print(f"[red]{row['verdict']}[/] {row.get('arm', row.get('precision'))} {row['metric']}: {escape(detail)}",
+                      highlight=False)
     for note in result.notes:
         console.print(f"[dim]note: {escape(note)}[/]", highlight=False)
     if len(regressions):

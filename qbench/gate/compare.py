@@ -1,5 +1,10 @@
 """Baseline vs new results: direction-aware tolerances per metric, a noise floor from seeds, a Markdown verdict.
 
+Cells are matched by every axis of the grid (qbench.suite.grid): each arm of the baseline (precision,
+plus every other axis that varies: optimizer, LoRA rank, batch size, ...) is compared with the same arm
+of the new results, averaged over seeds; a cell of the baseline (arm and seed) with no record in the
+new results is a regression, as is a cell that failed.
+
 What is compared comes from the metric registry (`qbench.results.fields`):
 - exact metrics (weight bytes, bits per parameter, parameter and module counts) must match;
 - quality and memory may move the worse way by their tolerance (or by the seeds' noise, if larger);
@@ -23,6 +28,7 @@ from pydantic import ValidationError
 
 from qbench.exitcodes import Exit
 from qbench.results import fields, stats
+from qbench.suite import grid
 from qbench.suite.spec import CompareSpec, ToleranceSpec
 
 # quality tolerances are in the stored unit: recall is a fraction, so 0.03 is 3 points
@@ -120,7 +126,7 @@ def parse_tolerance(text: str) -> tuple[str, ToleranceSpec]:
 
 @dataclass
 class Comparison:
-    """The verdict: one row per (precision, metric) checked, plus problems that made the input unusable."""
+    """The verdict: one row per (arm, metric) checked, plus problems that made the input unusable."""
 
     checks: pd.DataFrame
     problems: list[str] = field(default_factory=list)
@@ -178,10 +184,17 @@ def _threads(frame: pd.DataFrame) -> set[str]:
     return _values(frame, "env.torch_threads") | _values(frame, "env.cpu_count")
 
 
-def identity_problems(baseline: pd.DataFrame, new: pd.DataFrame) -> list[str]:
-    """Reasons the two sets of records measure different things (suite, model, data, configuration, device)."""
+def grid_axes(baseline: pd.DataFrame, new: pd.DataFrame) -> list[str]:
+    """The axis columns cells are matched by: precision, and every other grid axis that varies in either side."""
+    varying = set(stats.axis_columns(baseline)) | set(stats.axis_columns(new))
+    return [c for c in grid.RECORD_KEYS if c in varying]
+
+
+def identity_problems(baseline: pd.DataFrame, new: pd.DataFrame, axes: list[str] | None = None) -> list[str]:
+    """Reasons the two sets of records measure different things (suite, model, data, configuration, device).
+    The grid's `axes` are left out: cells are matched by them, and a value on one side only is a cell missing."""
     problems = []
-    shared = [c for c in baseline.columns if c in new.columns]
+    shared = [c for c in baseline.columns if c in new.columns and c not in (axes or ())]
     columns = [c for c in IDENTITY_COLUMNS if c in shared] + [c for c in shared if c.startswith("config.")]
     for column in columns:
         old, now = _values(baseline, column), _values(new, column)
@@ -218,92 +231,118 @@ def _gated_columns(frame: pd.DataFrame) -> list[str]:
 
 def compare(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings | None = None,
             baseline_label: str = "baseline", new_label: str = "new") -> Comparison:
-    """Check every gated metric of every precision of `baseline` in `new`."""
+    """Check every gated metric of every arm (cells matched by all the grid's axes) of `baseline` in `new`."""
     settings = settings or Settings.build()
-    problems = identity_problems(baseline, new)
+    axes = grid_axes(baseline, new)
+    problems = identity_problems(baseline, new, axes)
     if problems:
         return Comparison.unusable(problems, baseline_label, new_label)
     old = stats.add_speed_ratios(baseline, settings.speed_ratios)
     now = stats.add_speed_ratios(new, settings.speed_ratios)
     columns = _gated_columns(old)
-    both = _Stats(stats.aggregate(old, columns), stats.aggregate(now, [c for c in columns if c in now.columns]),
-                  stats.baseline_precision(old))
+    both = _Stats(stats.aggregate(old, columns, axes), stats.aggregate(now, [c for c in columns if c in now.columns], axes),
+                  stats.baseline_precision(old), _Arms(old, axes), _Arms(now, axes))
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     used_rules: set[str] = set()
-    for precision in stats.precision_order(old):
-        if both.old.count.loc[precision].max() == 0:
-            notes.append(f"{precision}: no ok cell in the baseline; not compared")
+    for arm in both.old_arms.order:
+        if both.old.count.loc[arm].max() == 0:
+            notes.append(f"{arm}: no ok cell in the baseline; not compared")
             continue
-        rows += _check_precision(precision, now, both, columns, settings, used_rules)
-    for precision in stats.precision_order(now):
-        if precision not in both.old.mean.index:
-            rows += _failed_cell_rows(precision, now[(now["precision"] == precision) & (now["status"] != "ok")])
-            notes.append(f"{precision}: in the new results only; no baseline to compare with")
+        rows += _check_arm(arm, now, both, columns, settings, used_rules)
+    for arm in both.new_arms.order:
+        if arm not in both.old.mean.index:
+            precision = both.new_arms.precision[arm]
+            rows += _failed_cell_rows(precision, arm, now[(both.new_arms.labels == arm) & (now["status"] != "ok")])
+            notes.append(f"{arm}: in the new results only; no baseline to compare with")
     notes += _notes(baseline, new, settings, used_rules, both.base_precision)
     return Comparison(pd.DataFrame(rows), [], notes, baseline_label, new_label)
 
 
+class _Arms:
+    """One side's arms, labelled with the axes both sides are matched by: each row's label, the arms in
+    order, each arm's precision and the seeds each arm has a record of."""
+
+    def __init__(self, frame: pd.DataFrame, axes: list[str]):
+        self.labels = stats.arms(frame, axes)
+        self.order = stats.arm_order(frame, axes)
+        self.precision = dict(zip(self.labels, frame["precision"], strict=True)) if "precision" in frame.columns else {}
+        seeds = frame["seed"] if "seed" in frame.columns else pd.Series(0, index=frame.index)
+        self.cells: dict[str, dict[Any, str]] = {}
+        ids = frame["cell_id"] if "cell_id" in frame.columns else self.labels
+        for label, seed, cell_id in zip(self.labels, seeds, ids, strict=True):
+            self.cells.setdefault(label, {})[seed] = str(cell_id)
+
+
 @dataclass(frozen=True)
 class _Stats:
-    """Per-precision mean, spread and count of both sides, and the precision speed ratios are taken to."""
+    """Per-arm mean, spread and count of both sides, the precision speed ratios are taken to, and the arms."""
 
     old: stats.Aggregate
     new: stats.Aggregate
     base_precision: str | None
+    old_arms: _Arms
+    new_arms: _Arms
 
 
-def _row(precision: str, metric: str, verdict: str, **extra: Any) -> dict[str, Any]:
+def _row(precision: str, metric: str, verdict: str, arm: str | None = None, **extra: Any) -> dict[str, Any]:
     spec = fields.spec_for(metric)
-    return {"precision": precision, "metric": metric, "kind": getattr(spec, "kind", ""),
+    return {"precision": precision, "arm": arm or precision, "metric": metric, "kind": getattr(spec, "kind", ""),
             "direction": getattr(spec, "direction", None), "verdict": verdict, **extra}
 
 
-def _failed_cell_rows(precision: str, cells: pd.DataFrame) -> list[dict[str, Any]]:
-    return [_row(precision, "status", "failed", note=f"{cell.get('cell_id', precision)}: {cell['status']} — {cell.get('error')}")
+def _failed_cell_rows(precision: str, arm: str, cells: pd.DataFrame) -> list[dict[str, Any]]:
+    return [_row(precision, "status", "failed", arm, note=f"{cell.get('cell_id', arm)}: {cell['status']} — {cell.get('error')}")
             for _, cell in cells.iterrows()]
 
 
-def _check_precision(precision: str, now: pd.DataFrame, both: _Stats, columns: list[str], settings: Settings,
-                     used_rules: set[str]) -> list[dict[str, Any]]:
-    """The rows of one precision: missing, failed cells, then one per gated metric."""
-    cells = now[now["precision"] == precision] if "precision" in now.columns else now.iloc[0:0]
+def _check_arm(arm: str, now: pd.DataFrame, both: _Stats, columns: list[str], settings: Settings,
+               used_rules: set[str]) -> list[dict[str, Any]]:
+    """The rows of one arm: missing cells, failed cells, then one per gated metric."""
+    precision = both.old_arms.precision.get(arm, arm)
+    cells = now[both.new_arms.labels == arm]
     if cells.empty:
-        return [_row(precision, "cells", "missing", note="no cell of this precision in the new results")]
+        return [_row(precision, "cells", "missing", arm, note=f"no cell of {arm} in the new results")]
+    rows = [
+        _row(precision, "cells", "missing", arm, note=f"{cell_id}: in the baseline, not in the new results")
+        for seed, cell_id in both.old_arms.cells.get(arm, {}).items()
+        if seed not in both.new_arms.cells.get(arm, {})
+    ]
     failed = cells[cells["status"] != "ok"]
-    rows = _failed_cell_rows(precision, failed)
+    rows += _failed_cell_rows(precision, arm, failed)
     if len(failed) == len(cells):
         return rows
     for metric in columns:
-        row = _check_metric(precision, metric, both, settings, used_rules)
+        row = _check_metric(arm, precision, metric, both, settings, used_rules)
         if row is not None:
             rows.append(row)
     return rows
 
 
-def _check_metric(precision: str, metric: str, both: _Stats, settings: Settings, used_rules: set[str]) -> dict[str, Any] | None:
-    """One metric of one precision against its tolerance and the noise floor; None when there is nothing to check."""
-    before = both.old.mean.loc[precision, metric]
+def _check_metric(arm: str, precision: str, metric: str, both: _Stats, settings: Settings,
+                  used_rules: set[str]) -> dict[str, Any] | None:
+    """One metric of one arm against its tolerance and the noise floor; None when there is nothing to check."""
+    before = both.old.mean.loc[arm, metric]
     if pd.isna(before) or (metric.startswith(fields.RATIO_PREFIX) and precision == both.base_precision):
         return None
     spec = fields.spec_for(metric)
-    present = metric in both.new.mean.columns and precision in both.new.mean.index
-    after = both.new.mean.loc[precision, metric] if present else float("nan")
-    n_old = int(both.old.count.loc[precision, metric])
-    n_new = int(both.new.count.loc[precision, metric]) if not pd.isna(after) else 0
+    present = metric in both.new.mean.columns and arm in both.new.mean.index
+    after = both.new.mean.loc[arm, metric] if present else float("nan")
+    n_old = int(both.old.count.loc[arm, metric])
+    n_new = int(both.new.count.loc[arm, metric]) if not pd.isna(after) else 0
     tolerance, source = settings.tolerance_for(metric, spec.kind)
     used_rules.add(source)
     row = {"baseline": before, "new": after, "n_baseline": n_old, "n_new": n_new, "tolerance": source}
     if tolerance.ignore:
-        return _row(precision, metric, "ignored", **row)
+        return _row(precision, metric, "ignored", arm, **row)
     if pd.isna(after):
-        return _row(precision, metric, "missing", note="the new results lack this metric", **row)
+        return _row(precision, metric, "missing", arm, note="the new results lack this metric", **row)
     allowed = max(tolerance.abs or 0.0, (tolerance.rel or 0.0) * abs(before))
     noise = 0.0
     if spec.kind not in NO_NOISE_KINDS:
-        noise = settings.noise_sigmas * _noise(both.old.std.loc[precision, metric], n_old, both.new.std.loc[precision, metric], n_new)
+        noise = settings.noise_sigmas * _noise(both.old.std.loc[arm, metric], n_old, both.new.std.loc[arm, metric], n_new)
     row.update(allowed=allowed, noise=noise)
-    return _row(precision, metric, _verdict(spec, before, after, max(allowed, noise)), **row)
+    return _row(precision, metric, _verdict(spec, before, after, max(allowed, noise)), arm, **row)
 
 
 def _verdict(spec: fields.FieldSpec, before: float, after: float, limit: float) -> str:

@@ -60,12 +60,14 @@ def _limit(metric: str, row: pd.Series) -> str:
 
 
 def checks_table(checks: pd.DataFrame) -> pd.DataFrame:
-    """The checks as display strings: precision, metric, baseline, new, change, allowed, verdict, note."""
+    """The checks as display strings: precision (or arm, when the grid has axes other than precision and
+    seed), metric, baseline, new, change, allowed, verdict, note."""
     shown = []
+    by_arm = "arm" in checks.columns and (checks["arm"] != checks["precision"]).any()
     for _, row in checks.iterrows():
         metric = row["metric"]
         shown.append({
-            "precision": row["precision"],
+            ("arm" if by_arm else "precision"): row["arm" if by_arm else "precision"],
             "metric": metric,
             "baseline": show(metric, row.get("baseline")),
             "new": show(metric, row.get("new")),

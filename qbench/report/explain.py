@@ -17,7 +17,7 @@ def _kib(value: float) -> str:
 def weight_bytes_explanation(frame: pd.DataFrame) -> str:
     """Markdown: for each quantized precision, why its base is not (16 / bits) times smaller, from the
     record's exact byte accounting — quantization state, and what stays unquantized."""
-    means = ok_means(frame)
+    means = ok_means(frame, by="precision")  # weight bytes depend on the precision alone
     needed = ("weights.base_bytes", "weights.quantized_params", "weights.quantized_codes_bytes", "weights.quant_state_bytes")
     if means.empty or any(c not in means.columns for c in needed):
         return ""

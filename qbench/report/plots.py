@@ -114,8 +114,8 @@ def throughput(frame: pd.DataFrame) -> Plot | None:
     if values.dropna().empty:
         return None
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6.5, 3.8))
     names = list(values.index)
+    figure, axis = plt.subplots(figsize=(max(6.5, 0.6 * len(names) + 2), 3.8))
     colours = _colours(names)
     bars = axis.bar(names, values.fillna(0), yerr=_spreads(agg.std[column]), capsize=3, color=[colours[n] for n in names])
     for bar, name in zip(bars, names, strict=True):
@@ -124,6 +124,9 @@ def throughput(frame: pd.DataFrame) -> Plot | None:
             axis.annotate(f"{ratio:.2f}× {stats.baseline_precision(frame)}", (bar.get_x() + bar.get_width() / 2, 0),
                           textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8, color="white", weight="bold")
     axis.set_ylabel(_axis_label(column) + " ↑ better")
+    if len(names) > 6 or any(" " in name for name in names):  # a grid's arm labels: turned, so they do not overlap
+        axis.tick_params(axis="x", labelrotation=35)
+        plt.setp(axis.get_xticklabels(), ha="right")
     axis.set_title("training throughput (timed steps after warm-up)", fontsize=10)
     axis.grid(axis="y", alpha=0.3)
     return Plot("throughput", "Training throughput per precision", _png(figure))

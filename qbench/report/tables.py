@@ -85,14 +85,22 @@ def markdown(table: pd.DataFrame, digits: int | dict[str, int] = 2, interval: st
     return shown.to_markdown(disable_numparse=True, colalign=("left", *("right",) * len(shown.columns)))
 
 
-def ok_means(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean over seeds of the ok cells, one row per precision, in the frame's precision order."""
+def ok_means(frame: pd.DataFrame, by: str = stats.ARM) -> pd.DataFrame:
+    """Mean over seeds of the ok cells, one row per arm (`stats.arms`: a precision, or a precision with
+    the other axes the grid varies), in the frame's arm order; `by="precision"` for figures that depend
+    on the precision alone (weight bytes)."""
     if frame.empty or "status" not in frame.columns:
         return pd.DataFrame()
     ok = frame[frame["status"] == "ok"]
     if ok.empty:
         return pd.DataFrame()
-    return ok.groupby("precision").mean(numeric_only=True).reindex(stats.precision_order(ok))
+    if by == "precision":
+        return ok.groupby("precision").mean(numeric_only=True).reindex(stats.precision_order(ok))
+    labels = stats.arms(frame)  # labelled over every cell, so a failed cell's axis value still names the arms
+    means = ok.groupby(labels[ok.index]).mean(numeric_only=True)
+    means = means.reindex([arm for arm in stats.arm_order(frame) if arm in means.index])
+    means.index.name = stats.arm_index_name(frame)
+    return means
 
 
 def failures(frame: pd.DataFrame) -> pd.DataFrame:
@@ -109,7 +117,7 @@ def quantization_damage(frame: pd.DataFrame) -> pd.DataFrame:
     means = ok_means(frame)
     if means.empty:
         return pd.DataFrame()
-    table = pd.DataFrame(index=pd.Index(means.index, name="precision"))
+    table = pd.DataFrame(index=means.index)
     for column, label in (("weights.error.rel_mean", "weight error, mean (%)"), ("weights.error.rel_max", "weight error, max (%)")):
         if column in means.columns:
             table[label] = means[column] * 100
@@ -122,13 +130,18 @@ def quantization_damage(frame: pd.DataFrame) -> pd.DataFrame:
             table[fields.headed(f"{metric} before, this base", unit)] = means[before] * factor
             compared = stats.compare_quality(frame, before)
             if compared is not None:
-                table[fields.headed(f"{metric} before, {baseline} base", unit)] = compared.table.loc[baseline, "mean"] * factor
+                table[fields.headed(f"{metric} before, {baseline} base", unit)] = baseline_values(compared.table, "mean") * factor
                 head = fields.headed(f"Δ {metric} vs {baseline} before training", "points" if unit == "%" else unit)
                 table[head] = compared.table["delta"] * factor
                 table[head + LOW] = compared.table["delta_low"] * factor
                 table[head + HIGH] = compared.table["delta_high"] * factor
                 table[f"before training vs {baseline}"] = compared.table["verdict"]
     return table if len(table.columns) else pd.DataFrame()
+
+
+def baseline_values(compared: pd.DataFrame, column: str) -> pd.Series:
+    """For each arm of a comparison table (`stats.compare_quality(...).table`), its baseline arm's `column`."""
+    return pd.Series(compared[column].reindex(compared["baseline_arm"].fillna("")).to_numpy(), index=compared.index)
 
 
 def memory_table(frame: pd.DataFrame, phases: tuple[str, ...] | None = None) -> pd.DataFrame:
@@ -150,7 +163,7 @@ def memory_table(frame: pd.DataFrame, phases: tuple[str, ...] | None = None) -> 
             column = f"memory.{phase}.{source}"
             if column in means.columns and means[column].notna().any():
                 columns[f"{phase} {label}"] = means[column] / MB
-    return pd.DataFrame(columns, index=pd.Index(means.index, name="precision")) if columns else pd.DataFrame()
+    return pd.DataFrame(columns, index=means.index) if columns else pd.DataFrame()
 
 
 # (key within a phase, key of the peak over all phases, shown name)
@@ -163,7 +176,7 @@ def peak_memory_table(frame: pd.DataFrame, phase: str | None = None) -> pd.DataF
     means = ok_means(frame)
     if means.empty:
         return pd.DataFrame()
-    table = pd.DataFrame(index=pd.Index(means.index, name="precision"))
+    table = pd.DataFrame(index=means.index)
     for phase_key, overall_key, label in PEAK_SOURCES:
         column = overall_key if phase is None else f"memory.{phase}.{phase_key}"
         table[label] = means[column] / MB if column in means.columns else float("nan")
@@ -177,22 +190,23 @@ PROVENANCE_COLUMNS = ("run_id", "suite", "env.device", "env.device_name", "env.h
 
 
 def _status(frame: pd.DataFrame, order: list[str]) -> pd.Series:
-    grouped = frame.groupby("precision", sort=False)["status"]
+    grouped = frame.groupby(stats.arms(frame), sort=False)["status"]
     return grouped.agg(lambda s: ",".join(sorted(set(s)))).reindex(order)
 
 
 def precision_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """The one per-precision table (mean over ok cells), numeric, with units in the headers: status, seeds,
+    """The one per-arm table (per precision in a suite without other axes; mean over ok cells), numeric, with
+    units in the headers: status, seeds,
     base weights, peak memory from the source that means something on this device with the process
     baseline before the model and the increase over it, throughput, the headline quality before and
     after (after with its interval: `... low` / `... high`) and the final train loss. Every renderer
     (terminal, summary.md, report.md, HTML) shows this table; `display` formats it."""
     if frame.empty:
         return pd.DataFrame()
-    order = stats.precision_order(frame)
-    table = pd.DataFrame(index=pd.Index(order, name="precision"))
+    order = stats.arm_order(frame)
+    table = pd.DataFrame(index=pd.Index(order, name=stats.arm_index_name(frame)))
     table["status"] = _status(frame, order)
-    table["seeds"] = frame.groupby("precision", sort=False)["seed"].nunique().reindex(order) if "seed" in frame.columns else 1
+    table["seeds"] = frame.groupby(stats.arms(frame), sort=False)["seed"].nunique().reindex(order) if "seed" in frame.columns else 1
     memory = fields.first_present(frame, fields.HEADLINE_PEAK_MEMORY)
     process = fields.process_baseline_of(memory) if memory else None
     throughput = fields.first_present(frame, fields.HEADLINE_THROUGHPUT)
@@ -231,7 +245,7 @@ def precision_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def quality_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Every quality figure (rows: metric and phase, unit in the name; columns: precisions) as display strings
+    """Every quality figure (rows: metric and phase, unit in the name; columns: precisions, or arms) as display strings
     "mean [low, high]" with the interval of `stats.quality_intervals`."""
     columns = [c for c in frame.columns if c.startswith("quality.") and getattr(fields.spec_for(c), "kind", None) == "quality"]
     if frame.empty or not columns:
@@ -243,7 +257,7 @@ def quality_table(frame: pd.DataFrame) -> pd.DataFrame:
         return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)) + (phase_rank.get(phase, 2), phase)
 
     columns.sort(key=natural)
-    order = stats.precision_order(frame)
+    order = stats.arm_order(frame)
     rows = {}
     for column in columns:
         intervals = stats.quality_intervals(frame, column).reindex(order)

@@ -1,5 +1,6 @@
 """The verdict: per precision, in words, what it saves and costs against the baseline precision, and which figure
-this device could not measure meaningfully (and where to measure it instead).
+this device could not measure meaningfully (and where to measure it instead). On a grid (qbench.suite.grid) a line
+is an arm — the precision with every other axis that varies, `nf4-dq adamw8bit` — against its baseline arm.
 
 This is the one source of the verdict every renderer shows (terminal, summary.md, report.md, HTML):
 they format `Verdict`, they never compute one.
@@ -108,8 +109,8 @@ def _less(percent: float, versus: str | None = None) -> str:
     return f"{shown} % {'less' if percent > 0 else 'more'}" + (f" than {versus}" if versus else "")
 
 
-def _status(frame: pd.DataFrame, precision: str) -> str:
-    cells = frame[frame["precision"] == precision]
+def _status(frame: pd.DataFrame, arm: str) -> str:
+    cells = frame[stats.arms(frame) == arm]
     bad = cells[cells["status"] != "ok"]
     if bad.empty:
         return "ok"
@@ -128,6 +129,11 @@ class _Builder:
         self.device_name = {"cpu": "CPU", "cuda": "GPU"}.get(self.device, self.device)
         self.relative = stats.relative(frame)
         self.baseline = self.relative.baseline if self.relative else stats.baseline_precision(frame)
+        self.labels = stats.arms(frame)
+        bases = self.relative.bases if self.relative is not None else None
+        self.bases = bases if bases is not None else pd.Series(dtype=object)
+        # the baseline precision's first arm that finished: what the notes on the whole run speak of
+        self.baseline_arm = next((arm for arm, base in self.bases.items() if arm == base), self.baseline)
         memory = self.relative.memory_column if self.relative else fields.first_present(frame, fields.HEADLINE_PEAK_MEMORY)
         self.memory = memory
         self.process = fields.process_baseline_of(memory) if memory else None
@@ -138,12 +144,21 @@ class _Builder:
         self.warnings = warnings
         self.notes: dict[str, str] = {}
 
+    def base_of(self, arm: str) -> str | None:
+        """The arm `arm` is compared with (in a suite without other axes: the baseline precision)."""
+        base = self.bases.get(arm)
+        return None if base is None or pd.isna(base) else str(base)
+
+    def is_base(self, arm: str) -> bool:
+        return self.base_of(arm) == arm or (self.relative is None and arm == self.baseline)
+
     # --- memory -------------------------------------------------------------------------------------------
     def runtime_share(self) -> float | None:
         """Share of the baseline precision's peak that the process held before the model was loaded."""
-        if not (self.memory and self.process and self.baseline in self.means.index and self.process in self.means.columns):
+        base = self.baseline_arm
+        if not (self.memory and self.process and base in self.means.index and self.process in self.means.columns):
             return None
-        peak, before = self.means.loc[self.baseline, self.memory], self.means.loc[self.baseline, self.process]
+        peak, before = self.means.loc[base, self.memory], self.means.loc[base, self.process]
         return None if pd.isna(peak) or pd.isna(before) or not peak else float(before / peak)
 
     def memory_meaningful(self) -> bool:
@@ -161,14 +176,15 @@ class _Builder:
         meaningful = self.memory_meaningful()
         if not meaningful:
             self.note_memory()
-        if precision == self.baseline or self.relative is None:
+        base = self.base_of(precision)
+        if self.is_base(precision) or self.relative is None or base is None:
             text = f"{_mib(peak)} ({source})"
             if pd.notna(before):
                 text += f", {_mib(before)} of it before the model was loaded"
             return Figure("peak memory", text, meaningful)
         row = self.relative.table.loc[precision]
-        text = (f"{_less(row['memory_less_pct'], self.baseline)} ({source}: {_mib(peak)} vs "
-                f"{_mib(self.means.loc[self.baseline, self.memory])}")
+        text = (f"{_less(row['memory_less_pct'], base)} ({source}: {_mib(peak)} vs "
+                f"{_mib(self.means.loc[base, self.memory])}")
         if pd.notna(row.get("increase_less_pct", float("nan"))):
             text += f"; above what the process held before the model was loaded: {_less(row['increase_less_pct'])}"
         return Figure("peak memory", text + ")", meaningful)
@@ -177,7 +193,8 @@ class _Builder:
         share = self.runtime_share()
         source = fields.memory_source_label(self.memory)
         if share is not None:
-            held = (f"{_mib(self.means.loc[self.baseline, self.process])} of {self.baseline}'s {_mib(self.means.loc[self.baseline, self.memory])} "
+            base = self.baseline_arm
+            held = (f"{_mib(self.means.loc[base, self.process])} of {base}'s {_mib(self.means.loc[base, self.memory])} "
                     f"peak ({share:.0%}) was held before the model was loaded: the Python and torch runtime and the data")
         else:
             held = "the records do not say how much of it the process held before the model was loaded (most of it, on a CPU)"
@@ -192,7 +209,7 @@ class _Builder:
     def contended(self, precision: str) -> bool:
         if CONTENDED_FLAG not in self.frame.columns:
             return False
-        cells = self.frame[self.frame["precision"].isin([precision, self.baseline])]
+        cells = self.frame[self.labels.isin([precision, self.base_of(precision) or self.baseline])]
         return bool(cells[CONTENDED_FLAG].fillna(False).astype(bool).any())
 
     def speed_figure(self, precision: str) -> Figure | None:
@@ -212,10 +229,11 @@ class _Builder:
                 "their ratios measure the load as much as the format. Run again on a quiet machine."
             )
         value = self.means.loc[precision, self.throughput]
-        if precision == self.baseline or self.relative is None or "speed_x" not in self.relative.table.columns:
+        base = self.base_of(precision)
+        if self.is_base(precision) or base is None or self.relative is None or "speed_x" not in self.relative.table.columns:
             return Figure("speed", f"{format_value(value, 1)} {label}", meaningful)
         ratio = self.relative.table.loc[precision, "speed_x"]
-        return Figure("speed", f"{format_value(ratio, 2)}× {self.baseline}'s {label}", meaningful)
+        return Figure("speed", f"{format_value(ratio, 2)}× {base}'s {label}", meaningful)
 
     # --- quality ------------------------------------------------------------------------------------------
     def quality_figure(self, precision: str) -> Figure | None:
@@ -233,7 +251,9 @@ class _Builder:
         frozen = [w for w in self.warnings if w.startswith(f"{metric} is the same before and after")]
         if frozen:
             self.notes["frozen"] = f"**Quality**: {frozen[0]}."
-        if precision == self.baseline:
+        base = row.get("baseline_arm")
+        base = self.baseline if base is None or pd.isna(base) else base
+        if row["verdict"] == "baseline" or pd.isna(row["delta"]):
             text = f"{name} {format_value(row['mean'] * factor)}{suffix}"
             if pd.notna(row["low"]):
                 text += f" ({level} interval {format_value(row['low'] * factor)} to {format_value(row['high'] * factor)})"
@@ -242,7 +262,7 @@ class _Builder:
             text, broken = self.with_nonfinite(precision, text)
             return Figure("quality", text, not frozen and not broken and pd.notna(row["se"]), named=False)
         delta = format_value(row["delta"] * factor, 2, signed=True)
-        text = f"{name} {format_value(row['mean'] * factor)}{suffix} ({delta} {points} vs {self.baseline}".replace("  ", " ")
+        text = f"{name} {format_value(row['mean'] * factor)}{suffix} ({delta} {points} vs {base}".replace("  ", " ")
         if pd.notna(row["delta_low"]):
             text += f" [{format_value(row['delta_low'] * factor, 2, True)}, {format_value(row['delta_high'] * factor, 2, True)}]"
         verdict = row["verdict"]
@@ -257,7 +277,7 @@ class _Builder:
         (`quality.<phase>.nonfinite_*` of its ok cells): such a figure is the broken model's, not the format's cost."""
         columns = [c for c in self.frame.columns if c.startswith("quality.") and ".nonfinite_" in c]
         cells = stats.ok_rows(self.frame)
-        cells = cells[cells["precision"] == precision] if "precision" in cells.columns else cells.iloc[0:0]
+        cells = cells[self.labels[cells.index] == precision] if "precision" in cells.columns else cells.iloc[0:0]  # this arm's
         count = int(cells[columns].apply(pd.to_numeric, errors="coerce").fillna(0).to_numpy().sum()) if columns else 0
         if not count:
             return text, False
@@ -275,19 +295,19 @@ class _Builder:
         if column not in self.means.columns or precision not in self.means.index or pd.isna(self.means.loc[precision, column]):
             return None
         value = self.means.loc[precision, column]
-        if precision == self.baseline or self.relative is None or "weights_less_pct" not in self.relative.table.columns:
+        base = self.base_of(precision)
+        if self.is_base(precision) or base is None or self.relative is None or "weights_less_pct" not in self.relative.table.columns:
             return Figure("weights", _mib(value))
-        base = self.means.loc[self.baseline, column]
-        return Figure("weights", f"{_less(self.relative.table.loc[precision, 'weights_less_pct'], self.baseline)} "
-                                 f"({_mib(value)} vs {_mib(base)})")
+        return Figure("weights", f"{_less(self.relative.table.loc[precision, 'weights_less_pct'], base)} "
+                                 f"({_mib(value)} vs {_mib(self.means.loc[base, column])})")
 
     def line(self, precision: str) -> Line:
         status = _status(self.frame, precision)
         if status.startswith("no cell finished"):
-            return Line(precision, precision == self.baseline, status)
+            return Line(precision, self.is_base(precision), status)
         made = (self.weights_figure(precision), self.memory_figure(precision), self.quality_figure(precision),
                 self.speed_figure(precision))
-        return Line(precision, precision == self.baseline, status, tuple(f for f in made if f is not None))
+        return Line(precision, self.is_base(precision), status, tuple(f for f in made if f is not None))
 
 
 def verdict(frame: pd.DataFrame, warnings: list[str] | None = None) -> Verdict:
@@ -301,7 +321,7 @@ def verdict(frame: pd.DataFrame, warnings: list[str] | None = None) -> Verdict:
     throughput = [c for c in fields.HEADLINE_THROUGHPUT if c in frame.columns]
     frame = stats.add_speed_ratios(frame, tuple(throughput)) if throughput else frame
     builder = _Builder(frame, warnings or [])
-    lines = tuple(builder.line(p) for p in stats.precision_order(frame))
+    lines = tuple(builder.line(arm) for arm in stats.arm_order(frame))  # arms: precisions, unless the grid has more axes
     b = builder.baseline or "the baseline"
     conventions = (
         f"Savings are % less than {b} (\"more\" where a precision needs more); ratios are × of {b} (above 1: more, e.g. "

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from qbench.report import paper, sections
+from qbench.report import grid, paper, sections
 from qbench.report.sections import ReportData, Section
 from qbench.results import fields, stats
 
@@ -27,6 +27,8 @@ SECTIONS = (
     sections.damage_section,
     sections.weight_bytes_section,
     sections.memory_section,
+    grid.scaling_section,
+    grid.optimizer_state_section,
     sections.failures_section,
     paper.paper_section,
     sections.provenance_section,
@@ -92,7 +94,7 @@ def write_report(frame: pd.DataFrame, out_dir: Path, title: str | None = None, s
     numeric = [c for c in flat.columns if fields.spec_for(c) is not None]
     stats.mean_and_spread(flat, numeric).to_csv(paths["summary_csv"])
     shown = shown if shown is not None else report_sections(frame, settings)
-    figures = plots.all_plots(frame)
+    figures = plots.all_plots(frame) + grid.grid_plots(frame)
     plot_files = []
     for plot in figures:
         path = out_dir / "plots" / f"{plot.name}.png"

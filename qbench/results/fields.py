@@ -50,6 +50,11 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("weights.*_bytes", "exact", "lower", "bytes"),
     FieldSpec("weights.*_params", "exact", None, "count"),
     FieldSpec("params.*", "exact", None, "count"),
+    # the optimizer's state after its first step: bytes by dtype, how many parameters have 8-bit moments
+    FieldSpec("optimizer.*_bytes", "exact", "lower", "bytes"),
+    FieldSpec("optimizer.params*", "exact", None, "count"),
+    FieldSpec("optimizer.largest_param_elements", "exact", None, "count"),
+    FieldSpec("optimizer.state_tensors", "exact", None, "count"),
     FieldSpec("format.*_count", "exact", None, "count"),
     # what was trained on and evaluated: a change here means the data or the eval protocol changed
     FieldSpec("data.*_images", "exact", None, "count"),
@@ -150,6 +155,7 @@ LABELS = {
     "memory.peak_rss_bytes": "peak RSS MiB",
     "memory.train.torch_max_allocated_bytes": "train torch peak allocated MiB",
     "memory.train.nvml_process_peak_bytes": "train NVML process peak MiB",
+    "optimizer.state_bytes": "optimizer state MiB",
     "speed.train_samples_per_s": "train samples/s",
     "speed.train_tokens_per_s": "train tokens/s",
 }

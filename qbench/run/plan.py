@@ -1,5 +1,5 @@
-"""What one `qbench run` will do, decided before anything runs: the cells (after --only, --seeds and
---shard), where they run (device slots from --gpus, or Ray with --executor ray), and what run.json
+"""What one `qbench run` will do, decided before anything runs: the cells (after --only, --where, --seeds
+and --shard), where they run (device slots from --gpus, or Ray with --executor ray), and what run.json
 records about that choice."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from typing import Any
 
 from qbench.run import scheduler
 from qbench.run.scheduler import LOCAL_SLOT, Slot
+from qbench.suite import grid
 from qbench.suite.spec import Cell, LoadedSuite, SuiteError
 
 COMMAND_LINE = "command line"
@@ -27,6 +28,7 @@ class RunPlan:
     executor: str = "local"  # local: this machine (--gpus slots); ray: one Ray task per cell
     ray_address: str | None = None
     cpus_per_cell: float = 1.0  # with Ray: the CPUs each cell's task asks for
+    where: dict[str, tuple[Any, ...]] | None = None  # --where (and --only as precision), as applied
 
     @property
     def label(self) -> str:
@@ -43,6 +45,7 @@ class RunPlan:
             "gpus": self.gpus,
             "gpus_per_cell": self.gpus_per_cell if self.gpus or self.executor == "ray" else None,
             "executor": self.executor,
+            **({"where": {name: list(values) for name, values in self.where.items()}} if self.where else {}),
         }
 
 
@@ -62,7 +65,7 @@ def placement(loaded: LoadedSuite, gpus: str | None, gpus_per_cell: float, devic
             if gpus_per_cell != int(gpus_per_cell) or gpus_per_cell < 1:
                 problems.append(f"--gpus-per-cell {gpus_per_cell:g}: a share of a GPU needs --executor ray; on this "
                                 "machine list a GPU twice to run two cells on it (--gpus 0,0)")
-            elif gpus:
+            elif gpus is not None:  # --gpus "" (an unset variable) is an empty list, not no --gpus
                 slots = scheduler.gpu_slots(scheduler.parse_gpus(gpus), int(gpus_per_cell))
                 if device == "cpu":
                     problems.append("--gpus runs cells on GPUs; it cannot be combined with --device cpu")
@@ -73,7 +76,7 @@ def placement(loaded: LoadedSuite, gpus: str | None, gpus_per_cell: float, devic
                 f"--gpus-per-cell {gpus_per_cell:g}: a cell only spreads over several GPUs with "
                 'model.device_map = "auto" in the suite'
             )
-        if shard:
+        if shard is not None:
             parsed_shard = scheduler.parse_shard(shard)
     except ValueError as error:
         problems.append(str(error))
@@ -108,22 +111,59 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def parse_where(conditions: list[str] | tuple[str, ...], loaded: LoadedSuite,
+                seeds: tuple[int, ...] | None = None) -> dict[str, tuple[Any, ...]]:
+    """`--where AXIS=V1[,V2...]` (repeatable) -> axis name -> allowed values; SuiteError naming the option
+    when an axis is unknown or a value is not one of the grid's (qbench.suite.grid)."""
+    grid_values = grid.values(loaded.suite, seeds)
+    where: dict[str, tuple[Any, ...]] = {}
+    problems = []
+    for condition in conditions:
+        name, sep, listed = condition.partition("=")
+        try:
+            if not sep or not name.strip() or not listed.strip():
+                raise ValueError(f"expected AXIS=VALUE[,VALUE...] such as optimizer=adamw8bit (got {condition!r})")
+            axis = grid.axis_named(name.strip())
+            wanted = tuple(axis.parse(text) for text in listed.split(","))
+        except ValueError as error:
+            problems.append(f"--where: {error}")
+            continue
+        known = grid_values[axis.name]
+        missing = [v for v in wanted if not any(v == k and type(v) is type(k) for k in known)]
+        if missing:
+            shown = ", ".join(axis.id_part(v) if axis.kind is bool else str(v) for v in known)
+            problems.append(f"--where {condition}: {', '.join(map(str, missing))} not among the grid's {axis.name} values ({shown})")
+            continue
+        earlier = where.get(axis.name)
+        where[axis.name] = tuple(v for v in wanted if earlier is None or v in earlier)
+    if problems:
+        raise SuiteError(COMMAND_LINE, problems)
+    return where
+
+
 def make(loaded: LoadedSuite, only: str | None = None, seeds: str | None = None, shard: str | None = None,
          gpus: str | None = None, gpus_per_cell: float = 1, device: str = "auto", executor: str = "local",
-         ray_address: str | None = None, cpus_per_cell: float | None = None) -> RunPlan:
+         ray_address: str | None = None, cpus_per_cell: float | None = None,
+         where: list[str] | tuple[str, ...] = ()) -> RunPlan:
     """The plan for the command line's options; SuiteError (one line per problem) when they are wrong."""
-    chosen = tuple(only.split(",")) if only else None
+    # an empty list (`--only ""`, e.g. an unset variable) is a mistake to report, not "no filter": it would run everything
+    chosen = tuple(p.strip() for p in only.split(",")) if only is not None else None
+    if chosen is not None and not any(chosen):
+        raise SuiteError(COMMAND_LINE, [f"--only: an empty list of precisions (got {only!r}); leave --only out to run every one"])
     if chosen:
         unknown = [p for p in chosen if p not in loaded.suite.matrix.precisions]
         if unknown:
             raise SuiteError(loaded.path, [
                 f"--only: {', '.join(unknown)} not in matrix.precisions ({', '.join(loaded.suite.matrix.precisions)})"
             ])
-    seed_list = parse_seeds(seeds) if seeds else None
+    seed_list = parse_seeds(seeds) if seeds is not None else None
+    conditions = parse_where(where, loaded, seed_list)
     slots, parsed_shard = placement(loaded, gpus, gpus_per_cell, device, shard, executor, ray_address, cpus_per_cell)
-    cells = loaded.cells(chosen, seed_list)
+    cells = loaded.cells(chosen, seed_list, conditions)
+    if not cells and (conditions or chosen):
+        raise SuiteError(COMMAND_LINE, ["--only/--where: no cell of the grid has every value asked for"])
     matrix_cells = len(cells)
     if parsed_shard:
         cells = scheduler.shard_cells(cells, *parsed_shard)
     return RunPlan(loaded, cells, matrix_cells, slots, parsed_shard, scheduler.parse_gpus(gpus) if gpus else None,
-                   gpus_per_cell, executor, ray_address, cpus_per_cell or 1.0)
+                   gpus_per_cell, executor, ray_address, cpus_per_cell or 1.0, conditions)

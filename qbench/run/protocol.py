@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qbench.results.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
+    from qbench.suite.grid import Cell
     from qbench.suite.spec import LoadedSuite
 
 EVENT_PREFIX = "QBENCH_EVENT "
@@ -38,6 +39,7 @@ class CellSpec:
     device: str
     record_path: str
     executor: str = "local"  # what started the cell's process (`local`, `ray`), recorded as env.executor
+    axes: dict[str, Any] = field(default_factory=dict)  # the cell's other axis values (qbench.suite.grid), by name
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -55,24 +57,32 @@ class CellSpec:
 
         return LoadedSuite(parse(self.suite_text, self.suite_path), Path(self.suite_path), self.suite_sha256, self.suite_text)
 
+    def cell(self, loaded: LoadedSuite) -> Cell:
+        """The grid cell this spec runs (axes it does not name take the suite's setting)."""
+        from qbench.suite import grid
 
-def identity_fields(loaded: LoadedSuite, run_id: str, cell_id: str, precision: str, seed: int) -> dict[str, Any]:
-    """The keys that say which cell a record is (`schema.IDENTITY_KEYS`), the same in a finished
-    record and in the one the parent writes for a cell whose process died."""
+        return grid.cell_from_values(loaded.suite, {**self.axes, "precision": self.precision, "seed": self.seed})
+
+
+def identity_fields(loaded: LoadedSuite, run_id: str, cell: Cell, cell_id: str | None = None) -> dict[str, Any]:
+    """The keys that say which cell a record is (`schema.IDENTITY_KEYS`, and every axis value of the
+    grid under its `config.*` key), the same in a finished record and in the one the parent writes for
+    a cell whose process died. `cell_id`: the id the parent gave the cell, if not the cell's own."""
     suite = loaded.suite
     return {
         "schema_version": SCHEMA_VERSION,
         "suite": suite.name,
         "suite_sha256": loaded.sha256,
         "run_id": run_id,
-        "cell_id": cell_id,
+        "cell_id": cell_id or cell.id,
         "task": suite.task,
         "model": suite.model.id,
-        "precision": precision,
+        "precision": cell.precision,
         "baseline_precision": suite.baseline,
-        "seed": seed,
+        "seed": cell.seed,
         "config.safetensors_only": suite.model.safetensors_only,
         "config.trust_remote_code": suite.model.trust_remote_code,
+        **cell.record_fields(),
     }
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from qbench.results import records as results
-from qbench.suite import precisions
+from qbench.suite import grid, precisions
 from qbench.suite.spec import Cell, LoadedSuite, SuiteError, parse
 
 MANIFEST = "run.json"
@@ -33,14 +33,25 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _recorded_cells(manifest_path: Path, entries: Any) -> list[Cell]:
+def _recorded_cells(manifest_path: Path, entries: Any, loaded: LoadedSuite) -> list[Cell]:
+    """The cells run.json lists, rebuilt on the recorded suite's grid; each must get the id it was recorded with."""
     try:
-        cells = [Cell(str(entry["precision"]), int(entry["seed"])) for entry in entries]
-    except (TypeError, KeyError, ValueError):
-        raise SuiteError(manifest_path, ["cells: not a list of {precision, seed} entries"]) from None
-    unknown = sorted({c.precision for c in cells if c.precision not in precisions.REGISTRY})
+        points = [({**dict(entry.get("axes") or {}), "precision": str(entry["precision"]), "seed": int(entry["seed"])},
+                   entry.get("cell_id")) for entry in entries]
+    except (TypeError, KeyError, ValueError, AttributeError):
+        raise SuiteError(manifest_path, ["cells: not a list of {precision, seed, axes} entries"]) from None
+    unknown = sorted({point["precision"] for point, _ in points if point["precision"] not in precisions.REGISTRY})
     if unknown:
         raise SuiteError(manifest_path, [f"cells: unknown precision(s) {', '.join(unknown)}"])
+    cells = []
+    for point, recorded_id in points:
+        strange = sorted(set(point) - set(grid.BY_NAME))
+        if strange:
+            raise SuiteError(manifest_path, [f"cells: {recorded_id}: unknown axis {', '.join(strange)}"])
+        cell = grid.cell_from_values(loaded.suite, point)
+        if recorded_id is not None and cell.id != recorded_id:
+            raise SuiteError(manifest_path, [f"cells: {recorded_id} is not the id of its axis values ({cell.id}) in the recorded suite"])
+        cells.append(cell)
     return cells
 
 
@@ -72,7 +83,7 @@ def open_run(run_dir: Path | str, force: bool = False) -> Resumable:
             "--force to resume with the recorded suite"
         ])
     loaded = LoadedSuite(parse(suite_text, suite_path), suite_path, recorded_sha, suite_text)
-    cells = _recorded_cells(manifest_path, manifest["cells"])
+    cells = _recorded_cells(manifest_path, manifest["cells"], loaded)
     from qbench.run.runner import pending_cells
 
     return Resumable(

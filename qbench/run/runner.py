@@ -99,7 +99,7 @@ class Run:
             "suite_sha256": self.loaded.sha256,
             "suite_text": self.loaded.source_text(),
             "device": self.device,
-            "cells": [{"cell_id": c.id, "precision": c.precision, "seed": c.seed} for c in self.cells],
+            "cells": [{"cell_id": c.id, "precision": c.precision, "seed": c.seed, "axes": dict(c.axes)} for c in self.cells],
             "slots": [{"name": s.name, **s.env} for s in self.slots],
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             **(extra or {}),
@@ -118,6 +118,7 @@ class Run:
             device=self.device,
             record_path=str(results.record_path(self.run_dir, cell.id)),
             executor=self.executor,
+            axes=dict(cell.axes),
         )
 
     def _crash_record(
@@ -146,7 +147,7 @@ class Run:
         }
 
     def _identity(self, cell: Cell) -> dict[str, Any]:
-        return identity_fields(self.loaded, self.run_id, cell.id, cell.precision, cell.seed)
+        return identity_fields(self.loaded, self.run_id, cell)
 
     def _settle(
         self, cell: Cell, returncode: int | None, last_phase: str | None, interrupted: bool = False, slot: Slot = LOCAL_SLOT

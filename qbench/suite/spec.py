@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qbench.results import fields
-from qbench.suite import precisions
+from qbench.suite import grid, optimizers, precisions
+from qbench.suite.grid import Cell
 from qbench.tasks import TASKS
 
 
@@ -79,6 +81,12 @@ class TrainSpec(_Section):
     untimed_steps: int = Field(2, ge=0, description="warm-up steps left out of the speed figures")
     prepare: Literal["none", "peft-kbit"] = Field("none", description="k-bit preparation, applied to every arm")
     gradient_checkpointing: bool = False
+    optimizer: str = Field(optimizers.DEFAULT, description="a name of qbench.suite.optimizers (matrix.optimizers varies it)")
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        return _known_optimizers((value,))[0]
 
     @field_validator("scheduler")
     @classmethod
@@ -105,9 +113,30 @@ class EvalSpec(_Section):
     before: bool = True
 
 
+def _known_optimizers(value: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [name for name in value if name not in optimizers.REGISTRY]
+    if unknown:
+        named = ", ".join(f"{name!r}{_did_you_mean(name, optimizers.REGISTRY)}" for name in unknown)
+        raise ValueError(f"unknown optimizer(s) {named}; known: {', '.join(optimizers.REGISTRY)}")
+    return value
+
+
 class MatrixSpec(_Section):
+    """The grid: a list of values per axis (qbench.suite.grid); every cell is one combination of them.
+
+    An axis left out takes the suite's one setting (train.optimizer, lora.r, train.batch_size, ...).
+    `exclude` drops combinations: each entry is a table of axis name -> value (or list of values),
+    and drops every cell that has all of them.
+    """
+
     precisions: tuple[str, ...] = Field(precisions.DEFAULT_MATRIX, min_length=1)
     seeds: tuple[Annotated[int, Field(ge=0, le=2**32 - 1)], ...] = (0,)
+    optimizers: tuple[str, ...] | None = Field(None, description="optimizer names (train.optimizer if not given)")
+    lora_r: tuple[Annotated[int, Field(ge=1, le=4096)], ...] | None = Field(None, description="LoRA ranks (lora.r)")
+    batch_size: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(None, description="train.batch_size values")
+    max_length: tuple[Annotated[int, Field(ge=2)], ...] | None = Field(None, description="train.max_length values")
+    gradient_checkpointing: tuple[bool, ...] | None = Field(None, description="train.gradient_checkpointing values")
+    exclude: tuple[dict[str, Any], ...] = Field((), description="combinations left out, e.g. {precision = 'bf16', optimizer = 'adamw8bit'}")
 
     @field_validator("precisions")
     @classmethod
@@ -129,6 +158,44 @@ class MatrixSpec(_Section):
         if len(set(value)) != len(value):
             raise ValueError("seeds are listed twice (each seed is one cell per precision)")
         return value
+
+    @field_validator("optimizers", "lora_r", "batch_size", "max_length", "gradient_checkpointing")
+    @classmethod
+    def _axis_values(cls, value: tuple[Any, ...] | None, info: Any) -> tuple[Any, ...] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("an empty axis: give at least one value, or leave the key out to use the suite's setting")
+        if len(set(value)) != len(value):
+            raise ValueError("a value is listed twice")
+        if info.field_name == "optimizers":
+            _known_optimizers(value)
+        return value
+
+    @model_validator(mode="after")
+    def _exclusions(self) -> MatrixSpec:
+        declared = {axis.name: getattr(self, axis.matrix_key) for axis in grid.AXES if getattr(self, axis.matrix_key)}
+        points = [dict(zip(declared, combination, strict=True)) for combination in itertools.product(*declared.values())]
+        for index, exclusion in enumerate(self.exclude):
+            where = f"exclude[{index}]"
+            if not exclusion:
+                raise ValueError(f"{where}: an empty table would drop every cell; name at least one axis")
+            for name, wanted in exclusion.items():
+                axis = next((a for a in grid.AXES if name == a.name), None)
+                if axis is None:
+                    hint = _did_you_mean(name, [a.name for a in grid.AXES])
+                    raise ValueError(f"{where}: unknown axis {name!r}{hint}; axes: {', '.join(a.name for a in grid.AXES)}")
+                if name not in declared:
+                    raise ValueError(f"{where}: {name} is not listed in the matrix (matrix.{axis.matrix_key})")
+                for value in wanted if isinstance(wanted, tuple) else (wanted,):
+                    if not any(value == v and type(value) is type(v) for v in declared[name]):
+                        raise ValueError(f"{where}.{name}: {value!r} is not a value of matrix.{axis.matrix_key} "
+                                         f"({', '.join(map(repr, declared[name]))})")
+            if not any(grid.matches(point, exclusion) for point in points):
+                raise ValueError(f"{where} matches no cell of the matrix")
+        if self.exclude and all(any(grid.matches(p, e) for e in self.exclude) for p in points):
+            raise ValueError("exclude drops every cell of the matrix")
+        return self
 
 
 class ToleranceSpec(_Section):
@@ -208,18 +275,6 @@ class Suite(_Section):
 
 
 @dataclass(frozen=True)
-class Cell:
-    """One run of the fine-tune: the suite fixes everything but the precision and the seed."""
-
-    precision: str
-    seed: int
-
-    @property
-    def id(self) -> str:
-        return f"{self.precision}-seed{self.seed}"
-
-
-@dataclass(frozen=True)
 class LoadedSuite:
     """A validated suite with the file it came from (relative paths resolve against its folder)."""
 
@@ -235,9 +290,18 @@ class LoadedSuite:
         path = Path(relative).expanduser()
         return path if path.is_absolute() else (self.path.parent / path)
 
-    def cells(self, only: tuple[str, ...] | None = None, seeds: tuple[int, ...] | None = None) -> list[Cell]:
-        chosen = [p for p in self.suite.matrix.precisions if only is None or p in only]
-        return [Cell(p, s) for s in (seeds or self.suite.matrix.seeds) for p in chosen]
+    def cells(self, only: tuple[str, ...] | None = None, seeds: tuple[int, ...] | None = None,
+              where: dict[str, tuple[Any, ...]] | None = None) -> list[Cell]:
+        """The grid's cells (qbench.suite.grid.cells): `only` keeps those precisions, `seeds` replaces
+        matrix.seeds, `where` keeps the cells whose axes have one of the given values."""
+        conditions = dict(where or {})
+        if only is not None:
+            conditions["precision"] = tuple(p for p in only if p in conditions.get("precision", only))
+        return grid.cells(self.suite, seeds, conditions)
+
+    def for_cell(self, cell: Cell) -> LoadedSuite:
+        """The suite as `cell` runs it (its axis values in the settings they override), from the same file."""
+        return replace(self, suite=grid.at(self.suite, cell))
 
 
 def _did_you_mean(word: str, known: Any) -> str:
