@@ -35,7 +35,7 @@ def ray_cluster():
     """One local Ray cluster for the module: 4 CPUs and 2 declared GPUs (no real GPU is needed; Ray sets
     CUDA_VISIBLE_DEVICES for each task from the declared ones)."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # nothing leaves the machine
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="error",
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="error",
              object_store_memory=100 * 1024 * 1024)
     yield
     ray.shutdown()
