@@ -91,7 +91,7 @@ def first_batch(path: Path) -> None:
     loaded = load(path)
     if loaded.suite.data.num_workers:  # worker processes: slow to start, and what they read is read here the same
         return
-    task = get_task(loaded.suite, loaded, models.resolve(loaded.suite.model.id, path.parent), "cpu")
+    task = get_task(loaded, models.resolve(loaded.suite.model.id, path.parent), "cpu")
     task.prepare_data()
     batch = next(task.train_batches(0))
     assert batch.samples == loaded.suite.train.batch_size

@@ -13,8 +13,8 @@ from qbench import cli
 from qbench.suite.spec import SuiteError, parse
 
 from .conftest import write_suite
+from .helpers import clip
 from .test_suite import MINIMAL
-from .tiny_assets import suite_text
 
 
 def problems_of(text: str) -> list[str]:
@@ -137,7 +137,7 @@ def test_a_batch_larger_than_the_training_split_stops_before_any_cell(tmp_path: 
     (data / "train.tsv").write_text("train-000.png\ta red square on white\n", encoding="utf-8")
     (data / "eval.tsv").write_text((tsv_data_dir / "eval.tsv").read_text(encoding="utf-8"), encoding="utf-8")
     (data / "images").symlink_to(tsv_data_dir / "images")
-    suite = write_suite(tmp_path, suite_text(tiny_clip_dir, data).replace("batch_size = 8", "batch_size = 4"))
+    suite = write_suite(tmp_path, clip.suite(tiny_clip_dir, data).replace("batch_size = 8", "batch_size = 4"))
     assert run(tmp_path, suite) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.endswith("train.batch_size: 4 is more than the 1 training caption(s) of data.train "

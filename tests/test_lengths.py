@@ -15,7 +15,7 @@ from qbench.cell import models
 from qbench.suite.spec import load
 
 from .conftest import write_suite
-from .tiny_assets import suite_text
+from .helpers import clip
 
 TEXT = "The quick brown fox jumps over the lazy dog, and the dog does not mind at all.\n" * 60
 
@@ -55,7 +55,7 @@ def check(tmp_path: Path, text: str, capsys) -> tuple[int, list[str]]:
 
 def test_a_clip_max_length_past_the_text_positions_stops_before_any_cell(tmp_path: Path, tiny_clip_dir: Path,
                                                                        tsv_data_dir: Path, capsys):
-    text = suite_text(tiny_clip_dir, tsv_data_dir).replace("max_length = 16", "max_length = 64")
+    text = clip.suite(tiny_clip_dir, tsv_data_dir).replace("max_length = 16", "max_length = 64")
     code, lines = check(tmp_path, text, capsys)
     assert code == 2
     assert lines == [
@@ -123,14 +123,14 @@ def test_the_llm_record_holds_the_context_beside_the_window(tmp_path: Path, tiny
     (tmp_path / "eval.txt").write_text(TEXT[:500], encoding="utf-8")
     data = 'kind = "text"\ntrain = "train.txt"\neval = "eval.txt"'
     loaded = load(write_suite(tmp_path, lm_suite("builtin:tiny-llama", data=data)))
-    info = CausalLMTask(loaded.suite, loaded, tiny_llama_path, "cpu").prepare_data()
+    info = CausalLMTask(loaded, tiny_llama_path, "cpu").prepare_data()
     assert info["model.max_positions"] == 128 and info["model.max_positions_source"] == "config.max_position_embeddings"
     assert info["eval.window_tokens"] == 128 and info["eval.window_source"] == "config.max_position_embeddings"
     assert info["config.train.max_length"] == 32 and info["train.max_length_source"] == "train.max_length"
     # a cell started without the checks refuses the length too, rather than giving another perplexity
     wide = load(write_suite(tmp_path, lm_suite("builtin:tiny-llama", data=data, evaluation="window = 256"), "wide.toml"))
     with pytest.raises(ValueError, match="eval.window: 256 tokens is more than"):
-        CausalLMTask(wide.suite, wide, tiny_llama_path, "cpu").prepare_data()
+        CausalLMTask(wide, tiny_llama_path, "cpu").prepare_data()
 
 
 def test_the_clip_record_holds_the_text_positions_and_counts_truncated_captions(tmp_path: Path, tiny_clip_dir: Path,
@@ -142,8 +142,8 @@ def test_the_clip_record_holds_the_text_positions_and_counts_truncated_captions(
     lines = (data / "train.tsv").read_text(encoding="utf-8").splitlines()
     lines[0] = lines[0].split("\t")[0] + "\t" + " ".join(["a red square on white"] * 4)  # 20 words + BOS/EOS
     (data / "train.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    loaded = load(write_suite(tmp_path, suite_text(tiny_clip_dir, data)))
-    info = ClipTask(loaded.suite, loaded, str(tiny_clip_dir), "cpu").prepare_data()
+    loaded = load(write_suite(tmp_path, clip.suite(tiny_clip_dir, data)))
+    info = ClipTask(loaded, str(tiny_clip_dir), "cpu").prepare_data()
     assert info["model.max_positions"] == 16 and info["eval.text_max_length_tokens"] == 16
     assert info["data.train_captions_truncated"] == 1 and info["data.eval_captions_truncated"] == 0
     json.dumps(info)  # record fields are plain JSON values
@@ -153,11 +153,11 @@ def test_without_max_length_a_clip_suite_takes_the_model_positions_when_fewer_th
                                                                                     tsv_data_dir: Path, capsys):
     from qbench.tasks.clip import ClipTask
 
-    text = suite_text(tiny_clip_dir, tsv_data_dir).replace("max_length = 16\n", "")
+    text = clip.suite(tiny_clip_dir, tsv_data_dir).replace("max_length = 16\n", "")
     suite = write_suite(tmp_path, text)
     assert cli.main(["run", str(suite), "--check", "--device", "cpu"]) == 0
     loaded = load(suite)
     assert loaded.suite.train.max_length is None
-    info = ClipTask(loaded.suite, loaded, str(tiny_clip_dir), "cpu").prepare_data()
+    info = ClipTask(loaded, str(tiny_clip_dir), "cpu").prepare_data()
     assert info["config.train.max_length"] == 16 == info["eval.text_max_length_tokens"]
     assert info["train.max_length_source"] == "default: the model's 16 text tower positions (config.text_config.max_position_embeddings)"
