@@ -58,18 +58,11 @@ def qbench(*argv: str) -> tuple[int, str, str]:
     """`qbench ARGV` in this process: (exit code, stdout, stderr). An exception other than SystemExit
     escapes and fails the test (a traceback is what the user would have seen)."""
     out, err = StringIO(), StringIO()
-    from qbench.cli import render
-
-    consoles = (render.console.file, render.errors.file)
-    render.console.file, render.errors.file = out, err
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            try:
-                code = cli.main(list(argv))
-            except SystemExit as stop:  # argparse's own usage errors
-                code = stop.code if isinstance(stop.code, int) else 2
-    finally:
-        render.console.file, render.errors.file = consoles
+    with redirect_stdout(out), redirect_stderr(err):  # rich's consoles write to whatever sys.stdout/stderr are now
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as stop:  # argparse's own usage errors
+            code = stop.code if isinstance(stop.code, int) else 2
     return code, out.getvalue(), err.getvalue()
 
 
