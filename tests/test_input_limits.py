@@ -292,3 +292,20 @@ def test_every_echoed_problem_is_one_printable_line(capsys):
     (line,) = capsys.readouterr().err.splitlines()
     assert line == "error: a\\nb\\rc\\x1b[2Jd\\u2028e\\x85f\\tg"
     json.dumps(line)
+
+
+def test_a_suite_file_with_a_byte_order_mark_and_crlf_endings_reads_as_without(tmp_path: Path):
+    from qbench.suite.spec import load
+
+    plain = write_suite(tmp_path, MINIMAL)
+    windows = tmp_path / "windows.toml"
+    windows.write_bytes(b"\xef\xbb\xbf" + MINIMAL.replace("\n", "\r\n").encode("utf-8"))
+    assert load(windows).suite == load(plain).suite
+
+
+def test_check_and_an_empty_resume_are_not_silently_ignored(tmp_path: Path, capsys):
+    assert cli.main(["run", "--resume", str(tmp_path), "--check"]) == 2
+    assert "drop --check" in capsys.readouterr().err
+    suite = write_suite(tmp_path, MINIMAL)
+    assert cli.main(["run", str(suite), "--resume", "", "--out", str(tmp_path / "out")]) == 2  # not a fresh run of SUITE
+    assert not (tmp_path / "out").exists()

@@ -501,7 +501,7 @@ def load(path: Path | str) -> LoadedSuite:
     except (OSError, ValueError) as error:  # ValueError: a path with a NUL byte
         raise SuiteError(path, [f"cannot read the suite file: {getattr(error, 'strerror', None) or error}"]) from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8").removeprefix("\ufeff")  # a byte order mark (Windows editors) is no TOML
     except UnicodeDecodeError as error:
         raise SuiteError(path, [f"the suite file is not UTF-8 text (byte {error.start})"]) from None
     return LoadedSuite(parse(text, path), path.resolve(), hashlib.sha256(data).hexdigest(), text)
