@@ -205,7 +205,9 @@ def check_case(suite: dict, files: dict[str, bytes], *options: str) -> tuple[int
         assert_clean(code, out, err)
         event(f"exit {code}" + (f": {err.split(': ', 3)[2]}" if code == 2 and err.count(": ") >= 3 else ""))
         named_lines_exist(err, {str(folder / name): content for name, content in files.items()})
-        assert snapshot(folder) == before and sorted(os.listdir()) == cwd_before  # --check writes nothing
+        after, cwd_after = snapshot(folder), sorted(os.listdir())
+        assert after == before, set(after.items()) ^ set(before.items())  # --check writes nothing
+        assert cwd_after == cwd_before, set(cwd_after) ^ set(cwd_before)
         if code == 0:
             first_batch(path)
     return code, out, err

@@ -59,8 +59,8 @@ def test_a_clip_max_length_past_the_text_positions_stops_before_any_cell(tmp_pat
     code, lines = check(tmp_path, text, capsys)
     assert code == 2
     assert lines == [
-        f"error: {tmp_path / 'suite.toml'}: train.max_length: 64 tokens is more than model '{tiny_clip_dir}' takes: 16 text "
-        "tower positions (config.text_config.max_position_embeddings); a longer caption cannot be encoded. Set "
+        f"error: {tmp_path / 'suite.toml'}: train.max_length: 64 tokens, but model '{tiny_clip_dir}' takes at most 16 (its "
+        "text tower's positions: config.text_config.max_position_embeddings); a longer caption cannot be encoded. Set "
         "train.max_length to at most 16"
     ]
 
@@ -69,7 +69,7 @@ def test_a_window_or_training_length_past_the_llm_context_stops_before_any_cell(
     code, lines = check(tmp_path, lm_suite("builtin:tiny-llama", "max_length = 512", "window = 512"), capsys)
     assert code == 2
     assert [line.split(": ")[2] for line in lines] == ["train.max_length", "eval.window"]
-    assert all("model 'builtin:tiny-llama' takes: 128 context (config.max_position_embeddings)" in line for line in lines)
+    assert all("model 'builtin:tiny-llama' takes at most 128 (its context: config.max_position_embeddings)" in line for line in lines)
     assert "its perplexity is another quantity. Set eval.window to at most 128" in lines[1]
 
 
@@ -129,7 +129,7 @@ def test_the_llm_record_holds_the_context_beside_the_window(tmp_path: Path, tiny
     assert info["config.train.max_length"] == 32 and info["train.max_length_source"] == "train.max_length"
     # a cell started without the checks refuses the length too, rather than giving another perplexity
     wide = load(write_suite(tmp_path, lm_suite("builtin:tiny-llama", data=data, evaluation="window = 256"), "wide.toml"))
-    with pytest.raises(ValueError, match="eval.window: 256 tokens is more than"):
+    with pytest.raises(ValueError, match="eval.window: 256 tokens, but model 'builtin:tiny-llama' takes at most 128"):
         CausalLMTask(wide, tiny_llama_path, "cpu").prepare_data()
 
 
@@ -160,4 +160,6 @@ def test_without_max_length_a_clip_suite_takes_the_model_positions_when_fewer_th
     assert loaded.suite.train.max_length is None
     info = ClipTask(loaded, str(tiny_clip_dir), "cpu").prepare_data()
     assert info["config.train.max_length"] == 16 == info["eval.text_max_length_tokens"]
-    assert info["train.max_length_source"] == "default: the model's 16 text tower positions (config.text_config.max_position_embeddings)"
+    assert info["train.max_length_source"] == (
+        "default: the model's limit of 16 (its text tower's positions: config.text_config.max_position_embeddings)"
+    )

@@ -31,7 +31,7 @@ class ContextLimit:
 
     tokens: int | None
     source: str  # where the figure was read ("config.max_position_embeddings", ...), or why there is none
-    what: str  # in words, for messages: "text tower positions", "context"
+    what: str  # in words, for messages: "its text tower's positions", "its context"
 
     def record(self) -> dict[str, Any]:
         """The record fields: `model.max_positions` (tokens, or None) and `model.max_positions_source`."""
@@ -46,8 +46,8 @@ def clip_limit(config: Any) -> ContextLimit:
     """A CLIP model's text positions (`text_config.max_position_embeddings`)."""
     tokens = _usable(getattr(getattr(config, "text_config", None), "max_position_embeddings", None))
     if tokens is not None:
-        return ContextLimit(tokens, "config.text_config.max_position_embeddings", "text tower positions")
-    return ContextLimit(None, "config.text_config states no max_position_embeddings", "text tower positions")
+        return ContextLimit(tokens, "config.text_config.max_position_embeddings", "its text tower's positions")
+    return ContextLimit(None, "config.text_config states no max_position_embeddings", "its text tower's positions")
 
 
 def causal_lm_limit(config: Any, tokenizer_max_length: Any = None) -> ContextLimit:
@@ -56,12 +56,12 @@ def causal_lm_limit(config: Any, tokenizer_max_length: Any = None) -> ContextLim
     for attribute in CONTEXT_ATTRIBUTES:
         tokens = _usable(getattr(config, attribute, None))
         if tokens is not None:
-            return ContextLimit(tokens, f"config.{attribute}", "context")
+            return ContextLimit(tokens, f"config.{attribute}", "its context")
     tokens = _usable(tokenizer_max_length)
     if tokens is not None:
-        return ContextLimit(tokens, "tokenizer.model_max_length", "context")
+        return ContextLimit(tokens, "tokenizer.model_max_length", "its context")
     return ContextLimit(
-        None, f"neither the config ({', '.join(CONTEXT_ATTRIBUTES)}) nor the tokenizer (model_max_length) states one", "context"
+        None, f"neither the config ({', '.join(CONTEXT_ATTRIBUTES)}) nor the tokenizer (model_max_length) states one", "its context"
     )
 
 
@@ -76,7 +76,7 @@ def train_max_length(suite: Any, limit: ContextLimit) -> tuple[int, str]:
     if suite.train.max_length is not None:
         return suite.train.max_length, "train.max_length"
     if limit.tokens is not None and limit.tokens < DEFAULT_MAX_LENGTH:
-        return limit.tokens, f"default: the model's {limit.tokens} {limit.what} ({limit.source})"
+        return limit.tokens, f"default: the model's limit of {limit.tokens} ({limit.what}: {limit.source})"
     return DEFAULT_MAX_LENGTH, f"default {DEFAULT_MAX_LENGTH}"
 
 
@@ -116,7 +116,7 @@ def length_problems(suite: Any, limit: ContextLimit) -> list[str]:
                 else "past it the model extrapolates and its perplexity is another quantity"
             )
             problems.append(
-                f"{key}: {tokens} tokens is more than model {model!r} takes: {limit.tokens} {limit.what} ({limit.source}); "
+                f"{key}: {tokens} tokens, but model {model!r} takes at most {limit.tokens} ({limit.what}: {limit.source}); "
                 f"{why}. Set {key} to at most {limit.tokens}"
             )
     return problems
