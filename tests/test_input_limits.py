@@ -45,7 +45,7 @@ def test_an_empty_recall_k_is_refused_rather_than_running_with_no_quality_metric
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--only", ""], "--only: an empty list (''); name at least one precision of the matrix, or leave --only out"),
+        (["--only", ""], "--only: an empty list of precisions (got ''); name at least one of the matrix, or leave --only out"),
         (["--only", "bf16,"], "--only: an empty name in 'bf16,'"),
         (["--seeds", ""], "--seeds: '' is not a comma-separated list of integers"),
         (["--shard", ""], "--shard: expected I/N such as 1/2 (got '')"),
@@ -309,3 +309,22 @@ def test_check_and_an_empty_resume_are_not_silently_ignored(tmp_path: Path, caps
     suite = write_suite(tmp_path, MINIMAL)
     assert cli.main(["run", str(suite), "--resume", "", "--out", str(tmp_path / "out")]) == 2  # not a fresh run of SUITE
     assert not (tmp_path / "out").exists()
+
+
+# -- the grid's axes: every value is checked as the suite's own setting is --------------------------
+
+
+def test_every_grid_value_of_a_length_or_batch_is_checked(tmp_path: Path, capsys):
+    (problem,) = problems_of(MINIMAL + "[matrix]\nbatch_size = [4, 1000000000]\n")
+    assert problem.startswith("matrix.batch_size: at most 65,536")
+    (problem,) = problems_of(MINIMAL + "[matrix]\nbatch_size = [1, 4]\n")
+    assert problem.startswith("matrix.batch_size: a contrastive batch of 1 has no negatives")
+    (problem,) = problems_of(MINIMAL.replace('target_modules = ["q_proj"]', 'target_modules = ["q_proj"]\nalpha = 2048') +
+                             "[matrix]\nlora_r = [1, 8]\n")
+    assert problem.startswith("matrix.lora_r: lora.alpha / 1 = 2048 scales the adapter's output; at most 1,024")
+    suite = write_suite(tmp_path, MINIMAL + "[matrix]\nprecisions = [\"bf16\"]\nmax_length = [16, 64]\nbatch_size = [8, 1000]\n")
+    assert run(tmp_path, suite) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert "matrix.batch_size: 1,000 is more than the 720 training caption(s) of builtin dataset 'shapes'" in lines[0]
+    assert "matrix.max_length: 64 tokens, but model 'builtin:tiny-clip' takes at most 16" in lines[1]

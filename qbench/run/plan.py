@@ -149,8 +149,8 @@ def parse_only(text: str, loaded: LoadedSuite) -> tuple[str, ...]:
     empty entry, or names a precision outside the suite's matrix."""
     names = tuple(part.strip() for part in text.split(","))
     if not text.strip():
-        raise SuiteError(COMMAND_LINE, [f"--only: an empty list ({text!r}); name at least one precision of the matrix, "
-                                        "or leave --only out to run them all"])
+        raise SuiteError(COMMAND_LINE, [f"--only: an empty list of precisions (got {text!r}); name at least one of the "
+                                        "matrix, or leave --only out to run every one"])
     if not all(names):
         raise SuiteError(COMMAND_LINE, [f"--only: an empty name in {text!r}"])
     unknown = [p for p in names if p not in loaded.suite.matrix.precisions]
