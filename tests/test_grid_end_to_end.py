@@ -19,6 +19,8 @@ def small_qlora(name: str = "qlora-small") -> str:
     """suites/qlora.toml cut down to two short nf4-dq cells (adamw, paged_adamw8bit) of tiny batches."""
     text = (SUITES / "qlora.toml").read_text()
     text = text.replace('name = "qlora"', f'name = "{name}"').replace("steps = 40", "steps = 3").replace("untimed_steps = 3", "untimed_steps = 1")
+    text = text.replace("warmup_steps = 4", "warmup_steps = 1")  # warm-up must leave steps at the scheduled rate
+    text = text.replace('baseline = "bf16"', 'baseline = "nf4-dq"')  # the baseline is one of the matrix's precisions
     # tiny batches through the matrix (one value each), over the suite file's batch 8 of 128 tokens
     text = text.replace("[eval]\n", "[eval]\nbefore = false\n").replace("[matrix]\n", "[matrix]\nbatch_size = [2]\nmax_length = [32]\n")
     return text.replace('precisions = ["bf16", "nf4-dq"]', 'precisions = ["nf4-dq"]').replace(

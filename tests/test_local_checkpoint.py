@@ -20,7 +20,7 @@ EVERY_PRECISION = ["bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"]
 def test_the_user_tsv_format_skips_blank_lines_and_takes_several_captions_per_image(tmp_path: Path):
     data = clip.images_tsv(tmp_path, train_images=6, eval_images=4, size=48, user_format=True)
     train = load_tsv(data["train"], data["images"])
-    # 6 images; the odd ones carry a second caption as an extra tab-separated field
+    # 6 images; the odd ones carry a second caption on a line of its own
     assert len(train.images) == 6 and len(train.captions) == 9
     assert train.caption_image == [0, 1, 1, 2, 3, 3, 4, 5, 5]
     assert train.captions[1:3] == ["a red square on a black background", "a photo of a red square"]
@@ -60,7 +60,7 @@ def test_every_precision_runs_to_ok_on_a_local_checkpoint_and_tsv_images(local_s
             lora=clip.USER_LORA,
             evaluation=None,
             train="steps = 2\nbatch_size = 4\ngrad_accum = 2\nlr = 1e-3\nscheduler = \"cosine\"\nwarmup_steps = 1\n"
-            "max_length = 64\nuntimed_steps = 1",
+            "max_length = 32\nuntimed_steps = 1",
             extra=f"[eval]\nbatch_size = 8\nbefore = false\n[matrix]\nprecisions = {EVERY_PRECISION}\n",
             model_extra='device_map = "auto"',
             data_extra="num_workers = 2",

@@ -49,7 +49,7 @@ def tsv_suite(tmp_path_factory) -> Path:
     checkpoint = clip.checkpoint(root / "ckpt")
     data = clip.images_tsv(root / "data", train_images=6, eval_images=3)
     text = clip.suite(checkpoint, data, ("bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"), name="onray", steps=2,
-                      train="lr = 1e-3\nuntimed_steps = 1", evaluation=None)
+                      train="batch_size = 4\nlr = 1e-3\nuntimed_steps = 1", evaluation=None)
     return write_suite(root, text)
 
 

@@ -125,7 +125,7 @@ def tsv_suite(tmp_path_factory) -> Path:
     checkpoint = clip.checkpoint(root / "ckpt", image_size=32, patch_size=8, text_positions=32)
     data = clip.images_tsv(root / "data", train_images=6, eval_images=3, size=48, user_format=True)
     text = clip.suite(checkpoint, data, ("bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"), name="sched", steps=2,
-                      train="lr = 1e-3\nuntimed_steps = 1", lora=clip.USER_LORA, evaluation=None)
+                      train="batch_size = 4\nlr = 1e-3\nuntimed_steps = 1", lora=clip.USER_LORA, evaluation=None)
     return write_suite(root, text)
 
 

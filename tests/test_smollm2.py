@@ -199,6 +199,7 @@ def _corrupt_gguf(site: Path):
 SUITE = """
 name = "real"
 task = "causal_lm"
+baseline = "nf4-dq"
 [model]
 id = "builtin:smollm2-135m"
 [data]

@@ -116,28 +116,28 @@ def test_jsonl_texts_are_joined_and_blank_lines_skipped(tmp_path):
 def test_jsonl_bad_json_names_file_and_line(tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text('{"text": "ok"}\n{"text": oops}\n')
-    with pytest.raises(ValueError, match=r"corpus\.jsonl, line 2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:2: invalid JSON"):
         load_text_file(path)
 
 
 def test_jsonl_missing_text_field_names_file_and_line(tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text('{"text": "ok"}\n{"text": "ok"}\n{"body": "no"}\n')
-    with pytest.raises(ValueError, match=r'corpus\.jsonl, line 3: missing field "text"'):
+    with pytest.raises(ValueError, match=r'corpus\.jsonl:3: missing field "text" \(the object has fields \'body\'\)'):
         load_text_file(path)
 
 
 def test_jsonl_text_that_is_not_a_string_names_the_line(tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text('{"text": 5}\n')
-    with pytest.raises(ValueError, match=r'line 1: field "text" must be a string, got int'):
+    with pytest.raises(ValueError, match=r'corpus\.jsonl:1: field "text" must be a string, not a JSON number'):
         load_text_file(path)
 
 
 def test_jsonl_line_that_is_not_an_object_names_the_line(tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text('["text"]\n')
-    with pytest.raises(ValueError, match=r'line 1: missing field "text"'):
+    with pytest.raises(ValueError, match=r'corpus\.jsonl:1: a line must be a JSON object with a "text" field, not a JSON array'):
         load_text_file(path)
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from rich.markup import escape
-
 from qbench.exitcodes import Exit
 from qbench.suite.spec import SuiteError
 
 
 def main(argv: list[str] | None = None) -> int:
     from qbench.cli.parser import build_parser
+    from qbench.cli.render import error as print_error
     from qbench.cli.render import errors
 
     args = build_parser().parse_args(argv)
@@ -19,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args))
     except SuiteError as error:
         for problem in error.problems:
-            errors.print(f"[red]error:[/] {escape(f'{error.path}: {problem}')}", highlight=False, soft_wrap=True)
+            print_error(f"{error.path}: {problem}")
         return Exit.BAD_INPUT
     except KeyboardInterrupt:  # before any cell started (checks, device probe): nothing to keep
         errors.print("[yellow]interrupted[/]")

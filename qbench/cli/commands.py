@@ -38,7 +38,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qbench.run import plan
     from qbench.suite.spec import load
 
-    if args.resume:
+    if args.resume is not None:
         return _resume(args)
     if not args.suite:
         raise SuiteError(COMMAND_LINE, ["qbench run needs a suite file (or --resume RUN_DIR)"])
@@ -48,17 +48,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_plan = plan.make(loaded, only=args.only, seeds=args.seeds, shard=args.shard, gpus=args.gpus,
                          gpus_per_cell=args.gpus_per_cell, device=args.device, executor=args.executor,
                          ray_address=args.ray_address, cpus_per_cell=args.cpus_per_cell, where=args.where)
-    return run_suite(run_plan, Path(args.out), args.device)
+    return run_suite(run_plan, Path(args.out), args.device, check_only=args.check)
 
 
-def run_suite(run_plan: RunPlan, out: Path, device: str) -> int:
+def run_suite(run_plan: RunPlan, out: Path, device: str, check_only: bool = False) -> int:
     """Check the suite against the world, run the plan's cells into a new run folder under `out`, and
-    write its results.csv and summary.md; the exit code says how it went."""
+    write its results.csv and summary.md; the exit code says how it went. `check_only`: stop after the
+    checks, having written nothing."""
     from qbench.run import runner
     from qbench.suite import preflight
 
     loaded = run_plan.loaded
-    preflight.check_suite(loaded)
+    on_ray = run_plan.executor == "ray"  # cells run on the cluster's nodes: this machine's memory says nothing
+    preflight.check_suite(loaded, device=None if on_ray else "cuda" if run_plan.slots else device,
+                          gpus_per_cell=max(1, int(run_plan.gpus_per_cell or 1)))
+    if check_only:
+        where = "a Ray cluster" if on_ray else "cuda" if run_plan.slots else runner.resolve_device(device)
+        console.print(f"suite [bold]{escape(loaded.suite.name)}[/] passes every check: {len(run_plan.cells)} cell(s) "
+                      f"would run on {where} ({', '.join(c.id for c in run_plan.cells) or 'none in this shard'})")
+        return Exit.OK
     if not run_plan.cells:
         shard = run_plan.shard or (0, 0)
         console.print(f"shard {shard[0]}/{shard[1]} of suite {loaded.suite.name} has no cells ({run_plan.matrix_cells} in the matrix)")
@@ -135,8 +143,9 @@ def _resume(args: argparse.Namespace) -> int:
     given = [
         flag
         for flag, used in (
-            ("SUITE", args.suite), ("--only", args.only is not None), ("--seeds", args.seeds is not None), ("--where", args.where),
-            ("--device", args.device != "auto"), ("--out", args.out != "results"),
+            ("SUITE", args.suite is not None), ("--only", args.only is not None), ("--seeds", args.seeds is not None),
+            ("--where", args.where), ("--device", args.device != "auto"), ("--out", args.out != "results"),
+            ("--check", args.check),
         )
         if used
     ]
@@ -150,7 +159,7 @@ def _resume(args: argparse.Namespace) -> int:
         raise SuiteError(COMMAND_LINE, ["--shard does not go with --resume: the run folder already holds its shard's cells"])
     if slots and state.device != "cuda":
         raise SuiteError(COMMAND_LINE, [f"--gpus: the run in {state.run_dir} ran on {state.device}, not cuda"])
-    preflight.check_suite(state.loaded)
+    preflight.check_suite(state.loaded, device=None if on_ray else state.device, gpus_per_cell=max(1, int(args.gpus_per_cell)))
     if not state.pending:
         console.print(f"nothing to resume in {escape(str(state.run_dir))}: every cell has an ok record")
     else:

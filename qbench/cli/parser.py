@@ -77,6 +77,11 @@ def _add_run(commands_: Commands) -> None:
         "device recorded in RUN_DIR/run.json",
     )
     run.add_argument("--force", action="store_true", help="with --resume: resume even if the suite file changed since")
+    run.add_argument(
+        "--check", action="store_true",
+        help="only check the suite, its data files, model, lengths and sizes against this machine (exit 0 or 2); "
+        "run no cell and write nothing",
+    )
     run.set_defaults(handler=commands.cmd_run)
 
 

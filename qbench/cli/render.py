@@ -20,9 +20,18 @@ console = Console()
 errors = Console(stderr=True)
 
 
+def one_line(text: str) -> str:
+    """`text` with every character that is not printable (newlines, tabs, ESC and other terminal controls,
+    U+2028...) written as its Python escape: whatever user text a message echoes, it stays one line and
+    cannot move the cursor or colour the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def error(message: str) -> None:
     """One red line on standard error; the text is escaped (it may hold user input)."""
-    errors.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    errors.print(f"[red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
 
 
 class ProgressListener:
@@ -60,7 +69,7 @@ class ProgressListener:
         style = "green" if status == "ok" else "red"
         message = f"[{style}]{cell.id}: {status}[/]"
         if status != "ok":
-            message += f" — {escape(str(record.get('error')))}"
+            message += f" — {escape(one_line(str(record.get('error'))))}"
         self.progress.console.print(message)
         self.progress.advance(self.cells_task)
         task = self.steps_tasks.pop(cell.id, None)

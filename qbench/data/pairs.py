@@ -9,9 +9,7 @@ from typing import Any
 
 import torch
 
-
-class DataError(ValueError):
-    """A data file that cannot be used; the message names the file and, where it applies, the line."""
+from qbench.data.lines import DataError  # noqa: F401 (its old place: callers import it from here)
 
 
 @dataclass(frozen=True)
@@ -50,13 +48,12 @@ def duplicate_captions(split: ClipSplit, text_of: Callable[[str], Hashable] | No
 
 
 def open_image(image: Any):
-    """A PIL RGB image from a PIL image or a path."""
-    from PIL import Image
+    """An 8-bit RGB PIL image from a PIL image or a path (16-bit scaled, transparency on white: `images.to_rgb`)."""
+    from qbench.data.images import open_rgb, to_rgb
 
     if isinstance(image, (str, Path)):
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-    return image.convert("RGB") if image.mode != "RGB" else image
+        return open_rgb(image)
+    return to_rgb(image)
 
 
 class CaptionPairs(torch.utils.data.Dataset):

@@ -107,6 +107,16 @@ def make_split(name: str, seed: int = 0) -> ClipSplit:
     return ClipSplit([render(s, rng) for s in scenes], captions, list(range(len(scenes))))
 
 
+def split_size(name: str) -> int:
+    """Images (one caption each) of split ``name``, counted without drawing them."""
+    if name not in SPLITS:
+        raise ValueError(f"unknown shapes split {name!r}; choose one of {sorted(SPLITS)}")
+    if name == "pretrain":
+        return _PRETRAIN_IMAGES
+    train, held_out = shifted_combinations()
+    return len(train) * _SHIFTED_TRAIN_IMAGES_PER_COMBO if name == "shifted-train" else len(held_out)
+
+
 def shifted_combinations() -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
     """(colour, shape, background) combinations of shifted-train and shifted-eval; disjoint.
 

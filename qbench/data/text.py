@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 
 from qbench.data import builtin_names
+from qbench.data.lines import DataError, physical_lines, read_text
 
 # The fine-tune domain is the tail of the sorted topics holding at least this share of the
 # characters: string-methods .. yield for Python 3.11, half of it the library's "Built-in Types"
@@ -89,40 +90,57 @@ def builtin_topics(name: str = "pydoc") -> dict[str, list[str]]:
 
 
 def load_text_file(path: str | pathlib.Path) -> str:
-    """Read a ``.txt`` file as is, or a ``.jsonl`` file whose lines each hold a "text" string.
+    """Read a ``.txt`` file, or a ``.jsonl`` file whose lines each hold a "text" string.
 
-    JSONL records are joined with a blank line between them; blank lines in the file are skipped.
-    Raises ValueError naming the file (and the line, for JSONL) when the content is unusable.
+    A ``.txt`` file is its text as is, except that a leading byte order mark is dropped and CRLF line
+    endings read as LF (``qbench.data.lines.read_text``). JSONL lines are physical lines (split at LF
+    only, as ``wc -l`` counts them); their records are joined with a blank line between them, and blank
+    lines are skipped. Raises DataError (a ValueError) naming the file, and the physical line where it
+    applies, when the content is unusable: missing, binary, not UTF-8, empty, bad JSON, no "text" string.
     """
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, "text file")
     elif suffix == ".jsonl":
         text = TOPIC_SEPARATOR.join(_read_jsonl_texts(path))
     else:
-        raise ValueError(f"{path}: unsupported text file type {suffix!r}; expected .txt or .jsonl")
+        raise DataError(f"{path}: unsupported text file type {suffix!r}; expected .txt or .jsonl")
     if not text.strip():
-        raise ValueError(f"{path}: contains no text")
+        raise DataError(f"{path}: contains no text")
     return text
+
+
+def _shown_keys(record: dict) -> str:
+    keys = [repr(key) for key in list(record)[:8]]
+    return ", ".join(keys) + (", ..." if len(record) > 8 else "") if keys else "none"
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return "boolean" if value is not None else "null"
+    return {list: "array", dict: "object", str: "string"}.get(type(value), "number")
 
 
 def _read_jsonl_texts(path: pathlib.Path) -> list[str]:
     texts = []
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {line_number}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or "text" not in record:
-                raise ValueError(f'{path}, line {line_number}: missing field "text"')
-            if not isinstance(record["text"], str):
-                kind = type(record["text"]).__name__
-                raise ValueError(f'{path}, line {line_number}: field "text" must be a string, got {kind}')
-            texts.append(record["text"])
+    for line_number, line in physical_lines(path, "JSONL file"):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+        except (ValueError, RecursionError) as error:  # a number of more than 4300 digits; nesting too deep
+            raise DataError(f"{where}: invalid JSON ({type(error).__name__})") from None
+        if not isinstance(record, dict):
+            raise DataError(f'{where}: a line must be a JSON object with a "text" field, not a JSON {_json_kind(record)}')
+        if "text" not in record:
+            raise DataError(f'{where}: missing field "text" (the object has fields {_shown_keys(record)})')
+        if not isinstance(record["text"], str):
+            raise DataError(f'{where}: field "text" must be a string, not a JSON {_json_kind(record["text"])}')
+        texts.append(record["text"])
     return texts
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from qbench.run import scheduler
 from qbench.run.scheduler import LOCAL_SLOT, Slot
 from qbench.suite import grid
-from qbench.suite.spec import Cell, LoadedSuite, SuiteError
+from qbench.suite.spec import LIMITS, Cell, LoadedSuite, SuiteError
 
 COMMAND_LINE = "command line"
 EXECUTORS = ("local", "ray")
@@ -108,6 +108,9 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         raise SuiteError(COMMAND_LINE, [f"--seeds: {text!r} is not a comma-separated list of integers"]) from None
     if len(set(seeds)) != len(seeds) or not all(0 <= s < 2**32 for s in seeds):
         raise SuiteError(COMMAND_LINE, [f"--seeds: {text!r} must be distinct integers from 0 to 2**32-1"])
+    limit, reason = LIMITS["matrix.seeds"]
+    if len(seeds) > limit:
+        raise SuiteError(COMMAND_LINE, [f"--seeds: no more than {limit:,} seeds: {reason}"])
     return seeds
 
 
@@ -141,21 +144,29 @@ def parse_where(conditions: list[str] | tuple[str, ...], loaded: LoadedSuite,
     return where
 
 
+def parse_only(text: str, loaded: LoadedSuite) -> tuple[str, ...]:
+    """`--only bf16,nf4-dq`; SuiteError when the list is empty (an unset variable must not mean "all"), has an
+    empty entry, or names a precision outside the suite's matrix."""
+    names = tuple(part.strip() for part in text.split(","))
+    if not text.strip():
+        raise SuiteError(COMMAND_LINE, [f"--only: an empty list of precisions (got {text!r}); name at least one of the "
+                                        "matrix, or leave --only out to run every one"])
+    if not all(names):
+        raise SuiteError(COMMAND_LINE, [f"--only: an empty name in {text!r}"])
+    unknown = [p for p in names if p not in loaded.suite.matrix.precisions]
+    if unknown:
+        raise SuiteError(loaded.path, [
+            f"--only: {', '.join(map(repr, unknown))} not in matrix.precisions ({', '.join(loaded.suite.matrix.precisions)})"
+        ])
+    return names
+
+
 def make(loaded: LoadedSuite, only: str | None = None, seeds: str | None = None, shard: str | None = None,
          gpus: str | None = None, gpus_per_cell: float = 1, device: str = "auto", executor: str = "local",
          ray_address: str | None = None, cpus_per_cell: float | None = None,
          where: list[str] | tuple[str, ...] = ()) -> RunPlan:
     """The plan for the command line's options; SuiteError (one line per problem) when they are wrong."""
-    # an empty list (`--only ""`, e.g. an unset variable) is a mistake to report, not "no filter": it would run everything
-    chosen = tuple(p.strip() for p in only.split(",")) if only is not None else None
-    if chosen is not None and not any(chosen):
-        raise SuiteError(COMMAND_LINE, [f"--only: an empty list of precisions (got {only!r}); leave --only out to run every one"])
-    if chosen:
-        unknown = [p for p in chosen if p not in loaded.suite.matrix.precisions]
-        if unknown:
-            raise SuiteError(loaded.path, [
-                f"--only: {', '.join(unknown)} not in matrix.precisions ({', '.join(loaded.suite.matrix.precisions)})"
-            ])
+    chosen = parse_only(only, loaded) if only is not None else None
     seed_list = parse_seeds(seeds) if seeds is not None else None
     conditions = parse_where(where, loaded, seed_list)
     slots, parsed_shard = placement(loaded, gpus, gpus_per_cell, device, shard, executor, ray_address, cpus_per_cell)
@@ -165,5 +176,5 @@ def make(loaded: LoadedSuite, only: str | None = None, seeds: str | None = None,
     matrix_cells = len(cells)
     if parsed_shard:
         cells = scheduler.shard_cells(cells, *parsed_shard)
-    return RunPlan(loaded, cells, matrix_cells, slots, parsed_shard, scheduler.parse_gpus(gpus) if gpus else None,
+    return RunPlan(loaded, cells, matrix_cells, slots, parsed_shard, scheduler.parse_gpus(gpus) if gpus is not None else None,
                    gpus_per_cell, executor, ray_address, cpus_per_cell or 1.0, conditions)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import itertools
+import re
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +17,38 @@ from qbench.results import fields
 from qbench.suite import grid, optimizers, precisions
 from qbench.suite.grid import Cell
 from qbench.tasks import TASKS
+
+# Upper bounds, each with its reason: past them a value is a typo, not a benchmark. Without them
+# `steps = 10**23` trained until killed and `batch_size = 10**9` grew one cell to 23 GB (torch builds a
+# batch's index list in memory) until the kernel's OOM killer stopped it. Sizes that pass can still be too
+# large for the machine: the checks before the run compare an estimate with its memory (suite.estimate).
+LIMITS: dict[str, tuple[float, str]] = {
+    "train.steps": (1_000_000, "a million optimizer steps is a training run of its own, not an arm of a comparison"),
+    "train.batch_size": (65_536, "torch builds each batch's index list in memory, and no device holds a larger batch of one cell"),
+    "train.grad_accum": (4_096, "more micro-batches per step than that only make a step take hours"),
+    "train.max_length": (1_048_576, "no model qbench can load takes longer sequences (2**20 tokens)"),
+    "train.lr": (1.0, "AdamW moves each weight by about lr per step: at 1 or more a fine-tune diverges at once"),
+    "train.weight_decay": (1.0, "decoupled weight decay shrinks each weight by lr x weight_decay per step; above 1 it is a typo"),
+    "eval.batch_size": (65_536, "no device holds a larger evaluation batch"),
+    "eval.window": (1_048_576, "no model qbench can load takes longer sequences (2**20 tokens)"),
+    "eval.recall_k": (1_000_000, "recall@k over more candidates than that is not an evaluation qbench runs in one cell"),
+    "matrix.seeds": (1_000, "each seed is one cell per precision, each its own process"),
+}
+LORA_MAX_SCALE = 1_024  # lora.alpha / lora.r
+
+
+def _at_most(key: str, value: Any) -> Any:
+    """`value` when within LIMITS[key] (for a tuple: its length for seeds, else its largest entry), else
+    ValueError saying the limit and why."""
+    limit, reason = LIMITS[key]
+    if key == "matrix.seeds":
+        if len(value) > limit:
+            raise ValueError(f"no more than {limit:,} seeds: {reason}")
+        return value
+    largest = max(value, default=0) if isinstance(value, tuple) else value
+    if largest > limit:
+        raise ValueError(f"at most {limit:,}: {reason}" if isinstance(limit, int) else f"at most {limit:g}: {reason}")
+    return value
 
 
 class SuiteError(Exception):
@@ -67,6 +100,15 @@ class LoraSpec(_Section):
     bias: Literal["none", "all", "lora_only"] = "none"
     target_modules: tuple[str, ...] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _scale_in_range(self) -> LoraSpec:
+        if self.alpha / self.r > LORA_MAX_SCALE:
+            raise ValueError(
+                f"lora.alpha / lora.r = {self.alpha / self.r:g} scales the adapter's output; at most {LORA_MAX_SCALE:,}: common "
+                "settings are 1 to 4, and past this one optimizer step moves the adapter's output by more than its input"
+            )
+        return self
+
 
 class TrainSpec(_Section):
     steps: int = Field(ge=0, description="optimizer steps; 0 measures the quantized base alone (no train phase)")
@@ -77,7 +119,9 @@ class TrainSpec(_Section):
     scheduler: str = "cosine"
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    max_length: int = Field(64, ge=2, description="tokens per text (CLIP) or per training sequence (LM)")
+    max_length: int | None = Field(
+        None, ge=2, description="tokens per text (CLIP) or per training sequence (LM); default 64, or the model's limit when lower"
+    )
     untimed_steps: int = Field(2, ge=0, description="warm-up steps left out of the speed figures")
     prepare: Literal["none", "peft-kbit"] = Field("none", description="k-bit preparation, applied to every arm")
     gradient_checkpointing: bool = False
@@ -87,6 +131,11 @@ class TrainSpec(_Section):
     @classmethod
     def _known_optimizer(cls, value: str) -> str:
         return _known_optimizers((value,))[0]
+
+    @field_validator("steps", "batch_size", "grad_accum", "max_length", "lr", "weight_decay")
+    @classmethod
+    def _within_limits(cls, value: Any, info: Any) -> Any:
+        return value if value is None else _at_most(f"train.{info.field_name}", value)
 
     @field_validator("scheduler")
     @classmethod
@@ -100,17 +149,36 @@ class TrainSpec(_Section):
     def _timed_steps_left(self) -> TrainSpec:
         if self.steps and self.untimed_steps >= self.steps:
             raise ValueError(f"untimed_steps ({self.untimed_steps}) must be below steps ({self.steps})")
+        if self.steps and self.warmup_steps and self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps}): otherwise no step runs at the "
+                "scheduled learning rate"
+            )
         return self
 
 
 class EvalSpec(_Section):
     batch_size: int = Field(64, ge=1)
-    recall_k: tuple[Annotated[int, Field(ge=1)], ...] = (1, 5, 10)
-    window: int | None = Field(None, ge=2, description="perplexity window in tokens; default: the model's context")
+    recall_k: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 5, 10), description="clip: k of recall@k")
+    window: int | None = Field(None, ge=2, description="causal_lm: perplexity window in tokens; default: the model's context")
     max_windows: int | None = Field(
         None, ge=1, description="perplexity on at most this many windows, spread evenly over the held-out text"
     )
     before: bool = True
+
+    @field_validator("batch_size", "window", "recall_k")
+    @classmethod
+    def _within_limits(cls, value: Any, info: Any) -> Any:
+        return value if value is None else _at_most(f"eval.{info.field_name}", value)
+
+    @field_validator("recall_k")
+    @classmethod
+    def _some_distinct_k(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value:
+            raise ValueError("no k: give at least one (e.g. [1, 5, 10]); without one a clip cell measures no quality")
+        if len(set(value)) != len(value):
+            raise ValueError("a k is listed twice")
+        return value
 
 
 def _known_optimizers(value: tuple[str, ...]) -> tuple[str, ...]:
@@ -157,7 +225,7 @@ class MatrixSpec(_Section):
             raise ValueError("no seeds: give at least one")
         if len(set(value)) != len(value):
             raise ValueError("seeds are listed twice (each seed is one cell per precision)")
-        return value
+        return _at_most("matrix.seeds", value)
 
     @field_validator("optimizers", "lora_r", "batch_size", "max_length", "gradient_checkpointing")
     @classmethod
@@ -171,6 +239,11 @@ class MatrixSpec(_Section):
         if info.field_name == "optimizers":
             _known_optimizers(value)
         return value
+
+    @field_validator("batch_size", "max_length")
+    @classmethod
+    def _axis_within_limits(cls, value: tuple[int, ...] | None, info: Any) -> tuple[int, ...] | None:
+        return value if value is None else _at_most(f"train.{info.field_name}", value)
 
     @model_validator(mode="after")
     def _exclusions(self) -> MatrixSpec:
@@ -304,6 +377,32 @@ class LoadedSuite:
         return replace(self, suite=grid.at(self.suite, cell))
 
 
+def combination_problems(suite: Suite) -> list[str]:
+    """Settings that are each valid but cannot give what the suite asks for together, one line each."""
+    problems = []
+    if suite.baseline not in suite.matrix.precisions:
+        default = "" if "baseline" in suite.model_fields_set else " (the default)"
+        problems.append(
+            f"baseline: {suite.baseline!r}{default} is not in matrix.precisions ({', '.join(suite.matrix.precisions)}): "
+            "every ratio and delta is taken against the baseline, so add it to the matrix or name one of its "
+            "precisions (--only may still leave it out of one run)"
+        )
+    if suite.task == "clip" and suite.eval.window is not None:
+        problems.append("eval.window: a perplexity window; only causal_lm suites have one (clip measures recall@k)")
+    if suite.task == "causal_lm" and "recall_k" in suite.eval.model_fields_set:
+        problems.append("eval.recall_k: only clip suites measure recall@k (causal_lm measures perplexity)")
+    values = grid.values(suite)
+    batch_key = "matrix.batch_size" if suite.matrix.batch_size is not None else "train.batch_size"
+    if suite.task == "clip" and min(values["batch_size"]) < 2:
+        problems.append(f"{batch_key}: a contrastive batch of 1 has no negatives, so its loss is 0 and nothing trains; use 2 or more")
+    if suite.matrix.lora_r is not None and suite.lora.alpha / min(values["lora_r"]) > LORA_MAX_SCALE:
+        problems.append(
+            f"matrix.lora_r: lora.alpha / {min(values['lora_r'])} = {suite.lora.alpha / min(values['lora_r']):g} scales the "
+            f"adapter's output; at most {LORA_MAX_SCALE:,} (see lora.alpha)"
+        )
+    return problems
+
+
 def _did_you_mean(word: str, known: Any) -> str:
     close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -318,6 +417,17 @@ def _closest_key_hint(location: tuple[Any, ...], model: type[BaseModel]) -> str:
             return ""
         model = annotation
     return _did_you_mean(location[-1], model.model_fields)
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def key_name(location: tuple[Any, ...]) -> str:
+    """A dotted key as it is shown in a message: a part that is not a bare TOML key (`A-Za-z0-9_-`) is
+    shown as its repr, so a key holding a newline, a dot or a terminal control character stays one line
+    and cannot colour or move the terminal (`train.'stepz\\n[model]'`)."""
+    parts = [str(part) if isinstance(part, int) or _PLAIN_KEY.fullmatch(str(part)) else repr(str(part)) for part in location]
+    return ".".join(parts) or "(top level)"
 
 
 def _shown(value: Any, limit: int = 60) -> str:
@@ -338,7 +448,7 @@ def _problems(error: ValidationError) -> list[str]:
     problems = []
     for item in error.errors():
         location = tuple(item["loc"])
-        key = ".".join(str(part) for part in location) or "(top level)"
+        key = key_name(location)
         if item["type"] == "extra_forbidden":
             problems.append(f"{key}: unknown key{_closest_key_hint(location, Suite)}")
         elif item["type"] == "missing":
@@ -361,11 +471,15 @@ def parse(text: str, path: Path | str = "<suite>") -> Suite:
     except RecursionError:
         raise SuiteError(path, ["TOML syntax error: arrays or tables nested too deeply"]) from None
     try:
-        return Suite.model_validate(_tuples(raw))
+        suite = Suite.model_validate(_tuples(raw))
     except ValidationError as error:
         raise SuiteError(path, _problems(error)) from None
     except RecursionError:
         raise SuiteError(path, ["values nested too deeply"]) from None
+    problems = combination_problems(suite)
+    if problems:
+        raise SuiteError(path, problems)
+    return suite
 
 
 def parse_compare(text: str, path: Path | str = "<suite>") -> CompareSpec:
@@ -387,7 +501,7 @@ def load(path: Path | str) -> LoadedSuite:
     except (OSError, ValueError) as error:  # ValueError: a path with a NUL byte
         raise SuiteError(path, [f"cannot read the suite file: {getattr(error, 'strerror', None) or error}"]) from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8").removeprefix("\ufeff")  # a byte order mark (Windows editors) is no TOML
     except UnicodeDecodeError as error:
         raise SuiteError(path, [f"the suite file is not UTF-8 text (byte {error.start})"]) from None
     return LoadedSuite(parse(text, path), path.resolve(), hashlib.sha256(data).hexdigest(), text)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from qbench.suite import lengths
 from qbench.tasks import intervals
 from qbench.tasks.batch import Batch, Evaluation, TaskBase
 
@@ -221,11 +222,14 @@ class CausalLMTask(TaskBase):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         config = AutoConfig.from_pretrained(self.model_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         train_text, eval_text, info = load_texts(self.loaded_suite)
-        context = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
-        self.window = self.suite.eval.window or int(context)
+        limit = lengths.causal_lm_limit(config, self.tokenizer.model_max_length)
+        self.window = lengths.eval_window(self.suite, limit)  # ValueError for a length past the model's context
+        self.max_length, source = lengths.train_max_length(self.suite, limit)
+        info.update(limit.record())
+        info.update({"config.train.max_length": self.max_length, "train.max_length_source": source})
         encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
         self.train_ids = torch.tensor(encode(train_text), dtype=torch.long)
-        if self.train_ids.numel() <= self.suite.train.max_length:
+        if self.train_ids.numel() <= self.max_length:
             raise ValueError(f"training text has {self.train_ids.numel()} tokens, fewer than train.max_length + 1")
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         protocol = (
@@ -258,6 +262,7 @@ class CausalLMTask(TaskBase):
             {
                 "data.train_tokens": int(self.train_ids.numel()),
                 "eval.window_tokens": self.window,
+                "eval.window_source": "eval.window" if self.suite.eval.window else limit.source,
                 "eval.stride_tokens": self.window,
                 "eval.windows": int(self.windows.input_ids.shape[0]),
                 "eval.available_windows": all_windows,
@@ -271,9 +276,9 @@ class CausalLMTask(TaskBase):
         return info
 
     def train_batches(self, seed: int) -> Iterator[Batch]:
-        """Random windows of train.max_length + 1 tokens from the training text, drawn with a seeded generator."""
+        """Random windows of max_length + 1 tokens from the training text, drawn with a seeded generator."""
         generator = torch.Generator().manual_seed(seed)
-        length, size = self.suite.train.max_length, self.suite.train.batch_size
+        length, size = self.max_length, self.suite.train.batch_size
         offsets = torch.arange(length + 1)
         while True:
             starts = torch.randint(0, self.train_ids.numel() - length, (size,), generator=generator)

@@ -9,6 +9,7 @@ import torch
 
 from qbench.data import builtin_names
 from qbench.data.pairs import CaptionPairs, ClipSplit, duplicate_captions, open_image, positives
+from qbench.suite import lengths
 from qbench.tasks import intervals
 from qbench.tasks.batch import Batch, Evaluation, TaskBase, endless
 from qbench.tasks.metrics import contrastive_loss, hits_at_k, match_ranks, nonfinite_rows
@@ -59,13 +60,24 @@ class ClipTask(TaskBase):
     peft_task_type = None
 
     def prepare_data(self) -> dict[str, Any]:
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, revision=self.suite.model.revision)
-        self.image_processor = AutoImageProcessor.from_pretrained(self.model_path, revision=self.suite.model.revision)
+        revision = self.suite.model.revision
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, revision=revision)
+        self.image_processor = AutoImageProcessor.from_pretrained(self.model_path, revision=revision)
+        limit = lengths.clip_limit(AutoConfig.from_pretrained(self.model_path, revision=revision))
+        problems = lengths.length_problems(self.suite, limit)
+        if problems:  # the checks before the run say so too; this keeps a cell honest when called on its own
+            raise ValueError("; ".join(problems))
+        self.max_length, source = lengths.train_max_length(self.suite, limit)
         self.train_split, self.eval_split, info = load_splits(self.loaded_suite)
         self.positives = positives(self.eval_split, self._model_text)
         info["data.eval.duplicate_captions"] = duplicate_captions(self.eval_split, self._model_text)
+        info.update(limit.record())
+        info.update({"config.train.max_length": self.max_length, "train.max_length_source": source})
+        info["eval.text_max_length_tokens"] = self.max_length
+        info["data.train_captions_truncated"] = self.truncated(self.train_split.captions)
+        info["data.eval_captions_truncated"] = self.truncated(self.eval_split.captions)
         info["eval.protocol"] = (
             "recall@k over the held-out split, image->text and text->image; a query counts if any true "
             "match is in the top k; ties count against the query; captions the model reads as the same "
@@ -75,13 +87,18 @@ class ClipTask(TaskBase):
 
     def _model_text(self, caption: str) -> tuple[int, ...]:
         """A caption as the text tower reads it: its token ids after truncation to train.max_length."""
-        ids = self.tokenizer(caption, truncation=True, max_length=self.suite.train.max_length)["input_ids"]
+        ids = self.tokenizer(caption, truncation=True, max_length=self.max_length)["input_ids"]
         return tuple(ids)
+
+    def truncated(self, captions: list[str]) -> int:
+        """How many captions are longer than the max_length tokens (cut to it, as CLIP's tokenizer cuts at 77)."""
+        limit = self.max_length
+        return sum(len(ids) > limit for ids in self.tokenizer(list(captions), truncation=False)["input_ids"])
 
     def _collate(self, items: list[tuple[Any, str]]) -> Batch:
         images, captions = zip(*items, strict=True)
         text = self.tokenizer(
-            list(captions), padding=True, truncation=True, max_length=self.suite.train.max_length, return_tensors="pt"
+            list(captions), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
         inputs = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"], "pixel_values": pixels}
@@ -123,7 +140,7 @@ class ClipTask(TaskBase):
                 split.captions[start : start + size],
                 padding=True,
                 truncation=True,
-                max_length=self.suite.train.max_length,
+                max_length=self.max_length,
                 return_tensors="pt",
             ).to(self.device)
             text_embeds.append(self._pooled(model.get_text_features(**text)).float())

@@ -67,7 +67,8 @@ def images_tsv(folder: Path, train_images: int = 12, eval_images: int = 6, *, si
     names, cycling through every combination; eval images are shifted from the training ones.
 
     With `user_format`, the files look like a user's: images in sub-folders, every third a JPEG, a blank line
-    or two, and every odd image a second caption (an extra tab-separated field in train, a repeated line in eval).
+    or two, and every odd image a second caption on a repeated line (in train right after the first, with a
+    spreadsheet's trailing tab; in eval as well).
     """
     images = folder / "images"
     combos = itertools.cycle(itertools.product(SHAPES, COLOURS, BACKGROUNDS))
@@ -82,7 +83,7 @@ def images_tsv(folder: Path, train_images: int = 12, eval_images: int = 6, *, si
             caption = f"a {colour} {shape} on a {background} background"
             if user_format and index % 2:
                 second = f"a photo of a {colour} {shape}"
-                lines[split] += [f"{relative}\t{caption}\t{second}"] if split == "train" else [f"{relative}\t{caption}", f"{relative}\t{second}"]
+                lines[split] += [f"{relative}\t{caption}\t" if split == "train" else f"{relative}\t{caption}", f"{relative}\t{second}"]
             else:
                 lines[split].append(f"{relative}\t{caption}")
             if user_format and index == 2:
