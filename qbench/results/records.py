@@ -62,7 +62,7 @@ def attempt_path(record_file: Path | str) -> Path:
 def _attempt_locked(record_file: Path, create: bool) -> Iterator[int]:
     path = attempt_path(record_file)
     try:
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if create else 0), 0o644)
     except FileNotFoundError:
         raise Superseded(f"{path} is gone: this attempt no longer owns {record_file.name}") from None
     except OSError as error:
