@@ -102,7 +102,8 @@ def _add_report(commands_: Commands) -> None:
         "report.parquet, summary.csv, report.md, plots/*.png and a self-contained report.html.",
     )
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory, a folder of them, or a results CSV/Parquet")
-    report.add_argument("--out", help="output folder (default: RUN_DIR/report, or report-N-runs beside the first)")
+    report.add_argument("--out", help="output folder (default: RUN_DIR/report, NAME-report beside a table, or report-N-runs "
+                        "beside the first of several inputs); an earlier report there is replaced, other files are not")
     report.add_argument("--title", help="page title (default: qbench report — SUITE)")
     report.set_defaults(handler=commands.cmd_report)
 
