@@ -28,27 +28,12 @@ from qbench.results import records as results
 from qbench.run import runner
 from qbench.suite import preflight
 
+from .helpers import clip
 from .records import make_record, write_run
 
 FAKE_CELL = Path(__file__).with_name("fake_cell.py")
 CELLS = ("bf16-seed0", "int8-seed0", "nf4-dq-seed0")
-SUITE = """\
-name = "ci"
-task = "clip"
-[model]
-id = "builtin:tiny-clip"
-[data]
-kind = "builtin"
-name = "shapes"
-[lora]
-target_modules = ["q_proj"]
-[train]
-steps = 3
-lr = 1e-3
-untimed_steps = 1
-[matrix]
-precisions = ["bf16", "int8", "nf4-dq"]
-"""
+SUITE = clip.suite(precisions=("bf16", "int8", "nf4-dq"), name="ci")
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),

@@ -19,23 +19,8 @@ from qbench.run.protocol import CellSpec
 from qbench.suite.spec import SuiteError, parse
 
 from .conftest import write_suite
+from .helpers import clip
 from .records import make_records, write_run
-
-SUITE = """\
-name = "{name}"
-task = "clip"
-[model]
-id = "builtin:tiny-clip"
-[data]
-kind = "builtin"
-name = "shapes"
-[lora]
-target_modules = ["q_proj"]
-[train]
-steps = 3
-lr = 1e-3
-untimed_steps = 1
-"""
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -49,7 +34,7 @@ def tree(folder: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("name", ["..", ".", "...", ".hidden", "x" * 101])
 def test_a_suite_name_that_is_not_a_plain_folder_name_is_refused(name: str):
     with pytest.raises(SuiteError) as raised:
-        parse(SUITE.format(name=name), "suite.toml")
+        parse(clip.suite(name=name), "suite.toml")
     (problem,) = raised.value.problems
     assert problem.startswith("name: ")
 
@@ -61,7 +46,7 @@ def test_baseline_refresh_of_a_suite_named_dotdot_touches_nothing(tmp_path: Path
     (tmp_path / "results" / "clip" / "run").mkdir(parents=True)
     (tmp_path / "results" / "clip" / "run" / "run.json").write_text("weeks of GPU time")
     before = tree(tmp_path / "results")
-    suite = write_suite(tmp_path, SUITE.format(name=".."))
+    suite = write_suite(tmp_path, clip.suite(name=".."))
     assert cli.main(["baseline", "refresh", str(suite), "--device", "cpu"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: {suite}: name: '..' is not a valid suite name")
@@ -155,7 +140,7 @@ def test_a_stale_attempt_cannot_write_over_the_record_of_a_newer_one(tmp_path: P
 def test_a_cell_of_a_superseded_attempt_stops_without_writing(tmp_path: Path):
     from qbench.cell import pipeline
 
-    suite_text = SUITE.format(name="ci")
+    suite_text = clip.suite(name="ci")
     record_file = results.record_path(tmp_path, "bf16-seed0")
     stale = results.claim_record(record_file)
     results.claim_record(record_file)

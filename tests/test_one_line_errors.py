@@ -24,8 +24,8 @@ from qbench.results import files
 from qbench.results import records as results
 from qbench.run import runner
 
-from .clip_data import clip_suite, write_tiny_clip, write_tsv_dataset
 from .conftest import write_suite
+from .helpers import clip
 from .records import make_record, make_records, write_run
 
 FAKE_CELL = Path(__file__).with_name("fake_cell.py")
@@ -34,11 +34,9 @@ FAKE_CELL = Path(__file__).with_name("fake_cell.py")
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("one-line")
-    checkpoint = write_tiny_clip(root / "ckpt")
-    data = write_tsv_dataset(root / "data", train_images=6, eval_images=3)
-    text = clip_suite("tiny", checkpoint, data, "steps = 2\nlr = 1e-3\nuntimed_steps = 1",
-                      extra='[matrix]\nprecisions = ["bf16", "int8"]\n')
-    return write_suite(root, text)
+    checkpoint = clip.checkpoint(root / "ckpt")
+    data = clip.images_tsv(root / "data", train_images=6, eval_images=3, size=16)
+    return write_suite(root, clip.suite(checkpoint, data, ("bf16", "int8"), name="tiny", steps=2))
 
 
 @pytest.fixture

@@ -21,30 +21,7 @@ from qbench.cell import faults
 from qbench.results import records as results
 
 from .conftest import REPO, write_suite
-
-SUITE = """\
-name = "tiny"
-task = "clip"
-[model]
-id = "builtin:tiny-clip"
-[data]
-kind = "builtin"
-name = "shapes"
-[lora]
-r = 4
-alpha = 8
-dropout = 0.0
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = 3
-batch_size = 8
-lr = 1e-3
-untimed_steps = 1
-[eval]
-recall_k = [1, 5]
-[matrix]
-precisions = ["bf16"]
-"""
+from .helpers import clip
 
 
 def record_of(out: Path) -> dict | None:
@@ -64,7 +41,7 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 @pytest.mark.parametrize("phase", ["load", "train", "eval_after"])
 def test_sigkill_of_the_parent_stops_its_cell_and_a_resume_keeps_its_own_record(tmp_path: Path, phase: str):
-    suite = write_suite(tmp_path, SUITE)
+    suite = write_suite(tmp_path, clip.suite(precisions=("bf16",), name="tiny"))
     out = tmp_path / "out"
     env = {**os.environ, faults.ENV_VAR: f"bf16-seed0:{phase}:sleep:300", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "qbench", "run", str(suite), "--out", str(out), "--device", "cpu"]

@@ -18,7 +18,7 @@ from qbench.suite import preflight as checks
 from qbench.suite.spec import ModelSpec, SuiteError, load
 
 from .conftest import write_suite
-from .tiny_assets import suite_text
+from .helpers import clip
 
 # shard names transformers would open with torch.load (any name not ending in .safetensors), and formats
 # qbench does not load at all
@@ -66,7 +66,7 @@ def test_an_index_naming_a_shard_that_is_not_safetensors_is_refused_before_any_c
     assert problem is not None and f"{shard} is " in problem and "(named by model.safetensors.index.json)" in problem
     assert models.unsafe_weights_problem(folder, safetensors_only=False) is None
     with pytest.raises(SuiteError) as raised:
-        checks.check_suite(load(write_suite(tmp_path, suite_text(folder, tsv_data_dir))))
+        checks.check_suite(load(write_suite(tmp_path, clip.suite(folder, tsv_data_dir))))
     assert [p for p in raised.value.problems if p.startswith("model.safetensors_only:")] == [f"model.safetensors_only: {problem}"]
 
 
