@@ -47,10 +47,11 @@ def test_sigkill_of_the_parent_stops_its_cell_and_a_resume_keeps_its_own_record(
     command = [sys.executable, "-m", "qbench", "run", str(suite), "--out", str(out), "--device", "cpu"]
     with open(tmp_path / "run.log", "w") as log:
         parent = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    cell_processes: list[psutil.Process] = []
     try:
         wait_for(lambda: (record_of(out) or {}).get("last_phase") == phase, 600, f"the cell to reach {phase}")
         time.sleep(1.0)  # into the phase's sleep
-        cell_processes = psutil.Process(parent.pid).children(recursive=True)
+        cell_processes += psutil.Process(parent.pid).children(recursive=True)
         assert cell_processes, "no cell process to watch"
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=30)
@@ -59,9 +60,11 @@ def test_sigkill_of_the_parent_stops_its_cell_and_a_resume_keeps_its_own_record(
     finally:
         if parent.poll() is None:
             parent.kill()
-        for process in psutil.Process().children(recursive=True):  # never leave a cell of this test running
-            if process.pid != parent.pid:
+        for process in cell_processes:  # never leave a cell of this test running (an orphan is no child of ours)
+            try:
                 process.kill()
+            except psutil.NoSuchProcess:
+                pass
     record = record_of(out)
     assert record["status"] == "interrupted" and record["error_phase"] == phase
     assert record["error"] == "Interrupted: stopped by signal SIGTERM"  # the parent-death signal
