@@ -316,4 +316,7 @@ def main() -> int:
     except results.Superseded as superseded:
         print(f"qbench cell: stopped, {superseded}", file=sys.stderr)
         return EXIT_SUPERSEDED
+    except OSError as error:  # the record itself could not be written (a full disk): the runner records the cell
+        print(f"qbench cell: {error}", file=sys.stderr)
+        return 1
     return 0 if record["status"] == "ok" else 1
