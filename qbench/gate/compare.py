@@ -94,7 +94,7 @@ def settings_of_runs(paths: list, overrides: list[tuple[str, ToleranceSpec]] | N
     for path in map(Path, paths):
         for run_dir in results.find_run_dirs(path) if path.is_dir() else []:
             manifest = results.read_manifest(run_dir)
-            if manifest and manifest.get("suite_text"):
+            if manifest and isinstance(manifest.get("suite_text"), str) and manifest["suite_text"]:
                 spec = parse_compare(manifest["suite_text"], run_dir / "run.json")
                 return Settings.build(spec, overrides, noise_sigmas, f"suite of {run_dir.name}")
     return Settings.build(None, overrides, noise_sigmas)
