@@ -27,7 +27,7 @@ from qbench.suite.spec import SuiteError
 if TYPE_CHECKING:
     from qbench.gate.compare import Settings
     from qbench.run.plan import RunPlan
-    from qbench.run.ray_executor import Cluster
+    from qbench.run.ray_executor import CellResources, Cluster
     from qbench.run.resume import Resumable
     from qbench.run.runner import Run
     from qbench.run.scheduler import Slot
@@ -70,7 +70,12 @@ def run_suite(run_plan: RunPlan, out: Path, device: str) -> int:
         console.print(f"shard {shard[0]}/{shard[1]} of suite {loaded.suite.name} has no cells ({run_plan.matrix_cells} in the matrix)")
         return Exit.OK
     with _cluster(run_plan.executor, run_plan.ray_address) as cluster:
-        try:
+        slots = run_plan.slots
+        if cluster is not None:
+            device, resources = _ray_resources(cluster, device, run_plan.gpus_per_cell or 1, run_plan.cpus_per_cell)
+        else:
+            device = "cuda" if slots else runner.resolve_device(device)
+        try:  # made only now: a run refused above leaves no folder behind
             run_dir = runner.create_run_dir(out, loaded.suite.name, run_plan.label)
         except ValueError as error:  # a suite name that is no folder name (the suite check refuses it first)
             raise SuiteError(loaded.path, [f"name: {error}"]) from None
@@ -78,11 +83,8 @@ def run_suite(run_plan: RunPlan, out: Path, device: str) -> int:
             render.error(str(OutputError.from_os_error(out, error)))
             return Exit.BAD_INPUT
         if cluster is not None:
-            run, where, extras = _ray_run(cluster, loaded, run_dir, run_plan.cells, device, run_plan.gpus_per_cell or 1,
-                                          run_plan.cpus_per_cell)
+            run, where, extras = _ray_run(cluster, loaded, run_dir, run_plan.cells, device, resources)
         else:
-            slots = run_plan.slots
-            device = "cuda" if slots else runner.resolve_device(device)
             where = f"{device}, {len(slots)} cells at a time ({', '.join(s.name for s in slots)})" if slots else device
             run, extras = runner.Run(loaded, run_dir, device, run_plan.cells, slots=run_plan.run_slots()), {}
         part = f", shard {run_plan.shard[0]}/{run_plan.shard[1]} of {run_plan.matrix_cells}" if run_plan.shard else ""
@@ -157,16 +159,23 @@ def _cluster(executor: str, address: str | None) -> Iterator[Cluster | None]:
         ray_executor.disconnect(cluster)
 
 
-def _ray_run(cluster: Cluster, loaded: LoadedSuite, run_dir: Path, cells: list[Cell], device: str, gpus_per_cell: float,
-             cpus_per_cell: float) -> tuple[Run, str, dict[str, Any]]:
-    """A run of `cells` on the Ray cluster: the device (auto: cuda when the cluster has GPUs), what each
-    cell asks for (SuiteError when no node has room for it), the header text and run.json's `ray` entry."""
+def _ray_resources(cluster: Cluster, device: str, gpus_per_cell: float, cpus_per_cell: float) -> tuple[str, CellResources]:
+    """The device of a run on the Ray cluster (auto: cuda when the cluster has GPUs) and what each cell asks
+    for; SuiteError when no node has room for one cell (checked before any folder is made)."""
     from qbench.run import ray_executor
 
     if device == "auto":
         device = "cuda" if cluster.has_gpus() else "cpu"
     resources = ray_executor.cell_resources(device, gpus_per_cell, cpus_per_cell)
     cluster.check_fits(resources)
+    return device, resources
+
+
+def _ray_run(cluster: Cluster, loaded: LoadedSuite, run_dir: Path, cells: list[Cell], device: str,
+             resources: CellResources) -> tuple[Run, str, dict[str, Any]]:
+    """A run of `cells` on the Ray cluster: the run, the header text and run.json's `ray` entry."""
+    from qbench.run import ray_executor
+
     total = ", ".join(f"{cluster.resources.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
     where = f"{device}, Ray at {cluster.address} ({len(cluster.nodes)} node(s), {total}; {resources.describe()} per cell)"
     run = ray_executor.RayRun(loaded, run_dir, device, cells, resources=resources)
@@ -244,8 +253,8 @@ def _run_pending(state: Resumable, args: argparse.Namespace, slots: list[Slot] |
 
     with _cluster(args.executor, args.ray_address) as cluster:
         if cluster is not None:
-            run, where, _ = _ray_run(cluster, state.loaded, state.run_dir, state.pending, state.device,
-                                     args.gpus_per_cell, args.cpus_per_cell or 1.0)
+            device, resources = _ray_resources(cluster, state.device, args.gpus_per_cell, args.cpus_per_cell or 1.0)
+            run, where, _ = _ray_run(cluster, state.loaded, state.run_dir, state.pending, device, resources)
         else:
             run, where = runner.Run(state.loaded, state.run_dir, state.device, state.pending, slots=slots or [LOCAL_SLOT]), state.device
         console.print(
