@@ -98,15 +98,20 @@ def make_run(root: Path) -> tuple[Path, Path]:
 def mutate(run: Path, mutation: tuple) -> None:
     kind, what, content = mutation
     cells = run / "cells"
-    if kind == "record":
-        (cells / f"{what}.json").write_bytes(content)
+    if kind in ("record", "stray"):
+        path = cells / f"{what}.json"
+        if path.is_symlink():  # replace the link, never write through it
+            path.unlink()
+        if not path.is_dir():
+            path.write_bytes(content)
     elif kind == "delete":
         (cells / f"{what}.json").unlink(missing_ok=True)
-    elif kind == "stray":
-        (cells / f"{what}.json").write_bytes(content)
     elif kind == "stray-folder":
-        (cells / what).mkdir(exist_ok=True)
+        if not (cells / what).exists() and not (cells / what).is_symlink():
+            (cells / what).mkdir()
     elif kind == "symlink":
+        if (cells / f"{what}.json").is_dir():
+            return
         (cells / f"{what}.json").unlink(missing_ok=True)
         (cells / f"{what}.json").symlink_to(run.parent.parent.parent / "outside.json")
     elif kind == "unreadable":
