@@ -243,11 +243,14 @@ def test_report_on_an_exported_results_csv_writes_the_report_beside_it(tmp_path:
 
 def test_report_refuses_to_merge_runs_of_different_suites(tmp_path: Path, capsys):
     ci = write_run(tmp_path / "a", make_records(run_id="a"))
-    tiny = write_run(tmp_path / "b", [make_record(p, run_id="b", suite="tiny", config__lora__r=4) for p in ("bf16", "int8")])
+    tiny = write_run(tmp_path / "b", [make_record(p, run_id="b", suite="tiny", config__train__steps=3) for p in ("bf16", "int8")])
     assert cli.main(["report", str(ci), str(tiny), "--out", str(tmp_path / "rep")]) == Exit.BAD_INPUT
     line = one_error_line(capsys)
-    assert "are not merged into one report (suite differs: ci, tiny; config.lora.r differs: 16, 4)" in line
+    assert "are not merged into one report (suite differs: ci, tiny; config.train.steps differs: 3, 8)" in line
     assert not (tmp_path / "rep").exists()
+    # a grid axis (LoRA rank) may differ: the report keeps each value apart as an arm
+    ranks = write_run(tmp_path / "c", [make_record(p, run_id="c", config__lora__r=4) for p in ("bf16", "int8")])
+    assert cli.main(["report", str(ci), str(ranks), "--out", str(tmp_path / "rep")]) == Exit.OK
 
 
 def test_report_into_a_folder_of_other_files_is_refused_and_leaves_them(tmp_path: Path, capsys):

@@ -230,9 +230,13 @@ def _table_problem(table: Any) -> str | None:
 
 def identity_differences(frame: Any) -> list[str]:
     """What differs between records that should describe one experiment: suite, task, model, data, eval
-    protocol, any `config.*` setting, or the kind of device (cpu / cuda). Empty when they agree."""
+    protocol, any `config.*` setting that is not a grid axis, or the kind of device (cpu / cuda). Empty when
+    they agree. Grid axes (`config.lora.r`, ...) may differ: a report keeps each of their values apart as an arm."""
+    from qbench.suite import grid
+
     problems = []
-    columns = [c for c in IDENTITY_COLUMNS if c in frame.columns] + sorted(c for c in frame.columns if str(c).startswith("config."))
+    config = sorted(c for c in frame.columns if str(c).startswith("config.") and c not in grid.RECORD_KEYS)
+    columns = [c for c in IDENTITY_COLUMNS if c in frame.columns] + config
     for column in columns:
         values = sorted({_shown(v) for v in frame[column] if not _missing(v)})
         if len(values) > 1:
