@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,38 +35,161 @@ class UnsafeWeights(ValueError):
     """The checkpoint has only pickle weights (which can run code when loaded) and the suite allows safetensors only."""
 
 
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
+PICKLE_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 SAFE_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
+# weight formats that are not safetensors: transformers torch.load()s (unpickles) any shard that does not end in
+# .safetensors; the others are formats qbench does not load, listed so that a folder holding them is named
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".bin.index.json", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+OTHER_WEIGHT_SUFFIXES = (".msgpack", ".h5", ".gguf", ".npz", ".onnx")
+SAFETENSORS_MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+
+def safetensors_header_problem(path: Path | str) -> str | None:
+    """Why the file is not in the safetensors format (an 8-byte little-endian header size, then a JSON object
+    header that fits in the file), or None. A pickle or a zip archive renamed to .safetensors fails here."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+            size = Path(path).stat().st_size
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    if len(head) < 9:
+        return "is too short for a safetensors file"
+    header_bytes = int.from_bytes(head[:8], "little")
+    if header_bytes > SAFETENSORS_MAX_HEADER_BYTES or 8 + header_bytes > size or head[8:9] != b"{":
+        return "is not a safetensors file (its header is not one)"
+    return None
+
+
+def _index_shards(index_file: Path) -> list[str]:
+    """The shard file names a `*.index.json` maps weights to, in order; ValueError when it is not an index."""
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{index_file.name} cannot be read as JSON ({error})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_file.name} has no weight_map")
+    shards = list(dict.fromkeys(weight_map.values()))
+    if not all(isinstance(name, str) and name for name in shards):
+        raise ValueError(f"{index_file.name}: a weight_map entry is not a file name")
+    return shards
+
+
+def _explicit_weights(folder: Path) -> str | None:
+    """config.json's `transformers_weights` (transformers loads it whatever use_safetensors says)."""
+    try:
+        explicit = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return explicit if isinstance(explicit, str) else None
+
+
+def weight_files(folder: Path | str, safetensors_only: bool) -> list[str]:
+    """The weight files `from_pretrained` loads from a checkpoint folder, relative to it, found the way
+    transformers 5 finds them: config.json's `transformers_weights`; else model.safetensors; else the shards
+    model.safetensors.index.json names; and, unless `safetensors_only`, then pytorch_model.bin or the shards of
+    pytorch_model.bin.index.json. Empty when none is there (yet: a hub snapshot loads its weights later).
+    ValueError when an index cannot be read."""
+    folder = Path(folder)
+    source = _weights_source(folder, safetensors_only)
+    if source is None:
+        return []
+    return _index_shards(folder / source) if source.endswith(".index.json") else [source]
+
+
+def _weights_source(folder: Path, safetensors_only: bool) -> str | None:
+    """The file transformers starts from: a weights file or an index of shards (see `weight_files`)."""
+    explicit = _explicit_weights(folder)
+    candidates = [explicit] if explicit else [SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME]
+    if not explicit and not safetensors_only:
+        candidates += [PICKLE_WEIGHTS_NAME, PICKLE_WEIGHTS_INDEX_NAME]
+    return next((name for name in candidates if (folder / name).is_file()), None)
+
+
+def _shard_problem(folder: Path, name: str) -> str | None:
+    """Why one weight file that will be loaded is not safe under safetensors only, or None."""
+    if not name.endswith(".safetensors"):
+        kind = "a pickle file" if name.endswith(PICKLE_WEIGHT_SUFFIXES) else "not a .safetensors file"
+        return f"{name} is {kind}, which transformers loads with torch.load (unpickling can run code)"
+    path = folder / name
+    if Path(name).is_absolute() or ".." in Path(name).parts or not path.resolve().is_relative_to(folder.resolve()):
+        return f"{name} lies outside the checkpoint folder"
+    if path.exists():
+        problem = safetensors_header_problem(path)
+        if problem:
+            return f"{name} {problem}"
+    return None
 
 
 def unsafe_weights_problem(folder: Path | str, safetensors_only: bool) -> str | None:
     """Why this checkpoint folder cannot be loaded under the suite's rule, or None if it can.
 
-    Only files present are judged: a hub snapshot whose weights are not downloaded yet passes.
+    Judged from the files `from_pretrained` will load (`weight_files`): an index's every shard must be a
+    .safetensors file inside the folder, in the safetensors format. Only files present are judged: a hub
+    snapshot whose weights are not downloaded yet passes (the cell checks again, and refuses torch.load).
     """
-    import json
-
     if not safetensors_only:
         return None
     folder = Path(folder)
+    rule = "and the suite allows safetensors only (model.safetensors_only = true)"
+    explicit = _explicit_weights(folder)
+    if explicit and not explicit.endswith(SAFE_WEIGHT_SUFFIXES):
+        return f"{folder}/config.json names pickle weights (transformers_weights = {explicit!r}) {rule}"
+    try:
+        loaded = weight_files(folder, safetensors_only=True)
+    except ValueError as error:
+        return f"{folder}/{error} {rule}"
+    if loaded:
+        source = _weights_source(folder, safetensors_only=True) or ""
+        via = f" (named by {source})" if source.endswith(".index.json") else ""
+        for name in loaded:
+            problem = _shard_problem(folder, name)
+            if problem:
+                return f"{folder}: {problem}{via} {rule}. Convert the weights to safetensors, or set model.safetensors_only = false if you trust them"
+        return None
     names = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-    safe = [n for n in names if n.endswith(SAFE_WEIGHT_SUFFIXES)]
-    pickled = [n for n in names if n.endswith(PICKLE_WEIGHT_SUFFIXES)]
-    try:  # transformers loads `transformers_weights` from config.json whatever use_safetensors says
-        explicit = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("transformers_weights")
-    except (OSError, ValueError, AttributeError):
-        explicit = None
-    if isinstance(explicit, str) and not explicit.endswith(SAFE_WEIGHT_SUFFIXES):
+    other = [n for n in names if n.endswith(PICKLE_WEIGHT_SUFFIXES + OTHER_WEIGHT_SUFFIXES)]
+    if other:
         return (
-            f"{folder}/config.json names pickle weights (transformers_weights = {explicit!r}) and the suite allows "
-            "safetensors only (model.safetensors_only = true)"
-        )
-    if pickled and not safe:
-        return (
-            f"{folder} holds only pickle weights ({', '.join(pickled[:3])}), which can run code when loaded; the suite "
+            f"{folder} holds only pickle weights ({', '.join(other[:3])}), which can run code when loaded; the suite "
             "allows safetensors only. Convert them to safetensors, or set model.safetensors_only = false if you trust them"
         )
     return None
+
+
+def checkpoint_folder(path: str, revision: str | None = None) -> Path | None:
+    """The folder holding a checkpoint's files: the local folder, or the hub cache snapshot if cached."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, "config.json", revision=revision)
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+@contextmanager
+def pickle_loading_refused(path: str) -> Iterator[None]:
+    """While loading a base under safetensors only, torch.load (which unpickles) raises UnsafeWeights instead
+    of reading anything: whatever file transformers picks, no pickle is opened."""
+    import torch
+
+    original = torch.load
+
+    def refuse(source: Any, *args: Any, **kwargs: Any) -> Any:
+        raise UnsafeWeights(
+            f"{path}: transformers tried to load {source} with torch.load (a pickle, which can run code) and the "
+            "suite allows safetensors only (model.safetensors_only = true)"
+        )
+
+    torch.load = refuse
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def resolve(model_id: str, base_dir: Path | None = None, revision: str | None = None) -> str:
@@ -173,22 +299,43 @@ def placement(model: torch.nn.Module) -> dict[str, Any]:
 
 def load_base(model_class: type[PreTrainedModel], path: str, precision: Precision, compute_dtype: str, device: str,
               spec: ModelSpec) -> PreTrainedModel:
-    """Load the frozen base in `precision` with transformers; bitsandbytes quantizes while loading."""
-    if Path(path).is_dir():  # checked before the run too; this keeps a cell safe when called on its own
-        problem = unsafe_weights_problem(path, spec.safetensors_only)
+    """Load the frozen base in `precision` with transformers; bitsandbytes quantizes while loading.
+
+    Under `spec.safetensors_only` the checkpoint's files are checked before (UnsafeWeights) and torch.load
+    is refused while loading, so no pickle is opened whatever transformers picks."""
+    folder = checkpoint_folder(path, spec.revision)
+    if folder is not None:  # checked before the run too; this keeps a cell safe when called on its own
+        problem = unsafe_weights_problem(folder, spec.safetensors_only)
         if problem:
             raise UnsafeWeights(problem)
-    model = model_class.from_pretrained(
-        path,
-        revision=spec.revision,
-        dtype=precision.storage_dtype(compute_dtype),
-        quantization_config=precision.quantization_config(compute_dtype),
-        device_map=device_map_for(device, spec.device_map),
-        use_safetensors=True if spec.safetensors_only else None,
-        trust_remote_code=spec.trust_remote_code,
-    )
+    with pickle_loading_refused(path) if spec.safetensors_only else nullcontext():
+        model = model_class.from_pretrained(
+            path,
+            revision=spec.revision,
+            dtype=precision.storage_dtype(compute_dtype),
+            quantization_config=precision.quantization_config(compute_dtype),
+            device_map=device_map_for(device, spec.device_map),
+            use_safetensors=True if spec.safetensors_only else None,
+            trust_remote_code=spec.trust_remote_code,
+        )
     model.requires_grad_(False)
     return model
+
+
+def loaded_weight_files(path: str, spec: ModelSpec) -> dict[str, Any]:
+    """Record fields naming the weight files the base was loaded from (after loading, so a hub snapshot has them):
+    `model.weight_files` (comma-separated, relative to the checkpoint folder) and `model.weight_format`
+    (safetensors, pickle, or mixed)."""
+    folder = checkpoint_folder(path, spec.revision)
+    try:
+        names = weight_files(folder, spec.safetensors_only) if folder is not None else []
+    except ValueError:
+        names = []
+    kinds = {"safetensors" if n.endswith(".safetensors") else "pickle" for n in names}
+    return {
+        "model.weight_files": ",".join(names) or None,
+        "model.weight_format": (kinds.pop() if len(kinds) == 1 else "mixed") if kinds else None,
+    }
 
 
 def disable_bnb_cpu_weight_packing(model: torch.nn.Module) -> int:

@@ -2,11 +2,18 @@
 
 Run as `python -m qbench.cell` with the cell's spec (`qbench.run.protocol.CellSpec`) as JSON on
 standard input. Progress goes to standard output as `QBENCH_EVENT {...}` lines; the record is
-written atomically whatever happens, and at the start of every phase as a `running` checkpoint.
+written atomically whatever happens, and at the start of every phase as a `running` checkpoint, but
+only while this process is the cell's current attempt (a newer one owns the record otherwise).
+
+A cell does not outlive its runner: on Linux it asks for SIGTERM when its parent dies
+(prctl PR_SET_PDEATHSIG), it stops when its parent is no longer the runner that started it, and a
+closed progress pipe stops it too (on every system).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 import sys
 import tempfile
@@ -34,8 +41,53 @@ class Interrupted(BaseException):
     """SIGTERM or SIGINT reached the cell; the record is written as interrupted."""
 
 
+class RunnerGone(Interrupted):
+    """The runner that started this cell is gone (its pipe closed, or the cell was handed to another parent)."""
+
+
+EXIT_SUPERSEDED = 3  # the cell stopped without writing: a newer attempt owns its record
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_pipe_closed = False
+
+
 def emit(event: str, **fields: Any) -> None:
-    print(event_line(event, **fields), flush=True)
+    """One progress line to the runner; RunnerGone when nobody reads them any more."""
+    global _pipe_closed
+    if _pipe_closed:
+        return
+    try:
+        print(event_line(event, **fields), flush=True)
+    except (BrokenPipeError, ValueError):  # ValueError: stdout already closed
+        _pipe_closed = True
+        _silence_stdout()
+        raise RunnerGone("the runner's progress pipe closed: the runner is gone") from None
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that nothing (the interpreter's exit flush included) writes to a dead pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to send SIGTERM to this process when its parent dies, then check that the parent is still
+    the runner (it may have died before the request); RunnerGone if not."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the pipe and the attempt token still hold
+    check_parent(parent_pid)
+
+
+def check_parent(parent_pid: int) -> None:
+    """RunnerGone when this process's parent is no longer the runner `parent_pid` (0: no runner to check)."""
+    if parent_pid and os.getppid() != parent_pid:
+        raise RunnerGone(f"the runner (pid {parent_pid}) is gone")
 
 
 def _now() -> str:
@@ -112,6 +164,7 @@ class CellRun:
         self.precision = precisions.get(spec.precision)
         self.seed, self.device = spec.seed, spec.device
         self.record_path = Path(spec.record_path)
+        self.attempt = spec.attempt
         self.record: dict[str, Any] = {
             **identity_fields(self.loaded, spec.run_id, self.cell, spec.cell_id),
             "status": "running",
@@ -147,13 +200,17 @@ class CellRun:
         `process_baseline`, the memory of the process as the phase starts (see MemoryTracker.phase)."""
         self.record["last_phase"] = name
         emit("phase", phase=name, **event_fields)
-        results.write_json_atomic(self.record_path, self.measured())
+        self.write(self.measured())
         self.faults.phase(name)
         started = time.perf_counter()
         with self.tracker.phase(name, process_baseline=process_baseline):
             yield
         if timed:
             self.record[f"time.{name}_s"] = time.perf_counter() - started
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Leave `record` on disk, while this process is the cell's current attempt (Superseded otherwise)."""
+        results.write_record(self.record_path, record, self.attempt)
 
     def on_step(self, step: int, loss: float) -> None:
         self.record["train.steps_completed"] = step
@@ -170,9 +227,14 @@ class CellRun:
 
     @contextmanager
     def recorded(self) -> Iterator[None]:
-        """Whatever happens inside, the record ends on disk with a status; an error is recorded, never lost."""
+        """Whatever happens inside, the record ends on disk with a status; an error is recorded, never lost
+        (unless a newer attempt owns the record: then nothing is written and Superseded goes on)."""
+        superseded = False
         try:
             yield
+        except results.Superseded:
+            superseded = True
+            raise
         except BaseException as error:  # the suite goes on with the next cell
             self.record["status"] = _status_for(error)
             self.record["error"] = f"{type(error).__name__}: {error}"
@@ -184,7 +246,8 @@ class CellRun:
             if self.tracker is not None:
                 self.tracker.close()
             self.record["time.end"] = _now()
-            results.write_json_atomic(self.record_path, self.record)
+            if not superseded:
+                self.write(self.record)
 
 
 def run_cell(spec: CellSpec) -> dict[str, Any]:
@@ -212,6 +275,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
             cell.update(task.prepare_data())
         with cell.phase("load", timed=True, process_baseline=True):  # the runtime before the model: what no format changes
             model = models.load_base(task.model_class, model_path, cell.precision, suite.compute_dtype, cell.device, suite.model)
+        cell.update(models.loaded_weight_files(model_path, suite.model))  # what the base was loaded from
         readback.inspect_base(model, cell.precision, suite, model_path, cell.record)  # the arm is what its name says
         with cell.phase("prepare"):
             model = lora.attach(lora.prepare(model, suite), suite, task.peft_task_type, seed)
@@ -241,6 +305,18 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 def main() -> int:
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)
-    record = run_cell(CellSpec.from_json(sys.stdin.read()))
-    emit("done", status=record["status"], error=record["error"])
+    try:
+        spec = CellSpec.from_json(sys.stdin.read())
+        die_with_parent(spec.parent_pid)
+        record = run_cell(spec)
+        emit("done", status=record["status"], error=record["error"])
+    except RunnerGone as gone:
+        print(f"qbench cell: stopped, {gone}", file=sys.stderr)
+        return EXIT_SUPERSEDED
+    except results.Superseded as superseded:
+        print(f"qbench cell: stopped, {superseded}", file=sys.stderr)
+        return EXIT_SUPERSEDED
+    except OSError as error:  # the record itself could not be written (a full disk): the runner records the cell
+        print(f"qbench cell: {error}", file=sys.stderr)
+        return 1
     return 0 if record["status"] == "ok" else 1

@@ -23,6 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before any cell started (checks, device probe): nothing to keep
         errors.print("[yellow]interrupted[/]")
         return Exit.SIGINT
+    except OSError as error:  # a file a command could not read or write (commands handle the ones they expect)
+        if not error.filename:
+            raise
+        from qbench.results.files import OutputError
+
+        shown = str(error) if isinstance(error, OutputError) else f"{error.filename}: {error.strerror or error}"
+        print_error(shown)
+        return Exit.BAD_INPUT
 
 
 if __name__ == "__main__":

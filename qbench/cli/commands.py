@@ -27,7 +27,7 @@ from qbench.suite.spec import SuiteError
 if TYPE_CHECKING:
     from qbench.gate.compare import Settings
     from qbench.run.plan import RunPlan
-    from qbench.run.ray_executor import Cluster
+    from qbench.run.ray_executor import CellResources, Cluster
     from qbench.run.resume import Resumable
     from qbench.run.runner import Run
     from qbench.run.scheduler import Slot
@@ -54,12 +54,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 def run_suite(run_plan: RunPlan, out: Path, device: str, check_only: bool = False) -> int:
     """Check the suite against the world, run the plan's cells into a new run folder under `out`, and
     write its results.csv and summary.md; the exit code says how it went. `check_only`: stop after the
-    checks, having written nothing."""
+    checks, having written nothing.
+
+    A folder or file that cannot be written gives one line: exit 2 while no cell has run (--out a file,
+    read-only, full), afterwards 1 when a cell of the run has no ok record, 2 when only results.csv or
+    summary.md could not be written. What was written before stays as it was."""
+    from qbench.results.files import OutputError
     from qbench.run import runner
     from qbench.suite import preflight
 
     loaded = run_plan.loaded
     on_ray = run_plan.executor == "ray"  # cells run on the cluster's nodes: this machine's memory says nothing
+    check_out_folder(out, "--out")
     preflight.check_suite(loaded, device=None if on_ray else "cuda" if run_plan.slots else device,
                           gpus_per_cell=max(1, int(run_plan.gpus_per_cell or 1)))
     if check_only:
@@ -72,20 +78,78 @@ def run_suite(run_plan: RunPlan, out: Path, device: str, check_only: bool = Fals
         console.print(f"shard {shard[0]}/{shard[1]} of suite {loaded.suite.name} has no cells ({run_plan.matrix_cells} in the matrix)")
         return Exit.OK
     with _cluster(run_plan.executor, run_plan.ray_address) as cluster:
-        run_dir = runner.new_run_dir(out, loaded.suite.name, run_plan.label)
+        slots = run_plan.slots
         if cluster is not None:
-            run, where, extras = _ray_run(cluster, loaded, run_dir, run_plan.cells, device, run_plan.gpus_per_cell or 1,
-                                          run_plan.cpus_per_cell)
+            device, resources = _ray_resources(cluster, device, run_plan.gpus_per_cell or 1, run_plan.cpus_per_cell)
         else:
-            slots = run_plan.slots
             device = "cuda" if slots else runner.resolve_device(device)
+        try:  # made only now: a run refused above leaves no folder behind
+            run_dir = runner.create_run_dir(out, loaded.suite.name, run_plan.label)
+        except ValueError as error:  # a suite name that is no folder name (the suite check refuses it first)
+            raise SuiteError(loaded.path, [f"name: {error}"]) from None
+        except OSError as error:
+            render.error(str(OutputError.from_os_error(out, error)))
+            return Exit.BAD_INPUT
+        if cluster is not None:
+            run, where, extras = _ray_run(cluster, loaded, run_dir, run_plan.cells, device, resources)
+        else:
             where = f"{device}, {len(slots)} cells at a time ({', '.join(s.name for s in slots)})" if slots else device
             run, extras = runner.Run(loaded, run_dir, device, run_plan.cells, slots=run_plan.run_slots()), {}
         part = f", shard {run_plan.shard[0]}/{run_plan.shard[1]} of {run_plan.matrix_cells}" if run_plan.shard else ""
         console.print(f"qbench {__version__}: suite [bold]{escape(loaded.suite.name)}[/] ({len(run_plan.cells)} cells{part}) on {escape(where)} -> {escape(str(run_dir))}")
-        run.write_manifest({**run_plan.manifest_extras(), **extras})
-        stopped, records = _execute(run)
-    return stopped if stopped is not None else _finish(run_dir, records)
+        started = False
+        try:
+            with runner.exclusive(run_dir):
+                run.write_manifest({**run_plan.manifest_extras(), **extras})
+                started = True
+                stopped, _ = _execute(run)
+                return stopped if stopped is not None else _finish(run_dir, run.cells)
+        except OSError as error:
+            if started:
+                return _stopped_by_output(error, run_dir, run.cells)
+            _remove_unstarted_run_dir(run_dir)  # nothing ran: leave no half-made run folder behind
+            render.error(str(OutputError.from_os_error(run_dir, error)))
+            return Exit.BAD_INPUT
+
+
+def check_out_folder(out: Path, option: str) -> None:
+    """SuiteError naming `option` when `out` (or the nearest part of it that exists) is not a folder qbench can
+    write in: checked before any suite check or cell, so that a typo does not cost a run."""
+    for ancestor in (out, *out.parents):
+        if ancestor.exists() or ancestor.is_symlink():
+            if not ancestor.is_dir():
+                raise SuiteError(COMMAND_LINE, [f"{option}: {ancestor} is not a folder"])
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise SuiteError(COMMAND_LINE, [f"{option}: cannot write in {ancestor} (read-only or no permission)"])
+            return
+
+
+def _remove_unstarted_run_dir(run_dir: Path) -> None:
+    """Remove a run folder this command created and nothing ran in (its lock file at most)."""
+    from qbench.run import runner
+
+    try:
+        (run_dir / runner.RUN_LOCK).unlink(missing_ok=True)
+        run_dir.rmdir()  # only when empty: never removes anything else
+    except OSError:
+        pass
+
+
+def _stopped_by_output(error: OSError, run_dir: Path, cells: list[Cell]) -> int:
+    """One line for a write that failed once cells had run; exit 1 when a cell of the run has no ok record,
+    2 when every record is ok and only the run's tables could not be written."""
+    from qbench.results import records as results
+    from qbench.results.files import OutputError
+
+    problem = OutputError.from_os_error(run_dir, error)
+    records = results.run_records(run_dir, [c.id for c in cells])
+    complete = len(records) == len(cells) and all(r["status"] == "ok" for r in records)
+    if complete:
+        after = f"; every cell's record is intact in {run_dir / 'cells'}: `qbench run --resume {run_dir}` writes the tables"
+    else:
+        after = f"; the run stopped, the records written so far are intact: finish it with `qbench run --resume {run_dir}`"
+    render.error(f"{problem}{after}")
+    return Exit.BAD_INPUT if complete else Exit.FAILED
 
 
 @contextmanager
@@ -103,16 +167,23 @@ def _cluster(executor: str, address: str | None) -> Iterator[Cluster | None]:
         ray_executor.disconnect(cluster)
 
 
-def _ray_run(cluster: Cluster, loaded: LoadedSuite, run_dir: Path, cells: list[Cell], device: str, gpus_per_cell: float,
-             cpus_per_cell: float) -> tuple[Run, str, dict[str, Any]]:
-    """A run of `cells` on the Ray cluster: the device (auto: cuda when the cluster has GPUs), what each
-    cell asks for (SuiteError when no node has room for it), the header text and run.json's `ray` entry."""
+def _ray_resources(cluster: Cluster, device: str, gpus_per_cell: float, cpus_per_cell: float) -> tuple[str, CellResources]:
+    """The device of a run on the Ray cluster (auto: cuda when the cluster has GPUs) and what each cell asks
+    for; SuiteError when no node has room for one cell (checked before any folder is made)."""
     from qbench.run import ray_executor
 
     if device == "auto":
         device = "cuda" if cluster.has_gpus() else "cpu"
     resources = ray_executor.cell_resources(device, gpus_per_cell, cpus_per_cell)
     cluster.check_fits(resources)
+    return device, resources
+
+
+def _ray_run(cluster: Cluster, loaded: LoadedSuite, run_dir: Path, cells: list[Cell], device: str,
+             resources: CellResources) -> tuple[Run, str, dict[str, Any]]:
+    """A run of `cells` on the Ray cluster: the run, the header text and run.json's `ray` entry."""
+    from qbench.run import ray_executor
+
     total = ", ".join(f"{cluster.resources.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
     where = f"{device}, Ray at {cluster.address} ({len(cluster.nodes)} node(s), {total}; {resources.describe()} per cell)"
     run = ray_executor.RayRun(loaded, run_dir, device, cells, resources=resources)
@@ -136,8 +207,10 @@ def _execute(run: Run) -> tuple[int | None, list[dict[str, Any]]]:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from qbench.results import records as results
-    from qbench.run import plan, resume
+    from dataclasses import replace
+
+    from qbench.results.files import OutputError
+    from qbench.run import plan, resume, runner
     from qbench.suite import preflight
 
     given = [
@@ -160,25 +233,37 @@ def _resume(args: argparse.Namespace) -> int:
     if slots and state.device != "cuda":
         raise SuiteError(COMMAND_LINE, [f"--gpus: the run in {state.run_dir} ran on {state.device}, not cuda"])
     preflight.check_suite(state.loaded, device=None if on_ray else state.device, gpus_per_cell=max(1, int(args.gpus_per_cell)))
-    if not state.pending:
-        console.print(f"nothing to resume in {escape(str(state.run_dir))}: every cell has an ok record")
-    else:
-        stopped = _run_pending(state, args, slots)
-        if stopped is not None:
-            return stopped
-    records = [results.read_record(results.record_path(state.run_dir, c.id)) for c in state.cells]
-    return _finish(state.run_dir, [r for r in records if r is not None])
+    started: list[bool] = []  # gets an entry once run.json notes the resumption: from then on cells may have run
+    try:
+        with runner.exclusive(state.run_dir):
+            state = replace(state, pending=runner.pending_cells(state.run_dir, state.cells))  # as it is now, held
+            if not state.pending:
+                console.print(f"nothing to resume in {escape(str(state.run_dir))}: every cell has an ok record")
+                started.append(True)
+            else:
+                stopped = _run_pending(state, args, slots, started)
+                if stopped is not None:
+                    return stopped
+            return _finish(state.run_dir, state.cells)
+    except runner.RunDirBusy as busy:
+        raise SuiteError(state.run_dir, [str(busy)]) from None
+    except OSError as error:
+        if started:
+            return _stopped_by_output(error, state.run_dir, state.cells)
+        render.error(str(OutputError.from_os_error(state.run_dir, error)))  # nothing ran
+        return Exit.BAD_INPUT
 
 
-def _run_pending(state: Resumable, args: argparse.Namespace, slots: list[Slot] | None) -> int | None:
-    """Run the cells a resumed run still needs, here or on Ray; the exit code when interrupted, else None."""
+def _run_pending(state: Resumable, args: argparse.Namespace, slots: list[Slot] | None, started: list[bool]) -> int | None:
+    """Run the cells a resumed run still needs, here or on Ray; the exit code when interrupted, else None.
+    `started` gets an entry once run.json notes the resumption (before that, a failed write ran nothing)."""
     from qbench.run import resume, runner
     from qbench.run.scheduler import LOCAL_SLOT
 
     with _cluster(args.executor, args.ray_address) as cluster:
         if cluster is not None:
-            run, where, _ = _ray_run(cluster, state.loaded, state.run_dir, state.pending, state.device,
-                                     args.gpus_per_cell, args.cpus_per_cell or 1.0)
+            device, resources = _ray_resources(cluster, state.device, args.gpus_per_cell, args.cpus_per_cell or 1.0)
+            run, where, _ = _ray_run(cluster, state.loaded, state.run_dir, state.pending, device, resources)
         else:
             run, where = runner.Run(state.loaded, state.run_dir, state.device, state.pending, slots=slots or [LOCAL_SLOT]), state.device
         console.print(
@@ -186,6 +271,7 @@ def _run_pending(state: Resumable, args: argparse.Namespace, slots: list[Slot] |
             f"{len(state.pending)} of {len(state.cells)} cells to run ({', '.join(c.id for c in state.pending)}) on {escape(where)}"
         )
         resume.note_resume(state, forced=args.force, executor=args.executor)
+        started.append(True)
         stopped, _ = _execute(run)
     return stopped
 
@@ -194,20 +280,27 @@ def _run_pending(state: Resumable, args: argparse.Namespace, slots: list[Slot] |
 RUN_END_SECTIONS = ("verdict", "nonfinite", "warnings", "relative", "per_precision", "failures")
 
 
-def _finish(run_dir: Path, records: list[dict[str, Any]]) -> int:
+def _finish(run_dir: Path, cells: list[Cell]) -> int:
+    """results.csv and summary.md from the records of the run's own cells (other files in cells/ are not
+    the run's and are left alone), the verdict and tables, and the exit code: 1 when a cell has no ok record."""
+    import pandas as pd
+
     from qbench.report import summary, write
     from qbench.results import records as results
 
-    frame = results.load_frame([run_dir])
-    shown = write.report_sections(frame, _report_settings([run_dir]))
-    paths = summary.write_run_outputs(run_dir, frame, shown=shown)
-    console.print(f"[bold]{escape(str(frame['suite'].iloc[0]))}[/] — {escape(str(run_dir))}", highlight=False)
-    render.sections(shown, RUN_END_SECTIONS)
-    console.print(f"records: {run_dir / 'cells'}   table: {paths['csv']}   summary: {paths['summary']}")
-    failed = [r for r in records if r["status"] != "ok"]
+    records = results.run_records(run_dir, [c.id for c in cells])
+    if records:
+        frame = pd.DataFrame(records)
+        shown = write.report_sections(frame, _report_settings([run_dir]))
+        paths = summary.write_run_outputs(run_dir, frame, shown=shown)
+        console.print(f"[bold]{escape(str(frame['suite'].iloc[0]))}[/] — {escape(str(run_dir))}", highlight=False)
+        render.sections(shown, RUN_END_SECTIONS)
+        console.print(f"records: {run_dir / 'cells'}   table: {paths['csv']}   summary: {paths['summary']}")
+    recorded = {r["cell_id"] for r in records}
+    failed = [f"{r['cell_id']} ({r['status']}: {r.get('error_type')})" for r in records if r["status"] != "ok"]
+    failed += [f"{c.id} (no record)" for c in cells if c.id not in recorded]
     if failed:
-        listed = ", ".join(f"{r['cell_id']} ({r['status']}: {r.get('error_type')})" for r in failed)
-        errors.print(f"[red]{len(failed)} cell(s) did not finish:[/] {escape(listed)}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]{len(failed)} cell(s) did not finish:[/] {escape(', '.join(failed))}", highlight=False, soft_wrap=True)
         return Exit.FAILED
     return Exit.OK
 
@@ -258,7 +351,11 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Exit 0 with a report; 2 (one line) when an input holds no records, a file that is not a record, or
+    records of different suites or settings (which are never averaged together), or when the report folder
+    cannot be written or holds other files."""
     from qbench.report import write
+    from qbench.results import files
     from qbench.results import records as results
 
     try:
@@ -266,12 +363,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     except results.ResultsError as problem:
         render.error(str(problem))
         return Exit.BAD_INPUT
+    mixed = results.identity_differences(frame)
+    if mixed:
+        render.error(
+            f"{', '.join(args.run_dirs)}: the records describe different experiments and are not merged into one "
+            f"report ({'; '.join(mixed[:3])}{f'; and {len(mixed) - 3} more' if len(mixed) > 3 else ''}); "
+            "report each suite on its own"
+        )
+        return Exit.BAD_INPUT
     out = Path(args.out) if args.out else write.default_report_dir([Path(p) for p in args.run_dirs])
     shown = write.report_sections(frame, _report_settings(args.run_dirs))
-    paths = write.write_report(frame, out, args.title, shown=shown)
+    try:
+        paths = write.write_report(frame, out, args.title, shown=shown)
+    except (files.NotOwned, OSError) as problem:
+        render.error(str(problem) if isinstance(problem, files.NotOwned) else str(files.OutputError.from_os_error(out, problem)))
+        return Exit.BAD_INPUT
     render.sections(shown)
-    console.print(f"{len(frame)} cells from {len(args.run_dirs)} input(s) -> html: {paths['html']}")
-    console.print(f"also: {paths['markdown']}  {paths['csv']}  {paths['parquet']}  {paths['summary_csv']}", highlight=False)
+    console.print(f"{len(frame)} cells from {len(args.run_dirs)} input(s) -> html: {escape(str(paths['html']))}")
+    console.print(f"also: {escape(str(paths['markdown']))}  {escape(str(paths['csv']))}  {escape(str(paths['parquet']))}  "
+                  f"{escape(str(paths['summary_csv']))}", highlight=False)
     return Exit.OK
 
 
@@ -298,10 +408,24 @@ def _report_settings(paths: list) -> Settings | None:
         return None
 
 
+def _markdown_targets(args: argparse.Namespace) -> list[str]:
+    """Where the Markdown verdict goes: --markdown, then $GITHUB_STEP_SUMMARY; SuiteError when one is a folder."""
+    targets = [args.markdown] if args.markdown else []
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        targets.append(os.environ["GITHUB_STEP_SUMMARY"])
+    for target, option in zip(targets, (["--markdown"] if args.markdown else []) + ["$GITHUB_STEP_SUMMARY"], strict=False):
+        if target != "-" and Path(target).is_dir():
+            raise SuiteError(COMMAND_LINE, [f"{option}: {target} is a folder; name a file to append the summary to"])
+    return targets
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
+    """Exit 0: no regression; 1: regression; 2: unusable input (nothing comparable, unreadable records,
+    different experiments), or the Markdown summary cannot be written."""
     from qbench.gate import compare
     from qbench.results import records as results
 
+    targets = _markdown_targets(args)
     try:
         settings = _compare_settings(args, [args.new])
         baseline = results.load_results([args.baseline])
@@ -313,23 +437,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         comparison = compare.compare(baseline, new, settings, args.baseline, args.new)
     markdown = comparison.markdown()
-    targets = [args.markdown] if args.markdown else []
-    if os.environ.get("GITHUB_STEP_SUMMARY"):
-        targets.append(os.environ["GITHUB_STEP_SUMMARY"])
+    unwritten = None
     for target in targets:
-        if target == "-":
-            sys.stdout.write(markdown + "\n")
-        else:
-            with open(target, "a", encoding="utf-8") as handle:
-                handle.write(markdown + "\n")
+        try:
+            if target == "-":
+                sys.stdout.write(markdown + "\n")
+            else:
+                with open(target, "a", encoding="utf-8") as handle:
+                    handle.write(markdown + "\n")
+        except OSError as error:
+            unwritten = f"cannot write the Markdown summary to {target}: {error.strerror or error}"
+            break
     render.comparison(comparison)
+    if unwritten:
+        render.error(unwritten)
+        return Exit.BAD_INPUT
     return comparison.exit_code
 
 
 def cmd_baseline_refresh(args: argparse.Namespace) -> int:
+    """Exit 0 when the baseline was replaced; 1 when a cell did not finish; 2 (before any cell) when the code
+    is not a clean commit, the baselines folder cannot be written or the old baseline folder holds anything
+    but an earlier baseline of this suite, or when the new baseline cannot be written (the old one is then
+    left as it was)."""
     from qbench.gate import baseline
     from qbench.machine.environment import git_commit
     from qbench.results import records as results
+    from qbench.results.files import OutputError
     from qbench.run import plan
     from qbench.suite.spec import load
 
@@ -339,6 +473,15 @@ def cmd_baseline_refresh(args: argparse.Namespace) -> int:
     except baseline.BaselineError as problem:
         render.error(str(problem))
         return Exit.BAD_INPUT
+    out = Path(args.out)
+    check_out_folder(out, "--out")
+    try:
+        target = baseline.target_dir(out, loaded.suite.name)
+    except baseline.BaselineError as problem:
+        raise SuiteError(loaded.path, [f"name: {problem}"]) from None
+    problem = baseline.replace_problem(target, loaded.suite.name)
+    if problem:
+        raise SuiteError(COMMAND_LINE, [f"--out: {problem}; it is not replaced (move it away first)"])
     with tempfile.TemporaryDirectory(prefix="qbench-baseline-") as scratch:
         for repeat in range(args.repeats):
             if args.repeats > 1:
@@ -348,9 +491,12 @@ def cmd_baseline_refresh(args: argparse.Namespace) -> int:
                 errors.print(f"[red]the run did not finish cleanly (exit {code}); the baseline is left as it was[/]")
                 return code
         try:
-            target = baseline.install(results.find_run_dirs(scratch), Path(args.out), loaded.suite.name, args.allow_dirty)
+            target = baseline.install(results.find_run_dirs(scratch), out, loaded.suite.name, args.allow_dirty)
         except baseline.BaselineError as problem:
             render.error(str(problem))
             return Exit.FAILED
+        except OSError as error:
+            render.error(f"{OutputError.from_os_error(target, error)}; the baseline is left as it was")
+            return Exit.BAD_INPUT
     console.print(f"baseline of suite [bold]{escape(loaded.suite.name)}[/] refreshed: {escape(str(target))} — review the diff and commit it")
     return Exit.OK

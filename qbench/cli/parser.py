@@ -18,7 +18,8 @@ def _add_run(commands_: Commands) -> None:
         "run",
         help="run a suite: one process per cell of its grid (precision, seed, ...), one JSON record each",
         description="Run every cell of SUITE (a TOML file) and write records, results.csv and summary.md into "
-        "OUT/<suite>/<run-id>/. Exit 0 when every cell is ok, 1 when a cell failed, 2 on a bad suite.",
+        "OUT/<suite>/<run-id>/. Exit 0 when every cell is ok, 1 when a cell failed, 2 on a bad suite or an --out "
+        "that cannot be written.",
     )
     run.add_argument("suite", nargs="?", help="suite file, e.g. suites/clip.toml")
     run.add_argument("--out", default="results", help="folder for run directories (default: results)")
@@ -107,7 +108,8 @@ def _add_report(commands_: Commands) -> None:
         "report.parquet, summary.csv, report.md, plots/*.png and a self-contained report.html.",
     )
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory, a folder of them, or a results CSV/Parquet")
-    report.add_argument("--out", help="output folder (default: RUN_DIR/report, or report-N-runs beside the first)")
+    report.add_argument("--out", help="output folder (default: RUN_DIR/report, NAME-report beside a table, or report-N-runs "
+                        "beside the first of several inputs); an earlier report there is replaced, other files are not")
     report.add_argument("--title", help="page title (default: qbench report — SUITE)")
     report.set_defaults(handler=commands.cmd_report)
 
@@ -140,7 +142,9 @@ def _add_baseline(commands_: Commands) -> None:
         help="run SUITE and make its records the suite's committed baseline",
         description="Run every cell of SUITE (--repeats times) and, when every cell is ok, replace OUT/<suite>/ "
         "with the runs' records (<run-id>/run.json, cells/, results.csv, summary.md) and baseline.json (the commit "
-        "measured). Refuses a working tree with uncommitted changes unless --allow-dirty. Review the diff and commit it.",
+        "measured). Refuses a working tree with uncommitted changes unless --allow-dirty. OUT/<suite>/ is replaced "
+        "only when it holds nothing but an earlier baseline of SUITE (checked before any cell). Review the diff and "
+        "commit it.",
     )
     refresh.add_argument("suite", help="suite file, e.g. suites/ci.toml")
     refresh.add_argument("--out", default=str(Path("results") / "baselines"), help="baselines folder (default: results/baselines)")

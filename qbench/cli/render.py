@@ -182,7 +182,7 @@ def comparison(result: Comparison) -> None:
 
     if result.problems:
         for problem in result.problems:
-            errors.print(f"[red]unusable:[/] {escape(problem)}", highlight=False)
+            errors.print(f"[red]unusable:[/] {escape(problem)}", highlight=False, soft_wrap=True)
         return
     regressions = result.regressions
     # one line per regression: metric names are long, a table would cut them in a narrow terminal

@@ -94,7 +94,7 @@ def settings_of_runs(paths: list, overrides: list[tuple[str, ToleranceSpec]] | N
     for path in map(Path, paths):
         for run_dir in results.find_run_dirs(path) if path.is_dir() else []:
             manifest = results.read_manifest(run_dir)
-            if manifest and manifest.get("suite_text"):
+            if manifest and isinstance(manifest.get("suite_text"), str) and manifest["suite_text"]:
                 spec = parse_compare(manifest["suite_text"], run_dir / "run.json")
                 return Settings.build(spec, overrides, noise_sigmas, f"suite of {run_dir.name}")
     return Settings.build(None, overrides, noise_sigmas)
@@ -250,6 +250,9 @@ def compare(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings | None
             notes.append(f"{arm}: no ok cell in the baseline; not compared")
             continue
         rows += _check_arm(arm, now, both, columns, settings, used_rules)
+    nothing = _nothing_compared(rows, old, columns)
+    if nothing:  # a gate that checked nothing must not pass
+        return Comparison.unusable([nothing], baseline_label, new_label)
     for arm in both.new_arms.order:
         if arm not in both.old.mean.index:
             precision = both.new_arms.precision[arm]
@@ -257,6 +260,19 @@ def compare(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings | None
             notes.append(f"{arm}: in the new results only; no baseline to compare with")
     notes += _notes(baseline, new, settings, used_rules, both.base_precision)
     return Comparison(pd.DataFrame(rows), [], notes, baseline_label, new_label)
+
+
+def _nothing_compared(rows: list[dict[str, Any]], baseline: pd.DataFrame, columns: list[str]) -> str | None:
+    """Why the baseline gave nothing to check (no ok cell, no gated metric, every metric ignored), or None."""
+    if any(row["verdict"] != "ignored" for row in rows):
+        return None
+    if not len(stats.ok_rows(baseline)):
+        why = "no cell of the baseline is ok"
+    elif not any(baseline[column].notna().any() for column in columns):
+        why = "the baseline holds no value of a metric the gate checks (exact, quality, memory or speed ratio)"
+    else:
+        why = "every metric of the baseline is ignored by the tolerances"
+    return f"nothing was compared: {why}; a gate that checks nothing cannot pass"
 
 
 class _Arms:

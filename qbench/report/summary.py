@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from qbench.results import files
+
 if TYPE_CHECKING:
     from qbench.gate.compare import Settings
     from qbench.report.sections import Section
@@ -15,13 +17,14 @@ if TYPE_CHECKING:
 
 def write_run_outputs(run_dir: Path, frame: pd.DataFrame, settings: Settings | None = None,
                       shown: list[Section] | None = None) -> dict[str, Path]:
-    """results.csv (every field of every record) and summary.md (every report section) in `run_dir`."""
+    """results.csv (every field of every record) and summary.md (every report section) in `run_dir`, each
+    written atomically: a full disk leaves the old file (or none), never a torn one (OutputError)."""
     from qbench.report.write import markdown_document, report_sections
 
     run_dir = Path(run_dir)
     paths = {"csv": run_dir / "results.csv", "summary": run_dir / "summary.md"}
-    frame.to_csv(paths["csv"], index=False)
+    files.write_text_atomic(paths["csv"], frame.to_csv(index=False))
     shown = shown if shown is not None else report_sections(frame, settings)
     title = f"{frame['suite'].iloc[0]} — run {run_dir.name}" if not frame.empty and "suite" in frame.columns else run_dir.name
-    paths["summary"].write_text(markdown_document(title, shown), encoding="utf-8")
+    files.write_text_atomic(paths["summary"], markdown_document(title, shown))
     return paths

@@ -2,7 +2,10 @@
 
     parent --CellSpec as JSON on stdin--> python -m qbench.cell
     parent <--"QBENCH_EVENT {...}" lines on stdout-- (phase, step, done)
-    the child writes cells/<cell>.json atomically; the parent reads it back when the child ends
+    the child writes cells/<cell>.json atomically, and only while its `attempt` is the cell's current one
+    (records.write_record); the parent reads it back when the child ends
+    the child dies with the parent: Linux's parent-death signal, a check of its parent's pid, and a closed
+    stdout pipe all stop it (qbench.cell.pipeline)
 
 Neither torch nor pandas is imported here: the parent must stay CUDA-free.
 """
@@ -40,6 +43,8 @@ class CellSpec:
     record_path: str
     executor: str = "local"  # what started the cell's process (`local`, `ray`), recorded as env.executor
     axes: dict[str, Any] = field(default_factory=dict)  # the cell's other axis values (qbench.suite.grid), by name
+    attempt: str = ""  # the token of this attempt at the cell (records.claim_record); "" when the parent keeps the record
+    parent_pid: int = 0  # the pid of the process that starts the cell as its child; 0: not checked
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

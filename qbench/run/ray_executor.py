@@ -180,6 +180,7 @@ class _Task:
     checkpoint: dict[str, Any] | None = None  # the record as the cell last left it
     last_phase: str | None = None  # the last phase the cell announced
     returned: dict[str, Any] | None = None  # the task's final item
+    attempt: str | None = None  # this run's claim on the cell's record (records.claim_record)
 
 
 @dataclass
@@ -277,7 +278,7 @@ class RayRun(runner.Run):
             self._log(task.cell, item["text"])
         elif kind == "checkpoint":
             task.checkpoint = {**(task.placement or {}), **item["record"]}
-            results.write_json_atomic(results.record_path(self.run_dir, task.cell.id), task.checkpoint)
+            self._write(task, task.checkpoint)
         elif kind == "done":
             task.returned = item
             return True
@@ -285,6 +286,7 @@ class RayRun(runner.Run):
 
     def _started(self, task: _Task, placement: dict[str, Any]) -> None:
         task.placement = placement
+        task.attempt = results.claim_record(results.record_path(self.run_dir, task.cell.id))  # older attempts' writes refused
         results.record_path(self.run_dir, task.cell.id).unlink(missing_ok=True)
         self._log(task.cell, runner.log_header(task.cell))
         self.listener.cell_started(task.cell, task.index, len(self.cells))
@@ -334,8 +336,18 @@ class RayRun(runner.Run):
             })
         return record
 
+    def _write(self, task: _Task, record: dict[str, Any]) -> None:
+        """The cell's record into the run folder, while this run's attempt at the cell is the current one."""
+        path = results.record_path(self.run_dir, task.cell.id)
+        if task.attempt is None:
+            task.attempt = results.claim_record(path)
+        try:
+            results.write_record(path, record, task.attempt)
+        except results.Superseded:
+            pass  # a newer attempt (another command's) owns the record now
+
     def _finish(self, task: _Task, record: dict[str, Any]) -> dict[str, Any]:
-        results.write_json_atomic(results.record_path(self.run_dir, task.cell.id), record)
+        self._write(task, record)
         if task.placement is None:  # never started on a worker: the listener hears of it all the same
             self.listener.cell_started(task.cell, task.index, len(self.cells))
         self._log(task.cell, runner.log_footer(task.cell, record))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from qbench.results import records as results
+from qbench.results.files import component_problem
 from qbench.suite import grid, precisions
 from qbench.suite.spec import Cell, LoadedSuite, SuiteError, parse
 
@@ -36,10 +38,14 @@ def _sha256(text: str) -> str:
 def _recorded_cells(manifest_path: Path, entries: Any, loaded: LoadedSuite) -> list[Cell]:
     """The cells run.json lists, rebuilt on the recorded suite's grid; each must get the id it was recorded with."""
     try:
+        if not isinstance(entries, list) or not entries:
+            raise TypeError
         points = [({**dict(entry.get("axes") or {}), "precision": str(entry["precision"]), "seed": int(entry["seed"])},
                    entry.get("cell_id")) for entry in entries]
-    except (TypeError, KeyError, ValueError, AttributeError):
+    except (TypeError, KeyError, ValueError, AttributeError, OverflowError):
         raise SuiteError(manifest_path, ["cells: not a list of {precision, seed, axes} entries"]) from None
+    if any(not 0 <= point["seed"] < 2**32 for point, _ in points):
+        raise SuiteError(manifest_path, ["cells: a seed outside 0 to 2**32-1"])
     unknown = sorted({point["precision"] for point, _ in points if point["precision"] not in precisions.REGISTRY})
     if unknown:
         raise SuiteError(manifest_path, [f"cells: unknown precision(s) {', '.join(unknown)}"])
@@ -51,14 +57,39 @@ def _recorded_cells(manifest_path: Path, entries: Any, loaded: LoadedSuite) -> l
         cell = grid.cell_from_values(loaded.suite, point)
         if recorded_id is not None and cell.id != recorded_id:
             raise SuiteError(manifest_path, [f"cells: {recorded_id} is not the id of its axis values ({cell.id}) in the recorded suite"])
+        problem = component_problem(cell.id)
+        if problem:
+            raise SuiteError(manifest_path, [f"cells: {str(cell.id)[:60]!r} cannot name a record file ({problem})"])
         cells.append(cell)
+    if len({cell.id for cell in cells}) != len(cells):
+        raise SuiteError(manifest_path, ["cells: a cell is listed twice"])
     return cells
 
 
+def _foreign_records(run_dir: Path, loaded: LoadedSuite, cells: list[Cell]) -> list[str]:
+    """The run's record files that hold another cell's or another suite's record: resuming would replace
+    them, and they are not this run's to replace."""
+    problems = []
+    for cell in cells:
+        path = results.record_path(run_dir, cell.id)
+        record = results.read_record(path)
+        if record is None:
+            continue  # missing or torn: not a record at all, the cell runs again
+        ours = {"cell_id": cell.id, "suite": loaded.suite.name, "suite_sha256": loaded.sha256}
+        differs = [key for key, value in ours.items() if key in record and record[key] != value]
+        if differs:
+            problems.append(
+                f"{path}: holds a record of another {' and '.join(k.removesuffix('_sha256') for k in differs)} "
+                f"({', '.join(f'{k} {str(record[k])[:64]!r}' for k in differs)}); move it out of this run folder"
+            )
+    return problems
+
+
 def open_run(run_dir: Path | str, force: bool = False) -> Resumable:
-    """Read RUN_DIR/run.json; SuiteError when it is missing or broken, or when the suite file changed
-    since the run started (unless `force`). The cells always run with the suite text run.json recorded,
-    so every record of one run directory comes from one suite."""
+    """Read RUN_DIR/run.json; SuiteError when it is missing or broken, when the suite file changed since
+    the run started (unless `force`), or when a cell's record file holds a record of another cell or
+    suite. The cells always run with the suite text run.json recorded, so every record of one run
+    directory comes from one suite."""
     run_dir = Path(run_dir)
     manifest_path = run_dir / MANIFEST
     manifest = results.read_record(manifest_path)
@@ -67,13 +98,18 @@ def open_run(run_dir: Path | str, force: bool = False) -> Resumable:
     missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing:
         raise SuiteError(manifest_path, [f"{key}: missing (not written by qbench run?)" for key in missing])
-    suite_path, recorded_sha = Path(manifest["suite_path"]), str(manifest["suite_sha256"])
-    suite_text = str(manifest["suite_text"])
+    wrong = [key for key in ("suite_path", "suite_sha256", "suite_text", "device") if not isinstance(manifest[key], str)]
+    if wrong:
+        raise SuiteError(manifest_path, [f"{key}: not a string (run.json was edited?)" for key in wrong])
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", manifest["device"]):
+        raise SuiteError(manifest_path, [f"device: {manifest['device'][:40]!r} is not cpu or cuda (run.json was edited?)"])
+    suite_path, recorded_sha = Path(manifest["suite_path"]), manifest["suite_sha256"]
+    suite_text = manifest["suite_text"]
     if _sha256(suite_text) != recorded_sha:
         raise SuiteError(manifest_path, ["suite_text: does not match suite_sha256 (run.json was edited?)"])
     try:
         now_sha: str | None = hashlib.sha256(suite_path.read_bytes()).hexdigest()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a path with a NUL byte
         now_sha = None
     if now_sha != recorded_sha and not force:
         what = "no longer exists" if now_sha is None else "has changed"
@@ -84,6 +120,9 @@ def open_run(run_dir: Path | str, force: bool = False) -> Resumable:
         ])
     loaded = LoadedSuite(parse(suite_text, suite_path), suite_path, recorded_sha, suite_text)
     cells = _recorded_cells(manifest_path, manifest["cells"], loaded)
+    foreign = _foreign_records(run_dir, loaded, cells)
+    if foreign:
+        raise SuiteError(run_dir, foreign)
     from qbench.run.runner import pending_cells
 
     return Resumable(
@@ -92,9 +131,11 @@ def open_run(run_dir: Path | str, force: bool = False) -> Resumable:
 
 
 def note_resume(state: Resumable, forced: bool, executor: str = "local") -> None:
-    """Add this resumption (when, which cells, whether forced, what ran them) to run.json."""
+    """Add this resumption (when, which cells, whether forced, what ran them) to run.json (atomically;
+    OutputError when the run folder cannot be written, before any cell starts)."""
     manifest = dict(state.manifest)
-    manifest["resumes"] = [*manifest.get("resumes", []), {
+    earlier = manifest.get("resumes")
+    manifest["resumes"] = [*(earlier if isinstance(earlier, list) else []), {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "cells": [c.id for c in state.pending],
         "forced": forced,

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from qbench import __version__
+from qbench.results import files
 from qbench.results import records as results
 from qbench.run import scheduler
 from qbench.run.launch import CELL_COMMAND, CellProcess
@@ -59,15 +63,15 @@ def resolve_device(requested: str) -> str:
     return "cuda" if probe.stdout.strip() == "True" else "cpu"
 
 
-def new_run_dir(out: Path, suite_name: str, label: str = "") -> Path:
-    """A fresh `out/<suite>/<UTC time>[-label]` folder name (`label` e.g. `shard1of2`)."""
+def create_run_dir(out: Path, suite_name: str, label: str = "") -> Path:
+    """Create a fresh `out/<suite>/<UTC time>[-label]` folder (`label` e.g. `shard1of2`) for this run alone:
+    created exclusively, `-2`, `-3`... added when the name is taken, so two runs started in the same second
+    never share one. The suite name is checked to be one folder name (ValueError). OutputError naming --out
+    when `out` is a file, read-only or full."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + (f"-{label}" if label else "")
-    candidate = out / suite_name / stamp
-    suffix = 1
-    while candidate.exists():
-        suffix += 1
-        candidate = out / suite_name / f"{stamp}-{suffix}"
-    return candidate
+    suite_dir = files.child(out, suite_name, "suite name")
+    files.make_dirs(out, "--out")
+    return files.create_dir_exclusive(suite_dir, stamp, "--out")
 
 
 @dataclass
@@ -106,7 +110,10 @@ class Run:
         }
         results.write_json_atomic(self.run_dir / "run.json", manifest)
 
-    def _spec(self, cell: Cell) -> CellSpec:
+    def _spec(self, cell: Cell, attempt: str = "", parent_pid: int = 0) -> CellSpec:
+        """The cell's spec. `attempt`: the token that alone may write the record (a local cell writes into the
+        run folder; "" where the executor writes the record itself). `parent_pid`: the process that starts the
+        cell as its child (this one, for a local cell; 0 where it is not the runner, e.g. a Ray worker)."""
         return CellSpec(
             suite_text=self.loaded.source_text(),
             suite_path=str(self.loaded.path),
@@ -119,6 +126,8 @@ class Run:
             record_path=str(results.record_path(self.run_dir, cell.id)),
             executor=self.executor,
             axes=dict(cell.axes),
+            attempt=attempt,
+            parent_pid=parent_pid,
         )
 
     def _crash_record(
@@ -150,29 +159,44 @@ class Run:
         return identity_fields(self.loaded, self.run_id, cell)
 
     def _settle(
-        self, cell: Cell, returncode: int | None, last_phase: str | None, interrupted: bool = False, slot: Slot = LOCAL_SLOT
+        self, cell: Cell, returncode: int | None, last_phase: str | None, interrupted: bool = False,
+        slot: Slot = LOCAL_SLOT, attempt: str = "",
     ) -> dict[str, Any]:
         """The cell's final record: the one it wrote, or (if it died or was stopped first) a failure or
-        interruption record that keeps every figure its last checkpoint held. Written atomically."""
+        interruption record that keeps every figure its last checkpoint held. Written atomically, and only
+        while `attempt` is still the cell's current one (else the newer attempt's record is returned)."""
         record_file = results.record_path(self.run_dir, cell.id)
         written = results.read_record(record_file)
         if written is not None and written.get("status") not in (None, "running"):
             return written
         record = self._crash_record(cell, returncode, last_phase, written, interrupted, slot)
-        results.write_json_atomic(record_file, record)
+        try:
+            results.write_record(record_file, record, attempt)
+        except results.Superseded:
+            return results.read_record(record_file) or record
         return record
 
     def run_cell(self, cell: Cell, slot: Slot = LOCAL_SLOT) -> dict[str, Any]:
-        """Run one cell in a fresh process in `slot`; always returns (and leaves on disk) its record."""
+        """Run one cell in a fresh process in `slot`; always returns (and leaves on disk) its record.
+
+        OutputError when the run folder cannot be written (a full disk, a read-only folder): the run cannot
+        keep what it measures, so it stops; the records already written stay as they are."""
+        try:
+            return self._run_cell(cell, slot)
+        except OSError as error:
+            raise files.OutputError.from_os_error(self.run_dir, error) from None
+
+    def _run_cell(self, cell: Cell, slot: Slot) -> dict[str, Any]:
         log_path = self.run_dir / "logs" / f"{cell.id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         record_file = results.record_path(self.run_dir, cell.id)
+        attempt = results.claim_record(record_file)  # from now on an older attempt's process cannot write it
         record_file.unlink(missing_ok=True)
         env = child_env({**(self.env or {}), **slot.env})
         with open(log_path, "a", encoding="utf-8") as log:  # appended: a resumed cell keeps its earlier log
             log.write(log_header(cell))
             log.flush()
-            child = CellProcess(self._spec(cell), env, log, self.cell_command)
+            child = CellProcess(self._spec(cell, attempt, parent_pid=os.getpid()), env, log, self.cell_command)
             with self._running_lock:
                 self._running.add(child)
             try:
@@ -182,14 +206,16 @@ class Run:
             except BaseException as error:
                 child.stop()
                 record = self._settle(
-                    cell, child.returncode, child.last_phase, interrupted=isinstance(error, KeyboardInterrupt), slot=slot
+                    cell, child.returncode, child.last_phase, interrupted=isinstance(error, KeyboardInterrupt), slot=slot,
+                    attempt=attempt,
                 )
-                log.write(log_footer(cell, record))
+                _write_quietly(log, log_footer(cell, record))
                 raise
             finally:
                 with self._running_lock:
                     self._running.discard(child)
-            record = self._settle(cell, child.returncode, child.last_phase, interrupted=self._stopping, slot=slot)
+            record = self._settle(cell, child.returncode, child.last_phase, interrupted=self._stopping, slot=slot,
+                                  attempt=attempt)
             log.write(log_footer(cell, record))
         return record
 
@@ -239,6 +265,34 @@ class Run:
             signal.signal(signal.SIGTERM, previous)
 
 
+RUN_LOCK = ".lock"
+
+
+class RunDirBusy(RuntimeError):
+    """Another qbench command is running cells in this run folder now."""
+
+
+@contextmanager
+def exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder for this command alone while it runs cells (an advisory lock on RUN_DIR/.lock,
+    released when the process ends, however it ends): a `--resume` of a run that is still going is refused
+    instead of running its cells twice. RunDirBusy if another process holds it; OutputError if the folder
+    cannot be written."""
+    path = Path(run_dir) / RUN_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        raise files.OutputError.from_os_error(path, error) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirBusy("another qbench command is running cells in this run folder now") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def pending_cells(run_dir: Path, cells: list[Cell]) -> list[Cell]:
     """The cells of a run that still need running: no record, an unreadable one, or a status other than ok."""
     return [c for c in cells if (results.read_record(results.record_path(run_dir, c.id)) or {}).get("status") != "ok"]
@@ -246,6 +300,15 @@ def pending_cells(run_dir: Path, cells: list[Cell]) -> list[Cell]:
 
 def log_header(cell: Cell) -> str:
     return f"=== qbench: cell {cell.id} started {datetime.now(UTC).isoformat(timespec='seconds')} ===\n"
+
+
+def _write_quietly(log: Any, text: str) -> None:
+    """A log line on the way out of an error: the error that got us here matters more than this line."""
+    try:
+        log.write(text)
+        log.flush()
+    except OSError:
+        pass
 
 
 def log_footer(cell: Cell, record: dict[str, Any]) -> str:

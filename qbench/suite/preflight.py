@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from qbench.data import BUILTIN_DATASETS
@@ -168,16 +167,6 @@ def lora_target_problems(targets: tuple[str, ...], module_types: dict[str, str])
     return problems
 
 
-def _weights_folder(path: str, revision: str | None) -> Path | None:
-    """The folder holding the checkpoint's files: the local folder, or the hub cache snapshot if cached."""
-    if Path(path).is_dir():
-        return Path(path)
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(path, "config.json", revision=revision)
-    return Path(cached).parent if isinstance(cached, str) else None
-
-
 @dataclass
 class _Model:
     """What the model checks read: its config, parameter count and tokenizer."""
@@ -201,7 +190,7 @@ def _check_model(loaded: LoadedSuite) -> tuple[list[str], _Model | None]:
         return [f"model.id: cannot find model {suite.model.id!r} ({type(error).__name__}: {error})"], None
     problems = []
     try:
-        folder = _weights_folder(path, suite.model.revision)
+        folder = models.checkpoint_folder(path, suite.model.revision)
         problem = models.unsafe_weights_problem(folder, suite.model.safetensors_only) if folder else None
     except Exception as error:
         problem = f"cannot list the checkpoint's files ({type(error).__name__}: {error})"

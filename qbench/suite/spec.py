@@ -320,7 +320,7 @@ class CompareSpec(_Section):
 
 
 class Suite(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100, description="also a folder name: OUT/<name>/<run-id>")
     task: Literal[tuple(TASKS)]  # type: ignore[valid-type]  # the task registry's names
     description: str = ""
     compute_dtype: Literal[precisions.DTYPE_NAMES] = "bfloat16"  # type: ignore[valid-type]
@@ -338,6 +338,15 @@ class Suite(_Section):
         if self.train.steps == 0 and not self.eval.before:
             raise ValueError("train.steps = 0 measures the quantized base only before fine-tuning: set eval.before = true")
         return self
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, value: str) -> str:
+        # the name becomes a folder under --out and results/baselines: "." or ".." would put runs outside
+        # --out and let `baseline refresh` replace results/baselines/.. (everything under results/)
+        if value.startswith("."):
+            raise ValueError(f"{value!r} is not a valid suite name (it becomes a folder name, and may not start with '.')")
+        return value
 
     @field_validator("baseline")
     @classmethod

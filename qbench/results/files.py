@@ -1,0 +1,206 @@
+"""Everything qbench puts on disk: names checked against where they land, files written atomically, folders
+created exclusively and replaced only when qbench can show it owns them; a failed write is one OutputError.
+
+Why each rule:
+- a name from user input (suite name, cell id, run label) that is `..` or holds a separator would put a run,
+  a baseline or a removal outside the folder it belongs to (`path_component`, `child`);
+- a reader (report, compare, resume, another qbench) must see an old file or the whole new one, never a
+  torn one, also when the disk fills up half-way (`write_bytes_atomic` and friends);
+- two commands started at the same moment must not share a run folder, nor replace each other's report or
+  baseline half-way (`create_dir_exclusive`, `staging_dir` + `publish_dir`).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MAX_NAME_BYTES = 255  # one path component on Linux, macOS and Windows file systems
+
+
+class OutputError(OSError):
+    """A file or folder qbench had to write could not be written: one line naming it and the reason.
+
+    An OSError (errno and filename kept), so callers that catch OSError still do; `str()` is the line shown.
+    """
+
+    def __init__(self, path: Path | str, reason: str, code: int | None = None):
+        super().__init__(code or 0, reason, str(path))
+        self.path = Path(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.reason}"
+
+    @classmethod
+    def from_os_error(cls, path: Path | str, error: OSError) -> OutputError:
+        if isinstance(error, OutputError):
+            return error
+        return cls(error.filename or path, error.strerror or str(error), error.errno)
+
+
+def path_component(name: str, what: str) -> str:
+    """`name` if it is safe as one folder or file name (not empty, `.` or `..`, no separator, NUL or control
+    character, at most 255 bytes); ValueError saying which `what` (e.g. "suite name") is not otherwise."""
+    problem = component_problem(name)
+    if problem:
+        raise ValueError(f"{name!r} is not a valid {what} ({problem})")
+    return name
+
+
+def component_problem(name: str) -> str | None:
+    """Why `name` cannot be one path component, or None when it can."""
+    if not isinstance(name, str) or not name:
+        return "empty"
+    if set(name) <= {"."}:
+        return "it names the folder itself or its parent"
+    if any(sep in name for sep in ("/", "\\", "\0")):
+        return "it holds a path separator"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        return "it holds a control character"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return f"longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+def child(parent: Path | str, name: str, what: str) -> Path:
+    """`parent/name`, checked to land directly inside `parent` (see `path_component`); also when
+    `parent/name` already exists as a link to elsewhere. ValueError otherwise."""
+    parent = Path(parent)
+    path = parent / path_component(name, what)
+    if path.is_symlink():
+        raise ValueError(f"{path} is a symbolic link; qbench does not write through it ({what} {name!r})")
+    return path
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise OutputError.from_os_error(path.parent, error) from None
+
+
+def write_bytes_atomic(path: Path | str, data: bytes) -> None:
+    """Write `data` so a reader sees the old file or the whole new one, never a torn one; on any failure
+    (a full disk, a read-only folder) the old file is left as it was and OutputError names `path`."""
+    path = Path(path)
+    fd, temporary = _temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise OutputError(path, error.strerror or str(error), error.errno) from None
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def json_text(data: Any) -> str:
+    """How qbench writes a JSON file: indented, keys sorted, anything else as its str()."""
+    return json.dumps(data, indent=1, sort_keys=True, default=str) + "\n"
+
+
+def write_json_atomic(path: Path | str, data: Any) -> None:
+    """JSON written atomically (see `write_bytes_atomic`)."""
+    write_text_atomic(path, json_text(data))
+
+
+def make_dirs(path: Path | str, what: str) -> Path:
+    """Create `path` and its parents if missing; OutputError naming `what` (e.g. "--out") when one is a file,
+    read-only, or cannot be created."""
+    path = Path(path)
+    for ancestor in (path, *path.parents):
+        if ancestor.exists() or ancestor.is_symlink():
+            if not ancestor.is_dir():
+                raise OutputError(ancestor, f"{what}: {ancestor} is not a folder", errno.ENOTDIR)
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(error.filename or path, f"{what}: {error.strerror or error}", error.errno) from None
+    return path
+
+
+def create_dir_exclusive(parent: Path | str, name: str, what: str = "folder") -> Path:
+    """Create a new folder `parent/name`, or `parent/name-2`, `-3`, ... if taken: the folder returned was
+    created by this call and by no other process (mkdir is atomic), so two commands started at the same
+    moment never share one. OutputError when `parent` cannot hold it."""
+    parent = make_dirs(parent, what)
+    path_component(name, what)
+    for suffix in range(1, 10_000):
+        candidate = parent / (name if suffix == 1 else f"{name}-{suffix}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise OutputError(candidate, f"{what}: {error.strerror or error}", error.errno) from None
+    raise OutputError(parent / name, f"{what}: 10,000 folders of that name exist already", errno.EEXIST)
+
+
+def staging_dir(target: Path | str) -> Path:
+    """A new hidden folder beside `target` to fill before `publish_dir` moves it into place (same file
+    system, so the move is a rename). OutputError when the folder beside cannot be written."""
+    target = Path(target)
+    parent = make_dirs(target.parent, str(target))
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
+    except OSError as error:
+        raise OutputError(error.filename or parent, error.strerror or str(error), error.errno) from None
+
+
+class NotOwned(ValueError):
+    """A folder qbench was asked to replace holds something qbench did not write there."""
+
+
+def publish_dir(staging: Path, target: Path, owned: Callable[[Path], str | None]) -> Path:
+    """Move the finished folder `staging` to `target`. An existing `target` is replaced only when
+    `owned(target)` finds nothing qbench did not write (it returns why not, else None; NotOwned then, and
+    `target` is left as it was). The old folder is moved aside first and removed only once the new one is in
+    place. `staging` is removed whatever happens."""
+    staging, target = Path(staging), Path(target)
+    aside = None
+    try:
+        if target.is_symlink() or (target.exists() and not target.is_dir()):
+            raise NotOwned(f"{target} is not a folder qbench wrote; move it away or choose another folder")
+        if target.exists():
+            reason = owned(target)
+            if reason:
+                raise NotOwned(f"{target}: {reason}")
+            aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            try:
+                target.rename(aside)
+            except OSError as error:
+                raise OutputError.from_os_error(target, error) from None
+        try:
+            staging.rename(target)
+        except OSError as error:
+            if aside is not None and not target.exists():
+                aside.rename(target)  # put the old one back
+                aside = None
+            if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise OutputError(target, "another qbench command wrote it at the same moment", error.errno) from None
+            raise OutputError.from_os_error(target, error) from None
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return target
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,228 @@
+"""Fuzz: run folders mutated the ways disks, people and other programs mutate them (records torn, replaced by
+lists, other cells' or suites' records, text where numbers go, stray files and folders in cells/, run.json
+removed or edited, permissions) and then given to `qbench report`, `qbench compare` (both ways) and
+`qbench run --resume`.
+
+Each command must exit 0, 1 or 2 with no traceback, write nothing outside its run folder and --out, and change
+no existing file, except that --resume may replace the records of its own cells that are not ok and adds
+its resumption to run.json. No real cell runs: the resume's cells are the fake cell program, the suite
+checks and the report's plots are left out (they are tested elsewhere) so that each example is fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qbench import cli
+from qbench.report import plots
+from qbench.results import records as results
+from qbench.run import runner
+from qbench.suite import preflight
+
+from .helpers import clip
+from .records import make_record, write_run
+
+FAKE_CELL = Path(__file__).with_name("fake_cell.py")
+CELLS = ("bf16-seed0", "int8-seed0", "nf4-dq-seed0")
+SUITE = clip.suite(precisions=("bf16", "int8", "nf4-dq"), name="ci")
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+RECORD_CONTENT = st.one_of(
+    st.just(b""),
+    st.just(b"[1, 2, 3]"),
+    st.just(b"my notes, not json"),
+    st.just(b"{" * 5000),
+    st.just(b'{"status": "ok", '),  # torn
+    st.binary(max_size=64),
+    JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+    st.sampled_from([
+        make_record("int8", suite="tiny"),  # another suite's record
+        make_record("nf4-dq"),  # another cell's record
+        make_record("int8", status="done"),
+        make_record("int8", status=7),
+        {**make_record("int8"), "precision": ["int8"]},
+        make_record("int8", weights__base_bytes="lots"),
+        make_record("int8", speed__train_samples_per_s=True),
+        make_record("int8", **{"config.lora.r": "sixteen"}),
+        make_record("int8", status="failed", error="boom"),
+        make_record("int8", status="running"),
+    ]).map(lambda r: json.dumps(r).encode()),
+)
+MANIFEST_EDITS = st.sampled_from(["delete", "list", "garbage", "drop:suite_text", "drop:cells", "cells:garbage",
+                                  "cells:empty", "cells:twice", "cells:unknown", "device:garbage", "suite_path:int",
+                                  "suite_text:int", "resumes:garbage", "suite_sha256:wrong"])
+MUTATIONS = st.one_of(
+    st.tuples(st.just("record"), st.sampled_from(CELLS), RECORD_CONTENT),
+    st.tuples(st.just("delete"), st.sampled_from(CELLS), st.none()),
+    st.tuples(st.just("stray"), st.text("abcxyz-_.", min_size=1, max_size=8).filter(lambda n: n not in (".", "..")), RECORD_CONTENT),
+    st.tuples(st.just("stray-folder"), st.sampled_from(["x.json", "cells", "sub"]), st.none()),
+    st.tuples(st.just("manifest"), MANIFEST_EDITS, st.none()),
+    st.tuples(st.just("unreadable"), st.sampled_from(CELLS), st.none()),
+    st.tuples(st.just("symlink"), st.sampled_from([*CELLS, "stray"]), st.none()),
+)
+OUTSIDE = b'{"cell_id": "int8-seed0", "precision": "int8", "status": "failed"}'  # a file a symlink in cells/ points at
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def make_run(root: Path) -> tuple[Path, Path]:
+    """A finished-looking run folder of suite "ci" whose int8 cell failed, with a run.json --resume accepts."""
+    suite = root / "ci.toml"
+    suite.write_text(SUITE)
+    records = [make_record("bf16"), make_record("int8", status="failed", error="boom"), make_record("nf4-dq")]
+    run = write_run(root / "out" / "ci" / "run-a", records)
+    manifest = {
+        "suite": "ci", "suite_path": str(suite), "suite_sha256": sha(SUITE), "suite_text": SUITE, "device": "cpu",
+        "cells": [{"cell_id": c, "precision": c.rsplit("-seed", 1)[0], "seed": 0} for c in CELLS],
+    }
+    (run / "run.json").write_text(json.dumps(manifest))
+    baseline = write_run(root / "baseline" / "run-b", [make_record(p, run_id="b") for p in ("bf16", "int8", "nf4-dq")])
+    return run, baseline
+
+
+def mutate(run: Path, mutation: tuple) -> None:
+    kind, what, content = mutation
+    cells = run / "cells"
+    if kind in ("record", "stray"):
+        path = cells / f"{what}.json"
+        if path.is_symlink():  # replace the link, never write through it
+            path.unlink()
+        if not path.is_dir():
+            path.write_bytes(content)
+    elif kind == "delete":
+        (cells / f"{what}.json").unlink(missing_ok=True)
+    elif kind == "stray-folder":
+        if not (cells / what).exists() and not (cells / what).is_symlink():
+            (cells / what).mkdir()
+    elif kind == "symlink":
+        if (cells / f"{what}.json").is_dir():
+            return
+        (cells / f"{what}.json").unlink(missing_ok=True)
+        (cells / f"{what}.json").symlink_to(run.parent.parent.parent / "outside.json")
+    elif kind == "unreadable":
+        path = cells / f"{what}.json"
+        if path.exists():
+            path.chmod(0)
+    else:
+        _edit_manifest(run / "run.json", what)
+
+
+def _edit_manifest(path: Path, edit: str) -> None:
+    if edit == "delete":
+        path.unlink(missing_ok=True)
+        return
+    if edit in ("list", "garbage"):
+        path.write_text("[]" if edit == "list" else "{ not json")
+        return
+    manifest = results.read_record(path)
+    if manifest is None:
+        return
+    key, _, change = edit.partition(":")
+    if key == "drop":
+        manifest.pop(change, None)
+    elif change == "garbage":
+        manifest[key] = {"cells": "x", "device": "rm -rf /", "resumes": "x"}[key]
+    elif change == "empty":
+        manifest[key] = []
+    elif change == "twice":
+        manifest[key] = manifest.get(key, []) * 2
+    elif change == "unknown":
+        manifest[key] = [{"precision": "int3", "seed": 0}]
+    elif change == "int":
+        manifest[key] = 7
+    elif change == "wrong":
+        manifest[key] = "0" * 64
+    path.write_text(json.dumps(manifest))
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    found: dict[str, bytes | None] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            found[str(path.relative_to(folder))] = f"-> {os.readlink(path)}".encode()
+        elif path.is_file():
+            try:
+                found[str(path.relative_to(folder))] = path.read_bytes()
+            except OSError:
+                found[str(path.relative_to(folder))] = None
+    return found
+
+
+def run_cli(argv: list[str], capsys) -> int:
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert code in (0, 1, 2), (argv, code, err)
+    return code
+
+
+@pytest.fixture
+def quiet_world(monkeypatch):
+    """Fake cells, no suite checks against the model, no plots: each example stays well under a second."""
+    monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(FAKE_CELL)))
+    monkeypatch.setattr(preflight, "check_suite", lambda loaded, check_model=True: None)
+    monkeypatch.setattr(plots, "all_plots", lambda frame: [])
+    monkeypatch.setenv("FAKE_CELL_HOLD_S", "0")
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations=st.lists(MUTATIONS, min_size=1, max_size=4))
+def test_mutated_run_folders_never_give_a_traceback_nor_lose_a_record(mutations, quiet_world, capsys, monkeypatch):
+    with tempfile.TemporaryDirectory(prefix="qbench-fuzz-") as scratch:
+        root = Path(scratch)
+        monkeypatch.setenv("FAKE_CELL_DIR", str(root / "fake"))
+        run, baseline = make_run(root)
+        (root / "outside.json").write_bytes(OUTSIDE)
+        for mutation in mutations:
+            mutate(run, mutation)
+        before = snapshot(run)
+        base_before = snapshot(baseline.parent)
+
+        run_cli(["report", str(run), "--out", str(root / "report")], capsys)
+        run_cli(["compare", str(baseline.parent), str(run)], capsys)
+        run_cli(["compare", str(run), str(baseline.parent)], capsys)
+        assert snapshot(run) == before and snapshot(baseline.parent) == base_before
+
+        run_cli(["run", "--resume", str(run)], capsys)
+        after = snapshot(run)
+        manifest = results.read_record(run / "run.json") or {}
+        own = {f"cells/{c['cell_id']}.json" for c in manifest.get("cells", []) if isinstance(c, dict) and "cell_id" in c}
+        for name, data in before.items():
+            if name in own and data is not None:
+                record = _json(data)
+                if isinstance(record, dict) and record.get("status") == "ok" and results.record_problem(record, Path(name).stem) is None:
+                    assert after.get(name) == data, f"the ok record {name} changed"
+            elif name != "run.json" and not name.startswith("results") and not name.startswith("summary"):
+                assert after.get(name) == data, f"{name}, not the run's to replace, changed"
+        if after.get("run.json") != before.get("run.json"):  # only a resumption was added
+            old, new = _json(before["run.json"]), _json(after["run.json"])
+            assert {k: v for k, v in new.items() if k != "resumes"} == {k: v for k, v in old.items() if k != "resumes"}
+        assert {p.name for p in root.iterdir()} <= {"ci.toml", "out", "baseline", "report", "fake", "outside.json"}
+        assert (root / "outside.json").read_bytes() == OUTSIDE
+        assert sorted(p.name for p in (root / "out").iterdir()) == ["ci"]
+        for path in run.rglob("*"):  # let the temporary folder go
+            if not path.is_symlink():
+                os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+
+def _json(data: bytes | None):
+    try:
+        return json.loads(data or b"")
+    except ValueError:
+        return None

@@ -1,0 +1,189 @@
+"""Nothing lost: names that become paths stay where they belong, a baseline or report is replaced only when
+qbench wrote it, run folders are created exclusively, and a stale cell process cannot write over a newer
+record (the parent-death tests with real cells are in test_parent_death.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from qbench import cli
+from qbench.gate import baseline
+from qbench.results import files
+from qbench.results import records as results
+from qbench.run import runner
+from qbench.run.protocol import CellSpec
+from qbench.suite.spec import SuiteError, parse
+
+from .conftest import write_suite
+from .helpers import clip
+from .records import make_records, write_run
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes (what must not change)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --- names that become paths ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["..", ".", "...", ".hidden", "x" * 101])
+def test_a_suite_name_that_is_not_a_plain_folder_name_is_refused(name: str):
+    with pytest.raises(SuiteError) as raised:
+        parse(clip.suite(name=name), "suite.toml")
+    (problem,) = raised.value.problems
+    assert problem.startswith("name: ")
+
+
+def test_baseline_refresh_of_a_suite_named_dotdot_touches_nothing(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "baselines" / "ci" / "20261128-000000").mkdir(parents=True)
+    (tmp_path / "results" / "baselines" / "ci" / "20261128-000000" / "run.json").write_text("committed baseline")
+    (tmp_path / "results" / "clip" / "run").mkdir(parents=True)
+    (tmp_path / "results" / "clip" / "run" / "run.json").write_text("weeks of GPU time")
+    before = tree(tmp_path / "results")
+    suite = write_suite(tmp_path, clip.suite(name=".."))
+    assert cli.main(["baseline", "refresh", str(suite), "--device", "cpu"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {suite}: name: '..' is not a valid suite name")
+    assert tree(tmp_path / "results") == before
+
+
+def test_install_refuses_a_suite_name_that_leaves_the_baselines_folder(tmp_path: Path):
+    run = write_run(tmp_path / "run", make_records(), suite_text='name = "ci"\n')
+    (tmp_path / "keep.txt").write_text("mine")
+    for name in ("..", ".", "a/b", ""):
+        with pytest.raises(baseline.BaselineError, match="not a valid suite name"):
+            baseline.install([run], tmp_path / "baselines", name)
+    assert (tmp_path / "keep.txt").read_text() == "mine" and (run / "cells").is_dir()
+
+
+def test_install_without_runs_or_over_a_foreign_folder_leaves_it_as_it_was(tmp_path: Path):
+    old = write_run(tmp_path / "baselines" / "ci" / "old", make_records(run_id="old"))
+    run = write_run(tmp_path / "run", make_records(run_id="new"))
+    before = tree(tmp_path / "baselines")
+    with pytest.raises(baseline.BaselineError, match="no finished run"):
+        baseline.install([], tmp_path / "baselines", "ci")  # the old code replaced the baseline with nothing
+    (old.parent / "NOTES.md").write_text("my notes on the baseline")
+    before = tree(tmp_path / "baselines")
+    with pytest.raises(baseline.BaselineError, match="NOTES.md, which is not a baseline's run folder"):
+        baseline.install([run], tmp_path / "baselines", "ci")
+    assert tree(tmp_path / "baselines") == before
+    (old.parent / "NOTES.md").unlink()
+    other = write_run(tmp_path / "baselines" / "ci" / "other", make_records(run_id="other"))
+    (other / "cells" / "bf16-seed0.json").write_text(json.dumps({**make_records()[0], "suite": "clip"}))
+    with pytest.raises(baseline.BaselineError, match="is not a run of suite 'ci'"):
+        baseline.install([run], tmp_path / "baselines", "ci")
+    assert sorted(p.name for p in (tmp_path / "baselines").iterdir()) == ["ci"]  # no staging folder left
+
+
+def test_record_files_are_named_only_by_plain_cell_ids(tmp_path: Path):
+    assert results.record_path(tmp_path, "nf4-dq-seed0") == tmp_path / "cells" / "nf4-dq-seed0.json"
+    for cell_id in ("../x", "..", "a/b", ""):
+        with pytest.raises(ValueError, match="cannot name a record file"):
+            results.record_path(tmp_path, cell_id)
+
+
+def test_run_folders_started_at_the_same_moment_are_never_shared(tmp_path: Path):
+    made: list[Path] = []
+    barrier = threading.Barrier(12)
+
+    def start() -> None:
+        barrier.wait()
+        made.append(runner.create_run_dir(tmp_path / "out", "ci", "shard1of2"))
+
+    threads = [threading.Thread(target=start) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(made)) == 12 and all(p.is_dir() and p.parent == tmp_path / "out" / "ci" for p in made)
+    with pytest.raises(ValueError, match="not a valid suite name"):
+        runner.create_run_dir(tmp_path / "out", "..")
+
+
+def test_a_folder_is_replaced_only_when_its_owner_check_passes(tmp_path: Path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "theirs.txt").write_text("not qbench's")
+    staging = files.staging_dir(target)
+    (staging / "new.txt").write_text("new")
+    with pytest.raises(files.NotOwned, match="holds theirs.txt"):
+        files.publish_dir(staging, target, lambda folder: "holds theirs.txt")
+    assert (target / "theirs.txt").read_text() == "not qbench's" and not staging.exists()
+    staging = files.staging_dir(target)
+    (staging / "new.txt").write_text("new")
+    files.publish_dir(staging, target, lambda folder: None)
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["target"]  # neither staging nor the old folder is left
+
+
+# --- attempts: a stale cell process cannot write over a newer record --------------------------------------
+
+
+def test_a_stale_attempt_cannot_write_over_the_record_of_a_newer_one(tmp_path: Path):
+    record_file = results.record_path(tmp_path, "nf4-seed0")
+    first = results.claim_record(record_file)
+    results.write_record(record_file, {"status": "running", "by": "first"}, first)
+    second = results.claim_record(record_file)  # a resume started the cell again
+    results.write_record(record_file, {"status": "ok", "by": "second"}, second)
+    with pytest.raises(results.Superseded):
+        results.write_record(record_file, {"status": "failed", "by": "first"}, first)
+    assert json.loads(record_file.read_text()) == {"status": "ok", "by": "second"}
+    assert [p.name for p in record_file.parent.glob("*.json")] == ["nf4-seed0.json"]  # the attempt file is no record
+
+
+def test_a_cell_of_a_superseded_attempt_stops_without_writing(tmp_path: Path):
+    from qbench.cell import pipeline
+
+    suite_text = clip.suite(name="ci")
+    record_file = results.record_path(tmp_path, "bf16-seed0")
+    stale = results.claim_record(record_file)
+    results.claim_record(record_file)
+    results.write_json_atomic(record_file, {"status": "ok", "by": "the newer attempt"})
+    spec = CellSpec(suite_text, str(tmp_path / "suite.toml"), "0" * 64, "run", "bf16-seed0", "bf16", 0, "cpu",
+                    str(record_file), attempt=stale)
+    cell = pipeline.CellRun(spec)
+    with pytest.raises(results.Superseded), cell.recorded(), cell.phase("data"):
+        pass
+    assert json.loads(record_file.read_text()) == {"status": "ok", "by": "the newer attempt"}
+
+
+def test_a_cell_whose_runner_closed_its_pipe_stops_as_interrupted(monkeypatch):
+    from qbench.cell import pipeline
+
+    class DeadPipe:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(pipeline, "_pipe_closed", False)
+    monkeypatch.setattr(pipeline, "_silence_stdout", lambda: None)
+    monkeypatch.setattr("sys.stdout", DeadPipe())
+    with pytest.raises(pipeline.RunnerGone):
+        pipeline.emit("phase", phase="load")
+    pipeline.emit("done", status="interrupted")  # once gone, quiet: the record is still written
+    assert pipeline._status_for(pipeline.RunnerGone("gone")) == "interrupted"
+
+
+def test_a_cell_started_by_a_parent_that_is_already_gone_stops_at_once():
+    from qbench.cell import pipeline
+
+    with pytest.raises(pipeline.RunnerGone, match=r"the runner \(pid 1\) is gone"):
+        pipeline.check_parent(1)  # pid 1 is never this test's parent
+    pipeline.check_parent(0)  # no parent to check: a cell run on its own
+
+
+def test_a_second_command_on_a_busy_run_folder_is_refused(tmp_path: Path):
+    with runner.exclusive(tmp_path):
+        with pytest.raises(runner.RunDirBusy):
+            with runner.exclusive(tmp_path):
+                pass
+    with runner.exclusive(tmp_path):  # released when the first one ended
+        pass
