@@ -30,8 +30,15 @@ def problems_of(text: str) -> list[str]:
 
 def test_minimal_suite_gets_defaults():
     suite = parse(MINIMAL)
-    assert suite.matrix.precisions == ("bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq")
+    assert suite.matrix.precisions == ("dense", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq")
     assert suite.lora.r == 16 and suite.train.batch_size == 32
+    # the dense arm in whatever the device computes natively, and that arm is the baseline
+    assert suite.compute_dtype == "auto" and suite.baseline == "dense" and suite.threads is None
+
+
+def test_threads_is_a_positive_suite_setting():
+    assert parse(MINIMAL.replace('task = "clip"', 'task = "clip"\nthreads = 2')).threads == 2
+    assert problems_of(MINIMAL.replace('task = "clip"', 'task = "clip"\nthreads = 0'))[0].startswith("threads:")
 
 
 def test_every_committed_suite_validates():

@@ -183,8 +183,13 @@ class Suite(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     task: Literal[tuple(TASKS)]  # type: ignore[valid-type]  # the task registry's names
     description: str = ""
-    compute_dtype: Literal[precisions.DTYPE_NAMES] = "bfloat16"  # type: ignore[valid-type]
-    baseline: str = "bf16"
+    compute_dtype: Literal[("auto", *precisions.DTYPE_NAMES)] = Field(  # type: ignore[valid-type]
+        "auto", description="auto: bf16 where the device computes it natively, else fp16 on a GPU, fp32 on a CPU"
+    )
+    baseline: str = precisions.DENSE
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="torch threads per cell; default: the cores, divided among cells run side by side"
+    )
     model: ModelSpec
     data: DataSpec
     lora: LoraSpec
