@@ -30,7 +30,8 @@ def inspect_base(model: torch.nn.Module, precision: Precision, suite: Suite, mod
     fields["time.weight_error_s"] = time.perf_counter() - started
 
 
-def inspect_trained_base(model: torch.nn.Module, precision: Precision, suite: Suite, fields: dict[str, Any]) -> None:
+def inspect_trained_base(model: torch.nn.Module, precision: Precision, suite: Suite, fields: dict[str, Any],
+                         compute_dtype: str | None = None) -> None:
     """Read the base back after the prepare phase (k-bit preparation and LoRA attached), just before training:
     `weights.train.*` (bytes by kind and by dtype, as `weights.*` at load) and `format.train.*`; then fail
     with FormatMismatch, naming modules and dtypes, if the base is no longer in its precision's format (a
@@ -39,5 +40,5 @@ def inspect_trained_base(model: torch.nn.Module, precision: Precision, suite: Su
 
     fields.update({k.replace("weights.", "weights.train.", 1): v for k, v in weights.account_base(model).items()})
     fields.update({k.replace("format.", "format.train.", 1): v for k, v in weights.read_format(model).items()})
-    weights.check_format(model, precision, suite.compute_dtype,
+    weights.check_format(model, precision, compute_dtype or suite.compute_dtype,
                          stage=f'after the prepare phase (train.prepare = "{suite.train.prepare}")')

@@ -7,8 +7,10 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +28,14 @@ from qbench.suite.spec import SuiteError
 
 if TYPE_CHECKING:
     from qbench.gate.compare import Settings
+    from qbench.machine.compute import ComputeChoice
     from qbench.run.plan import RunPlan
     from qbench.run.ray_executor import Cluster
     from qbench.run.resume import Resumable
     from qbench.run.runner import Run
     from qbench.run.scheduler import Slot
+    from qbench.run.start import RunStart
+    from qbench.run.threads import ThreadPlan
     from qbench.suite.spec import Cell, LoadedSuite
 
 
@@ -47,7 +52,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     loaded = load(args.suite)
     run_plan = plan.make(loaded, only=args.only, seeds=args.seeds, shard=args.shard, gpus=args.gpus,
                          gpus_per_cell=args.gpus_per_cell, device=args.device, executor=args.executor,
-                         ray_address=args.ray_address, cpus_per_cell=args.cpus_per_cell)
+                         ray_address=args.ray_address, cpus_per_cell=args.cpus_per_cell, threads=args.threads,
+                         parallel=args.parallel, launcher=args.launcher)
     return run_suite(run_plan, Path(args.out), args.device)
 
 
@@ -58,26 +64,64 @@ def run_suite(run_plan: RunPlan, out: Path, device: str) -> int:
     from qbench.suite import preflight
 
     loaded = run_plan.loaded
-    preflight.check_suite(loaded)
     if not run_plan.cells:
+        preflight.check_suite(loaded)
         shard = run_plan.shard or (0, 0)
         console.print(f"shard {shard[0]}/{shard[1]} of suite {loaded.suite.name} has no cells ({run_plan.matrix_cells} in the matrix)")
         return Exit.OK
-    with _cluster(run_plan.executor, run_plan.ray_address) as cluster:
-        run_dir = runner.new_run_dir(out, loaded.suite.name, run_plan.label)
-        if cluster is not None:
+    if run_plan.executor == "ray":
+        preflight.check_suite(loaded)
+        with _cluster(run_plan.executor, run_plan.ray_address) as cluster:
+            run_dir = runner.new_run_dir(out, loaded.suite.name, run_plan.label)
             run, where, extras = _ray_run(cluster, loaded, run_dir, run_plan.cells, device, run_plan.gpus_per_cell or 1,
                                           run_plan.cpus_per_cell)
-        else:
-            slots = run_plan.slots
-            device = "cuda" if slots else runner.resolve_device(device)
-            where = f"{device}, {len(slots)} cells at a time ({', '.join(s.name for s in slots)})" if slots else device
-            run, extras = runner.Run(loaded, run_dir, device, run_plan.cells, slots=run_plan.run_slots()), {}
-        part = f", shard {run_plan.shard[0]}/{run_plan.shard[1]} of {run_plan.matrix_cells}" if run_plan.shard else ""
-        console.print(f"qbench {__version__}: suite [bold]{escape(loaded.suite.name)}[/] ({len(run_plan.cells)} cells{part}) on {escape(where)} -> {escape(str(run_dir))}")
-        run.write_manifest({**run_plan.manifest_extras(), **extras})
+            run.threads = run_plan.threads
+            _header(run_plan, where, run_dir)
+            run.write_manifest({**run_plan.manifest_extras(), **extras})
+            stopped, records = _execute(run)
+        return stopped if stopped is not None else _finish(run_dir, records)
+    started = time.monotonic()
+    begun = _begin(run_plan.loaded, run_plan.cells, "cuda" if run_plan.on_gpus else device, run_plan.threads,
+                   run_plan.launcher, run_plan.on_gpus)
+    run_dir = runner.new_run_dir(out, loaded.suite.name, run_plan.label)
+    try:
+        slots = run_plan.slots
+        where = f"{begun.device}, {len(slots)} cells at a time ({', '.join(s.name for s in slots)})" if slots else begun.device
+        _header(run_plan, where, run_dir)
+        render.run_start(begun)
+        run = runner.Run(loaded, run_dir, begun.device, run_plan.cells, slots=run_plan.run_slots(), forkserver=begun.forkserver,
+                         compute=begun.compute, threads=begun.threads)
+        run.write_manifest({**run_plan.manifest_extras(), "compute": asdict(begun.compute), "cell_launcher": begun.launcher,
+                            "timing": begun.timing, "shared": begun.shared})
         stopped, records = _execute(run)
+    finally:
+        begun.close(run_dir)
+    if stopped is None:
+        runner.note_timing(run_dir, {"run_wall_s": time.monotonic() - started})
     return stopped if stopped is not None else _finish(run_dir, records)
+
+
+def _header(run_plan: RunPlan, where: str, run_dir: Path) -> None:
+    loaded = run_plan.loaded
+    part = f", shard {run_plan.shard[0]}/{run_plan.shard[1]} of {run_plan.matrix_cells}" if run_plan.shard else ""
+    console.print(f"qbench {__version__}: suite [bold]{escape(loaded.suite.name)}[/] ({len(run_plan.cells)} cells{part}) on {escape(where)} -> {escape(str(run_dir))}")
+
+
+def _begin(loaded: LoadedSuite, cells: list[Cell], device: str, thread_plan: ThreadPlan, launcher: str, on_gpus: bool,
+           recorded: ComputeChoice | None = None) -> RunStart:
+    """Check the suite against the world while the fork server imports, then settle the device, the compute
+    dtype and the threads (qbench.run.start); SuiteError (nothing started) for a bad suite."""
+    from qbench.run import start
+    from qbench.suite import preflight
+
+    server = start.begin(launcher, device, on_gpus)  # imports torch & co. while the suite is checked
+    try:
+        preflight.check_suite(loaded)
+        return start.finish(server, loaded, cells, device, thread_plan, launcher, on_gpus, recorded)
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise
 
 
 @contextmanager
@@ -136,7 +180,7 @@ def _resume(args: argparse.Namespace) -> int:
         flag
         for flag, used in (
             ("SUITE", args.suite), ("--only", args.only), ("--seeds", args.seeds),
-            ("--device", args.device != "auto"), ("--out", args.out != "results"),
+            ("--device", args.device != "auto"), ("--out", args.out != "results"), ("--threads", args.threads is not None),
         )
         if used
     ]
@@ -145,13 +189,15 @@ def _resume(args: argparse.Namespace) -> int:
     state = resume.open_run(args.resume, force=args.force)
     on_ray = args.executor == "ray"
     slots, shard = plan.placement(state.loaded, args.gpus, args.gpus_per_cell, state.device if on_ray else args.device,
-                                  args.shard, args.executor, args.ray_address, args.cpus_per_cell)
+                                  args.shard, args.executor, args.ray_address, args.cpus_per_cell, args.parallel)
     if shard:
         raise SuiteError(COMMAND_LINE, ["--shard does not go with --resume: the run folder already holds its shard's cells"])
-    if slots and state.device != "cuda":
+    if args.gpus and state.device != "cuda":
         raise SuiteError(COMMAND_LINE, [f"--gpus: the run in {state.run_dir} ran on {state.device}, not cuda"])
-    preflight.check_suite(state.loaded)
+    if slots and not args.gpus and state.device != "cpu":
+        raise SuiteError(COMMAND_LINE, [f"--parallel: the run in {state.run_dir} ran on {state.device}, not cpu"])
     if not state.pending:
+        preflight.check_suite(state.loaded)
         console.print(f"nothing to resume in {escape(str(state.run_dir))}: every cell has an ok record")
     else:
         stopped = _run_pending(state, args, slots)
@@ -163,21 +209,43 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _run_pending(state: Resumable, args: argparse.Namespace, slots: list[Slot] | None) -> int | None:
     """Run the cells a resumed run still needs, here or on Ray; the exit code when interrupted, else None."""
-    from qbench.run import resume, runner
+    from qbench.machine.compute import ComputeChoice
+    from qbench.run import resume, runner, threads
     from qbench.run.scheduler import LOCAL_SLOT
+    from qbench.suite import preflight
 
+    # the cells of one run directory compute alike: the dtype and the threads run.json recorded, not new ones
+    recorded = state.manifest.get("compute")
+    choice = ComputeChoice(**{**recorded, "emulated": tuple(recorded.get("emulated", ()))}) if recorded else None
+    per_cell = state.manifest.get("threads_per_cell")
+    side_by_side = len(slots) if slots else 1
+    thread_plan = (threads.ThreadPlan(per_cell, state.manifest.get("threads_source") or "run.json", threads.available_cores(),
+                                      side_by_side)
+                   if per_cell else threads.plan(None, state.loaded.suite.threads, side_by_side))
+    begun = None
     with _cluster(args.executor, args.ray_address) as cluster:
         if cluster is not None:
+            preflight.check_suite(state.loaded)
             run, where, _ = _ray_run(cluster, state.loaded, state.run_dir, state.pending, state.device,
                                      args.gpus_per_cell, args.cpus_per_cell or 1.0)
+            run.threads = thread_plan
         else:
-            run, where = runner.Run(state.loaded, state.run_dir, state.device, state.pending, slots=slots or [LOCAL_SLOT]), state.device
-        console.print(
-            f"qbench {__version__}: resuming [bold]{escape(state.loaded.suite.name)}[/] in {escape(str(state.run_dir))}: "
-            f"{len(state.pending)} of {len(state.cells)} cells to run ({', '.join(c.id for c in state.pending)}) on {escape(where)}"
-        )
-        resume.note_resume(state, forced=args.force, executor=args.executor)
-        stopped, _ = _execute(run)
+            begun = _begin(state.loaded, state.pending, state.device, thread_plan, args.launcher, bool(args.gpus), choice)
+            run = runner.Run(state.loaded, state.run_dir, state.device, state.pending, slots=slots or [LOCAL_SLOT],
+                             forkserver=begun.forkserver, compute=begun.compute, threads=begun.threads)
+            where = state.device
+        try:
+            console.print(
+                f"qbench {__version__}: resuming [bold]{escape(state.loaded.suite.name)}[/] in {escape(str(state.run_dir))}: "
+                f"{len(state.pending)} of {len(state.cells)} cells to run ({', '.join(c.id for c in state.pending)}) on {escape(where)}"
+            )
+            if begun is not None:
+                render.run_start(begun)
+            resume.note_resume(state, forced=args.force, executor=args.executor)
+            stopped, _ = _execute(run)
+        finally:
+            if begun is not None:
+                begun.close(state.run_dir)
     return stopped
 
 
@@ -328,7 +396,7 @@ def cmd_baseline_refresh(args: argparse.Namespace) -> int:
         for repeat in range(args.repeats):
             if args.repeats > 1:
                 console.print(f"repeat {repeat + 1} of {args.repeats}")
-            code = run_suite(plan.make(loaded, device=args.device), Path(scratch), args.device)
+            code = run_suite(plan.make(loaded, device=args.device, threads=args.threads), Path(scratch), args.device)
             if code != Exit.OK:
                 errors.print(f"[red]the run did not finish cleanly (exit {code}); the baseline is left as it was[/]")
                 return code

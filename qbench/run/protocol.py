@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,10 @@ class CellSpec:
     device: str
     record_path: str
     executor: str = "local"  # what started the cell's process (`local`, `ray`), recorded as env.executor
+    # decided once per run by the runner, so that every cell of a run computes alike (None: the cell decides)
+    compute: dict[str, Any] | None = None  # qbench.machine.compute.ComputeChoice's fields
+    threads: int | None = None  # torch intra-op threads
+    run_fields: dict[str, Any] = field(default_factory=dict)  # record fields the runner knows (threads' source, ...)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

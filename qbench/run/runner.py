@@ -7,18 +7,24 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qbench import __version__
+from qbench.measure.timing import wall_split
 from qbench.results import records as results
 from qbench.run import scheduler
-from qbench.run.launch import CELL_COMMAND, CellProcess
+from qbench.run.launch import CELL_COMMAND, CellProcess, ForkServerLauncher, ForkServerUnavailable
 from qbench.run.protocol import CellSpec, child_env, identity_fields
 from qbench.run.scheduler import LOCAL_SLOT, Slot
+from qbench.run.threads import ThreadPlan
 from qbench.suite.spec import Cell, LoadedSuite
+
+if TYPE_CHECKING:
+    from qbench.machine.compute import ComputeChoice
 
 
 class Listener(Protocol):
@@ -83,6 +89,9 @@ class Run:
     slots: list[Slot] = field(default_factory=lambda: [LOCAL_SLOT])  # one cell process per slot at a time
     cell_command: tuple[str, ...] = field(default_factory=lambda: CELL_COMMAND)
     executor = "local"  # recorded as env.executor; each executor's Run says its own
+    forkserver: ForkServerLauncher | None = None  # cells forked from it; None: each a fresh subprocess
+    compute: ComputeChoice | None = None  # the run's compute dtype (None: each cell decides)
+    threads: ThreadPlan | None = None  # torch threads per cell (None: torch's default)
     _running: set[CellProcess] = field(default_factory=set, init=False, repr=False)
     _running_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)  # set when the run is being interrupted
@@ -106,7 +115,13 @@ class Run:
         }
         results.write_json_atomic(self.run_dir / "run.json", manifest)
 
+    @property
+    def launcher(self) -> str:
+        """How this run's cells start: `forkserver` or `subprocess` (recorded as env.cell_launcher)."""
+        return "forkserver" if self.forkserver is not None else "subprocess"
+
     def _spec(self, cell: Cell) -> CellSpec:
+        run_fields = {"env.cell_launcher": self.launcher, **(self.threads.record_fields() if self.threads else {})}
         return CellSpec(
             suite_text=self.loaded.source_text(),
             suite_path=str(self.loaded.path),
@@ -118,6 +133,9 @@ class Run:
             device=self.device,
             record_path=str(results.record_path(self.run_dir, cell.id)),
             executor=self.executor,
+            compute=asdict(self.compute) if self.compute else None,
+            threads=self.threads.per_cell if self.threads else None,
+            run_fields=run_fields,
         )
 
     def _crash_record(
@@ -149,17 +167,32 @@ class Run:
         return identity_fields(self.loaded, self.run_id, cell.id, cell.precision, cell.seed)
 
     def _settle(
-        self, cell: Cell, returncode: int | None, last_phase: str | None, interrupted: bool = False, slot: Slot = LOCAL_SLOT
+        self, cell: Cell, returncode: int | None, last_phase: str | None, interrupted: bool = False, slot: Slot = LOCAL_SLOT,
+        wall_s: float | None = None,
     ) -> dict[str, Any]:
         """The cell's final record: the one it wrote, or (if it died or was stopped first) a failure or
-        interruption record that keeps every figure its last checkpoint held. Written atomically."""
+        interruption record that keeps every figure its last checkpoint held; with the runner's own figures
+        (the wall time of the cell's process and what its parts leave of it). Written atomically."""
         record_file = results.record_path(self.run_dir, cell.id)
         written = results.read_record(record_file)
         if written is not None and written.get("status") not in (None, "running"):
-            return written
-        record = self._crash_record(cell, returncode, last_phase, written, interrupted, slot)
+            record = written
+        else:
+            record = self._crash_record(cell, returncode, last_phase, written, interrupted, slot)
+        if wall_s is not None:
+            record.update(wall_split(record, wall_s))
+        record.setdefault("env.cell_launcher", self.launcher)
         results.write_json_atomic(record_file, record)
         return record
+
+    def _launch(self, cell: Cell, env: dict[str, str], log: Any) -> CellProcess:
+        try:
+            return CellProcess(self._spec(cell), env, log, self.cell_command, server=self.forkserver)
+        except ForkServerUnavailable as gone:  # the server died (e.g. the OOM killer): go on without it
+            log.write(f"=== qbench: the fork server is gone ({gone}); this and later cells start as subprocesses ===\n")
+            log.flush()
+            self.forkserver = None
+            return CellProcess(self._spec(cell), env, log, self.cell_command)
 
     def run_cell(self, cell: Cell, slot: Slot = LOCAL_SLOT) -> dict[str, Any]:
         """Run one cell in a fresh process in `slot`; always returns (and leaves on disk) its record."""
@@ -167,11 +200,13 @@ class Run:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         record_file = results.record_path(self.run_dir, cell.id)
         record_file.unlink(missing_ok=True)
-        env = child_env({**(self.env or {}), **slot.env})
+        extra = {"OMP_NUM_THREADS": str(self.threads.per_cell)} if self.threads else {}
+        env = child_env({**(self.env or {}), **extra, **slot.env})
         with open(log_path, "a", encoding="utf-8") as log:  # appended: a resumed cell keeps its earlier log
             log.write(log_header(cell))
             log.flush()
-            child = CellProcess(self._spec(cell), env, log, self.cell_command)
+            launched = time.monotonic()
+            child = self._launch(cell, env, log)
             with self._running_lock:
                 self._running.add(child)
             try:
@@ -181,14 +216,16 @@ class Run:
             except BaseException as error:
                 child.stop()
                 record = self._settle(
-                    cell, child.returncode, child.last_phase, interrupted=isinstance(error, KeyboardInterrupt), slot=slot
+                    cell, child.returncode, child.last_phase, interrupted=isinstance(error, KeyboardInterrupt), slot=slot,
+                    wall_s=time.monotonic() - launched,
                 )
                 log.write(log_footer(cell, record))
                 raise
             finally:
                 with self._running_lock:
                     self._running.discard(child)
-            record = self._settle(cell, child.returncode, child.last_phase, interrupted=self._stopping, slot=slot)
+            record = self._settle(cell, child.returncode, child.last_phase, interrupted=self._stopping, slot=slot,
+                                  wall_s=time.monotonic() - launched)
             log.write(log_footer(cell, record))
         return record
 
@@ -236,6 +273,14 @@ class Run:
             raise RunInterrupted(f"run stopped by {signal_name} {where}; finished records are in {self.run_dir}", signal_name) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+
+def note_timing(run_dir: Path, timing: dict[str, Any]) -> None:
+    """Add run-wide seconds (e.g. the whole run's wall time) to run.json's `timing`."""
+    manifest = results.read_record(Path(run_dir) / "run.json")
+    if manifest is not None:
+        manifest["timing"] = {**(manifest.get("timing") or {}), **timing}
+        results.write_json_atomic(Path(run_dir) / "run.json", manifest)
 
 
 def pending_cells(run_dir: Path, cells: list[Cell]) -> list[Cell]:
