@@ -6,7 +6,11 @@ What is compared comes from the metric registry (`qbench.results.fields`):
 - counts of non-finite model outputs in evaluation (`quality.<phase>.nonfinite_*`) must not rise;
 - interval bounds (`interval.*`) describe a metric's noise and are not gated themselves;
 - absolute times and rates are never compared (they move from machine to machine); speed is
-  compared as ratios measured within one run, e.g. nf4-dq samples/s over bf16 samples/s.
+  compared as ratios measured within one run, e.g. nf4-dq samples/s over dense samples/s. On a CPU
+  the same ratios of CPU time are judged too (samples per CPU-second of the timed steps): a busy
+  machine makes steps wait for a core, which moves wall time a lot and CPU time little. The
+  wall-time ratios of a run in which a cell was contended (its threads waited for a core, see
+  `speed.contended`) are not judged, and the verdict says why.
 Tolerances: the command line's, then the suite's `[compare.tolerances]`, then DEFAULT_TOLERANCES;
 for each field the first pattern that matches wins.
 """
@@ -151,6 +155,7 @@ class Comparison:
 
 
 REGRESSION_VERDICTS = ("regression", "mismatch", "missing", "failed")
+NOT_JUDGED = "not judged"  # measured, shown, and deliberately left out of the verdict (the note says why)
 
 
 def _normalised(value: Any) -> str | None:
@@ -223,11 +228,12 @@ def compare(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings | None
     problems = identity_problems(baseline, new)
     if problems:
         return Comparison.unusable(problems, baseline_label, new_label)
-    old = stats.add_speed_ratios(baseline, settings.speed_ratios)
-    now = stats.add_speed_ratios(new, settings.speed_ratios)
+    speed = _speed_plan(baseline, new, settings)
+    old = stats.add_speed_ratios(baseline, speed.fields)
+    now = stats.add_speed_ratios(new, speed.fields)
     columns = _gated_columns(old)
     both = _Stats(stats.aggregate(old, columns), stats.aggregate(now, [c for c in columns if c in now.columns]),
-                  stats.baseline_precision(old))
+                  stats.baseline_precision(old), speed.not_judged)
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     used_rules: set[str] = set()
@@ -240,17 +246,62 @@ def compare(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings | None
         if precision not in both.old.mean.index:
             rows += _failed_cell_rows(precision, now[(now["precision"] == precision) & (now["status"] != "ok")])
             notes.append(f"{precision}: in the new results only; no baseline to compare with")
-    notes += _notes(baseline, new, settings, used_rules, both.base_precision)
+    notes += _notes(baseline, new, settings, used_rules, both.base_precision, speed)
     return Comparison(pd.DataFrame(rows), [], notes, baseline_label, new_label)
 
 
 @dataclass(frozen=True)
+class _SpeedPlan:
+    """Which speed fields are compared as ratios, and which ratios are not judged (column -> why)."""
+
+    fields: tuple[str, ...]
+    not_judged: dict[str, str]
+    cpu_fields: tuple[str, ...] = ()
+    contended: tuple[str, ...] = ()
+
+
+def _has(frame: pd.DataFrame, column: str) -> bool:
+    return column in frame.columns and pd.to_numeric(frame[column], errors="coerce").notna().any()
+
+
+def contended_cells(frame: pd.DataFrame) -> list[str]:
+    """The ok cells whose record says they were contended (`speed.contended`), as `cell_id (run)`."""
+    if "speed.contended" not in frame.columns:
+        return []
+    flagged = stats.ok_rows(frame)
+    flagged = flagged[flagged["speed.contended"].map(lambda v: v is True or v == 1 or str(v).lower() == "true")]
+    return [f"{row.get('cell_id', row.get('precision'))} ({row.get('run_id', '?')})" for _, row in flagged.iterrows()]
+
+
+def _speed_plan(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings) -> _SpeedPlan:
+    """On a CPU: the CPU-time twins of the speed fields join them (where both sides have them), and the
+    wall-time ratios are not judged when a cell of either side was contended. Elsewhere: as set."""
+    devices = {v.split(":")[0] for frame in (baseline, new) for v in _values(frame, "env.device")}
+    if devices != {"cpu"}:
+        return _SpeedPlan(tuple(settings.speed_ratios), {})
+    cpu_fields = tuple(
+        twin for name in settings.speed_ratios
+        if (twin := fields.cpu_time_field(name)) and _has(baseline, twin) and _has(new, twin)
+    )
+    contended = [f"baseline {c}" for c in contended_cells(baseline)] + [f"new {c}" for c in contended_cells(new)]
+    not_judged = {}
+    if contended:
+        shown = ", ".join(contended[:4]) + (f" and {len(contended) - 4} more" if len(contended) > 4 else "")
+        why = (f"not judged: the CPU was contended ({shown}), so wall time measured the machine's load; "
+               + ("the CPU-time ratio is judged instead" if cpu_fields else "the records have no CPU time to judge instead"))
+        not_judged = {fields.ratio_column(name): why for name in settings.speed_ratios}
+    return _SpeedPlan(tuple(dict.fromkeys((*settings.speed_ratios, *cpu_fields))), not_judged, cpu_fields, tuple(contended))
+
+
+@dataclass(frozen=True)
 class _Stats:
-    """Per-precision mean, spread and count of both sides, and the precision speed ratios are taken to."""
+    """Per-precision mean, spread and count of both sides, the precision speed ratios are taken to, and the
+    ratio columns not judged (column -> why)."""
 
     old: stats.Aggregate
     new: stats.Aggregate
     base_precision: str | None
+    not_judged: dict[str, str] = field(default_factory=dict)
 
 
 def _row(precision: str, metric: str, verdict: str, **extra: Any) -> dict[str, Any]:
@@ -296,6 +347,8 @@ def _check_metric(precision: str, metric: str, both: _Stats, settings: Settings,
     row = {"baseline": before, "new": after, "n_baseline": n_old, "n_new": n_new, "tolerance": source}
     if tolerance.ignore:
         return _row(precision, metric, "ignored", **row)
+    if metric in both.not_judged:
+        return _row(precision, metric, NOT_JUDGED, note=both.not_judged[metric], **row)
     if pd.isna(after):
         return _row(precision, metric, "missing", note="the new results lack this metric", **row)
     allowed = max(tolerance.abs or 0.0, (tolerance.rel or 0.0) * abs(before))
@@ -338,7 +391,7 @@ def _code_notes(baseline: pd.DataFrame, new: pd.DataFrame) -> list[str]:
 
 
 def _notes(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings, used_rules: set[str],
-           base_precision: str | None) -> list[str]:
+           base_precision: str | None, speed: _SpeedPlan | None = None) -> list[str]:
     """What a reader of the verdict should know: thread counts, what speed is gated as, unused tolerances."""
     notes = []
     threads_old, threads_new = _threads(baseline), _threads(new)
@@ -348,10 +401,17 @@ def _notes(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings, used_r
             "speed ratios may move for that reason alone (set OMP_NUM_THREADS as the baseline was made)"
         )
     if any(getattr(fields.spec_for(c), "kind", None) == "speed" for c in new.columns):
+        judged = [c for c in (speed.fields if speed else settings.speed_ratios)
+                  if not speed or fields.ratio_column(c) not in speed.not_judged]
         notes.append(
             "absolute times and rates are not gated (they move from machine to machine); speed is gated as "
-            f"ratios to {base_precision} within one run: " + ", ".join(fields.ratio_column(c) for c in settings.speed_ratios)
+            f"ratios to {base_precision} within one run: " + (", ".join(fields.ratio_column(c) for c in judged) or "none")
         )
+    if speed and speed.cpu_fields:
+        notes.append("on a CPU, speed is also judged by CPU time (the process's CPU seconds of the timed steps), which "
+                     "a busy machine moves far less than wall time")
+    if speed and speed.not_judged:
+        notes.append(f"wall-time speed ratios {next(iter(speed.not_judged.values()))}")
     notes += _code_notes(baseline, new)
     unused = [f"{source}: {pattern}" for pattern, _, source in settings.rules
               if source != "default" and f"{source}: {pattern}" not in used_rules]

@@ -27,6 +27,8 @@ SECTIONS = (
     sections.damage_section,
     sections.weight_bytes_section,
     sections.memory_section,
+    sections.time_section,
+    sections.contended_section,
     sections.failures_section,
     paper.paper_section,
     sections.provenance_section,

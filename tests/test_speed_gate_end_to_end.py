@@ -1,0 +1,96 @@
+"""The speed gate on real runs: loading the machine during a run does not fail `qbench compare`, a step that
+really got slower (planted: each step does three times the CPU work) does.
+
+Three runs of the builtin tiny CLIP with one thread per cell: a baseline, the same run while busy loops
+take every core, and a run whose nf4 cell is slowed by the `slow` test fault. On this project's shared
+2-core machine a cell's CPU time per step moved by up to ~20 % with what else ran (caches, memory
+bandwidth), its wall time by up to 4x; the planted slowdown is well beyond the first.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qbench import cli
+from qbench.cell import faults
+from qbench.results import records as results
+from qbench.run.threads import available_cores
+
+from .conftest import write_suite
+
+pytestmark = pytest.mark.slow
+
+SUITE = """
+name = "speedgate"
+task = "clip"
+threads = 1
+[model]
+id = "builtin:tiny-clip"
+[data]
+kind = "builtin"
+name = "shapes"
+[lora]
+r = 4
+alpha = 8
+target_modules = ["q_proj", "k_proj", "v_proj", "out_proj"]
+[train]
+steps = 14
+batch_size = 16
+lr = 1e-3
+untimed_steps = 2
+[eval]
+before = false
+[matrix]
+precisions = ["dense", "nf4"]
+[compare.tolerances]
+"ratio.speed.*" = { rel = 0.3 }
+"""
+
+
+def _run(folder: Path, suite: Path, fault: str | None = None) -> Path:
+    saved = os.environ.get(faults.ENV_VAR)
+    if fault:
+        os.environ[faults.ENV_VAR] = fault
+    try:
+        assert cli.main(["run", str(suite), "--out", str(folder), "--device", "cpu"]) == 0
+    finally:
+        os.environ.pop(faults.ENV_VAR, None) if saved is None else os.environ.__setitem__(faults.ENV_VAR, saved)
+    (run_dir,) = (folder / "speedgate").iterdir()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("speedgate")
+    suite = write_suite(root, SUITE)
+    made = {"baseline": _run(root / "baseline", suite)}
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(available_cores() + 1)]
+    try:
+        made["loaded"] = _run(root / "loaded", suite)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    made["slower"] = _run(root / "slower", suite, fault="nf4-seed0:train:slow:2.0")
+    return made
+
+
+def test_a_run_on_a_loaded_machine_passes_the_gate(runs, capsys):
+    loaded = results.read_records(runs["loaded"])
+    assert any(r["speed.contended"] for r in loaded), [r["speed.contention"] for r in loaded]
+    assert cli.main(["compare", str(runs["baseline"]), str(runs["loaded"]), "--markdown", "-"]) == 0
+    shown = capsys.readouterr().out
+    assert "not judged" in shown and "ratio.speed.train_samples_per_cpu_s" in shown
+
+
+def test_a_step_that_really_got_slower_fails_the_gate(runs, capsys):
+    slowed = {r["precision"]: r for r in results.read_records(runs["slower"])}
+    assert "slow" in slowed["nf4"]["test.injected_faults"]
+    assert cli.main(["compare", str(runs["baseline"]), str(runs["slower"]), "--markdown", "-"]) == 1
+    verdict = capsys.readouterr().out.split("<details>")[0]
+    assert "nf4" in verdict and "ratio.speed.train_samples_per_cpu_s" in verdict
