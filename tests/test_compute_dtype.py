@@ -77,7 +77,7 @@ def test_an_unknown_setting_is_refused():
 def test_the_probe_child_measures_how_much_slower_an_emulated_dtype_is():
     # float16 has no CPU instructions here (AVX512-FP16 is a server-CPU feature): the probe times a small
     # block in float16 and in float32 and reports the ratio
-    answer = launch.run_probe(launch.SubprocessLauncher(), {"device": "cpu", "setting": "float16", "dense_dtypes": []})
+    answer = launch.run_probe(None, {"device": "cpu", "setting": "float16", "dense_dtypes": []})  # as `python -m`
     assert answer["device"] == "cpu" and answer["cuda_available"] is False
     choice = answer["choice"]
     assert choice["dtype"] == "float16"
