@@ -36,6 +36,13 @@ def test_minimal_suite_gets_defaults():
     assert suite.compute_dtype == "auto" and suite.baseline == "dense" and suite.threads is None
 
 
+def test_without_a_baseline_key_the_matrix_s_dense_arm_is_the_baseline():
+    assert parse(MINIMAL + '[matrix]\nprecisions = ["nf4", "bf16"]\n').baseline == "bf16"
+    assert parse(MINIMAL + '[matrix]\nprecisions = ["fp32", "dense", "nf4"]\n').baseline == "dense"
+    assert parse(MINIMAL + '[matrix]\nprecisions = ["nf4", "int8"]\n').baseline == "dense"  # none listed: as before
+    assert parse('baseline = "nf4"\n' + MINIMAL + '[matrix]\nprecisions = ["nf4", "bf16"]\n').baseline == "nf4"
+
+
 def test_threads_is_a_positive_suite_setting():
     assert parse(MINIMAL.replace('task = "clip"', 'task = "clip"\nthreads = 2')).threads == 2
     assert problems_of(MINIMAL.replace('task = "clip"', 'task = "clip"\nthreads = 0'))[0].startswith("threads:")
