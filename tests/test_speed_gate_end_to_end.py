@@ -14,10 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from qbench import cli
 from qbench.cell import faults
+from qbench.gate import compare
 from qbench.results import records as results
 from qbench.run.threads import available_cores
 
@@ -52,6 +54,9 @@ precisions = ["dense", "nf4"]
 """
 
 
+SLOWER = "nf4-seed0:train:slow:2.0"  # each nf4 step does three times the CPU work
+
+
 def _run(folder: Path, suite: Path, fault: str | None = None) -> Path:
     saved = os.environ.get(faults.ENV_VAR)
     if fault:
@@ -62,6 +67,10 @@ def _run(folder: Path, suite: Path, fault: str | None = None) -> Path:
         os.environ.pop(faults.ENV_VAR, None) if saved is None else os.environ.__setitem__(faults.ENV_VAR, saved)
     (run_dir,) = (folder / "speedgate").iterdir()
     return run_dir
+
+
+def _starved(run_dir: Path) -> list[str]:
+    return compare.starved_cells(pd.DataFrame(results.read_records(run_dir)))
 
 
 @pytest.fixture(scope="module")
@@ -76,19 +85,27 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         for process in busy:
             process.kill()
             process.wait()
-    made["slower"] = _run(root / "slower", suite, fault="nf4-seed0:train:slow:2.0")
+    made["slower"] = _run(root / "slower", suite, fault=SLOWER)
+    if _starved(made["baseline"]) or _starved(made["slower"]):  # the machine was too busy to time anything: once more
+        made["baseline"] = _run(root / "baseline-again", suite)
+        made["slower"] = _run(root / "slower-again", suite, fault=SLOWER)
     return made
 
 
 def test_a_run_on_a_loaded_machine_passes_the_gate(runs, capsys):
     loaded = results.read_records(runs["loaded"])
     assert any(r["speed.contended"] for r in loaded), [r["speed.contention"] for r in loaded]
+    # wall time measured the load: its ratio is not judged (and with the cells starved of a core, no ratio is)
     assert cli.main(["compare", str(runs["baseline"]), str(runs["loaded"]), "--markdown", "-"]) == 0
     shown = capsys.readouterr().out
     assert "not judged" in shown and "ratio.speed.train_samples_per_cpu_s" in shown
 
 
 def test_a_step_that_really_got_slower_fails_the_gate(runs, capsys):
+    starved = _starved(runs["baseline"]) + _starved(runs["slower"])
+    if starved:
+        pytest.skip(f"this machine was too busy to time anything, twice (cells had a core less than half the time they "
+                    f"wanted one: {', '.join(starved)}); compare rightly judges no speed ratio of such runs")
     slowed = {r["precision"]: r for r in results.read_records(runs["slower"])}
     assert "slow" in slowed["nf4"]["test.injected_faults"]
     assert cli.main(["compare", str(runs["baseline"]), str(runs["slower"]), "--markdown", "-"]) == 1

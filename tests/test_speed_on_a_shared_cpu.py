@@ -95,3 +95,20 @@ def test_on_a_gpu_the_contention_of_the_host_cpu_does_not_turn_the_speed_gate_of
     result = compare.compare(baseline, new)
     assert result.exit_code == 1 and set(result.regressions["metric"]) == {WALL}
     assert CPU not in set(result.checks["metric"])  # host CPU time says nothing about a GPU's speed
+
+
+def test_a_run_whose_cells_barely_had_a_core_is_not_judged_on_speed_at_all_and_says_why():
+    # time-sliced with busy loops on every core, a cell's CPU time per step rose too (doubled for nf4 here)
+    baseline = pd.DataFrame(with_cpu_time(make_records()))
+    starved = with_cpu_time(make_records(run_id="run-b"), contended=True)
+    for record in starved:
+        record["cpu.train.share"] = 0.2
+    new = pd.DataFrame(changed(starved, "nf4-dq", speed__train_samples_per_s=0.5, speed__train_samples_per_cpu_s=0.5))
+    result = compare.compare(baseline, new)
+    assert result.exit_code == 0
+    assert set(verdicts(result, WALL).values()) == set(verdicts(result, CPU).values()) == {"not judged"}
+    assert "less than 50% of the time" in result.markdown() and "quieter machine" in result.markdown()
+    # the same slowdown with the cells given a core most of the time they wanted one is judged
+    for record in starved:
+        record["cpu.train.share"] = 0.8
+    assert compare.compare(baseline, pd.DataFrame(starved)).exit_code == 1

@@ -296,6 +296,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 # machine whose host took this share of the CPU time away, measured the machine more than itself
 CONTENDED_WAIT_SHARE = 0.10
 CONTENDED_STEAL_SHARE = 0.10
+STARVED_SHARE = 0.5  # as qbench.gate.compare.STARVED_SHARE
 
 
 def contention_fields(record: dict[str, Any]) -> dict[str, Any]:
@@ -310,10 +311,12 @@ def contention_fields(record: dict[str, Any]) -> dict[str, Any]:
     load = f"; other processes kept {others:.1f} of {cores} cores busy" if others is not None and cores else ""
     stolen = f"; the hypervisor took {steal:.0%} of the CPU time" if steal else ""
     verdict = "contended" if contended else "not contended"
+    starved = (f"; with a core less than {STARVED_SHARE:.0%} of the time even its CPU time is unreliable (cold caches, "
+               "a busy SMT sibling): compare judges no speed ratio of it") if share < STARVED_SHARE else ""
     return {
         "speed.contended": contended,
         "speed.contention": f"{verdict}: while training, the cell's threads waited for a core {waited:.0%} of the time "
-                            f"they were ready to run{load}{stolen}",
+                            f"they were ready to run{load}{stolen}{starved}",
     }
 
 

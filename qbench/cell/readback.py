@@ -24,7 +24,7 @@ def inspect_base(model: torch.nn.Module, precision: Precision, suite: Suite, mod
     fields["bnb.cpu_weight_packing_disabled_layers"] = models.disable_bnb_cpu_weight_packing(model)
     fields.update(weights.read_format(model))
     fields.update(weights.account_base(model))
-    weights.check_format(model, precision, compute_dtype or suite.compute_dtype)  # the arm must be what its name says
+    weights.check_format(model, precision, _dtype(model, compute_dtype or suite.compute_dtype))  # the arm must be what its name says
     started = time.perf_counter()  # outside every phase: reading the originals is the harness's work
     fields.update(weight_error.measure(model, model_path, suite.model.revision))
     fields["time.weight_error_s"] = time.perf_counter() - started
@@ -40,5 +40,14 @@ def inspect_trained_base(model: torch.nn.Module, precision: Precision, suite: Su
 
     fields.update({k.replace("weights.", "weights.train.", 1): v for k, v in weights.account_base(model).items()})
     fields.update({k.replace("format.", "format.train.", 1): v for k, v in weights.read_format(model).items()})
-    weights.check_format(model, precision, compute_dtype or suite.compute_dtype,
+    weights.check_format(model, precision, _dtype(model, compute_dtype or suite.compute_dtype),
                          stage=f'after the prepare phase (train.prepare = "{suite.train.prepare}")')
+
+
+def _dtype(model: torch.nn.Module, setting: str) -> str:
+    """The compute dtype a setting means where the model sits ("auto": as a run decides it on that device)."""
+    from qbench.machine.compute import resolve
+
+    if setting != "auto":
+        return setting
+    return resolve(setting, next(iter(model.parameters())).device.type)

@@ -10,7 +10,8 @@ What is compared comes from the metric registry (`qbench.results.fields`):
   the same ratios of CPU time are judged too (samples per CPU-second of the timed steps): a busy
   machine makes steps wait for a core, which moves wall time a lot and CPU time little. The
   wall-time ratios of a run in which a cell was contended (its threads waited for a core, see
-  `speed.contended`) are not judged, and the verdict says why.
+  `speed.contended`) are not judged; no speed ratio is when a cell had a core less than half the
+  time it wanted one (then its CPU time moved too); the verdict says why.
 Tolerances: the command line's, then the suite's `[compare.tolerances]`, then DEFAULT_TOLERANCES;
 for each field the first pattern that matches wins.
 """
@@ -273,9 +274,26 @@ def contended_cells(frame: pd.DataFrame) -> list[str]:
     return [f"{row.get('cell_id', row.get('precision'))} ({row.get('run_id', '?')})" for _, row in flagged.iterrows()]
 
 
+# a cell that had a core less than this share of the time it was ready to run was time-sliced so finely that
+# its CPU time rose too: with busy loops on every core of this project's 2-core machine (the cells got 17-26 %)
+# an nf4 cell's CPU time per step doubled while the dense cell's rose 17 %
+STARVED_SHARE = 0.5
+
+
+def starved_cells(frame: pd.DataFrame) -> list[str]:
+    """The ok cells that had a core less than STARVED_SHARE of the time they wanted one while training."""
+    if "cpu.train.share" not in frame.columns:
+        return []
+    ok = stats.ok_rows(frame)
+    shares = pd.to_numeric(ok["cpu.train.share"], errors="coerce")
+    return [f"{row.get('cell_id', row.get('precision'))} ({share:.0%})" for (_, row), share in zip(ok.iterrows(), shares, strict=True)
+            if share < STARVED_SHARE]
+
+
 def _speed_plan(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings) -> _SpeedPlan:
-    """On a CPU: the CPU-time twins of the speed fields join them (where both sides have them), and the
-    wall-time ratios are not judged when a cell of either side was contended. Elsewhere: as set."""
+    """On a CPU: the CPU-time twins of the speed fields join them (where both sides have them); the wall-time
+    ratios are not judged when a cell of either side was contended, and no speed ratio is when a cell had a
+    core less than half the time it wanted one (its CPU time moved too). Elsewhere: as set."""
     devices = {v.split(":")[0] for frame in (baseline, new) for v in _values(frame, "env.device")}
     if devices != {"cpu"}:
         return _SpeedPlan(tuple(settings.speed_ratios), {})
@@ -284,7 +302,16 @@ def _speed_plan(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings) -
         if (twin := fields.cpu_time_field(name)) and _has(baseline, twin) and _has(new, twin)
     )
     contended = [f"baseline {c}" for c in contended_cells(baseline)] + [f"new {c}" for c in contended_cells(new)]
+    starved = [f"baseline {c}" for c in starved_cells(baseline)] + [f"new {c}" for c in starved_cells(new)]
     not_judged = {}
+    if starved:  # so little of a core that CPU time itself moved (cold caches after every slice, a busy SMT sibling)
+        shown = ", ".join(starved[:4]) + (f" and {len(starved) - 4} more" if len(starved) > 4 else "")
+        why = (f"not judged: some cells had a core less than {STARVED_SHARE:.0%} of the time they wanted one ({shown}); "
+               "under such load CPU time moves as well as wall time (it doubled for one cell here), so no speed "
+               "ratio of these runs says anything about the formats: measure speed on a quieter machine")
+        return _SpeedPlan(tuple(dict.fromkeys((*settings.speed_ratios, *cpu_fields))),
+                          {fields.ratio_column(n): why for n in (*settings.speed_ratios, *cpu_fields)}, cpu_fields,
+                          tuple(contended))
     if contended:
         shown = ", ".join(contended[:4]) + (f" and {len(contended) - 4} more" if len(contended) > 4 else "")
         why = (f"not judged: the CPU was contended ({shown}), so wall time measured the machine's load; "
@@ -411,7 +438,8 @@ def _notes(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings, used_r
         notes.append("on a CPU, speed is also judged by CPU time (the process's CPU seconds of the timed steps), which "
                      "a busy machine moves far less than wall time")
     if speed and speed.not_judged:
-        notes.append(f"wall-time speed ratios {next(iter(speed.not_judged.values()))}")
+        what = "speed ratios" if any(fields.ratio_column(c) in speed.not_judged for c in speed.cpu_fields) else "wall-time speed ratios"
+        notes.append(f"{what} {next(iter(speed.not_judged.values()))}")
     notes += _code_notes(baseline, new)
     unused = [f"{source}: {pattern}" for pattern, _, source in settings.rules
               if source != "default" and f"{source}: {pattern}" not in used_rules]

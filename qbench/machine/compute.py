@@ -156,6 +156,11 @@ def choose_here(setting: str, device: str, dense_dtypes: tuple[str, ...] = ()) -
     return choose(setting, device, cuda_bf16, dense_dtypes)
 
 
+def resolve(setting: str, device: str) -> str:
+    """The dtype a compute_dtype setting means on `device` ("auto" decided as a run decides it)."""
+    return setting if setting != "auto" else choose_here(setting, device).dtype
+
+
 # --- the child's side: torch is imported only below ---------------------------------------------------
 
 FACTOR_WIDTH, FACTOR_TOKENS, FACTOR_ROUNDS = 256, 256, 5
