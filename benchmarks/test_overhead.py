@@ -3,14 +3,15 @@ train() with every tracker on (the memory sampler process, the step timer, the p
 
     python -m pytest benchmarks/test_overhead.py -s          # prints the figures
     QBENCH_OVERHEAD_ROUNDS=60 QBENCH_OVERHEAD_STEPS=40 ...   # longer, steadier (default 30 x 40)
-    QBENCH_OVERHEAD_TOLERANCE=0.03                           # the most overhead allowed (default 3 %)
+    QBENCH_OVERHEAD_TOLERANCE=0.01                           # the most overhead allowed (default 1 %)
     QBENCH_OVERHEAD_THREADS=1                                # torch threads (default 1)
 
 Rounds interleave the two loops (bare-qbench, then qbench-bare, ...) so that a machine getting
 busier or quieter affects both alike. Each loop starts from the same LoRA weights and consumes the
 same precomputed batches, so the difference is the harness alone. Step time is from fetching the
 first batch to `zero_grad`; throughput is samples over the wall seconds of the timed steps, for
-both loops alike.
+both loops alike. The CPU time per step (this process's, all threads) is shown beside it: on a busy
+machine it says what the harness costs where wall time mostly says what the machine's load was.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ ROUNDS = int(os.environ.get("QBENCH_OVERHEAD_ROUNDS", "30"))
 STEPS = int(os.environ.get("QBENCH_OVERHEAD_STEPS", "40"))
 UNTIMED = 5
 BATCH = 16
-TOLERANCE = float(os.environ.get("QBENCH_OVERHEAD_TOLERANCE", "0.03"))
+TOLERANCE = float(os.environ.get("QBENCH_OVERHEAD_TOLERANCE", "0.01"))  # issue 12: within 1 % of the bare loop
 # one thread by default: on a shared, oversubscribed CPU two OpenMP threads wait on each other and a
 # step's time is mostly scheduling noise (a tiny step took 0.75 s with 2 threads, 0.04 s with 1)
 THREADS = int(os.environ.get("QBENCH_OVERHEAD_THREADS", "1"))
@@ -85,9 +86,9 @@ def bare_loop(model, batches) -> dict:
     scheduler = get_scheduler(CONFIG.scheduler, optimizer, num_warmup_steps=CONFIG.warmup_steps, num_training_steps=STEPS)
     model.train()
     stream = iter(batches)
-    step_seconds, samples, first_start = [], 0, None
+    step_seconds, step_cpu_seconds, samples, first_start = [], [], 0, None
     for step in range(STEPS):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         batch = next(stream)
         loss = clip_loss(model, batch)
         loss.backward()
@@ -95,12 +96,13 @@ def bare_loop(model, batches) -> dict:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        end = time.perf_counter()
+        end, cpu_end = time.perf_counter(), time.process_time()
         if step >= UNTIMED:
             first_start = first_start if first_start is not None else start
             step_seconds.append(end - start)
+            step_cpu_seconds.append(cpu_end - cpu_start)
             samples += batch.samples
-    return {"step_seconds": step_seconds, "samples": samples, "wall_s": end - first_start}
+    return {"step_seconds": step_seconds, "step_cpu_seconds": step_cpu_seconds, "samples": samples, "wall_s": end - first_start}
 
 
 def qbench_loop(model, batches) -> dict:
@@ -118,7 +120,8 @@ def qbench_loop(model, batches) -> dict:
     finally:
         tracker.close()
     assert len(events) == STEPS and tracker.record["memory.train.samples"] > 0  # the trackers really ran
-    return {"step_seconds": list(timer.step_seconds), "samples": timer.samples, "wall_s": timer.summary()["speed.timed_wall_s"]}
+    return {"step_seconds": list(timer.step_seconds), "step_cpu_seconds": list(timer.step_cpu_seconds), "samples": timer.samples,
+            "wall_s": timer.summary()["speed.timed_wall_s"]}
 
 
 def test_qbench_train_overhead_against_a_bare_loop(benchmark):
@@ -154,6 +157,9 @@ def test_qbench_train_overhead_against_a_bare_loop(benchmark):
 
     bare_p50, bare_rate = pooled("bare")
     qbench_p50, qbench_rate = pooled("qbench")
+    # the CPU this process spent per step: what a busy machine hardly moves (the sampler's own CPU is its
+    # process's, not counted here; on a quiet machine it runs on another core)
+    bare_cpu, qbench_cpu = (statistics.median(s for run in runs[w] for s in run["step_cpu_seconds"]) for w in ("bare", "qbench"))
     paired_step = statistics.median(
         statistics.median(q["step_seconds"]) / statistics.median(b["step_seconds"]) for b, q in zip(runs["bare"], runs["qbench"], strict=True)
     )
@@ -165,12 +171,13 @@ def test_qbench_train_overhead_against_a_bare_loop(benchmark):
         "bare_step_p50_s": bare_p50, "qbench_step_p50_s": qbench_p50, "step_p50_ratio": qbench_p50 / bare_p50,
         "bare_samples_per_s": bare_rate, "qbench_samples_per_s": qbench_rate, "samples_per_s_ratio": qbench_rate / bare_rate,
         "paired_step_p50_ratio_median": paired_step, "paired_samples_per_s_ratio_median": paired_rate,
+        "bare_step_cpu_p50_s": bare_cpu, "qbench_step_cpu_p50_s": qbench_cpu, "step_cpu_p50_ratio": qbench_cpu / bare_cpu,
     }
     benchmark.extra_info.update(figures)
     lines = [f"{k:36s} {v:.6g}" if isinstance(v, float) else f"{k:36s} {v}" for k, v in figures.items()]
     print("\nqbench harness overhead (pooled over interleaved rounds)\n" + "\n".join(lines))
     assert bare_rate > 0 and qbench_rate > 0
-    if benchmark.disabled:  # a smoke run (.ci/run, shared CPU): the 3 % target is judged only when benchmarking
+    if benchmark.disabled:  # a smoke run (.ci/run, shared CPU): the 1 % target is judged only when benchmarking
         return
     # overhead is one-sided: qbench coming out faster than the bare loop is the machine's noise, shown in the figures
     assert qbench_p50 / bare_p50 - 1 <= TOLERANCE, f"median step time {qbench_p50 / bare_p50 - 1:+.2%} vs the bare loop"

@@ -54,7 +54,7 @@ def test_qbench_env_json_reports_versions_nvml_and_every_format(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["packages"]["torch"] and report["packages"]["bitsandbytes"]
     assert report["formats_device"] == "cpu"
-    assert set(report["formats"]) == {"bf16", "fp16", "fp32", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"}
+    assert set(report["formats"]) == {"dense", "bf16", "fp16", "fp32", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"}
     assert all(r["status"] in ("ok", "failed") for r in report["formats"].values())
     assert report["formats"]["bf16"]["status"] == "ok"
     assert report["nvml"]["available"] or report["nvml"]["reason"]

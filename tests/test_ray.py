@@ -299,7 +299,7 @@ def test_sigterm_cancels_pending_tasks_stops_running_cells_and_resume_finishes_l
 
 # --- real cells: a record does not depend on where it was made ---------------------------------
 
-VOLATILE = ("time.", "speed.", "memory.", "env.", "run_id", "error_traceback", "model_path")
+VOLATILE = ("time.", "speed.", "memory.", "cpu.", "env.", "run_id", "error_traceback", "model_path")
 
 
 def comparable(record: dict) -> dict:
@@ -348,6 +348,7 @@ seeds = [0]
         assert comparable(on_ray[cell_id]) == comparable(local[cell_id]), cell_id
         assert local[cell_id]["env.executor"] == "local" and on_ray[cell_id]["env.executor"] == "ray"
         assert on_ray[cell_id]["env.torch_threads"] == local[cell_id]["env.torch_threads"] == 1
+        assert on_ray[cell_id]["time.other_s"] >= 0 and on_ray[cell_id]["time.cell_wall_s"] > on_ray[cell_id]["time.train_s"]
         assert set(local[cell_id]) - set(on_ray[cell_id]) == set()  # the Ray record holds every local key ...
         assert {k for k in set(on_ray[cell_id]) - set(local[cell_id])} <= {  # ... and where it ran
             "env.ray.node_id", "env.ray.node_ip", "env.ray.task_id", "env.ray.gpu_ids", "env.ray.gpu_uuids",

@@ -16,7 +16,7 @@ import pytest
 from qbench import cli
 from qbench.report import tables
 from qbench.results import records as results
-from qbench.run import runner, scheduler
+from qbench.run import runner, scheduler, start
 from qbench.run.scheduler import Slot
 from qbench.suite.spec import Cell, load
 
@@ -135,6 +135,7 @@ def fake_cells(monkeypatch, tmp_path):
 
     assert fake_cell.EVENT_PREFIX == EVENT_PREFIX
     monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(FAKE_CELL)))
+    monkeypatch.setattr(start, "begin", lambda *args, **kwargs: None)  # no fork server: the stand-in is a subprocess
     monkeypatch.setenv("FAKE_CELL_DIR", str(tmp_path / "fake"))
     monkeypatch.setenv("FAKE_CELL_HOLD_S", "0")
     return monkeypatch

@@ -30,8 +30,22 @@ def problems_of(text: str) -> list[str]:
 
 def test_minimal_suite_gets_defaults():
     suite = parse(MINIMAL)
-    assert suite.matrix.precisions == ("bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq")
+    assert suite.matrix.precisions == ("dense", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq")
     assert suite.lora.r == 16 and suite.train.batch_size == 32
+    # the dense arm in whatever the device computes natively, and that arm is the baseline
+    assert suite.compute_dtype == "auto" and suite.baseline == "dense" and suite.threads is None
+
+
+def test_without_a_baseline_key_the_matrix_s_dense_arm_is_the_baseline():
+    assert parse(MINIMAL + '[matrix]\nprecisions = ["nf4", "bf16"]\n').baseline == "bf16"
+    assert parse(MINIMAL + '[matrix]\nprecisions = ["fp32", "dense", "nf4"]\n').baseline == "dense"
+    assert parse(MINIMAL + '[matrix]\nprecisions = ["nf4", "int8"]\n').baseline == "dense"  # none listed: as before
+    assert parse('baseline = "nf4"\n' + MINIMAL + '[matrix]\nprecisions = ["nf4", "bf16"]\n').baseline == "nf4"
+
+
+def test_threads_is_a_positive_suite_setting():
+    assert parse(MINIMAL.replace('task = "clip"', 'task = "clip"\nthreads = 2')).threads == 2
+    assert problems_of(MINIMAL.replace('task = "clip"', 'task = "clip"\nthreads = 0'))[0].startswith("threads:")
 
 
 def test_every_committed_suite_validates():

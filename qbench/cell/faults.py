@@ -15,8 +15,12 @@ comma-separated list of `CELL:PHASE:KIND[:ARG]`:
            error        raise RuntimeError
            sigkill      the cell process kills itself with SIGKILL (no chance to write anything)
            sleep        sleep ARG seconds (to interrupt a cell at a known point)
+           slow         train phase only: every step takes ARG times more CPU (busy work after each loss
+                        computation; 0.3 = 30 % more), a real slowdown whatever the machine's load
+           alloc        hold ARG MiB of resident memory from the start of the phase to the end of the process
     ARG    for train: the loss computation (1-based) at which the fault fires, default 1;
-           for nan in an eval phase: how many rows become NaN, default 1; for sleep: seconds, default 60
+           for nan in an eval phase: how many rows become NaN, default 1; for sleep: seconds, default 60;
+           for slow: the extra CPU per step as a fraction; for alloc: MiB
 
 Example: QBENCH_TEST_FAULTS="nf4-seed0:train:nan:2,int8-seed0:load:sigkill"
 """
@@ -34,9 +38,10 @@ from typing import Any
 from qbench.results.schema import PHASES
 
 ENV_VAR = "QBENCH_TEST_FAULTS"
-KINDS = ("oom", "nan", "unsupported", "error", "sigkill", "sleep")
+KINDS = ("oom", "nan", "unsupported", "error", "sigkill", "sleep", "slow", "alloc")
 EVAL_PHASES = ("eval_before", "eval_after")
 OUTPUT_PROJECTIONS = ("visual_projection", "lm_head")  # where an eval-phase nan fault plants its NaN
+_HELD: list[bytes] = []  # what alloc faults hold, for the life of the process
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class Fault:
 
     @property
     def step(self) -> int:
-        return int(self.arg) if self.arg is not None and self.kind != "sleep" else 1
+        return int(self.arg) if self.arg is not None and self.kind not in ("sleep", "slow", "alloc") else 1
 
 
 def parse(text: str) -> list[Fault]:
@@ -65,6 +70,8 @@ def parse(text: str) -> list[Fault]:
             raise ValueError(f"{ENV_VAR}: unknown fault {kind!r} in {entry!r}; faults: {', '.join(KINDS)}")
         if kind == "nan" and phase != "train" and phase not in EVAL_PHASES:
             raise ValueError(f"{ENV_VAR}: a nan fault needs the train or an eval phase, not {phase!r}")
+        if kind == "slow" and phase != "train":
+            raise ValueError(f"{ENV_VAR}: a slow fault needs the train phase, not {phase!r}")
         faults.append(Fault(cell, phase, kind, float(parts[3]) if len(parts) == 4 else None))
     return faults
 
@@ -83,6 +90,27 @@ def _fire(fault: Fault) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if fault.kind == "sleep":
         time.sleep(fault.arg if fault.arg is not None else 60)
+    if fault.kind == "alloc":
+        _HELD.append(b"\x01" * int((fault.arg or 100) * 1024 * 1024))  # written, so every page is resident
+
+
+class _Slowdown:
+    """Busy work after each loss computation: `fraction` of the CPU time the step took since the last one."""
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+        self._last: float | None = None
+        self._spun = 0.0
+
+    def __call__(self) -> None:
+        now = time.process_time()
+        if self._last is not None:
+            work = max(0.0, now - self._last - self._spun)
+            until = now + self.fraction * work
+            while time.process_time() < until:
+                pass
+        self._spun = time.process_time() - now
+        self._last = now
 
 
 class Injector:
@@ -99,7 +127,9 @@ class Injector:
         """Fire the faults set for the start of phase `name` (train faults fire at their step, eval-phase
         nan faults inside the evaluation instead)."""
         for fault in self.faults:
-            if fault.phase == name and name != "train" and not (fault.kind == "nan" and name in EVAL_PHASES):
+            if fault.phase != name or (fault.kind == "nan" and name in EVAL_PHASES):
+                continue
+            if name != "train" or fault.kind == "alloc":
                 _fire(fault)
 
     def wrap_evaluate(self, evaluate: Callable[[Any], Any], phase: str) -> Callable[[Any], Any]:
@@ -136,8 +166,9 @@ class Injector:
 
     def wrap_loss(self, loss_fn: Callable[..., Any]) -> Callable[..., Any]:
         """The task's loss function, with the train-phase faults firing at their loss computation."""
-        train_faults = [f for f in self.faults if f.phase == "train"]
-        if not train_faults:
+        train_faults = [f for f in self.faults if f.phase == "train" and f.kind not in ("slow", "alloc")]
+        slowdowns = [_Slowdown(f.arg if f.arg is not None else 0.3) for f in self.faults if f.phase == "train" and f.kind == "slow"]
+        if not train_faults and not slowdowns:
             return loss_fn
         calls = 0
 
@@ -145,6 +176,8 @@ class Injector:
             nonlocal calls
             calls += 1
             loss = loss_fn(*args, **kwargs)
+            for slowdown in slowdowns:
+                slowdown()
             for fault in train_faults:
                 if fault.step == calls:
                     if fault.kind == "nan":

@@ -308,6 +308,9 @@ def load_base(model_class: type[PreTrainedModel], path: str, precision: Precisio
         problem = unsafe_weights_problem(folder, spec.safetensors_only)
         if problem:
             raise UnsafeWeights(problem)
+    from qbench.machine.compute import resolve
+
+    compute_dtype = resolve(compute_dtype, device)  # "auto" from a caller that did not decide it yet
     with pickle_loading_refused(path) if spec.safetensors_only else nullcontext():
         model = model_class.from_pretrained(
             path,

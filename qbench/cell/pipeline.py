@@ -31,6 +31,7 @@ from qbench.run.protocol import CellSpec, event_line, identity_fields
 from qbench.suite import precisions
 
 if TYPE_CHECKING:
+    from qbench.machine.compute import ComputeChoice
     from qbench.measure.memory import MemoryTracker
     from qbench.measure.timing import StepTimer
     from qbench.suite.precisions import Precision
@@ -110,16 +111,18 @@ def _status_for(error: BaseException) -> str:
     return "failed"
 
 
-def config_fields(suite: Suite, precision: Precision) -> dict[str, Any]:
-    """`config.*` and `precision.*`: every setting the cell ran with, flat."""
+def config_fields(suite: Suite, precision: Precision, compute_dtype: str | None = None) -> dict[str, Any]:
+    """`config.*` and `precision.*`: every setting the cell ran with, flat. `compute_dtype`: what the cell
+    computes in (the suite's setting resolved for the device; the setting itself when not yet resolved)."""
+    compute_dtype = compute_dtype or suite.compute_dtype
     return {
-        "config.compute_dtype": suite.compute_dtype,
+        "config.compute_dtype": compute_dtype,
         "config.prepare": suite.train.prepare,
         "config.gradient_checkpointing": suite.train.gradient_checkpointing,
         "config.device_map": suite.model.device_map,
         **{f"config.lora.{k}": (",".join(v) if isinstance(v, tuple) else v) for k, v in suite.lora.model_dump().items()},
         **{f"config.train.{k}": v for k, v in suite.train.model_dump().items()},
-        **{f"precision.{k}": v for k, v in precision.settings().items()},
+        **{f"precision.{k}": v for k, v in precision.settings(compute_dtype).items()},
     }
 
 
@@ -132,7 +135,9 @@ def adapter_bytes(model: Any) -> int:
 
 NOT_TRAINED = "train.steps = 0: no optimizer step was run (the suite measures the quantized base alone)"
 SPEED_FIELDS = ("speed.timed_steps", "speed.timed_wall_s", "speed.train_samples_per_s", "speed.train_tokens_per_s",
-                "speed.step_time_p50_s", "speed.step_time_p90_s", "speed.step_time_mean_s")
+                "speed.step_time_p50_s", "speed.step_time_p90_s", "speed.step_time_mean_s", "speed.timed_cpu_s",
+                "speed.train_samples_per_cpu_s", "speed.train_tokens_per_cpu_s", "speed.step_cpu_time_p50_s",
+                "speed.contended")
 
 
 def untrained_fields(record: dict[str, Any]) -> dict[str, Any]:
@@ -152,6 +157,19 @@ def untrained_fields(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process was created, to the kernel's clock tick (10 ms): its start time in
+    /proc/self/stat is counted on the boot-time clock (psutil's create_time adds the boot time in whole
+    seconds, off by up to one). None where there is no /proc."""
+    try:
+        with open("/proc/self/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of the whole line
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 class CellRun:
     """One cell's record as it is measured: the phases enter, measure and time themselves through `phase()`."""
 
@@ -165,6 +183,7 @@ class CellRun:
         self.seed, self.device = spec.seed, spec.device
         self.record_path = Path(spec.record_path)
         self.attempt = spec.attempt
+        self.compute: ComputeChoice | None = None
         self.record: dict[str, Any] = {
             **identity_fields(self.loaded, spec.run_id, self.cell, spec.cell_id),
             "status": "running",
@@ -173,7 +192,12 @@ class CellRun:
             "time.start": _now(),
             "env.executor": spec.executor,
             **config_fields(self.suite, self.precision),
+            **spec.run_fields,
         }
+        if spec.compute:
+            from qbench.machine.compute import ComputeChoice
+
+            self.use_compute(ComputeChoice(**{**spec.compute, "emulated": tuple(spec.compute.get("emulated", ()))}))
         self.tracker: MemoryTracker | None = None
         self.timer: StepTimer | None = None
         self.faults = fault_injection.Injector(spec.cell_id)
@@ -182,6 +206,33 @@ class CellRun:
 
     def update(self, fields: dict[str, Any]) -> None:
         self.record.update(fields)
+
+    def use_compute(self, choice: ComputeChoice) -> None:
+        """Compute in `choice.dtype`; the record says which, and why."""
+        self.compute = choice
+        self.record.update(config_fields(self.suite, self.precision, choice.dtype))
+        self.record.update(choice.record_fields())
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.compute.dtype if self.compute is not None else self.suite.compute_dtype
+
+    def imported(self) -> None:
+        """`time.process_start_s`: from the creation of this process (a fork of the run's fork server, or a fresh
+        interpreter) to now, when everything the cell needs is imported."""
+        self.record["time.process_start_s"] = process_age_s()
+        self.record["env.pid"] = os.getpid()
+
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Add the block's wall time to `time.<part>_s`, outside any memory phase (work of the harness, not of
+        the fine-tune; a part may be timed in several blocks)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"time.{part}_s"
+            self.record[key] = (self.record.get(key) or 0.0) + time.perf_counter() - started
 
     def measured(self) -> dict[str, Any]:
         """The record with every figure measured so far."""
@@ -193,19 +244,20 @@ class CellRun:
         return full
 
     @contextmanager
-    def phase(self, name: str, timed: bool = False, process_baseline: bool = False, **event_fields: Any) -> Iterator[None]:
+    def phase(self, name: str, process_baseline: bool = False, **event_fields: Any) -> Iterator[None]:
         """Enter phase `name`: tell the runner, leave what was measured so far on disk (status `running`:
         if the process dies, the runner keeps these figures in its failure record), fire any test fault,
-        then measure the block's memory and, when `timed`, its wall time as `time.<name>_s`; with
-        `process_baseline`, the memory of the process as the phase starts (see MemoryTracker.phase)."""
+        then measure the block's memory, CPU and wall time (`time.<name>_s`); with `process_baseline`,
+        the memory of the process as the phase starts (see MemoryTracker.phase)."""
         self.record["last_phase"] = name
         emit("phase", phase=name, **event_fields)
         self.write(self.measured())
         self.faults.phase(name)
         started = time.perf_counter()
-        with self.tracker.phase(name, process_baseline=process_baseline):
-            yield
-        if timed:
+        try:
+            with self.tracker.phase(name, process_baseline=process_baseline):
+                yield
+        finally:
             self.record[f"time.{name}_s"] = time.perf_counter() - started
 
     def write(self, record: dict[str, Any]) -> None:
@@ -257,13 +309,18 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
     with cell.recorded():
         import torch
 
+        if spec.threads:
+            torch.set_num_threads(spec.threads)  # before any computation: the pool is made at the first one
         from qbench.cell import lora, models, readback
         from qbench.cell.train import train
-        from qbench.machine import environment
+        from qbench.machine import compute, environment
         from qbench.measure.memory import MemoryTracker
         from qbench.measure.timing import StepTimer
         from qbench.tasks import get_task
 
+        cell.imported()
+        if cell.compute is None:  # run alone (not by the runner): decide here, as the runner would
+            cell.use_compute(compute.choose_here(suite.compute_dtype, cell.device, precisions.dense_dtypes([cell.precision.name])))
         cell.update(environment.describe(cell.device))
         torch.manual_seed(seed)
         model_path = models.resolve(suite.model.id, cell.loaded.path.parent, suite.model.revision)
@@ -273,33 +330,66 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 
         with cell.phase("data"):
             cell.update(task.prepare_data())
-        with cell.phase("load", timed=True, process_baseline=True):  # the runtime before the model: what no format changes
-            model = models.load_base(task.model_class, model_path, cell.precision, suite.compute_dtype, cell.device, suite.model)
+        with cell.phase("load", process_baseline=True):  # the runtime before the model: what no format changes
+            model = models.load_base(task.model_class, model_path, cell.precision, cell.compute_dtype, cell.device, suite.model)
         cell.update(models.loaded_weight_files(model_path, suite.model))  # what the base was loaded from
-        readback.inspect_base(model, cell.precision, suite, model_path, cell.record)  # the arm is what its name says
+        with cell.timed("readback"):  # the arm is what its name says
+            readback.inspect_base(model, cell.precision, suite, model_path, cell.record, cell.compute_dtype)
         with cell.phase("prepare"):
             model = lora.attach(lora.prepare(model, suite), suite, task.peft_task_type, seed)
         cell.update(lora.counts(model))
-        readback.inspect_trained_base(model, cell.precision, suite, cell.record)  # still what its name says?
+        with cell.timed("readback"):  # still what its name says?
+            readback.inspect_trained_base(model, cell.precision, suite, cell.record, cell.compute_dtype)
 
         if suite.eval.before:
-            with cell.phase("eval_before", timed=True):
+            with cell.phase("eval_before"):
                 cell.update(cell.faults.wrap_evaluate(task.evaluate, "eval_before")(model).record("before"))
 
         if suite.train.steps == 0:  # the quantized base alone: nothing trained, so nothing after training either
             cell.update(untrained_fields(cell.record))
         else:
-            with cell.phase("train", timed=True, total=suite.train.steps):
+            with cell.phase("train", total=suite.train.steps):
                 torch.manual_seed(seed)  # the same dropout masks and data order in every arm
                 cell.timer = StepTimer(suite.train.untimed_steps, cuda=cell.device.startswith("cuda"))
                 result = train(model, task.train_batches(seed), cell.faults.wrap_loss(task.loss), suite.train, cell.timer,
                                on_step=cell.on_step, on_first_step=cell.on_first_step)
             cell.update({"train.first_loss": result.first_loss, "train.final_loss": result.final_loss})
+            cell.update(contention_fields(cell.measured()))
 
-            with cell.phase("eval_after", timed=True):
+            with cell.phase("eval_after"):
                 cell.update(cell.faults.wrap_evaluate(task.evaluate, "eval_after")(model).record("after"))
-        cell.update({"weights.adapter_bytes": adapter_bytes(model), "status": "ok", "last_phase": "done"})
+        with cell.timed("adapter_save"):
+            cell.update({"weights.adapter_bytes": adapter_bytes(model)})
+        cell.update({"status": "ok", "last_phase": "done"})
     return cell.record
+
+
+# a cell whose threads waited for a core this share of the time they were ready to run, or ran on a virtual
+# machine whose host took this share of the CPU time away, measured the machine more than itself
+CONTENDED_WAIT_SHARE = 0.10
+CONTENDED_STEAL_SHARE = 0.10
+STARVED_SHARE = 0.5  # as qbench.gate.compare.STARVED_SHARE
+
+
+def contention_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """`speed.contended` (True / False / None: not measurable) and `speed.contention`, a sentence saying why,
+    from the train phase's CPU figures (`cpu.train.*`, see qbench.measure.memory.cpu_fields)."""
+    share, steal = record.get("cpu.train.share"), record.get("cpu.train.steal_share")
+    others, cores = record.get("cpu.train.others_busy_cores"), record.get("env.cpu_cores_available")
+    if share is None:
+        return {"speed.contended": None, "speed.contention": "unavailable: no per-thread scheduler figures (/proc/PID/task/*/schedstat)"}
+    waited = 1 - share
+    contended = waited >= CONTENDED_WAIT_SHARE or (steal or 0) >= CONTENDED_STEAL_SHARE
+    load = f"; other processes kept {others:.1f} of {cores} cores busy" if others is not None and cores else ""
+    stolen = f"; the hypervisor took {steal:.0%} of the CPU time" if steal else ""
+    verdict = "contended" if contended else "not contended"
+    starved = (f"; with a core less than {STARVED_SHARE:.0%} of the time even its CPU time is unreliable (cold caches, "
+               "a busy SMT sibling): compare judges no speed ratio of it") if share < STARVED_SHARE else ""
+    return {
+        "speed.contended": contended,
+        "speed.contention": f"{verdict}: while training, the cell's threads waited for a core {waited:.0%} of the time "
+                            f"they were ready to run{load}{stolen}{starved}",
+    }
 
 
 def main() -> int:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def inspect_base(model: torch.nn.Module, precision: Precision, suite: Suite, model_path: str,
-                 fields: dict[str, Any]) -> None:
+                 fields: dict[str, Any], compute_dtype: str | None = None) -> None:
     """Add the loaded base's record fields to `fields` as they are read, so that when the base is not in the
     format its precision names (FormatMismatch is raised) what was read back stays in the record as evidence."""
     from qbench.cell import models
@@ -24,13 +24,14 @@ def inspect_base(model: torch.nn.Module, precision: Precision, suite: Suite, mod
     fields["bnb.cpu_weight_packing_disabled_layers"] = models.disable_bnb_cpu_weight_packing(model)
     fields.update(weights.read_format(model))
     fields.update(weights.account_base(model))
-    weights.check_format(model, precision, suite.compute_dtype)  # the arm must be what its name says
+    weights.check_format(model, precision, _dtype(model, compute_dtype or suite.compute_dtype))  # the arm must be what its name says
     started = time.perf_counter()  # outside every phase: reading the originals is the harness's work
     fields.update(weight_error.measure(model, model_path, suite.model.revision))
     fields["time.weight_error_s"] = time.perf_counter() - started
 
 
-def inspect_trained_base(model: torch.nn.Module, precision: Precision, suite: Suite, fields: dict[str, Any]) -> None:
+def inspect_trained_base(model: torch.nn.Module, precision: Precision, suite: Suite, fields: dict[str, Any],
+                         compute_dtype: str | None = None) -> None:
     """Read the base back after the prepare phase (k-bit preparation and LoRA attached), just before training:
     `weights.train.*` (bytes by kind and by dtype, as `weights.*` at load) and `format.train.*`; then fail
     with FormatMismatch, naming modules and dtypes, if the base is no longer in its precision's format (a
@@ -39,5 +40,14 @@ def inspect_trained_base(model: torch.nn.Module, precision: Precision, suite: Su
 
     fields.update({k.replace("weights.", "weights.train.", 1): v for k, v in weights.account_base(model).items()})
     fields.update({k.replace("format.", "format.train.", 1): v for k, v in weights.read_format(model).items()})
-    weights.check_format(model, precision, suite.compute_dtype,
+    weights.check_format(model, precision, _dtype(model, compute_dtype or suite.compute_dtype),
                          stage=f'after the prepare phase (train.prepare = "{suite.train.prepare}")')
+
+
+def _dtype(model: torch.nn.Module, setting: str) -> str:
+    """The compute dtype a setting means where the model sits ("auto": as a run decides it on that device)."""
+    from qbench.machine.compute import resolve
+
+    if setting != "auto":
+        return setting
+    return resolve(setting, next(iter(model.parameters())).device.type)

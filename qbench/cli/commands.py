@@ -7,8 +7,10 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +28,14 @@ from qbench.suite.spec import SuiteError
 
 if TYPE_CHECKING:
     from qbench.gate.compare import Settings
+    from qbench.machine.compute import ComputeChoice
     from qbench.run.plan import RunPlan
     from qbench.run.ray_executor import CellResources, Cluster
     from qbench.run.resume import Resumable
     from qbench.run.runner import Run
     from qbench.run.scheduler import Slot
+    from qbench.run.start import RunStart
+    from qbench.run.threads import ThreadPlan
     from qbench.suite.spec import Cell, LoadedSuite
 
 
@@ -47,7 +52,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     loaded = load(args.suite)
     run_plan = plan.make(loaded, only=args.only, seeds=args.seeds, shard=args.shard, gpus=args.gpus,
                          gpus_per_cell=args.gpus_per_cell, device=args.device, executor=args.executor,
-                         ray_address=args.ray_address, cpus_per_cell=args.cpus_per_cell, where=args.where)
+                         ray_address=args.ray_address, cpus_per_cell=args.cpus_per_cell, where=args.where,
+                         threads=args.threads, parallel=args.parallel, launcher=args.launcher)
     return run_suite(run_plan, Path(args.out), args.device, check_only=args.check)
 
 
@@ -59,17 +65,18 @@ def run_suite(run_plan: RunPlan, out: Path, device: str, check_only: bool = Fals
     A folder or file that cannot be written gives one line: exit 2 while no cell has run (--out a file,
     read-only, full), afterwards 1 when a cell of the run has no ok record, 2 when only results.csv or
     summary.md could not be written. What was written before stays as it was."""
-    from qbench.results.files import OutputError
     from qbench.run import runner
     from qbench.suite import preflight
 
     loaded = run_plan.loaded
     on_ray = run_plan.executor == "ray"  # cells run on the cluster's nodes: this machine's memory says nothing
+    checks = {"device": None if on_ray else "cuda" if run_plan.on_gpus else device,
+              "gpus_per_cell": max(1, int(run_plan.gpus_per_cell or 1))}
     check_out_folder(out, "--out")
-    preflight.check_suite(loaded, device=None if on_ray else "cuda" if run_plan.slots else device,
-                          gpus_per_cell=max(1, int(run_plan.gpus_per_cell or 1)))
+    if check_only or on_ray or not run_plan.cells:  # else checked while the fork server imports (_begin)
+        preflight.check_suite(loaded, **checks)
     if check_only:
-        where = "a Ray cluster" if on_ray else "cuda" if run_plan.slots else runner.resolve_device(device)
+        where = "a Ray cluster" if on_ray else "cuda" if run_plan.on_gpus else runner.resolve_device(device)
         console.print(f"suite [bold]{escape(loaded.suite.name)}[/] passes every check: {len(run_plan.cells)} cell(s) "
                       f"would run on {where} ({', '.join(c.id for c in run_plan.cells) or 'none in this shard'})")
         return Exit.OK
@@ -77,39 +84,79 @@ def run_suite(run_plan: RunPlan, out: Path, device: str, check_only: bool = Fals
         shard = run_plan.shard or (0, 0)
         console.print(f"shard {shard[0]}/{shard[1]} of suite {loaded.suite.name} has no cells ({run_plan.matrix_cells} in the matrix)")
         return Exit.OK
-    with _cluster(run_plan.executor, run_plan.ray_address) as cluster:
+    if on_ray:
+        return _run_on_ray(run_plan, out, device)
+    started_at = time.monotonic()
+    begun = _begin(loaded, run_plan.cells, "cuda" if run_plan.on_gpus else device, run_plan.threads, run_plan.launcher,
+                   run_plan.on_gpus, checks=checks)
+    run_dir = None
+    try:
+        run_dir = _create_run_dir(out, loaded, run_plan.label)
+        if run_dir is None:
+            return Exit.BAD_INPUT
         slots = run_plan.slots
-        if cluster is not None:
-            device, resources = _ray_resources(cluster, device, run_plan.gpus_per_cell or 1, run_plan.cpus_per_cell)
-        else:
-            device = "cuda" if slots else runner.resolve_device(device)
-        try:  # made only now: a run refused above leaves no folder behind
-            run_dir = runner.create_run_dir(out, loaded.suite.name, run_plan.label)
-        except ValueError as error:  # a suite name that is no folder name (the suite check refuses it first)
-            raise SuiteError(loaded.path, [f"name: {error}"]) from None
-        except OSError as error:
-            render.error(str(OutputError.from_os_error(out, error)))
+        where = f"{begun.device}, {len(slots)} cells at a time ({', '.join(s.name for s in slots)})" if slots else begun.device
+        _header(run_plan, where, run_dir)
+        render.run_start(begun)
+        run = runner.Run(loaded, run_dir, begun.device, run_plan.cells, slots=run_plan.run_slots(), forkserver=begun.forkserver,
+                         compute=begun.compute, threads=begun.threads)
+        extras = {"compute": asdict(begun.compute), "cell_launcher": begun.launcher, "timing": begun.timing, "shared": begun.shared}
+        return _run_in(run, run_dir, {**run_plan.manifest_extras(), **extras}, started_at)
+    finally:
+        begun.close(run_dir if run_dir is not None and run_dir.exists() else None)
+
+
+def _create_run_dir(out: Path, loaded: LoadedSuite, label: str = "") -> Path | None:
+    """The run's new folder under `out`; None (one line printed) when it cannot be made."""
+    from qbench.results.files import OutputError
+    from qbench.run import runner
+
+    try:  # made only now: a run refused by the checks leaves no folder behind
+        return runner.create_run_dir(out, loaded.suite.name, label)
+    except ValueError as error:  # a suite name that is no folder name (the suite check refuses it first)
+        raise SuiteError(loaded.path, [f"name: {error}"]) from None
+    except OSError as error:
+        render.error(str(OutputError.from_os_error(out, error)))
+        return None
+
+
+def _run_in(run: Run, run_dir: Path, manifest: dict[str, Any], started_at: float | None = None) -> int:
+    """Hold `run_dir`, write run.json, run the cells and write the run's tables; the exit code. A write that
+    fails before run.json is written removes the (still empty) folder; afterwards the records stay."""
+    from qbench.results.files import OutputError
+    from qbench.run import runner
+
+    started = False
+    try:
+        with runner.exclusive(run_dir):
+            run.write_manifest(manifest)
+            started = True
+            stopped, _ = _execute(run)
+            if stopped is not None:
+                return stopped
+            if started_at is not None:
+                runner.note_timing(run_dir, {"run_wall_s": time.monotonic() - started_at})
+            return _finish(run_dir, run.cells)
+    except OSError as error:
+        if started:
+            return _stopped_by_output(error, run_dir, run.cells)
+        _remove_unstarted_run_dir(run_dir)  # nothing ran: leave no half-made run folder behind
+        render.error(str(OutputError.from_os_error(run_dir, error)))
+        return Exit.BAD_INPUT
+
+
+def _run_on_ray(run_plan: RunPlan, out: Path, device: str) -> int:
+    """The plan's cells on a Ray cluster (joined before any folder is made)."""
+    loaded = run_plan.loaded
+    with _cluster(run_plan.executor, run_plan.ray_address) as cluster:
+        device, resources = _ray_resources(cluster, device, run_plan.gpus_per_cell or 1, run_plan.cpus_per_cell)
+        run_dir = _create_run_dir(out, loaded, run_plan.label)
+        if run_dir is None:
             return Exit.BAD_INPUT
-        if cluster is not None:
-            run, where, extras = _ray_run(cluster, loaded, run_dir, run_plan.cells, device, resources)
-        else:
-            where = f"{device}, {len(slots)} cells at a time ({', '.join(s.name for s in slots)})" if slots else device
-            run, extras = runner.Run(loaded, run_dir, device, run_plan.cells, slots=run_plan.run_slots()), {}
-        part = f", shard {run_plan.shard[0]}/{run_plan.shard[1]} of {run_plan.matrix_cells}" if run_plan.shard else ""
-        console.print(f"qbench {__version__}: suite [bold]{escape(loaded.suite.name)}[/] ({len(run_plan.cells)} cells{part}) on {escape(where)} -> {escape(str(run_dir))}")
-        started = False
-        try:
-            with runner.exclusive(run_dir):
-                run.write_manifest({**run_plan.manifest_extras(), **extras})
-                started = True
-                stopped, _ = _execute(run)
-                return stopped if stopped is not None else _finish(run_dir, run.cells)
-        except OSError as error:
-            if started:
-                return _stopped_by_output(error, run_dir, run.cells)
-            _remove_unstarted_run_dir(run_dir)  # nothing ran: leave no half-made run folder behind
-            render.error(str(OutputError.from_os_error(run_dir, error)))
-            return Exit.BAD_INPUT
+        run, where, extras = _ray_run(cluster, loaded, run_dir, run_plan.cells, device, resources)
+        run.threads = run_plan.threads
+        _header(run_plan, where, run_dir)
+        return _run_in(run, run_dir, {**run_plan.manifest_extras(), **extras})
 
 
 def check_out_folder(out: Path, option: str) -> None:
@@ -150,6 +197,31 @@ def _stopped_by_output(error: OSError, run_dir: Path, cells: list[Cell]) -> int:
         after = f"; the run stopped, the records written so far are intact: finish it with `qbench run --resume {run_dir}`"
     render.error(f"{problem}{after}")
     return Exit.BAD_INPUT if complete else Exit.FAILED
+
+
+def _header(run_plan: RunPlan, where: str, run_dir: Path) -> None:
+    loaded = run_plan.loaded
+    part = f", shard {run_plan.shard[0]}/{run_plan.shard[1]} of {run_plan.matrix_cells}" if run_plan.shard else ""
+    console.print(f"qbench {__version__}: suite [bold]{escape(loaded.suite.name)}[/] ({len(run_plan.cells)} cells{part}) on {escape(where)} -> {escape(str(run_dir))}")
+
+
+def _begin(loaded: LoadedSuite, cells: list[Cell], device: str, thread_plan: ThreadPlan, launcher: str, on_gpus: bool,
+           recorded: ComputeChoice | None = None, checks: dict[str, Any] | None = None) -> RunStart:
+    """Check the suite against the world (with `checks`, preflight.check_suite's options; None: checked
+    already) while the fork server imports, then settle the device, the compute dtype and the threads
+    (qbench.run.start); SuiteError (nothing started) for a bad suite."""
+    from qbench.run import start
+    from qbench.suite import preflight
+
+    server = start.begin(launcher, device, on_gpus)  # imports torch & co. while the suite is checked
+    try:
+        if checks is not None:
+            preflight.check_suite(loaded, **checks)
+        return start.finish(server, loaded, cells, device, thread_plan, launcher, on_gpus, recorded)
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise
 
 
 @contextmanager
@@ -218,7 +290,7 @@ def _resume(args: argparse.Namespace) -> int:
         for flag, used in (
             ("SUITE", args.suite is not None), ("--only", args.only is not None), ("--seeds", args.seeds is not None),
             ("--where", args.where), ("--device", args.device != "auto"), ("--out", args.out != "results"),
-            ("--check", args.check),
+            ("--check", args.check), ("--threads", args.threads is not None),
         )
         if used
     ]
@@ -227,11 +299,13 @@ def _resume(args: argparse.Namespace) -> int:
     state = resume.open_run(args.resume, force=args.force)
     on_ray = args.executor == "ray"
     slots, shard = plan.placement(state.loaded, args.gpus, args.gpus_per_cell, state.device if on_ray else args.device,
-                                  args.shard, args.executor, args.ray_address, args.cpus_per_cell)
+                                  args.shard, args.executor, args.ray_address, args.cpus_per_cell, args.parallel)
     if shard:
         raise SuiteError(COMMAND_LINE, ["--shard does not go with --resume: the run folder already holds its shard's cells"])
-    if slots and state.device != "cuda":
+    if args.gpus and state.device != "cuda":
         raise SuiteError(COMMAND_LINE, [f"--gpus: the run in {state.run_dir} ran on {state.device}, not cuda"])
+    if slots and not args.gpus and state.device != "cpu":
+        raise SuiteError(COMMAND_LINE, [f"--parallel: the run in {state.run_dir} ran on {state.device}, not cpu"])
     preflight.check_suite(state.loaded, device=None if on_ray else state.device, gpus_per_cell=max(1, int(args.gpus_per_cell)))
     started: list[bool] = []  # gets an entry once run.json notes the resumption: from then on cells may have run
     try:
@@ -256,23 +330,44 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _run_pending(state: Resumable, args: argparse.Namespace, slots: list[Slot] | None, started: list[bool]) -> int | None:
     """Run the cells a resumed run still needs, here or on Ray; the exit code when interrupted, else None.
-    `started` gets an entry once run.json notes the resumption (before that, a failed write ran nothing)."""
-    from qbench.run import resume, runner
+    `started` gets an entry once run.json notes the resumption (before that, a failed write ran nothing).
+    The suite was checked already."""
+    from qbench.machine.compute import ComputeChoice
+    from qbench.run import resume, runner, threads
     from qbench.run.scheduler import LOCAL_SLOT
 
+    # the cells of one run directory compute alike: the dtype and the threads run.json recorded, not new ones
+    recorded = state.manifest.get("compute")
+    choice = ComputeChoice(**{**recorded, "emulated": tuple(recorded.get("emulated", ()))}) if recorded else None
+    per_cell = state.manifest.get("threads_per_cell")
+    side_by_side = len(slots) if slots else 1
+    thread_plan = (threads.ThreadPlan(per_cell, state.manifest.get("threads_source") or "run.json", threads.available_cores(),
+                                      side_by_side)
+                   if per_cell else threads.plan(None, state.loaded.suite.threads, side_by_side))
+    begun = None
     with _cluster(args.executor, args.ray_address) as cluster:
         if cluster is not None:
             device, resources = _ray_resources(cluster, state.device, args.gpus_per_cell, args.cpus_per_cell or 1.0)
             run, where, _ = _ray_run(cluster, state.loaded, state.run_dir, state.pending, device, resources)
+            run.threads = thread_plan
         else:
-            run, where = runner.Run(state.loaded, state.run_dir, state.device, state.pending, slots=slots or [LOCAL_SLOT]), state.device
-        console.print(
-            f"qbench {__version__}: resuming [bold]{escape(state.loaded.suite.name)}[/] in {escape(str(state.run_dir))}: "
-            f"{len(state.pending)} of {len(state.cells)} cells to run ({', '.join(c.id for c in state.pending)}) on {escape(where)}"
-        )
-        resume.note_resume(state, forced=args.force, executor=args.executor)
-        started.append(True)
-        stopped, _ = _execute(run)
+            begun = _begin(state.loaded, state.pending, state.device, thread_plan, args.launcher, bool(args.gpus), choice)
+            run = runner.Run(state.loaded, state.run_dir, state.device, state.pending, slots=slots or [LOCAL_SLOT],
+                             forkserver=begun.forkserver, compute=begun.compute, threads=begun.threads)
+            where = state.device
+        try:
+            console.print(
+                f"qbench {__version__}: resuming [bold]{escape(state.loaded.suite.name)}[/] in {escape(str(state.run_dir))}: "
+                f"{len(state.pending)} of {len(state.cells)} cells to run ({', '.join(c.id for c in state.pending)}) on {escape(where)}"
+            )
+            if begun is not None:
+                render.run_start(begun)
+            resume.note_resume(state, forced=args.force, executor=args.executor)
+            started.append(True)
+            stopped, _ = _execute(run)
+        finally:
+            if begun is not None:
+                begun.close(state.run_dir)
     return stopped
 
 
@@ -486,7 +581,7 @@ def cmd_baseline_refresh(args: argparse.Namespace) -> int:
         for repeat in range(args.repeats):
             if args.repeats > 1:
                 console.print(f"repeat {repeat + 1} of {args.repeats}")
-            code = run_suite(plan.make(loaded, device=args.device), Path(scratch), args.device)
+            code = run_suite(plan.make(loaded, device=args.device, threads=args.threads), Path(scratch), args.device)
             if code != Exit.OK:
                 errors.print(f"[red]the run did not finish cleanly (exit {code}); the baseline is left as it was[/]")
                 return code

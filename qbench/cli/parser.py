@@ -67,6 +67,27 @@ def _add_run(commands_: Commands) -> None:
         help="with --executor ray: CPUs each cell's task asks for (default 1)",
     )
     run.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N cells side by side on this machine's CPU (threads per cell default to the cores divided by N)",
+    )
+    run.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch threads per cell (overrides the suite's threads and OMP_NUM_THREADS; default: the cores, "
+        "divided among cells run side by side)",
+    )
+    run.add_argument(
+        "--launcher",
+        choices=("auto", "forkserver", "subprocess"),
+        default="auto",
+        help="how cell processes start: forked from a server that imported torch & co. and built the data once "
+        "(auto on a CPU), or each a fresh interpreter (auto on GPUs)",
+    )
+    run.add_argument(
         "--shard",
         metavar="I/N",
         help="run only the I-th of N deterministic parts of the matrix (split a run over machines or CI jobs; "
@@ -94,7 +115,8 @@ def _add_env(commands_: Commands) -> None:
         "tried (quantize, forward and backward a small layer) in a separate process.",
     )
     env.add_argument("--device", default="auto", help="where to try the formats: auto (default), cpu, cuda, cuda:N")
-    env.add_argument("--compute-dtype", default="bfloat16", choices=precisions.DTYPE_NAMES)
+    env.add_argument("--compute-dtype", default="auto", choices=("auto", *precisions.DTYPE_NAMES),
+                     help="the dtype the formats compute in (auto: what the device computes natively, as in a run)")
     env.add_argument("--json", action="store_true", help="print the report as JSON")
     env.set_defaults(handler=commands.cmd_env)
 
@@ -153,6 +175,7 @@ def _add_baseline(commands_: Commands) -> None:
                          help="run the suite N times (1-10): compare averages them and takes their spread as noise")
     refresh.add_argument("--allow-dirty", action="store_true",
                          help="make the baseline even from a working tree with uncommitted changes (its records say +dirty)")
+    refresh.add_argument("--threads", type=int, metavar="N", help="torch threads per cell (default: the suite's, else as qbench run)")
     refresh.set_defaults(handler=commands.cmd_baseline_refresh)
 
 

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
     from qbench.gate.compare import Comparison
     from qbench.report.sections import Section
+    from qbench.run.start import RunStart
     from qbench.suite.spec import Cell
 
 console = Console()
@@ -76,6 +77,21 @@ class ProgressListener:
         if task is not None:
             self.progress.remove_task(task)
         self.where.pop(cell.id, None)
+
+
+def run_start(begun: RunStart) -> None:
+    """The lines under a run's header: compute dtype and why, threads, how cells start; then any warning."""
+    launcher = begun.launcher
+    if launcher == "forkserver":
+        ready = begun.timing.get("forkserver_ready_s")
+        launcher = "forked from a server that imported torch & co. once" + (f" ({ready:.1f} s)" if ready else "")
+    else:
+        launcher = "each a fresh process"
+    console.print(f"  {escape(begun.compute.header())}; {escape(begun.threads.header())}; cells {launcher}", highlight=False)
+    for note in begun.notes:
+        console.print(f"  [dim]{escape(note)}[/]", highlight=False)
+    for warning in begun.warnings:
+        errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 def table(frame: pd.DataFrame, title: str) -> Table:

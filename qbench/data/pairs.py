@@ -57,13 +57,16 @@ def open_image(image: Any):
 
 
 class CaptionPairs(torch.utils.data.Dataset):
-    """(image, caption) pairs of a split, one per caption; images are opened lazily (worker processes)."""
+    """(image, caption) pairs of a split, one per caption; images are opened lazily (worker processes).
+    With `indices`, (image index, caption): the images were preprocessed beforehand."""
 
-    def __init__(self, split: ClipSplit):
+    def __init__(self, split: ClipSplit, indices: bool = False):
         self.split = split
+        self.indices = indices
 
     def __len__(self) -> int:
         return len(self.split.captions)
 
     def __getitem__(self, index: int) -> tuple[Any, str]:
-        return open_image(self.split.images[self.split.caption_image[index]]), self.split.captions[index]
+        image = self.split.caption_image[index]
+        return (image if self.indices else open_image(self.split.images[image])), self.split.captions[index]

@@ -11,7 +11,12 @@ What is compared comes from the metric registry (`qbench.results.fields`):
 - counts of non-finite model outputs in evaluation (`quality.<phase>.nonfinite_*`) must not rise;
 - interval bounds (`interval.*`) describe a metric's noise and are not gated themselves;
 - absolute times and rates are never compared (they move from machine to machine); speed is
-  compared as ratios measured within one run, e.g. nf4-dq samples/s over bf16 samples/s.
+  compared as ratios measured within one run, e.g. nf4-dq samples/s over dense samples/s. On a CPU
+  the same ratios of CPU time are judged too (samples per CPU-second of the timed steps): a busy
+  machine makes steps wait for a core, which moves wall time a lot and CPU time little. The
+  wall-time ratios of a run in which a cell was contended (its threads waited for a core, see
+  `speed.contended`) are not judged; no speed ratio is when a cell had a core less than half the
+  time it wanted one (then its CPU time moved too); the verdict says why.
 Tolerances: the command line's, then the suite's `[compare.tolerances]`, then DEFAULT_TOLERANCES;
 for each field the first pattern that matches wins.
 """
@@ -157,6 +162,7 @@ class Comparison:
 
 
 REGRESSION_VERDICTS = ("regression", "mismatch", "missing", "failed")
+NOT_JUDGED = "not judged"  # measured, shown, and deliberately left out of the verdict (the note says why)
 
 
 def _normalised(value: Any) -> str | None:
@@ -237,11 +243,12 @@ def compare(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings | None
     problems = identity_problems(baseline, new, axes)
     if problems:
         return Comparison.unusable(problems, baseline_label, new_label)
-    old = stats.add_speed_ratios(baseline, settings.speed_ratios)
-    now = stats.add_speed_ratios(new, settings.speed_ratios)
+    speed = _speed_plan(baseline, new, settings)
+    old = stats.add_speed_ratios(baseline, speed.fields)
+    now = stats.add_speed_ratios(new, speed.fields)
     columns = _gated_columns(old)
     both = _Stats(stats.aggregate(old, columns, axes), stats.aggregate(now, [c for c in columns if c in now.columns], axes),
-                  stats.baseline_precision(old), _Arms(old, axes), _Arms(now, axes))
+                  stats.baseline_precision(old), _Arms(old, axes), _Arms(now, axes), speed.not_judged)
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     used_rules: set[str] = set()
@@ -258,7 +265,7 @@ def compare(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings | None
             precision = both.new_arms.precision[arm]
             rows += _failed_cell_rows(precision, arm, now[(both.new_arms.labels == arm) & (now["status"] != "ok")])
             notes.append(f"{arm}: in the new results only; no baseline to compare with")
-    notes += _notes(baseline, new, settings, used_rules, both.base_precision)
+    notes += _notes(baseline, new, settings, used_rules, both.base_precision, speed)
     return Comparison(pd.DataFrame(rows), [], notes, baseline_label, new_label)
 
 
@@ -291,14 +298,85 @@ class _Arms:
 
 
 @dataclass(frozen=True)
+class _SpeedPlan:
+    """Which speed fields are compared as ratios, and which ratios are not judged (column -> why)."""
+
+    fields: tuple[str, ...]
+    not_judged: dict[str, str]
+    cpu_fields: tuple[str, ...] = ()
+    contended: tuple[str, ...] = ()
+
+
+def _has(frame: pd.DataFrame, column: str) -> bool:
+    return column in frame.columns and pd.to_numeric(frame[column], errors="coerce").notna().any()
+
+
+def contended_cells(frame: pd.DataFrame) -> list[str]:
+    """The ok cells whose record says they were contended (`speed.contended`), as `cell_id (run)`."""
+    if "speed.contended" not in frame.columns:
+        return []
+    flagged = stats.ok_rows(frame)
+    flagged = flagged[flagged["speed.contended"].map(lambda v: v is True or v == 1 or str(v).lower() == "true")]
+    return [f"{row.get('cell_id', row.get('precision'))} ({row.get('run_id', '?')})" for _, row in flagged.iterrows()]
+
+
+# a cell that had a core less than this share of the time it was ready to run was time-sliced so finely that
+# its CPU time rose too: with busy loops on every core of this project's 2-core machine (the cells got 17-26 %)
+# an nf4 cell's CPU time per step doubled while the dense cell's rose 17 %
+STARVED_SHARE = 0.5
+
+
+def starved_cells(frame: pd.DataFrame) -> list[str]:
+    """The ok cells that had a core less than STARVED_SHARE of the time they wanted one while training."""
+    if "cpu.train.share" not in frame.columns:
+        return []
+    ok = stats.ok_rows(frame)
+    shares = pd.to_numeric(ok["cpu.train.share"], errors="coerce")
+    return [f"{row.get('cell_id', row.get('precision'))} ({share:.0%})" for (_, row), share in zip(ok.iterrows(), shares, strict=True)
+            if share < STARVED_SHARE]
+
+
+def _speed_plan(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings) -> _SpeedPlan:
+    """On a CPU: the CPU-time twins of the speed fields join them (where both sides have them); the wall-time
+    ratios are not judged when a cell of either side was contended, and no speed ratio is when a cell had a
+    core less than half the time it wanted one (its CPU time moved too). Elsewhere: as set."""
+    devices = {v.split(":")[0] for frame in (baseline, new) for v in _values(frame, "env.device")}
+    if devices != {"cpu"}:
+        return _SpeedPlan(tuple(settings.speed_ratios), {})
+    cpu_fields = tuple(
+        twin for name in settings.speed_ratios
+        if (twin := fields.cpu_time_field(name)) and _has(baseline, twin) and _has(new, twin)
+    )
+    contended = [f"baseline {c}" for c in contended_cells(baseline)] + [f"new {c}" for c in contended_cells(new)]
+    starved = [f"baseline {c}" for c in starved_cells(baseline)] + [f"new {c}" for c in starved_cells(new)]
+    not_judged = {}
+    if starved:  # so little of a core that CPU time itself moved (cold caches after every slice, a busy SMT sibling)
+        shown = ", ".join(starved[:4]) + (f" and {len(starved) - 4} more" if len(starved) > 4 else "")
+        why = (f"not judged: some cells had a core less than {STARVED_SHARE:.0%} of the time they wanted one ({shown}); "
+               "under such load CPU time moves as well as wall time (it doubled for one cell here), so no speed "
+               "ratio of these runs says anything about the formats: measure speed on a quieter machine")
+        return _SpeedPlan(tuple(dict.fromkeys((*settings.speed_ratios, *cpu_fields))),
+                          {fields.ratio_column(n): why for n in (*settings.speed_ratios, *cpu_fields)}, cpu_fields,
+                          tuple(contended))
+    if contended:
+        shown = ", ".join(contended[:4]) + (f" and {len(contended) - 4} more" if len(contended) > 4 else "")
+        why = (f"not judged: the CPU was contended ({shown}), so wall time measured the machine's load; "
+               + ("the CPU-time ratio is judged instead" if cpu_fields else "the records have no CPU time to judge instead"))
+        not_judged = {fields.ratio_column(name): why for name in settings.speed_ratios}
+    return _SpeedPlan(tuple(dict.fromkeys((*settings.speed_ratios, *cpu_fields))), not_judged, cpu_fields, tuple(contended))
+
+
+@dataclass(frozen=True)
 class _Stats:
-    """Per-arm mean, spread and count of both sides, the precision speed ratios are taken to, and the arms."""
+    """Per-arm mean, spread and count of both sides, the precision speed ratios are taken to, the arms, and
+    the ratio columns not judged (column -> why)."""
 
     old: stats.Aggregate
     new: stats.Aggregate
     base_precision: str | None
     old_arms: _Arms
     new_arms: _Arms
+    not_judged: dict[str, str] = field(default_factory=dict)
 
 
 def _row(precision: str, metric: str, verdict: str, arm: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -351,6 +429,8 @@ def _check_metric(arm: str, precision: str, metric: str, both: _Stats, settings:
     row = {"baseline": before, "new": after, "n_baseline": n_old, "n_new": n_new, "tolerance": source}
     if tolerance.ignore:
         return _row(precision, metric, "ignored", arm, **row)
+    if metric in both.not_judged:
+        return _row(precision, metric, NOT_JUDGED, arm, note=both.not_judged[metric], **row)
     if pd.isna(after):
         return _row(precision, metric, "missing", arm, note="the new results lack this metric", **row)
     allowed = max(tolerance.abs or 0.0, (tolerance.rel or 0.0) * abs(before))
@@ -393,7 +473,7 @@ def _code_notes(baseline: pd.DataFrame, new: pd.DataFrame) -> list[str]:
 
 
 def _notes(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings, used_rules: set[str],
-           base_precision: str | None) -> list[str]:
+           base_precision: str | None, speed: _SpeedPlan | None = None) -> list[str]:
     """What a reader of the verdict should know: thread counts, what speed is gated as, unused tolerances."""
     notes = []
     threads_old, threads_new = _threads(baseline), _threads(new)
@@ -403,10 +483,18 @@ def _notes(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings, used_r
             "speed ratios may move for that reason alone (set OMP_NUM_THREADS as the baseline was made)"
         )
     if any(getattr(fields.spec_for(c), "kind", None) == "speed" for c in new.columns):
+        judged = [c for c in (speed.fields if speed else settings.speed_ratios)
+                  if not speed or fields.ratio_column(c) not in speed.not_judged]
         notes.append(
             "absolute times and rates are not gated (they move from machine to machine); speed is gated as "
-            f"ratios to {base_precision} within one run: " + ", ".join(fields.ratio_column(c) for c in settings.speed_ratios)
+            f"ratios to {base_precision} within one run: " + (", ".join(fields.ratio_column(c) for c in judged) or "none")
         )
+    if speed and speed.cpu_fields:
+        notes.append("on a CPU, speed is also judged by CPU time (the process's CPU seconds of the timed steps), which "
+                     "a busy machine moves far less than wall time")
+    if speed and speed.not_judged:
+        what = "speed ratios" if any(fields.ratio_column(c) in speed.not_judged for c in speed.cpu_fields) else "wall-time speed ratios"
+        notes.append(f"{what} {next(iter(speed.not_judged.values()))}")
     notes += _code_notes(baseline, new)
     unused = [f"{source}: {pattern}" for pattern, _, source in settings.rules
               if source != "default" and f"{source}: {pattern}" not in used_rules]

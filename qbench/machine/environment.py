@@ -71,23 +71,40 @@ def git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+def run_facts() -> dict[str, Any]:
+    """The `env.*` fields that stay the same for every cell of a run (package versions, git commit, CPU
+    model), looked up once per process: the run's fork server looks them up before forking any cell."""
+    from qbench.cell import shared
+
+    def look_up() -> dict[str, Any]:
+        fields: dict[str, Any] = {f"env.{name}_version": version for name, version in package_versions().items()}
+        fields.update({
+            "env.python_version": platform.python_version(),
+            "env.hostname": socket.gethostname(),
+            "env.git_commit": git_commit(),
+            "env.cpu_model": cpu_model(),
+        })
+        return fields
+
+    return dict(shared.memo(("environment facts",), look_up))
+
+
 def describe(device: str) -> dict[str, Any]:
     """Flat `env.*` fields for a record (imports torch: call it in a cell's process)."""
     import torch
 
-    fields: dict[str, Any] = {f"env.{name}_version": version for name, version in package_versions().items()}
+    from qbench.run.threads import available_cores
+
+    fields: dict[str, Any] = run_facts()
     fields.update(
         {
-            "env.python_version": platform.python_version(),
-            "env.hostname": socket.gethostname(),
-            "env.pid": os.getpid(),  # the cell's own process: each cell runs in a fresh one
-            "env.git_commit": git_commit(),
-            "env.cpu_model": cpu_model(),
             "env.torch_threads": torch.get_num_threads(),  # intra-op threads the cell computes with
+            "env.pid": os.getpid(),  # the cell's own process: each cell runs in a fresh one
             # the kernels a CPU computes with: figures are bit-identical run to run only on the same level
             # (AVX2 against AVX512 moved the CI suite's recall by up to 1.9 points, README "Regression gate")
             "env.torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "env.cpu_isa_flags": cpu_isa_flags(),
+            "env.cpu_cores_available": available_cores(),
             "env.device": device,
             "env.cuda_version": torch.version.cuda,
             "env.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -113,7 +130,7 @@ def describe(device: str) -> dict[str, Any]:
     return fields
 
 
-def machine_report(device: str = "auto", compute_dtype: str = "bfloat16", timeout_s: float = 600) -> dict[str, Any]:
+def machine_report(device: str = "auto", compute_dtype: str = "auto", timeout_s: float = 600) -> dict[str, Any]:
     """Everything `qbench env` shows: versions, machine, and (from a probe process) torch, CUDA, NVML
     and which weight formats work on `device`; this process never imports torch."""
     report: dict[str, Any] = {

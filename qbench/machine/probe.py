@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="where the formats are tried: auto, cpu, cuda, cuda:N")
     from qbench.suite import precisions
 
-    parser.add_argument("--compute-dtype", default="bfloat16", choices=precisions.DTYPE_NAMES)
+    parser.add_argument("--compute-dtype", default="auto", choices=("auto", *precisions.DTYPE_NAMES))
     args = parser.parse_args(argv)
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     device = args.device
@@ -179,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    facts = collect(device, args.compute_dtype)
+    from qbench.machine.compute import choose_here
+
+    choice = choose_here(args.compute_dtype, device)
+    facts = collect(device, choice.dtype)
+    facts["formats_compute_dtype_reason"] = choice.reason
     sys.stdout.write(json.dumps(facts) + "\n")
     return 0
 

@@ -75,6 +75,32 @@ class TorchCudaCounters:
         return self._cuda.memory_allocated(self.index), self._cuda.memory_reserved(self.index)
 
 
+def cpu_fields(phase: str, cpu: dict[str, Any] | None, cores: int) -> dict[str, Any]:
+    """`cpu.<phase>.*` from the sampler's CPU reading of the phase (None each where there was none):
+
+    process_s            CPU seconds of the cell's process tree (all threads, DataLoader workers too)
+    runqueue_wait_s      seconds its threads were ready to run but waited for a core (contention)
+    share                process_s / (process_s + runqueue_wait_s): of the time it wanted a core, how much it had
+    machine_busy_cores   cores the whole machine kept busy on average, this cell included
+    others_busy_cores    the same less this cell: the load of everything else
+    steal_share          share of the machine's CPU time a hypervisor gave to other guests
+    """
+    prefix = f"cpu.{phase}."
+    keys = ("process_s", "runqueue_wait_s", "share", "machine_busy_cores", "others_busy_cores", "steal_share")
+    if not cpu:
+        return dict.fromkeys((prefix + k for k in keys), None)
+    seconds, run, wait = cpu["seconds"], cpu["tree_run_s"], cpu["tree_wait_s"]
+    busy = cpu["machine_busy_s"] / seconds if seconds > 0 else None
+    return {
+        prefix + "process_s": run,
+        prefix + "runqueue_wait_s": wait,
+        prefix + "share": run / (run + wait) if run + wait > 0 else None,
+        prefix + "machine_busy_cores": min(busy, float(cores)) if busy is not None else None,
+        prefix + "others_busy_cores": max(0.0, min(busy, float(cores)) - run / seconds) if busy is not None else None,
+        prefix + "steal_share": cpu["machine_steal_share"],
+    }
+
+
 class MemoryTracker:
     """Tracks peak memory phase by phase: `with tracker.phase("train"): ...`; `record` holds the figures."""
 
@@ -83,6 +109,9 @@ class MemoryTracker:
 
         self.device = device
         self.interval_s = interval_s
+        from qbench.run.threads import available_cores
+
+        self.cores = available_cores()
         self.record: dict[str, Any] = {"memory.sample_interval_s": interval_s}
         self._cuda = device.startswith("cuda")
         self._counters = cuda_counters if cuda_counters is not None else (TorchCudaCounters(device) if self._cuda else None)
@@ -209,6 +238,7 @@ class MemoryTracker:
                 f"{reading['unknown_samples']['nvml_process_bytes']} of {reading['samples']} samples had no "
                 "per-process figure from NVML; the peak is over the others"
             )
+        self.record.update(cpu_fields(name, (reading or {}).get("cpu"), self.cores))
         reserved, process_peak = torch_peaks[1], self.record[prefix + "nvml_process_peak_bytes"]
         if self.nvml_available and reserved and not process_peak:
             # torch holds device memory, yet NVML lists none of this tree's PIDs: typically a container

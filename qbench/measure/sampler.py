@@ -1,5 +1,6 @@
-"""The memory sampler process: every ~10 ms it reads the measured process's RSS, its process tree's PSS and
-NVML memory, and keeps the peaks.
+"""The sampler process: every ~10 ms it reads the measured process's RSS, its process tree's PSS and NVML
+memory, and keeps the peaks; at each phase boundary it also reads how much CPU the tree had and how long it
+waited for one.
 
 It runs beside the measured process, not as a thread inside it: a thread there only runs when the
 measured process lets go of its GIL, so a long C call that holds the GIL (or a busy interpreter)
@@ -7,7 +8,10 @@ would hide a short spike; and a thread's readings would take the GIL from the ve
 
 Protocol, one JSON object per line: the sampler first writes {"hello": {...}} (which sources work);
 for each "mark" line on its standard input it reads once more and writes {"peaks": {...}, "current": {...},
-"samples": n, "seconds": s} (the peaks since the previous mark, and that last reading), then starts over; "stop" or end of input ends it.
+"samples": n, "seconds": s, "cpu": {...}} (the peaks since the previous mark, and that last reading), then
+starts over; "stop" or end of input ends it. "cpu" (read at marks only, not every 10 ms) holds the tree's
+CPU seconds, the seconds its threads waited for a core, the machine's busy CPU seconds and its steal share
+(CpuCounters).
 `SamplerProcess` is the measured process's side of this.
 """
 
@@ -179,6 +183,81 @@ class ProcessTree:
             os.close(reader)
 
 
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def machine_cpu_seconds(stat: str = "/proc/stat") -> dict[str, float] | None:
+    """Cumulative CPU seconds of the whole machine since boot (all cores): busy, steal and total; None off Linux."""
+    try:
+        with open(stat, "rb") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 8:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return {
+        "busy_s": (user + nice + system + irq + softirq) / CLOCK_TICKS_PER_S,
+        "steal_s": steal / CLOCK_TICKS_PER_S,
+        "total_s": sum(fields) / CLOCK_TICKS_PER_S,
+    }
+
+
+def thread_schedstat(pid: int) -> dict[int, tuple[int, int]]:
+    """Per thread of `pid`: (nanoseconds on a CPU, nanoseconds runnable but waiting for one) from
+    /proc/PID/task/TID/schedstat; empty where the kernel does not provide it."""
+    found = {}
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as handle:
+                on_cpu, waiting = handle.read().split()[:2]
+            found[int(tid)] = (int(on_cpu), int(waiting))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+class CpuCounters:
+    """How much CPU a process tree had and how long its threads waited for one, against the whole machine's
+    load, between two `take()` calls. The wait (the kernel's run-queue delay per thread) is the cell's
+    contention: time it wanted a core that someone else had. Sleeping or blocking is not waiting."""
+
+    def __init__(self, tree: ProcessTree):
+        self.tree = tree
+        self._threads: dict[tuple[int, int], tuple[int, int]] = {}
+        self._machine = machine_cpu_seconds()
+        self._started = time.perf_counter()
+        self.take()
+
+    def take(self) -> dict[str, Any] | None:
+        now = time.perf_counter()
+        run_ns = wait_ns = 0
+        threads: dict[tuple[int, int], tuple[int, int]] = {}
+        for pid in self.tree.members():
+            for tid, (on_cpu, waiting) in thread_schedstat(pid).items():
+                before = self._threads.get((pid, tid), (0, 0))
+                run_ns += on_cpu - before[0]
+                wait_ns += waiting - before[1]
+                threads[(pid, tid)] = (on_cpu, waiting)
+        machine, elapsed = machine_cpu_seconds(), now - self._started
+        previous = self._machine
+        self._threads, self._machine, self._started = threads, machine, now
+        if not threads or machine is None or previous is None or elapsed <= 0:
+            return None
+        total = machine["total_s"] - previous["total_s"]
+        return {
+            "seconds": elapsed,
+            "tree_run_s": run_ns / 1e9,
+            "tree_wait_s": wait_ns / 1e9,
+            "machine_busy_s": machine["busy_s"] - previous["busy_s"],
+            "machine_steal_share": (machine["steal_s"] - previous["steal_s"]) / total if total > 0 else None,
+        }
+
+
 class Peaks:
     """The maximum of each reading since the last `take()`; None stays None until a reading exists."""
 
@@ -230,6 +309,7 @@ def serve(root: int, interval_s: float, nvml_ordinal: int | None, torch_uuid: st
     from qbench.measure import nvml
 
     tree = ProcessTree(root, exclude={os.getpid()}, pss_min_interval_s=interval_s)
+    cpu = CpuCounters(tree)
     readers: dict[str, Any] = {"rss_bytes": tree.rss_bytes, "processes": lambda: len(tree.members())}
     hello: dict[str, Any] = {"pid": os.getpid(), "root": root}
     try:
@@ -267,7 +347,7 @@ def serve(root: int, interval_s: float, nvml_ordinal: int | None, torch_uuid: st
                     if command == "stop":
                         return
                     if command == "mark":
-                        _write(peaks.take())
+                        _write({**peaks.take(), "cpu": cpu.take()})
                 continue
             peaks.read()
             next_read += interval_s

@@ -148,6 +148,26 @@ def memory_section(data: ReportData) -> Section | None:
     return Section("memory", "Peak memory per phase (MiB)", table=data.display(table, 1), note=note, wide=len(table.columns) > 6)
 
 
+def time_section(data: ReportData) -> Section | None:
+    table = tables.time_split_table(data.frame)
+    if table.empty:
+        return None
+    note = ("The parts add up to the wall time of each cell's process (launch to exit); `other` is what the harness "
+            "spent around them: launch, environment, sampler start, record checkpoints, exit.")
+    return Section("time", "Where each cell's time went (s, mean per precision)", table=data.display(table), note=note,
+                   wide=True)
+
+
+def contended_section(data: ReportData) -> Section | None:
+    table = tables.contended_table(data.frame)
+    if table.empty:
+        return None
+    text = ("These cells' threads waited for a core while they trained: their wall-clock speed says more about the "
+            "machine's load than about the format. Read their samples per CPU-second; `qbench compare` judges CPU time "
+            "on a CPU and leaves these wall-time ratios out.")
+    return Section("contended", "Cells timed on a busy CPU", text=text, table=data.display(table, 1))
+
+
 def failures_section(data: ReportData) -> Section | None:
     table = tables.failures(data.frame)
     if table.empty:

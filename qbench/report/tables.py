@@ -210,8 +210,11 @@ def precision_table(frame: pd.DataFrame) -> pd.DataFrame:
     memory = fields.first_present(frame, fields.HEADLINE_PEAK_MEMORY)
     process = fields.process_baseline_of(memory) if memory else None
     throughput = fields.first_present(frame, fields.HEADLINE_THROUGHPUT)
+    throughput_cpu = fields.cpu_time_field(throughput) if throughput else None
+    if throughput_cpu not in frame.columns or frame[throughput_cpu].isna().all():
+        throughput_cpu = None
     wanted = [c for c in ("weights.base_bytes", "weights.bits_per_quantized_param", memory, process, throughput,
-                          "speed.step_time_p50_s", "train.final_loss") if c]
+                          throughput_cpu, "speed.step_time_p50_s", "train.final_loss") if c]
     agg = stats.aggregate(frame, wanted)
     mean = agg.mean
     if "weights.base_bytes" in mean.columns:
@@ -226,6 +229,8 @@ def precision_table(frame: pd.DataFrame) -> pd.DataFrame:
             table["increase over it (MiB)"] = (mean[memory] - mean[process]) / MB
     if throughput:
         table[fields.label(throughput)] = mean[throughput]
+    if throughput_cpu:  # what a busy machine moves least: the same work over the process's CPU seconds
+        table[fields.label(throughput_cpu)] = mean[throughput_cpu]
     if "speed.step_time_p50_s" in mean.columns:
         table["step time p50 (s)"] = mean["speed.step_time_p50_s"]
     quality = fields.first_present(frame, fields.HEADLINE_QUALITY)
@@ -287,3 +292,43 @@ def provenance_table(frame: pd.DataFrame) -> pd.DataFrame:
     table["cells"] = runs.size()
     table["ok"] = runs["status"].agg(lambda s: int((s == "ok").sum()))
     return table
+
+
+TIME_LABELS = {
+    "process_start": "start + imports", "data": "data", "load": "load", "readback": "read-back", "prepare": "LoRA",
+    "eval_before": "eval before", "train": "train", "eval_after": "eval after", "adapter_save": "adapter save",
+}
+
+
+def time_split_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Where a cell's wall time went (s): mean per precision of each part (schema.TIME_PARTS), the rest
+    (`other`: launch, environment, sampler start, record checkpoints, exit) and the wall time they sum to."""
+    means = ok_means(frame)
+    if means.empty or "time.cell_wall_s" not in means.columns:
+        return pd.DataFrame()
+    table = pd.DataFrame(index=pd.Index(means.index, name="precision"))
+    for part in schema.TIME_PARTS:
+        column = f"time.{part}_s"
+        if column in means.columns:
+            table[f"{TIME_LABELS.get(part, part)} (s)"] = means[column]
+    table["other (s)"] = means["time.other_s"] if "time.other_s" in means.columns else float("nan")
+    table["wall (s)"] = means["time.cell_wall_s"]
+    return table
+
+
+def contended_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The cells whose training waited for a core (`speed.contended`), with how much CPU they had and why:
+    their wall-clock speed measured the machine's load more than the format."""
+    if frame.empty or "speed.contended" not in frame.columns:
+        return pd.DataFrame()
+    flagged = frame[frame["speed.contended"].map(lambda v: v is True or str(v).lower() == "true")]
+    if flagged.empty:
+        return pd.DataFrame()
+    shown = pd.DataFrame(index=pd.Index(flagged.get("cell_id", flagged.index), name="cell"))
+    if "cpu.train.share" in flagged.columns:
+        shown["had the CPU (% of the time it wanted it)"] = (pd.to_numeric(flagged["cpu.train.share"], errors="coerce") * 100).to_numpy()
+    if "cpu.train.others_busy_cores" in flagged.columns:
+        shown["cores others kept busy"] = pd.to_numeric(flagged["cpu.train.others_busy_cores"], errors="coerce").to_numpy()
+    if "speed.contention" in flagged.columns:
+        shown["why"] = flagged["speed.contention"].to_numpy()
+    return shown

@@ -30,6 +30,8 @@ SECTIONS = (
     sections.memory_section,
     grid.scaling_section,
     grid.optimizer_state_section,
+    sections.time_section,
+    sections.contended_section,
     sections.failures_section,
     paper.paper_section,
     sections.provenance_section,

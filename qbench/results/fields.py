@@ -74,9 +74,12 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("memory.*_bytes", "memory", "lower", "bytes"),
     FieldSpec("memory.*.seconds", "speed", "lower", "s"),
     FieldSpec(RATIO_PREFIX + "speed.*_per_s", "speed-ratio", "higher", "ratio"),
+    FieldSpec(RATIO_PREFIX + "speed.*_per_cpu_s", "speed-ratio", "higher", "ratio"),
     FieldSpec(RATIO_PREFIX + "speed.*_s", "speed-ratio", "lower", "ratio"),
     FieldSpec(RATIO_PREFIX + "time.*_s", "speed-ratio", "lower", "ratio"),
     FieldSpec("speed.*_per_s", "speed", "higher", "1/s"),
+    FieldSpec("speed.*_per_cpu_s", "speed", "higher", "1/CPU-s"),
+    FieldSpec("cpu.*_s", "speed", "lower", "s"),
     FieldSpec("speed.*_s", "speed", "lower", "s"),
     FieldSpec("time.*_s", "speed", "lower", "s"),
 )
@@ -141,6 +144,14 @@ def spec_for(name: str) -> FieldSpec | None:
 
 def ratio_column(name: str) -> str:
     return RATIO_PREFIX + name
+
+
+def cpu_time_field(name: str) -> str | None:
+    """The CPU-time twin of a throughput field (`speed.train_samples_per_s` -> `speed.train_samples_per_cpu_s`:
+    the same work over the process's CPU seconds), or None for a field that has none."""
+    if name.startswith("speed.") and name.endswith("_per_s") and not name.endswith("_per_cpu_s"):
+        return name.removesuffix("_per_s") + "_per_cpu_s"
+    return None
 
 
 def first_present(frame: Any, candidates: tuple[str, ...]) -> str | None:

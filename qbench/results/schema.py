@@ -16,6 +16,11 @@ STATUSES = ("ok", "failed", "unsupported", "interrupted", "running")
 # the phases of a cell in the order they run (memory.<phase>.*, time.<phase>_s)
 PHASES = ("data", "load", "prepare", "eval_before", "train", "eval_after")
 
+# where a cell's wall time goes, in the order it is spent (time.<part>_s): process start and imports (from the
+# process's creation to the end of its imports), the phases, the read-back of the loaded base's format, bytes
+# and weight error, and the adapter's save; the runner adds time.cell_wall_s and time.other_s, the rest
+TIME_PARTS = ("process_start", "data", "load", "readback", "prepare", "eval_before", "train", "eval_after", "adapter_save")
+
 # per-phase memory figures (memory.<phase>.<key>) -> how a report labels them
 MEMORY_SOURCES = {
     "nvml_process_peak_bytes": "NVML process",

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from qbench.run import scheduler
+from qbench.run import threads as threads_module
 from qbench.run.scheduler import LOCAL_SLOT, Slot
+from qbench.run.threads import ThreadPlan
 from qbench.suite import grid
 from qbench.suite.spec import LIMITS, Cell, LoadedSuite, SuiteError
 
@@ -29,6 +31,9 @@ class RunPlan:
     ray_address: str | None = None
     cpus_per_cell: float = 1.0  # with Ray: the CPUs each cell's task asks for
     where: dict[str, tuple[Any, ...]] | None = None  # --where (and --only as precision), as applied
+    threads: ThreadPlan | None = None  # torch threads per cell
+    launcher: str = "auto"  # auto | forkserver | subprocess (qbench.run.start)
+    parallel: int = 1  # cells side by side on this machine's CPU (--parallel)
 
     @property
     def label(self) -> str:
@@ -38,6 +43,10 @@ class RunPlan:
     def run_slots(self) -> list[Slot]:
         return self.slots or [LOCAL_SLOT]
 
+    @property
+    def on_gpus(self) -> bool:
+        return bool(self.gpus)
+
     def manifest_extras(self) -> dict[str, Any]:
         return {
             "shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None,
@@ -46,17 +55,31 @@ class RunPlan:
             "gpus_per_cell": self.gpus_per_cell if self.gpus or self.executor == "ray" else None,
             "executor": self.executor,
             **({"where": {name: list(values) for name, values in self.where.items()}} if self.where else {}),
+            "parallel": self.parallel,
+            "threads_per_cell": self.threads.per_cell if self.threads else None,
+            "threads_source": self.threads.source if self.threads else None,
         }
 
 
 def placement(loaded: LoadedSuite, gpus: str | None, gpus_per_cell: float, device: str, shard: str | None,
               executor: str = "local", ray_address: str | None = None,
-              cpus_per_cell: float | None = None) -> tuple[list[Slot] | None, tuple[int, int] | None]:
-    """Device slots from --gpus / --gpus-per-cell and the shard from --shard, checked against --executor;
-    SuiteError when they are wrong."""
+              cpus_per_cell: float | None = None, parallel: int = 1) -> tuple[list[Slot] | None, tuple[int, int] | None]:
+    """Device slots from --gpus / --gpus-per-cell / --parallel and the shard from --shard, checked against
+    --executor; SuiteError when they are wrong."""
     problems = []
     slots = parsed_shard = None
     try:
+        if parallel != 1:
+            if parallel < 1:
+                problems.append(f"--parallel must be at least 1 (got {parallel})")
+            elif executor == "ray":
+                problems.append("--parallel runs cells side by side on this machine's CPU; on Ray, Ray places them")
+            elif gpus:
+                problems.append("--parallel runs cells side by side on the CPU; with --gpus list a GPU twice instead (--gpus 0,0)")
+            elif device == "cuda":
+                problems.append("--parallel runs cells side by side on the CPU; it cannot be combined with --device cuda")
+            else:
+                slots = [Slot(f"cpu {i + 1}") for i in range(parallel)]
         if executor == "ray":
             problems += _ray_problems(gpus, gpus_per_cell, device, cpus_per_cell)
         else:
@@ -164,17 +187,25 @@ def parse_only(text: str, loaded: LoadedSuite) -> tuple[str, ...]:
 def make(loaded: LoadedSuite, only: str | None = None, seeds: str | None = None, shard: str | None = None,
          gpus: str | None = None, gpus_per_cell: float = 1, device: str = "auto", executor: str = "local",
          ray_address: str | None = None, cpus_per_cell: float | None = None,
-         where: list[str] | tuple[str, ...] = ()) -> RunPlan:
+         where: list[str] | tuple[str, ...] = (), threads: int | None = None, parallel: int = 1,
+         launcher: str = "auto") -> RunPlan:
     """The plan for the command line's options; SuiteError (one line per problem) when they are wrong."""
+    if threads is not None and not 1 <= threads <= 1024:
+        raise SuiteError(COMMAND_LINE, [f"--threads must be between 1 and 1024 (got {threads})"])
     chosen = parse_only(only, loaded) if only is not None else None
     seed_list = parse_seeds(seeds) if seeds is not None else None
     conditions = parse_where(where, loaded, seed_list)
-    slots, parsed_shard = placement(loaded, gpus, gpus_per_cell, device, shard, executor, ray_address, cpus_per_cell)
+    slots, parsed_shard = placement(loaded, gpus, gpus_per_cell, device, shard, executor, ray_address, cpus_per_cell,
+                                    parallel)
     cells = loaded.cells(chosen, seed_list, conditions)
     if not cells and (conditions or chosen):
         raise SuiteError(COMMAND_LINE, ["--only/--where: no cell of the grid has every value asked for"])
     matrix_cells = len(cells)
     if parsed_shard:
         cells = scheduler.shard_cells(cells, *parsed_shard)
+    if executor == "ray":  # a cell's threads default to the CPUs its Ray task asks for
+        thread_plan = threads_module.plan(threads, loaded.suite.threads, 1, cores=max(1, int(cpus_per_cell or 1)))
+    else:
+        thread_plan = threads_module.plan(threads, loaded.suite.threads, len(slots) if slots else 1)
     return RunPlan(loaded, cells, matrix_cells, slots, parsed_shard, scheduler.parse_gpus(gpus) if gpus is not None else None,
-                   gpus_per_cell, executor, ray_address, cpus_per_cell or 1.0, conditions)
+                   gpus_per_cell, executor, ray_address, cpus_per_cell or 1.0, conditions, thread_plan, launcher, parallel)

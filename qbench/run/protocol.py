@@ -45,6 +45,10 @@ class CellSpec:
     axes: dict[str, Any] = field(default_factory=dict)  # the cell's other axis values (qbench.suite.grid), by name
     attempt: str = ""  # the token of this attempt at the cell (records.claim_record); "" when the parent keeps the record
     parent_pid: int = 0  # the pid of the process that starts the cell as its child; 0: not checked
+    # decided once per run by the runner, so that every cell of a run computes alike (None: the cell decides)
+    compute: dict[str, Any] | None = None  # qbench.machine.compute.ComputeChoice's fields
+    threads: int | None = None  # torch intra-op threads
+    run_fields: dict[str, Any] = field(default_factory=dict)  # record fields the runner knows (threads' source, ...)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from qbench.measure.timing import wall_split
 from qbench.results import records as results
 from qbench.run import launch, runner
 from qbench.run.plan import COMMAND_LINE
@@ -308,10 +309,14 @@ class RayRun(runner.Run):
         returned = task.returned or {}
         written = returned.get("record")
         if written is not None and written.get("status") not in (None, "running"):
-            return {**(task.placement or {}), **written}
-        partial = written or task.checkpoint
-        record = self._crash_record(task.cell, returned.get("returncode"), returned.get("last_phase"), partial, self._stopping)
-        return {**record, **(task.placement or {})}
+            record = {**(task.placement or {}), **written}
+        else:
+            partial = written or task.checkpoint
+            record = self._crash_record(task.cell, returned.get("returncode"), returned.get("last_phase"), partial, self._stopping)
+            record = {**record, **(task.placement or {})}
+        if returned.get("wall_s") is not None:  # measured on the worker, as the local runner measures it
+            record.update(wall_split(record, returned["wall_s"]))
+        return record
 
     def _ray_failure(self, task: _Task, error: BaseException) -> dict[str, Any] | None:
         """The record of a cell whose task ended without handing back its record: its worker or node died,

@@ -13,6 +13,7 @@ import queue
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -30,7 +31,8 @@ LOG_CHUNK_CHARS = 64 * 1024  # larger log output goes back in several items
 #   event       {"event": {...}}   a progress event of the cell (protocol.parse_event)
 #   checkpoint  {"record": {...}}  the record as the cell last left it on disk (status running, or final)
 #   log         {"text": "..."}    new output of the cell for logs/<cell>.log
-#   done        {"returncode": int, "last_phase": str | None, "record": {...} | None}    last
+#   done        {"returncode": int, "last_phase": str | None, "record": {...} | None, "wall_s": float}    last
+#               (wall_s: the cell process's wall time, launch to exit, for its time split)
 
 
 def placement_fields() -> dict[str, Any]:
@@ -120,6 +122,7 @@ def cell_task(spec: dict[str, Any], env: Mapping[str, str], command: Sequence[st
         log_path = Path(scratch) / "cell.log"
         cell_spec = CellSpec(**{**spec, "record_path": str(record_path)})
         with open(log_path, "w", encoding="utf-8") as log, open(log_path, encoding="utf-8") as log_reader:
+            launched = time.monotonic()
             cell = CellProcess(cell_spec, child_env(dict(env)), log, tuple(command or CELL_COMMAND), cwd=scratch)
             checkpoint = _Checkpoint(record_path)
             lines: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
@@ -148,12 +151,13 @@ def cell_task(spec: dict[str, Any], env: Mapping[str, str], command: Sequence[st
                     if event:
                         yield {"kind": "event", "event": event}
                 returncode = cell.wait()
+                wall_s = time.monotonic() - launched
             finally:
                 cell.stop()  # cancelled or closed: the cell records itself interrupted and ends
             log.flush()
             yield from _new_log(log_reader)
             yield {"kind": "done", "returncode": returncode, "last_phase": cell.last_phase,
-                   "record": results.read_record(record_path)}
+                   "record": results.read_record(record_path), "wall_s": wall_s}
 
 
 def collected_cell_task(spec: dict[str, Any], env: Mapping[str, str], command: Sequence[str] | None = None) -> list[dict[str, Any]]:

@@ -8,21 +8,27 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qbench import __version__
+from qbench.measure.timing import wall_split
 from qbench.results import files
 from qbench.results import records as results
 from qbench.run import scheduler
-from qbench.run.launch import CELL_COMMAND, CellProcess
+from qbench.run.launch import CELL_COMMAND, CellProcess, ForkServerLauncher, ForkServerUnavailable
 from qbench.run.protocol import CellSpec, child_env, identity_fields
 from qbench.run.scheduler import LOCAL_SLOT, Slot
+from qbench.run.threads import ThreadPlan
 from qbench.suite.spec import Cell, LoadedSuite
+
+if TYPE_CHECKING:
+    from qbench.machine.compute import ComputeChoice
 
 
 class Listener(Protocol):
@@ -87,6 +93,9 @@ class Run:
     slots: list[Slot] = field(default_factory=lambda: [LOCAL_SLOT])  # one cell process per slot at a time
     cell_command: tuple[str, ...] = field(default_factory=lambda: CELL_COMMAND)
     executor = "local"  # recorded as env.executor; each executor's Run says its own
+    forkserver: ForkServerLauncher | None = None  # cells forked from it; None: each a fresh subprocess
+    compute: ComputeChoice | None = None  # the run's compute dtype (None: each cell decides)
+    threads: ThreadPlan | None = None  # torch threads per cell (None: torch's default)
     _running: set[CellProcess] = field(default_factory=set, init=False, repr=False)
     _running_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)  # set when the run is being interrupted
@@ -110,10 +119,17 @@ class Run:
         }
         results.write_json_atomic(self.run_dir / "run.json", manifest)
 
+    @property
+    def launcher(self) -> str:
+        """How this run's cells start: `forkserver` or `subprocess` (recorded as env.cell_launcher)."""
+        return "forkserver" if self.forkserver is not None else "subprocess"
+
     def _spec(self, cell: Cell, attempt: str = "", parent_pid: int = 0) -> CellSpec:
         """The cell's spec. `attempt`: the token that alone may write the record (a local cell writes into the
         run folder; "" where the executor writes the record itself). `parent_pid`: the process that starts the
-        cell as its child (this one, for a local cell; 0 where it is not the runner, e.g. a Ray worker)."""
+        cell as its child (this one or its fork server, for a local cell; 0 where it is not the runner, e.g. a
+        Ray worker)."""
+        run_fields = {"env.cell_launcher": self.launcher, **(self.threads.record_fields() if self.threads else {})}
         return CellSpec(
             suite_text=self.loaded.source_text(),
             suite_path=str(self.loaded.path),
@@ -128,6 +144,9 @@ class Run:
             axes=dict(cell.axes),
             attempt=attempt,
             parent_pid=parent_pid,
+            compute=asdict(self.compute) if self.compute else None,
+            threads=self.threads.per_cell if self.threads else None,
+            run_fields=run_fields,
         )
 
     def _crash_record(
@@ -160,21 +179,38 @@ class Run:
 
     def _settle(
         self, cell: Cell, returncode: int | None, last_phase: str | None, interrupted: bool = False,
-        slot: Slot = LOCAL_SLOT, attempt: str = "",
+        slot: Slot = LOCAL_SLOT, attempt: str = "", wall_s: float | None = None,
     ) -> dict[str, Any]:
         """The cell's final record: the one it wrote, or (if it died or was stopped first) a failure or
-        interruption record that keeps every figure its last checkpoint held. Written atomically, and only
+        interruption record that keeps every figure its last checkpoint held; with the runner's own figures
+        (the wall time of the cell's process and what its parts leave of it). Written atomically, and only
         while `attempt` is still the cell's current one (else the newer attempt's record is returned)."""
         record_file = results.record_path(self.run_dir, cell.id)
         written = results.read_record(record_file)
         if written is not None and written.get("status") not in (None, "running"):
-            return written
-        record = self._crash_record(cell, returncode, last_phase, written, interrupted, slot)
+            record = written
+        else:
+            record = self._crash_record(cell, returncode, last_phase, written, interrupted, slot)
+        if wall_s is not None:
+            record.update(wall_split(record, wall_s))
+        record.setdefault("env.cell_launcher", self.launcher)
         try:
             results.write_record(record_file, record, attempt)
         except results.Superseded:
             return results.read_record(record_file) or record
         return record
+
+    def _launch(self, cell: Cell, env: dict[str, str], log: Any, attempt: str) -> CellProcess:
+        """Start the cell's process: forked from the run's fork server, else (none, or it died) a subprocess."""
+        if self.forkserver is not None:
+            try:
+                spec = self._spec(cell, attempt, parent_pid=self.forkserver.pid)
+                return CellProcess(spec, env, log, self.cell_command, server=self.forkserver)
+            except ForkServerUnavailable as gone:  # the server died (e.g. the OOM killer): go on without it
+                log.write(f"=== qbench: the fork server is gone ({gone}); this and later cells start as subprocesses ===\n")
+                log.flush()
+                self.forkserver = None
+        return CellProcess(self._spec(cell, attempt, parent_pid=os.getpid()), env, log, self.cell_command)
 
     def run_cell(self, cell: Cell, slot: Slot = LOCAL_SLOT) -> dict[str, Any]:
         """Run one cell in a fresh process in `slot`; always returns (and leaves on disk) its record.
@@ -192,11 +228,13 @@ class Run:
         record_file = results.record_path(self.run_dir, cell.id)
         attempt = results.claim_record(record_file)  # from now on an older attempt's process cannot write it
         record_file.unlink(missing_ok=True)
-        env = child_env({**(self.env or {}), **slot.env})
+        extra = {"OMP_NUM_THREADS": str(self.threads.per_cell)} if self.threads else {}
+        env = child_env({**(self.env or {}), **extra, **slot.env})
         with open(log_path, "a", encoding="utf-8") as log:  # appended: a resumed cell keeps its earlier log
             log.write(log_header(cell))
             log.flush()
-            child = CellProcess(self._spec(cell, attempt, parent_pid=os.getpid()), env, log, self.cell_command)
+            launched = time.monotonic()
+            child = self._launch(cell, env, log, attempt)
             with self._running_lock:
                 self._running.add(child)
             try:
@@ -207,7 +245,7 @@ class Run:
                 child.stop()
                 record = self._settle(
                     cell, child.returncode, child.last_phase, interrupted=isinstance(error, KeyboardInterrupt), slot=slot,
-                    attempt=attempt,
+                    attempt=attempt, wall_s=time.monotonic() - launched,
                 )
                 _write_quietly(log, log_footer(cell, record))
                 raise
@@ -215,7 +253,7 @@ class Run:
                 with self._running_lock:
                     self._running.discard(child)
             record = self._settle(cell, child.returncode, child.last_phase, interrupted=self._stopping, slot=slot,
-                                  attempt=attempt)
+                                  attempt=attempt, wall_s=time.monotonic() - launched)
             log.write(log_footer(cell, record))
         return record
 
@@ -263,6 +301,14 @@ class Run:
             raise RunInterrupted(f"run stopped by {signal_name} {where}; finished records are in {self.run_dir}", signal_name) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+
+def note_timing(run_dir: Path, timing: dict[str, Any]) -> None:
+    """Add run-wide seconds (e.g. the whole run's wall time) to run.json's `timing`."""
+    manifest = results.read_record(Path(run_dir) / "run.json")
+    if manifest is not None:
+        manifest["timing"] = {**(manifest.get("timing") or {}), **timing}
+        results.write_json_atomic(Path(run_dir) / "run.json", manifest)
 
 
 RUN_LOCK = ".lock"

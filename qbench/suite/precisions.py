@@ -23,7 +23,7 @@ class Precision:
     name: str
     kind: Kind
     description: str
-    dense_dtype: str | None = None  # for kind == "dense": the storage dtype of the base
+    dense_dtype: str | None = None  # for kind == "dense": the storage dtype of the base (None: the compute dtype)
     quant_type: str | None = None  # for kind == "4bit": "nf4" or "fp4"
     double_quant: bool = False  # for kind == "4bit": absmax quantized again (nested)
 
@@ -58,11 +58,11 @@ class Precision:
             bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
         )
 
-    def settings(self) -> dict[str, object]:
-        """Flat, JSON-friendly description for the record."""
+    def settings(self, compute_dtype: str | None = None) -> dict[str, object]:
+        """Flat, JSON-friendly description for the record (`dense_dtype` of the `dense` arm: the compute dtype)."""
         return {
             "kind": self.kind,
-            "dense_dtype": self.dense_dtype,
+            "dense_dtype": (self.dense_dtype or compute_dtype) if self.kind == "dense" else None,
             "quant_type": self.quant_type,
             "double_quant": self.double_quant,
             "blocksize": BNB_4BIT_BLOCKSIZE if self.kind == "4bit" else None,
@@ -76,9 +76,14 @@ def _four_bit(quant_type: str, double_quant: bool, what: str) -> Precision:
     return Precision(name, "4bit", f"4-bit {what}, blocks of 64{extra}", quant_type=quant_type, double_quant=double_quant)
 
 
+# the dense arm in whatever the run computes in: bf16 on a GPU or a CPU with bf16 instructions, float32 on
+# other CPUs (see qbench.machine.compute), so one suite's baseline reads right on every device
+DENSE = "dense"
+
 REGISTRY: dict[str, Precision] = {
     p.name: p
     for p in (
+        Precision(DENSE, "dense", "unquantized base in the compute dtype (bf16 where native, else fp16 on a GPU, fp32 on a CPU)"),
         Precision("bf16", "dense", "unquantized bfloat16 base", dense_dtype="bfloat16"),
         Precision("fp16", "dense", "unquantized float16 base", dense_dtype="float16"),
         Precision("fp32", "dense", "unquantized float32 base", dense_dtype="float32"),
@@ -90,7 +95,12 @@ REGISTRY: dict[str, Precision] = {
     )
 }
 
-DEFAULT_MATRIX = ("bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq")
+DEFAULT_MATRIX = (DENSE, "int8", "fp4", "fp4-dq", "nf4", "nf4-dq")
+
+
+def dense_dtypes(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The fixed storage dtypes of the dense arms among `names` (bf16 -> bfloat16, ...; `dense` has none)."""
+    return tuple(dict.fromkeys(REGISTRY[n].dense_dtype for n in names if n in REGISTRY and REGISTRY[n].dense_dtype))
 
 
 def get(name: str) -> Precision:

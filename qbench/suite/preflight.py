@@ -92,8 +92,9 @@ def preparation_problems(loaded: LoadedSuite) -> list[str]:
     suite = loaded.suite
     if suite.train.prepare != "peft-kbit":
         return []
+    # `dense` is stored in the compute dtype: 16-bit when set so (with "auto", the cell's read-back catches it)
     cast = [p for p in suite.matrix.precisions
-            if precisions.get(p).kind == "dense" and precisions.get(p).dense_dtype in ("bfloat16", "float16")]
+            if precisions.get(p).kind == "dense" and (precisions.get(p).dense_dtype or suite.compute_dtype) in ("bfloat16", "float16")]
     if not cast:
         return []
     return [

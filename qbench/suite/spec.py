@@ -323,8 +323,14 @@ class Suite(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100, description="also a folder name: OUT/<name>/<run-id>")
     task: Literal[tuple(TASKS)]  # type: ignore[valid-type]  # the task registry's names
     description: str = ""
-    compute_dtype: Literal[precisions.DTYPE_NAMES] = "bfloat16"  # type: ignore[valid-type]
-    baseline: str = "bf16"
+    compute_dtype: Literal[("auto", *precisions.DTYPE_NAMES)] = Field(  # type: ignore[valid-type]
+        "auto", description="auto: bf16 where the device computes it natively, else fp16 on a GPU, fp32 on a CPU"
+    )
+    baseline: str = Field(precisions.DENSE, description="the precision the others are compared with; default: the "
+                          "matrix's dense arm (`dense` when listed, else the first of bf16 / fp16 / fp32 listed)")
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="torch threads per cell; default: the cores, divided among cells run side by side"
+    )
     model: ModelSpec
     data: DataSpec
     lora: LoraSpec
@@ -347,6 +353,21 @@ class Suite(_Section):
         if value.startswith("."):
             raise ValueError(f"{value!r} is not a valid suite name (it becomes a folder name, and may not start with '.')")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_baseline(cls, data: Any) -> Any:
+        """No `baseline` key: the matrix's dense arm, so a matrix of bf16 and 4-bit arms still has its baseline."""
+        if not isinstance(data, dict) or "baseline" in data:
+            return data
+        matrix = data.get("matrix")
+        listed = matrix.get("precisions", precisions.DEFAULT_MATRIX) if isinstance(matrix, dict) else precisions.DEFAULT_MATRIX
+        if not isinstance(listed, (list, tuple)):
+            return data
+        dense = [p for p in listed if isinstance(p, str) and p in precisions.REGISTRY and precisions.REGISTRY[p].kind == "dense"]
+        if dense:
+            return {**data, "baseline": precisions.DENSE if precisions.DENSE in dense else dense[0]}
+        return data
 
     @field_validator("baseline")
     @classmethod

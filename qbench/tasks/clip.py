@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,13 +26,16 @@ if TYPE_CHECKING:
 
 def load_splits(loaded_suite: LoadedSuite) -> tuple[ClipSplit, ClipSplit, dict[str, Any]]:
     """(train, eval) splits of the suite's data and record fields describing them."""
+    from qbench.cell import shared
+
     data = loaded_suite.suite.data
     if data.kind == "builtin":
         from qbench.data import shapes
 
         if data.name not in builtin_names("clip"):
             raise ValueError(f"unknown builtin image-text dataset {data.name!r}; builtin: {', '.join(builtin_names('clip'))}")
-        train, held_out = shapes.make_split("shifted-train"), shapes.make_split("shifted-eval")
+        train, held_out = (shared.memo(("shapes split", name), lambda name=name: shapes.make_split(name))
+                           for name in ("shifted-train", "shifted-eval"))
         source = "builtin:shapes (generated; splits shifted-train / shifted-eval)"
     elif data.kind == "tsv":
         from qbench.data.tsv import load_tsv
@@ -52,6 +56,11 @@ def load_splits(loaded_suite: LoadedSuite) -> tuple[ClipSplit, ClipSplit, dict[s
     return train, held_out, info
 
 
+def in_memory(split: ClipSplit) -> bool:
+    """Whether the split's images are held in memory (generated data), not read from files."""
+    return not any(isinstance(image, (str, Path)) for image in split.images)
+
+
 class ClipTask(TaskBase):
     """CLIPModel + tokenizer + image processor; symmetric contrastive loss; recall@k both ways."""
 
@@ -60,11 +69,12 @@ class ClipTask(TaskBase):
     peft_task_type = None
 
     def prepare_data(self) -> dict[str, Any]:
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+        from transformers import AutoConfig
+
+        from qbench.cell import shared
 
         revision = self.suite.model.revision
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, revision=revision)
-        self.image_processor = AutoImageProcessor.from_pretrained(self.model_path, revision=revision)
+        self.tokenizer, self.image_processor = shared.memo(("clip processors", self.model_path, revision), self._processors)
         limit = lengths.clip_limit(AutoConfig.from_pretrained(self.model_path, revision=revision))
         problems = lengths.length_problems(self.suite, limit)
         if problems:  # the checks before the run say so too; this keeps a cell honest when called on its own
@@ -78,17 +88,45 @@ class ClipTask(TaskBase):
         info["eval.text_max_length_tokens"] = self.max_length
         info["data.train_captions_truncated"] = self.truncated(self.train_split.captions)
         info["data.eval_captions_truncated"] = self.truncated(self.eval_split.captions)
+        # images held in memory (generated data) are preprocessed once per run, not once per batch per cell
+        self.train_pixels, self.eval_pixels = (
+            shared.memo(("clip pixels", self.model_path, revision, name), lambda split=split: self._preprocessed(split))
+            if in_memory(split) else None
+            for name, split in (("train", self.train_split), ("eval", self.eval_split))
+        )
         info["eval.protocol"] = (
             "recall@k over the held-out split, image->text and text->image; a query counts if any true "
             "match is in the top k; ties count against the query; captions the model reads as the same "
             "tokens are positives of every image carrying one; a non-finite score never matches"
         )
+        info["data.images_preprocessed_once"] = self.train_pixels is not None
         return info
 
     def _model_text(self, caption: str) -> tuple[int, ...]:
         """A caption as the text tower reads it: its token ids after truncation to train.max_length."""
         ids = self.tokenizer(caption, truncation=True, max_length=self.max_length)["input_ids"]
         return tuple(ids)
+    def _processors(self) -> tuple[Any, Any]:
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        revision = self.suite.model.revision
+        return (AutoTokenizer.from_pretrained(self.model_path, revision=revision),
+                AutoImageProcessor.from_pretrained(self.model_path, revision=revision))
+
+    def _preprocessed(self, split: ClipSplit) -> torch.Tensor:
+        """pixel_values of every image of the split, [images, 3, H, W], as the processor gives them batch by
+        batch (it treats each image alone, so a row is the same whichever batch it came in)."""
+        size = self.suite.eval.batch_size
+        return torch.cat([
+            self.image_processor(images=[open_image(i) for i in split.images[start : start + size]], return_tensors="pt")["pixel_values"]
+            for start in range(0, len(split.images), size)
+        ])
+
+    def _pixel_values(self, images: list[Any], pixels: torch.Tensor | None) -> torch.Tensor:
+        """The batch's pixel_values: rows of the preprocessed split (images are then indices), or processed now."""
+        if pixels is not None:
+            return pixels[list(images)]
+        return self.image_processor(images=[open_image(i) for i in images], return_tensors="pt")["pixel_values"]
 
     def truncated(self, captions: list[str]) -> int:
         """How many captions are longer than the max_length tokens (cut to it, as CLIP's tokenizer cuts at 77)."""
@@ -100,14 +138,14 @@ class ClipTask(TaskBase):
         text = self.tokenizer(
             list(captions), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        pixels = self._pixel_values(list(images), self.train_pixels)
         inputs = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"], "pixel_values": pixels}
         return Batch(inputs, samples=len(captions), tokens=int(text["attention_mask"].sum()))
 
     def train_batches(self, seed: int) -> Iterator[Batch]:
         generator = torch.Generator().manual_seed(seed)
         loader = torch.utils.data.DataLoader(
-            CaptionPairs(self.train_split),
+            CaptionPairs(self.train_split, indices=self.train_pixels is not None),
             batch_size=self.suite.train.batch_size,
             shuffle=True,
             drop_last=True,
@@ -132,8 +170,9 @@ class ClipTask(TaskBase):
         size = self.suite.eval.batch_size
         image_embeds, text_embeds = [], []
         for start in range(0, len(split.images), size):
-            images = [open_image(i) for i in split.images[start : start + size]]
-            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+            wanted = range(start, min(start + size, len(split.images)))
+            images = list(wanted) if self.eval_pixels is not None else [split.images[i] for i in wanted]
+            pixels = self._pixel_values(images, self.eval_pixels).to(self.device)
             image_embeds.append(self._pooled(model.get_image_features(pixel_values=pixels)).float())
         for start in range(0, len(split.captions), size):
             text = self.tokenizer(

@@ -1,0 +1,131 @@
+"""Cells forked from the run's fork server are still fresh processes that measure only themselves, split
+their wall time into parts that add up, and give the same results as plain subprocesses.
+
+One real run of the builtin tiny CLIP (two precisions, two seeds) through the command line; the first
+cell holds 300 MiB more while it trains (a test fault), which no later cell may see.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from qbench import cli
+from qbench.cell import faults
+from qbench.results import records as results
+from qbench.results.schema import TIME_PARTS
+
+from .conftest import write_suite
+
+pytestmark = pytest.mark.slow
+MiB = 1024 * 1024
+HELD_MIB = 300
+
+SUITE = """
+name = "forked"
+task = "clip"
+[model]
+id = "builtin:tiny-clip"
+[data]
+kind = "builtin"
+name = "shapes"
+[lora]
+r = 4
+alpha = 8
+target_modules = ["q_proj", "v_proj"]
+[train]
+steps = 4
+batch_size = 16
+lr = 1e-3
+untimed_steps = 1
+[matrix]
+precisions = ["dense", "nf4"]
+seeds = [0, 1]
+"""
+
+
+def _run(folder: Path, *options: str, faults_value: str | None = None) -> tuple[dict[str, dict], dict]:
+    suite = write_suite(folder, SUITE)
+    saved = os.environ.get(faults.ENV_VAR)
+    if faults_value:
+        os.environ[faults.ENV_VAR] = faults_value
+    try:
+        assert cli.main(["run", str(suite), "--out", str(folder / "out"), "--device", "cpu", *options]) == 0
+    finally:
+        os.environ.pop(faults.ENV_VAR, None) if saved is None else os.environ.__setitem__(faults.ENV_VAR, saved)
+    (run_dir,) = (folder / "out" / "forked").iterdir()
+    manifest = json.loads((run_dir / "run.json").read_text())
+    return {r["cell_id"]: r for r in results.read_records(run_dir)}, manifest
+
+
+@pytest.fixture(scope="module")
+def forked(tmp_path_factory) -> tuple[dict[str, dict], dict]:
+    return _run(tmp_path_factory.mktemp("forked"), "--threads", "1", "--launcher", "forkserver",
+                faults_value=f"dense-seed0:train:alloc:{HELD_MIB}")
+
+
+def test_every_cell_is_a_fresh_process_forked_from_the_run_s_server(forked):
+    records, manifest = forked
+    assert list(records) == ["dense-seed0", "dense-seed1", "nf4-seed0", "nf4-seed1"]
+    assert {r["status"] for r in records.values()} == {"ok"}
+    assert {r["env.cell_launcher"] for r in records.values()} == {"forkserver"} and manifest["cell_launcher"] == "forkserver"
+    pids = {r["env.pid"] for r in records.values()}
+    assert len(pids) == 4 and os.getpid() not in pids
+
+
+def test_each_cell_measures_only_itself_from_the_same_starting_state(forked):
+    records, _ = forked
+    # every cell starts from the server's state: the same resident memory before its data phase
+    starts = [r["memory.data.rss_peak_bytes"] for r in records.values()]
+    assert max(starts) - min(starts) < 16 * MiB, [s / MiB for s in starts]
+    held, alone = records["dense-seed0"], records["dense-seed1"]
+    # the cell that held 300 MiB measured them, in its train phase ...
+    assert held["memory.train.rss_peak_bytes"] - alone["memory.train.rss_peak_bytes"] > (HELD_MIB - 30) * MiB
+    assert held["test.injected_faults"] and "test.injected_faults" not in alone
+    # ... and the cells after it (nf4-seed0 ran next) did not inherit them
+    for later in ("nf4-seed0", "dense-seed1", "nf4-seed1"):
+        assert records[later]["memory.peak_rss_bytes"] < held["memory.train.rss_peak_bytes"] - (HELD_MIB - 30) * MiB
+
+
+def test_the_parts_of_a_cell_add_up_to_its_wall_time(forked):
+    records, manifest = forked
+    for record in records.values():
+        parts = [record[f"time.{part}_s"] for part in TIME_PARTS]
+        assert all(isinstance(p, float) and p >= 0 for p in parts), record["cell_id"]
+        assert record["time.other_s"] >= 0
+        assert math.isclose(sum(parts) + record["time.other_s"], record["time.cell_wall_s"], rel_tol=1e-9)
+    assert manifest["timing"]["run_wall_s"] >= sum(r["time.cell_wall_s"] for r in records.values())
+
+
+def test_records_say_which_compute_dtype_and_threads_and_why(forked):
+    records, manifest = forked
+    dtype = manifest["compute"]["dtype"]
+    for record in records.values():
+        assert record["config.compute_dtype"] == dtype and record["compute.dtype_setting"] == "auto"
+        assert record["compute.dtype_reason"].startswith("auto: ")
+        assert record["env.torch_threads"] == 1 and record["env.threads_source"] == "--threads"
+        assert record["speed.timed_cpu_s"] > 0 and record["speed.train_samples_per_cpu_s"] > 0
+        assert record["speed.contended"] in (True, False) and record["speed.contention"]
+        assert 0 <= record["cpu.train.share"] <= 1
+    assert records["dense-seed0"]["precision.dense_dtype"] == dtype
+
+
+def test_the_data_is_built_once_by_the_server_and_images_preprocessed_once(forked):
+    records, manifest = forked
+    assert any(key.startswith("shapes split") for key in manifest["shared"])
+    assert any(key.startswith("clip pixels") for key in manifest["shared"])
+    assert all(r["data.images_preprocessed_once"] for r in records.values())
+
+
+def test_a_forked_cell_gives_the_results_of_a_plain_subprocess(forked, tmp_path):
+    records, _ = forked
+    plain, manifest = _run(tmp_path, "--threads", "1", "--launcher", "subprocess", "--only", "nf4", "--seeds", "1")
+    (cell,) = plain.values()
+    assert cell["env.cell_launcher"] == "subprocess" and manifest["cell_launcher"] == "subprocess"
+    forked_cell = records["nf4-seed1"]
+    for key in ("train.final_loss", "quality.after.mean_recall@1", "quality.before.mean_recall@1", "weights.base_bytes"):
+        assert cell[key] == forked_cell[key], key
