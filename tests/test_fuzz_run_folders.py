@@ -175,7 +175,7 @@ def run_cli(argv: list[str], capsys) -> int:
 def quiet_world(monkeypatch):
     """Fake cells, no suite checks against the model, no plots: each example stays well under a second."""
     monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(FAKE_CELL)))
-    monkeypatch.setattr(preflight, "check_suite", lambda loaded, check_model=True: None)
+    monkeypatch.setattr(preflight, "check_suite", lambda loaded, check_model=True, **options: None)
     monkeypatch.setattr(plots, "all_plots", lambda frame: [])
     monkeypatch.setenv("FAKE_CELL_HOLD_S", "0")
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)

@@ -48,11 +48,11 @@ def problems_of(text: str) -> list[str]:
 
 def test_a_suite_without_new_axes_keeps_its_cells_and_ids():
     clip_suite = load(SUITES / "clip.toml")
-    assert [c.id for c in clip_suite.cells()] == ["bf16-seed0", "int8-seed0", "fp4-seed0", "fp4-dq-seed0", "nf4-seed0", "nf4-dq-seed0"]
+    assert [c.id for c in clip_suite.cells()] == ["dense-seed0", "int8-seed0", "fp4-seed0", "fp4-dq-seed0", "nf4-seed0", "nf4-dq-seed0"]
     assert [c.id for c in clip_suite.cells(only=("nf4",), seeds=(3, 4))] == ["nf4-seed3", "nf4-seed4"]
     # every cell still carries the values of the axes the suite fixes: they reach the record
     cell = clip_suite.cells()[0]
-    assert cell.values() == {"precision": "bf16", "optimizer": "adamw", "lora_r": 16, "batch_size": 32, "max_length": 16,
+    assert cell.values() == {"precision": "dense", "optimizer": "adamw", "lora_r": 16, "batch_size": 32, "max_length": 16,
                              "gradient_checkpointing": False, "seed": 0}
     assert clip_suite.for_cell(cell).suite == clip_suite.suite
 

@@ -63,7 +63,7 @@ def test_a_baseline_outside_the_matrix_is_refused():
     (problem,) = problems_of(MINIMAL.replace('task = "clip"', 'task = "clip"\nbaseline = "fp32"') + '[matrix]\nprecisions = ["bf16"]\n')
     assert problem.startswith("baseline: 'fp32' is not in matrix.precisions (bf16): every ratio and delta is taken against")
     (default,) = problems_of(MINIMAL + '[matrix]\nprecisions = ["nf4", "int8"]\n')
-    assert default.startswith("baseline: 'bf16' (the default) is not in matrix.precisions (nf4, int8)")
+    assert default.startswith("baseline: 'dense' (the default) is not in matrix.precisions (nf4, int8)")
 
 
 def test_keys_of_the_other_task_are_refused():

@@ -187,3 +187,16 @@ def test_a_second_command_on_a_busy_run_folder_is_refused(tmp_path: Path):
                 pass
     with runner.exclusive(tmp_path):  # released when the first one ended
         pass
+
+
+def test_files_written_atomically_get_the_mode_a_plain_open_would_give(tmp_path: Path):
+    """Records, run.json and tables are readable by whoever the umask lets read them (mkstemp alone gives 0600,
+    which hid a shared results folder's records from its other users)."""
+    import os
+    import stat
+
+    files.write_json_atomic(tmp_path / "record.json", {"status": "ok"})
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    assert stat.S_IMODE(os.stat(tmp_path / "record.json").st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+    assert stat.S_IMODE(os.stat(plain).st_mode) == 0o666 & ~files.UMASK

@@ -35,7 +35,7 @@ FAKE_CELL = Path(__file__).with_name("fake_cell.py")
 def suite(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("one-line")
     checkpoint = clip.checkpoint(root / "ckpt")
-    data = clip.images_tsv(root / "data", train_images=6, eval_images=3, size=16)
+    data = clip.images_tsv(root / "data", train_images=8, eval_images=3, size=16)
     return write_suite(root, clip.suite(checkpoint, data, ("bf16", "int8"), name="tiny", steps=2))
 
 

@@ -39,7 +39,7 @@ def test_minimal_suite_gets_defaults():
 def test_without_a_baseline_key_the_matrix_s_dense_arm_is_the_baseline():
     assert parse(MINIMAL + '[matrix]\nprecisions = ["nf4", "bf16"]\n').baseline == "bf16"
     assert parse(MINIMAL + '[matrix]\nprecisions = ["fp32", "dense", "nf4"]\n').baseline == "dense"
-    assert parse(MINIMAL + '[matrix]\nprecisions = ["nf4", "int8"]\n').baseline == "dense"  # none listed: as before
+    assert problems_of(MINIMAL + '[matrix]\nprecisions = ["nf4", "int8"]\n')[0].startswith("baseline: 'dense' (the default) is not in")
     assert parse('baseline = "nf4"\n' + MINIMAL + '[matrix]\nprecisions = ["nf4", "bf16"]\n').baseline == "nf4"
 
 

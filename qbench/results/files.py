@@ -80,10 +80,23 @@ def child(parent: Path | str, name: str, what: str) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once, at import: os.umask sets as it reads, which is not safe once threads write files
+
+
 def _temporary(path: Path) -> tuple[int, str]:
+    """A temporary file beside `path`, with the mode a plain open() would give it (0666 less the umask;
+    mkstemp's own 0600 would keep other users of a shared results folder from reading the records)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~UMASK)
+        return fd, name
     except OSError as error:
         raise OutputError.from_os_error(path.parent, error) from None
 

@@ -6,8 +6,11 @@ the report that shows, the gate that compares), so the words cannot drift apart.
 
 from __future__ import annotations
 
-# bump when a record key changes meaning; `qbench compare` refuses to compare across versions
-SCHEMA_VERSION = 1
+# bump when a record key changes meaning; `qbench compare` refuses to compare across versions.
+# 2: memory.<phase>.rss_peak_bytes is the cell's own process (PSS covers its workers), eval.protocol counts
+#    duplicate captions as positives and non-finite scores as misses, the dense arm is named `dense`
+#    (computing in compute_dtype), cells may have grid axes beyond precision and seed
+SCHEMA_VERSION = 2
 
 # ok: measured to the end; failed: an error (OOM, NaN loss, a crash) ended it; unsupported: the device cannot run
 # the format; interrupted: Ctrl-C / SIGTERM; running: a checkpoint left while the cell is still going

@@ -20,7 +20,7 @@ from qbench import __version__
 from qbench.measure.timing import wall_split
 from qbench.results import files
 from qbench.results import records as results
-from qbench.run import scheduler
+from qbench.run import launch, scheduler
 from qbench.run.launch import CELL_COMMAND, CellProcess, ForkServerLauncher, ForkServerUnavailable
 from qbench.run.protocol import CellSpec, child_env, identity_fields
 from qbench.run.scheduler import LOCAL_SLOT, Slot
@@ -122,7 +122,13 @@ class Run:
     @property
     def launcher(self) -> str:
         """How this run's cells start: `forkserver` or `subprocess` (recorded as env.cell_launcher)."""
-        return "forkserver" if self.forkserver is not None else "subprocess"
+        return "forkserver" if self._forks else "subprocess"
+
+    @property
+    def _forks(self) -> bool:
+        """Cells are forked from the fork server: there is one, and the cell command is qbench's own (a test's
+        stand-in command, e.g. tests/fake_cell.py, runs as the subprocess it names)."""
+        return self.forkserver is not None and tuple(self.cell_command) == launch.CELL_COMMAND
 
     def _spec(self, cell: Cell, attempt: str = "", parent_pid: int = 0) -> CellSpec:
         """The cell's spec. `attempt`: the token that alone may write the record (a local cell writes into the
@@ -202,7 +208,7 @@ class Run:
 
     def _launch(self, cell: Cell, env: dict[str, str], log: Any, attempt: str) -> CellProcess:
         """Start the cell's process: forked from the run's fork server, else (none, or it died) a subprocess."""
-        if self.forkserver is not None:
+        if self._forks:
             try:
                 spec = self._spec(cell, attempt, parent_pid=self.forkserver.pid)
                 return CellProcess(spec, env, log, self.cell_command, server=self.forkserver)
