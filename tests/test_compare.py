@@ -347,3 +347,43 @@ def test_an_infinite_perplexity_in_the_new_run_is_a_regression():
     new = _with(make_records(run_id="run-b"), quality__after__perplexity=20.0)
     by_precision(new)["int8"]["quality.after.perplexity"] = float("inf")
     assert regressed(compare.compare(baseline, frame(new))) == {("int8", "quality.after.perplexity")}
+
+
+def test_sides_that_name_different_baseline_arms_are_unusable():
+    # every ratio and delta is taken against the baseline arm: nf4-dq/nf4-dq against nf4-dq/bf16 is no comparison
+    new = [make_record(p, run_id="run-b", baseline_precision="nf4-dq") for p in ("bf16", "int8", "nf4-dq")]
+    result = compare.compare(frame(make_records()), frame(new))
+    assert result.exit_code == 2
+    assert any(p.startswith("baseline_precision differs: baseline bf16 vs new nf4-dq") for p in result.problems)
+
+
+@pytest.mark.parametrize(("column", "old", "new"), [("env.cell_launcher", "forkserver", "subprocess"),
+                                                    ("env.cells_side_by_side", 1, 2)])
+def test_cells_started_differently_on_a_cpu_are_unusable(column: str, old, new):
+    # a forked cell's PSS shares the fork server's and its siblings' pages: 311 MiB forked one at a time,
+    # 483 MiB as a subprocess, 227 MiB forked two at a time (the same dense cell)
+    baseline = [make_record(p, **{column.replace(".", "__"): old}) for p in ("bf16", "int8", "nf4-dq")]
+    changed = [make_record(p, run_id="run-b", **{column.replace(".", "__"): new}) for p in ("bf16", "int8", "nf4-dq")]
+    result = compare.compare(frame(baseline), frame(changed))
+    assert result.exit_code == 2
+    assert any(column in p and "memory does not compare" in p for p in result.problems)
+    assert compare.compare(frame(baseline), frame([make_record(p, run_id="run-b", **{column.replace(".", "__"): old})
+                                                   for p in ("bf16", "int8", "nf4-dq")])).exit_code == 0
+
+
+def test_a_speed_ratio_whose_runs_spread_too_widely_is_not_judged_rather_than_passed():
+    # three baseline runs whose nf4-dq/bf16 ratio read 0.64, 0.83 and 1.25 (as the CI baseline once did): the noise
+    # allowance exceeds the ratio itself, so even a halving would read "ok"; it must say "not judged" instead
+    old = []
+    for run, factor in (("a", 0.64), ("b", 0.83), ("c", 1.25)):
+        old += [make_record(p, run_id=run, speed__train_samples_per_s=20.0 * (factor if p == "nf4-dq" else 1.0))
+                for p in ("bf16", "int8", "nf4-dq")]
+    halved = [make_record(p, run_id="new", speed__train_samples_per_s=20.0 * (0.45 if p == "nf4-dq" else 1.0))
+              for p in ("bf16", "int8", "nf4-dq")]
+    result = compare.compare(frame(old), frame(halved))
+    row = result.checks[(result.checks["precision"] == "nf4-dq") & (result.checks["metric"] == "ratio.speed.train_samples_per_s")].iloc[0]
+    assert row["verdict"] == compare.NOT_JUDGED and "no slowdown of less than" in row["note"]
+    # with a steady baseline the same halving is a regression
+    steady = [make_record(p, run_id=run, speed__train_samples_per_s=20.0 * (0.9 if p == "nf4-dq" else 1.0))
+              for run in "abc" for p in ("bf16", "int8", "nf4-dq")]
+    assert ("nf4-dq", "ratio.speed.train_samples_per_s") in regressed(compare.compare(frame(steady), frame(halved)))

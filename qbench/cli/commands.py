@@ -73,6 +73,8 @@ def run_suite(run_plan: RunPlan, out: Path, device: str, check_only: bool = Fals
     checks = {"device": None if on_ray else "cuda" if run_plan.on_gpus else device,
               "gpus_per_cell": max(1, int(run_plan.gpus_per_cell or 1))}
     check_out_folder(out, "--out")
+    if not on_ray and (device.startswith("cuda") or run_plan.on_gpus):
+        check_cuda_seen("--gpus" if run_plan.on_gpus else f"--device {device}")
     if check_only or on_ray or not run_plan.cells:  # else checked while the fork server imports (_begin)
         preflight.check_suite(loaded, **checks)
     if check_only:
@@ -157,6 +159,16 @@ def _run_on_ray(run_plan: RunPlan, out: Path, device: str) -> int:
         run.threads = run_plan.threads
         _header(run_plan, where, run_dir)
         return _run_in(run, run_dir, {**run_plan.manifest_extras(), **extras})
+
+
+def check_cuda_seen(option: str) -> None:
+    """SuiteError naming `option` when torch sees no CUDA GPU here (asked in a child process, as `auto` is):
+    before any cell, instead of every cell failing in its first CUDA call."""
+    from qbench.run import runner
+
+    if runner.resolve_device("auto") != "cuda":
+        raise SuiteError(COMMAND_LINE, [f"{option}: torch sees no CUDA GPU on this machine (a CPU build of torch, or "
+                                        "no driver); use --device cpu, or auto"])
 
 
 def check_out_folder(out: Path, option: str) -> None:
@@ -290,13 +302,21 @@ def _resume(args: argparse.Namespace) -> int:
         for flag, used in (
             ("SUITE", args.suite is not None), ("--only", args.only is not None), ("--seeds", args.seeds is not None),
             ("--where", args.where), ("--device", args.device != "auto"), ("--out", args.out != "results"),
-            ("--check", args.check), ("--threads", args.threads is not None),
+            ("--check", args.check), ("--threads", args.threads is not None), ("--launcher", args.launcher != "auto"),
         )
         if used
     ]
     if given:
         raise SuiteError(COMMAND_LINE, [f"--resume takes its settings from RUN_DIR/run.json; drop {', '.join(given)}"])
     state = resume.open_run(args.resume, force=args.force)
+    # the cells of one run folder start alike: forked or not, and as many side by side (a forked cell's PSS
+    # shares pages with the fork server and its siblings, so either changes its memory figures)
+    args.launcher = state.manifest.get("cell_launcher") or "auto"
+    recorded_parallel = state.manifest.get("parallel") or 1
+    if args.parallel not in (1, recorded_parallel):
+        raise SuiteError(COMMAND_LINE, [f"--parallel {args.parallel}: the run in {state.run_dir} ran {recorded_parallel} "
+                                        "cell(s) side by side; resume it the same way (leave --parallel out)"])
+    args.parallel = recorded_parallel if not args.gpus else args.parallel
     on_ray = args.executor == "ray"
     slots, shard = plan.placement(state.loaded, args.gpus, args.gpus_per_cell, state.device if on_ray else args.device,
                                   args.shard, args.executor, args.ray_address, args.cpus_per_cell, args.parallel)
@@ -304,6 +324,8 @@ def _resume(args: argparse.Namespace) -> int:
         raise SuiteError(COMMAND_LINE, ["--shard does not go with --resume: the run folder already holds its shard's cells"])
     if args.gpus and state.device != "cuda":
         raise SuiteError(COMMAND_LINE, [f"--gpus: the run in {state.run_dir} ran on {state.device}, not cuda"])
+    if not on_ray and state.device.startswith("cuda"):
+        check_cuda_seen(f"--resume (the run in {state.run_dir} ran on {state.device})")
     if slots and not args.gpus and state.device != "cpu":
         raise SuiteError(COMMAND_LINE, [f"--parallel: the run in {state.run_dir} ran on {state.device}, not cpu"])
     preflight.check_suite(state.loaded, device=None if on_ray else state.device, gpus_per_cell=max(1, int(args.gpus_per_cell)))

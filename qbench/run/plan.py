@@ -203,6 +203,9 @@ def make(loaded: LoadedSuite, only: str | None = None, seeds: str | None = None,
     matrix_cells = len(cells)
     if parsed_shard:
         cells = scheduler.shard_cells(cells, *parsed_shard)
+    if slots and gpus is None and len(slots) > max(1, len(cells)):  # --parallel beyond the cells: no more side by side
+        slots = slots[:max(1, len(cells))]
+        parallel = len(slots)
     if executor == "ray":  # a cell's threads default to the CPUs its Ray task asks for
         thread_plan = threads_module.plan(threads, loaded.suite.threads, 1, cores=max(1, int(cpus_per_cell or 1)))
     else:

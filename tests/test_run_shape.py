@@ -1,0 +1,72 @@
+"""How a run's cells start (forked or not, how many side by side, on which device) is settled once per run
+folder: found before any cell when it cannot be, and kept by --resume (a forked cell's PSS shares pages with
+the fork server and its siblings, so a run that mixed launchers would mix memory figures)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from qbench import cli
+from qbench.run import plan, runner, start
+from qbench.suite.spec import load
+
+from .conftest import write_suite
+from .helpers import clip
+
+FAKE_CELL = Path(__file__).with_name("fake_cell.py")
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("run-shape")
+    checkpoint = clip.checkpoint(root / "ckpt")
+    data = clip.images_tsv(root / "data", train_images=8, eval_images=3, size=16)
+    return write_suite(root, clip.suite(checkpoint, data, ("bf16", "nf4"), name="shape", steps=2))
+
+
+@pytest.fixture
+def fake_cells(monkeypatch, tmp_path):
+    monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(FAKE_CELL)))
+    monkeypatch.setenv("FAKE_CELL_DIR", str(tmp_path / "fake"))
+    monkeypatch.setenv("FAKE_CELL_HOLD_S", "0")
+    return monkeypatch
+
+
+@pytest.mark.skipif(runner.resolve_device("auto") == "cuda", reason="this machine has a GPU torch can use")
+@pytest.mark.parametrize("options", [["--device", "cuda"], ["--device", "cuda", "--check"], ["--gpus", "0"]])
+def test_cuda_asked_of_a_torch_that_sees_no_gpu_stops_before_any_cell(suite: Path, tmp_path: Path, capsys, options):
+    out = tmp_path / "out"
+    assert cli.main(["run", str(suite), "--out", str(out), *options]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "torch sees no CUDA GPU on this machine" in line
+    assert not out.exists()  # no run folder, no cell
+
+
+def test_parallel_beyond_the_cells_runs_no_more_side_by_side_than_there_are_cells(suite: Path):
+    run_plan = plan.make(load(suite), parallel=8, device="cpu")
+    assert len(run_plan.slots) == 2 and run_plan.parallel == 2
+    assert run_plan.threads.side_by_side == 2
+    assert len(plan.make(load(suite), only="nf4", parallel=8, device="cpu").slots) == 1
+
+
+def test_resume_starts_cells_as_the_run_did_and_refuses_another_launcher(suite: Path, tmp_path: Path, fake_cells, capsys):
+    out = tmp_path / "out"
+    fake_cells.setenv("FAKE_CELL_CRASH", "nf4")
+    assert cli.main(["run", str(suite), "--out", str(out), "--device", "cpu", "--launcher", "subprocess"]) == 1
+    (run_dir,) = (out / "shape").iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["cell_launcher"] == "subprocess"
+    capsys.readouterr()
+
+    assert cli.main(["run", "--resume", str(run_dir), "--launcher", "forkserver"]) == 2
+    assert "drop --launcher" in capsys.readouterr().err
+
+    asked: list[str] = []
+    real_begin = start.begin
+    fake_cells.setattr(start, "begin", lambda option, device, gpus: asked.append(option) or real_begin(option, device, gpus))
+    fake_cells.delenv("FAKE_CELL_CRASH")
+    assert cli.main(["run", "--resume", str(run_dir)]) == 0
+    assert asked == ["subprocess"]  # not a fork server: the run's other cell did not start from one
