@@ -98,6 +98,9 @@ def test_the_parts_of_a_cell_add_up_to_its_wall_time(forked):
         assert all(isinstance(p, float) and p >= 0 for p in parts), record["cell_id"]
         assert record["time.other_s"] >= 0
         assert math.isclose(sum(parts) + record["time.other_s"], record["time.cell_wall_s"], rel_tol=1e-9)
+        # and no other time.*_s field: a reader summing them all gets the wall time, nothing counted twice
+        every = [v for k, v in record.items() if k.startswith("time.") and k.endswith("_s") and k != "time.cell_wall_s"]
+        assert math.isclose(sum(every), record["time.cell_wall_s"], rel_tol=1e-9), sorted(record)
     assert manifest["timing"]["run_wall_s"] >= sum(r["time.cell_wall_s"] for r in records.values())
 
 

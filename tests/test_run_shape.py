@@ -70,3 +70,12 @@ def test_resume_starts_cells_as_the_run_did_and_refuses_another_launcher(suite: 
     fake_cells.delenv("FAKE_CELL_CRASH")
     assert cli.main(["run", "--resume", str(run_dir)]) == 0
     assert asked == ["subprocess"]  # not a fork server: the run's other cell did not start from one
+
+
+@pytest.mark.parametrize("options", [{"executor": "ray"}, {"device": "cuda"}, {"gpus": "0"}])
+def test_a_fork_server_asked_for_where_cells_cannot_be_forked_is_refused(suite: Path, options):
+    from qbench.suite.spec import SuiteError
+
+    with pytest.raises(SuiteError) as refused:
+        plan.make(load(suite), launcher="forkserver", **options)
+    assert refused.value.problems[0].startswith("--launcher forkserver:")

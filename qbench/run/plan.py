@@ -192,6 +192,9 @@ def make(loaded: LoadedSuite, only: str | None = None, seeds: str | None = None,
     """The plan for the command line's options; SuiteError (one line per problem) when they are wrong."""
     if threads is not None and not 1 <= threads <= 1024:
         raise SuiteError(COMMAND_LINE, [f"--threads must be between 1 and 1024 (got {threads})"])
+    if launcher == "forkserver" and (executor == "ray" or gpus is not None or device.startswith("cuda")):
+        where = "on Ray each cell is its own task's process" if executor == "ray" else "a fork server cannot fork cells that use CUDA"
+        raise SuiteError(COMMAND_LINE, [f"--launcher forkserver: {where}; leave --launcher out (auto)"])
     chosen = parse_only(only, loaded) if only is not None else None
     seed_list = parse_seeds(seeds) if seeds is not None else None
     conditions = parse_where(where, loaded, seed_list)
