@@ -50,3 +50,18 @@ def tsv_data_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tsv-data")
     clip.images_tsv(folder, train_images=24, eval_images=12, size=16)
     return folder
+
+
+@pytest.fixture
+def fake_cells(monkeypatch, tmp_path):
+    """Runs start tests/fake_cell.py (a stand-in that writes a plausible record in a moment) instead of
+    real cells, as subprocesses; FAKE_CELL_CRASH / FAKE_CELL_HOLD_S steer it (see its docstring)."""
+    import sys
+
+    from qbench.run import runner
+
+    monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(Path(__file__).with_name("fake_cell.py"))))
+    monkeypatch.setenv("FAKE_CELL_DIR", str(tmp_path / "fake"))
+    monkeypatch.setenv("FAKE_CELL_HOLD_S", "0")
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    return monkeypatch

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -37,15 +36,6 @@ def suite(tmp_path_factory) -> Path:
     checkpoint = clip.checkpoint(root / "ckpt")
     data = clip.images_tsv(root / "data", train_images=8, eval_images=3, size=16)
     return write_suite(root, clip.suite(checkpoint, data, ("bf16", "int8"), name="tiny", steps=2))
-
-
-@pytest.fixture
-def fake_cells(monkeypatch, tmp_path):
-    monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(FAKE_CELL)))
-    monkeypatch.setenv("FAKE_CELL_DIR", str(tmp_path / "fake"))
-    monkeypatch.setenv("FAKE_CELL_HOLD_S", "0")
-    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
-    return monkeypatch
 
 
 class DiskFull:

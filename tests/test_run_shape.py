@@ -5,7 +5,6 @@ the fork server and its siblings, so a run that mixed launchers would mix memory
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,6 @@ from qbench.suite.spec import load
 from .conftest import write_suite
 from .helpers import clip
 
-FAKE_CELL = Path(__file__).with_name("fake_cell.py")
-
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory) -> Path:
@@ -26,14 +23,6 @@ def suite(tmp_path_factory) -> Path:
     checkpoint = clip.checkpoint(root / "ckpt")
     data = clip.images_tsv(root / "data", train_images=8, eval_images=3, size=16)
     return write_suite(root, clip.suite(checkpoint, data, ("bf16", "nf4"), name="shape", steps=2))
-
-
-@pytest.fixture
-def fake_cells(monkeypatch, tmp_path):
-    monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(FAKE_CELL)))
-    monkeypatch.setenv("FAKE_CELL_DIR", str(tmp_path / "fake"))
-    monkeypatch.setenv("FAKE_CELL_HOLD_S", "0")
-    return monkeypatch
 
 
 @pytest.mark.skipif(runner.resolve_device("auto") == "cuda", reason="this machine has a GPU torch can use")
