@@ -220,11 +220,6 @@ def identity_problems(baseline: pd.DataFrame, new: pd.DataFrame, axes: list[str]
     devices_new = {v.split(":")[0] for v in _values(new, "env.device")}
     if devices_old and devices_new and devices_old != devices_new:
         problems.append(f"measured on different devices: baseline {', '.join(sorted(devices_old))} vs new {', '.join(sorted(devices_new))}")
-    for column, what in PROCESS_SHAPE_COLUMNS.items():
-        old, now = _values(baseline, column), _values(new, column)
-        if devices_old == devices_new == {"cpu"} and old and now and old != now:
-            problems.append(f"{what} ({column}: baseline {', '.join(sorted(old))} vs new {', '.join(sorted(now))}): "
-                            "a cell's PSS shares pages with the fork server and its siblings, so memory does not compare")
     threads_old, threads_new = _threads(baseline), _threads(new)
     if devices_old == devices_new == {"cpu"} and threads_old and threads_new and threads_old != threads_new:
         # on a CPU the work runs on these threads: speed ratios of different thread counts do not compare
@@ -235,6 +230,20 @@ def identity_problems(baseline: pd.DataFrame, new: pd.DataFrame, axes: list[str]
     if problems:
         problems.append("the baseline no longer describes this suite: refresh it deliberately (see README, 'Regression gate')")
     return problems
+
+
+def _process_shape_difference(baseline: pd.DataFrame, new: pd.DataFrame) -> str | None:
+    """Why the memory figures of the two sides do not compare on a CPU (cells started differently, or a
+    different number side by side: see PROCESS_SHAPE_COLUMNS), or None."""
+    devices = {v.split(":")[0] for frame in (baseline, new) for v in _values(frame, "env.device")}
+    if devices != {"cpu"}:
+        return None
+    for column, what in PROCESS_SHAPE_COLUMNS.items():
+        old, now = _values(baseline, column), _values(new, column)
+        if old and now and old != now:
+            return (f"{what} ({column}: baseline {', '.join(sorted(old))} vs new {', '.join(sorted(now))}): a forked "
+                    "cell's PSS and RSS share pages with the fork server and its siblings, so memory does not compare")
+    return None
 
 
 def _noise(std_old: float, n_old: int, std_new: float, n_new: int) -> float:
@@ -262,8 +271,10 @@ def compare(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings | None
     old = stats.add_speed_ratios(baseline, speed.fields)
     now = stats.add_speed_ratios(new, speed.fields)
     columns = _gated_columns(old)
+    shape = _process_shape_difference(baseline, new)
+    not_judged = {**speed.not_judged, **{c: shape for c in columns if shape and fields.spec_for(c).kind == "memory"}}
     both = _Stats(stats.aggregate(old, columns, axes), stats.aggregate(now, [c for c in columns if c in now.columns], axes),
-                  stats.baseline_precision(old), _Arms(old, axes), _Arms(now, axes), speed.not_judged)
+                  stats.baseline_precision(old), _Arms(old, axes), _Arms(now, axes), not_judged)
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     used_rules: set[str] = set()
