@@ -7,12 +7,11 @@ a suite of precisions and seeds alone gets none of them.
 
 from __future__ import annotations
 
-import io
 import itertools
 
 import pandas as pd
 
-from qbench.report.plots import Plot
+from qbench.report.plots import Plot, axis_label, colours_for, png, pyplot
 from qbench.report.sections import ReportData, Section
 from qbench.results import fields, stats
 from qbench.suite import grid
@@ -22,34 +21,6 @@ SERIES_AXES = tuple(a for a in grid.SETTING_AXES if a.kind is not int)  # optimi
 OPTIMIZER = grid.BY_NAME["optimizer"].record_key
 # what a grid is measured by: the headline peak memory and the throughput that grows with the work
 THROUGHPUT_ORDER = ("speed.train_tokens_per_s", "speed.train_samples_per_s")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # never a window: reports are rendered on servers and in CI
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=110)
-    _pyplot().close(figure)
-    return buffer.getvalue()
-
-
-def _colours(names: list[str]) -> dict[str, object]:
-    cmap = _pyplot().get_cmap("tab10")
-    return {name: cmap(i % 10) for i, name in enumerate(names)}
-
-
-def _axis_label(column: str) -> str:
-    _, unit = fields.scale(column)
-    name = fields.label(column)
-    return name if not unit or unit in name or name.endswith("/s") else f"{name} ({unit})"
 
 
 def arm_points(frame: pd.DataFrame) -> pd.DataFrame:
@@ -198,10 +169,10 @@ def scaling_plots(frame: pd.DataFrame) -> list[Plot]:
     for x_axis in numeric:
         others = [a for a in numeric if a is not x_axis]
         panels = list(itertools.product(*(list(dict.fromkeys(points[a.record_key])) for a in others))) or [()]
-        plt = _pyplot()
+        plt = pyplot()
         figure, axes = plt.subplots(len(metrics), len(panels), figsize=(4.2 * len(panels) + 1, 3.4 * len(metrics)), squeeze=False)
         names = list(dict.fromkeys(_series_label(p, series) for _, p in points.iterrows()))
-        colours = _colours(names)
+        colours = colours_for(names)
         for column, panel in enumerate(panels):
             in_panel = points[[all(p[a.record_key] == v for a, v in zip(others, panel, strict=True)) for _, p in points.iterrows()]]
             for row, metric in enumerate(metrics):
@@ -216,7 +187,7 @@ def scaling_plots(frame: pd.DataFrame) -> list[Plot]:
                         axis.errorbar(line[x_axis.record_key], y, yerr=None if err.isna().all() else err.fillna(0),
                                       marker="o", capsize=3, color=colours[name], label=name)
                 axis.set_xlabel(x_axis.name.replace("_", " "))
-                axis.set_ylabel(_axis_label(metric))
+                axis.set_ylabel(axis_label(metric))
                 axis.set_xticks(sorted(set(points[x_axis.record_key])))
                 if panel:
                     axis.set_title(_panel_label(panel, others), fontsize=9)
@@ -224,7 +195,7 @@ def scaling_plots(frame: pd.DataFrame) -> list[Plot]:
         axes[0][0].legend(fontsize=7)
         figure.suptitle(f"peak memory and throughput against {x_axis.name.replace('_', ' ')}, one line per precision", fontsize=10)
         made.append(Plot(f"scaling_{x_axis.name}", f"Peak memory and throughput against {x_axis.name.replace('_', ' ')}",
-                         _png(figure)))
+                         png(figure)))
     return made
 
 
@@ -237,7 +208,7 @@ def optimizer_state_plot(frame: pd.DataFrame) -> Plot | None:
     dtype_columns = [c for c in table.columns if c.endswith(" bytes") and c != "state bytes"]
     memory = fields.first_present(frame, ("memory.train.torch_max_allocated_bytes", "memory.train.nvml_process_peak_bytes",
                                           "memory.train.rss_peak_bytes"))
-    plt = _pyplot()
+    plt = pyplot()
     panels = 2 if memory else 1
     figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 0.45 * len(table) + 2.2), squeeze=False)
     names = list(table.index)
@@ -259,12 +230,12 @@ def optimizer_state_plot(frame: pd.DataFrame) -> Plot | None:
     if memory:
         agg = stats.aggregate(frame, [memory])
         axis = axes[0][1]
-        axis.barh(names, agg.mean.reindex(names)[memory].fillna(0) / 2**20, color=[_colours(names)[n] for n in names])
-        axis.set_xlabel(_axis_label(memory))
+        axis.barh(names, agg.mean.reindex(names)[memory].fillna(0) / 2**20, color=[colours_for(names)[n] for n in names])
+        axis.set_xlabel(axis_label(memory))
         axis.invert_yaxis()
         axis.grid(axis="x", alpha=0.3)
     figure.suptitle("optimizer state per optimizer (8-bit state: one byte per element plus a float32 absmax per 256)", fontsize=10)
-    return Plot("optimizer_state", "Optimizer state bytes per optimizer, and the train phase's peak memory", _png(figure))
+    return Plot("optimizer_state", "Optimizer state bytes per optimizer, and the train phase's peak memory", png(figure))
 
 
 def grid_plots(frame: pd.DataFrame) -> list[Plot]:

@@ -19,7 +19,7 @@ class Plot:
     png: bytes
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # never a window: reports are rendered on servers and in CI
@@ -28,15 +28,15 @@ def _pyplot():
     return plt
 
 
-def _png(figure) -> bytes:
+def png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=110)
-    _pyplot().close(figure)
+    pyplot().close(figure)
     return buffer.getvalue()
 
 
-def _axis_label(column: str) -> str:
+def axis_label(column: str) -> str:
     _, unit = fields.scale(column)
     name = fields.label(column)
     return name if not unit or unit in name or name.endswith("/s") else f"{name} ({unit})"
@@ -51,8 +51,8 @@ def _spreads(std: pd.Series) -> pd.Series | None:
     return None if std.isna().all() else std.fillna(0)
 
 
-def _colours(names: list[str]) -> dict[str, object]:
-    cmap = _pyplot().get_cmap("tab10")
+def colours_for(names: list[str]) -> dict[str, object]:
+    cmap = pyplot().get_cmap("tab10")
     return {name: cmap(i % 10) for i, name in enumerate(names)}
 
 
@@ -67,9 +67,9 @@ def quality_vs_memory(frame: pd.DataFrame) -> Plot | None:
     spec = fields.spec_for(quality)
     higher = spec is None or spec.direction != "lower"
     q_factor, _ = fields.scale(quality)
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(costs), figsize=(5.2 * len(costs), 4.2), squeeze=False)
-    colours = _colours(list(agg.mean.index))
+    colours = colours_for(list(agg.mean.index))
     y = intervals["mean"] * q_factor
     # the quality's interval as the error bar (asymmetric: a bootstrap interval need not be centred)
     below, above = (y - intervals["low"] * q_factor), (intervals["high"] * q_factor - y)
@@ -91,8 +91,8 @@ def quality_vs_memory(frame: pd.DataFrame) -> Plot | None:
         on_front = pd.DataFrame({"x": x[front], "y": y[front]}).sort_values("x")
         if len(on_front) > 0:
             axis.step(on_front["x"], on_front["y"], where="post", linestyle="--", color="grey", linewidth=1, label="Pareto front")
-        axis.set_xlabel(_axis_label(cost))
-        axis.set_ylabel(_axis_label(quality) + (" ↑ better" if higher else " ↓ better"))
+        axis.set_xlabel(axis_label(cost))
+        axis.set_ylabel(axis_label(quality) + (" ↑ better" if higher else " ↓ better"))
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
     if intervals["se"].notna().any():
@@ -100,7 +100,7 @@ def quality_vs_memory(frame: pd.DataFrame) -> Plot | None:
     else:
         heading = "quality vs memory per precision (filled: on the Pareto front; no intervals recorded: bare means)"
     figure.suptitle(heading, fontsize=10)
-    return Plot("quality_vs_memory", "Quality vs peak memory and base weights, Pareto front marked", _png(figure))
+    return Plot("quality_vs_memory", "Quality vs peak memory and base weights, Pareto front marked", png(figure))
 
 
 def throughput(frame: pd.DataFrame) -> Plot | None:
@@ -113,23 +113,23 @@ def throughput(frame: pd.DataFrame) -> Plot | None:
     values = agg.mean[column]
     if values.dropna().empty:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     names = list(values.index)
     figure, axis = plt.subplots(figsize=(max(6.5, 0.6 * len(names) + 2), 3.8))
-    colours = _colours(names)
+    colours = colours_for(names)
     bars = axis.bar(names, values.fillna(0), yerr=_spreads(agg.std[column]), capsize=3, color=[colours[n] for n in names])
     for bar, name in zip(bars, names, strict=True):
         ratio = agg.mean.loc[name, fields.ratio_column(column)]
         if pd.notna(ratio):
             axis.annotate(f"{ratio:.2f}× {stats.baseline_precision(frame)}", (bar.get_x() + bar.get_width() / 2, 0),
                           textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8, color="white", weight="bold")
-    axis.set_ylabel(_axis_label(column) + " ↑ better")
+    axis.set_ylabel(axis_label(column) + " ↑ better")
     if len(names) > 6 or any(" " in name for name in names):  # a grid's arm labels: turned, so they do not overlap
         axis.tick_params(axis="x", labelrotation=35)
         plt.setp(axis.get_xticklabels(), ha="right")
     axis.set_title("training throughput (timed steps after warm-up)", fontsize=10)
     axis.grid(axis="y", alpha=0.3)
-    return Plot("throughput", "Training throughput per precision", _png(figure))
+    return Plot("throughput", "Training throughput per precision", png(figure))
 
 
 def memory_by_phase(frame: pd.DataFrame) -> Plot | None:
@@ -146,8 +146,8 @@ def memory_by_phase(frame: pd.DataFrame) -> Plot | None:
     agg = stats.aggregate(frame, columns)
     phases = [c.split(".")[1] for c in columns]
     names = list(agg.mean.index)
-    colours = _colours(names)
-    plt = _pyplot()
+    colours = colours_for(names)
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(max(6.5, 1.3 * len(phases) + 2), 3.8))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
@@ -163,7 +163,7 @@ def memory_by_phase(frame: pd.DataFrame) -> Plot | None:
     axis.set_title("peak memory per phase", fontsize=10)
     axis.legend(fontsize=7, ncols=min(len(names), 6))
     axis.grid(axis="y", alpha=0.3)
-    return Plot("memory_by_phase", f"Peak memory per phase ({fields.SOURCE_LABELS.get(source, source)})", _png(figure))
+    return Plot("memory_by_phase", f"Peak memory per phase ({fields.SOURCE_LABELS.get(source, source)})", png(figure))
 
 
 def versus_baseline(frame: pd.DataFrame) -> Plot | None:
@@ -174,10 +174,10 @@ def versus_baseline(frame: pd.DataFrame) -> Plot | None:
                if pd.api.types.is_numeric_dtype(table[c]) and not c.endswith((" low", " high")) and table[c].notna().any()]
     if table.empty or not numeric:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(numeric), figsize=(3.3 * len(numeric), 3.4), squeeze=False)
     names = list(table.index)
-    colours = _colours(names)
+    colours = colours_for(names)
     for axis, column in zip(axes[0], numeric, strict=True):
         error = None
         if f"{column} low" in table.columns and table[f"{column} low"].notna().any():
@@ -191,7 +191,7 @@ def versus_baseline(frame: pd.DataFrame) -> Plot | None:
         axis.invert_yaxis()
         axis.grid(axis="x", alpha=0.3)
     figure.suptitle(f"relative to the baseline precision ({stats.baseline_precision(frame)})", fontsize=10)
-    return Plot("versus_baseline", "Each precision relative to the baseline precision", _png(figure))
+    return Plot("versus_baseline", "Each precision relative to the baseline precision", png(figure))
 
 
 def all_plots(frame: pd.DataFrame) -> list[Plot]:
