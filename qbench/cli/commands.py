@@ -166,7 +166,7 @@ def check_cuda_seen(option: str) -> None:
     before any cell, instead of every cell failing in its first CUDA call."""
     from qbench.run import launch, runner
 
-    if tuple(runner.CELL_COMMAND) != launch.CELL_COMMAND:
+    if not launch.is_qbench_cell(runner.CELL_COMMAND):
         return  # a stand-in cell command (the tests' fake GPUs) decides for itself what a device is
     if runner.resolve_device("auto") != "cuda":
         raise SuiteError(COMMAND_LINE, [f"{option}: torch sees no CUDA GPU on this machine (a CPU build of torch, or "

@@ -48,6 +48,12 @@ CELL = Target("qbench.cell", "qbench.cell.pipeline:main")  # spec on stdin, even
 COMPUTE_PROBE = Target("qbench.machine.compute", "qbench.machine.compute:main")  # request on stdin, answer on stdout
 
 
+def is_qbench_cell(command: Sequence[str]) -> bool:
+    """Whether `command` is qbench's own cell, not a stand-in (the tests' fake_cell.py, which runs as the
+    subprocess it names and decides for itself what a device is)."""
+    return tuple(command) == CELL_COMMAND
+
+
 class CellProcess:
     """One cell's child process, started with its spec on standard input.
 

@@ -206,7 +206,7 @@ class RayRun(runner.Run):
         options = {**self.resources.options(), "max_retries": 0, "retry_exceptions": False}
         if self.stream:
             options["num_returns"] = "streaming"
-        command = None if tuple(self.cell_command) == launch.CELL_COMMAND else list(self.cell_command)
+        command = None if launch.is_qbench_cell(self.cell_command) else list(self.cell_command)
         env = forwarded_env(self.env)
         tasks: dict[Any, _Task] = {}
         records: dict[int, dict[str, Any]] = {}

@@ -128,7 +128,7 @@ class Run:
     def _forks(self) -> bool:
         """Cells are forked from the fork server: there is one, and the cell command is qbench's own (a test's
         stand-in command, e.g. tests/fake_cell.py, runs as the subprocess it names)."""
-        return self.forkserver is not None and tuple(self.cell_command) == launch.CELL_COMMAND
+        return self.forkserver is not None and launch.is_qbench_cell(self.cell_command)
 
     def _spec(self, cell: Cell, attempt: str = "", parent_pid: int = 0) -> CellSpec:
         """The cell's spec. `attempt`: the token that alone may write the record (a local cell writes into the
