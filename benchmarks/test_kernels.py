@@ -14,7 +14,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes import functional as F  # noqa: E402
 
 from qbench.cell.models import disable_bnb_cpu_weight_packing  # noqa: E402
-from qbench.suite.precisions import BNB_4BIT_BLOCKSIZE, LLM_INT8_THRESHOLD  # noqa: E402
+from qbench.contract.precisions import BNB_4BIT_BLOCKSIZE, LLM_INT8_THRESHOLD  # noqa: E402
 
 # big enough that the kernels, not Python overhead, dominate; small enough for a 2-core CI machine
 OUT_FEATURES, IN_FEATURES, TOKENS = 1024, 1024, 256

@@ -15,8 +15,8 @@ import os
 import pytest
 import torch
 
-from qbench.measure.sampler import ProcessTree
-from qbench.tasks import intervals
+from qbench.cell.measure.sampler import ProcessTree
+from qbench.cell.tasks import intervals
 
 
 @pytest.mark.parametrize("queries", [1_000, 5_000])

@@ -57,7 +57,7 @@ def tiny_clip_with_lora():
 
 
 def make_batches(count: int) -> list:
-    from qbench.tasks.batch import Batch
+    from qbench.cell.tasks.batch import Batch
 
     generator = torch.Generator().manual_seed(1)
     batches = []
@@ -71,7 +71,7 @@ def make_batches(count: int) -> list:
 
 
 def clip_loss(model, batch):
-    from qbench.tasks.metrics import contrastive_loss
+    from qbench.cell.tasks.metrics import contrastive_loss
 
     outputs = model(**batch.inputs, return_loss=False)
     return contrastive_loss(outputs.logits_per_image, outputs.logits_per_text)
@@ -107,9 +107,9 @@ def bare_loop(model, batches) -> dict:
 
 def qbench_loop(model, batches) -> dict:
     """qbench's train() inside a MemoryTracker phase (sampler process running), timed by its StepTimer."""
+    from qbench.cell.measure.memory import MemoryTracker
+    from qbench.cell.measure.timing import StepTimer
     from qbench.cell.train import train
-    from qbench.measure.memory import MemoryTracker
-    from qbench.measure.timing import StepTimer
 
     timer = StepTimer(UNTIMED)
     tracker = MemoryTracker("cpu")

@@ -26,8 +26,8 @@ python -m qbench report "$run_dir" --out "$work/report" > /dev/null
 python - "$run_dir" <<'PY'
 import sys
 
-from qbench.report import paper
-from qbench.results.records import load_frame
+from qbench.analysis.report import paper
+from qbench.contract.records import load_frame
 
 frame = load_frame([sys.argv[1]])
 metric = "quality.before.perplexity"

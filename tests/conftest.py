@@ -58,7 +58,7 @@ def fake_cells(monkeypatch, tmp_path):
     real cells, as subprocesses; FAKE_CELL_CRASH / FAKE_CELL_HOLD_S steer it (see its docstring)."""
     import sys
 
-    from qbench.run import runner
+    from qbench.runner import runner
 
     monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(Path(__file__).with_name("fake_cell.py"))))
     monkeypatch.setenv("FAKE_CELL_DIR", str(tmp_path / "fake"))

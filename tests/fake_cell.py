@@ -17,7 +17,7 @@ import time
 import tomllib
 from pathlib import Path
 
-EVENT_PREFIX = "QBENCH_EVENT "  # qbench.run.protocol's; the standard library only, so a fake cell starts in a blink
+EVENT_PREFIX = "QBENCH_EVENT "  # qbench.contract.protocol's; the standard library only, so a fake cell starts in a blink
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -98,7 +98,7 @@ def main() -> int:
         "fake.peak_running": peak,
         "fake.device_clashes": ",".join(sorted(clashes)) or None,
         "fake.pid": os.getpid(),
-        "fake.axes": spec.get("axes"),  # the grid axis values the runner sent (qbench.run.protocol.CellSpec.axes)
+        "fake.axes": spec.get("axes"),  # the grid axis values the runner sent (qbench.contract.protocol.CellSpec.axes)
     }
     write_json_atomic(Path(spec["record_path"]), record)
     return 0

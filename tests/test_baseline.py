@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from qbench import cli
-from qbench.gate import baseline
+from qbench.analysis.gate import baseline
 
 from .records import make_record, make_records, write_run
 

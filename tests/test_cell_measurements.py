@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qbench import cli
-from qbench.results import records as results
+from qbench.contract import records as results
 
 from .helpers import clip
 
@@ -23,7 +23,7 @@ PHASES = ("data", "load", "prepare", "eval_before", "train", "eval_after")
 
 DROP_QUANTIZATION = '''
 import os
-from qbench.suite import precisions
+from qbench.contract import precisions
 
 _dropped = set(os.environ.get("QBENCH_TEST_DROP_QUANTIZATION", "").split(","))
 _original = precisions.Precision.quantization_config

@@ -10,10 +10,10 @@ import pytest
 
 from qbench import cli
 from qbench.cell import models
-from qbench.data.pairs import DataError
-from qbench.data.tsv import load_tsv
-from qbench.suite import preflight as checks
-from qbench.suite.spec import SuiteError, load
+from qbench.cell.data.pairs import DataError
+from qbench.cell.data.tsv import load_tsv
+from qbench.contract.suite import SuiteError, load
+from qbench.runner import preflight as checks
 
 from .conftest import write_suite
 from .helpers import clip
@@ -190,8 +190,8 @@ def test_config_naming_pickle_weights_is_refused(tmp_path: Path, tiny_clip_dir: 
 def test_loading_refuses_pickle_weights_even_without_the_checks(pickle_only: Path):
     from transformers import CLIPModel
 
-    from qbench.suite import precisions
-    from qbench.suite.spec import ModelSpec
+    from qbench.contract import precisions
+    from qbench.contract.suite import ModelSpec
 
     with pytest.raises(models.UnsafeWeights, match="holds only pickle weights"):
         models.load_base(CLIPModel, str(pickle_only), precisions.get("bf16"), "bfloat16", "cpu", ModelSpec(id=str(pickle_only)))

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from qbench import cli
-from qbench.gate import compare
-from qbench.suite import precisions
-from qbench.suite.spec import SuiteError, parse
+from qbench.analysis.gate import compare
+from qbench.contract import precisions
+from qbench.contract.suite import SuiteError, parse
 
 from .records import by_precision, make_record, make_records, slower, write_run
 from .test_suite import MINIMAL
@@ -242,7 +242,7 @@ def test_cli_takes_the_compare_table_from_the_new_runs_suite_text(tmp_path: Path
 
 
 def test_the_ci_suite_tolerances_catch_the_planted_regressions_and_pass_a_slower_machine():
-    from qbench.suite.spec import load
+    from qbench.contract.suite import load
 
     from .conftest import SUITES
 

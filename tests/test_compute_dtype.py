@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qbench.cell.models import quantization_config, storage_dtype
+from qbench.contract import precisions
 from qbench.machine import compute
-from qbench.run import launch
-from qbench.suite import precisions
+from qbench.runner import launch
 
 NO_BF16 = frozenset({"fpu", "sse2", "avx", "avx2", "fma"})  # the CPU of issue 12: AVX2, no AVX512-BF16
 AVX512_BF16 = NO_BF16 | {"avx512f", "avx512_bf16"}
@@ -60,8 +61,8 @@ def test_a_bf16_arm_on_a_cpu_without_bf16_is_emulated_even_when_the_compute_dtyp
 
 def test_the_dense_arm_is_the_base_in_the_compute_dtype():
     dense = precisions.get(precisions.DENSE)
-    assert dense.storage_dtype("float32") == torch.float32 and dense.storage_dtype("bfloat16") == torch.bfloat16
-    assert dense.quantization_config("float32") is None
+    assert storage_dtype(dense, "float32") == torch.float32 and storage_dtype(dense, "bfloat16") == torch.bfloat16
+    assert quantization_config(dense, "float32") is None
     assert dense.settings("float32")["dense_dtype"] == "float32"  # the record says what it really was
     assert precisions.get("bf16").settings("float32")["dense_dtype"] == "bfloat16"
     assert precisions.dense_dtypes(["dense", "int8", "fp16"]) == ("float16",)

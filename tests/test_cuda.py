@@ -13,12 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qbench.cell import models
-from qbench.machine import probe
-from qbench.measure import nvml, weight_error, weights
-from qbench.measure.memory import MemoryTracker
-from qbench.measure.timing import StepTimer
-from qbench.suite import precisions
+from qbench.cell import models, probe
+from qbench.cell.measure import nvml, weight_error, weights
+from qbench.cell.measure.memory import MemoryTracker
+from qbench.cell.measure.timing import StepTimer
+from qbench.contract import precisions
 
 from .helpers import clip
 
@@ -144,11 +143,12 @@ def test_byte_accounting_and_weight_error_are_the_same_on_gpu_and_cpu(checkpoint
 
 @pytest.mark.parametrize("name", ["paged_adamw", "paged_adamw8bit"])
 def test_a_paged_optimizer_pages_large_state_on_the_gpu_and_the_record_says_how_much(name):
-    from qbench.measure import optimizer_state
-    from qbench.suite import optimizers
+    from qbench.cell.measure import optimizer_state
+    from qbench.cell.train import build_optimizer
+    from qbench.contract import optimizers
 
     large, small = (torch.nn.Parameter(torch.zeros(n, device="cuda")) for n in (256 * 1024, 4096))
-    optimizer = optimizers.get(name).build([large, small], lr=1e-3, weight_decay=0.0)
+    optimizer = build_optimizer(optimizers.get(name), [large, small], lr=1e-3, weight_decay=0.0)
     large.grad, small.grad = torch.ones_like(large), torch.ones_like(small)
     optimizer.step()
     record = optimizer_state.describe(optimizer, optimizers.get(name), "cuda:0")

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qbench.data.pairs import DataError
-from qbench.data.text import load_text_file
-from qbench.data.tsv import load_tsv
+from qbench.cell.data.pairs import DataError
+from qbench.cell.data.text import load_text_file
+from qbench.cell.data.tsv import load_tsv
 
 # every character str.splitlines() breaks at that no standard tool does
 PYTHON_ONLY_BREAKS = ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
@@ -139,7 +139,7 @@ def test_any_well_formed_file_has_the_captions_csv_reads_and_the_lines_wc_counts
 
 
 def test_parse_line_takes_the_first_tab_as_the_separator():
-    from qbench.data.tsv import parse_line
+    from qbench.cell.data.tsv import parse_line
 
     assert parse_line(" a.png \t a caption ") == ("a.png", "a caption")
     assert parse_line("a.png") == "no tab between image path and caption"
@@ -194,7 +194,7 @@ def test_hostile_jsonl_lines_are_one_line_errors(tmp_path: Path, line: str, mess
 
 
 def test_read_text_names_a_folder_and_a_missing_file(tmp_path: Path):
-    from qbench.data.lines import read_text
+    from qbench.cell.data.lines import read_text
 
     with pytest.raises(DataError, match="is a folder, not a file"):
         read_text(tmp_path)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from qbench.data.pairs import ClipSplit, duplicate_captions, positives
-from qbench.suite import spec
-from qbench.tasks.clip import ClipTask
-from qbench.tasks.metrics import recall_at_k
+from qbench.cell.data.pairs import ClipSplit, duplicate_captions, positives
+from qbench.cell.tasks.clip import ClipTask
+from qbench.cell.tasks.metrics import recall_at_k
+from qbench.contract import suite as spec
 
 from .conftest import write_suite
 from .helpers import clip

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from qbench import cli
-from qbench.results import records as results
+from qbench.contract import records as results
 
 from .conftest import write_suite
 from .helpers import clip

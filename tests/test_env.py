@@ -6,8 +6,9 @@ import json
 import os
 
 from qbench import cli
+from qbench.cell import probe
 from qbench.cli import render
-from qbench.machine import environment, probe
+from qbench.machine import environment
 
 from .fake_nvml import pynvml as fake
 from .test_nvml import GPU_A, GPU_B, MiB
@@ -88,7 +89,7 @@ def test_a_crashing_probe_is_reported_not_raised(monkeypatch):
     real_run = subprocess.run
 
     def crashing_probe(command, **kwargs):
-        if "qbench.machine.probe" in command:
+        if "qbench.cell.probe" in command:
             command = [command[0], "-c", "import sys; sys.stderr.write('Segmentation fault'); sys.exit(139)"]
         return real_run(command, **kwargs)
 

@@ -10,9 +10,9 @@ import pytest
 from qbench import cli
 from qbench.cell import faults
 from qbench.cell import pipeline as cell
-from qbench.results import records as results
-from qbench.run.protocol import CellSpec
-from qbench.suite.spec import load
+from qbench.contract import records as results
+from qbench.contract.protocol import CellSpec
+from qbench.contract.suite import load
 
 from .conftest import write_suite
 from .helpers import clip

@@ -16,8 +16,8 @@ import pytest
 
 from qbench import cli
 from qbench.cell import faults
-from qbench.results import records as results
-from qbench.results.schema import TIME_PARTS
+from qbench.contract import records as results
+from qbench.contract.schema import TIME_PARTS
 
 from .conftest import write_suite
 

@@ -9,8 +9,8 @@ import math
 import pytest
 
 from qbench import cli
-from qbench.results import records as results
-from qbench.suite import precisions
+from qbench.contract import precisions
+from qbench.contract import records as results
 from qbench.zoo.full_scale import CLIP_VIT_B32_CONFIG, write_random_clip
 
 from .conftest import write_suite

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from qbench import cli
 from qbench.cell import models
-from qbench.data.tsv import load_tsv
+from qbench.cell.data.tsv import load_tsv
 
 # 25 examples per property keep this file well under a minute in CI; QBENCH_FUZZ_EXAMPLES=1000 searches harder
 FUZZ = settings(max_examples=int(os.environ.get("QBENCH_FUZZ_EXAMPLES", "25")), deadline=None, database=None,
@@ -78,8 +78,8 @@ def assert_clean(code: int, out: str, err: str, allowed=(0, 2)) -> None:
 def first_batch(path: Path) -> None:
     """What a cell does with the data before its first step: the task's data phase, then one training batch
     (tokenized to max_length, every image of it opened and processed). The checks passed, so this must work."""
-    from qbench.suite.spec import load
-    from qbench.tasks import get_task
+    from qbench.cell.tasks import get_task
+    from qbench.contract.suite import load
 
     loaded = load(path)
     if loaded.suite.data.num_workers:  # worker processes: slow to start, and what they read is read here the same
@@ -89,7 +89,7 @@ def first_batch(path: Path) -> None:
     batch = next(task.train_batches(0))
     assert batch.samples == loaded.suite.train.batch_size
     if loaded.suite.task == "clip":  # the eval split's images open as the training ones do
-        from qbench.data.pairs import open_image
+        from qbench.cell.data.pairs import open_image
 
         for image in task.eval_split.images:
             open_image(image)
@@ -346,7 +346,7 @@ def test_random_command_line_lists_pass_or_stop_with_one_line(material, option: 
 @given(name=st.text(st.sampled_from("ab._-9"), min_size=1, max_size=8), only=st.sampled_from([None, "bf16", "nf4", "bf16,nf4"]),
        out=st.sampled_from(["out", "out/deeper", "o u t"]))
 def test_a_whole_run_writes_only_under_out(material, monkeypatch, name: str, only, out: str):
-    from qbench.run import runner
+    from qbench.runner import runner
 
     assume(not name.startswith("."))  # names that become paths outside --out: tests/test_nothing_lost.py
     monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(FAKE_CELL)))

@@ -23,10 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qbench import cli
-from qbench.report import plots
-from qbench.results import records as results
-from qbench.run import runner
-from qbench.suite import preflight
+from qbench.analysis.report import plots
+from qbench.contract import records as results
+from qbench.runner import preflight, runner
 
 from .helpers import clip
 from .records import make_record, write_run

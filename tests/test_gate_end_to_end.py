@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from qbench import cli
-from qbench.suite import precisions
+from qbench.contract import precisions
 
 from .conftest import write_suite
 from .helpers import clip

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from qbench import cli
-from qbench.results import records as results
-from qbench.run import plan, resume, runner
-from qbench.run.protocol import CellSpec, identity_fields
-from qbench.suite import grid
-from qbench.suite.spec import LoadedSuite, SuiteError, load, parse
+from qbench.contract import grid
+from qbench.contract import records as results
+from qbench.contract.protocol import CellSpec, identity_fields
+from qbench.contract.suite import LoadedSuite, SuiteError, load, parse
+from qbench.runner import plan, resume, runner
 
 from . import fake_cell
 from .conftest import SUITES, write_suite

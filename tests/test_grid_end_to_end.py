@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from qbench import cli
-from qbench.results import records as results
-from qbench.suite import grid
+from qbench.contract import grid
+from qbench.contract import records as results
 
 from .conftest import SUITES, write_suite
 
@@ -65,11 +65,11 @@ def test_gradient_checkpointing_as_an_axis_trains_the_same_adapters(tiny_llama_p
     """Checkpointing recomputes activations; it must not cut the gradient to the adapters (a frozen
     base with checkpointing can leave LoRA without gradient and still report status ok)."""
     from qbench.cell import lora, models
+    from qbench.cell.measure.timing import StepTimer
+    from qbench.cell.tasks import get_task
     from qbench.cell.train import train
-    from qbench.measure.timing import StepTimer
-    from qbench.suite import precisions
-    from qbench.suite.spec import LoadedSuite, parse
-    from qbench.tasks import get_task
+    from qbench.contract import precisions
+    from qbench.contract.suite import LoadedSuite, parse
 
     text = small_qlora().replace('optimizers = ["adamw", "paged_adamw8bit"]', "gradient_checkpointing = [false, true]")
     loaded = LoadedSuite(parse(text), SUITES / "qlora.toml", "0" * 64, text)

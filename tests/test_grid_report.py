@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qbench.gate import compare
-from qbench.report import grid as grid_report
-from qbench.report import summary, tables, write
-from qbench.results import stats
+from qbench.analysis import stats
+from qbench.analysis.gate import compare
+from qbench.analysis.report import grid as grid_report
+from qbench.analysis.report import summary, tables, write
 
 from .records import make_record, make_records
 

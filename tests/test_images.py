@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qbench.data.pairs import open_image
-from qbench.data.tsv import load_tsv
+from qbench.cell.data.pairs import open_image
+from qbench.cell.data.tsv import load_tsv
 
 
 def pixels(path_or_image) -> np.ndarray:
@@ -72,7 +72,7 @@ def test_the_exif_orientation_is_applied(tmp_path: Path):
     ],
 )
 def test_modes_without_a_stated_range_are_refused(image, reason: str):
-    from qbench.data.images import ImageModeError
+    from qbench.cell.data.images import ImageModeError
 
     with pytest.raises(ImageModeError, match=reason.replace("(", r"\(").replace(")", r"\)")):
         open_image(image)

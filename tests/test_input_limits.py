@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qbench import cli
-from qbench.suite.spec import SuiteError, parse
+from qbench.contract.suite import SuiteError, parse
 
 from .conftest import write_suite
 from .helpers import clip
@@ -151,7 +151,7 @@ def test_a_batch_larger_than_the_builtin_split_is_refused(tmp_path: Path, capsys
 
 
 def test_a_batch_that_cannot_fit_the_machine_is_refused_from_an_estimate(tmp_path: Path, capsys, monkeypatch):
-    from qbench.suite import estimate
+    from qbench.runner import estimate
 
     monkeypatch.setattr(estimate, "device_memory", lambda device, gpus_per_cell=1: (2 * estimate.GIB, "RAM of this machine"))
     lm = """
@@ -185,7 +185,7 @@ precisions = ["bf16"]
 def test_the_estimate_counts_clip_pixel_values():
     from types import SimpleNamespace
 
-    from qbench.suite import estimate
+    from qbench.runner import estimate
 
     suite = parse(MINIMAL.replace("steps = 4", "steps = 4\nbatch_size = 65536"))
     config = SimpleNamespace(vision_config=SimpleNamespace(image_size=224, patch_size=32, hidden_size=768))
@@ -255,7 +255,7 @@ def test_an_eval_text_of_one_token_is_refused(tmp_path: Path, capsys):
 
 def test_a_good_corpus_passes_and_a_large_one_is_only_read_at_its_start(tmp_path: Path):
     from qbench.cell import models
-    from qbench.suite.preflight import count_tokens_up_to
+    from qbench.runner.preflight import count_tokens_up_to
 
     (tmp_path / "train.txt").write_text(GOOD, encoding="utf-8")
     (tmp_path / "eval.txt").write_text(GOOD, encoding="utf-8")
@@ -295,7 +295,7 @@ def test_every_echoed_problem_is_one_printable_line(capsys):
 
 
 def test_a_suite_file_with_a_byte_order_mark_and_crlf_endings_reads_as_without(tmp_path: Path):
-    from qbench.suite.spec import load
+    from qbench.contract.suite import load
 
     plain = write_suite(tmp_path, MINIMAL)
     windows = tmp_path / "windows.toml"

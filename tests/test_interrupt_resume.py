@@ -14,10 +14,10 @@ import pytest
 
 from qbench import cli
 from qbench.cell import faults
-from qbench.exitcodes import Exit
-from qbench.results import records as results
-from qbench.run import runner
-from qbench.suite.spec import Cell, load
+from qbench.contract import records as results
+from qbench.contract.exitcodes import Exit
+from qbench.contract.suite import Cell, load
+from qbench.runner import runner
 
 from .conftest import REPO, write_suite
 from .helpers import clip

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from qbench.results import fields
-from qbench.tasks import intervals
-from qbench.tasks.batch import Evaluation
-from qbench.tasks.causal_lm import WindowScores, perplexity_evaluation
-from qbench.tasks.clip import retrieval_evaluation
+from qbench.cell.tasks import intervals
+from qbench.cell.tasks.batch import Evaluation
+from qbench.cell.tasks.causal_lm import WindowScores, perplexity_evaluation
+from qbench.cell.tasks.clip import retrieval_evaluation
+from qbench.contract import fields
 
 
 def _retrieval(hits_per_query: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:

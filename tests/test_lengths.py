@@ -12,7 +12,7 @@ import pytest
 
 from qbench import cli
 from qbench.cell import models
-from qbench.suite.spec import load
+from qbench.contract.suite import load
 
 from .conftest import write_suite
 from .helpers import clip
@@ -103,7 +103,7 @@ def test_a_model_that_states_no_context_needs_an_explicit_window(tmp_path: Path,
 
 
 def test_the_context_is_read_from_whichever_attribute_the_config_uses():
-    from qbench.suite.lengths import causal_lm_limit, clip_limit
+    from qbench.contract.lengths import causal_lm_limit, clip_limit
 
     assert causal_lm_limit(SimpleNamespace(n_positions=1024)).tokens == 1024
     assert causal_lm_limit(SimpleNamespace(max_seq_len=2048)).source == "config.max_seq_len"
@@ -117,7 +117,7 @@ def test_the_context_is_read_from_whichever_attribute_the_config_uses():
 
 
 def test_the_llm_record_holds_the_context_beside_the_window(tmp_path: Path, tiny_llama_path: str):
-    from qbench.tasks.causal_lm import CausalLMTask
+    from qbench.cell.tasks.causal_lm import CausalLMTask
 
     (tmp_path / "train.txt").write_text(TEXT, encoding="utf-8")
     (tmp_path / "eval.txt").write_text(TEXT[:500], encoding="utf-8")
@@ -135,7 +135,7 @@ def test_the_llm_record_holds_the_context_beside_the_window(tmp_path: Path, tiny
 
 def test_the_clip_record_holds_the_text_positions_and_counts_truncated_captions(tmp_path: Path, tiny_clip_dir: Path,
                                                                                tsv_data_dir: Path):
-    from qbench.tasks.clip import ClipTask
+    from qbench.cell.tasks.clip import ClipTask
 
     data = tmp_path / "data"
     shutil.copytree(tsv_data_dir, data)
@@ -151,7 +151,7 @@ def test_the_clip_record_holds_the_text_positions_and_counts_truncated_captions(
 
 def test_without_max_length_a_clip_suite_takes_the_model_positions_when_fewer_than_64(tmp_path: Path, tiny_clip_dir: Path,
                                                                                     tsv_data_dir: Path, capsys):
-    from qbench.tasks.clip import ClipTask
+    from qbench.cell.tasks.clip import ClipTask
 
     text = clip.suite(tiny_clip_dir, tsv_data_dir).replace("max_length = 16\n", "")
     suite = write_suite(tmp_path, text)

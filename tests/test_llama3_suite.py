@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 from qbench import cli
-from qbench.results import records as results
-from qbench.suite.spec import load
+from qbench.contract import records as results
+from qbench.contract.suite import load
 
 from .conftest import SUITES
 
@@ -37,7 +37,10 @@ def test_llama3_suite_keeps_the_users_settings():
     assert (suite.lora.r, suite.lora.alpha, suite.lora.dropout, suite.lora.bias) == (8, 16, 0.05, "none")
     assert suite.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
     assert "nf4-dq" in suite.matrix.precisions
-    config = __import__("qbench.suite.precisions", fromlist=["get"]).get("nf4-dq").quantization_config(suite.compute_dtype)
+    from qbench.cell.models import quantization_config
+    from qbench.contract import precisions
+
+    config = quantization_config(precisions.get("nf4-dq"), suite.compute_dtype)
     assert config.load_in_4bit and config.bnb_4bit_use_double_quant and config.bnb_4bit_quant_type == "nf4"
 
 

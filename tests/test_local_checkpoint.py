@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from qbench import cli
-from qbench.data.pairs import positives
-from qbench.data.tsv import load_tsv
-from qbench.results import records as results
+from qbench.cell.data.pairs import positives
+from qbench.cell.data.tsv import load_tsv
+from qbench.contract import records as results
 
 from .conftest import write_suite
 from .helpers import clip

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from qbench.measure import memory, sampler
-from qbench.measure.memory import MemoryTracker
+from qbench.cell.measure import memory, sampler
+from qbench.cell.measure.memory import MemoryTracker
 
 MiB = 1024 * 1024
 

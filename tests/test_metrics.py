@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qbench.tasks.metrics import contrastive_loss, hits_at_k, match_ranks, recall_at_k
+from qbench.cell.tasks.metrics import contrastive_loss, hits_at_k, match_ranks, recall_at_k
 
 
 def test_recall_counts_a_query_when_its_true_match_ranks_within_k():

@@ -16,10 +16,11 @@ import pandas as pd
 import pytest
 
 from qbench import cli
+from qbench.analysis import load
+from qbench.analysis.gate import compare
+from qbench.analysis.report.findings import nonfinite_findings
 from qbench.cell import faults
-from qbench.gate import compare
-from qbench.report.findings import nonfinite_findings
-from qbench.results import records as results
+from qbench.contract import records as results
 
 from .conftest import write_suite
 from .helpers import clip
@@ -126,7 +127,7 @@ def test_clip_float16_overflow_and_planted_nan_are_counted_never_hits_and_flagge
     assert "4 of 8 image embeddings" in captured.out + captured.err  # the terminal says it too
 
     # the gate: a baseline where these arms were finite, against this run
-    frame = results.load_frame([run_dir])
+    frame = load.load_frame([run_dir])
     healthy = frame.copy()
     for column in [c for c in frame.columns if ".nonfinite_" in c]:
         healthy[column] = 0

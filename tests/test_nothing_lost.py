@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from qbench import cli
-from qbench.gate import baseline
-from qbench.results import files
-from qbench.results import records as results
-from qbench.run import runner
-from qbench.run.protocol import CellSpec
-from qbench.suite.spec import SuiteError, parse
+from qbench.analysis.gate import baseline
+from qbench.contract import files
+from qbench.contract import records as results
+from qbench.contract.protocol import CellSpec
+from qbench.contract.suite import SuiteError, parse
+from qbench.runner import runner
 
 from .conftest import write_suite
 from .helpers import clip

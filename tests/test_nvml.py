@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from qbench.measure import nvml
-from qbench.measure.memory import MemoryTracker
-from qbench.measure.sampler import ProcessTree
+from qbench.cell.measure import nvml
+from qbench.cell.measure.memory import MemoryTracker
+from qbench.cell.measure.sampler import ProcessTree
 
 from .fake_nvml import pynvml as fake
 

@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 
 from qbench import cli
-from qbench.exitcodes import Exit
-from qbench.results import files
-from qbench.results import records as results
-from qbench.run import runner
+from qbench.contract import files
+from qbench.contract import records as results
+from qbench.contract.exitcodes import Exit
+from qbench.runner import runner
 
 from .conftest import write_suite
 from .helpers import clip

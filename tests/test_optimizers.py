@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from qbench.measure import optimizer_state
-from qbench.suite import grid, optimizers
-from qbench.suite.spec import load
+from qbench.cell.measure import optimizer_state
+from qbench.cell.train import build_optimizer
+from qbench.contract import grid, optimizers
+from qbench.contract.suite import load
 
 from .conftest import SUITES
 
@@ -23,7 +24,7 @@ def stepped(name: str, shapes=LORA_SHAPES, device: str = "cpu") -> dict:
     """The record fields of optimizer `name` after one step over parameters of `shapes`."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape) * 0.02) for shape in shapes]
-    optimizer = optimizers.get(name).build(params, lr=1e-3, weight_decay=0.0)
+    optimizer = build_optimizer(optimizers.get(name), params, lr=1e-3, weight_decay=0.0)
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer.step()
@@ -98,10 +99,10 @@ def _adapter_update(optimizer: str) -> torch.Tensor:
     """The change of every LoRA parameter after a short fine-tune of the tiny Llama (suites/qlora.toml,
     bf16 base, shortened) with `optimizer`, from the same initial adapters and the same batches."""
     from qbench.cell import lora, models
+    from qbench.cell.measure.timing import StepTimer
+    from qbench.cell.tasks import get_task
     from qbench.cell.train import train
-    from qbench.measure.timing import StepTimer
-    from qbench.suite import precisions
-    from qbench.tasks import get_task
+    from qbench.contract import precisions
 
     loaded = load(SUITES / "qlora.toml")
     cell = grid.cell_from_values(loaded.suite, {"precision": "bf16", "seed": 0, "optimizer": optimizer, "batch_size": 2,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qbench.report import paper
-from qbench.report.write import write_report
+from qbench.analysis.report import paper
+from qbench.analysis.report.write import write_report
 
 from .records import make_record
 

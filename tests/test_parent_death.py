@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from qbench.cell import faults
-from qbench.results import records as results
+from qbench.contract import records as results
 
 from .conftest import REPO, write_suite
 from .helpers import clip

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qbench.tasks.causal_lm import IGNORE, evaluate_perplexity, make_windows
+from qbench.cell.tasks.causal_lm import IGNORE, evaluate_perplexity, make_windows
 
 
 @pytest.fixture(scope="module")

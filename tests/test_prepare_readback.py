@@ -8,8 +8,10 @@ import pytest
 
 from qbench import cli
 from qbench.cell import lora, models, readback
-from qbench.measure import weights
-from qbench.suite import precisions, preflight, spec
+from qbench.cell.measure import weights
+from qbench.contract import precisions
+from qbench.contract import suite as spec
+from qbench.runner import preflight
 
 from .conftest import write_suite
 

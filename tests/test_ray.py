@@ -16,9 +16,9 @@ import psutil
 import pytest
 
 from qbench import cli
-from qbench.results import records as results
-from qbench.run import ray_executor, ray_task, runner
-from qbench.suite.spec import load
+from qbench.contract import records as results
+from qbench.contract.suite import load
+from qbench.runner import ray_executor, ray_task, runner
 
 from .conftest import REPO, write_suite
 from .helpers import clip
@@ -107,7 +107,7 @@ def test_qbench_imports_ray_only_for_the_ray_executor(tsv_suite, tmp_path):
     script = (
         "import sys\n"
         "from qbench import cli\n"
-        "import qbench.run.ray_executor, qbench.run.ray_task, qbench.cli.commands\n"
+        "import qbench.runner.ray_executor, qbench.runner.ray_task, qbench.cli.commands\n"
         f"code = cli.main(['run', {str(tsv_suite)!r}, '--out', {str(tmp_path / 'out')!r}, '--shard', '3/2'])\n"
         "assert code == 2, code\n"
         "assert 'ray' not in sys.modules, 'ray was imported'\n"

@@ -13,9 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from qbench.results import records as results
-from qbench.run import ray_executor
-from qbench.suite.spec import load
+from qbench.contract import records as results
+from qbench.contract.suite import load
+from qbench.runner import ray_executor
 
 from .conftest import write_suite
 

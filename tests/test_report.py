@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from qbench import cli
-from qbench.report import tables, write
-from qbench.results import fields, stats
-from qbench.results import records as results
+from qbench.analysis import load, stats
+from qbench.analysis.report import tables, write
+from qbench.contract import fields
 
 from .records import make_record, make_records, slower, write_run
 
@@ -26,13 +26,13 @@ def two_shards(tmp_path: Path) -> list[Path]:
 
 
 def test_shards_merge_into_one_frame_with_every_cell(two_shards):
-    frame = results.load_results(two_shards)
+    frame = load.load_results(two_shards)
     assert len(frame) == 8
     assert stats.precision_order(frame) == ["bf16", "int8", "nf4-dq"]
 
 
 def test_speed_ratios_use_the_baseline_of_the_same_run_and_seed(two_shards):
-    frame = stats.add_speed_ratios(results.load_results(two_shards))
+    frame = stats.add_speed_ratios(load.load_results(two_shards))
     nf4 = frame[(frame["precision"] == "nf4-dq")]["ratio.speed.train_samples_per_s"]
     assert nf4.tolist() == pytest.approx([15 / 20, 15 / 20])  # machine b is twice as slow, the ratio is not
     assert (frame[frame["precision"] == "bf16"]["ratio.speed.train_samples_per_s"] == 1).all()
@@ -80,7 +80,7 @@ def test_pareto_front_is_direction_aware():
 def test_precision_table_gives_quality_an_interval_only_where_there_is_noise_to_make_one(two_shards):
     one_seed = tables.display(tables.precision_table(pd.DataFrame(make_records())))
     assert one_seed.loc["nf4-dq", "mean recall@1 after (%) [95 % interval]"] == "57.00"  # one seed, no bootstrap: no interval
-    two_seeds = tables.precision_table(results.load_results(two_shards))
+    two_seeds = tables.precision_table(load.load_results(two_shards))
     assert two_seeds.loc["bf16", "seeds"] == 2
     # int8: 59 and 60 points, two seeds: 59.5 ± 1.96 · 0.71 / sqrt(2)
     assert two_seeds.loc["int8", "mean recall@1 after (%)"] == pytest.approx(59.5)
@@ -88,7 +88,7 @@ def test_precision_table_gives_quality_an_interval_only_where_there_is_noise_to_
 
 
 def test_report_writes_every_file_and_a_self_contained_html(two_shards, tmp_path: Path):
-    paths = write.write_report(results.load_results(two_shards), tmp_path / "report")
+    paths = write.write_report(load.load_results(two_shards), tmp_path / "report")
     html = paths["html"].read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(images) == 4  # quality vs memory, throughput, memory per phase, vs baseline

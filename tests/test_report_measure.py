@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from qbench.report import explain, summary, tables, write
+from qbench.analysis.report import explain, summary, tables, write
 
 MiB = 1024 * 1024
 
@@ -114,7 +114,8 @@ def test_qbench_report_shows_the_damage_and_the_explanation():
 
 
 def test_on_a_cpu_the_relative_table_and_the_plots_use_the_tree_pss_not_the_rss():
-    from qbench.results import fields, schema, stats
+    from qbench.analysis import stats
+    from qbench.contract import fields, schema
 
     records = [
         row("bf16", **{"memory.peak_pss_bytes": 400 * MiB, "memory.peak_rss_bytes": 1100 * MiB, "weights.base_bytes": 4 * MiB}),

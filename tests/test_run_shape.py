@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from qbench import cli
-from qbench.run import plan, runner, start
-from qbench.suite.spec import load
+from qbench.contract.suite import load
+from qbench.runner import plan, runner, start
 
 from .conftest import write_suite
 from .helpers import clip
@@ -63,7 +63,7 @@ def test_resume_starts_cells_as_the_run_did_and_refuses_another_launcher(suite: 
 
 @pytest.mark.parametrize("options", [{"executor": "ray"}, {"device": "cuda"}, {"gpus": "0"}])
 def test_a_fork_server_asked_for_where_cells_cannot_be_forked_is_refused(suite: Path, options):
-    from qbench.suite.spec import SuiteError
+    from qbench.contract.suite import SuiteError
 
     with pytest.raises(SuiteError) as refused:
         plan.make(load(suite), launcher="forkserver", **options)

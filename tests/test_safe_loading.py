@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from qbench.cell import models
-from qbench.suite import precisions
-from qbench.suite import preflight as checks
-from qbench.suite.spec import ModelSpec, SuiteError, load
+from qbench.contract import precisions
+from qbench.contract.suite import ModelSpec, SuiteError, load
+from qbench.runner import preflight as checks
 
 from .conftest import write_suite
 from .helpers import clip

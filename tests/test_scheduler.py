@@ -14,11 +14,12 @@ import pandas as pd
 import pytest
 
 from qbench import cli
-from qbench.report import tables
-from qbench.results import records as results
-from qbench.run import runner, scheduler, start
-from qbench.run.scheduler import Slot
-from qbench.suite.spec import Cell, load
+from qbench.analysis import load as frames
+from qbench.analysis.report import tables
+from qbench.contract import records as results
+from qbench.contract.suite import Cell, load
+from qbench.runner import runner, scheduler, start
+from qbench.runner.scheduler import Slot
 
 from . import fake_cell
 from .conftest import write_suite
@@ -131,7 +132,7 @@ def tsv_suite(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def fake_cells(monkeypatch, tmp_path):
-    from qbench.run.protocol import EVENT_PREFIX
+    from qbench.contract.protocol import EVENT_PREFIX
 
     assert fake_cell.EVENT_PREFIX == EVENT_PREFIX
     monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(FAKE_CELL)))
@@ -248,7 +249,7 @@ def test_two_shards_are_exactly_one_full_run_and_merge_into_one_report(tsv_suite
         manifest = json.loads((run_dir / "run.json").read_text())
         assert manifest["shard"] == shard and manifest["matrix_cells"] == 12 and len(manifest["cells"]) == 6
 
-    merged = results.load_frame([first, second])
+    merged = frames.load_frame([first, second])
     assert sorted(merged["cell_id"]) == sorted(ids(full))
     table = tables.precision_table(merged)
     assert sorted(table.index) == sorted(["bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"])
@@ -281,7 +282,7 @@ def test_a_shard_with_no_cells_exits_cleanly(tsv_suite, fake_cells, tmp_path, ca
 
 
 class FourGpuNvml:
-    """Just enough of pynvml for qbench.measure.nvml.resolve: four GPUs numbered by PCI bus."""
+    """Just enough of pynvml for qbench.cell.measure.nvml.resolve: four GPUs numbered by PCI bus."""
 
     def nvmlDeviceGetCount(self):
         return 4
@@ -299,7 +300,7 @@ class FourGpuNvml:
 def test_each_cell_measures_the_gpu_its_slot_gave_it(tsv_suite, fake_cells, tmp_path):
     """NVML numbers GPUs by PCI bus, whatever CUDA_VISIBLE_DEVICES says: with the environment each
     cell process really got, its cuda:0 must be its slot's GPU, not GPU 0."""
-    from qbench.measure import nvml
+    from qbench.cell.measure import nvml
 
     loaded = load(tsv_suite)
     slots = scheduler.gpu_slots(["2", "3"])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from qbench.data import shapes
+from qbench.cell.data import shapes
 
 
 @pytest.fixture(scope="module")

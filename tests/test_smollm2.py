@@ -16,7 +16,7 @@ import pytest
 
 from qbench import cli
 from qbench.cell import models
-from qbench.exitcodes import Exit
+from qbench.contract.exitcodes import Exit
 from qbench.zoo import smollm2
 
 from .conftest import write_suite

@@ -22,10 +22,10 @@ import pandas as pd
 import pytest
 
 from qbench import cli
+from qbench.analysis.gate import compare
 from qbench.cell import faults
-from qbench.gate import compare
-from qbench.results import records as results
-from qbench.run.threads import available_cores
+from qbench.contract import records as results
+from qbench.machine.threads import available_cores
 
 from .conftest import write_suite
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from qbench.gate import compare
-from qbench.results import fields
+from qbench.analysis.gate import compare
+from qbench.contract import fields
 
 from .records import make_records
 

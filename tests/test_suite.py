@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from qbench.suite.spec import SuiteError, load, parse
+from qbench.contract.suite import SuiteError, load, parse
 
 from .conftest import SUITES
 

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qbench import cli
-from qbench.suite import preflight as checks
-from qbench.suite.spec import Suite, SuiteError, load, parse
+from qbench.contract.suite import Suite, SuiteError, load, parse
+from qbench.runner import preflight as checks
 
 from .conftest import REPO, SUITES, write_suite
 from .test_suite import MINIMAL

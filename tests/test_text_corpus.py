@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from qbench.data import builtin_names, text
-from qbench.data.text import (
+from qbench.cell.data import text
+from qbench.cell.data.text import (
     TextCorpus,
     builtin_corpus,
     builtin_topics,
@@ -17,6 +17,7 @@ from qbench.data.text import (
     load_text_file,
     pretrain_text,
 )
+from qbench.contract.tasks import builtin_names
 
 
 def test_pydoc_parts_are_disjoint_and_cover_every_topic():
@@ -67,7 +68,7 @@ def test_hash_is_the_hash_of_train_and_eval():
 
 
 def test_hash_is_stable_across_processes_with_different_hash_seeds():
-    code = "from qbench.data.text import builtin_corpus; print(builtin_corpus().sha256)"
+    code = "from qbench.cell.data.text import builtin_corpus; print(builtin_corpus().sha256)"
     hashes = {
         subprocess.run(
             [sys.executable, "-c", code],

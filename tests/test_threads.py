@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from qbench.run import plan, threads
-from qbench.suite.spec import LoadedSuite, SuiteError, parse
+from qbench.contract.suite import LoadedSuite, SuiteError, parse
+from qbench.machine import threads
+from qbench.runner import plan
 
 from .test_suite import MINIMAL
 

@@ -1,6 +1,6 @@
 import pytest
 
-from qbench.measure import timing
+from qbench.cell.measure import timing
 
 
 def test_throughput_is_samples_over_wall_seconds_of_timed_steps(monkeypatch):

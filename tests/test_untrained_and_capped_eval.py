@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from qbench import cli
-from qbench.suite.spec import parse
-from qbench.tasks.causal_lm import evaluate_perplexity, make_windows, scored_bytes, select_windows, spread_windows
+from qbench.cell.tasks.causal_lm import evaluate_perplexity, make_windows, scored_bytes, select_windows, spread_windows
+from qbench.contract.suite import parse
 
 from .conftest import write_suite
 from .test_suite import MINIMAL, problems_of
@@ -69,7 +69,7 @@ def test_zero_steps_runs_no_train_phase_and_leaves_its_figures_absent_with_the_r
                     "train.final_loss", "quality.after.perplexity", "quality.after.bits_per_byte"):
             assert record[key] is None, key
         assert record["train.steps_completed"] == 0
-        # each window's summed NLL, for comparisons paired over the same windows (qbench/report/paper.py)
+        # each window's summed NLL, for comparisons paired over the same windows (qbench/analysis/report/paper.py)
         sums, tokens = record["per_window.before.window_nll"], record["per_window.scored_tokens"]
         assert len(sums) == len(tokens) == record["eval.windows"] and sum(tokens) == record["eval.scored_tokens"]
         assert math.fsum(sums) / sum(tokens) == pytest.approx(record["quality.before.nll_per_token"], rel=1e-9)

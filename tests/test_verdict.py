@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from qbench import cli
-from qbench.report import eval_checks, tables, verdict, write
-from qbench.results import stats
+from qbench.analysis import stats
+from qbench.analysis.report import eval_checks, tables, verdict, write
 
 from .records import make_record, make_records, write_run
 
@@ -223,7 +223,7 @@ def test_summary_md_and_report_md_tell_one_story_without_nan_or_minus_zero(tmp_p
     records[1]["speed.train_samples_per_s"] = None  # a figure that is missing
     records[0]["weights.error.rel_mean"] = -1e-7
     frame = pd.DataFrame(records)
-    from qbench.report import summary
+    from qbench.analysis.report import summary
 
     (tmp_path / "run").mkdir()
     summary_md = summary.write_run_outputs(tmp_path / "run", frame)["summary"].read_text()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from qbench.cell import models
-from qbench.measure import weight_error, weights
-from qbench.suite import precisions
+from qbench.cell.measure import weight_error, weights
+from qbench.contract import precisions
 
 from .helpers import clip
 

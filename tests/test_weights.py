@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from qbench.cell import models
-from qbench.measure import weights
-from qbench.suite import precisions
+from qbench.cell.measure import weights
+from qbench.contract import precisions
 
 SPEC = SimpleNamespace(revision=None, device_map="single", safetensors_only=True, trust_remote_code=False)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-from qbench.data import shapes
+from qbench.cell.data import shapes
 from qbench.zoo import clip as zoo_clip
 
 CHECKPOINT = zoo_clip.DEFAULT_OUT_DIR

@@ -7,11 +7,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from qbench.data.text import builtin_corpus, pretrain_text
+from qbench.cell.data.text import builtin_corpus, pretrain_text
 from qbench.zoo import llama
-from qbench.zoo.check_llm_finetune import perplexity
+
+from .helpers import load_script
 
 CHECKPOINT = llama.DEFAULT_OUT_DIR
+perplexity = load_script("check_llm_finetune").perplexity
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

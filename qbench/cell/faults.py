@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from qbench.results.schema import PHASES
+from qbench.contract.schema import PHASES
 
 ENV_VAR = "QBENCH_TEST_FAULTS"
 KINDS = ("oom", "nan", "unsupported", "error", "sigkill", "sleep", "slow", "alloc")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from qbench.suite.spec import Suite
+    from qbench.contract.suite import Suite
 
 
 def prepare(model: torch.nn.Module, suite: Suite) -> torch.nn.Module:

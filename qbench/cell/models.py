@@ -8,13 +8,13 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qbench.suite.precisions import Precision
+from qbench.contract.precisions import LLM_INT8_THRESHOLD, Precision
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-    from qbench.suite.spec import ModelSpec
+    from qbench.contract.suite import ModelSpec
 
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints"
 BUILTIN_MODELS = {
@@ -200,7 +200,7 @@ def resolve(model_id: str, base_dir: Path | None = None, revision: str | None = 
         if name not in BUILTIN_MODELS:
             raise ModelNotFound(f"unknown builtin model {name!r}; builtin: {', '.join(BUILTIN_MODELS)}")
         if name in CONVERTED_MODELS:
-            from qbench.zoo import smollm2
+            from qbench.machine import model_cache as smollm2
 
             try:
                 return str(smollm2.ready_folder())
@@ -315,8 +315,8 @@ def load_base(model_class: type[PreTrainedModel], path: str, precision: Precisio
         model = model_class.from_pretrained(
             path,
             revision=spec.revision,
-            dtype=precision.storage_dtype(compute_dtype),
-            quantization_config=precision.quantization_config(compute_dtype),
+            dtype=storage_dtype(precision, compute_dtype),
+            quantization_config=quantization_config(precision, compute_dtype),
             device_map=device_map_for(device, spec.device_map),
             use_safetensors=True if spec.safetensors_only else None,
             trust_remote_code=spec.trust_remote_code,
@@ -355,3 +355,27 @@ def disable_bnb_cpu_weight_packing(model: torch.nn.Module) -> int:
             module.support_avx512bf16_for_cpu = False
             count += 1
     return count
+
+
+def storage_dtype(precision: Precision, compute_dtype: str) -> Any:
+    """The torch dtype of the base's unquantized tensors (embeddings, norms, and every weight if dense)."""
+    import torch
+
+    return getattr(torch, precision.dense_dtype or compute_dtype)
+
+
+def quantization_config(precision: Precision, compute_dtype: str) -> Any:
+    """The transformers `BitsAndBytesConfig` that loads the base in `precision`'s format, or None for a dense base."""
+    if precision.kind == "dense":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if precision.kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=LLM_INT8_THRESHOLD)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=precision.quant_type,
+        bnb_4bit_use_double_quant=precision.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+    )

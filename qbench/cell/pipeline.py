@@ -1,6 +1,6 @@
 """One cell in its own process: load, quantize, attach LoRA, evaluate, train, evaluate, measure.
 
-Run as `python -m qbench.cell` with the cell's spec (`qbench.run.protocol.CellSpec`) as JSON on
+Run as `python -m qbench.cell` with the cell's spec (`qbench.contract.protocol.CellSpec`) as JSON on
 standard input. Progress goes to standard output as `QBENCH_EVENT {...}` lines; the record is
 written atomically whatever happens, and at the start of every phase as a `running` checkpoint, but
 only while this process is the cell's current attempt (a newer one owns the record otherwise).
@@ -26,16 +26,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qbench.cell import faults as fault_injection
-from qbench.results import records as results
-from qbench.run.protocol import CellSpec, event_line, identity_fields
-from qbench.suite import precisions
+from qbench.contract import precisions
+from qbench.contract import records as results
+from qbench.contract.protocol import CellSpec, event_line, identity_fields
 
 if TYPE_CHECKING:
+    from qbench.cell.measure.memory import MemoryTracker
+    from qbench.cell.measure.timing import StepTimer
+    from qbench.contract.precisions import Precision
+    from qbench.contract.suite import Suite
     from qbench.machine.compute import ComputeChoice
-    from qbench.measure.memory import MemoryTracker
-    from qbench.measure.timing import StepTimer
-    from qbench.suite.precisions import Precision
-    from qbench.suite.spec import Suite
 
 
 class Interrupted(BaseException):
@@ -272,8 +272,8 @@ class CellRun:
 
     def on_first_step(self, optimizer: Any) -> None:
         """What optimizer was built and its exact state bytes, read once its state exists."""
-        from qbench.measure import optimizer_state
-        from qbench.suite import optimizers
+        from qbench.cell.measure import optimizer_state
+        from qbench.contract import optimizers
 
         self.record.update(optimizer_state.describe(optimizer, optimizers.get(self.suite.train.optimizer), self.device))
 
@@ -312,11 +312,11 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         if spec.threads:
             torch.set_num_threads(spec.threads)  # before any computation: the pool is made at the first one
         from qbench.cell import lora, models, readback
+        from qbench.cell.measure.memory import MemoryTracker
+        from qbench.cell.measure.timing import StepTimer
+        from qbench.cell.tasks import get_task
         from qbench.cell.train import train
         from qbench.machine import compute, environment
-        from qbench.measure.memory import MemoryTracker
-        from qbench.measure.timing import StepTimer
-        from qbench.tasks import get_task
 
         cell.imported()
         if cell.compute is None:  # run alone (not by the runner): decide here, as the runner would
@@ -368,12 +368,12 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 # machine whose host took this share of the CPU time away, measured the machine more than itself
 CONTENDED_WAIT_SHARE = 0.10
 CONTENDED_STEAL_SHARE = 0.10
-STARVED_SHARE = 0.5  # as qbench.gate.compare.STARVED_SHARE
+STARVED_SHARE = 0.5  # as qbench.analysis.gate.compare.STARVED_SHARE
 
 
 def contention_fields(record: dict[str, Any]) -> dict[str, Any]:
     """`speed.contended` (True / False / None: not measurable) and `speed.contention`, a sentence saying why,
-    from the train phase's CPU figures (`cpu.train.*`, see qbench.measure.memory.cpu_fields)."""
+    from the train phase's CPU figures (`cpu.train.*`, see qbench.cell.measure.memory.cpu_fields)."""
     share, steal = record.get("cpu.train.share"), record.get("cpu.train.steal_share")
     others, cores = record.get("cpu.train.others_busy_cores"), record.get("env.cpu_cores_available")
     if share is None:

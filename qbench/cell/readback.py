@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from qbench.suite.precisions import Precision
-    from qbench.suite.spec import Suite
+    from qbench.contract.precisions import Precision
+    from qbench.contract.suite import Suite
 
 
 def inspect_base(model: torch.nn.Module, precision: Precision, suite: Suite, model_path: str,
@@ -18,7 +18,7 @@ def inspect_base(model: torch.nn.Module, precision: Precision, suite: Suite, mod
     """Add the loaded base's record fields to `fields` as they are read, so that when the base is not in the
     format its precision names (FormatMismatch is raised) what was read back stays in the record as evidence."""
     from qbench.cell import models
-    from qbench.measure import weight_error, weights
+    from qbench.cell.measure import weight_error, weights
 
     fields.update(models.placement(model))
     fields["bnb.cpu_weight_packing_disabled_layers"] = models.disable_bnb_cpu_weight_packing(model)
@@ -38,7 +38,7 @@ def inspect_trained_base(model: torch.nn.Module, precision: Precision, suite: Su
     `weights.train.*` (bytes by kind and by dtype, as `weights.*` at load) and `format.train.*`; then fail
     with FormatMismatch, naming modules and dtypes, if the base is no longer in its precision's format (a
     preparation that cast a 16-bit base to float32 would otherwise train an fp32 arm under a bf16 label)."""
-    from qbench.measure import weights
+    from qbench.cell.measure import weights
 
     fields.update({k.replace("weights.", "weights.train.", 1): v for k, v in weights.account_base(model).items()})
     fields.update({k.replace("format.", "format.train.", 1): v for k, v in weights.read_format(model).items()})

@@ -10,33 +10,19 @@ code and the same result. Nothing here depends on the precision or the seed of a
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
-_MEMO: dict[Hashable, Any] = {}
-
-
-def memo(key: Hashable, build: Callable[[], T]) -> T:
-    """`build()`'s result, built once per process for `key` (which must name all that the result depends on)."""
-    if key not in _MEMO:
-        _MEMO[key] = build()
-    return _MEMO[key]
-
-
-def built() -> list[str]:
-    """The keys built so far, as text (what the fork server reports it warmed)."""
-    return [" / ".join(map(str, key)) if isinstance(key, tuple) else str(key) for key in _MEMO]
+from qbench.machine.memo import built, memo  # noqa: F401  (re-exported: what the tasks build once per process)
 
 
 def warm(suite_text: str, suite_path: str, device: str = "cpu") -> dict[str, Any]:
     """Do what every cell of this suite would do before loading its model, and keep what is memoized:
     the environment facts, the model's tokenizer and processors, the data. Returns what was built."""
     from qbench.cell import models
+    from qbench.cell.tasks import get_task
+    from qbench.contract.suite import LoadedSuite, parse
     from qbench.machine import environment
-    from qbench.suite.spec import LoadedSuite, parse
-    from qbench.tasks import get_task
 
     loaded = LoadedSuite(parse(suite_text, suite_path), Path(suite_path),
                          hashlib.sha256(suite_text.encode("utf-8")).hexdigest(), suite_text)

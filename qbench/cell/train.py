@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from qbench.measure.timing import StepTimer
-from qbench.tasks.batch import Batch
+from qbench.cell.measure.timing import StepTimer
+from qbench.cell.tasks.batch import Batch
+from qbench.contract import optimizers
 
 if TYPE_CHECKING:
-    from qbench.suite.spec import TrainSpec
+    from qbench.contract.suite import TrainSpec
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -27,6 +28,18 @@ class TrainResult:
     losses: list[float]
 
 
+def build_optimizer(chosen: optimizers.Optimizer, params: Iterable[torch.nn.Parameter], lr: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """`chosen` (a registry entry of qbench.contract.optimizers) over `params` with the suite's learning rate and
+    weight decay, every other hyperparameter at its library's default (betas (0.9, 0.999) and eps 1e-8 for the
+    AdamW kinds)."""
+    if chosen.library == "torch":
+        return getattr(torch.optim, chosen.class_name)(params, lr=lr, weight_decay=weight_decay)
+    import bitsandbytes
+
+    return getattr(bitsandbytes.optim, chosen.class_name)(params, lr=lr, weight_decay=weight_decay)
+
+
 def train(
     model: torch.nn.Module,
     batches: Iterator[Batch],
@@ -36,16 +49,14 @@ def train(
     on_step: Callable[[int, float], None] = lambda step, loss: None,
     on_first_step: Callable[[torch.optim.Optimizer], None] = lambda optimizer: None,
 ) -> TrainResult:
-    """Run `config.steps` optimizer steps of `config.optimizer` (a name of `qbench.suite.optimizers`,
+    """Run `config.steps` optimizer steps of `config.optimizer` (a name of `qbench.contract.optimizers`,
     AdamW by default) with a transformers schedule and gradient accumulation. `on_first_step` sees the
     optimizer once, right after its first step, when its state exists."""
     from transformers import get_scheduler
 
-    from qbench.suite import optimizers
-
     trainable = [p for p in model.parameters() if p.requires_grad]
     chosen = optimizers.get(getattr(config, "optimizer", optimizers.DEFAULT))
-    optimizer = chosen.build(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(chosen, trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_scheduler(
         config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps
     )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from qbench.exitcodes import Exit
-from qbench.suite.spec import SuiteError
+from qbench.contract.exitcodes import Exit
+from qbench.contract.suite import SuiteError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # a file a command could not read or write (commands handle the ones they expect)
         if not error.filename:
             raise
-        from qbench.results.files import OutputError
+        from qbench.contract.files import OutputError
 
         shown = str(error) if isinstance(error, OutputError) else f"{error.filename}: {error.strerror or error}"
         print_error(shown)
@@ -35,9 +35,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def __getattr__(name: str):  # names of the flat 0.1 module this package replaced (see qbench._moved)
-    from qbench._moved import forward
-
-    return forward(__name__, ('commands', 'render', 'parser'), name)

@@ -21,27 +21,27 @@ from rich.table import Table
 from qbench import __version__
 from qbench.cli import render
 from qbench.cli.render import console, errors
-from qbench.exitcodes import Exit
-from qbench.run.plan import COMMAND_LINE
-from qbench.suite import optimizers, precisions
-from qbench.suite.spec import SuiteError
+from qbench.contract import optimizers, precisions
+from qbench.contract.exitcodes import Exit
+from qbench.contract.suite import SuiteError
+from qbench.runner.plan import COMMAND_LINE
 
 if TYPE_CHECKING:
-    from qbench.gate.compare import Settings
+    from qbench.analysis.gate.compare import Settings
+    from qbench.contract.suite import Cell, LoadedSuite
     from qbench.machine.compute import ComputeChoice
-    from qbench.run.plan import RunPlan
-    from qbench.run.ray_executor import CellResources, Cluster
-    from qbench.run.resume import Resumable
-    from qbench.run.runner import Run
-    from qbench.run.scheduler import Slot
-    from qbench.run.start import RunStart
-    from qbench.run.threads import ThreadPlan
-    from qbench.suite.spec import Cell, LoadedSuite
+    from qbench.machine.threads import ThreadPlan
+    from qbench.runner.plan import RunPlan
+    from qbench.runner.ray_executor import CellResources, Cluster
+    from qbench.runner.resume import Resumable
+    from qbench.runner.runner import Run
+    from qbench.runner.scheduler import Slot
+    from qbench.runner.start import RunStart
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from qbench.run import plan
-    from qbench.suite.spec import load
+    from qbench.contract.suite import load
+    from qbench.runner import plan
 
     if args.resume is not None:
         return _resume(args)
@@ -65,8 +65,7 @@ def run_suite(run_plan: RunPlan, out: Path, device: str, check_only: bool = Fals
     A folder or file that cannot be written gives one line: exit 2 while no cell has run (--out a file,
     read-only, full), afterwards 1 when a cell of the run has no ok record, 2 when only results.csv or
     summary.md could not be written. What was written before stays as it was."""
-    from qbench.run import runner
-    from qbench.suite import preflight
+    from qbench.runner import preflight, runner
 
     loaded = run_plan.loaded
     on_ray = run_plan.executor == "ray"  # cells run on the cluster's nodes: this machine's memory says nothing
@@ -110,8 +109,8 @@ def run_suite(run_plan: RunPlan, out: Path, device: str, check_only: bool = Fals
 
 def _create_run_dir(out: Path, loaded: LoadedSuite, label: str = "") -> Path | None:
     """The run's new folder under `out`; None (one line printed) when it cannot be made."""
-    from qbench.results.files import OutputError
-    from qbench.run import runner
+    from qbench.contract.files import OutputError
+    from qbench.runner import runner
 
     try:  # made only now: a run refused by the checks leaves no folder behind
         return runner.create_run_dir(out, loaded.suite.name, label)
@@ -125,8 +124,8 @@ def _create_run_dir(out: Path, loaded: LoadedSuite, label: str = "") -> Path | N
 def _run_in(run: Run, run_dir: Path, manifest: dict[str, Any], started_at: float | None = None) -> int:
     """Hold `run_dir`, write run.json, run the cells and write the run's tables; the exit code. A write that
     fails before run.json is written removes the (still empty) folder; afterwards the records stay."""
-    from qbench.results.files import OutputError
-    from qbench.run import runner
+    from qbench.contract.files import OutputError
+    from qbench.runner import runner
 
     started = False
     try:
@@ -164,7 +163,7 @@ def _run_on_ray(run_plan: RunPlan, out: Path, device: str) -> int:
 def check_cuda_seen(option: str) -> None:
     """SuiteError naming `option` when torch sees no CUDA GPU here (asked in a child process, as `auto` is):
     before any cell, instead of every cell failing in its first CUDA call."""
-    from qbench.run import launch, runner
+    from qbench.runner import launch, runner
 
     if not launch.is_qbench_cell(runner.CELL_COMMAND):
         return  # a stand-in cell command (the tests' fake GPUs) decides for itself what a device is
@@ -187,7 +186,7 @@ def check_out_folder(out: Path, option: str) -> None:
 
 def _remove_unstarted_run_dir(run_dir: Path) -> None:
     """Remove a run folder this command created and nothing ran in (its lock file at most)."""
-    from qbench.run import runner
+    from qbench.runner import runner
 
     try:
         (run_dir / runner.RUN_LOCK).unlink(missing_ok=True)
@@ -199,8 +198,8 @@ def _remove_unstarted_run_dir(run_dir: Path) -> None:
 def _stopped_by_output(error: OSError, run_dir: Path, cells: list[Cell]) -> int:
     """One line for a write that failed once cells had run; exit 1 when a cell of the run has no ok record,
     2 when every record is ok and only the run's tables could not be written."""
-    from qbench.results import records as results
-    from qbench.results.files import OutputError
+    from qbench.contract import records as results
+    from qbench.contract.files import OutputError
 
     problem = OutputError.from_os_error(run_dir, error)
     records = results.run_records(run_dir, [c.id for c in cells])
@@ -223,9 +222,8 @@ def _begin(loaded: LoadedSuite, cells: list[Cell], device: str, thread_plan: Thr
            recorded: ComputeChoice | None = None, checks: dict[str, Any] | None = None) -> RunStart:
     """Check the suite against the world (with `checks`, preflight.check_suite's options; None: checked
     already) while the fork server imports, then settle the device, the compute dtype and the threads
-    (qbench.run.start); SuiteError (nothing started) for a bad suite."""
-    from qbench.run import start
-    from qbench.suite import preflight
+    (qbench.runner.start); SuiteError (nothing started) for a bad suite."""
+    from qbench.runner import preflight, start
 
     server = start.begin(launcher, device, on_gpus)  # imports torch & co. while the suite is checked
     try:
@@ -244,7 +242,7 @@ def _cluster(executor: str, address: str | None) -> Iterator[Cluster | None]:
     if executor != "ray":
         yield None
         return
-    from qbench.run import ray_executor
+    from qbench.runner import ray_executor
 
     cluster = ray_executor.connect(address)
     try:
@@ -256,7 +254,7 @@ def _cluster(executor: str, address: str | None) -> Iterator[Cluster | None]:
 def _ray_resources(cluster: Cluster, device: str, gpus_per_cell: float, cpus_per_cell: float) -> tuple[str, CellResources]:
     """The device of a run on the Ray cluster (auto: cuda when the cluster has GPUs) and what each cell asks
     for; SuiteError when no node has room for one cell (checked before any folder is made)."""
-    from qbench.run import ray_executor
+    from qbench.runner import ray_executor
 
     if device == "auto":
         device = "cuda" if cluster.has_gpus() else "cpu"
@@ -268,7 +266,7 @@ def _ray_resources(cluster: Cluster, device: str, gpus_per_cell: float, cpus_per
 def _ray_run(cluster: Cluster, loaded: LoadedSuite, run_dir: Path, cells: list[Cell], device: str,
              resources: CellResources) -> tuple[Run, str, dict[str, Any]]:
     """A run of `cells` on the Ray cluster: the run, the header text and run.json's `ray` entry."""
-    from qbench.run import ray_executor
+    from qbench.runner import ray_executor
 
     total = ", ".join(f"{cluster.resources.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
     where = f"{device}, Ray at {cluster.address} ({len(cluster.nodes)} node(s), {total}; {resources.describe()} per cell)"
@@ -278,7 +276,7 @@ def _ray_run(cluster: Cluster, loaded: LoadedSuite, run_dir: Path, cells: list[C
 
 def _execute(run: Run) -> tuple[int | None, list[dict[str, Any]]]:
     """Run the cells with progress bars: (the exit code if the run was interrupted, else None; the records)."""
-    from qbench.run import runner
+    from qbench.runner import runner
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
@@ -295,9 +293,8 @@ def _execute(run: Run) -> tuple[int | None, list[dict[str, Any]]]:
 def _resume(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from qbench.results.files import OutputError
-    from qbench.run import plan, resume, runner
-    from qbench.suite import preflight
+    from qbench.contract.files import OutputError
+    from qbench.runner import plan, preflight, resume, runner
 
     given = [
         flag
@@ -356,9 +353,10 @@ def _run_pending(state: Resumable, args: argparse.Namespace, slots: list[Slot] |
     """Run the cells a resumed run still needs, here or on Ray; the exit code when interrupted, else None.
     `started` gets an entry once run.json notes the resumption (before that, a failed write ran nothing).
     The suite was checked already."""
+    from qbench.machine import threads
     from qbench.machine.compute import ComputeChoice
-    from qbench.run import resume, runner, threads
-    from qbench.run.scheduler import LOCAL_SLOT
+    from qbench.runner import resume, runner
+    from qbench.runner.scheduler import LOCAL_SLOT
 
     # the cells of one run directory compute alike: the dtype and the threads run.json recorded, not new ones
     recorded = state.manifest.get("compute")
@@ -404,8 +402,8 @@ def _finish(run_dir: Path, cells: list[Cell]) -> int:
     the run's and are left alone), the verdict and tables, and the exit code: 1 when a cell has no ok record."""
     import pandas as pd
 
-    from qbench.report import summary, write
-    from qbench.results import records as results
+    from qbench.analysis.report import summary, write
+    from qbench.contract import records as results
 
     records = results.run_records(run_dir, [c.id for c in cells])
     if records:
@@ -426,7 +424,7 @@ def _finish(run_dir: Path, cells: list[Cell]) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from qbench.cell.models import BUILTIN_MODELS
-    from qbench.data import BUILTIN_DATASETS
+    from qbench.contract.tasks import BUILTIN_DATASETS
 
     shown = Table(title="precisions (matrix.precisions)")
     shown.add_column("name")
@@ -473,16 +471,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Exit 0 with a report; 2 (one line) when an input holds no records, a file that is not a record, or
     records of different suites or settings (which are never averaged together), or when the report folder
     cannot be written or holds other files."""
-    from qbench.report import write
-    from qbench.results import files
-    from qbench.results import records as results
+    from qbench.analysis import load
+    from qbench.analysis.report import write
+    from qbench.contract import files
+    from qbench.contract import records as results
 
     try:
-        frame = results.load_results(args.run_dirs)
+        frame = load.load_results(args.run_dirs)
     except results.ResultsError as problem:
         render.error(str(problem))
         return Exit.BAD_INPUT
-    mixed = results.identity_differences(frame)
+    mixed = load.identity_differences(frame)
     if mixed:
         render.error(
             f"{', '.join(args.run_dirs)}: the records describe different experiments and are not merged into one "
@@ -506,8 +505,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _compare_settings(args: argparse.Namespace, new_paths: list[str]) -> Settings:
     """The suite's [compare] table (--suite, else the new run's own suite text), then --tolerance over it."""
-    from qbench.gate import compare
-    from qbench.suite.spec import load
+    from qbench.analysis.gate import compare
+    from qbench.contract.suite import load
 
     overrides = [compare.parse_tolerance(text) for text in args.tolerance or []]
     if args.suite:
@@ -519,7 +518,7 @@ def _compare_settings(args: argparse.Namespace, new_paths: list[str]) -> Setting
 def _report_settings(paths: list) -> Settings | None:
     """The gate settings of the suite the runs recorded (the eval-set warnings compare with its tolerances);
     None (qbench's defaults) when the stored suite text has an unusable [compare] table."""
-    from qbench.gate import compare
+    from qbench.analysis.gate import compare
 
     try:
         return compare.settings_of_runs(paths)
@@ -541,14 +540,15 @@ def _markdown_targets(args: argparse.Namespace) -> list[str]:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Exit 0: no regression; 1: regression; 2: unusable input (nothing comparable, unreadable records,
     different experiments), or the Markdown summary cannot be written."""
-    from qbench.gate import compare
-    from qbench.results import records as results
+    from qbench.analysis import load
+    from qbench.analysis.gate import compare
+    from qbench.contract import records as results
 
     targets = _markdown_targets(args)
     try:
         settings = _compare_settings(args, [args.new])
-        baseline = results.load_results([args.baseline])
-        new = results.load_results([args.new])
+        baseline = load.load_results([args.baseline])
+        new = load.load_results([args.new])
     except SuiteError as problem:
         comparison = compare.Comparison.unusable([f"{problem.path}: {p}" for p in problem.problems], args.baseline, args.new)
     except (results.ResultsError, ValueError) as problem:
@@ -579,12 +579,12 @@ def cmd_baseline_refresh(args: argparse.Namespace) -> int:
     is not a clean commit, the baselines folder cannot be written or the old baseline folder holds anything
     but an earlier baseline of this suite, or when the new baseline cannot be written (the old one is then
     left as it was)."""
-    from qbench.gate import baseline
+    from qbench.analysis.gate import baseline
+    from qbench.contract import records as results
+    from qbench.contract.files import OutputError
+    from qbench.contract.suite import load
     from qbench.machine.environment import git_commit
-    from qbench.results import records as results
-    from qbench.results.files import OutputError
-    from qbench.run import plan
-    from qbench.suite.spec import load
+    from qbench.runner import plan
 
     loaded = load(args.suite)
     try:  # before any cell: the runs would measure code that no commit holds

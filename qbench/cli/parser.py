@@ -8,7 +8,7 @@ from typing import Any
 
 from qbench import __version__
 from qbench.cli import commands
-from qbench.suite import precisions
+from qbench.contract import precisions
 
 Commands = Any  # argparse's _SubParsersAction, which it does not name publicly
 

@@ -12,10 +12,10 @@ from rich.table import Table
 if TYPE_CHECKING:
     import pandas as pd
 
-    from qbench.gate.compare import Comparison
-    from qbench.report.sections import Section
-    from qbench.run.start import RunStart
-    from qbench.suite.spec import Cell
+    from qbench.analysis.gate.compare import Comparison
+    from qbench.analysis.report.sections import Section
+    from qbench.contract.suite import Cell
+    from qbench.runner.start import RunStart
 
 console = Console()
 errors = Console(stderr=True)
@@ -95,7 +95,7 @@ def run_start(begun: RunStart) -> None:
 
 
 def table(frame: pd.DataFrame, title: str) -> Table:
-    from qbench.report.tables import format_value
+    from qbench.analysis.report.tables import format_value
 
     shown = Table(title=title or None, show_lines=False)
     longest = max([len(str(i)) for i in frame.index] + [len(str(frame.index.name or ""))])
@@ -128,7 +128,7 @@ def sections(shown: list[Section], keys: tuple[str, ...] | None = None) -> None:
         if section.text:
             console.print(Markdown(section.text))
         if section.table is not None and not section.table.empty:
-            from qbench.report.grid import TURNED_MAX_ARMS, narrow
+            from qbench.analysis.report.grid import TURNED_MAX_ARMS, narrow
 
             shown = section.table
             if len(shown) > TURNED_MAX_ARMS and len(shown.columns) > 5:  # a grid's many arms: rows, and what fits
@@ -142,7 +142,7 @@ def sections(shown: list[Section], keys: tuple[str, ...] | None = None) -> None:
 
 def machine(report: dict[str, Any]) -> None:
     """`qbench env`: versions, machine, GPUs and the weight formats tried on the device."""
-    from qbench.report.tables import MB
+    from qbench.analysis.report.tables import MB
 
     versions = Table(title="versions")
     versions.add_column("package")
@@ -194,7 +194,7 @@ def machine(report: dict[str, Any]) -> None:
 
 def comparison(result: Comparison) -> None:
     """The gate's verdict in the terminal: one line per regression, the notes, then the count."""
-    from qbench.gate.markdown import checks_table
+    from qbench.analysis.gate.markdown import checks_table
 
     if result.problems:
         for problem in result.problems:

@@ -74,7 +74,7 @@ def git_commit() -> str | None:
 def run_facts() -> dict[str, Any]:
     """The `env.*` fields that stay the same for every cell of a run (package versions, git commit, CPU
     model), looked up once per process: the run's fork server looks them up before forking any cell."""
-    from qbench.cell import shared
+    from qbench.machine.memo import memo
 
     def look_up() -> dict[str, Any]:
         fields: dict[str, Any] = {f"env.{name}_version": version for name, version in package_versions().items()}
@@ -86,14 +86,14 @@ def run_facts() -> dict[str, Any]:
         })
         return fields
 
-    return dict(shared.memo(("environment facts",), look_up))
+    return dict(memo(("environment facts",), look_up))
 
 
 def describe(device: str) -> dict[str, Any]:
     """Flat `env.*` fields for a record (imports torch: call it in a cell's process)."""
     import torch
 
-    from qbench.run.threads import available_cores
+    from qbench.machine.threads import available_cores
 
     fields: dict[str, Any] = run_facts()
     fields.update(
@@ -143,12 +143,12 @@ def machine_report(device: str = "auto", compute_dtype: str = "auto", timeout_s:
         "git_commit": git_commit(),
         "environment": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")},
     }
-    from qbench.run.protocol import child_env
+    from qbench.contract.protocol import child_env
 
     env = child_env()
     try:
         probe = subprocess.run(
-            [sys.executable, "-m", "qbench.machine.probe", "--device", device, "--compute-dtype", compute_dtype],
+            [sys.executable, "-m", "qbench.cell.probe", "--device", device, "--compute-dtype", compute_dtype],
             capture_output=True, text=True, timeout=timeout_s, env=env,
         )
     except subprocess.TimeoutExpired:

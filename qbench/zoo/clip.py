@@ -6,7 +6,7 @@ a model from the hub. Rebuild it with
 
     python -m qbench.zoo.clip [--out DIR] [--seed N]
 
-Pretraining sees only the "pretrain" split of qbench.data.shapes (captions name the shape and its
+Pretraining sees only the "pretrain" split of qbench.cell.data.shapes (captions name the shape and its
 colour, never the background), so the model is good at shapes and colours and blind to the
 background: the shift that the LoRA fine-tune on "shifted-train" has to learn.
 """
@@ -69,7 +69,7 @@ def build(out_dir: pathlib.Path, seed: int = 0) -> None:
 def _build(out_dir: pathlib.Path, seed: int) -> None:
     import torch
 
-    from qbench.data import shapes
+    from qbench.cell.data import shapes
 
     out_dir.mkdir(parents=True, exist_ok=True)
 

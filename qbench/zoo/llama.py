@@ -73,7 +73,7 @@ def build(
     """Train the tokenizer and the model on the pretrain text and save both into ``out_dir``."""
     import torch
 
-    from qbench.data.text import builtin_corpus, pretrain_text
+    from qbench.cell.data.text import builtin_corpus, pretrain_text
 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""Records -> one DataFrame, statistics, reports (report/) and the regression gate (gate/); the parent process."""

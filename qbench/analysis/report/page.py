@@ -1,0 +1,80 @@
+"""A self-contained HTML page from the report's sections and rendered plots (PNGs embedded as base64; no external files)."""
+
+from __future__ import annotations
+
+import base64
+import html as escape
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from qbench.analysis.report.tables import format_value
+
+if TYPE_CHECKING:
+    from qbench.analysis.report.sections import Section
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5rem auto; max-width: 1200px;
+       color: #222; padding: 0 1rem; }
+h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
+figure { margin: 1rem 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.85rem; color: #555; }
+table { border-collapse: collapse; font-size: 0.8rem; margin: 0.5rem 0; }
+th, td { border: 1px solid #ddd; padding: 0.25rem 0.5rem; text-align: right; white-space: nowrap; }
+th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+.scroll { overflow-x: auto; } .meta { color: #666; font-size: 0.8rem; } .note { color: #555; font-size: 0.85rem; }
+"""
+
+
+def text_html(markdown: str) -> str:
+    """Markdown prose (bullets, **bold**, `code`) as HTML; raw HTML in it is escaped, not passed through."""
+    from markdown_it import MarkdownIt  # rich's own Markdown parser
+
+    return MarkdownIt("commonmark", {"html": False}).render(markdown)
+
+
+def table_html(table: pd.DataFrame) -> str:
+    """A DataFrame as an escaped HTML table, floats to two decimals, missing values as a dash."""
+    index_name = table.index.name or ""
+    head = "".join(f"<th>{escape.escape(str(c))}</th>" for c in [index_name, *table.columns])
+    rows = []
+    for index, row in table.iterrows():
+        cells = "".join(f"<td>{escape.escape(format_value(v))}</td>" for v in row)
+        rows.append(f"<tr><td>{escape.escape(str(index))}</td>{cells}</tr>")
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def figure_html(plot: Any) -> str:
+    data = base64.b64encode(plot.png).decode("ascii")
+    caption = escape.escape(plot.title)
+    return f'<figure id="{escape.escape(plot.name)}"><img alt="{caption}" src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>'
+
+
+def section_html(section: Section) -> str:
+    parts = [f'<h2 id="{escape.escape(section.key)}">{escape.escape(section.title)}</h2>']
+    if section.text:
+        parts.append(text_html(section.text))
+    if section.table is not None and not section.table.empty:
+        parts.append(table_html(section.table))
+    if section.note:
+        parts.append(f'<div class="note">{text_html(section.note)}</div>')
+    return "\n".join(parts)
+
+
+def page(title: str, sections: list[Section], plots: list[Any], leading: tuple[str, ...] = ()) -> str:
+    """The whole report page: title, the `leading` sections (the verdict), the plots, then the other sections."""
+    generated = datetime.now(UTC).isoformat(timespec="seconds")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{escape.escape(title)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{escape.escape(title)}</h1>",
+        f'<p class="meta">generated {generated} by qbench</p>',
+        *(section_html(s) for s in sections if s.key in leading),
+        "<h2>Plots</h2>" if plots else "",
+        *(figure_html(plot) for plot in plots),
+        *(section_html(s) for s in sections if s.key not in leading),
+        "</body></html>",
+    ]
+    return "\n".join(p for p in parts if p)

@@ -1,0 +1,226 @@
+"""Contrastive image-text fine-tuning of a CLIP model, evaluated by retrieval recall@k."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from qbench.cell.data.pairs import CaptionPairs, ClipSplit, duplicate_captions, open_image, positives
+from qbench.cell.tasks import intervals
+from qbench.cell.tasks.batch import Batch, Evaluation, TaskBase, endless
+from qbench.cell.tasks.metrics import contrastive_loss, hits_at_k, match_ranks, nonfinite_rows
+from qbench.contract import lengths
+from qbench.contract.tasks import builtin_names
+
+BOOTSTRAP_METHOD = (
+    "percentile bootstrap over eval queries: captions (t2i) and images (i2t) resampled with replacement, "
+    "each direction on its own; mean recall from the two resampled recalls"
+)
+
+if TYPE_CHECKING:
+    from qbench.contract.suite import LoadedSuite
+
+
+def load_splits(loaded_suite: LoadedSuite) -> tuple[ClipSplit, ClipSplit, dict[str, Any]]:
+    """(train, eval) splits of the suite's data and record fields describing them."""
+    from qbench.machine import memo as shared
+
+    data = loaded_suite.suite.data
+    if data.kind == "builtin":
+        from qbench.cell.data import shapes
+
+        if data.name not in builtin_names("clip"):
+            raise ValueError(f"unknown builtin image-text dataset {data.name!r}; builtin: {', '.join(builtin_names('clip'))}")
+        train, held_out = (shared.memo(("shapes split", name), lambda name=name: shapes.make_split(name))
+                           for name in ("shifted-train", "shifted-eval"))
+        source = "builtin:shapes (generated; splits shifted-train / shifted-eval)"
+    elif data.kind == "tsv":
+        from qbench.cell.data.tsv import load_tsv
+
+        root = loaded_suite.resolve(data.image_root)
+        train = load_tsv(loaded_suite.resolve(data.train), root)
+        held_out = load_tsv(loaded_suite.resolve(data.eval), root)
+        source = f"tsv: {data.train} / {data.eval}, images under {data.image_root}"
+    else:
+        raise ValueError(f"the clip task reads image-caption data (kind builtin or tsv), not {data.kind!r}")
+    info = {
+        "data.source": source,
+        "data.train_images": len(train.images),
+        "data.train_captions": len(train.captions),
+        "data.eval_images": len(held_out.images),
+        "data.eval_captions": len(held_out.captions),
+    }
+    return train, held_out, info
+
+
+def in_memory(split: ClipSplit) -> bool:
+    """Whether the split's images are held in memory (generated data), not read from files."""
+    return not any(isinstance(image, (str, Path)) for image in split.images)
+
+
+class ClipTask(TaskBase):
+    """CLIPModel + tokenizer + image processor; symmetric contrastive loss; recall@k both ways."""
+
+    name = "clip"
+    model_class_name = "CLIPModel"
+    peft_task_type = None
+
+    def prepare_data(self) -> dict[str, Any]:
+        from transformers import AutoConfig
+
+        from qbench.machine import memo as shared
+
+        revision = self.suite.model.revision
+        self.tokenizer, self.image_processor = shared.memo(("clip processors", self.model_path, revision), self._processors)
+        limit = lengths.clip_limit(AutoConfig.from_pretrained(self.model_path, revision=revision))
+        problems = lengths.length_problems(self.suite, limit)
+        if problems:  # the checks before the run say so too; this keeps a cell honest when called on its own
+            raise ValueError("; ".join(problems))
+        self.max_length, source = lengths.train_max_length(self.suite, limit)
+        self.train_split, self.eval_split, info = load_splits(self.loaded_suite)
+        self.positives = positives(self.eval_split, self._model_text)
+        info["data.eval.duplicate_captions"] = duplicate_captions(self.eval_split, self._model_text)
+        info.update(limit.record())
+        info.update({"config.train.max_length": self.max_length, "train.max_length_source": source})
+        info["eval.text_max_length_tokens"] = self.max_length
+        info["data.train_captions_truncated"] = self.truncated(self.train_split.captions)
+        info["data.eval_captions_truncated"] = self.truncated(self.eval_split.captions)
+        # images held in memory (generated data) are preprocessed once per run, not once per batch per cell
+        self.train_pixels, self.eval_pixels = (
+            shared.memo(("clip pixels", self.model_path, revision, name), lambda split=split: self._preprocessed(split))
+            if in_memory(split) else None
+            for name, split in (("train", self.train_split), ("eval", self.eval_split))
+        )
+        info["eval.protocol"] = (
+            "recall@k over the held-out split, image->text and text->image; a query counts if any true "
+            "match is in the top k; ties count against the query; captions the model reads as the same "
+            "tokens are positives of every image carrying one; a non-finite score never matches"
+        )
+        info["data.images_preprocessed_once"] = self.train_pixels is not None
+        return info
+
+    def _model_text(self, caption: str) -> tuple[int, ...]:
+        """A caption as the text tower reads it: its token ids after truncation to train.max_length."""
+        ids = self.tokenizer(caption, truncation=True, max_length=self.max_length)["input_ids"]
+        return tuple(ids)
+    def _processors(self) -> tuple[Any, Any]:
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        revision = self.suite.model.revision
+        return (AutoTokenizer.from_pretrained(self.model_path, revision=revision),
+                AutoImageProcessor.from_pretrained(self.model_path, revision=revision))
+
+    def _preprocessed(self, split: ClipSplit) -> torch.Tensor:
+        """pixel_values of every image of the split, [images, 3, H, W], as the processor gives them batch by
+        batch (it treats each image alone, so a row is the same whichever batch it came in)."""
+        size = self.suite.eval.batch_size
+        return torch.cat([
+            self.image_processor(images=[open_image(i) for i in split.images[start : start + size]], return_tensors="pt")["pixel_values"]
+            for start in range(0, len(split.images), size)
+        ])
+
+    def _pixel_values(self, images: list[Any], pixels: torch.Tensor | None) -> torch.Tensor:
+        """The batch's pixel_values: rows of the preprocessed split (images are then indices), or processed now."""
+        if pixels is not None:
+            return pixels[list(images)]
+        return self.image_processor(images=[open_image(i) for i in images], return_tensors="pt")["pixel_values"]
+
+    def truncated(self, captions: list[str]) -> int:
+        """How many captions are longer than the max_length tokens (cut to it, as CLIP's tokenizer cuts at 77)."""
+        limit = self.max_length
+        return sum(len(ids) > limit for ids in self.tokenizer(list(captions), truncation=False)["input_ids"])
+
+    def _collate(self, items: list[tuple[Any, str]]) -> Batch:
+        images, captions = zip(*items, strict=True)
+        text = self.tokenizer(
+            list(captions), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        pixels = self._pixel_values(list(images), self.train_pixels)
+        inputs = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"], "pixel_values": pixels}
+        return Batch(inputs, samples=len(captions), tokens=int(text["attention_mask"].sum()))
+
+    def train_batches(self, seed: int) -> Iterator[Batch]:
+        generator = torch.Generator().manual_seed(seed)
+        loader = torch.utils.data.DataLoader(
+            CaptionPairs(self.train_split, indices=self.train_pixels is not None),
+            batch_size=self.suite.train.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=generator,
+            num_workers=self.suite.data.num_workers,
+            collate_fn=self._collate,
+            persistent_workers=self.suite.data.num_workers > 0,
+        )
+        for batch in endless(loader):
+            yield batch.to(self.device)
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        outputs = model(**batch.inputs, return_loss=False)
+        return contrastive_loss(outputs.logits_per_image, outputs.logits_per_text)
+
+    @staticmethod
+    def _pooled(output: Any) -> torch.Tensor:
+        return output.pooler_output if hasattr(output, "pooler_output") else output
+
+    @torch.no_grad()
+    def _embed(self, model: torch.nn.Module, split: ClipSplit) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.suite.eval.batch_size
+        image_embeds, text_embeds = [], []
+        for start in range(0, len(split.images), size):
+            wanted = range(start, min(start + size, len(split.images)))
+            images = list(wanted) if self.eval_pixels is not None else [split.images[i] for i in wanted]
+            pixels = self._pixel_values(images, self.eval_pixels).to(self.device)
+            image_embeds.append(self._pooled(model.get_image_features(pixel_values=pixels)).float())
+        for start in range(0, len(split.captions), size):
+            text = self.tokenizer(
+                split.captions[start : start + size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            text_embeds.append(self._pooled(model.get_text_features(**text)).float())
+        images = torch.nn.functional.normalize(torch.cat(image_embeds), dim=-1)
+        texts = torch.nn.functional.normalize(torch.cat(text_embeds), dim=-1)
+        return images.cpu(), texts.cpu()
+
+    def evaluate(self, model: torch.nn.Module) -> Evaluation:
+        was_training = model.training
+        model.eval()
+        try:
+            images, texts = self._embed(model, self.eval_split)
+        finally:
+            model.train(was_training)
+        return retrieval_evaluation(texts @ images.T, self.positives, self.suite.eval.recall_k, {
+            "nonfinite_image_embeddings": nonfinite_rows(images),
+            "nonfinite_text_embeddings": nonfinite_rows(texts),
+        })
+
+
+def retrieval_evaluation(similarity: torch.Tensor, matches: torch.Tensor, ks: tuple[int, ...],
+                         counts: dict[str, int] | None = None) -> Evaluation:
+    """Recall@k both ways from a [captions, images] similarity and positive matrix, with a bootstrap
+    interval for each recall (`intervals`), plus the given counts of non-finite outputs as metrics."""
+    hits = {
+        "t2i": hits_at_k(match_ranks(similarity, matches), ks).to(torch.float64),  # [captions, k]
+        "i2t": hits_at_k(match_ranks(similarity.T, matches.T), ks).to(torch.float64),  # [images, k]
+    }
+    gen = intervals.generator()
+    replicates = {d: intervals.resampled_sums(h, gen) / h.shape[0] for d, h in hits.items()}  # [resamples, k]
+    replicates["mean"] = (replicates["t2i"] + replicates["i2t"]) / 2
+    units = {"t2i": hits["t2i"].shape[0], "i2t": hits["i2t"].shape[0]}
+    units["mean"] = min(units.values())
+    metrics: dict[str, float] = {}
+    found: dict[str, intervals.Interval] = {}
+    for i, k in enumerate(ks):
+        recall = {d: int(h[:, i].sum()) / h.shape[0] for d, h in hits.items()}  # exact shares
+        recall["mean"] = (recall["i2t"] + recall["t2i"]) / 2
+        for direction in ("i2t", "t2i", "mean"):
+            name = f"{direction}_recall@{k}"
+            metrics[name] = recall[direction]
+            found[name] = intervals.percentile_interval(replicates[direction][:, i], units[direction])
+    metrics.update(counts or {})
+    return Evaluation(metrics, found, BOOTSTRAP_METHOD)

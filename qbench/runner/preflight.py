@@ -1,0 +1,297 @@
+"""Checks a suite against the world before any cell starts: data files, model, LoRA targets, lengths, sizes."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from qbench.cell.data.lines import DataError
+from qbench.contract import grid, lengths, precisions
+from qbench.contract.suite import LoadedSuite, Suite, SuiteError
+from qbench.contract.tasks import BUILTIN_DATASETS
+from qbench.runner import estimate
+
+# module classes peft can put a LoRA adapter on (bitsandbytes' Linear8bitLt/Linear4bit replace Linear later)
+LORA_WRAPPABLE = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
+PEFT_SPECIAL_TARGETS = ("all-linear",)
+
+
+@dataclass
+class _Data:
+    """What the data checks found that the model checks need."""
+
+    train_examples: int | None = None  # clip: training captions (one batch takes batch_size of them)
+    train_source: str = ""
+    texts: dict[str, str] = field(default_factory=dict)  # causal_lm: suite key -> text
+
+
+def _check_data(loaded: LoadedSuite) -> tuple[list[str], _Data]:
+    suite, data = loaded.suite, loaded.suite.data
+    problems: list[str] = []
+    found = _Data()
+    if data.kind == "builtin":
+        known = {name: task for name, (task, _) in BUILTIN_DATASETS.items()}
+        if data.name not in known:
+            hint = difflib.get_close_matches(str(data.name), list(known), n=1)
+            problems.append(
+                f"data.name: unknown builtin dataset {data.name!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+                f"builtin: {', '.join(known)}"
+            )
+        elif known[data.name] != suite.task:
+            problems.append(f"data.name: builtin dataset {data.name!r} is for task {known[data.name]!r}, not {suite.task!r}")
+        elif suite.task == "clip":
+            from qbench.cell.data import shapes
+
+            found.train_examples, found.train_source = shapes.split_size("shifted-train"), f"builtin dataset {data.name!r}"
+        else:
+            from qbench.cell.data.text import builtin_corpus
+
+            corpus = builtin_corpus(data.name)
+            found.texts = {"data.train": corpus.train, "data.eval": corpus.eval}
+        return problems, found
+    if (data.kind == "tsv") != (suite.task == "clip"):
+        problems.append(f"data.kind: {data.kind!r} data does not fit task {suite.task!r} (clip reads tsv, causal_lm reads text)")
+        return problems, found
+    for key in ("train", "eval"):
+        path = loaded.resolve(getattr(data, key))
+        if not path.is_file():
+            problems.append(f"data.{key}: file not found: {path}")
+    if data.kind == "tsv":
+        root = loaded.resolve(data.image_root)
+        if not root.is_dir():
+            problems.append(f"data.image_root: folder not found: {root}")
+        if problems:
+            return problems, found
+        from qbench.cell.data.tsv import load_tsv
+
+        for key in ("train", "eval"):
+            try:
+                split = load_tsv(loaded.resolve(getattr(data, key)), root, decode_images=True)
+            except DataError as error:
+                problems += [f"data.{key}: {line}" for line in error.problems]
+            else:
+                if key == "train":
+                    found.train_examples, found.train_source = len(split.captions), f"data.train ({data.train})"
+        return problems, found
+    if problems:
+        return problems, found
+    from qbench.cell.data.text import load_text_file
+
+    for key in ("train", "eval"):
+        try:
+            found.texts[f"data.{key}"] = load_text_file(loaded.resolve(getattr(data, key)))
+        except DataError as error:
+            problems += [f"data.{key}: {line}" for line in error.problems]
+    return problems, found
+
+
+def preparation_problems(loaded: LoadedSuite) -> list[str]:
+    """A dense 16-bit arm cannot keep its format under peft's k-bit preparation, which casts every 16-bit
+    parameter that is not 4-bit to float32: the "bf16" arm would train a float32 base under its bf16 label
+    (and set the speed ratios of every other arm). Known from the registry alone, so refused before any cell."""
+    suite = loaded.suite
+    if suite.train.prepare != "peft-kbit":
+        return []
+    # `dense` is stored in the compute dtype: 16-bit when set so (with "auto", the cell's read-back catches it)
+    cast = [p for p in suite.matrix.precisions
+            if precisions.get(p).kind == "dense" and (precisions.get(p).dense_dtype or suite.compute_dtype) in ("bfloat16", "float16")]
+    if not cast:
+        return []
+    return [
+        f'train.prepare: "peft-kbit" runs peft\'s prepare_model_for_kbit_training, which casts every 16-bit parameter '
+        f"that is not 4-bit to float32: the {', '.join(cast)} arm(s) would train a float32 base under a 16-bit label; "
+        'use train.prepare = "none", or fp32 as the dense arm (matrix.precisions and baseline)'
+    ]
+
+
+def _batch_problems(suite: Suite, found: _Data) -> list[str]:
+    """A training batch (any of the grid's) larger than the training split: the loader drops the incomplete
+    last batch, so no step runs."""
+    examples, batch = found.train_examples, max(grid.values(suite)["batch_size"])
+    if examples is None or batch <= examples or not suite.train.steps:
+        return []
+    key = lengths.setting_key(suite, "batch_size")
+    return [
+        f"{key}: {batch:,} is more than the {examples:,} training caption(s) of {found.train_source}: each "
+        f"step takes a full batch, so no step could run; lower {key} or add data"
+    ]
+
+
+def _variants(suite: Suite) -> list[Suite]:
+    """The suite as each of the grid's (batch size, max length) combinations runs it: what sizes one cell."""
+    values = grid.values(suite)
+    return [
+        suite.model_copy(update={"train": suite.train.model_copy(update={"batch_size": batch, "max_length": length})})
+        for batch in values["batch_size"] for length in values["max_length"]
+    ]
+
+
+def _meta_model(model_path: str, suite: Suite) -> tuple[Any, dict[str, str], int]:
+    """(config, module name -> class name, parameter count) of the model, built on the meta device (no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, revision=suite.model.revision, trust_remote_code=suite.model.trust_remote_code)
+    from qbench.cell.tasks import auto_class
+
+    with init_empty_weights():
+        model = auto_class(suite.task).from_config(config, trust_remote_code=suite.model.trust_remote_code)
+    parameters = sum(p.numel() for p in model.parameters())
+    return config, {name: type(module).__name__ for name, module in model.named_modules()}, parameters
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def lora_target_problems(targets: tuple[str, ...], module_types: dict[str, str]) -> list[str]:
+    """Each target must name (as peft matches a list: the whole name or its last dotted parts) a module LoRA can wrap."""
+    wrappable = sorted({n.rsplit(".", 1)[-1] for n, t in module_types.items() if n and t in LORA_WRAPPABLE})
+    problems = []
+    for target in targets:
+        if target in PEFT_SPECIAL_TARGETS:
+            continue
+        matched = [n for n in module_types if n == target or n.endswith("." + target)]
+        if not matched:
+            hint = difflib.get_close_matches(target, wrappable, n=1)
+            problems.append(
+                f"lora.target_modules: {target!r} is not a module of the model"
+                f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; layers LoRA can wrap: {', '.join(wrappable[:16])}"
+            )
+        elif not any(module_types[n] in LORA_WRAPPABLE for n in matched):
+            kinds = sorted({module_types[n] for n in matched})
+            problems.append(
+                f"lora.target_modules: {target!r} names {', '.join(kinds)} modules, which LoRA cannot wrap; "
+                f"layers LoRA can wrap: {', '.join(wrappable[:16])}"
+            )
+    return problems
+
+
+@dataclass
+class _Model:
+    """What the model checks read: its config, parameter count and tokenizer."""
+
+    path: str
+    config: Any
+    parameters: int
+    tokenizer: Any
+
+
+def _check_model(loaded: LoadedSuite) -> tuple[list[str], _Model | None]:
+    from qbench.cell import models
+
+    suite = loaded.suite
+    try:
+        path = models.resolve(suite.model.id, loaded.path.parent, suite.model.revision)
+        models.ensure_available(path, suite.model.revision, loaded.path.parent)
+    except models.ModelNotFound as error:
+        return [f"model.id: {error}"], None
+    except Exception as error:  # e.g. a malformed hub id: one line, never a traceback
+        return [f"model.id: cannot find model {suite.model.id!r} ({type(error).__name__}: {error})"], None
+    problems = []
+    try:
+        folder = models.checkpoint_folder(path, suite.model.revision)
+        problem = models.unsafe_weights_problem(folder, suite.model.safetensors_only) if folder else None
+    except Exception as error:
+        problem = f"cannot list the checkpoint's files ({type(error).__name__}: {error})"
+    if problem:
+        problems.append(f"model.safetensors_only: {problem}")
+    try:
+        config, module_types, parameters = _meta_model(path, suite)
+    except Exception as error:  # a broken config.json, an unknown model type, remote code not allowed...
+        problems.append(f"model.id: cannot build the model from {path}/config.json ({_first_line(error)})")
+        return problems, None
+    problems += lora_target_problems(suite.lora.target_modules, module_types)
+    try:
+        tokenizer = _load_tokenizer(path, suite)
+    except Exception as error:  # no tokenizer files, a broken tokenizer.json, a missing image processor...
+        problems.append(f"model.id: cannot load the tokenizer or image processor from {path} ({_first_line(error)})")
+        return problems, None
+    return problems, _Model(path, config, parameters, tokenizer)
+
+
+def _load_tokenizer(path: str, suite: Any) -> Any:
+    """The tokenizer a cell will load (and, for clip, check that its image processor loads too)."""
+    from transformers import AutoTokenizer
+
+    spec = suite.model
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    if suite.task == "clip":
+        from transformers import AutoImageProcessor
+
+        AutoImageProcessor.from_pretrained(path, revision=spec.revision)
+    return tokenizer
+
+
+# a text is tokenized from its start in pieces of this many characters per token needed, so that checking a
+# corpus of gigabytes for a few thousand tokens reads only its beginning
+CHARS_PER_TOKEN_TRIED = 16
+TOKENS_OF_MARGIN = 8  # a cut through a word can add a token or two: ask the prefix for a few more
+
+
+def count_tokens_up_to(tokenizer: Any, text: str, needed: int) -> int:
+    """How many tokens `text` has (as a cell encodes it: no special tokens), or a number >= `needed` as soon
+    as its beginning shows it has at least that many."""
+    cut = (needed + TOKENS_OF_MARGIN) * CHARS_PER_TOKEN_TRIED
+    if len(text) > cut:
+        tokens = len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"])
+        if tokens >= needed + TOKENS_OF_MARGIN:
+            return tokens
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _text_problems(suite: Any, found: _Data, tokenizer: Any, max_length: int) -> list[str]:
+    """Each corpus long enough: training draws windows of max_length + 1 tokens; perplexity needs 2 tokens."""
+    problems = []
+    needs = {"data.train": (max_length + 1, f"one training window (max_length {max_length} + 1)"),
+             "data.eval": (2, "a perplexity (one token predicted from another)")}
+    for key, text in found.texts.items():
+        needed, what = needs[key]
+        try:
+            tokens = count_tokens_up_to(tokenizer, text, needed)
+        except Exception as error:  # a tokenizer that cannot encode this text
+            problems.append(f"{key}: the model's tokenizer cannot encode the text ({_first_line(error)})")
+            continue
+        if tokens < needed:
+            source = getattr(suite.data, key.removeprefix("data."), None) if suite.data.kind == "text" else suite.data.name
+            problems.append(f"{key}: {source} has {tokens:,} token(s) for this model, fewer than the {needed:,} of {what}")
+    return problems
+
+
+def _model_problems(loaded: LoadedSuite, model: _Model, found: _Data, device: str | None, gpus_per_cell: int) -> list[str]:
+    """Lengths against the model's limit, text corpora against its tokenizer, sizes against the device's memory."""
+    suite = loaded.suite
+    limit = lengths.model_limit(suite.task, model.config, getattr(model.tokenizer, "model_max_length", None))
+    problems = lengths.length_problems(suite, limit)
+    variants = _variants(suite)
+    max_length = max(lengths.train_max_length(variant, limit)[0] for variant in variants)
+    if suite.task == "causal_lm":
+        problems += _text_problems(suite, found, model.tokenizer, max_length)
+    if device is not None and not problems:
+        window = suite.eval.window or limit.tokens
+        for variant in variants:
+            length = lengths.train_max_length(variant, limit)[0]
+            found_now = estimate.memory_problems(variant, model.config, model.parameters, device, gpus_per_cell, length, window)
+            problems += [problem for problem in found_now if problem not in problems]
+    return problems
+
+
+def check_suite(loaded: LoadedSuite, check_model: bool = True, device: str | None = None, gpus_per_cell: int = 1) -> None:
+    """SuiteError listing every problem found, or return quietly.
+
+    Data files line by line (and every image decoded), the model's config, LoRA targets, tokenizer and
+    safe weights, every length against the model's limit, the text corpora against its tokenizer, the
+    training batch against the training split, and (with `device`: cpu or cuda) a lower bound of one
+    cell's memory against the device's."""
+    problems, found = _check_data(loaded)
+    problems = preparation_problems(loaded) + problems
+    problems += _batch_problems(loaded.suite, found)
+    if check_model:
+        model_problems, model = _check_model(loaded)
+        problems += model_problems
+        if model is not None:
+            problems += _model_problems(loaded, model, found, device, gpus_per_cell)
+    if problems:
+        raise SuiteError(loaded.path, problems)

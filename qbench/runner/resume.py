@@ -1,0 +1,145 @@
+"""Resuming a run directory: the suite and cells its run.json recorded, and which cells still need running."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from qbench.contract import grid, precisions
+from qbench.contract import records as results
+from qbench.contract.files import component_problem
+from qbench.contract.suite import Cell, LoadedSuite, SuiteError, parse
+
+MANIFEST = "run.json"
+REQUIRED_KEYS = ("suite_path", "suite_sha256", "suite_text", "device", "cells")
+
+
+@dataclass(frozen=True)
+class Resumable:
+    """A run directory ready to resume: its recorded suite and device, every cell, and those still to run."""
+
+    run_dir: Path
+    manifest: dict[str, Any]
+    loaded: LoadedSuite
+    device: str
+    cells: list[Cell]
+    pending: list[Cell]
+    suite_file_changed: bool
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _recorded_cells(manifest_path: Path, entries: Any, loaded: LoadedSuite) -> list[Cell]:
+    """The cells run.json lists, rebuilt on the recorded suite's grid; each must get the id it was recorded with."""
+    try:
+        if not isinstance(entries, list) or not entries:
+            raise TypeError
+        points = [({**dict(entry.get("axes") or {}), "precision": str(entry["precision"]), "seed": int(entry["seed"])},
+                   entry.get("cell_id")) for entry in entries]
+    except (TypeError, KeyError, ValueError, AttributeError, OverflowError):
+        raise SuiteError(manifest_path, ["cells: not a list of {precision, seed, axes} entries"]) from None
+    if any(not 0 <= point["seed"] < 2**32 for point, _ in points):
+        raise SuiteError(manifest_path, ["cells: a seed outside 0 to 2**32-1"])
+    unknown = sorted({point["precision"] for point, _ in points if point["precision"] not in precisions.REGISTRY})
+    if unknown:
+        raise SuiteError(manifest_path, [f"cells: unknown precision(s) {', '.join(unknown)}"])
+    cells = []
+    for point, recorded_id in points:
+        strange = sorted(set(point) - set(grid.BY_NAME))
+        if strange:
+            raise SuiteError(manifest_path, [f"cells: {recorded_id}: unknown axis {', '.join(strange)}"])
+        cell = grid.cell_from_values(loaded.suite, point)
+        if recorded_id is not None and cell.id != recorded_id:
+            raise SuiteError(manifest_path, [f"cells: {recorded_id} is not the id of its axis values ({cell.id}) in the recorded suite"])
+        problem = component_problem(cell.id)
+        if problem:
+            raise SuiteError(manifest_path, [f"cells: {str(cell.id)[:60]!r} cannot name a record file ({problem})"])
+        cells.append(cell)
+    if len({cell.id for cell in cells}) != len(cells):
+        raise SuiteError(manifest_path, ["cells: a cell is listed twice"])
+    return cells
+
+
+def _foreign_records(run_dir: Path, loaded: LoadedSuite, cells: list[Cell]) -> list[str]:
+    """The run's record files that hold another cell's or another suite's record: resuming would replace
+    them, and they are not this run's to replace."""
+    problems = []
+    for cell in cells:
+        path = results.record_path(run_dir, cell.id)
+        record = results.read_record(path)
+        if record is None:
+            continue  # missing or torn: not a record at all, the cell runs again
+        ours = {"cell_id": cell.id, "suite": loaded.suite.name, "suite_sha256": loaded.sha256}
+        differs = [key for key, value in ours.items() if key in record and record[key] != value]
+        if differs:
+            problems.append(
+                f"{path}: holds a record of another {' and '.join(k.removesuffix('_sha256') for k in differs)} "
+                f"({', '.join(f'{k} {str(record[k])[:64]!r}' for k in differs)}); move it out of this run folder"
+            )
+    return problems
+
+
+def open_run(run_dir: Path | str, force: bool = False) -> Resumable:
+    """Read RUN_DIR/run.json; SuiteError when it is missing or broken, when the suite file changed since
+    the run started (unless `force`), or when a cell's record file holds a record of another cell or
+    suite. The cells always run with the suite text run.json recorded, so every record of one run
+    directory comes from one suite."""
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / MANIFEST
+    manifest = results.read_record(manifest_path)
+    if manifest is None:
+        raise SuiteError(run_dir, [f"not a qbench run directory: no readable {MANIFEST}"])
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise SuiteError(manifest_path, [f"{key}: missing (not written by qbench run?)" for key in missing])
+    wrong = [key for key in ("suite_path", "suite_sha256", "suite_text", "device") if not isinstance(manifest[key], str)]
+    if wrong:
+        raise SuiteError(manifest_path, [f"{key}: not a string (run.json was edited?)" for key in wrong])
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", manifest["device"]):
+        raise SuiteError(manifest_path, [f"device: {manifest['device'][:40]!r} is not cpu or cuda (run.json was edited?)"])
+    suite_path, recorded_sha = Path(manifest["suite_path"]), manifest["suite_sha256"]
+    suite_text = manifest["suite_text"]
+    if _sha256(suite_text) != recorded_sha:
+        raise SuiteError(manifest_path, ["suite_text: does not match suite_sha256 (run.json was edited?)"])
+    try:
+        now_sha: str | None = hashlib.sha256(suite_path.read_bytes()).hexdigest()
+    except (OSError, ValueError):  # ValueError: a path with a NUL byte
+        now_sha = None
+    if now_sha != recorded_sha and not force:
+        what = "no longer exists" if now_sha is None else "has changed"
+        raise SuiteError(manifest_path, [
+            f"the suite file {suite_path} {what} since this run started; resuming runs the missing cells with the "
+            "suite recorded in run.json, not with the file as it is now. Start a new run to use the file, or pass "
+            "--force to resume with the recorded suite"
+        ])
+    loaded = LoadedSuite(parse(suite_text, suite_path), suite_path, recorded_sha, suite_text)
+    cells = _recorded_cells(manifest_path, manifest["cells"], loaded)
+    foreign = _foreign_records(run_dir, loaded, cells)
+    if foreign:
+        raise SuiteError(run_dir, foreign)
+    from qbench.runner.runner import pending_cells
+
+    return Resumable(
+        run_dir, manifest, loaded, str(manifest["device"]), cells, pending_cells(run_dir, cells), now_sha != recorded_sha
+    )
+
+
+def note_resume(state: Resumable, forced: bool, executor: str = "local") -> None:
+    """Add this resumption (when, which cells, whether forced, what ran them) to run.json (atomically;
+    OutputError when the run folder cannot be written, before any cell starts)."""
+    manifest = dict(state.manifest)
+    earlier = manifest.get("resumes")
+    manifest["resumes"] = [*(earlier if isinstance(earlier, list) else []), {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cells": [c.id for c in state.pending],
+        "forced": forced,
+        "suite_file_changed": state.suite_file_changed,
+        "executor": executor,
+    }]
+    results.write_json_atomic(state.run_dir / MANIFEST, manifest)

@@ -1,0 +1,102 @@
+"""What a run settles once before its first cell: the device, how cell processes start (the fork server
+or plain subprocesses), the compute dtype with its reason, the threads per cell, and the run-wide data.
+
+    begin()   starts the fork server (it imports torch & co. while the caller checks the suite)
+    finish()  waits for it, asks the probe what the device computes natively, warms the suite's data
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from qbench.contract import precisions
+from qbench.contract.suite import Cell, LoadedSuite
+from qbench.machine import compute, threads
+from qbench.runner import launch
+from qbench.runner.launch import ForkServerLauncher, ForkServerUnavailable
+
+LauncherOption = Literal["auto", "forkserver", "subprocess"]
+
+
+@dataclass
+class RunStart:
+    """Everything `Run` needs besides the cells, and what the header line says about it."""
+
+    device: str
+    forkserver: ForkServerLauncher | None  # None: each cell a fresh subprocess
+    compute: compute.ComputeChoice
+    threads: threads.ThreadPlan
+    notes: list[str] = field(default_factory=list)  # lines for the header
+    warnings: list[str] = field(default_factory=list)
+    timing: dict[str, Any] = field(default_factory=dict)  # run-wide seconds, for run.json
+    shared: list[str] = field(default_factory=list)  # what the fork server built once for all cells
+
+    @property
+    def launcher(self) -> str:
+        return "forkserver" if self.forkserver is not None else "subprocess"
+
+    def close(self, run_dir: Path | None = None) -> None:
+        if self.forkserver is not None:
+            if run_dir is not None:
+                self.forkserver.save_log(run_dir / "logs" / "forkserver.log")
+            self.forkserver.close()
+
+
+def begin(option: LauncherOption, device: str, gpus: bool) -> ForkServerLauncher | None:
+    """Start the fork server unless cells must be plain subprocesses: asked for, or on GPUs (see forkserver)."""
+    if option == "subprocess" or gpus or device.startswith("cuda"):
+        return None
+    return ForkServerLauncher()
+
+
+def finish(server: ForkServerLauncher | None, loaded: LoadedSuite, cells: list[Cell], device: str,
+           thread_plan: threads.ThreadPlan, option: LauncherOption = "auto", gpus: bool = False,
+           recorded: compute.ComputeChoice | None = None) -> RunStart:
+    """Wait for the fork server (or fall back to subprocesses), decide the device and the compute dtype (or keep
+    the one a resumed run `recorded`), warm the suite's data in the server. ForkServerUnavailable only when
+    the fork server was asked for by name."""
+    started = time.monotonic()
+    notes: list[str] = []
+    timing: dict[str, Any] = {}
+    launcher: ForkServerLauncher | None = None
+    cuda_seen: bool | None = None
+    if server is not None:
+        try:
+            hello = server.ready()
+            launcher = server
+            cuda_seen = False
+            timing.update({"forkserver_ready_s": server.ready_s, "forkserver_import_cpu_s": hello.get("import_cpu_s")})
+        except ForkServerUnavailable as why:
+            if option == "forkserver":
+                raise
+            cuda_seen = (server.hello or {}).get("cuda_available")
+            notes.append(f"cells start as plain subprocesses: {why}")
+    elif option != "subprocess" and (gpus or device.startswith("cuda")):
+        notes.append("cells start as plain subprocesses on GPUs (a fork server cannot fork cells that use CUDA)")
+    if device == "auto" and cuda_seen is False:
+        device = "cpu"  # the fork server asked torch: no GPU
+    dense = precisions.dense_dtypes([c.precision for c in cells])
+    choice = recorded
+    if choice is None and device == "cpu":
+        choice = compute.choose(loaded.suite.compute_dtype, device, dense_dtypes=dense)
+    if choice is None or (choice.emulated and recorded is None):  # a GPU to ask about, or an emulated dtype to measure
+        answer = launch.run_probe(launcher, {"device": device, "setting": loaded.suite.compute_dtype,
+                                             "dense_dtypes": list(dense)})
+        device = answer["device"]
+        choice = compute.ComputeChoice(**{**answer["choice"], "emulated": tuple(answer["choice"]["emulated"])})
+    warnings = choice.warnings()
+    shared: list[str] = []
+    if launcher is not None:
+        warmed = launcher.warm(loaded.source_text(), str(loaded.path), device)
+        shared = list(warmed.get("built") or [])
+        if warmed.get("error"):
+            notes.append(f"the fork server could not prepare the data once for all cells ({warmed['error']}); each cell does")
+        timing.update({"warm_s": warmed.get("seconds"), "warm_cpu_s": warmed.get("cpu_s")})
+    timing["start_s"] = time.monotonic() - started
+    overloaded = threads.oversubscription(thread_plan) if device == "cpu" else None
+    if overloaded:
+        warnings.append(overloaded)
+    return RunStart(device, launcher, choice, thread_plan, notes, warnings, timing, shared)
