@@ -29,6 +29,7 @@ from qbench.cell import faults as fault_injection
 from qbench.contract import precisions
 from qbench.contract import records as results
 from qbench.contract.protocol import CellSpec, event_line, identity_fields
+from qbench.contract.schema import STARVED_SHARE
 
 if TYPE_CHECKING:
     from qbench.cell.measure.memory import MemoryTracker
@@ -368,7 +369,6 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 # machine whose host took this share of the CPU time away, measured the machine more than itself
 CONTENDED_WAIT_SHARE = 0.10
 CONTENDED_STEAL_SHARE = 0.10
-STARVED_SHARE = 0.5  # as qbench.analysis.gate.compare.STARVED_SHARE
 
 
 def contention_fields(record: dict[str, Any]) -> dict[str, Any]:

@@ -59,3 +59,8 @@ IDENTITY_KEYS = (
     "schema_version", "suite", "suite_sha256", "run_id", "cell_id", "task", "model", "precision",
     "baseline_precision", "seed", "config.safetensors_only", "config.trust_remote_code",
 )
+
+# a cell that had a core less than this share of the time it was ready to run was time-sliced so finely that its CPU
+# time moved too (cold caches, a busy SMT sibling): its speed says more about the machine than about the cell, so the
+# record says so and compare judges no speed ratio of it
+STARVED_SHARE = 0.5

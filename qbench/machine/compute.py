@@ -20,12 +20,12 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from functools import cache
-from pathlib import Path
 from typing import Any
 
-DTYPES = ("bfloat16", "float16", "float32")
-SETTINGS = ("auto", *DTYPES)
+from qbench.contract.precisions import DTYPE_NAMES
+from qbench.machine.cpuinfo import flags as cpuinfo_flags
+
+SETTINGS = ("auto", *DTYPE_NAMES)
 # the instructions that make a CPU compute the dtype itself rather than convert around float32
 CPU_NATIVE_FLAGS = {
     "bfloat16": ("avx512_bf16", "amx_bf16", "bf16"),  # x86 flags; "bf16" is Arm's /proc/cpuinfo feature
@@ -34,18 +34,9 @@ CPU_NATIVE_FLAGS = {
 SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
-@cache
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     """The CPU's feature flags (x86 `flags`, Arm `Features`); empty where /proc/cpuinfo is not readable."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+    return cpuinfo_flags(cpuinfo) or frozenset()
 
 
 def native_on_cpu(dtype: str, flags: frozenset[str]) -> tuple[bool, str]:

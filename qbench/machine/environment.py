@@ -8,10 +8,11 @@ import platform
 import socket
 import subprocess
 import sys
-from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from qbench.machine import cpuinfo
 
 # every library whose version can move a figure (pillow draws the builtin images, numpy their noise, tokenizers and
 # safetensors read the model), so that two records that differ can be traced to what differed
@@ -31,28 +32,14 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-@cache
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo.model()
 
 
-@cache
 def cpu_isa_flags() -> str | None:
     """The ISA_FLAGS this CPU has, comma-separated ("" when none; None where /proc/cpuinfo cannot be read)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                return ",".join(flag for flag in ISA_FLAGS if flag in present)
-    except OSError:
-        pass
-    return None
+    present = cpuinfo.flags()
+    return None if present is None else ",".join(flag for flag in ISA_FLAGS if flag in present)
 
 
 def git_commit() -> str | None:

@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from qbench.analysis import stats
 from qbench.contract import fields, grid
 from qbench.contract.exitcodes import Exit
+from qbench.contract.schema import STARVED_SHARE
 from qbench.contract.suite import CompareSpec, ToleranceSpec
 
 # quality tolerances are in the stored unit: recall is a fraction, so 0.03 is 3 points
@@ -344,12 +345,6 @@ def contended_cells(frame: pd.DataFrame) -> list[str]:
     flagged = stats.ok_rows(frame)
     flagged = flagged[flagged["speed.contended"].map(lambda v: v is True or v == 1 or str(v).lower() == "true")]
     return [f"{row.get('cell_id', row.get('precision'))} ({row.get('run_id', '?')})" for _, row in flagged.iterrows()]
-
-
-# a cell that had a core less than this share of the time it was ready to run was time-sliced so finely that
-# its CPU time rose too: with busy loops on every core of this project's 2-core machine (the cells got 17-26 %)
-# an nf4 cell's CPU time per step doubled while the dense cell's rose 17 %
-STARVED_SHARE = 0.5
 
 
 def starved_cells(frame: pd.DataFrame) -> list[str]:

@@ -41,7 +41,7 @@ from qbench.contract import fields
 
 PAPER = "QLoRA (Dettmers et al., 2023, arXiv:2305.14314)"
 TITLE = "The QLoRA paper side by side"
-Z_95 = 1.959964  # two-sided 95 % normal quantile: intervals and verdicts use the same confidence
+Z_95 = stats.z_for(0.95)  # intervals and verdicts use the same confidence
 
 # the paper's bits per parameter for the quantization constants, without and with double quantization
 PAPER_SCALE_BITS = {"plain": 0.5, "double": 8 / 64 + 32 / (64 * 256)}
