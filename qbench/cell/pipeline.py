@@ -201,6 +201,7 @@ class CellRun:
             self.use_compute(ComputeChoice(**{**spec.compute, "emulated": tuple(spec.compute.get("emulated", ()))}))
         self.tracker: MemoryTracker | None = None
         self.timer: StepTimer | None = None
+        self.losses: list[float] = []  # every optimizer step's loss, for the record's loss curve
         self.faults = fault_injection.Injector(spec.cell_id)
         if self.faults.faults:
             self.record["test.injected_faults"] = self.faults.describe()
@@ -242,6 +243,11 @@ class CellRun:
             full.update(self.tracker.record)  # per phase, and memory.peak_<source>_bytes over the phases
         if self.timer is not None:
             full.update(self.timer.summary())
+        if self.losses:  # a cell stopped in its train phase keeps the curve up to there
+            from qbench.cell.train import loss_curve
+
+            curve, every = loss_curve(self.losses)
+            full.update({"train.loss_curve": curve, "train.loss_curve_every_steps": every})
         return full
 
     @contextmanager
@@ -269,6 +275,7 @@ class CellRun:
         self.record["train.steps_completed"] = step
         self.record["train.last_loss"] = loss
         self.record.setdefault("train.first_loss", loss)
+        self.losses.append(loss)
         emit("step", step=step, total=self.suite.train.steps, loss=loss)
 
     def on_first_step(self, optimizer: Any) -> None:
