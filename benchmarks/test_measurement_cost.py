@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import numpy as np
+import pytest
 
 from qbench.cell.measure.sampler import ProcessTree
 from qbench.contract import intervals
