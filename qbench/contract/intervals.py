@@ -55,10 +55,11 @@ def bootstrap(samples: Sequence[np.ndarray], statistic: Callable[..., np.ndarray
     if units < 2:
         return [Interval(None, None, None, f"undefined: {units} eval unit(s), nothing to resample")] * figures
     per_resample = sum(a.size for a in arrays)
-    result = stats.bootstrap(
-        arrays, statistic, n_resamples=resamples, batch=max(1, _BATCH_ELEMENTS // per_resample), vectorized=True,
-        paired=paired, axis=-1, confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
-    )
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # a non-finite replicate is judged below
+        result = stats.bootstrap(
+            arrays, statistic, n_resamples=resamples, batch=max(1, _BATCH_ELEMENTS // per_resample), vectorized=True,
+            paired=paired, axis=-1, confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
+        )
     replicates = np.asarray(result.bootstrap_distribution).reshape(figures, resamples)
     lows, highs = (np.asarray(bound).reshape(figures) for bound in result.confidence_interval)
     found = []

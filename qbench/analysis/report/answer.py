@@ -10,7 +10,7 @@ import pandas as pd
 
 from qbench.analysis import stats
 from qbench.analysis.report.tables import format_value
-from qbench.analysis.report.verdict import Verdict, smaller_by
+from qbench.analysis.report.verdict import MIXED_MARK, Verdict, smaller_by
 from qbench.contract import fields
 
 
@@ -107,7 +107,9 @@ def _line(frame: pd.DataFrame, relative: stats.Relative, verdict: Verdict, arms:
         if memory:
             sentences.append(f"peak memory: {memory}")
     if "speed" not in said and "speed_x" in table.columns:
-        speeds = [f"{_precision_of(a)} {format_value(table.loc[a, 'speed_x'], 2)}×" for a in measured if pd.notna(table.loc[a, "speed_x"])]
+        mixed = table["speed_mixed"] if "speed_mixed" in table.columns else pd.Series(False, index=table.index)
+        speeds = [f"{_precision_of(a)} {format_value(table.loc[a, 'speed_x'], 2)}×" + (f" ({MIXED_MARK})" if mixed.get(a) else "")
+                  for a in measured if pd.notna(table.loc[a, "speed_x"])]
         if speeds:
             sentences.append(f"train at {', '.join(speeds)} {bases[measured[0]]}'s speed")
     if relative.quality is not None:

@@ -24,7 +24,7 @@ figcaption { font-size: 0.85rem; color: #555; }
 table { border-collapse: collapse; font-size: 0.8rem; margin: 0.5rem 0; max-width: 100%; }
 th, td { border: 1px solid #ddd; padding: 0.25rem 0.5rem; text-align: right; vertical-align: top; }
 th { background: #f4f4f4; font-weight: 600; } td:first-child, th:first-child { text-align: left; }
-td.figure { white-space: nowrap; } td.text { min-width: 8em; overflow-wrap: anywhere; }
+td.figure { white-space: nowrap; } td.text { min-width: 8em; overflow-wrap: anywhere; } td.left { text-align: left; }
 .answer { font-size: 1.05rem; background: #f6f8fa; border-left: 4px solid #2a6; padding: 0.5rem 1rem; }
 .meta { color: #666; font-size: 0.8rem; } .note { color: #555; font-size: 0.85rem; }
 """
@@ -53,9 +53,10 @@ def table_html(table: pd.DataFrame, wide: bool = False) -> str:
         part = table.iloc[:, group]
         head = "".join(f"<th>{escape.escape(str(c))}</th>" for c in [index_name, *part.columns])
         rows = []
+        left = [" left" if layout.is_text(part[c]) else "" for c in part.columns]  # a column of words reads from the left
         for index, row in part.iterrows():
-            cells = "".join(f'<td class="{"figure" if layout.is_figure(format_value(v)) else "text"}">{escape.escape(format_value(v))}</td>'
-                            for v in row)
+            cells = "".join(f'<td class="{"figure" if layout.is_figure(format_value(v)) else "text"}{side}">'
+                            f'{escape.escape(format_value(v))}</td>' for v, side in zip(row, left, strict=True))
             rows.append(f"<tr><td>{escape.escape(str(index))}</td>{cells}</tr>")
         parts.append(f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
     return "\n".join(parts)
