@@ -135,7 +135,7 @@ def test_recovery_compares_the_gap_to_16_bit_after_fine_tuning_with_the_gap_befo
     assert line.verdict == verdict
     assert "before +3.500" in line.qbench or "before 3.500" in line.qbench
     if verdict == "agrees":
-        assert "inside the noise of zero" in line.qbench
+        assert "after: no difference from zero the eval can detect" in line.qbench
 
 
 def test_recovery_without_training_says_what_it_needs():

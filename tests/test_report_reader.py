@@ -56,8 +56,7 @@ def wide_records() -> list[dict]:
 # ---- the answer ---------------------------------------------------------------------------------------------
 
 def test_the_answer_says_what_each_precision_saves_costs_and_what_this_device_cannot_measure():
-    data = sections.ReportData(pd.DataFrame(cpu_records(se=0.04)))
-    (line,) = data.answer
+    line = sections.ReportData(pd.DataFrame(cpu_records(se=0.04))).answer.markdown()
     assert line.startswith("nf4-dq stores the base 61 % smaller than bf16; int8 43 % smaller;")
     # -1 and -3 points with a standard error of 4 points each: inside the interval of the difference
     assert "int8 and nf4-dq show no difference the eval can detect (differences up to" in line
@@ -65,8 +64,7 @@ def test_the_answer_says_what_each_precision_saves_costs_and_what_this_device_ca
 
 
 def test_the_answer_names_a_difference_the_interval_excludes_and_follows_the_figures():
-    data = sections.ReportData(pd.DataFrame(cpu_records(se=0.004, recalls=(0.60, 0.59, 0.50))))
-    (line,) = data.answer
+    line = sections.ReportData(pd.DataFrame(cpu_records(se=0.004, recalls=(0.60, 0.59, 0.50)))).answer.markdown()
     assert "nf4-dq is worse by 10.0 points [-11.1, -8.9]" in line
     assert "int8 shows no difference the eval can detect" in line
 
@@ -76,14 +74,14 @@ def test_on_a_gpu_the_answer_gives_memory_and_speed_too():
     for record in records:
         record["env.device"] = "cuda:0"
         record["memory.train.torch_max_allocated_bytes"] = record["weights.base_bytes"] * 10
-    (line,) = sections.ReportData(pd.DataFrame(records)).answer
+    line = sections.ReportData(pd.DataFrame(records)).answer.markdown()
     assert "peak memory: nf4-dq 61 % smaller than bf16; int8 43 % smaller" in line
     assert "train at int8 0.85×, nf4-dq 0.75× bf16's speed" in line
     assert "could not measure" not in line
 
 
 def test_a_failed_precision_has_no_figure_in_the_answer_and_says_why():
-    (line,) = sections.ReportData(pd.DataFrame(wide_records())).answer
+    line = sections.ReportData(pd.DataFrame(wide_records())).answer.markdown()
     assert "fp4: no figures (failed)" in line and "fp4 stores" not in line
 
 
@@ -230,8 +228,8 @@ def test_without_a_finished_baseline_nothing_is_compared_and_the_answer_says_why
     records[0]["status"] = "failed"
     frame = pd.DataFrame(records)
     assert stats.relative(frame) is None and stats.relative_to_baseline(frame).empty
-    assert sections.ReportData(frame).answer == [
-        "No answer: no cell of the baseline precision bf16 finished, so nothing could be compared with it."]
+    assert sections.ReportData(frame).answer.markdown() == (
+        "No answer: no cell of the baseline precision bf16 finished, so nothing could be compared with it.")
 
 
 def test_a_baseline_without_the_figure_gives_no_difference_either():

@@ -5,6 +5,7 @@ of its other axes (each arm against its baseline arm, as in the verdict)."""
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -84,7 +85,7 @@ def _quality(comparison: stats.QualityComparison, arms: list[str]) -> str:
         parts.append(f"{_names(same)} {verb} {stats.NO_DIFFERENCE}{within}")
     parts += judged
     if unjudged:
-        parts.append(f"{', '.join(unjudged)} ({stats.NO_INTERVAL}: one seed and no bootstrap interval in the records)")
+        parts.append(f"{', '.join(unjudged)} ({stats.NO_INTERVAL})")  # why: in the verdict's notes, once
     if not parts:
         return ""
     return f"in {fields.quality_name(comparison.column)}, " + "; ".join(parts)
@@ -135,16 +136,32 @@ def _unmeasured(verdict: Verdict) -> str:
     return f"this {device} could not measure {' or '.join(said)} meaningfully{elsewhere}"
 
 
-def answer_lines(frame: pd.DataFrame, verdict: Verdict) -> list[str]:
-    """One line per value of the grid's other axes (one line for a suite of precisions and seeds); a line
-    saying why there is no answer when no cell of the baseline precision finished."""
+@dataclass(frozen=True)
+class Answer:
+    """The answer: one line per value of a grid's other axes (one line for a suite of precisions and seeds), and
+    what this device could not measure, said once."""
+
+    lines: tuple[str, ...]
+    unmeasured: str = ""
+
+    def markdown(self) -> str:
+        """One sentence for one line; a grid's lines as a list, then the device's limit."""
+        if len(self.lines) == 1:
+            return f"{self.lines[0]}; {self.unmeasured}." if self.unmeasured else f"{self.lines[0]}."
+        listed = "\n".join(f"- {line}." for line in self.lines)
+        return listed + (f"\n\n{self.unmeasured[0].upper()}{self.unmeasured[1:]}." if self.unmeasured else "")
+
+
+def answer(frame: pd.DataFrame, verdict: Verdict) -> Answer | None:
+    """The answer of `frame` (speed ratios added), from its verdict and its figures against the baseline; one line
+    saying why there is none when no cell of the baseline precision finished; None without records."""
     if frame.empty or "precision" not in frame.columns:
-        return []
+        return None
     relative = stats.relative(frame)
     if relative is None:
         baseline = stats.baseline_precision(frame)
-        return [f"No answer: no cell of the baseline precision {baseline} finished, so nothing could be compared with it."] \
-            if baseline else []
+        return Answer((f"No answer: no cell of the baseline precision {baseline} finished, so nothing could be compared "
+                       "with it",)) if baseline else None
     groups: dict[str, list[str]] = defaultdict(list)
     for arm in stats.arm_order(frame):
         groups[_rest_of(arm)].append(arm)
@@ -153,8 +170,4 @@ def answer_lines(frame: pd.DataFrame, verdict: Verdict) -> list[str]:
         line = _line(frame, relative, verdict, arms)
         if line:
             lines.append(f"{rest}: {line}" if rest else line)
-    unmeasured = _unmeasured(verdict)
-    if len(lines) == 1:  # one line: the device's limit said in it; a grid's lines: once, after them
-        return [f"{lines[0]}; {unmeasured}." if unmeasured else f"{lines[0]}."]
-    lines = [f"{line}." for line in lines]
-    return lines + ([unmeasured[0].upper() + unmeasured[1:] + "."] if unmeasured else [])
+    return Answer(tuple(lines), _unmeasured(verdict)) if lines else None

@@ -53,7 +53,7 @@ AGREES, DISAGREES, NOISE, NOT_MEASURED = "agrees", "disagrees", stats.NO_DIFFERE
 
 @dataclass(frozen=True)
 class PaperLine:
-    """One claim of the paper against qbench's figure: `verdict` is agrees / disagrees / inside the noise /
+    """One claim of the paper against qbench's figure: `verdict` is agrees / disagrees / NOISE (no difference the eval can detect) /
     not measured, with " (no interval)" appended when the records carry no interval to judge the noise."""
 
     claim: str
@@ -172,7 +172,7 @@ def difference_se(*parts: Estimate | None) -> float | None:
 
 
 def judge(difference: float, se: float | None) -> str:
-    """`difference` > 0 means the paper's claim holds: agrees / disagrees beyond 1.96 se, else inside the noise."""
+    """`difference` > 0 means the paper's claim holds: agrees / disagrees beyond 1.96 se, else NOISE."""
     if se is None:
         return (AGREES if difference > 0 else DISAGREES) + " (no interval)"
     if abs(difference) <= Z_95 * se:
@@ -344,7 +344,7 @@ def recovery_line(frame: pd.DataFrame) -> PaperLine:
         f"after {_shown(gaps['after'], 2 if factor != 1 else 3, factor)}{unit}{how}"
     )
     if gaps["after"].se is not None and abs(gaps["after"].value) <= Z_95 * gaps["after"].se:
-        measured += " (the gap after is inside the noise of zero)"
+        measured += " (after: no difference from zero the eval can detect)"
     return PaperLine(claim, paper, measured, judge(shrink, shrink_se))
 
 

@@ -232,8 +232,8 @@ def before_after(frame: pd.DataFrame) -> Plot | None:
     axis.set_ylabel(axis_label(after).replace("after ", "") + (" ↑ better" if higher else " ↓ better"))
     axis.legend(fontsize=7, loc="best")
     axis.grid(axis="y", alpha=0.3)
-    axis.set_title(f"{metric} before → after fine-tuning per precision, bars: {stats.confidence_label(frame)} "
-                   "(the damage of quantization, then the recovery)", fontsize=10)
+    axis.set_title(f"{metric} before → after fine-tuning per precision, bars: {stats.confidence_label(frame)}\n"
+                   "(the damage quantization does, then what the fine-tune recovers)", fontsize=10)
     return Plot("before_after", f"{metric} before and after fine-tuning per precision", png(figure))
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 
 from qbench.analysis import stats
 from qbench.analysis.report import tables
-from qbench.analysis.report.answer import answer_lines
+from qbench.analysis.report.answer import Answer, answer
 from qbench.analysis.report.eval_checks import eval_set_warnings
 from qbench.analysis.report.explain import weight_bytes_explanation
 from qbench.analysis.report.findings import nonfinite_findings
@@ -61,7 +61,7 @@ class ReportData:
         self.interval = stats.confidence_label(frame) if not frame.empty else stats.confidence_label()
         self.warnings = eval_set_warnings(frame, settings) if not frame.empty else []
         self.verdict: Verdict = verdict(frame, self.warnings)
-        self.answer: list[str] = answer_lines(self.frame, self.verdict)
+        self.answer: Answer | None = answer(self.frame, self.verdict)
 
     def display(self, table: pd.DataFrame, digits: int | dict[str, int] = 2) -> pd.DataFrame:
         return tables.display(table, digits, self.interval)
@@ -72,15 +72,9 @@ ANSWER_TITLE = "Answer"
 
 def answer_section(data: ReportData) -> Section | None:
     """The run's answer in a line (one per value of a grid's other axes), before everything else."""
-    if not data.answer:
+    if data.answer is None:
         return None
-    if len(data.answer) == 1:
-        text = data.answer[0]
-    else:  # a grid: a line per value of its other axes, then what the device could not measure, if anything
-        per_value = [line for line in data.answer if ": " in line.split(";")[0]]
-        rest = [line for line in data.answer if line not in per_value]
-        text = "\n".join(f"- {line}" for line in per_value) + "".join(f"\n\n{line}" for line in rest)
-    return Section("answer", ANSWER_TITLE, text=text)
+    return Section("answer", ANSWER_TITLE, text=data.answer.markdown())
 
 
 def verdict_section(data: ReportData) -> Section | None:

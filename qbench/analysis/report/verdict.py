@@ -96,7 +96,8 @@ class Verdict:
         parts = ["\n".join(f"- {line.markdown(said)}" for line in self.lines)]
         if said:
             device = {"cpu": "CPU", "cuda": "GPU"}.get(self.device, self.device)
-            parts.append(f"Not measured meaningfully on this {device}, for any precision: {' and '.join(said)} (why, below).")
+            listed = said[0] if len(said) == 1 else f"{', '.join(said[:-1])} and {said[-1]}"
+            parts.append(f"Not measured meaningfully on this {device}, for any precision: {listed} (why, below).")
         parts += list(self.notes)
         if self.conventions:
             parts.append(f"*{self.conventions}*")
