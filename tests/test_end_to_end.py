@@ -28,8 +28,11 @@ def test_two_cell_suite_runs_each_cell_in_its_own_process_and_writes_records(tmp
     (samples_row,) = [line for line in shown if line.startswith("│ train samples/s") and "×" not in line]
     assert "…" not in samples_row and len(samples_row.split("│")) == 5  # label, bf16, nf4-dq
     text = "\n".join(shown)
-    assert text.index("Verdict") < text.index("Per precision")  # the verdict first, then the tables
-    assert "not measured meaningfully here: peak memory" in " ".join(text.split())  # RSS on a CPU
+    assert text.index("Answer") < text.index("Verdict") < text.index("Per precision")  # the answer first, then the tables
+    assert shown[-1].startswith("Answer: nf4-dq stores the base") and shown[-1].endswith("(measure them on a GPU).")
+    assert any(line.startswith("plots and the HTML page: qbench report ") for line in shown)
+    # RSS on a CPU: said once for every precision, not on each line
+    assert " ".join(text.split()).count("Not measured meaningfully on this CPU, for any precision: peak memory and speed") == 1
     (run_dir,) = (tmp_path / "out" / "e2e").iterdir()
     records = {r["precision"]: r for r in results.read_records(run_dir)}
     assert set(records) == {"bf16", "nf4-dq"}

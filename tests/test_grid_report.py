@@ -74,13 +74,18 @@ def test_optimizers_are_separate_arms_never_averaged_and_each_is_compared_with_b
     assert ratio["nf4-dq-adamw8bit-seed1"] == pytest.approx(12 / 20)  # bf16 ran AdamW only: that is the baseline arm
     relative = stats.relative_to_baseline(frame)
     assert relative.loc["nf4-dq paged_adamw8bit", "baseline arm"] == "bf16 adamw"
-    assert relative.loc["nf4-dq paged_adamw8bit", "train samples/s (× of bf16)"] == pytest.approx(11 / 20)
+    assert relative.loc["nf4-dq paged_adamw8bit", "train samples/s vs bf16 (×)"] == pytest.approx(11 / 20)
     table = tables.precision_table(frame)
     assert list(table.index) == ["bf16 adamw", "nf4-dq adamw", "nf4-dq adamw8bit", "nf4-dq paged_adamw8bit"]
     assert table.loc["nf4-dq adamw8bit", "train samples/s"] == 12.0
-    verdict = write.report_sections(frame)[0]
-    assert verdict.key == "verdict"
-    assert "**nf4-dq adamw8bit**: weights 61 % less than bf16 adamw" in verdict.text
+    shown = {section.key: section for section in write.report_sections(frame)}
+    assert list(shown)[:2] == ["answer", "verdict"]
+    # the answer per value of the other axis, each arm against its baseline arm (bf16 ran AdamW only)
+    assert "- adamw8bit: nf4-dq stores the base 61 % smaller than bf16 adamw" in shown["answer"].text
+    assert "- paged_adamw8bit: nf4-dq stores the base 61 % smaller than bf16 adamw" in shown["answer"].text
+    assert shown["answer"].text.count("could not measure peak memory or speed") == 1
+    verdict = shown["verdict"]
+    assert "**nf4-dq adamw8bit**: weights 61 % smaller than bf16 adamw" in verdict.text
     assert "0.60× bf16 adamw's train samples/s" in verdict.text
 
 
@@ -91,7 +96,7 @@ def test_each_scaling_point_is_compared_with_the_baseline_at_the_same_batch_size
     relative = stats.relative_to_baseline(frame)
     assert relative.loc["nf4-dq bs8 len128", "baseline arm"] == "bf16 bs8 len128"
     expected = 100 * (1 - (300_000_000 + 1_024_000_000) / (500_000_000 + 1_024_000_000))
-    assert relative.loc["nf4-dq bs8 len128", "peak RSS (% less than bf16)"] == pytest.approx(expected)
+    assert relative.loc["nf4-dq bs8 len128", "peak RSS vs bf16 (% smaller)"] == pytest.approx(expected)
     table = tables.precision_table(frame)
     assert len(table) == 8 and table.index.name == "arm"
 
@@ -187,14 +192,24 @@ def test_arms_stay_named_by_an_axis_value_only_failed_cells_have():
     assert tables.failures(frame)["cell_id"].str.contains("bs8").all()
 
 
-def test_the_terminal_shows_a_grid_of_many_arms_as_rows_with_the_figures_that_fit(tmp_path: Path, capsys):
+def test_the_terminal_shows_a_grid_of_many_arms_as_rows_split_into_tables_that_fit(tmp_path: Path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
     from qbench import cli
+    from qbench.cli import render
 
     from .records import write_run
 
     run_dir = write_run(tmp_path / "run", scaling_records())
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(render, "console", Console(file=io.StringIO(), width=80))
     assert cli.main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 0
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("│ nf4-dq bs8 len128")]
-    assert rows and all("…" not in row for row in rows), out  # one row per arm, not eight squeezed columns
-    assert "more columns in summary.md" in out
+    out = render.console.file.getvalue()
+    per_precision = out[out.index("Per precision"):out.index("Quality, every metric")]
+    rows = [line for line in per_precision.splitlines() if line.startswith("│ nf4-dq bs8 len128")]
+    assert len(rows) >= 2, out  # one row per arm in each of the tables the columns were split into
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80
+    for column in ("status", "peak memory (MiB, RSS)", "train samples/s", "final train loss"):  # nothing left out
+        assert all(word in per_precision for word in column.split()), column

@@ -63,7 +63,7 @@ def lines_of(records: list[dict]) -> dict[str, paper.PaperLine]:
 
 DQ = "double quantization: quantization constants per parameter"
 ORDER = "NF4 (+DQ) better than FP4 before fine-tuning"
-RECOVERY = "LoRA recovers 4-bit: gap to 16-bit after fine-tuning vs before"
+RECOVERY = "LoRA recovers 4-bit: gap to the unquantized base after fine-tuning vs before"
 
 
 def test_double_quantization_agrees_with_the_papers_bits_from_exact_bytes():
@@ -86,7 +86,7 @@ def test_double_quantization_says_what_it_needs_without_both_arms():
 
 @pytest.mark.parametrize(
     ("fp4", "verdict"),
-    [(30.0, "agrees"), (24.5, "inside the noise"), (18.0, "disagrees")],
+    [(30.0, "agrees"), (24.5, "no difference the eval can detect"), (18.0, "disagrees")],
 )
 def test_nf4_against_fp4_is_judged_by_the_interval_of_the_difference(fp4: float, verdict: str):
     # nf4-dq 23.5 and fp4 each ± se 0.8: the difference's 95 % half-width is 1.96 * 0.8 * sqrt 2 = 2.2
@@ -106,7 +106,7 @@ def test_an_interval_given_only_as_bounds_is_used():
     for record in records:
         record["interval.before.perplexity.low"] = record["quality.before.perplexity"] - 2.0
         record["interval.before.perplexity.high"] = record["quality.before.perplexity"] + 2.0
-    assert lines_of(records)[ORDER].verdict == "inside the noise"
+    assert lines_of(records)[ORDER].verdict == "no difference the eval can detect"
 
 
 def test_seeds_spread_adds_to_the_noise():
@@ -114,7 +114,7 @@ def test_seeds_spread_adds_to_the_noise():
     assert lines_of(steady)[ORDER].verdict == "agrees"
     spread = [lm_record("nf4-dq", v, se=0.1, seed=s) for s, v in ((0, 20.0), (1, 27.0))]
     spread += [lm_record("fp4", v, se=0.1, seed=s) for s, v in ((0, 22.0), (1, 28.0))]
-    assert lines_of(spread)[ORDER].verdict == "inside the noise"
+    assert lines_of(spread)[ORDER].verdict == "no difference the eval can detect"
 
 
 def test_same_dq_pairs_are_shown_when_the_run_has_them():
@@ -127,7 +127,7 @@ def test_same_dq_pairs_are_shown_when_the_run_has_them():
 
 @pytest.mark.parametrize(
     ("nf4_after", "verdict"),
-    [(15.3, "agrees"), (18.3, "inside the noise"), (21.0, "disagrees")],
+    [(15.3, "agrees"), (18.3, "no difference the eval can detect"), (21.0, "disagrees")],
 )
 def test_recovery_compares_the_gap_to_16_bit_after_fine_tuning_with_the_gap_before(nf4_after: float, verdict: str):
     records = [lm_record("bf16", 20.0, 15.0, se=0.5), lm_record("nf4-dq", 23.5, nf4_after, se=0.5)]
@@ -135,7 +135,7 @@ def test_recovery_compares_the_gap_to_16_bit_after_fine_tuning_with_the_gap_befo
     assert line.verdict == verdict
     assert "before +3.500" in line.qbench or "before 3.500" in line.qbench
     if verdict == "agrees":
-        assert "inside the noise of zero" in line.qbench
+        assert "after: no difference from zero the eval can detect" in line.qbench
 
 
 def test_recovery_without_training_says_what_it_needs():
@@ -196,14 +196,14 @@ def test_paired_windows_separate_arms_whose_own_intervals_overlap():
     assert line.verdict == "agrees" and "paired over the same windows" in line.qbench
     for record in records:  # the same figures without per-window scores: the quadrature of two wide intervals
         del record["per_window.before.window_nll"]
-    assert lines_of(records)[ORDER].verdict == "inside the noise"
+    assert lines_of(records)[ORDER].verdict == "no difference the eval can detect"
 
 
 def test_arms_on_different_windows_are_not_paired():
     text = _difficulty()
     other = _windowed("fp4", text + 0.05, [128] * (len(text) - 1) + [64], se=2.0)
     line = lines_of([_windowed("nf4-dq", text, [128] * len(text), se=2.0), other])[ORDER]
-    assert "paired" not in line.qbench and line.verdict == "inside the noise"
+    assert "paired" not in line.qbench and line.verdict == "no difference the eval can detect"
 
 
 def test_paired_difference_is_the_difference_of_the_figures():

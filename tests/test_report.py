@@ -39,16 +39,16 @@ def test_speed_ratios_use_the_baseline_of_the_same_run_and_seed(two_shards):
     assert frame[frame["precision"] == "int8"]["ratio.speed.train_samples_per_s"].tolist() == pytest.approx([17 / 20] * 2)
 
 
-def test_relative_table_gives_savings_as_less_than_the_baseline_and_speed_as_times_of_it():
+def test_relative_table_gives_savings_as_smaller_than_the_baseline_and_speed_as_times_of_it():
     frame = pd.DataFrame(make_records())
     table = stats.relative_to_baseline(frame)
-    assert table.loc["nf4-dq", "weights (% less than bf16)"] == pytest.approx(100 * (1 - 174_930 / 445_450))
-    assert table.loc["int8", "peak RSS (% less than bf16)"] == pytest.approx(100 * (1 - 690 / 580))  # negative: more
+    assert table.loc["nf4-dq", "base weights vs bf16 (% smaller)"] == pytest.approx(100 * (1 - 174_930 / 445_450))
+    assert table.loc["int8", "peak RSS vs bf16 (% smaller)"] == pytest.approx(100 * (1 - 690 / 580))  # negative: larger
     assert table.loc["nf4-dq", "Δ mean recall@1 after (points)"] == pytest.approx(-3.0)
-    assert table.loc["nf4-dq", "train samples/s (× of bf16)"] == pytest.approx(15 / 20)  # higher = faster
-    assert table.loc["bf16", "train samples/s (× of bf16)"] == pytest.approx(1.0)
+    assert table.loc["nf4-dq", "train samples/s vs bf16 (×)"] == pytest.approx(15 / 20)  # higher = faster
+    assert table.loc["bf16", "train samples/s vs bf16 (×)"] == pytest.approx(1.0)
     # one seed and no bootstrap interval in the records: a 3-point difference is not called worse
-    assert table.loc["nf4-dq", "quality vs bf16"] == "no interval"
+    assert table.loc["nf4-dq", "quality vs bf16"] == "no interval to judge by"
 
 
 def test_a_quality_equal_but_for_float_rounding_is_the_same_not_worse():
@@ -62,7 +62,7 @@ def test_a_quality_equal_but_for_float_rounding_is_the_same_not_worse():
     frame = pd.DataFrame(records)
     relative = stats.relative_to_baseline(frame)
     assert relative.loc["int8", "Δ mean recall@1 after (points)"] == 0.0
-    assert relative.loc["int8", "quality vs bf16"] == "same"
+    assert relative.loc["int8", "quality vs bf16"] == "no difference the eval can detect"
     assert relative.loc["nf4-dq", "Δ mean recall@1 after (points)"] == pytest.approx(-1.25)
     shown = tables.display(relative)
     assert shown.loc["int8", "Δ mean recall@1 after (points) [95 % interval]"] == "0.00"  # not "-0.00"
@@ -91,13 +91,14 @@ def test_report_writes_every_file_and_a_self_contained_html(two_shards, tmp_path
     paths = write.write_report(load.load_results(two_shards), tmp_path / "report")
     html = paths["html"].read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
-    assert len(images) == 4  # quality vs memory, throughput, memory per phase, vs baseline
+    # before -> after, quality vs memory, throughput, memory per phase, vs baseline (no loss curves in these records)
+    assert len(images) == 5
     assert all(base64.b64decode(image).startswith(PNG_MAGIC) for image in images)
     sources = re.findall(r'(?:src|href)="([^"]*)"', html)
     assert all(source.startswith("data:") for source in sources)  # nothing is loaded from elsewhere
-    for heading in ("Verdict", "Per precision", "Relative to bf16", "Runs merged into this report"):
+    for heading in ("Answer", "Verdict", "Per precision", "Relative to bf16", "Runs merged into this report"):
         assert heading in html
-    assert html.index("Verdict") < html.index("<h2>Plots</h2>") < html.index("Per precision")
+    assert html.index("Answer") < html.index("Verdict") < html.index("<h2>Plots</h2>") < html.index("Per precision")
     flat = pd.read_parquet(paths["parquet"])
     assert len(flat) == 8 and "ratio.speed.train_samples_per_s" in flat.columns
     assert len(pd.read_csv(paths["csv"])) == 8
@@ -120,9 +121,9 @@ def test_perplexity_records_get_a_report_without_special_cases(tmp_path: Path):
     assert fields.first_present(frame, fields.HEADLINE_QUALITY) == "quality.after.perplexity"
     table = stats.relative_to_baseline(frame)
     assert table.loc["nf4-dq", "Δ perplexity after"] == pytest.approx(1.0)
-    assert table.loc["nf4-dq", "quality vs bf16"] == "no interval"
+    assert table.loc["nf4-dq", "quality vs bf16"] == "no interval to judge by"
     paths = write.write_report(frame, tmp_path / "lm")
-    assert paths["html"].read_text().count("data:image/png;base64,") == 4
+    assert paths["html"].read_text().count("data:image/png;base64,") == 4  # no quality before fine-tuning: no before -> after
 
 
 def test_failed_cells_are_listed_and_left_out_of_the_means(tmp_path: Path):
@@ -133,7 +134,7 @@ def test_failed_cells_are_listed_and_left_out_of_the_means(tmp_path: Path):
     assert "OutOfMemoryError: boom" in shown["failures"].table.to_string()
     assert shown["per_precision"].table.loc["nf4-dq", "status"] == "failed,ok"
     assert shown["per_precision"].table.loc["nf4-dq", "base weights (MiB)"] == "0.17"  # the failed cell's 1 byte is left out
-    assert "**nf4-dq**: weights 61 % less than bf16" in shown["verdict"].text
+    assert "**nf4-dq**: weights 61 % smaller than bf16" in shown["verdict"].text
     assert "1 of 2 cells did not finish (" in shown["verdict"].text
 
 

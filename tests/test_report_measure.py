@@ -124,7 +124,7 @@ def test_on_a_cpu_the_relative_table_and_the_plots_use_the_tree_pss_not_the_rss(
     frame = pd.DataFrame(records)
     assert fields.first_present(frame, fields.HEADLINE_PEAK_MEMORY) == "memory.peak_pss_bytes"
     relative = stats.relative_to_baseline(frame)
-    assert relative.loc["nf4", "peak PSS (% less than bf16)"] == pytest.approx(25.0)
+    assert relative.loc["nf4", "peak PSS vs bf16 (% smaller)"] == pytest.approx(25.0)
     assert schema.PHASE_MEMORY_PREFERENCE.index("pss_peak_bytes") < schema.PHASE_MEMORY_PREFERENCE.index("rss_peak_bytes")
     older = frame.drop(columns=["memory.peak_pss_bytes"])  # records from before PSS was measured
     assert fields.first_present(older, fields.HEADLINE_PEAK_MEMORY) == "memory.peak_rss_bytes"

@@ -80,18 +80,18 @@ def test_no_noise_in_the_records_gives_no_interval():
 def test_a_difference_inside_the_noise_is_the_same_within_noise_not_worse():
     frame = pd.DataFrame(cpu_records(se=0.04))  # 3 points apart, 95 % noise of the difference ±11 points
     compared = stats.compare_quality(frame, "quality.after.mean_recall@1").table
-    assert compared.loc["nf4-dq", "verdict"] == "same within noise"
+    assert compared.loc["nf4-dq", "verdict"] == "no difference the eval can detect"
     assert compared.loc["nf4-dq", "delta_low"] == pytest.approx(-0.03 - Z95 * math.sqrt(2) * 0.04)
-    assert stats.relative_to_baseline(frame).loc["nf4-dq", "quality vs bf16"] == "same within noise"
+    assert stats.relative_to_baseline(frame).loc["nf4-dq", "quality vs bf16"] == "no difference the eval can detect"
     text = line_of(verdict.verdict(frame), "nf4-dq").sentence()
-    assert "mean recall@1 after fine-tuning 57.00 % (-3.00 points vs bf16 [-14.09, +8.09]: same within noise)" in text
+    assert "mean recall@1 after fine-tuning 57.00 % (-3.00 points vs bf16 [-14.09, +8.09]: no difference the eval can detect)" in text
     assert "worse" not in text
 
 
 def test_a_difference_beyond_the_noise_is_called_worse():
     frame = pd.DataFrame(cpu_records(se=0.005))  # 95 % noise of the difference ±1.4 points
     assert stats.compare_quality(frame, "quality.after.mean_recall@1").table.loc["nf4-dq", "verdict"] == "worse"
-    assert stats.compare_quality(frame, "quality.after.mean_recall@1").table.loc["int8", "verdict"] == "same within noise"
+    assert stats.compare_quality(frame, "quality.after.mean_recall@1").table.loc["int8", "verdict"] == "no difference the eval can detect"
 
 
 def test_a_lower_is_better_metric_is_better_when_it_falls_beyond_the_noise():
@@ -121,7 +121,7 @@ def test_a_cpu_verdict_says_memory_and_speed_are_not_meaningful_here_and_where_t
     result = verdict.verdict(pd.DataFrame(cpu_records(runtime_mib=400)))
     nf4 = line_of(result, "nf4-dq")
     assert nf4.not_meaningful == ["peak memory", "speed"]
-    assert nf4.sentence().startswith("nf4-dq: weights 61 % less than bf16 (0.17 MiB vs 0.42 MiB); peak memory ")
+    assert nf4.sentence().startswith("nf4-dq: weights 61 % smaller than bf16 (0.17 MiB vs 0.42 MiB); peak memory ")
     assert "train samples/s" in nf4.sentence() and "0.75× bf16's" in nf4.sentence()
     notes = "\n".join(result.notes)
     assert "400 MiB of bf16's 553 MiB peak (72%) was held before the model was loaded" in notes
@@ -132,9 +132,9 @@ def test_a_cpu_verdict_says_memory_and_speed_are_not_meaningful_here_and_where_t
 def test_on_a_cpu_the_process_tree_pss_is_the_memory_figure_when_the_records_have_it():
     result = verdict.verdict(pd.DataFrame(cpu_records(pss=True)))
     text = line_of(result, "int8").sentence()
-    assert "(PSS: 558 MiB vs 453 MiB" in text and "23 % more than bf16" in text
+    assert "(PSS: 558 MiB vs 453 MiB" in text and "23 % larger than bf16" in text
     # the increase over the process baseline: 258 vs 153 MiB
-    assert "above what the process held before the model was loaded: 69 % more" in text
+    assert "above what the process held before the model was loaded: 69 % larger" in text
     table = tables.precision_table(pd.DataFrame(cpu_records(pss=True)))
     assert table.loc["int8", "peak memory (MiB, PSS)"] == pytest.approx(690e6 / MiB - 100)
     assert table.loc["int8", "before model load (MiB)"] == pytest.approx(300)
@@ -230,20 +230,24 @@ def test_summary_md_and_report_md_tell_one_story_without_nan_or_minus_zero(tmp_p
     report_md = write.write_report(frame, tmp_path / "report")["markdown"].read_text()
     headings = re.findall(r"^## (.+)$", report_md, flags=re.M)
     assert headings == re.findall(r"^## (.+)$", summary_md, flags=re.M)
-    assert headings[:2] == ["Verdict: each precision against bf16", "Relative to bf16"]
+    assert headings[:3] == ["Answer", "Verdict: each precision against bf16", "Relative to bf16"]
     for text in (summary_md, report_md):
         assert not re.search(r"\bnan\b", text) and "-0.00" not in text
     html = (tmp_path / "report" / "report.html").read_text()
-    assert "<strong>nf4-dq</strong>: weights 61 % less than bf16" in html
+    assert "<strong>nf4-dq</strong>: weights 61 % smaller than bf16" in html
 
 
 def test_every_renderer_shows_the_same_verdict(tmp_path: Path, capsys):
     run = write_run(tmp_path / "run", cpu_records(), suite_text='name = "ci"\n')
     assert cli.main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
     terminal = " ".join(capsys.readouterr().out.split())
-    sentence = line_of(verdict.verdict(pd.DataFrame(cpu_records())), "nf4-dq").sentence()
+    result = verdict.verdict(pd.DataFrame(cpu_records()))
+    assert result.not_meaningful_everywhere == ("peak memory", "speed")  # said once, under the lines
+    sentence = line_of(result, "nf4-dq").sentence(result.not_meaningful_everywhere)
+    assert "not measured meaningfully" not in sentence
     assert sentence.removeprefix("nf4-dq") in terminal
     assert sentence.removeprefix("nf4-dq") in (tmp_path / "report" / "report.md").read_text()
+    assert terminal.count("Not measured meaningfully on this CPU, for any precision: peak memory and speed") == 1
 
 
 def test_without_a_finished_baseline_the_verdict_gives_absolute_figures_and_says_why():
@@ -257,7 +261,7 @@ def test_repeated_runs_of_one_seed_are_not_taken_for_the_seeds_spread():
     # three bit-identical repeats of seed 0 (a CI baseline): no spread of training noise to speak of
     records = [make_record(p, seed=0, run_id=f"run-{i}") for i in range(3) for p in ("bf16", "nf4-dq")]
     compared = stats.compare_quality(pd.DataFrame(records), "quality.after.mean_recall@1").table
-    assert compared.loc["nf4-dq", "verdict"] == "no interval"  # not "worse" on a zero-width interval
+    assert compared.loc["nf4-dq", "verdict"] == "no interval to judge by"  # not "worse" on a zero-width interval
 
 
 def test_a_precision_whose_model_gave_nan_outputs_is_never_read_as_a_quality_result():

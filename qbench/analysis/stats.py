@@ -201,9 +201,84 @@ def arm_baselines(frame: pd.DataFrame) -> pd.Series:
 
 def delta_to(values: pd.Series, reference: float | pd.Series) -> pd.Series:
     """`values - reference`, with differences of float rounding alone (a mean of two recalls summed in
-    another order) made exactly 0, so that equal figures never read as "-0.00, worse"."""
+    another order) made exactly 0, so that equal figures never read as "-0.00, worse". A missing value or
+    reference gives a missing difference (NaN), never 0: a figure that was not measured is not "the same"."""
     delta = values - reference
-    return delta.where(delta.abs() > 1e-9 * np.maximum(np.abs(reference), 1.0), 0.0)
+    rounding = delta.abs() <= 1e-9 * np.maximum(np.abs(reference), 1.0)
+    return delta.mask(rounding & delta.notna(), 0.0)
+
+
+def arm_status(frame: pd.DataFrame) -> pd.Series:
+    """Arm -> "ok" when every cell of it finished, else what became of them: "failed", "2 interrupted",
+    "1 failed of 2", "running" (a run still going, or one that died without a word), in arm order."""
+    order = arm_order(frame)
+    if "status" not in frame.columns:
+        return pd.Series("ok", index=order, dtype=object)
+    shown = {}
+    for arm, statuses in frame["status"].astype(str).groupby(arms(frame), sort=False):
+        bad = statuses[statuses != "ok"]
+        if bad.empty:
+            shown[arm] = "ok"
+        elif len(statuses) == 1:
+            shown[arm] = bad.iloc[0]
+        else:
+            counted = ", ".join(f"{n} {status}" for status, n in bad.value_counts().sort_index().items())
+            shown[arm] = counted if len(bad) == len(statuses) else f"{counted} of {len(statuses)}"
+    return pd.Series(shown, dtype=object).reindex(order)
+
+
+def absent_reason(frame: pd.DataFrame, arm: str, column: str | None = None) -> str:
+    """Why `arm` has no figure (of `column`): none of its cells finished (and what became of them), or they
+    did and their records hold none."""
+    status = arm_status(frame).get(arm)
+    if status is None or pd.isna(status):
+        return "no cell in the records"
+    if not (arms(frame)[ok_rows(frame).index] == arm).any():
+        return f"no cell finished ({status})"
+    return "no figure in the records" + (f" ({column})" if column else "")
+
+
+# the words of a quality comparison, the same in every table and sentence
+BASELINE = "baseline"
+NO_DIFFERENCE = "no difference the eval can detect"
+NO_INTERVAL = "no interval to judge by"
+BETTER, WORSE, DIFFERS = "better", "worse", "differs"
+NOT_MEASURED = "not measured"
+
+
+def not_measured(reason: str) -> str:
+    """"not measured: no cell finished (failed)": the verdict of a figure that is absent, with why."""
+    return f"{NOT_MEASURED}: {reason}"
+
+
+def session_of(frame: pd.DataFrame) -> pd.Series:
+    """Each row's measuring session: `run_session` (the `qbench run` or `--resume` that ran the cell) within its
+    run, "" where the records do not say."""
+    session = frame["run_session"].astype(object).where(frame["run_session"].notna(), "") if "run_session" in frame.columns \
+        else pd.Series("", index=frame.index, dtype=object)
+    run = frame["run_id"].astype(str) if "run_id" in frame.columns else pd.Series("", index=frame.index)
+    return run + "|" + session.astype(str)
+
+
+def mixed_sessions(frame: pd.DataFrame) -> pd.Series:
+    """Arm -> True when its ok cells and its baseline arm's ok cells in the same run were measured in different
+    sessions (a run resumed after an interrupt): their speed ratio sets two moments' machine load side by side."""
+    order = arm_order(frame)
+    if "run_session" not in frame.columns:
+        return pd.Series(False, index=order)
+    ok = ok_rows(frame)
+    own, base, session = arms(frame)[ok.index], baseline_arms(frame)[ok.index], session_of(frame)[ok.index]
+    run = ok["run_id"].astype(str) if "run_id" in ok.columns else pd.Series("", index=ok.index)
+    mixed = {}
+    for arm in order:
+        rows = own == arm
+        base_arm = base[rows].dropna()
+        if base_arm.empty:
+            mixed[arm] = False
+            continue
+        together = rows | ((own == base_arm.iloc[0]) & run.isin(set(run[rows])))
+        mixed[arm] = bool(session[together].groupby(run[together]).nunique().gt(1).any())
+    return pd.Series(mixed).reindex(order).fillna(False).astype(bool)
 
 
 DEFAULT_CONFIDENCE = 0.95
@@ -296,9 +371,10 @@ class QualityComparison:
     other axes), with the noise of the difference.
 
     table columns: mean, se, low, high (of the figure, stored unit), baseline_arm, delta, delta_low, delta_high
-    (this arm minus its baseline arm's), verdict: "baseline", "same" (equal figures), "same within noise"
-    (the difference's interval holds 0), "better" / "worse" (it does not), "no interval" (the records
-    give no noise to judge by: neither a bootstrap interval nor several seeds).
+    (this arm minus its baseline arm's), verdict: BASELINE, NO_DIFFERENCE (equal figures, or the difference's
+    interval holds 0), BETTER / WORSE (it does not), NO_INTERVAL (the records give no noise to judge by:
+    neither a bootstrap interval nor several seeds), or `not_measured(why)` where this arm or its baseline
+    arm has no figure (a failed, interrupted or running cell): no difference is made up for it.
     """
 
     column: str
@@ -330,28 +406,31 @@ def compare_quality(frame: pd.DataFrame, column: str) -> QualityComparison | Non
     spec = fields.spec_for(column)
     table = intervals.copy()
     table["baseline_arm"] = bases
-    table["delta"] = delta_to(intervals["mean"], base_mean.fillna(0.0)).where(base_mean.notna())
+    table["delta"] = delta_to(intervals["mean"], base_mean)
     noise = (intervals["se"] ** 2 + base_se**2) ** 0.5
     table["delta_low"] = table["delta"] - z * noise
     table["delta_high"] = table["delta"] + z * noise
     verdicts = []
-    for precision, row in table.iterrows():
-        if precision == bases[precision]:
-            verdicts.append("baseline")
-        elif pd.isna(row["delta"]):
-            verdicts.append(None)
+    for arm, row in table.iterrows():
+        base = bases[arm]
+        if arm == base:
+            verdicts.append(BASELINE if pd.notna(row["mean"]) else not_measured(absent_reason(frame, arm, column)))
+        elif pd.isna(row["mean"]):
+            verdicts.append(not_measured(absent_reason(frame, arm, column)))
+        elif base is None or pd.isna(base) or pd.isna(row["delta"]):
+            verdicts.append(not_measured(f"its baseline arm {base} has no figure" if isinstance(base, str) else "no baseline arm"))
         elif row["delta"] == 0:
-            verdicts.append("same")
-        elif pd.isna(noise[precision]):
-            verdicts.append("no interval")
-        elif abs(row["delta"]) <= z * noise[precision]:
-            verdicts.append("same within noise")
+            verdicts.append(NO_DIFFERENCE)
+        elif pd.isna(noise[arm]):
+            verdicts.append(NO_INTERVAL)
+        elif abs(row["delta"]) <= z * noise[arm]:
+            verdicts.append(NO_DIFFERENCE)
         elif spec is None or spec.direction is None:
-            verdicts.append("differs")
+            verdicts.append(DIFFERS)
         else:
-            verdicts.append("better" if (row["delta"] > 0) == (spec.direction == "higher") else "worse")
+            verdicts.append(BETTER if (row["delta"] > 0) == (spec.direction == "higher") else WORSE)
     table["verdict"] = verdicts
-    table.loc[table["verdict"] == "baseline", ["delta_low", "delta_high"]] = float("nan")
+    table.loc[table["verdict"] == BASELINE, ["delta_low", "delta_high"]] = float("nan")
     return QualityComparison(column, baseline, confidence, table)
 
 
@@ -360,9 +439,10 @@ class Relative:
     """Each arm against its baseline arm (rows; in a suite without other axes: each precision against the
     baseline precision), numeric columns in the report's conventions:
 
-    weights_less_pct, memory_less_pct, increase_less_pct: % less than the baseline (positive: smaller;
-    negative: larger); speed_x: this precision's throughput as a multiple of the baseline's (above 1:
-    faster), from ratios measured within one run; quality: the headline quality comparison.
+    weights_less_pct, memory_less_pct, increase_less_pct: % smaller than the baseline (negative: larger; the
+    renderers say "smaller by" / "larger by"); speed_x: this precision's throughput as a multiple of the
+    baseline's (above 1: faster), from ratios measured within one run; speed_mixed: that ratio sets cells of
+    different sessions side by side (a resumed run); quality: the headline quality comparison.
     """
 
     baseline: str
@@ -423,21 +503,31 @@ def relative(frame: pd.DataFrame) -> Relative | None:
             table["increase_less_pct"] = _less_pct(increase, base(increase))
     if throughput:
         table["speed_x"] = agg.mean[fields.ratio_column(throughput)]
+        table["speed_mixed"] = mixed_sessions(frame).reindex(table.index).fillna(False) & table["speed_x"].notna()
     return Relative(baseline, table, memory, throughput, compare_quality(frame, quality) if quality else None, bases)
 
 
+# how relative_to_baseline's headers end: a % smaller (negative: larger) or a multiple of the baseline's figure
+SMALLER = "(% smaller)"
+TIMES = "(×)"
+MIXED = "speed ratio mixes sessions"  # a boolean column: the ratio's cells were measured in different sessions
+
+
 def relative_to_baseline(frame: pd.DataFrame) -> pd.DataFrame:
-    """`relative(frame)` as one numeric table with the report's column names (empty without a baseline)."""
+    """`relative(frame)` as one numeric table with the report's column names (empty without a baseline):
+    "... (% smaller)" columns (negative: larger), "... (×)" columns, the headline quality difference with its
+    interval (`Δ ...`, `... low`, `... high`) and its verdict word."""
     result = relative(frame)
     if result is None:
         return pd.DataFrame()
     b = result.baseline
-    names = {"weights_less_pct": f"weights (% less than {b})"}
+    names = {"weights_less_pct": f"base weights vs {b} {SMALLER}"}
     if result.memory_column:
-        names["memory_less_pct"] = f"peak {fields.memory_source_label(result.memory_column)} (% less than {b})"
-        names["increase_less_pct"] = f"increase over process baseline (% less than {b})"
+        names["memory_less_pct"] = f"peak {fields.memory_source_label(result.memory_column)} vs {b} {SMALLER}"
+        names["increase_less_pct"] = f"peak above the process baseline vs {b} {SMALLER}"
     if result.throughput_column:
-        names["speed_x"] = f"{fields.label(result.throughput_column)} (× of {b})"
+        names["speed_x"] = f"{fields.label(result.throughput_column)} vs {b} {TIMES}"
+        names["speed_mixed"] = MIXED
     table = result.table.rename(columns=names)
     if len(axis_columns(frame)) > 1:  # a grid: say which arm each row is compared with
         table.insert(0, "baseline arm", result.bases)

@@ -65,6 +65,39 @@ def emit(event: str, **fields: Any) -> None:
         raise RunnerGone("the runner's progress pipe closed: the runner is gone") from None
 
 
+class _Once:
+    """A logging filter that lets each distinct message through once (bitsandbytes logs the same cast note at
+    every int8 matmul)."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: Any) -> bool:
+        key = (record.name, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def quiet_libraries() -> None:
+    """Keep the cell's log (its stderr) a log: no progress bars (tqdm's carriage returns), no deprecation notices
+    of the libraries qbench calls (they say nothing of the measurement), each library message once."""
+    import logging
+    import warnings
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = os.environ["TQDM_DISABLE"] = "1"  # for what is imported later
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # already imported by a fork server
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(?!qbench)")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    handler.addFilter(_Once())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so that nothing (the interpreter's exit flush included) writes to a dead pipe."""
     try:
@@ -201,6 +234,7 @@ class CellRun:
             self.use_compute(ComputeChoice(**{**spec.compute, "emulated": tuple(spec.compute.get("emulated", ()))}))
         self.tracker: MemoryTracker | None = None
         self.timer: StepTimer | None = None
+        self.losses: list[float] = []  # every optimizer step's loss, for the record's loss curve
         self.faults = fault_injection.Injector(spec.cell_id)
         if self.faults.faults:
             self.record["test.injected_faults"] = self.faults.describe()
@@ -242,6 +276,11 @@ class CellRun:
             full.update(self.tracker.record)  # per phase, and memory.peak_<source>_bytes over the phases
         if self.timer is not None:
             full.update(self.timer.summary())
+        if self.losses:  # a cell stopped in its train phase keeps the curve up to there
+            from qbench.cell.train import loss_curve
+
+            curve, every = loss_curve(self.losses)
+            full.update({"train.loss_curve": curve, "train.loss_curve_every_steps": every})
         return full
 
     @contextmanager
@@ -269,6 +308,7 @@ class CellRun:
         self.record["train.steps_completed"] = step
         self.record["train.last_loss"] = loss
         self.record.setdefault("train.first_loss", loss)
+        self.losses.append(loss)
         emit("step", step=step, total=self.suite.train.steps, loss=loss)
 
     def on_first_step(self, optimizer: Any) -> None:
@@ -312,6 +352,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 
         if spec.threads:
             torch.set_num_threads(spec.threads)  # before any computation: the pool is made at the first one
+        quiet_libraries()
         from qbench.cell import lora, models, readback
         from qbench.cell.measure.memory import MemoryTracker
         from qbench.cell.measure.timing import StepTimer

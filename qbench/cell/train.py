@@ -21,6 +21,20 @@ class NonFiniteLoss(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
+# the most points a record's loss curve holds: a longer run stores the mean of each run of consecutive steps
+LOSS_CURVE_POINTS = 500
+
+
+def loss_curve(losses: list[float], points: int = LOSS_CURVE_POINTS) -> tuple[list[float], int]:
+    """(the curve, steps per point): every step's loss while there are at most `points` steps, else the mean
+    loss of each interval of `ceil(steps / points)` consecutive steps (the last interval may be shorter), so
+    that a record of 100,000 steps stays small and still shows the whole fine-tune."""
+    every = max(1, math.ceil(len(losses) / points))
+    if every == 1:
+        return list(losses), 1
+    return [math.fsum(losses[i:i + every]) / len(losses[i:i + every]) for i in range(0, len(losses), every)], every
+
+
 @dataclass
 class TrainResult:
     final_loss: float

@@ -393,10 +393,6 @@ def _run_pending(state: Resumable, args: argparse.Namespace, slots: list[Slot] |
     return stopped
 
 
-# what the terminal shows at the end of a run: the verdict first, then the tables a person compares
-RUN_END_SECTIONS = ("verdict", "nonfinite", "warnings", "relative", "per_precision", "failures")
-
-
 def _finish(run_dir: Path, cells: list[Cell]) -> int:
     """results.csv and summary.md from the records of the run's own cells (other files in cells/ are not
     the run's and are left alone), the verdict and tables, and the exit code: 1 when a cell has no ok record."""
@@ -411,8 +407,7 @@ def _finish(run_dir: Path, cells: list[Cell]) -> int:
         shown = write.report_sections(frame, _report_settings([run_dir]))
         paths = summary.write_run_outputs(run_dir, frame, shown=shown)
         console.print(f"[bold]{escape(str(frame['suite'].iloc[0]))}[/] — {escape(str(run_dir))}", highlight=False)
-        render.sections(shown, RUN_END_SECTIONS)
-        console.print(f"records: {run_dir / 'cells'}   table: {paths['csv']}   summary: {paths['summary']}")
+        render.run_end(shown, run_dir, paths)
     recorded = {r["cell_id"] for r in records}
     failed = [f"{r['cell_id']} ({r['status']}: {r.get('error_type')})" for r in records if r["status"] != "ok"]
     failed += [f"{c.id} (no record)" for c in cells if c.id not in recorded]
@@ -500,6 +495,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     console.print(f"{len(frame)} cells from {len(args.run_dirs)} input(s) -> html: {escape(str(paths['html']))}")
     console.print(f"also: {escape(str(paths['markdown']))}  {escape(str(paths['csv']))}  {escape(str(paths['parquet']))}  "
                   f"{escape(str(paths['summary_csv']))}", highlight=False)
+    render.answer(shown)
     return Exit.OK
 
 

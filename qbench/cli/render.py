@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -9,7 +12,11 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
+from qbench.analysis.report import layout
+
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import pandas as pd
 
     from qbench.analysis.gate.compare import Comparison
@@ -94,50 +101,137 @@ def run_start(begun: RunStart) -> None:
         errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
-def table(frame: pd.DataFrame, title: str) -> Table:
+def layout_width() -> int | None:
+    """The width tables and prose are laid out for: the terminal's (or COLUMNS, when set); None when the output
+    goes to a file or a pipe, which wraps long lines itself: nothing there is cut or folded to feign 80 columns."""
+    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+        return console.width
+    return None
+
+
+def table(frame: pd.DataFrame, title: str, width: int | None = None) -> list[Table]:
+    """`frame` (display strings) as rich tables that fit `width` (None: unbounded, nothing wrapped): the columns
+    split into as many tables as it takes, each repeating the row names, so that no cell is ever cut; words
+    and headers wrap at their spaces, and a column too wide for the width alone folds."""
     from qbench.analysis.report.tables import format_value
 
-    shown = Table(title=title or None, show_lines=False)
-    longest = max([len(str(i)) for i in frame.index] + [len(str(frame.index.name or ""))])
-    shown.add_column(frame.index.name or "", min_width=min(longest, 26))  # row names wrap no more than they must
-    for column in frame.columns:
-        shown.add_column(str(column), justify="right")
-    for index, row in frame.iterrows():
-        shown.add_row(str(index), *(format_value(v) for v in row))
-    return shown
+    made = []
+    for n, group in enumerate(layout.column_groups(frame, width)):
+        part = frame.iloc[:, group]
+        widths = layout.widths(frame, group, width) if width is not None else [None] * (len(group) + 1)
+        if width is not None and layout.FRAME + sum(w + 3 for w in widths) > width:  # one column wider than the line
+            widths = [widths[0]] + [max(1, width - layout.FRAME - widths[0] - 6)] * len(group)
+        shown = Table(title=(title or None) if n == 0 else None, show_lines=False)
+        shown.add_column(str(frame.index.name or ""), width=widths[0], overflow="fold")
+        for column, column_width in zip(part.columns, widths[1:], strict=True):
+            shown.add_column(str(column), justify="left" if layout.is_text(part[column]) else "right", width=column_width,
+                             overflow="fold")
+        for index, row in part.iterrows():
+            shown.add_row(str(index), *(format_value(v) for v in row))
+        made.append(shown)
+    return made
 
 
-def transposed(frame: pd.DataFrame, title: str) -> Table:
+def transposed(frame: pd.DataFrame, title: str, width: int | None = None) -> list[Table]:
     """A table with one row per precision (or run) and many figures, turned so that precisions are
-    the columns: a terminal (and a CI log, 80 columns wide) holds six precisions, not twenty figures."""
-    turned = frame.T
-    turned.index.name = ""
-    return table(turned, title)
+    the columns (split into groups of precisions where they do not fit the width)."""
+    return table(layout.turn(frame), title, width)
+
+
+def prose(markdown: str, style: str | None = None) -> None:
+    """Markdown prose: wrapped at the terminal's width, or as long lines where the output is piped."""
+    from rich.markdown import Markdown
+
+    width = layout_width()
+    if width is not None:
+        console.print(Markdown(markdown, style=style or "none"))
+        return
+    with unbounded(), console.capture() as captured:  # one long line per paragraph, the padding taken off
+        console.print(Markdown(markdown, style=style or "none"))
+    console.out("\n".join(line.rstrip() for line in captured.get().splitlines()), highlight=False)
+
+
+@contextmanager
+def unbounded() -> Iterator[None]:
+    """Lay out as wide as the content is (output to a file or a pipe, which wraps long lines itself)."""
+    width = console.width
+    console.width = UNBOUNDED
+    try:
+        yield
+    finally:
+        console.width = width
+
+
+UNBOUNDED = 100_000
+
+
+def as_records(frame: pd.DataFrame) -> str:
+    """A table of sentences as Markdown, one block per row: its name in bold, then each column's text."""
+    blocks = []
+    for index, row in frame.iterrows():
+        lines = [f"**{index}**"] + [f"- {column}: {value}" for column, value in row.items() if str(value) not in ("", "—")]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def print_tables(frame: pd.DataFrame, turn: bool) -> None:
+    """A section's table: turned (rows as columns) where asked, split into tables that fit the width; a table
+    of sentences that does not fit in one piece is written row by row instead (repeated row names would
+    stand between every sentence and the next)."""
+    width = layout_width()
+    shown_frame = frame.T if turn else frame
+    text_columns = sum(layout.is_text(shown_frame[c]) for c in shown_frame.columns)
+    if not turn and width is not None and len(layout.column_groups(frame, width)) > 1 and 2 * text_columns > len(frame.columns):
+        prose(as_records(frame))
+        return
+    for shown in (transposed(frame, "", width) if turn else table(frame, "", width)):
+        if width is None:
+            with unbounded():
+                console.print(shown)
+        else:
+            console.print(shown, width=width)
 
 
 def sections(shown: list[Section], keys: tuple[str, ...] | None = None) -> None:
     """Report sections in the terminal, in their order (only `keys`, when given): the title as a rule, the prose
-    as Markdown, the table (turned when it is wide), the note dimmed."""
-    from rich.markdown import Markdown
+    as Markdown, the table (turned when it is wide, split where it does not fit), the note dimmed."""
     from rich.rule import Rule
 
     for section in shown:
         if keys is not None and section.key not in keys:
             continue
-        console.print(Rule(f"[bold]{escape(section.title)}[/]", align="left", style="yellow" if section.key == "warnings" else "bold"))
+        console.print(Rule(f"[bold]{escape(section.title)}[/]", align="left", style="yellow" if section.key == "warnings" else "bold"),
+                      width=min(layout_width() or 100, 100))
         if section.text:
-            console.print(Markdown(section.text))
+            prose(section.text)
         if section.table is not None and not section.table.empty:
-            from qbench.analysis.report.grid import TURNED_MAX_ARMS, narrow
-
-            shown = section.table
-            if len(shown) > TURNED_MAX_ARMS and len(shown.columns) > 5:  # a grid's many arms: rows, and what fits
-                shown = narrow(shown)
-                console.print(f"[dim]{len(section.table.columns) - len(shown.columns)} more columns in summary.md[/]", highlight=False)
-            turn = len(shown) <= TURNED_MAX_ARMS and (section.wide or len(shown.columns) > 5)  # 80 columns hold about six
-            console.print(transposed(shown, "") if turn else table(shown, ""))
+            print_tables(section.table, layout.turned(section.table, section.wide))
         if section.note:
-            console.print(f"[dim]{escape(section.note)}[/]", highlight=False)
+            prose(section.note, style="dim")
+
+
+# what the terminal shows at the end of a run: the answer first, the verdict, then the tables a person compares
+RUN_END_SECTIONS = ("answer", "verdict", "nonfinite", "warnings", "relative", "per_precision", "failures")
+
+
+def run_end(shown: list[Section], run_dir: Path, paths: dict[str, Path]) -> None:
+    """The end of `qbench run`: the run's sections, where its files are, how to get the full report, and the
+    answer once more as the last line."""
+    import shlex
+
+    sections(shown, RUN_END_SECTIONS)
+    console.print(f"records: {escape(str(run_dir / 'cells'))}   table: {escape(str(paths['csv']))}   "
+                  f"summary: {escape(str(paths['summary']))}", highlight=False, soft_wrap=layout_width() is None)
+    console.print(f"plots and the HTML page: [bold]qbench report {escape(shlex.quote(str(run_dir)))}[/]", highlight=False,
+                  soft_wrap=layout_width() is None)
+    answer(shown)
+
+
+def answer(shown: list[Section]) -> None:
+    """The answer section's text once more, last: what a person reads when the run ends."""
+    for section in shown:
+        if section.key == "answer":
+            prose(f"**Answer:** {section.text}" if not section.text.startswith("- ") else f"**Answer:**\n\n{section.text}")
 
 
 def machine(report: dict[str, Any]) -> None:

@@ -174,7 +174,9 @@ def staging_dir(target: Path | str) -> Path:
     target = Path(target)
     parent = make_dirs(target.parent, str(target))
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
+        os.chmod(staging, 0o777 & ~UMASK)  # published as a plain mkdir would make it, not with mkdtemp's 0700
+        return staging
     except OSError as error:
         raise OutputError(error.filename or parent, error.strerror or str(error), error.errno) from None
 

@@ -96,6 +96,8 @@ class Run:
     forkserver: ForkServerLauncher | None = None  # cells forked from it; None: each a fresh subprocess
     compute: ComputeChoice | None = None  # the run's compute dtype (None: each cell decides)
     threads: ThreadPlan | None = None  # torch threads per cell (None: torch's default)
+    # this `qbench run` or `--resume` (its start, UTC): the report marks speed ratios of cells timed in different ones
+    session: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     _running: set[CellProcess] = field(default_factory=set, init=False, repr=False)
     _running_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)  # set when the run is being interrupted
@@ -135,7 +137,8 @@ class Run:
         run folder; "" where the executor writes the record itself). `parent_pid`: the process that starts the
         cell as its child (this one or its fork server, for a local cell; 0 where it is not the runner, e.g. a
         Ray worker)."""
-        run_fields = {"env.cell_launcher": self.launcher, **(self.threads.record_fields() if self.threads else {})}
+        run_fields = {"env.cell_launcher": self.launcher, "run_session": self.session,
+                      **(self.threads.record_fields() if self.threads else {})}
         return CellSpec(
             suite_text=self.loaded.source_text(),
             suite_path=str(self.loaded.path),

@@ -111,30 +111,6 @@ def optimizer_state_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-# a terminal (80 columns) shows a table of more arms than this with the arms as rows and only the figures that fit
-TURNED_MAX_ARMS = 6
-NARROW_COLUMNS = 6
-
-
-def narrow(table: pd.DataFrame) -> pd.DataFrame:
-    """The columns of a per-arm table that fit a terminal with the arms as rows (a grid has too many arms to
-    turn them into columns): status, baseline arm, the first peak memory, throughput, the headline quality
-    after fine-tuning and its difference to the baseline, the verdict word — those the table has, at most six."""
-    picks = (
-        lambda c: c == "status",
-        lambda c: c == "baseline arm",
-        lambda c: "peak" in c,
-        lambda c: "/s" in c,
-        lambda c: c.startswith("Δ") and not c.endswith((" low", " high")),
-        lambda c: "after" in c and not c.endswith((" low", " high")),
-        lambda c: c.startswith("quality vs"),
-    )
-    wanted: list[str] = []
-    for pick in picks:
-        wanted += [c for c in map(str, table.columns) if pick(c) and c not in wanted][:1]
-    return table[wanted[:NARROW_COLUMNS]] if wanted else table.iloc[:, :NARROW_COLUMNS]
-
-
 def scaling_section(data: ReportData) -> Section | None:
     """Peak memory and throughput across the numeric axes (one table each), as a report section."""
     shown = scaling_tables(data.frame)

@@ -14,7 +14,7 @@ noise, or not measured (and which precisions or figures it needs):
    matches 16-bit (paper: abstract, "preserving full 16-bit finetuning task performance", and Table 4).
    qbench compares the gap to the 16-bit arm before and after its fine-tune.
 
-A difference within 1.96 standard errors of the difference is "inside the noise". For perplexity the
+A difference within 1.96 standard errors of the difference is "no difference the eval can detect". For perplexity the
 standard error comes from a paired bootstrap over the eval windows, when the records carry each
 window's summed NLL (`per_window.<phase>.window_nll`, `per_window.scored_tokens`): every replicate
 resamples the same windows for every arm, so the spread of the text's difficulty, which all arms share,
@@ -37,7 +37,7 @@ import pandas as pd
 
 from qbench.analysis import stats
 from qbench.analysis.report.tables import ok_means
-from qbench.contract import fields
+from qbench.contract import fields, intervals, precisions
 
 PAPER = "QLoRA (Dettmers et al., 2023, arXiv:2305.14314)"
 TITLE = "The QLoRA paper side by side"
@@ -47,14 +47,13 @@ Z_95 = stats.z_for(0.95)  # intervals and verdicts use the same confidence
 PAPER_SCALE_BITS = {"plain": 0.5, "double": 8 / 64 + 32 / (64 * 256)}
 SCALE_BITS_TOLERANCE = 0.005  # bits/param: padding of the last nested block moves the measured figure by less
 PAPER_PILE_CC = {"nf4-dq": 27.41, "fp4": 31.07}
-SIXTEEN_BIT = ("bf16", "fp16", "fp32")
 
-AGREES, DISAGREES, NOISE, NOT_MEASURED = "agrees", "disagrees", "inside the noise", "not measured"
+AGREES, DISAGREES, NOISE, NOT_MEASURED = "agrees", "disagrees", stats.NO_DIFFERENCE, stats.NOT_MEASURED
 
 
 @dataclass(frozen=True)
 class PaperLine:
-    """One claim of the paper against qbench's figure: `verdict` is agrees / disagrees / inside the noise /
+    """One claim of the paper against qbench's figure: `verdict` is agrees / disagrees / NOISE (no difference the eval can detect) /
     not measured, with " (no interval)" appended when the records carry no interval to judge the noise."""
 
     claim: str
@@ -105,7 +104,6 @@ def estimate(frame: pd.DataFrame, precision: str, metric: str) -> Estimate | Non
 
 
 PAIRED_RESAMPLES = 2000
-PAIRED_SEED = 0
 
 
 def _window_scores(row: pd.Series, phase: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -122,7 +120,8 @@ def _window_scores(row: pd.Series, phase: str) -> tuple[np.ndarray, np.ndarray] 
 def paired_estimate(frame: pd.DataFrame, arms: list[tuple[str, str]],
                     statistic: Callable[[list[np.ndarray]], np.ndarray]) -> Estimate | None:
     """A statistic of several arms' perplexities, with a bootstrap standard error that resamples the *same*
-    eval windows for every arm (the arms read the same text, so most of the window-to-window spread cancels).
+    eval windows for every arm (the arms read the same text, so most of the window-to-window spread cancels):
+    `intervals.bootstrap`, paired over the windows.
 
     `arms` are (precision, phase) pairs; `statistic` maps their perplexities (arrays: one value per bootstrap
     replicate) to the figure, e.g. ``lambda p: p[1] - p[0]``. Cells are paired by seed; with several seeds
@@ -132,6 +131,11 @@ def paired_estimate(frame: pd.DataFrame, arms: list[tuple[str, str]],
     rows = stats.ok_rows(frame)
     if "seed" not in rows.columns or "per_window.scored_tokens" not in rows.columns:
         return None
+
+    def of_windows(*arrays: np.ndarray, axis: int) -> np.ndarray:
+        *nlls, tokens = arrays
+        return np.asarray(statistic([np.exp(nll.sum(axis=axis) / tokens.sum(axis=axis)) for nll in nlls]))
+
     results = []
     for _, group in rows.groupby("seed", sort=True):
         scores = []
@@ -146,10 +150,12 @@ def paired_estimate(frame: pd.DataFrame, arms: list[tuple[str, str]],
         tokens = scores[0][1]
         if not all(same) or any(not np.array_equal(t, tokens) for _, t in scores):
             return None
-        draws = np.random.default_rng(PAIRED_SEED).integers(0, tokens.size, (PAIRED_RESAMPLES, tokens.size))
-        value = float(statistic([np.exp(nll.sum() / tokens.sum()) for nll, _ in scores]))
-        replicates = statistic([np.exp(nll[draws].sum(axis=1) / tokens[draws].sum(axis=1)) for nll, _ in scores])
-        results.append((value, float(np.std(replicates, ddof=1))))
+        samples = [nll for nll, _ in scores] + [tokens]
+        value = float(of_windows(*samples, axis=-1))
+        (interval,) = intervals.bootstrap(samples, of_windows, paired=True, resamples=PAIRED_RESAMPLES)
+        if interval.se is None:
+            return None
+        results.append((value, interval.se))
     if not results:
         return None
     values, ses = np.array([v for v, _ in results]), np.array([se for _, se in results])
@@ -166,7 +172,7 @@ def difference_se(*parts: Estimate | None) -> float | None:
 
 
 def judge(difference: float, se: float | None) -> str:
-    """`difference` > 0 means the paper's claim holds: agrees / disagrees beyond 1.96 se, else inside the noise."""
+    """`difference` > 0 means the paper's claim holds: agrees / disagrees beyond 1.96 se, else NOISE."""
     if se is None:
         return (AGREES if difference > 0 else DISAGREES) + " (no interval)"
     if abs(difference) <= Z_95 * se:
@@ -174,12 +180,13 @@ def judge(difference: float, se: float | None) -> str:
     return AGREES if difference > 0 else DISAGREES
 
 
-def _shown(value: Estimate | None, digits: int = 2) -> str:
+def _shown(value: Estimate | None, digits: int = 2, factor: float = 1.0) -> str:
+    """"0.28 ± 0.05" (a recall with `factor` 100: "28.44 ± 5.00"): the value and its 95 % half-width."""
     if value is None:
         return "—"
     if value.se is None:
-        return f"{value.value:.{digits}f}"
-    return f"{value.value:.{digits}f} ± {Z_95 * value.se:.{digits}f}"
+        return f"{factor * value.value:.{digits}f}"
+    return f"{factor * value.value:.{digits}f} ± {factor * Z_95 * value.se:.{digits}f}"
 
 
 def _scale_bits(row: pd.Series) -> float | None:
@@ -255,7 +262,9 @@ def nf4_before_fp4_lines(frame: pd.DataFrame) -> list[PaperLine]:
                 lines.append(PaperLine(claim, paper, f"needs nf4-dq and fp4 ok in the run with {name}", NOT_MEASURED))
             continue
         advantage = _better_sign(metric) * (a.value - b.value)
-        measured = f"{name}: {nf4} {_shown(a)} vs {fp4} {_shown(b)}"
+        factor, unit = fields.scale(metric)
+        unit = " %" if unit == "%" else ""
+        measured = f"{name}: {nf4} {_shown(a, 2, factor)}{unit} vs {fp4} {_shown(b, 2, factor)}{unit}"
         se = difference_se(a, b)
         paired = paired_estimate(frame, [(nf4, "before"), (fp4, "before")], lambda p: p[1] - p[0]) \
             if metric == "quality.before.perplexity" else None
@@ -266,26 +275,45 @@ def nf4_before_fp4_lines(frame: pd.DataFrame) -> list[PaperLine]:
     return lines
 
 
-def _sixteen_bit(frame: pd.DataFrame) -> str | None:
+# the unquantized arms the paper's "16-bit" is read as, the closest first (`dense` runs in the compute dtype)
+UNQUANTIZED = ("bf16", "fp16", precisions.DENSE, "fp32")
+
+
+def _unquantized(frame: pd.DataFrame) -> str | None:
+    """The unquantized arm the 4-bit one is held against: the baseline precision when it is unquantized
+    (`dense`, in whatever compute dtype it ran, included), else the first of UNQUANTIZED the run has."""
     baseline = stats.baseline_precision(frame)
     present = set(stats.ok_rows(frame).get("precision", pd.Series(dtype=str)))
-    if baseline in SIXTEEN_BIT and baseline in present:
+    if baseline in UNQUANTIZED and baseline in present:
         return baseline
-    return next((p for p in SIXTEEN_BIT if p in present), None)
+    return next((p for p in UNQUANTIZED if p in present), None)
+
+
+def _dtype_of(frame: pd.DataFrame, precision: str) -> str:
+    """"dense (bfloat16)": an arm whose name does not fix its dtype, with the dtype its records say it ran in."""
+    known = precisions.REGISTRY.get(precision)
+    if known is not None and known.dense_dtype:
+        return precision
+    rows = stats.ok_rows(frame)
+    rows = rows[rows["precision"] == precision]
+    for column in ("precision.dense_dtype", "format.dense_linear_dtypes", "config.compute_dtype"):
+        if column in rows.columns and rows[column].notna().any():
+            return f"{precision} ({rows[column].dropna().iloc[0]})"
+    return precision
 
 
 def recovery_line(frame: pd.DataFrame) -> PaperLine:
     """The 4-bit arm's gap to the 16-bit arm after fine-tuning against before: the claim holds when it shrank."""
-    claim = "LoRA recovers 4-bit: gap to 16-bit after fine-tuning vs before"
+    claim = "LoRA recovers 4-bit: gap to the unquantized base after fine-tuning vs before"
     paper = "after fine-tuning NF4 + DQ matches 16-bit (abstract; Table 4, MMLU of LLaMA 7B–65B)"
     before, after = _quality_metric(frame, "before"), _quality_metric(frame, "after")
-    sixteen = _sixteen_bit(frame)
+    sixteen = _unquantized(frame)
     four = next((p for p in ("nf4-dq", "nf4") if p in set(stats.ok_rows(frame).get("precision", pd.Series(dtype=str)))), None)
     if before is None or after is None or sixteen is None or four is None:
         needs = [what for what, missing in (
             ("quality before fine-tuning (eval.before = true)", before is None),
             ("quality after fine-tuning (train.steps > 0)", after is None),
-            ("a 16-bit arm (bf16, fp16 or fp32)", sixteen is None),
+            ("an unquantized arm (dense, bf16, fp16 or fp32)", sixteen is None),
             ("nf4-dq or nf4", four is None),
         ) if missing]
         return PaperLine(claim, paper, "needs " + ", ".join(needs), NOT_MEASURED)
@@ -309,11 +337,14 @@ def recovery_line(frame: pd.DataFrame) -> PaperLine:
             gaps = {"before": paired["before"], "after": paired["after"]}
             shrink_se, how = paired["shrink"].se, ", paired over the same windows"
     name = fields.label(before).removeprefix("before ")
+    factor, unit = fields.scale(before)
+    unit = " points" if unit == "%" else ""
     measured = (
-        f"{name} gap {four} − {sixteen}: before {_shown(gaps['before'], 3)}, after {_shown(gaps['after'], 3)}{how}"
+        f"{name} gap {four} − {_dtype_of(frame, sixteen)}: before {_shown(gaps['before'], 2 if factor != 1 else 3, factor)}{unit}, "
+        f"after {_shown(gaps['after'], 2 if factor != 1 else 3, factor)}{unit}{how}"
     )
     if gaps["after"].se is not None and abs(gaps["after"].value) <= Z_95 * gaps["after"].se:
-        measured += " (the gap after is inside the noise of zero)"
+        measured += " (after: no difference from zero the eval can detect)"
     return PaperLine(claim, paper, measured, judge(shrink, shrink_se))
 
 
@@ -335,7 +366,7 @@ def paper_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _intro(frame: pd.DataFrame) -> str:
     parts = [
-        f"{PAPER} against this run's figures. A verdict inside the noise means the difference lies within "
+        f"{PAPER} against this run's figures. \"{NOISE}\" means the difference lies within "
         "the 95 % interval of the difference: a bootstrap paired over the same eval windows where the records "
         "keep each window's score, else the records' own intervals in quadrature, with the seeds' spread; "
         "\"no interval\" means the records carry neither."

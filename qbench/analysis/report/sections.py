@@ -1,9 +1,9 @@
 """The parts of a report, each made once from the records and shown alike by every renderer (terminal, summary.md,
 report.md, HTML): a title, Markdown text, a table of display strings, and a note under the table.
 
-One set of conventions holds in every table: units in every header, "—" for a missing figure, never
-"nan" or "-0.00"; savings are "% less than the baseline" (negative: more); ratios "× of the baseline"
-(above 1: more); quality figures carry their interval, "[low, high]".
+One set of conventions holds in every table: units in every header, "—" for a missing figure (with why
+beside it), never "nan" or "-0.00"; sizes are "N % smaller" / "N % larger" than the baseline's; ratios
+"0.81×" the baseline's (above 1: more); quality figures carry their interval, "[low, high]".
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import pandas as pd
 
 from qbench.analysis import stats
 from qbench.analysis.report import tables
+from qbench.analysis.report.answer import Answer, answer
 from qbench.analysis.report.eval_checks import eval_set_warnings
 from qbench.analysis.report.explain import weight_bytes_explanation
 from qbench.analysis.report.findings import nonfinite_findings
-from qbench.analysis.report.verdict import Verdict, verdict
+from qbench.analysis.report.verdict import MIXED_MARK, Verdict, smaller_by, verdict
 from qbench.contract import fields
 
 if TYPE_CHECKING:
@@ -60,9 +61,20 @@ class ReportData:
         self.interval = stats.confidence_label(frame) if not frame.empty else stats.confidence_label()
         self.warnings = eval_set_warnings(frame, settings) if not frame.empty else []
         self.verdict: Verdict = verdict(frame, self.warnings)
+        self.answer: Answer | None = answer(self.frame, self.verdict)
 
     def display(self, table: pd.DataFrame, digits: int | dict[str, int] = 2) -> pd.DataFrame:
         return tables.display(table, digits, self.interval)
+
+
+ANSWER_TITLE = "Answer"
+
+
+def answer_section(data: ReportData) -> Section | None:
+    """The run's answer in a line (one per value of a grid's other axes), before everything else."""
+    if data.answer is None:
+        return None
+    return Section("answer", ANSWER_TITLE, text=data.answer.markdown())
 
 
 def verdict_section(data: ReportData) -> Section | None:
@@ -87,19 +99,43 @@ def warnings_section(data: ReportData) -> Section | None:
                    text="\n".join(f"- {warning}" for warning in data.warnings))
 
 
+def relative_display(table: pd.DataFrame, interval: str, baselines: set[str] = frozenset()) -> pd.DataFrame:
+    """`stats.relative_to_baseline` for a reader: the comparisons only (the `baselines` arms, which compare with
+    themselves, left out), sizes as "69 % smaller" / "19 % larger", ratios as "0.81×" (marked where they mix
+    sessions of a resumed run), the quality difference with its interval and its word."""
+    table = table[~table.index.isin(list(baselines))]
+    mixed = table[stats.MIXED] if stats.MIXED in table.columns else pd.Series(False, index=table.index)
+    shown = tables.display(table.drop(columns=[c for c in table.columns if c == stats.MIXED or c.endswith(stats.SMALLER)
+                                               or c.endswith(stats.TIMES)]), 1, interval)
+    out = pd.DataFrame(index=table.index)
+    for column in table.columns:
+        if column.endswith(stats.SMALLER):
+            out[column.removesuffix(stats.SMALLER).rstrip()] = [smaller_by(v) for v in table[column]]
+        elif column.endswith(stats.TIMES):
+            out[column.removesuffix(stats.TIMES).rstrip()] = [
+                "—" if pd.isna(v) else f"{tables.format_value(v, 2)}×" + (f" ({MIXED_MARK})" if bool(m) else "")
+                for v, m in zip(table[column], mixed, strict=True)]
+    for column in shown.columns:
+        out[column] = shown[column]
+    return out
+
+
 def relative_section(data: ReportData) -> Section | None:
     table = stats.relative_to_baseline(data.frame)
     if table.empty:
         return None
+    relative = stats.relative(data.frame)
+    baselines = {arm for arm in table.index if relative is not None and relative.base_of(arm) == arm}
+    shown = relative_display(table, data.interval, baselines)
+    if shown.empty:
+        return None
     b = data.baseline
-    note = (f"% less than {b}: 40 means 40 % smaller, a negative value means larger. × of {b}: above 1 is more (faster, "
-            f"for samples/s). Δ: this precision minus {b}, with the {data.interval} of the difference; \"same within "
-            "noise\" when it holds 0, \"no interval\" when the records give no noise to judge by.")
-    process = fields.process_baseline_of(fields.first_present(data.frame, fields.HEADLINE_PEAK_MEMORY) or "")
-    if process and any(c.startswith("increase over the process") for c in table.columns):
-        note += " The increase over the process baseline leaves out what the process held before the model was loaded."
-    return Section("relative", f"Relative to {b}", table=data.display(table, {c: 2 if f"× of {b}" in c else 1 for c in table.columns}),
-                   note=note)
+    note = (f"Sizes: smaller or larger than {b}'s by the percentage shown. Speed: a multiple of {b}'s, measured within "
+            f"one run (above 1: faster). Δ: this precision minus {b}, with the {data.interval} of the difference; "
+            f"\"{stats.NO_DIFFERENCE}\" when it holds 0.")
+    if any(c.startswith("peak above the process baseline") for c in shown.columns):
+        note += " The peak above the process baseline leaves out what the process held before the model was loaded."
+    return Section("relative", f"Relative to {b}", table=shown, note=note)
 
 
 def per_precision_section(data: ReportData) -> Section | None:
@@ -132,7 +168,8 @@ def damage_section(data: ReportData) -> Section | None:
     table = tables.quantization_damage(data.frame)
     if table.empty:
         return None
-    return Section("damage", "Quantization damage before fine-tuning", table=data.display(table))
+    return Section("damage", "Quantization damage before fine-tuning", table=data.display(table),
+                   note=tables.cast_error_note(data.frame))
 
 
 def weight_bytes_section(data: ReportData) -> Section | None:
@@ -163,9 +200,10 @@ def contended_section(data: ReportData) -> Section | None:
     table = tables.contended_table(data.frame)
     if table.empty:
         return None
-    text = ("These cells' threads waited for a core while they trained: their wall-clock speed says more about the "
-            "machine's load than about the format. Read their samples per CPU-second; `qbench compare` judges CPU time "
-            "on a CPU and leaves these wall-time ratios out.")
+    text = ("These cells' threads waited for a core while they trained (for a share of the time they were ready to "
+            "run, beside other processes' busy cores): their wall-clock speed says more about the machine's load than "
+            "about the format. Read their samples per CPU-second; `qbench compare` judges CPU time on a CPU and leaves "
+            "these wall-time ratios out.")
     return Section("contended", "Cells timed on a busy CPU", text=text, table=data.display(table, 1))
 
 

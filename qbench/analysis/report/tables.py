@@ -330,6 +330,23 @@ def contended_table(frame: pd.DataFrame) -> pd.DataFrame:
         shown["had the CPU (% of the time it wanted it)"] = (pd.to_numeric(flagged["cpu.train.share"], errors="coerce") * 100).to_numpy()
     if "cpu.train.others_busy_cores" in flagged.columns:
         shown["cores others kept busy"] = pd.to_numeric(flagged["cpu.train.others_busy_cores"], errors="coerce").to_numpy()
-    if "speed.contention" in flagged.columns:
-        shown["why"] = flagged["speed.contention"].to_numpy()
     return shown
+
+
+def cast_error_note(frame: pd.DataFrame) -> str:
+    """What the weight error of an unquantized base is (its checkpoint rounded to the dtype it computes in, no
+    quantization), when the damage table shows one; "" otherwise."""
+    if "weights.quantized_params" not in frame.columns or "weights.error.rel_mean" not in frame.columns:
+        return ""
+    ok = stats.ok_rows(frame)
+    dense = ok[(pd.to_numeric(ok["weights.quantized_params"], errors="coerce") == 0)
+               & (pd.to_numeric(ok["weights.error.rel_mean"], errors="coerce") > 0)]
+    if dense.empty:
+        return ""
+    parts = []
+    for precision, rows in dense.groupby("precision", sort=False):
+        dtype = next((str(rows[c].dropna().iloc[0]) for c in ("precision.dense_dtype", "config.compute_dtype")
+                      if c in rows.columns and rows[c].notna().any()), "its dtype")
+        parts.append(f"{precision}'s {100 * pd.to_numeric(rows['weights.error.rel_mean']).mean():.2f} % is its checkpoint's "
+                     f"weights rounded to {dtype}, the dtype it computes in")
+    return f"Weight error of an unquantized base: {'; '.join(parts)}; no quantization."

@@ -5,9 +5,10 @@ is an arm — the precision with every other axis that varies, `nf4-dq adamw8bit
 This is the one source of the verdict every renderer shows (terminal, summary.md, report.md, HTML):
 they format `Verdict`, they never compute one.
 
-Conventions, the same in every table: a saving is "% less than the baseline" (negative: more); a ratio
-is "× of the baseline" (above 1: more of it, e.g. faster for samples/s); a quality difference carries
-its interval, and a precision is called better or worse only when the interval excludes 0.
+Conventions, the same in every table: a size is "smaller / larger than the baseline by" a percentage; a
+ratio is a multiple of the baseline's figure (above 1: more of it, e.g. faster for samples/s); a quality
+difference carries its interval, and a precision is called better or worse only when the interval
+excludes 0 — else "no difference the eval can detect".
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from qbench.contract import fields
 RUNTIME_DOMINATED_SHARE = 0.5
 # a record key the speed measurement may set when the machine's load disturbed a cell's timing
 CONTENDED_FLAG = "speed.contended"
+# how a speed ratio of cells timed in different sessions of a resumed run is marked, wherever it is shown
+MIXED_MARK = "mixed sessions"
 
 
 @dataclass(frozen=True)
@@ -49,21 +52,22 @@ class Line:
     def not_meaningful(self) -> list[str]:
         return [f.name for f in self.figures if not f.meaningful]
 
-    def sentence(self) -> str:
-        """The line in words, without markup: "nf4-dq: weights 61 % less than bf16 (...); ...; not measured
-        meaningfully on this device: peak memory, speed"."""
+    def sentence(self, said: tuple[str, ...] = ()) -> str:
+        """The line in words, without markup: "nf4-dq: weights 61 % smaller than bf16 (...); ...; not measured
+        meaningfully here: peak memory, speed" (`said`: figures the verdict says once for every line)."""
         head = f"{self.precision}" + (" (the baseline)" if self.baseline else "")
         if not self.figures:
             return f"{head}: {self.status}"
         text = f"{head}: " + "; ".join(f"{f.name} {f.text}" if f.named else f.text for f in self.figures)
         if self.status != "ok":
             text += f" ({self.status})"
-        if self.not_meaningful:
-            text += f" — not measured meaningfully here: {', '.join(self.not_meaningful)}"
+        unsaid = [name for name in self.not_meaningful if name not in said]
+        if unsaid:
+            text += f" — not measured meaningfully here: {', '.join(unsaid)}"
         return text
 
-    def markdown(self) -> str:
-        return f"**{self.precision}**" + self.sentence().removeprefix(self.precision)
+    def markdown(self, said: tuple[str, ...] = ()) -> str:
+        return f"**{self.precision}**" + self.sentence(said).removeprefix(self.precision)
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,22 @@ class Verdict:
     conventions: str = ""
     warnings: tuple[str, ...] = field(default=())
 
+    @property
+    def not_meaningful_everywhere(self) -> tuple[str, ...]:
+        """The figures no line could measure meaningfully on this device (said once, not on every line)."""
+        measured = [line for line in self.lines if line.figures]
+        if len(measured) < 2:
+            return ()
+        common = set(measured[0].not_meaningful).intersection(*(line.not_meaningful for line in measured[1:]))
+        return tuple(name for name in measured[0].not_meaningful if name in common)
+
     def markdown(self) -> str:
-        parts = ["\n".join(f"- {line.markdown()}" for line in self.lines)]
+        said = self.not_meaningful_everywhere
+        parts = ["\n".join(f"- {line.markdown(said)}" for line in self.lines)]
+        if said:
+            device = {"cpu": "CPU", "cuda": "GPU"}.get(self.device, self.device)
+            listed = said[0] if len(said) == 1 else f"{', '.join(said[:-1])} and {said[-1]}"
+            parts.append(f"Not measured meaningfully on this {device}, for any precision: {listed} (why, below).")
         parts += list(self.notes)
         if self.conventions:
             parts.append(f"*{self.conventions}*")
@@ -100,14 +118,15 @@ def _mib(value: float) -> str:
     return f"{value / MB:,.2f} MiB" if value < 10 * MB else f"{value / MB:,.0f} MiB"
 
 
-def _less(percent: float, versus: str | None = None) -> str:
-    """"61 % less than bf16" / "4 % more than bf16" / "the same as bf16" (without `versus`: "61 % less", ...)."""
+def smaller_by(percent: float, versus: str | None = None) -> str:
+    """"61 % smaller than bf16" / "4 % larger than bf16" / "the same as bf16" from a % smaller (negative:
+    larger); without `versus`: "61 % smaller", ... A missing figure is "—"."""
     if pd.isna(percent):
         return "—"
     shown = format_value(abs(percent), 0 if abs(percent) >= 10 else 1)
     if float(shown) == 0:
         return f"the same as {versus}" if versus else "the same"
-    return f"{shown} % {'less' if percent > 0 else 'more'}" + (f" than {versus}" if versus else "")
+    return f"{shown} % {'smaller' if percent > 0 else 'larger'}" + (f" than {versus}" if versus else "")
 
 
 def _status(frame: pd.DataFrame, arm: str) -> str:
@@ -184,10 +203,10 @@ class _Builder:
                 text += f", {_mib(before)} of it before the model was loaded"
             return Figure("peak memory", text, meaningful)
         row = self.relative.table.loc[precision]
-        text = (f"{_less(row['memory_less_pct'], base)} ({source}: {_mib(peak)} vs "
+        text = (f"{smaller_by(row['memory_less_pct'], base)} ({source}: {_mib(peak)} vs "
                 f"{_mib(self.means.loc[base, self.memory])}")
         if pd.notna(row.get("increase_less_pct", float("nan"))):
-            text += f"; above what the process held before the model was loaded: {_less(row['increase_less_pct'])}"
+            text += f"; above what the process held before the model was loaded: {smaller_by(row['increase_less_pct'])}"
         return Figure("peak memory", text + ")", meaningful)
 
     def note_memory(self) -> None:
@@ -234,7 +253,16 @@ class _Builder:
         if self.is_base(precision) or base is None or self.relative is None or "speed_x" not in self.relative.table.columns:
             return Figure("speed", f"{format_value(value, 1)} {label}", meaningful)
         ratio = self.relative.table.loc[precision, "speed_x"]
-        return Figure("speed", f"{format_value(ratio, 2)}× {base}'s {label}", meaningful)
+        text = f"{format_value(ratio, 2)}× {base}'s {label}"
+        if bool(self.relative.table.loc[precision].get("speed_mixed", False)):
+            text += f" ({MIXED_MARK}: {precision} and {base} were timed in different sessions of a resumed run)"
+            self.notes["mixed"] = (
+                f"**Speed ratios marked {MIXED_MARK}** divide figures timed in different sessions of a resumed run "
+                "(one arm before the interrupt, the other after), at two moments' machine load: run the suite again in "
+                "one session for speed ratios to go by."
+            )
+            meaningful = False
+        return Figure("speed", text, meaningful)
 
     # --- quality ------------------------------------------------------------------------------------------
     def quality_figure(self, precision: str) -> Figure | None:
@@ -254,7 +282,7 @@ class _Builder:
             self.notes["frozen"] = f"**Quality**: {frozen[0]}."
         base = row.get("baseline_arm")
         base = self.baseline if base is None or pd.isna(base) else base
-        if row["verdict"] == "baseline" or pd.isna(row["delta"]):
+        if row["verdict"] == stats.BASELINE or pd.isna(row["delta"]):
             text = f"{name} {format_value(row['mean'] * factor)}{suffix}"
             if pd.notna(row["low"]):
                 text += f" ({level} interval {format_value(row['low'] * factor)} to {format_value(row['high'] * factor)})"
@@ -267,11 +295,11 @@ class _Builder:
         if pd.notna(row["delta_low"]):
             text += f" [{format_value(row['delta_low'] * factor, 2, True)}, {format_value(row['delta_high'] * factor, 2, True)}]"
         verdict = row["verdict"]
-        text += f": {verdict})" if verdict != "no interval" else ": no interval to judge it by)"
-        if verdict == "no interval":
+        text += f": {verdict})"
+        if verdict == stats.NO_INTERVAL:
             self.note_no_interval()
         text, broken = self.with_nonfinite(precision, text)
-        return Figure("quality", text, verdict != "no interval" and not frozen and not broken, named=False)
+        return Figure("quality", text, verdict != stats.NO_INTERVAL and not frozen and not broken, named=False)
 
     def with_nonfinite(self, precision: str, text: str) -> tuple[str, bool]:
         """The quality text, saying so when this precision's model gave NaN or infinite outputs in evaluation
@@ -299,7 +327,7 @@ class _Builder:
         base = self.base_of(precision)
         if self.is_base(precision) or base is None or self.relative is None or "weights_less_pct" not in self.relative.table.columns:
             return Figure("weights", _mib(value))
-        return Figure("weights", f"{_less(self.relative.table.loc[precision, 'weights_less_pct'], base)} "
+        return Figure("weights", f"{smaller_by(self.relative.table.loc[precision, 'weights_less_pct'], base)} "
                                  f"({_mib(value)} vs {_mib(self.means.loc[base, column])})")
 
     def line(self, precision: str) -> Line:
@@ -325,13 +353,13 @@ def verdict(frame: pd.DataFrame, warnings: list[str] | None = None) -> Verdict:
     lines = tuple(builder.line(arm) for arm in stats.arm_order(frame))  # arms: precisions, unless the grid has more axes
     b = builder.baseline or "the baseline"
     conventions = (
-        f"Savings are % less than {b} (\"more\" where a precision needs more); ratios are × of {b} (above 1: more, e.g. "
-        "faster); a quality difference comes with its interval and is called better or worse only when the interval "
-        "excludes 0."
+        f"Sizes are smaller or larger than {b}'s by a percentage; speeds are multiples of {b}'s (above 1: faster); a "
+        "quality difference comes with its interval and is called better or worse only when the interval excludes 0, "
+        f"else \"{stats.NO_DIFFERENCE}\"."
     )
     if builder.relative is None and builder.baseline:
         builder.notes["no_baseline"] = (f"**No comparison**: no cell of the baseline precision {builder.baseline} finished in "
                                         "these records, so every figure above is absolute.")
-    order = ("no_baseline", "memory", "speed", "interval", "frozen")
+    order = ("no_baseline", "memory", "speed", "mixed", "interval", "frozen")
     notes = tuple(builder.notes[k] for k in order if k in builder.notes)
     return Verdict(builder.baseline, builder.device, lines, notes, conventions, tuple(warnings or ()))

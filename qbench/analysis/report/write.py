@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 # what a report says, in order: the verdict first, then the tables; add a part by adding its maker here
 SECTIONS = (
+    sections.answer_section,
     sections.verdict_section,
     sections.base_origin_section,
     sections.nonfinite_section,
@@ -38,7 +39,7 @@ SECTIONS = (
     sections.provenance_section,
 )
 # the ones before the plots in report.md and the HTML page
-LEADING = ("verdict", "base_origin", "nonfinite", "warnings")
+LEADING = ("answer", "verdict", "base_origin", "nonfinite", "warnings")
 # everything a report folder holds: a folder with anything else in it is not replaced
 REPORT_FILES = ("report.csv", "report.parquet", "summary.csv", "report.md", "report.html")
 PLOTS_DIR = "plots"

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from qbench.cell.tasks.intervals import CONFIDENCE, RESAMPLES, SEED, Interval
+from qbench.contract.intervals import CONFIDENCE, RESAMPLES, SEED, Interval
 
 if TYPE_CHECKING:
     from qbench.contract.suite import LoadedSuite

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
-from qbench.cell.tasks import intervals
 from qbench.cell.tasks.batch import Batch, Evaluation, TaskBase
-from qbench.contract import lengths
+from qbench.contract import intervals, lengths
 
 if TYPE_CHECKING:
     from qbench.contract.suite import LoadedSuite
@@ -160,6 +160,12 @@ def window_bytes(windows: Windows, text_bytes: int, decode: Any = None) -> torch
     return tokens * (text_bytes / float(tokens.sum()))
 
 
+def _window_figures(nll, tokens, byte_shares, axis):
+    """Perplexity, NLL per token and bits per byte of windows from their summed NLL, tokens and bytes."""
+    nll_per_token = nll.sum(axis=axis) / tokens.sum(axis=axis)
+    return np.stack([np.exp(nll_per_token), nll_per_token, nll.sum(axis=axis) / math.log(2) / byte_shares.sum(axis=axis)])
+
+
 def perplexity_evaluation(scores: WindowScores, text_bytes: int, byte_shares: torch.Tensor | None = None) -> Evaluation:
     """Perplexity, NLL per token and bits per byte over every window, each with a bootstrap interval over
     windows, plus the counts of non-finite logits and losses."""
@@ -167,13 +173,9 @@ def perplexity_evaluation(scores: WindowScores, text_bytes: int, byte_shares: to
     metrics: dict[str, float] = dict(perplexity_metrics(float(scores.nll.sum()), total_tokens, text_bytes))
     if byte_shares is None:
         byte_shares = scores.tokens.to(torch.float64) * (text_bytes / max(total_tokens, 1))
-    sums = intervals.resampled_sums(
-        torch.stack([scores.nll, scores.tokens.to(torch.float64), byte_shares.to(torch.float64)], dim=1), intervals.generator()
-    )
-    nll_per_token = sums[:, 0] / sums[:, 1]
-    replicates = {"perplexity": torch.exp(nll_per_token), "nll_per_token": nll_per_token, "bits_per_byte": sums[:, 0] / math.log(2) / sums[:, 2]}
-    units = int(scores.nll.shape[0])
-    found = {name: intervals.percentile_interval(values, units) for name, values in replicates.items()}
+    names = ("perplexity", "nll_per_token", "bits_per_byte")
+    units = [scores.nll.numpy(), scores.tokens.to(torch.float64).numpy(), byte_shares.to(torch.float64).numpy()]
+    found = dict(zip(names, intervals.bootstrap(units, _window_figures, paired=True), strict=True))
     metrics["nonfinite_logits"] = scores.nonfinite_logits
     metrics["nonfinite_losses"] = scores.nonfinite_losses
     return Evaluation(metrics, found, BOOTSTRAP_METHOD, {"window_nll": scores.nll.tolist()})

@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qbench.cell.data.pairs import CaptionPairs, ClipSplit, duplicate_captions, open_image, positives
-from qbench.cell.tasks import intervals
 from qbench.cell.tasks.batch import Batch, Evaluation, TaskBase, endless
 from qbench.cell.tasks.metrics import contrastive_loss, hits_at_k, match_ranks, nonfinite_rows
-from qbench.contract import lengths
+from qbench.contract import intervals, lengths
 from qbench.contract.tasks import builtin_names
 
 BOOTSTRAP_METHOD = (
@@ -200,6 +199,14 @@ class ClipTask(TaskBase):
         })
 
 
+def _recall(hits, axis):
+    return hits.mean(axis=axis)
+
+
+def _mean_recall(t2i, i2t, axis):
+    return (t2i.mean(axis=axis) + i2t.mean(axis=axis)) / 2
+
+
 def retrieval_evaluation(similarity: torch.Tensor, matches: torch.Tensor, ks: tuple[int, ...],
                          counts: dict[str, int] | None = None) -> Evaluation:
     """Recall@k both ways from a [captions, images] similarity and positive matrix, with a bootstrap
@@ -208,11 +215,14 @@ def retrieval_evaluation(similarity: torch.Tensor, matches: torch.Tensor, ks: tu
         "t2i": hits_at_k(match_ranks(similarity, matches), ks).to(torch.float64),  # [captions, k]
         "i2t": hits_at_k(match_ranks(similarity.T, matches.T), ks).to(torch.float64),  # [images, k]
     }
-    gen = intervals.generator()
-    replicates = {d: intervals.resampled_sums(h, gen) / h.shape[0] for d, h in hits.items()}  # [resamples, k]
-    replicates["mean"] = (replicates["t2i"] + replicates["i2t"]) / 2
-    units = {"t2i": hits["t2i"].shape[0], "i2t": hits["i2t"].shape[0]}
-    units["mean"] = min(units.values())
+    # numpy arrays [k, units]: each k's hits of one direction's queries, resampled together
+    t2i, i2t = (hits[d].numpy().T for d in ("t2i", "i2t"))
+    bootstrapped = {
+        "t2i": intervals.bootstrap([t2i], _recall, paired=True),
+        "i2t": intervals.bootstrap([i2t], _recall, paired=True),
+        # captions and images are different units: each drawn on its own, the mean of the two resampled recalls
+        "mean": intervals.bootstrap([t2i, i2t], _mean_recall, paired=False),
+    }
     metrics: dict[str, float] = {}
     found: dict[str, intervals.Interval] = {}
     for i, k in enumerate(ks):
@@ -221,6 +231,6 @@ def retrieval_evaluation(similarity: torch.Tensor, matches: torch.Tensor, ks: tu
         for direction in ("i2t", "t2i", "mean"):
             name = f"{direction}_recall@{k}"
             metrics[name] = recall[direction]
-            found[name] = intervals.percentile_interval(replicates[direction][:, i], units[direction])
+            found[name] = bootstrapped[direction][i]
     metrics.update(counts or {})
     return Evaluation(metrics, found, BOOTSTRAP_METHOD)
