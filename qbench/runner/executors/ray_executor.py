@@ -37,6 +37,7 @@ LOCAL = "local"  # --ray-address local: a private single-machine cluster for thi
 CONNECT_TIMEOUT_S = 5.0  # an unreachable head is refused after this, not after Ray's own two minutes
 STOP_WAIT_S = launch.CHILD_STOP_GRACE_S + 30  # how long an interrupted run waits for its running tasks
 POLL_S = 0.2
+CATCH_UP_S = 1.0  # on a stop, how long the items the tasks already sent are read before they are cancelled
 # The driver's settings a cell on another machine must see too (thread counts, offline mode, caches,
 # qbench's own); anything machine-specific (PATH, CUDA_VISIBLE_DEVICES, ...) stays behind.
 FORWARDED_ENV_PREFIXES = ("QBENCH_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "MKL_", "OPENBLAS_", "PYTORCH_",
@@ -280,6 +281,10 @@ class RayExecutor(Executor):
                     tasks[handle] = _Task(cell, index)
                 self._follow(ray, tasks, records)
             except KeyboardInterrupt:
+                try:  # first what the tasks said already: a cell placed on a worker is one to stop and record
+                    self._follow(ray, tasks, records, deadline=time.monotonic() + CATCH_UP_S)
+                except KeyboardInterrupt:
+                    pass
                 run.stop_requested()  # the cells placed on a worker are the running ones
                 self._stop(ray, tasks, records)
                 raise
@@ -293,7 +298,7 @@ class RayExecutor(Executor):
     def _follow(self, ray: Any, tasks: dict[Any, _Task], records: dict[int, dict[str, Any]], deadline: float | None = None) -> None:
         """Take the tasks' items as they come until every task ended (or `deadline`, a monotonic time)."""
         while tasks and (deadline is None or time.monotonic() < deadline):
-            ready, _ = ray.wait(list(tasks), num_returns=1, timeout=POLL_S)
+            ready, _ = ray.wait(list(tasks), num_returns=len(tasks), timeout=POLL_S)  # every ready task, in turn
             for handle in ready:
                 task = tasks[handle]
                 try:
