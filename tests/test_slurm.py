@@ -160,10 +160,11 @@ VOLATILE = ("time.", "speed.", "memory.", "cpu.", "env.", "run_id", "error_trace
 
 @pytest.mark.slow
 def test_real_cells_as_local_jobs_give_the_records_and_memory_of_plain_subprocesses(tmp_path, monkeypatch):
-    suite = write_suite(tmp_path, clip.suite(precisions=("nf4",), name="same", steps=3))
+    suite = write_suite(tmp_path, clip.suite(precisions=("dense", "nf4"), name="same", steps=3))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert cli.main(["run", str(suite), "--out", str(tmp_path / "local"), "--device", "cpu", "--executor", "subprocess"]) == 0
-    assert cli.main(["run", str(suite), "--out", str(tmp_path / "slurm"), "--device", "cpu", "--executor", "slurm"]) == 0
+    common = ["--device", "cpu", "--only", "nf4"]
+    assert cli.main(["run", str(suite), "--out", str(tmp_path / "local"), *common, "--executor", "subprocess"]) == 0
+    assert cli.main(["run", str(suite), "--out", str(tmp_path / "slurm"), *common, "--executor", "slurm"]) == 0
     (local,) = results.read_records(next((tmp_path / "local" / "same").iterdir()))
     (job,) = results.read_records(next((tmp_path / "slurm" / "same").iterdir()))
     assert {k: v for k, v in job.items() if not k.startswith(VOLATILE)} == {k: v for k, v in local.items() if not k.startswith(VOLATILE)}
