@@ -96,9 +96,9 @@ def execute_plan(run_plan: plan.RunPlan, out: Path, device: str, check_only: boo
             note = f"shard {shard[0]}/{shard[1]} of suite {loaded.suite.name} has no cells ({run_plan.matrix_cells} in the matrix)"
         return RunResult(Exit.OK, suite=loaded.suite.name, note=note)
     started_at = time.monotonic()
-    placement = executor.prepare(request)
     run_dir = None
     try:
+        placement = executor.prepare(request)
         run_dir = create_run_dir(out, loaded, run_plan.label)
         run = Run(loaded, run_dir, placement.device, run_plan.cells, executor, listener,
                   slots=placement.slots or request.slots, compute=placement.compute, threads=placement.threads)
@@ -194,8 +194,8 @@ def _run_pending(state: Resumable, executor: Executor, slots: list, gpus_per_cel
                       gpus_per_cell, recorded_compute=choice,
                       check=lambda on: preflight.check_suite(state.loaded, device=on, gpus_per_cell=max(1, int(gpus_per_cell))),
                       device_option=f"--resume (the run in {state.run_dir} ran on {state.device})")
-    placement = executor.prepare(request)
     try:
+        placement = executor.prepare(request)
         run = Run(state.loaded, state.run_dir, placement.device, state.pending, executor, listener,
                   slots=placement.slots or slots, compute=placement.compute, threads=placement.threads)
         listener.run_started(RunStarted(state.loaded.suite.name, state.run_dir, state.pending, len(state.cells),
