@@ -54,14 +54,28 @@ def tsv_data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def fake_cells(monkeypatch, tmp_path):
-    """Runs start tests/fake_cell.py (a stand-in that writes a plausible record in a moment) instead of
-    real cells, as subprocesses; FAKE_CELL_CRASH / FAKE_CELL_HOLD_S steer it (see its docstring)."""
-    import sys
+    """Runs on this machine start tests/fake_cell.py (a stand-in that writes a plausible record in a moment)
+    instead of real cells, each a subprocess (tests/helpers/executors.py: FAKE); FAKE_CELL_CRASH /
+    FAKE_CELL_HOLD_S steer it (see its docstring)."""
+    from .helpers import executors
 
-    from qbench.runner import runner
-
-    monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(Path(__file__).with_name("fake_cell.py"))))
+    executors.use(monkeypatch, executors.FAKE)
     monkeypatch.setenv("FAKE_CELL_DIR", str(tmp_path / "fake"))
     monkeypatch.setenv("FAKE_CELL_HOLD_S", "0")
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
     return monkeypatch
+
+
+@pytest.fixture
+def faulty_cells(monkeypatch):
+    """Runs on this machine start the real pipeline with test faults planted (tests/helpers/faulty_cell.py);
+    `faulty_cells("nf4-seed0:train:nan:2")` sets the faults (QBENCH_TEST_FAULTS, tests/helpers/faults.py)."""
+    from .helpers import executors, faults
+
+    executors.use(monkeypatch, executors.FAULTY)
+
+    def plant(spec: str) -> None:
+        monkeypatch.setenv(faults.ENV_VAR, spec)
+
+    monkeypatch.delenv(faults.ENV_VAR, raising=False)
+    return plant

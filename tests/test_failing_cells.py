@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from qbench import cli
-from qbench.cell import faults
 from qbench.cell import pipeline as cell
 from qbench.contract import records as results
 from qbench.contract.protocol import CellSpec
 from qbench.contract.suite import load
 
 from .conftest import write_suite
-from .helpers import clip
+from .helpers import clip, faults
+from .helpers.faulty_cell import planted
 
 
 def test_fault_specs_parse_and_bad_ones_are_refused():
@@ -36,7 +36,7 @@ def test_without_the_variable_nothing_is_injected():
 
 
 def run_in_process(tmp_path: Path, model: Path, data: Path, monkeypatch, fault: str) -> dict:
-    """One bf16 cell, run in this process with QBENCH_TEST_FAULTS=fault."""
+    """One bf16 cell, run in this process with QBENCH_TEST_FAULTS=fault planted (tests/helpers/faulty_cell.py)."""
     suite = write_suite(tmp_path, clip.suite(model, data, precisions=("bf16",), steps=3, name="robust"))
     loaded = load(suite)
     record_path = tmp_path / "cells" / "bf16-seed0.json"
@@ -45,7 +45,8 @@ def run_in_process(tmp_path: Path, model: Path, data: Path, monkeypatch, fault: 
         suite_text=loaded.text, suite_path=str(loaded.path), suite_sha256=loaded.sha256, run_id="test",
         cell_id="bf16-seed0", precision="bf16", seed=0, device="cpu", record_path=str(record_path),
     )
-    record = cell.run_cell(spec)
+    with planted():
+        record = cell.run_cell(spec)
     assert results.read_record(record_path) == record  # what is returned is what is on disk
     assert record["config.safetensors_only"] is True and record["config.trust_remote_code"] is False
     assert record["test.injected_faults"] == fault
@@ -79,9 +80,9 @@ def test_a_format_the_device_cannot_run_is_unsupported(tmp_path, tiny_clip_dir, 
     assert record["memory.data.rss_peak_bytes"] > 0
 
 
-def test_a_killed_cell_process_is_recorded_and_the_other_cells_still_finish(tmp_path, tiny_clip_dir, tsv_data_dir, monkeypatch, capsys):
+def test_a_killed_cell_process_is_recorded_and_the_other_cells_still_finish(tmp_path, tiny_clip_dir, tsv_data_dir, faulty_cells, capsys):
     suite = write_suite(tmp_path, clip.suite(tiny_clip_dir, tsv_data_dir, precisions=("bf16", "nf4"), steps=3, name="robust"))
-    monkeypatch.setenv(faults.ENV_VAR, "bf16-seed0:train:sigkill:2")
+    faulty_cells("bf16-seed0:train:sigkill:2")
     code = cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert code == 1
     (run_dir,) = (tmp_path / "out" / "robust").iterdir()

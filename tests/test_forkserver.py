@@ -2,7 +2,8 @@
 their wall time into parts that add up, and give the same results as plain subprocesses.
 
 One real run of the builtin tiny CLIP (two precisions, two seeds) through the command line; the first
-cell holds 300 MiB more while it trains (a test fault), which no later cell may see.
+cell holds 300 MiB more while it trains (a test fault planted by tests/helpers/faulty_cell.py, forked from the
+server like qbench's own cell), which no later cell may see.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from qbench import cli
-from qbench.cell import faults
 from qbench.contract import records as results
 from qbench.contract.schema import TIME_PARTS
 
 from .conftest import write_suite
+from .helpers import executors, faults
 
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
@@ -50,13 +51,11 @@ seeds = [0, 1]
 
 def _run(folder: Path, *options: str, faults_value: str | None = None) -> tuple[dict[str, dict], dict]:
     suite = write_suite(folder, SUITE)
-    saved = os.environ.get(faults.ENV_VAR)
-    if faults_value:
-        os.environ[faults.ENV_VAR] = faults_value
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        if faults_value:  # the real pipeline with the fault planted (tests/helpers/faulty_cell.py), forked as qbench's
+            executors.use(patch, executors.FAULTY)
+            patch.setenv(faults.ENV_VAR, faults_value)
         assert cli.main(["run", str(suite), "--out", str(folder / "out"), "--device", "cpu", *options]) == 0
-    finally:
-        os.environ.pop(faults.ENV_VAR, None) if saved is None else os.environ.__setitem__(faults.ENV_VAR, saved)
     (run_dir,) = (folder / "out" / "forked").iterdir()
     manifest = json.loads((run_dir / "run.json").read_text())
     return {r["cell_id"]: r for r in results.read_records(run_dir)}, manifest

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import tomllib
 from contextlib import redirect_stderr, redirect_stdout
@@ -30,10 +29,11 @@ from qbench import cli
 from qbench.cell import models
 from qbench.cell.data.tsv import load_tsv
 
+from .helpers import executors
+
 # 25 examples per property keep this file well under a minute in CI; QBENCH_FUZZ_EXAMPLES=1000 searches harder
 FUZZ = settings(max_examples=int(os.environ.get("QBENCH_FUZZ_EXAMPLES", "25")), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-FAKE_CELL = Path(__file__).with_name("fake_cell.py")
 
 # characters that split lines or fields in one tool and not another, and other trouble
 NASTY = ["\t", "\r", "\n", "\r\n", "\x00", "\x0b", "\x0c", "\x1c", "\x1e", "\x85", "\u2028", "\u2029", "\ufeff", "\x1b[31m",
@@ -346,10 +346,8 @@ def test_random_command_line_lists_pass_or_stop_with_one_line(material, option: 
 @given(name=st.text(st.sampled_from("ab._-9"), min_size=1, max_size=8), only=st.sampled_from([None, "bf16", "nf4", "bf16,nf4"]),
        out=st.sampled_from(["out", "out/deeper", "o u t"]))
 def test_a_whole_run_writes_only_under_out(material, monkeypatch, name: str, only, out: str):
-    from qbench.runner import runner
-
     assume(not name.startswith("."))  # names that become paths outside --out: tests/test_nothing_lost.py
-    monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(FAKE_CELL)))
+    executors.use(monkeypatch, executors.FAKE)
     with tempfile.TemporaryDirectory(prefix="qbench-fuzz-run-") as scratch:
         folder = Path(scratch)
         monkeypatch.setenv("FAKE_CELL_DIR", str(folder / "out-fake"))

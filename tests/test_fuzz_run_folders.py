@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -25,12 +24,11 @@ from hypothesis import strategies as st
 from qbench import cli
 from qbench.analysis.report import plots
 from qbench.contract import records as results
-from qbench.runner import preflight, runner
+from qbench.runner import preflight
 
-from .helpers import clip
+from .helpers import clip, executors
 from .records import make_record, write_run
 
-FAKE_CELL = Path(__file__).with_name("fake_cell.py")
 CELLS = ("bf16-seed0", "int8-seed0", "nf4-dq-seed0")
 SUITE = clip.suite(precisions=("bf16", "int8", "nf4-dq"), name="ci")
 
@@ -173,7 +171,7 @@ def run_cli(argv: list[str], capsys) -> int:
 @pytest.fixture
 def quiet_world(monkeypatch):
     """Fake cells, no suite checks against the model, no plots: each example stays well under a second."""
-    monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(FAKE_CELL)))
+    executors.use(monkeypatch, executors.FAKE)
     monkeypatch.setattr(preflight, "check_suite", lambda loaded, check_model=True, **options: None)
     monkeypatch.setattr(plots, "all_plots", lambda frame: [])
     monkeypatch.setenv("FAKE_CELL_HOLD_S", "0")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,10 @@ from qbench.contract.protocol import CellSpec, identity_fields
 from qbench.contract.suite import LoadedSuite, SuiteError, load, parse
 from qbench.runner import plan, resume, runner
 
-from . import fake_cell
 from .conftest import SUITES, write_suite
-from .helpers import clip
+from .helpers import clip, executors
 from .test_suite import MINIMAL
 
-FAKE_CELL = Path(__file__).with_name("fake_cell.py")
 QLORA_MATRIX = """[matrix]
 precisions = ["bf16", "nf4-dq"]
 optimizers = ["adamw", "adamw8bit", "paged_adamw8bit"]
@@ -127,7 +124,7 @@ def test_an_unknown_optimizer_in_the_train_section_is_named():
 
 
 def test_a_bad_grid_exits_2_with_one_line_before_any_cell(tmp_path: Path, capsys, monkeypatch):
-    monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, "-c", "raise SystemExit('a cell started')"))
+    executors.use(monkeypatch, executors.NO_CELL)
     for matrix, expected in (
         ("optimizers = ['adamw', 'nadam']", "matrix.optimizers: unknown optimizer(s) 'nadam'"),
         ("batch_sizes = [4]", "matrix.batch_sizes: unknown key (did you mean 'batch_size'?)"),
@@ -178,8 +175,8 @@ def test_where_that_leaves_no_cell_is_refused():
 def test_cell_spec_carries_the_axes_and_old_specs_without_them_still_read():
     qlora = load(SUITES / "qlora.toml")
     cell = qlora.cells()[2]
-    run = runner.Run(qlora, Path("/tmp/run"), "cpu", [cell])
-    spec = CellSpec.from_json(run._spec(cell).to_json())
+    run = runner.Run(qlora, Path("/tmp/run"), "cpu", [cell], executors.FakeCells())
+    spec = CellSpec.from_json(run.spec(cell).to_json())
     assert spec.axes["optimizer"] == "adamw8bit" and spec.cell(qlora) == cell
     old = json.loads(spec.to_json())
     del old["axes"]
@@ -199,15 +196,6 @@ def grid_suite(tmp_path_factory) -> Path:
     text = clip.suite(checkpoint, data, None, name="gridded", steps=2, lora="r = 16\ntarget_modules = [\"q_proj\"]",
                       extra='[matrix]\nprecisions = ["bf16", "nf4"]\noptimizers = ["adamw", "adamw8bit"]\nbatch_size = [2, 4]\n')
     return write_suite(root, text)
-
-
-@pytest.fixture
-def fake_cells(monkeypatch, tmp_path):
-    monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(FAKE_CELL)))
-    monkeypatch.setenv("FAKE_CELL_DIR", str(tmp_path / "fake"))
-    monkeypatch.setenv("FAKE_CELL_HOLD_S", "0")
-    assert fake_cell.EVENT_PREFIX
-    return monkeypatch
 
 
 def test_each_cell_process_gets_its_axes_and_a_dead_cells_record_still_names_them(grid_suite, fake_cells, tmp_path):
@@ -240,7 +228,7 @@ def test_each_cell_process_gets_its_axes_and_a_dead_cells_record_still_names_the
 def test_a_run_json_cell_whose_id_does_not_match_its_axes_is_refused(grid_suite, tmp_path):
     suite = load(grid_suite)
     run_dir = tmp_path / "run"
-    runner.Run(suite, run_dir, "cpu", suite.cells()).write_manifest()
+    runner.Run(suite, run_dir, "cpu", suite.cells(), executors.FakeCells()).write_manifest()
     manifest = json.loads((run_dir / "run.json").read_text())
     manifest["cells"][0]["axes"]["optimizer"] = "adamw8bit"  # edited by hand: the id says adamw
     (run_dir / "run.json").write_text(json.dumps(manifest))
@@ -271,7 +259,7 @@ def test_shards_of_a_grid_are_exactly_one_full_run(grid_suite, fake_cells, tmp_p
 )
 def test_an_empty_filter_or_placement_is_refused_not_taken_for_the_whole_matrix(option, expected, tmp_path, capsys, monkeypatch):
     """`--only "$PRECISIONS"` with the variable unset must not run every cell (case only-empty-runs-whole-matrix)."""
-    monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, "-c", "raise SystemExit('a cell started')"))
+    executors.use(monkeypatch, executors.NO_CELL)
     suite = write_suite(tmp_path, MINIMAL)
     assert cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu", option, ""]) == 2
     err = capsys.readouterr().err.strip()

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from qbench import cli
-from qbench.cell import faults
 from qbench.contract import records as results
 from qbench.contract.exitcodes import Exit
 from qbench.contract.suite import Cell, load
 from qbench.runner import runner
+from qbench.runner.executors.local import LocalExecutor
 
 from .conftest import REPO, write_suite
-from .helpers import clip
+from .helpers import clip, faults
 
 
 def write_record(run_dir: Path, cell_id: str, status: str, **fields) -> None:
@@ -48,7 +48,7 @@ def finished_run(tmp_path: Path, tiny_clip_dir: Path, tsv_data_dir: Path) -> tup
     suite = write_suite(tmp_path, clip.suite(tiny_clip_dir, tsv_data_dir, precisions=("bf16", "nf4"), name="robust"))
     loaded = load(suite)
     run_dir = tmp_path / "out" / "robust" / "run1"
-    runner.Run(loaded, run_dir, "cpu", loaded.cells()).write_manifest()
+    runner.Run(loaded, run_dir, "cpu", loaded.cells(), LocalExecutor()).write_manifest()
     for cell in loaded.cells():
         write_record(run_dir, cell.id, "ok")
     return suite, run_dir
@@ -111,10 +111,11 @@ def test_sigterm_after_the_first_cell_then_resume_gives_the_records_of_an_uninte
     (reference_dir,) = (tmp_path / "reference" / "robust").iterdir()
     reference = {r["cell_id"]: r for r in results.read_records(reference_dir)}
 
-    # the second cell sleeps in its data phase (a test-only hook), so SIGTERM reaches the run mid-cell
+    # the second cell sleeps in its data phase (the faulty cell of tests/helpers/, which the command line of
+    # tests/helpers/qbench_cli.py runs in place of qbench's own), so SIGTERM reaches the run mid-cell
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != faults.ENV_VAR}
-    command = [sys.executable, "-m", "qbench", "run", str(suite), "--out", str(out), "--device", "cpu"]
+    command = [sys.executable, "-m", "tests.helpers.qbench_cli", "run", str(suite), "--out", str(out), "--device", "cpu"]
     with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
         process = subprocess.Popen(
             command, cwd=REPO, stdout=stdout, stderr=stderr, env={**env, faults.ENV_VAR: "nf4-seed0:data:sleep:600"}

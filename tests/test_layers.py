@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qbench"
 # highest first: a folder may import the folders after it, never one before it
-LAYERS = (("cli",), ("runner", "analysis"), ("zoo",), ("cell",), ("machine",), ("contract",))
+LAYERS = (("cli",), ("runner",), ("analysis",), ("zoo",), ("cell",), ("machine",), ("contract",))
 
 
 def _imports(path: Path) -> set[str]:

@@ -2,7 +2,7 @@
 
 CLIP: a tiny checkpoint whose patch embedding is scaled up, so bright eval images overflow float16
 (as openai/CLIP#222 reports) while bf16 stays finite and the grey training images stay finite in both;
-an nf4 arm gets NaN planted in its image embeddings after fine-tuning (QBENCH_TEST_FAULTS). Causal LM:
+an nf4 arm gets NaN planted in its image embeddings after fine-tuning (QBENCH_TEST_FAULTS, tests/helpers/faulty_cell.py). Causal LM:
 an nf4 arm gets NaN planted in its logits after fine-tuning, under k-bit preparation. Both run with
 DataLoader workers, so the memory figures of a process tree are checked on the way.
 """
@@ -19,7 +19,6 @@ from qbench import cli
 from qbench.analysis import load
 from qbench.analysis.gate import compare
 from qbench.analysis.report.findings import nonfinite_findings
-from qbench.cell import faults
 from qbench.contract import records as results
 
 from .conftest import write_suite
@@ -71,8 +70,8 @@ def _clip_inputs(folder: Path) -> tuple[Path, dict[str, Path]]:
     return checkpoint, paths
 
 
-def _run(tmp_path: Path, text: str, monkeypatch, fault: str) -> tuple[int, Path, dict]:
-    monkeypatch.setenv(faults.ENV_VAR, fault)
+def _run(tmp_path: Path, text: str, faulty_cells, fault: str) -> tuple[int, Path, dict]:
+    faulty_cells(fault)
     code = cli.main(["run", str(write_suite(tmp_path, text)), "--out", str(tmp_path / "out"), "--device", "cpu"])
     (run_dir,) = (p for p in (tmp_path / "out").glob("*/*") if p.is_dir())
     return code, run_dir, {r["precision"]: r for r in results.read_records(run_dir)}
@@ -98,11 +97,11 @@ def _assert_tree_memory(record: dict, workers: int) -> None:
     )
 
 
-def test_clip_float16_overflow_and_planted_nan_are_counted_never_hits_and_flagged(tmp_path, monkeypatch, capsys):
+def test_clip_float16_overflow_and_planted_nan_are_counted_never_hits_and_flagged(tmp_path, faulty_cells, capsys):
     checkpoint, data = _clip_inputs(tmp_path)
     text = clip.suite(checkpoint, data, ("bf16", "fp16", "nf4"), name="nanclip", data_extra="num_workers = 2",
                       evaluation="batch_size = 64\nrecall_k = [1, 5]")
-    code, run_dir, records = _run(tmp_path, text, monkeypatch, "nf4-seed0:eval_after:nan:3")
+    code, run_dir, records = _run(tmp_path, text, faulty_cells, "nf4-seed0:eval_after:nan:3")
     assert code == 0 and all(r["status"] == "ok" for r in records.values()), {p: r.get("error") for p, r in records.items()}
     bf16, fp16, nf4 = records["bf16"], records["fp16"], records["nf4"]
     for phase in ("before", "after"):
@@ -169,8 +168,8 @@ precisions = ["fp32", "nf4"]
 """
 
 
-def test_causal_lm_planted_nan_logits_make_perplexity_infinite_and_k_bit_preparation_is_read_back(tmp_path, monkeypatch):
-    code, run_dir, records = _run(tmp_path, LLM_SUITE, monkeypatch, "nf4-seed0:eval_after:nan:2")
+def test_causal_lm_planted_nan_logits_make_perplexity_infinite_and_k_bit_preparation_is_read_back(tmp_path, faulty_cells):
+    code, run_dir, records = _run(tmp_path, LLM_SUITE, faulty_cells, "nf4-seed0:eval_after:nan:2")
     assert code == 0 and all(r["status"] == "ok" for r in records.values()), {p: r.get("error") for p, r in records.items()}
     fp32, nf4 = records["fp32"], records["nf4"]
     metrics = ["perplexity", "nll_per_token", "bits_per_byte"]

@@ -2,8 +2,8 @@
 load, train or eval phase stops the cell process too (Linux parent-death signal), the cell leaves an
 `interrupted` record, and a resume that follows is never overwritten by a leftover of the killed run.
 
-Real cells of the builtin tiny CLIP; a test-only fault (QBENCH_TEST_FAULTS ... :sleep) holds the cell in the
-phase while the parent is killed."""
+Real cells of the builtin tiny CLIP; a test-only fault (QBENCH_TEST_FAULTS ... :sleep, planted by the faulty cell
+that tests/helpers/qbench_cli.py runs in place of qbench's own) holds the cell in the phase while the parent is killed."""
 
 from __future__ import annotations
 
@@ -17,11 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from qbench.cell import faults
 from qbench.contract import records as results
 
 from .conftest import REPO, write_suite
-from .helpers import clip
+from .helpers import clip, faults
 
 
 def record_of(out: Path) -> dict | None:
@@ -44,7 +43,7 @@ def test_sigkill_of_the_parent_stops_its_cell_and_a_resume_keeps_its_own_record(
     suite = write_suite(tmp_path, clip.suite(precisions=("bf16",), name="tiny"))
     out = tmp_path / "out"
     env = {**os.environ, faults.ENV_VAR: f"bf16-seed0:{phase}:sleep:300", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "qbench", "run", str(suite), "--out", str(out), "--device", "cpu"]
+    command = [sys.executable, "-m", "tests.helpers.qbench_cli", "run", str(suite), "--out", str(out), "--device", "cpu"]
     with open(tmp_path / "run.log", "w") as log:
         parent = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     cell_processes: list[psutil.Process] = []

@@ -18,16 +18,15 @@ import pytest
 from qbench import cli
 from qbench.contract import records as results
 from qbench.contract.suite import load
-from qbench.runner import ray_executor, ray_task, runner
+from qbench.runner import runner
+from qbench.runner.executors import ray_executor, ray_task
 
 from .conftest import REPO, write_suite
-from .helpers import clip
+from .helpers import clip, executors
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
-FAKE_CELL = Path(__file__).with_name("fake_cell.py")
-FAKE_COMMAND = (sys.executable, str(FAKE_CELL))
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +54,9 @@ def tsv_suite(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def fake_cells(monkeypatch, tmp_path):
-    """Cells are tests/fake_cell.py; its settings reach the Ray workers like the driver's HF_/OMP_ ones."""
-    monkeypatch.setattr(runner, "CELL_COMMAND", FAKE_COMMAND)
+    """Cells are tests/fake_cell.py, here and on Ray (tests/helpers/executors.py); its settings reach the Ray
+    workers like the driver's HF_/OMP_ ones."""
+    executors.use(monkeypatch, executors.FAKE)
     monkeypatch.setattr(ray_executor, "FORWARDED_ENV_PREFIXES", (*ray_executor.FORWARDED_ENV_PREFIXES, "FAKE_CELL_"))
     monkeypatch.setenv("FAKE_CELL_DIR", str(tmp_path / "fake"))
     monkeypatch.setenv("FAKE_CELL_HOLD_S", "0")
@@ -64,11 +64,12 @@ def fake_cells(monkeypatch, tmp_path):
     return monkeypatch
 
 
-def ray_run(suite: Path, run_dir: Path, cells, device: str = "cuda", gpus: float = 1.0, **fake_env) -> ray_executor.RayRun:
+def ray_run(suite: Path, run_dir: Path, cells, device: str = "cuda", gpus: float = 1.0, **fake_env) -> runner.Run:
+    """A run of fake cells on the module's cluster, through the Ray executor."""
     loaded = load(suite)
     env = {"FAKE_CELL_DIR": str(run_dir.parent / "fake"), "FAKE_CELL_HOLD_S": "0", **fake_env}
-    resources = ray_executor.cell_resources(device, gpus, 1.0)
-    return ray_executor.RayRun(loaded, run_dir, device, cells(loaded), env=env, cell_command=FAKE_COMMAND, resources=resources)
+    executor = executors.FakeCellsOnRay(resources=ray_executor.cell_resources(device, gpus, 1.0))
+    return runner.Run(loaded, run_dir, device, cells(loaded), executor, env=env)
 
 
 def running_now(tmp_path: Path) -> list[str]:
@@ -107,7 +108,7 @@ def test_qbench_imports_ray_only_for_the_ray_executor(tsv_suite, tmp_path):
     script = (
         "import sys\n"
         "from qbench import cli\n"
-        "import qbench.runner.ray_executor, qbench.runner.ray_task, qbench.cli.commands\n"
+        "import qbench.runner.executors.ray_executor, qbench.runner.executors.ray_task, qbench.cli.commands\n"
         f"code = cli.main(['run', {str(tsv_suite)!r}, '--out', {str(tmp_path / 'out')!r}, '--shard', '3/2'])\n"
         "assert code == 2, code\n"
         "assert 'ray' not in sys.modules, 'ray was imported'\n"
@@ -211,7 +212,7 @@ def test_half_a_gpu_per_cell_puts_two_cells_on_each_gpu(ray_cluster, tsv_suite, 
 def test_without_streaming_as_over_ray_client_each_task_hands_back_everything_when_it_ends(ray_cluster, tsv_suite, tmp_path):
     """Ray Client (ray://) cannot stream a task's items: the same items then come back in one piece."""
     run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:3], FAKE_CELL_CRASH="int8")
-    run.stream = False
+    run.executor.stream = False
     records = {r["cell_id"]: r for r in run.execute()}
     assert [records[c]["status"] for c in ("bf16-seed0", "int8-seed0", "fp4-seed0")] == ["ok", "failed", "ok"]
     assert records["int8-seed0"]["error_type"] == "ChildProcessDied" and records["int8-seed0"]["error_phase"] == "train"
@@ -222,7 +223,7 @@ def test_without_streaming_as_over_ray_client_each_task_hands_back_everything_wh
 
 def test_cpu_cells_ask_for_cpus_and_see_no_gpu(ray_cluster, tsv_suite, tmp_path):
     run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:2], device="cpu")
-    assert run.resources.options() == {"num_gpus": 0.0, "num_cpus": 1.0}
+    assert run.executor.resources.options() == {"num_gpus": 0.0, "num_cpus": 1.0}
     records = run.execute()
     assert all(r["status"] == "ok" and r["env.device"] == "cpu" for r in records)
     assert all(not r["env.cuda_visible_devices"] and r["env.ray.gpu_ids"] is None for r in records)

@@ -5,24 +5,23 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
 from qbench.contract import records as results
 from qbench.contract.suite import load
-from qbench.runner import ray_executor
+from qbench.runner import runner
+from qbench.runner.executors import ray_executor
 
 from .conftest import write_suite
+from .helpers.executors import FakeCellsOnRay
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-FAKE_COMMAND = (sys.executable, str(Path(__file__).with_name("fake_cell.py")))
 SUITE = """
 name = "twonodes"
 task = "clip"
@@ -63,11 +62,9 @@ def test_a_node_lost_mid_cell_gives_a_failed_record_and_the_run_goes_on(two_node
     cluster, doomed = two_nodes
     loaded = load(write_suite(tmp_path, SUITE))
     fake = tmp_path / "fake"
-    run = ray_executor.RayRun(
-        loaded, tmp_path / "run", "cuda", loaded.cells(), cell_command=FAKE_COMMAND,
-        env={"FAKE_CELL_DIR": str(fake), "FAKE_CELL_HOLD_S": "8"},
-        resources=ray_executor.cell_resources("cuda", 1, 1),
-    )
+    executor = FakeCellsOnRay(resources=ray_executor.cell_resources("cuda", 1, 1))
+    run = runner.Run(loaded, tmp_path / "run", "cuda", loaded.cells(), executor,
+                     env={"FAKE_CELL_DIR": str(fake), "FAKE_CELL_HOLD_S": "8"})
     cell_pids: list[int] = []
 
     def lose_the_second_node_when_both_cells_run() -> None:

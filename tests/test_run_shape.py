@@ -11,7 +11,7 @@ import pytest
 
 from qbench import cli
 from qbench.contract.suite import load
-from qbench.runner import plan, runner, start
+from qbench.runner import executors, plan, runner
 
 from .conftest import write_suite
 from .helpers import clip
@@ -52,19 +52,27 @@ def test_resume_starts_cells_as_the_run_did_and_refuses_another_launcher(suite: 
 
     assert cli.main(["run", "--resume", str(run_dir), "--launcher", "forkserver"]) == 2
     assert "drop --launcher" in capsys.readouterr().err
+    assert cli.main(["run", "--resume", str(run_dir), "--executor", "forkserver"]) == 2
+    assert "started its cells as subprocess; resume it the same way" in " ".join(capsys.readouterr().err.split())
 
     asked: list[str] = []
-    real_begin = start.begin
-    fake_cells.setattr(start, "begin", lambda option, device, gpus: asked.append(option) or real_begin(option, device, gpus))
+    real_get = executors.get
+    fake_cells.setattr(executors, "get", lambda name: asked.append(name) or real_get(name))
     fake_cells.delenv("FAKE_CELL_CRASH")
     assert cli.main(["run", "--resume", str(run_dir)]) == 0
     assert asked == ["subprocess"]  # not a fork server: the run's other cell did not start from one
 
 
-@pytest.mark.parametrize("options", [{"executor": "ray"}, {"device": "cuda"}, {"gpus": "0"}])
+@pytest.mark.parametrize("options", [{"device": "cuda"}, {"gpus": "0"}])
 def test_a_fork_server_asked_for_where_cells_cannot_be_forked_is_refused(suite: Path, options):
     from qbench.contract.suite import SuiteError
 
     with pytest.raises(SuiteError) as refused:
-        plan.make(load(suite), launcher="forkserver", **options)
-    assert refused.value.problems[0].startswith("--launcher forkserver:")
+        plan.make(load(suite), executor="forkserver", **options)
+    assert refused.value.problems[0].startswith("--executor forkserver: a fork server cannot fork cells that use CUDA")
+
+
+def test_a_fork_server_asked_for_on_another_executor_is_refused(suite: Path, tmp_path: Path, capsys):
+    assert cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--executor", "ray", "--launcher", "forkserver"]) == 2
+    assert "--launcher forkserver: with --executor ray each cell is its own job's process" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

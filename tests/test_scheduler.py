@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,14 +17,14 @@ from qbench.analysis import load as frames
 from qbench.analysis.report import tables
 from qbench.contract import records as results
 from qbench.contract.suite import Cell, load
-from qbench.runner import runner, scheduler, start
+from qbench.runner import runner, scheduler
 from qbench.runner.scheduler import Slot
 
 from . import fake_cell
 from .conftest import write_suite
 from .helpers import clip
+from .helpers.executors import FakeCells
 
-FAKE_CELL = Path(__file__).with_name("fake_cell.py")
 CELLS = [Cell(p, s) for s in (0, 1) for p in ("bf16", "int8", "nf4")]
 
 
@@ -130,16 +129,10 @@ def tsv_suite(tmp_path_factory) -> Path:
     return write_suite(root, text)
 
 
-@pytest.fixture
-def fake_cells(monkeypatch, tmp_path):
+def test_the_fake_cell_speaks_the_protocol():
     from qbench.contract.protocol import EVENT_PREFIX
 
     assert fake_cell.EVENT_PREFIX == EVENT_PREFIX
-    monkeypatch.setattr(runner, "CELL_COMMAND", (sys.executable, str(FAKE_CELL)))
-    monkeypatch.setattr(start, "begin", lambda *args, **kwargs: None)  # no fork server: the stand-in is a subprocess
-    monkeypatch.setenv("FAKE_CELL_DIR", str(tmp_path / "fake"))
-    monkeypatch.setenv("FAKE_CELL_HOLD_S", "0")
-    return monkeypatch
 
 
 class RecordingListener:
@@ -163,7 +156,7 @@ def test_each_cell_process_gets_its_own_gpu_and_a_crashed_cell_frees_its_slot(ts
     cells = loaded.cells(seeds=(0, 1))[:5]
     listener = RecordingListener()
     slots = scheduler.gpu_slots(["0", "1"])
-    run = runner.Run(loaded, tmp_path / "run", "cuda", cells, listener, slots=slots)
+    run = runner.Run(loaded, tmp_path / "run", "cuda", cells, FakeCells(), listener, slots=slots)
     records = run.execute()
 
     assert [r["cell_id"] for r in records] == [c.id for c in cells]
@@ -193,7 +186,7 @@ def test_sigterm_stops_every_running_cell_and_starts_no_more(tsv_suite, fake_cel
     fake_cells.setenv("FAKE_CELL_HOLD_S", "60")
     loaded = load(tsv_suite)
     cells = loaded.cells()[:4]
-    run = runner.Run(loaded, tmp_path / "run", "cuda", cells, slots=scheduler.gpu_slots(["0", "1"]))
+    run = runner.Run(loaded, tmp_path / "run", "cuda", cells, FakeCells(), slots=scheduler.gpu_slots(["0", "1"]))
     running = tmp_path / "fake" / "running"
 
     def terminate_when_two_cells_run() -> None:
@@ -304,7 +297,7 @@ def test_each_cell_measures_the_gpu_its_slot_gave_it(tsv_suite, fake_cells, tmp_
 
     loaded = load(tsv_suite)
     slots = scheduler.gpu_slots(["2", "3"])
-    records = runner.Run(loaded, tmp_path / "run", "cuda", loaded.cells()[:4], slots=slots).execute()
+    records = runner.Run(loaded, tmp_path / "run", "cuda", loaded.cells()[:4], FakeCells(), slots=slots).execute()
     assert {r["env.cuda_visible_devices"] for r in records} <= {"2", "3"}
     for record in records:
         environ = {"CUDA_VISIBLE_DEVICES": record["env.cuda_visible_devices"], "CUDA_DEVICE_ORDER": record["fake.cuda_device_order"]}

@@ -13,7 +13,6 @@ can be timed on the machine then.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,11 +22,11 @@ import pytest
 
 from qbench import cli
 from qbench.analysis.gate import compare
-from qbench.cell import faults
 from qbench.contract import records as results
 from qbench.machine.threads import available_cores
 
 from .conftest import write_suite
+from .helpers import executors, faults
 
 pytestmark = pytest.mark.slow
 
@@ -62,13 +61,11 @@ SLOWER = "nf4-seed0:train:slow:2.0"  # each nf4 step does three times the CPU wo
 
 
 def _run(folder: Path, suite: Path, fault: str | None = None) -> Path:
-    saved = os.environ.get(faults.ENV_VAR)
-    if fault:
-        os.environ[faults.ENV_VAR] = fault
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        if fault:  # the real pipeline with the fault planted (tests/helpers/faulty_cell.py)
+            executors.use(patch, executors.FAULTY)
+            patch.setenv(faults.ENV_VAR, fault)
         assert cli.main(["run", str(suite), "--out", str(folder), "--device", "cpu"]) == 0
-    finally:
-        os.environ.pop(faults.ENV_VAR, None) if saved is None else os.environ.__setitem__(faults.ENV_VAR, saved)
     (run_dir,) = (folder / "speedgate").iterdir()
     return run_dir
 

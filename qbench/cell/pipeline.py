@@ -25,7 +25,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qbench.cell import faults as fault_injection
 from qbench.contract import precisions
 from qbench.contract import records as results
 from qbench.contract.protocol import CellSpec, event_line, identity_fields
@@ -235,9 +234,6 @@ class CellRun:
         self.tracker: MemoryTracker | None = None
         self.timer: StepTimer | None = None
         self.losses: list[float] = []  # every optimizer step's loss, for the record's loss curve
-        self.faults = fault_injection.Injector(spec.cell_id)
-        if self.faults.faults:
-            self.record["test.injected_faults"] = self.faults.describe()
 
     def update(self, fields: dict[str, Any]) -> None:
         self.record.update(fields)
@@ -286,13 +282,11 @@ class CellRun:
     @contextmanager
     def phase(self, name: str, process_baseline: bool = False, **event_fields: Any) -> Iterator[None]:
         """Enter phase `name`: tell the runner, leave what was measured so far on disk (status `running`:
-        if the process dies, the runner keeps these figures in its failure record), fire any test fault,
-        then measure the block's memory, CPU and wall time (`time.<name>_s`); with `process_baseline`,
+        if the process dies, the runner keeps these figures in its failure record), then measure the block's memory, CPU and wall time (`time.<name>_s`); with `process_baseline`,
         the memory of the process as the phase starts (see MemoryTracker.phase)."""
         self.record["last_phase"] = name
         emit("phase", phase=name, **event_fields)
         self.write(self.measured())
-        self.faults.phase(name)
         started = time.perf_counter()
         try:
             with self.tracker.phase(name, process_baseline=process_baseline):
@@ -385,7 +379,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 
         if suite.eval.before:
             with cell.phase("eval_before"):
-                cell.update(cell.faults.wrap_evaluate(task.evaluate, "eval_before")(model).record("before"))
+                cell.update(task.evaluate(model).record("before"))
 
         if suite.train.steps == 0:  # the quantized base alone: nothing trained, so nothing after training either
             cell.update(untrained_fields(cell.record))
@@ -393,13 +387,13 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
             with cell.phase("train", total=suite.train.steps):
                 torch.manual_seed(seed)  # the same dropout masks and data order in every arm
                 cell.timer = StepTimer(suite.train.untimed_steps, cuda=cell.device.startswith("cuda"))
-                result = train(model, task.train_batches(seed), cell.faults.wrap_loss(task.loss), suite.train, cell.timer,
+                result = train(model, task.train_batches(seed), task.loss, suite.train, cell.timer,
                                on_step=cell.on_step, on_first_step=cell.on_first_step)
             cell.update({"train.first_loss": result.first_loss, "train.final_loss": result.final_loss})
             cell.update(contention_fields(cell.measured()))
 
             with cell.phase("eval_after"):
-                cell.update(cell.faults.wrap_evaluate(task.evaluate, "eval_after")(model).record("after"))
+                cell.update(task.evaluate(model).record("after"))
         with cell.timed("adapter_save"):
             cell.update({"weights.adapter_bytes": adapter_bytes(model)})
         cell.update({"status": "ok", "last_phase": "done"})

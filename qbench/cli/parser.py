@@ -9,8 +9,19 @@ from typing import Any
 from qbench import __version__
 from qbench.cli import commands
 from qbench.contract import precisions
+from qbench.runner import executors
 
 Commands = Any  # argparse's _SubParsersAction, which it does not name publicly
+
+EXECUTOR_HELP = {
+    "local": "this machine (the default): cells forked from a fork server that imported torch & co. once on a CPU, "
+             "fresh interpreters on GPUs",
+    "forkserver": "this machine, every cell forked from the run's fork server (CPU only)",
+    "subprocess": "this machine, every cell a fresh interpreter",
+    "ray": 'each cell a Ray task on a Ray cluster, its record written back into this run folder (pip install "qbench[ray]")',
+    "slurm": "each cell a SLURM job through submitit, on a file system the nodes share; where there is no SLURM "
+             '(no srun) each job runs on this machine in a process of its own (pip install "qbench[slurm]")',
+}
 
 
 def _add_run(commands_: Commands) -> None:
@@ -18,7 +29,9 @@ def _add_run(commands_: Commands) -> None:
         "run",
         help="run a suite: one process per cell of its grid (precision, seed, ...), one JSON record each",
         description="Run every cell of SUITE (a TOML file) and write records, results.csv and summary.md into "
-        "OUT/<suite>/<run-id>/. Exit 0 when every cell is ok, 1 when a cell failed, 2 on a bad suite or an --out "
+        "OUT/<suite>/<run-id>/. Each cell runs in a process of its own, wherever --executor puts it (this machine, a "
+        "Ray cluster, SLURM jobs); its record is the same wherever it ran and says where (env.executor, "
+        "env.cell_launcher). Exit 0 when every cell is ok, 1 when a cell failed, 2 on a bad suite or an --out "
         "that cannot be written.",
     )
     run.add_argument("suite", nargs="?", help="suite file, e.g. suites/clip.toml")
@@ -48,10 +61,9 @@ def _add_run(commands_: Commands) -> None:
     )
     run.add_argument(
         "--executor",
-        choices=("local", "ray"),
-        default="local",
-        help="local (default): cells run on this machine; ray: each cell is a Ray task on a Ray cluster "
-        'and its record comes back to this run folder (pip install "qbench[ray]")',
+        choices=tuple(executors.REGISTRY),
+        metavar="NAME",
+        help="where and how cells run: " + "; ".join(f"{name}: {what}" for name, what in EXECUTOR_HELP.items()),
     )
     run.add_argument(
         "--ray-address",
@@ -64,14 +76,24 @@ def _add_run(commands_: Commands) -> None:
         "--cpus-per-cell",
         type=float,
         metavar="N",
-        help="with --executor ray: CPUs each cell's task asks for (default 1)",
+        help="with --executor ray or slurm: CPUs each cell's task or job asks for (default 1; its torch threads "
+        "default to them)",
+    )
+    run.add_argument("--slurm-partition", metavar="NAME", help="with --executor slurm: the partition its jobs go to")
+    run.add_argument("--slurm-time-min", type=int, metavar="MIN",
+                     help=f"with --executor slurm: each job's time limit in minutes (default {24 * 60})")
+    run.add_argument(
+        "--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+        help="with --executor slurm: any other sbatch setting submitit knows, e.g. account=myproject, qos=high, "
+        "constraint=a100, mem=64G; repeatable",
     )
     run.add_argument(
         "--parallel",
         type=int,
         default=1,
         metavar="N",
-        help="run N cells side by side on this machine's CPU (threads per cell default to the cores divided by N)",
+        help="run N cells side by side on this machine's CPU (threads per cell default to the cores divided by N); "
+        "with --executor slurm: at most N jobs at once (default: one at a time on this machine, every cell at once on SLURM)",
     )
     run.add_argument(
         "--threads",
@@ -84,8 +106,9 @@ def _add_run(commands_: Commands) -> None:
         "--launcher",
         choices=("auto", "forkserver", "subprocess"),
         default="auto",
-        help="how cell processes start: forked from a server that imported torch & co. and built the data once "
-        "(auto on a CPU), or each a fresh interpreter (auto on GPUs)",
+        help="how this machine's cell processes start (the older spelling of --executor forkserver | subprocess): "
+        "forked from a server that imported torch & co. and built the data once (auto on a CPU), or each a fresh "
+        "interpreter (auto on GPUs)",
     )
     run.add_argument(
         "--shard",
@@ -95,8 +118,9 @@ def _add_run(commands_: Commands) -> None:
     )
     run.add_argument(
         "--resume", metavar="RUN_DIR",
-        help="finish a stopped run: run only the cells of RUN_DIR without an ok record, with the suite, cells and "
-        "device recorded in RUN_DIR/run.json",
+        help="finish a stopped run: run only the cells of RUN_DIR without an ok record, with the suite, cells, "
+        "device and way of starting cells recorded in RUN_DIR/run.json; on this machine unless --executor ray or "
+        "slurm says otherwise",
     )
     run.add_argument("--force", action="store_true", help="with --resume: resume even if the suite file changed since")
     run.add_argument(
@@ -164,7 +188,8 @@ def _add_baseline(commands_: Commands) -> None:
         help="run SUITE and make its records the suite's committed baseline",
         description="Run every cell of SUITE (--repeats times) and, when every cell is ok, replace OUT/<suite>/ "
         "with the runs' records (<run-id>/run.json, cells/, results.csv, summary.md) and baseline.json (the commit "
-        "measured). Refuses a working tree with uncommitted changes unless --allow-dirty. OUT/<suite>/ is replaced "
+        "measured). The cells run on this machine as `qbench run` runs them by default (the local executor: forked "
+        "from a fork server on a CPU). Refuses a working tree with uncommitted changes unless --allow-dirty. OUT/<suite>/ is replaced "
         "only when it holds nothing but an earlier baseline of SUITE (checked before any cell). Review the diff and "
         "commit it.",
     )
@@ -189,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qbench",
         description="Run the same LoRA fine-tune under every base weight format (16-bit, LLM.int8, FP4, NF4, "
         "with and without double quantization) and compare memory, speed and quality.",
+        epilog="Executors (qbench run --executor NAME): " + "; ".join(f"{name}: {what}" for name, what in EXECUTOR_HELP.items())
+        + ". The same run as a library call: qbench.runner.api.run_suite(suite, executor=NAME).",
     )
     parser.add_argument("--version", action="version", version=f"qbench {__version__}")
     commands_ = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from qbench import __version__
 from qbench.analysis.report import layout
 
 if TYPE_CHECKING:
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
     from qbench.analysis.gate.compare import Comparison
     from qbench.analysis.report.sections import Section
     from qbench.contract.suite import Cell
-    from qbench.runner.start import RunStart
+    from qbench.runner.api import RunResult
+    from qbench.runner.runner import RunStarted
 
 console = Console()
 errors = Console(stderr=True)
@@ -86,19 +88,80 @@ class ProgressListener:
         self.where.pop(cell.id, None)
 
 
-def run_start(begun: RunStart) -> None:
-    """The lines under a run's header: compute dtype and why, threads, how cells start; then any warning."""
-    launcher = begun.launcher
-    if launcher == "forkserver":
-        ready = begun.timing.get("forkserver_ready_s")
-        launcher = "forked from a server that imported torch & co. once" + (f" ({ready:.1f} s)" if ready else "")
+class RunDisplay:
+    """The command line's listener of a run: its header, then a progress bar over cells and one per running
+    cell; `with RunDisplay() as display: run_suite(..., listener=display)` clears the bars at the end."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.bars: ProgressListener | None = None
+
+    def __enter__(self) -> RunDisplay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def run_started(self, started: RunStarted) -> None:
+        run_header(started)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 console=console)
+        self.progress.start()
+        self.bars = ProgressListener(self.progress, len(started.cells))
+
+    def cell_started(self, cell: Cell, index: int, total: int) -> None:
+        if self.bars is not None:
+            self.bars.cell_started(cell, index, total)
+
+    def cell_event(self, cell: Cell, event: dict[str, Any]) -> None:
+        if self.bars is not None:
+            self.bars.cell_event(cell, event)
+
+    def cell_finished(self, cell: Cell, record: dict[str, Any]) -> None:
+        if self.bars is not None:
+            self.bars.cell_finished(cell, record)
+
+
+def run_header(started: RunStarted) -> None:
+    """The lines above a run's progress bars: what runs where, the compute dtype and why, the threads, how cells
+    start; then any note and warning."""
+    suite, run_dir, where = escape(started.suite), escape(str(started.run_dir)), escape(started.where)
+    if started.resumed:
+        ids = ", ".join(c.id for c in started.cells)
+        console.print(f"qbench {__version__}: resuming [bold]{suite}[/] in {run_dir}: {len(started.cells)} of "
+                      f"{started.total_cells} cells to run ({escape(ids)}) on {where}")
     else:
-        launcher = "each a fresh process"
-    console.print(f"  {escape(begun.compute.header())}; {escape(begun.threads.header())}; cells {launcher}", highlight=False)
-    for note in begun.notes:
+        part = f", shard {started.shard[0]}/{started.shard[1]} of {started.matrix_cells}" if started.shard else ""
+        console.print(f"qbench {__version__}: suite [bold]{suite}[/] ({len(started.cells)} cells{part}) on {where} -> {run_dir}")
+    for line in started.lines:
+        console.print(f"  {escape(line)}", highlight=False)
+    for note in started.notes:
         console.print(f"  [dim]{escape(note)}[/]", highlight=False)
-    for warning in begun.warnings:
+    for warning in started.warnings:
         errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+
+
+def run_result(result: RunResult) -> int:
+    """How a run or a resumption ended, in the terminal (the verdict and tables, what did not finish, how to
+    resume); its exit code."""
+    if result.interrupted:
+        errors.print(f"[yellow]interrupted:[/] {escape(result.interrupted)}", highlight=False, soft_wrap=True)
+        errors.print(f"resume with: qbench run --resume {escape(str(result.run_dir))}", highlight=False, soft_wrap=True)
+        return result.exit_code
+    if result.error:
+        error(result.error)
+        return result.exit_code
+    if result.note:
+        console.print(escape(result.note), highlight=False)
+    if result.tables:
+        console.print(f"[bold]{escape(result.suite)}[/] — {escape(str(result.run_dir))}", highlight=False)
+        run_end(result.sections, result.run_dir, result.tables)
+    if result.failed:
+        errors.print(f"[red]{len(result.failed)} cell(s) did not finish:[/] {escape(', '.join(result.failed))}",
+                     highlight=False, soft_wrap=True)
+    return result.exit_code
 
 
 def layout_width() -> int | None:

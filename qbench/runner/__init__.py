@@ -1,1 +1,1 @@
-"""The parent process: one child process per cell, every record kept; scheduling, resume."""
+"""The parent process: run a suite (api.run_suite), plan, preflight, resume; executors/ run the cells, one process each."""

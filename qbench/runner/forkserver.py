@@ -16,8 +16,9 @@ Protocol over a Unix SOCK_SEQPACKET socket (one JSON message per packet, file de
                        -> {"forked": PID}
     server -> parent   {"exited": PID, "returncode": N}        when a child ends (-N: killed by signal N)
 
-When the parent goes away (the socket closes) the server kills its children and exits: a cell of a
-killed run cannot go on writing into a run directory that a resume now owns.
+When the parent goes away (the socket closes) the server stops its children (SIGTERM: each records itself
+as interrupted; SIGKILL after a grace) and exits: a cell of a killed run cannot go on writing into a run
+directory that a resume now owns.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ PRELOAD = (
     "qbench.machine.environment", "qbench.machine.compute", "qbench.cell.tasks.clip", "qbench.cell.tasks.causal_lm",
 )
 PR_SET_PDEATHSIG = 1
+CHILD_GRACE_S = 10.0  # what a cell gets to write its interrupted record when the runner is gone
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -211,11 +213,27 @@ def serve(sock: socket.socket) -> None:
                     os.close(fd)
                 send(sock, {"error": f"unknown op {op!r}"})
     finally:  # the parent is gone or stopped us: no cell of this run may outlive it
+        stop_children(children)
+
+
+def stop_children(children: set[int], grace_s: float = CHILD_GRACE_S) -> None:
+    """SIGTERM each child (a cell records itself as interrupted, as on its parent-death signal), then SIGKILL
+    whatever still runs after `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in list(children):
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, sig)
             except ProcessLookupError:
-                pass
+                children.discard(pid)
+        deadline = time.monotonic() + grace_s
+        while children and sig == signal.SIGTERM and time.monotonic() < deadline:
+            for pid in list(children):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        children.discard(pid)
+                except ChildProcessError:
+                    children.discard(pid)
+            time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:

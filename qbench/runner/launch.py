@@ -1,5 +1,5 @@
 """Launching one cell's child process: the one place that starts a cell, feeds it its spec and reads its
-progress, used by every executor (the local runner and each Ray task).
+progress, used by every executor (this machine's, each Ray task, each SLURM job).
 
     with open(log_path, "a") as log:
         cell = CellProcess(spec, env, log)            # `python -m qbench.cell`, a fresh interpreter
@@ -25,33 +25,30 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TextIO
 
 from qbench.contract.protocol import CellSpec, child_env, parse_event
 
-CELL_COMMAND = (sys.executable, "-m", "qbench.cell")  # reads the cell's spec on stdin, writes its record
 CHILD_STOP_GRACE_S = 60  # what a cell gets to write its interrupted record after SIGTERM
 
 
 @dataclass(frozen=True)
 class Target:
-    """What a child process runs: `python -m module` as a subprocess, `function` when forked."""
+    """What a child process runs: `python -m module` as a subprocess, `function` ("module:function",
+    returning an exit code) when forked."""
 
     module: str
     function: str
 
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", self.module]
+
 
 CELL = Target("qbench.cell", "qbench.cell.pipeline:main")  # spec on stdin, events on stdout, record on disk
 COMPUTE_PROBE = Target("qbench.machine.compute", "qbench.machine.compute:main")  # request on stdin, answer on stdout
-
-
-def is_qbench_cell(command: Sequence[str]) -> bool:
-    """Whether `command` is qbench's own cell, not a stand-in (the tests' fake_cell.py, which runs as the
-    subprocess it names and decides for itself what a device is)."""
-    return tuple(command) == CELL_COMMAND
 
 
 class CellProcess:
@@ -59,21 +56,25 @@ class CellProcess:
 
     Standard error and every standard-output line that is not a progress event go to `log`;
     `events()` yields the progress events (`protocol.parse_event`) as they come and ends when the
-    child closes its output. `last_phase` is the last phase the child announced. With `server`, the
-    process is forked from that fork server instead of started as `command`; `launcher` says which."""
+    child closes its output. `last_phase` is the last phase the child announced. The process runs `target`
+    (qbench's cell unless an executor says otherwise): `python -m` it, or, with `server`, forked from that
+    fork server; `launcher` says which. `fields`, `failure`, `wall_s`: what an executor adds to the record (none here)."""
 
     def __init__(
-        self, spec: CellSpec, env: Mapping[str, str], log: TextIO,
-        command: Sequence[str] = CELL_COMMAND, cwd: str | Path | None = None, server: ForkServerLauncher | None = None,
+        self, spec: CellSpec, env: Mapping[str, str], log: TextIO, target: Target = CELL,
+        cwd: str | Path | None = None, server: ForkServerLauncher | None = None,
     ):
         self.log = log
         self.last_phase: str | None = None
+        self.fields: dict[str, Any] = {}
+        self.failure: dict[str, Any] | None = None
+        self.wall_s: float | None = None  # measured by whoever waits for it
         self.launcher = "forkserver" if server is not None else "subprocess"
         if server is not None:
-            self.child: Any = server.start(CELL, dict(env), log)
+            self.child: Any = server.start(target, dict(env), log)
         else:
             self.child = subprocess.Popen(
-                list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=dict(env), cwd=cwd,
+                target.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=dict(env), cwd=cwd,
             )
         try:
             self.child.stdin.write(spec.to_json())

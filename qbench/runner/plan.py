@@ -1,11 +1,11 @@
 """What one `qbench run` will do, decided before anything runs: the cells (after --only, --where, --seeds
-and --shard), where they run (device slots from --gpus, or Ray with --executor ray), and what run.json
-records about that choice."""
+and --shard), where they run (the executor, and this machine's slots from --gpus or --parallel), and what
+run.json records about that choice."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qbench.contract import grid
 from qbench.contract.suite import LIMITS, Cell, LoadedSuite, SuiteError
@@ -14,8 +14,10 @@ from qbench.machine.threads import ThreadPlan
 from qbench.runner import scheduler
 from qbench.runner.scheduler import LOCAL_SLOT, Slot
 
+if TYPE_CHECKING:
+    from qbench.runner.executors.base import Executor
+
 COMMAND_LINE = "command line"
-EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -27,12 +29,9 @@ class RunPlan:
     shard: tuple[int, int] | None = None
     gpus: list[str] | None = None
     gpus_per_cell: float | None = None
-    executor: str = "local"  # local: this machine (--gpus slots); ray: one Ray task per cell
-    ray_address: str | None = None
-    cpus_per_cell: float = 1.0  # with Ray: the CPUs each cell's task asks for
+    executor: Executor | None = None  # where the cells run (qbench.runner.executors)
     where: dict[str, tuple[Any, ...]] | None = None  # --where (and --only as precision), as applied
     threads: ThreadPlan | None = None  # torch threads per cell
-    launcher: str = "auto"  # auto | forkserver | subprocess (qbench.runner.start)
     parallel: int = 1  # cells side by side on this machine's CPU (--parallel)
 
     @property
@@ -52,8 +51,8 @@ class RunPlan:
             "shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None,
             "matrix_cells": self.matrix_cells,
             "gpus": self.gpus,
-            "gpus_per_cell": self.gpus_per_cell if self.gpus or self.executor == "ray" else None,
-            "executor": self.executor,
+            "gpus_per_cell": self.gpus_per_cell if self.gpus or (self.executor and self.executor.places_cells) else None,
+            "executor": self.executor.name if self.executor else None,
             **({"where": {name: list(values) for name, values in self.where.items()}} if self.where else {}),
             "parallel": self.parallel,
             "threads_per_cell": self.threads.per_cell if self.threads else None,
@@ -62,38 +61,21 @@ class RunPlan:
 
 
 def placement(loaded: LoadedSuite, gpus: str | None, gpus_per_cell: float, device: str, shard: str | None,
-              executor: str = "local", ray_address: str | None = None,
-              cpus_per_cell: float | None = None, parallel: int = 1) -> tuple[list[Slot] | None, tuple[int, int] | None]:
-    """Device slots from --gpus / --gpus-per-cell / --parallel and the shard from --shard, checked against
-    --executor; SuiteError when they are wrong."""
+              executor: Executor, parallel: int = 1) -> tuple[list[Slot] | None, tuple[int, int] | None]:
+    """This machine's slots from --gpus / --gpus-per-cell / --parallel and the shard from --shard, checked
+    against the executor; SuiteError when they are wrong."""
     problems = []
     slots = parsed_shard = None
     try:
-        if parallel != 1:
-            if parallel < 1:
-                problems.append(f"--parallel must be at least 1 (got {parallel})")
-            elif executor == "ray":
-                problems.append("--parallel runs cells side by side on this machine's CPU; on Ray, Ray places them")
-            elif gpus:
-                problems.append("--parallel runs cells side by side on the CPU; with --gpus list a GPU twice instead (--gpus 0,0)")
-            elif device == "cuda":
-                problems.append("--parallel runs cells side by side on the CPU; it cannot be combined with --device cuda")
-            else:
+        if parallel < 1:
+            problems.append(f"--parallel must be at least 1 (got {parallel})")
+        listed = scheduler.parse_gpus(gpus) if gpus is not None and not executor.places_cells else None
+        problems += executor.placement_problems(gpus, gpus_per_cell, device, parallel)
+        if not problems:
+            if listed is not None:
+                slots = scheduler.gpu_slots(listed, int(gpus_per_cell))
+            elif parallel > 1:  # cells side by side (on this machine, or jobs in flight at once)
                 slots = [Slot(f"cpu {i + 1}") for i in range(parallel)]
-        if executor == "ray":
-            problems += _ray_problems(gpus, gpus_per_cell, device, cpus_per_cell)
-        else:
-            problems += [f"{flag} goes with --executor ray" for flag, given in
-                         (("--ray-address", ray_address is not None), ("--cpus-per-cell", cpus_per_cell is not None)) if given]
-            if gpus_per_cell != int(gpus_per_cell) or gpus_per_cell < 1:
-                problems.append(f"--gpus-per-cell {gpus_per_cell:g}: a share of a GPU needs --executor ray; on this "
-                                "machine list a GPU twice to run two cells on it (--gpus 0,0)")
-            elif gpus is not None:  # --gpus "" (an unset variable) is an empty list, not no --gpus
-                slots = scheduler.gpu_slots(scheduler.parse_gpus(gpus), int(gpus_per_cell))
-                if device == "cpu":
-                    problems.append("--gpus runs cells on GPUs; it cannot be combined with --device cpu")
-            elif gpus_per_cell != 1:
-                problems.append("--gpus-per-cell needs --gpus (or --executor ray)")
         if gpus_per_cell > 1 and loaded.suite.model.device_map != "auto" and not problems:
             problems.append(
                 f"--gpus-per-cell {gpus_per_cell:g}: a cell only spreads over several GPUs with "
@@ -106,21 +88,6 @@ def placement(loaded: LoadedSuite, gpus: str | None, gpus_per_cell: float, devic
     if problems:
         raise SuiteError(COMMAND_LINE, problems)
     return slots, parsed_shard
-
-
-def _ray_problems(gpus: str | None, gpus_per_cell: float, device: str, cpus_per_cell: float | None) -> list[str]:
-    """What is wrong with the placement options of a run on Ray (Ray picks the GPUs; a cell asks for
-    a whole number of them, or a share of one)."""
-    problems = []
-    if gpus:
-        problems.append("--gpus picks GPUs of this machine; on Ray, Ray gives each cell its GPUs (--gpus-per-cell N)")
-    if not gpus_per_cell > 0 or (gpus_per_cell > 1 and gpus_per_cell != int(gpus_per_cell)):
-        problems.append(f"--gpus-per-cell {gpus_per_cell:g}: a whole number of GPUs, or a share of one (0.5: two cells per GPU)")
-    elif device == "cpu" and gpus_per_cell != 1:
-        problems.append("--gpus-per-cell: cells on --device cpu take no GPU")
-    if cpus_per_cell is not None and not cpus_per_cell > 0:
-        problems.append(f"--cpus-per-cell {cpus_per_cell:g}: must be more than 0")
-    return problems
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -185,21 +152,19 @@ def parse_only(text: str, loaded: LoadedSuite) -> tuple[str, ...]:
 
 
 def make(loaded: LoadedSuite, only: str | None = None, seeds: str | None = None, shard: str | None = None,
-         gpus: str | None = None, gpus_per_cell: float = 1, device: str = "auto", executor: str = "local",
-         ray_address: str | None = None, cpus_per_cell: float | None = None,
-         where: list[str] | tuple[str, ...] = (), threads: int | None = None, parallel: int = 1,
-         launcher: str = "auto") -> RunPlan:
+         gpus: str | None = None, gpus_per_cell: float = 1, device: str = "auto", executor: str | Executor = "local",
+         where: list[str] | tuple[str, ...] = (), threads: int | None = None, parallel: int = 1) -> RunPlan:
     """The plan for the command line's options; SuiteError (one line per problem) when they are wrong."""
+    from qbench.runner import executors
+
+    if isinstance(executor, str):
+        executor = executors.create(executor)
     if threads is not None and not 1 <= threads <= 1024:
         raise SuiteError(COMMAND_LINE, [f"--threads must be between 1 and 1024 (got {threads})"])
-    if launcher == "forkserver" and (executor == "ray" or gpus is not None or device.startswith("cuda")):
-        where = "on Ray each cell is its own task's process" if executor == "ray" else "a fork server cannot fork cells that use CUDA"
-        raise SuiteError(COMMAND_LINE, [f"--launcher forkserver: {where}; leave --launcher out (auto)"])
     chosen = parse_only(only, loaded) if only is not None else None
     seed_list = parse_seeds(seeds) if seeds is not None else None
     conditions = parse_where(where, loaded, seed_list)
-    slots, parsed_shard = placement(loaded, gpus, gpus_per_cell, device, shard, executor, ray_address, cpus_per_cell,
-                                    parallel)
+    slots, parsed_shard = placement(loaded, gpus, gpus_per_cell, device, shard, executor, parallel)
     cells = loaded.cells(chosen, seed_list, conditions)
     if not cells and (conditions or chosen):
         raise SuiteError(COMMAND_LINE, ["--only/--where: no cell of the grid has every value asked for"])
@@ -209,9 +174,10 @@ def make(loaded: LoadedSuite, only: str | None = None, seeds: str | None = None,
     if slots and gpus is None and len(slots) > max(1, len(cells)):  # --parallel beyond the cells: no more side by side
         slots = slots[:max(1, len(cells))]
         parallel = len(slots)
-    if executor == "ray":  # a cell's threads default to the CPUs its Ray task asks for
-        thread_plan = threads_module.plan(threads, loaded.suite.threads, 1, cores=max(1, int(cpus_per_cell or 1)))
+    cores = executor.cores_per_cell()
+    if cores is not None:  # the cell runs elsewhere, alone on the cores it asked for
+        thread_plan = threads_module.plan(threads, loaded.suite.threads, 1, cores=cores)
     else:
         thread_plan = threads_module.plan(threads, loaded.suite.threads, len(slots) if slots else 1)
     return RunPlan(loaded, cells, matrix_cells, slots, parsed_shard, scheduler.parse_gpus(gpus) if gpus is not None else None,
-                   gpus_per_cell, executor, ray_address, cpus_per_cell or 1.0, conditions, thread_plan, launcher, parallel)
+                   gpus_per_cell, executor, conditions, thread_plan, parallel)

@@ -1,4 +1,6 @@
-"""Runs each cell of a suite in its own process and keeps every record it writes."""
+"""The run folder of one `qbench run` and its records: the manifest, each cell's spec, the record of a cell
+that died or was stopped, and the one place that turns Ctrl-C / SIGTERM into RunInterrupted. Where the cells
+run is the executor's business (qbench.runner.executors)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -20,26 +21,47 @@ from qbench import __version__
 from qbench.cell.measure.timing import wall_split
 from qbench.contract import files
 from qbench.contract import records as results
-from qbench.contract.protocol import CellSpec, child_env, identity_fields
+from qbench.contract.protocol import CellSpec, identity_fields
 from qbench.contract.suite import Cell, LoadedSuite
 from qbench.machine.threads import ThreadPlan
-from qbench.runner import launch, scheduler
-from qbench.runner.launch import CELL_COMMAND, CellProcess, ForkServerLauncher, ForkServerUnavailable
+from qbench.runner import scheduler
 from qbench.runner.scheduler import LOCAL_SLOT, Slot
 
 if TYPE_CHECKING:
     from qbench.machine.compute import ComputeChoice
+    from qbench.runner.executors.base import Executor
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    """What a run is about to do, told to the listener before its first cell (the command line's header)."""
+
+    suite: str
+    run_dir: Path
+    cells: list[Cell]  # the cells this command runs
+    total_cells: int  # the run folder's cells (a resume runs only the pending ones)
+    where: str  # device and executor, in words
+    lines: list[str] = field(default_factory=list)  # compute dtype, threads, how cells start
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    shard: tuple[int, int] | None = None
+    matrix_cells: int | None = None
+    resumed: bool = False
 
 
 class Listener(Protocol):
     """What the runner tells its caller (the CLI renders it; the library never prints)."""
 
+    def run_started(self, started: RunStarted) -> None: ...
     def cell_started(self, cell: Cell, index: int, total: int) -> None: ...
     def cell_event(self, cell: Cell, event: dict[str, Any]) -> None: ...
     def cell_finished(self, cell: Cell, record: dict[str, Any]) -> None: ...
 
 
 class QuietListener:
+    def run_started(self, started: RunStarted) -> None:
+        pass
+
     def cell_started(self, cell: Cell, index: int, total: int) -> None:
         pass
 
@@ -82,25 +104,24 @@ def create_run_dir(out: Path, suite_name: str, label: str = "") -> Path:
 
 @dataclass
 class Run:
-    """One run of a suite's cells into one run directory."""
+    """One run of a suite's cells into one run directory, by one executor."""
 
     loaded: LoadedSuite
     run_dir: Path
     device: str
     cells: list[Cell]
-    listener: Listener = QuietListener()
-    env: dict[str, str] | None = None  # extra environment for the cell processes
-    slots: list[Slot] = field(default_factory=lambda: [LOCAL_SLOT])  # one cell process per slot at a time
-    cell_command: tuple[str, ...] = field(default_factory=lambda: CELL_COMMAND)
-    executor = "local"  # recorded as env.executor; each executor's Run says its own
-    forkserver: ForkServerLauncher | None = None  # cells forked from it; None: each a fresh subprocess
+    executor: Executor
+    listener: Listener = field(default_factory=QuietListener)
+    slots: list[Slot] = field(default_factory=lambda: [LOCAL_SLOT])  # one cell process per slot at a time (local)
     compute: ComputeChoice | None = None  # the run's compute dtype (None: each cell decides)
     threads: ThreadPlan | None = None  # torch threads per cell (None: torch's default)
+    env: dict[str, str] | None = None  # extra environment for the cell processes
     # this `qbench run` or `--resume` (its start, UTC): the report marks speed ratios of cells timed in different ones
     session: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    _running: set[CellProcess] = field(default_factory=set, init=False, repr=False)
-    _running_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    _stopping: bool = field(default=False, init=False, repr=False)  # set when the run is being interrupted
+    stopping: bool = field(default=False, init=False)  # set once the run is being interrupted
+    running: list[str] = field(default_factory=list, init=False)  # ids of the cells that run now
+    stopped_during: list[str] = field(default_factory=list, init=False)  # the cells running when the stop came
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def run_id(self) -> str:
@@ -121,23 +142,11 @@ class Run:
         }
         results.write_json_atomic(self.run_dir / "run.json", manifest)
 
-    @property
-    def launcher(self) -> str:
-        """How this run's cells start: `forkserver` or `subprocess` (recorded as env.cell_launcher)."""
-        return "forkserver" if self._forks else "subprocess"
-
-    @property
-    def _forks(self) -> bool:
-        """Cells are forked from the fork server: there is one, and the cell command is qbench's own (a test's
-        stand-in command, e.g. tests/fake_cell.py, runs as the subprocess it names)."""
-        return self.forkserver is not None and launch.is_qbench_cell(self.cell_command)
-
-    def _spec(self, cell: Cell, attempt: str = "", parent_pid: int = 0) -> CellSpec:
-        """The cell's spec. `attempt`: the token that alone may write the record (a local cell writes into the
-        run folder; "" where the executor writes the record itself). `parent_pid`: the process that starts the
-        cell as its child (this one or its fork server, for a local cell; 0 where it is not the runner, e.g. a
-        Ray worker)."""
-        run_fields = {"env.cell_launcher": self.launcher, "run_session": self.session,
+    def spec(self, cell: Cell, attempt: str = "", parent_pid: int = 0) -> CellSpec:
+        """The cell's spec. `attempt`: the token that alone may write the record ("" where the executor writes
+        the record itself). `parent_pid`: the process that starts the cell as its child (0 where that is not
+        known here, e.g. a Ray worker or a SLURM job, which checks it itself)."""
+        run_fields = {"env.cell_launcher": self.executor.launcher, "run_session": self.session,
                       **(self.threads.record_fields() if self.threads else {})}
         return CellSpec(
             suite_text=self.loaded.source_text(),
@@ -149,7 +158,7 @@ class Run:
             seed=cell.seed,
             device=self.device,
             record_path=str(results.record_path(self.run_dir, cell.id)),
-            executor=self.executor,
+            executor=self.executor.name,
             axes=dict(cell.axes),
             attempt=attempt,
             parent_pid=parent_pid,
@@ -158,7 +167,7 @@ class Run:
             run_fields=run_fields,
         )
 
-    def _crash_record(
+    def crash_record(
         self, cell: Cell, returncode: int | None, last_phase: str | None, partial: dict[str, Any] | None = None,
         interrupted: bool = False, slot: Slot = LOCAL_SLOT,
     ) -> dict[str, Any]:
@@ -172,141 +181,85 @@ class Run:
         phase = (partial or {}).get("last_phase") or last_phase or "start"
         return {
             **(partial or {}),
-            **self._identity(cell),
+            **identity_fields(self.loaded, self.run_id, cell),
             "status": "interrupted" if interrupted else "failed",
             "error": f"cell process {how} (last phase: {phase}); see logs/{cell.id}.log",
             "error_type": "Interrupted" if interrupted else "ChildProcessDied",
             "error_phase": phase,
             "error_returncode": returncode,
-            "env.executor": self.executor,
+            "env.executor": self.executor.name,
             "time.end": datetime.now(UTC).isoformat(timespec="seconds"),
             "env.cuda_visible_devices": slot.env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")),
         }
 
-    def _identity(self, cell: Cell) -> dict[str, Any]:
-        return identity_fields(self.loaded, self.run_id, cell)
-
-    def _settle(
+    def settle(
         self, cell: Cell, returncode: int | None, last_phase: str | None, interrupted: bool = False,
-        slot: Slot = LOCAL_SLOT, attempt: str = "", wall_s: float | None = None,
+        slot: Slot = LOCAL_SLOT, attempt: str = "", wall_s: float | None = None, fields: dict[str, Any] | None = None,
+        failure: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """The cell's final record: the one it wrote, or (if it died or was stopped first) a failure or
         interruption record that keeps every figure its last checkpoint held; with the runner's own figures
-        (the wall time of the cell's process and what its parts leave of it). Written atomically, and only
-        while `attempt` is still the cell's current one (else the newer attempt's record is returned)."""
+        (the wall time of the cell's process and what its parts leave of it) and the executor's `fields`
+        (where it ran). `failure`: the executor's own error fields for a cell that left no record (its job
+        or worker died). Written atomically, and only while `attempt` is still the cell's current one (else
+        the newer attempt's record is returned)."""
         record_file = results.record_path(self.run_dir, cell.id)
         written = results.read_record(record_file)
         if written is not None and written.get("status") not in (None, "running"):
-            record = written
+            record = {**(fields or {}), **written}
         else:
-            record = self._crash_record(cell, returncode, last_phase, written, interrupted, slot)
+            record = {**self.crash_record(cell, returncode, last_phase, written, interrupted, slot), **(fields or {})}
+            if failure and not interrupted:
+                record.update(failure)
         if wall_s is not None:
             record.update(wall_split(record, wall_s))
-        record.setdefault("env.cell_launcher", self.launcher)
+        record.setdefault("env.cell_launcher", self.executor.launcher)
         try:
             results.write_record(record_file, record, attempt)
         except results.Superseded:
             return results.read_record(record_file) or record
         return record
 
-    def _launch(self, cell: Cell, env: dict[str, str], log: Any, attempt: str) -> CellProcess:
-        """Start the cell's process: forked from the run's fork server, else (none, or it died) a subprocess."""
-        if self._forks:
-            try:
-                spec = self._spec(cell, attempt, parent_pid=self.forkserver.pid)
-                return CellProcess(spec, env, log, self.cell_command, server=self.forkserver)
-            except ForkServerUnavailable as gone:  # the server died (e.g. the OOM killer): go on without it
-                log.write(f"=== qbench: the fork server is gone ({gone}); this and later cells start as subprocesses ===\n")
-                log.flush()
-                self.forkserver = None
-        return CellProcess(self._spec(cell, attempt, parent_pid=os.getpid()), env, log, self.cell_command)
+    # -- what the executors report (from one thread at a time: Run.execute serializes the listener) -----------
 
-    def run_cell(self, cell: Cell, slot: Slot = LOCAL_SLOT) -> dict[str, Any]:
-        """Run one cell in a fresh process in `slot`; always returns (and leaves on disk) its record.
+    def cell_started(self, cell: Cell, index: int, where: str | None = None) -> None:
+        with self._lock:
+            self.running.append(cell.id)
+        self.listener.cell_started(cell, index, len(self.cells))
+        if where:
+            self.listener.cell_event(cell, {"event": "slot", "slot": where})
 
-        OutputError when the run folder cannot be written (a full disk, a read-only folder): the run cannot
-        keep what it measures, so it stops; the records already written stay as they are."""
-        try:
-            return self._run_cell(cell, slot)
-        except OSError as error:
-            raise files.OutputError.from_os_error(self.run_dir, error) from None
+    def cell_finished(self, cell: Cell, record: dict[str, Any]) -> None:
+        with self._lock:
+            if cell.id in self.running:
+                self.running.remove(cell.id)
+        self.listener.cell_finished(cell, record)
 
-    def _run_cell(self, cell: Cell, slot: Slot) -> dict[str, Any]:
-        log_path = self.run_dir / "logs" / f"{cell.id}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        record_file = results.record_path(self.run_dir, cell.id)
-        attempt = results.claim_record(record_file)  # from now on an older attempt's process cannot write it
-        record_file.unlink(missing_ok=True)
-        extra = {"OMP_NUM_THREADS": str(self.threads.per_cell)} if self.threads else {}
-        env = child_env({**(self.env or {}), **extra, **slot.env})
-        with open(log_path, "a", encoding="utf-8") as log:  # appended: a resumed cell keeps its earlier log
-            log.write(log_header(cell))
-            log.flush()
-            launched = time.monotonic()
-            child = self._launch(cell, env, log, attempt)
-            with self._running_lock:
-                self._running.add(child)
-            try:
-                for event in child.events():
-                    self.listener.cell_event(cell, event)
-                child.wait()
-            except BaseException as error:
-                child.stop()
-                record = self._settle(
-                    cell, child.returncode, child.last_phase, interrupted=isinstance(error, KeyboardInterrupt), slot=slot,
-                    attempt=attempt, wall_s=time.monotonic() - launched,
-                )
-                _write_quietly(log, log_footer(cell, record))
-                raise
-            finally:
-                with self._running_lock:
-                    self._running.discard(child)
-            record = self._settle(cell, child.returncode, child.last_phase, interrupted=self._stopping, slot=slot,
-                                  attempt=attempt, wall_s=time.monotonic() - launched)
-            log.write(log_footer(cell, record))
-        return record
-
-    def stop_running(self) -> None:
-        """Stop every running cell process (each writes an interrupted record)."""
-        self._stopping = True
-        with self._running_lock:
-            running = list(self._running)
-        for child in running:
-            child.terminate()
-        for child in running:
-            child.stop()
+    def stop_requested(self) -> None:
+        """The run is being interrupted: remember which cells were running (for the message) and say so."""
+        with self._lock:
+            self.stopping = True
+            self.stopped_during = list(self.running)
 
     def execute(self) -> list[dict[str, Any]]:
-        """Run every cell, one process per slot at a time; a failed cell is recorded and the run goes on."""
+        """Run every cell with the executor; a failed cell is recorded and the run goes on. Ctrl-C or SIGTERM
+        stops it: the executor stops its running cells (recorded `interrupted`) and RunInterrupted is raised."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.listener = scheduler.serialized(self.listener)  # cells report from one thread per slot
-        total = len(self.cells)
+        terminated: list[int] = []  # a KeyboardInterrupt may come back re-raised without our message (Ray does)
 
-        running: list[str] = []  # ids of the cells whose process runs now
-        stopped_during: list[str] = []
+        def sigterm_as_interrupt(signum: int, frame: Any) -> None:
+            terminated.append(signum)
+            raise KeyboardInterrupt("SIGTERM")
 
-        def start(cell: Cell, index: int, slot: Slot) -> None:
-            running.append(cell.id)
-            self.listener.cell_started(cell, index, total)
-            if slot.env:
-                self.listener.cell_event(cell, {"event": "slot", "slot": slot.name})
-
-        def finish(cell: Cell, record: dict[str, Any]) -> None:
-            running.remove(cell.id)
-            self.listener.cell_finished(cell, record)
-
-        def stop() -> None:
-            stopped_during.extend(running)
-            self.stop_running()
-
-        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+        previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
         try:
-            return scheduler.schedule(
-                self.cells, self.slots, self.run_cell, on_start=start, on_finish=finish, stop_running=stop
-            )
-        except KeyboardInterrupt as stop_signal:
-            where = f"during cell {', '.join(stopped_during)}" if stopped_during else "between cells"
-            signal_name = "SIGTERM" if str(stop_signal) == "SIGTERM" else "SIGINT"
+            return self.executor.run_cells(self)
+        except KeyboardInterrupt:
+            if not self.stopping:
+                self.stop_requested()
+            where = f"during cell {', '.join(self.stopped_during)}" if self.stopped_during else "between cells"
+            signal_name = "SIGTERM" if terminated else "SIGINT"
             raise RunInterrupted(f"run stopped by {signal_name} {where}; finished records are in {self.run_dir}", signal_name) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -357,7 +310,7 @@ def log_header(cell: Cell) -> str:
     return f"=== qbench: cell {cell.id} started {datetime.now(UTC).isoformat(timespec='seconds')} ===\n"
 
 
-def _write_quietly(log: Any, text: str) -> None:
+def write_quietly(log: Any, text: str) -> None:
     """A log line on the way out of an error: the error that got us here matters more than this line."""
     try:
         log.write(text)
@@ -369,7 +322,3 @@ def _write_quietly(log: Any, text: str) -> None:
 def log_footer(cell: Cell, record: dict[str, Any]) -> str:
     error = f": {record.get('error')}" if record.get("status") != "ok" else ""
     return f"=== qbench: cell {cell.id} ended {datetime.now(UTC).isoformat(timespec='seconds')}, {record.get('status')}{error} ===\n"
-
-
-def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt("SIGTERM")

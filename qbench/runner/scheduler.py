@@ -100,7 +100,7 @@ def serialized(listener: Any) -> Any:
 def schedule(
     cells: Sequence[CellT],
     slots: Sequence[Slot],
-    run_cell: Callable[[CellT, Slot], dict[str, Any]],
+    supervise: Callable[[CellT, Slot], dict[str, Any] | None],
     on_start: Callable[[CellT, int, Slot], None] = lambda cell, index, slot: None,
     on_finish: Callable[[CellT, dict[str, Any]], None] = lambda cell, record: None,
     stop_running: Callable[[], None] = lambda: None,
@@ -111,7 +111,7 @@ def schedule(
     A thread pool with one thread per slot (`concurrent.futures`): cells start in matrix order; a
     slot is free again as soon as its cell returns, whatever its status. Returns the records in cell
     order (not finishing order). `on_start` and `on_finish` are called from one thread at a time. If
-    `run_cell` raises, no further cell starts, the running ones finish, and the first error (in cell
+    `supervise` raises, no further cell starts, the running ones finish, and the first error (in cell
     order) is raised. On KeyboardInterrupt no further cell starts, `stop_running` is called, the
     running cells are waited for, and the interrupt goes on.
     """
@@ -130,7 +130,7 @@ def schedule(
             slot = free.get_nowait()  # never empty: the pool runs at most one cell per slot
             on_start(cell, index, slot)
         try:
-            record = run_cell(cell, slot)
+            record = supervise(cell, slot)
         except BaseException:
             stopping.set()
             raise

@@ -12,27 +12,34 @@ Ray is imported only here and only when asked for (`import_ray`): qbench runs wi
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from qbench.cell.measure.timing import wall_split
 from qbench.contract import records as results
 from qbench.contract.suite import Cell, SuiteError
-from qbench.runner import launch, runner
+from qbench.runner import launch
+from qbench.runner.executors.base import Executor, Placement, Request
+from qbench.runner.executors.ray_task import cell_task, collected_cell_task, spec_dict
+from qbench.runner.launch import CELL, Target
 from qbench.runner.plan import COMMAND_LINE
-from qbench.runner.ray_task import cell_task, collected_cell_task, spec_dict
+from qbench.runner.runner import log_footer, log_header
+
+if TYPE_CHECKING:
+    from qbench.runner.runner import Run
 
 INSTALL_HINT = 'pip install "qbench[ray]"'
 LOCAL = "local"  # --ray-address local: a private single-machine cluster for this run
 CONNECT_TIMEOUT_S = 5.0  # an unreachable head is refused after this, not after Ray's own two minutes
 STOP_WAIT_S = launch.CHILD_STOP_GRACE_S + 30  # how long an interrupted run waits for its running tasks
 POLL_S = 0.2
+CATCH_UP_S = 1.0  # on a stop, how long the items the tasks already sent are read before they are cancelled
 # The driver's settings a cell on another machine must see too (thread counts, offline mode, caches,
-# test fault injection); anything machine-specific (PATH, CUDA_VISIBLE_DEVICES, ...) stays behind.
+# qbench's own); anything machine-specific (PATH, CUDA_VISIBLE_DEVICES, ...) stays behind.
 FORWARDED_ENV_PREFIXES = ("QBENCH_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "MKL_", "OPENBLAS_", "PYTORCH_",
                           "BNB_", "CUBLAS_WORKSPACE_CONFIG", "CUDA_LAUNCH_BLOCKING")
 
@@ -184,56 +191,104 @@ class _Task:
     attempt: str | None = None  # this run's claim on the cell's record (records.claim_record)
 
 
-@dataclass
-class RayRun(runner.Run):
-    """A run whose cells are Ray tasks; records, logs and run.json as a local run writes them."""
+class RayExecutor(Executor):
+    """Each cell a Ray task on a Ray cluster; records, logs and run.json as a local run writes them."""
 
-    resources: CellResources = field(default_factory=lambda: CellResources(0.0, 1.0))
-    # True: each task streams its items as they come (progress, checkpoints, log); False: a task hands
-    # them all back when it ends (Ray Client); None: streams unless connected through Ray Client
-    stream: bool | None = None
-    executor = "ray"
+    name = "ray"
+    places_cells = True
+    OPTIONS = {"address": "--ray-address", "cpus_per_cell": "--cpus-per-cell"}
+    cell: ClassVar[Target] = CELL  # what each task's cell process runs
 
-    def execute(self) -> list[dict[str, Any]]:
+    def __init__(self, address: str | None = None, cpus_per_cell: float | None = None, stream: bool | None = None,
+                 resources: CellResources | None = None):
+        self.address = address
+        self.cpus_per_cell = cpus_per_cell
+        # True: each task streams its items as they come (progress, checkpoints, log); False: a task hands
+        # them all back when it ends (Ray Client); None: streams unless connected through Ray Client
+        self.stream = stream
+        self.resources = resources or CellResources(0.0, cpus_per_cell or 1.0)  # what each cell's task asks for
+        self.cluster: Cluster | None = None
+        self.run: Run | None = None  # the run whose cells run now
+
+    def placement_problems(self, gpus: str | None, gpus_per_cell: float, device: str, parallel: int) -> list[str]:
+        """Ray picks the GPUs and places the cells; a cell asks for a whole number of GPUs, or a share of one."""
+        problems = []
+        if parallel > 1:
+            problems.append("--parallel runs cells side by side on this machine's CPU; on Ray, Ray places them")
+        if gpus:
+            problems.append("--gpus picks GPUs of this machine; on Ray, Ray gives each cell its GPUs (--gpus-per-cell N)")
+        if not gpus_per_cell > 0 or (gpus_per_cell > 1 and gpus_per_cell != int(gpus_per_cell)):
+            problems.append(f"--gpus-per-cell {gpus_per_cell:g}: a whole number of GPUs, or a share of one (0.5: two cells per GPU)")
+        elif device == "cpu" and gpus_per_cell != 1:
+            problems.append("--gpus-per-cell: cells on --device cpu take no GPU")
+        if self.cpus_per_cell is not None and not self.cpus_per_cell > 0:
+            problems.append(f"--cpus-per-cell {self.cpus_per_cell:g}: must be more than 0")
+        return problems
+
+    def cores_per_cell(self) -> int | None:
+        return max(1, int(self.cpus_per_cell or 1))  # a cell's threads default to the CPUs its task asks for
+
+    def check(self, request: Request) -> str:
+        request.check(None)
+        return "a Ray cluster"
+
+    def prepare(self, request: Request) -> Placement:
+        """Check the suite (no memory check: the cells run on the cluster's nodes), join the cluster, settle the
+        device (auto: cuda when the cluster has GPUs) and what each cell asks for; SuiteError when no node has
+        room for one cell (checked before any folder is made)."""
+        request.check(None)
+        self.cluster = connect(self.address)
+        try:
+            device = request.device
+            if device == "auto":
+                device = "cuda" if self.cluster.has_gpus() else "cpu"
+            self.resources = cell_resources(device, request.gpus_per_cell, self.cpus_per_cell or 1.0)
+            self.cluster.check_fits(self.resources)
+        except BaseException:
+            self.close()
+            raise
+        total = ", ".join(f"{self.cluster.resources.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
+        where = (f"{device}, Ray at {self.cluster.address} ({len(self.cluster.nodes)} node(s), {total}; "
+                 f"{self.resources.describe()} per cell)")
+        return Placement(device=device, where=where, threads=request.threads, manifest={"ray": self.cluster.manifest(self.resources)})
+
+    def close(self, run_dir: Path | None = None) -> None:
+        if self.cluster is not None:
+            disconnect(self.cluster)
+            self.cluster = None
+
+    def run_cells(self, run: Run) -> list[dict[str, Any]]:
         """Submit every cell, write each record as its task ends; a failed cell or task is recorded and the
-        run goes on. Ctrl-C / SIGTERM cancels the tasks not started, stops the running cells (recorded
-        `interrupted`) and raises RunInterrupted."""
+        run goes on. Ctrl-C / SIGTERM cancels the tasks not started and stops the running cells (recorded
+        `interrupted`)."""
         ray = import_ray()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = run
         if self.stream is None:  # Ray Client (ray://) cannot stream a task's items
             self.stream = not ray.util.client.ray.is_connected()
         remote = ray.remote(cell_task if self.stream else collected_cell_task)
         options = {**self.resources.options(), "max_retries": 0, "retry_exceptions": False}
         if self.stream:
             options["num_returns"] = "streaming"
-        command = None if launch.is_qbench_cell(self.cell_command) else list(self.cell_command)
-        env = forwarded_env(self.env)
+        target = None if self.cell == CELL else (self.cell.module, self.cell.function)
+        env = forwarded_env(run.env)
         tasks: dict[Any, _Task] = {}
         records: dict[int, dict[str, Any]] = {}
-        terminated: list[int] = []  # Ray re-raises a KeyboardInterrupt of its own, without the handler's message
-
-        def sigterm_as_interrupt(signum: int, frame: Any) -> None:
-            terminated.append(signum)
-            raise KeyboardInterrupt("SIGTERM")
-
-        previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
         try:
             try:
-                for index, cell in enumerate(self.cells):
-                    spec = spec_dict(self._spec(cell))
-                    handle = remote.options(**options, name=f"qbench {self.loaded.suite.name} {cell.id}").remote(spec, env, command)
+                for index, cell in enumerate(run.cells):
+                    spec = spec_dict(run.spec(cell))
+                    handle = remote.options(**options, name=f"qbench {run.loaded.suite.name} {cell.id}").remote(spec, env, target)
                     tasks[handle] = _Task(cell, index)
                 self._follow(ray, tasks, records)
             except KeyboardInterrupt:
-                running = [task.cell.id for task in tasks.values() if task.placement is not None]
+                try:  # first what the tasks said already: a cell placed on a worker is one to stop and record
+                    self._follow(ray, tasks, records, deadline=time.monotonic() + CATCH_UP_S)
+                except KeyboardInterrupt:
+                    pass
+                run.stop_requested()  # the cells placed on a worker are the running ones
                 self._stop(ray, tasks, records)
-                where = f"during cell {', '.join(running)}" if running else "between cells"
-                signal_name = "SIGTERM" if terminated else "SIGINT"
-                raise runner.RunInterrupted(
-                    f"run stopped by {signal_name} {where}; finished records are in {self.run_dir}", signal_name
-                ) from None
+                raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
             for handle in tasks:  # a driver error: leave nothing running on the cluster
                 ray.cancel(handle, force=False)
         return [records[index] for index in sorted(records)]
@@ -243,7 +298,7 @@ class RayRun(runner.Run):
     def _follow(self, ray: Any, tasks: dict[Any, _Task], records: dict[int, dict[str, Any]], deadline: float | None = None) -> None:
         """Take the tasks' items as they come until every task ended (or `deadline`, a monotonic time)."""
         while tasks and (deadline is None or time.monotonic() < deadline):
-            ready, _ = ray.wait(list(tasks), num_returns=1, timeout=POLL_S)
+            ready, _ = ray.wait(list(tasks), num_returns=len(tasks), timeout=POLL_S)  # every ready task, in turn
             for handle in ready:
                 task = tasks[handle]
                 try:
@@ -274,7 +329,7 @@ class RayRun(runner.Run):
             self._started(task, item["fields"])
         elif kind == "event":
             task.last_phase = item["event"].get("phase", task.last_phase)
-            self.listener.cell_event(task.cell, item["event"])
+            self.run.listener.cell_event(task.cell, item["event"])
         elif kind == "log":
             self._log(task.cell, item["text"])
         elif kind == "checkpoint":
@@ -287,16 +342,14 @@ class RayRun(runner.Run):
 
     def _started(self, task: _Task, placement: dict[str, Any]) -> None:
         task.placement = placement
-        task.attempt = results.claim_record(results.record_path(self.run_dir, task.cell.id))  # older attempts' writes refused
-        results.record_path(self.run_dir, task.cell.id).unlink(missing_ok=True)
-        self._log(task.cell, runner.log_header(task.cell))
-        self.listener.cell_started(task.cell, task.index, len(self.cells))
+        task.attempt = results.claim_record(results.record_path(self.run.run_dir, task.cell.id))  # older attempts' writes refused
+        results.record_path(self.run.run_dir, task.cell.id).unlink(missing_ok=True)
+        self._log(task.cell, log_header(task.cell))
         gpus = placement.get("env.ray.gpu_ids")
-        where = f"{placement.get('env.hostname')}" + (f" gpu {gpus}" if gpus else "")
-        self.listener.cell_event(task.cell, {"event": "slot", "slot": where})
+        self.run.cell_started(task.cell, task.index, f"{placement.get('env.hostname')}" + (f" gpu {gpus}" if gpus else ""))
 
     def _log(self, cell: Cell, text: str) -> None:
-        log_path = self.run_dir / "logs" / f"{cell.id}.log"
+        log_path = self.run.run_dir / "logs" / f"{cell.id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a", encoding="utf-8") as log:  # appended: a resumed cell keeps its earlier log
             log.write(text)
@@ -312,7 +365,7 @@ class RayRun(runner.Run):
             record = {**(task.placement or {}), **written}
         else:
             partial = written or task.checkpoint
-            record = self._crash_record(task.cell, returned.get("returncode"), returned.get("last_phase"), partial, self._stopping)
+            record = self.run.crash_record(task.cell, returned.get("returncode"), returned.get("last_phase"), partial, self.run.stopping)
             record = {**record, **(task.placement or {})}
         if returned.get("wall_s") is not None:  # measured on the worker, as the local runner measures it
             record.update(wall_split(record, returned["wall_s"]))
@@ -323,11 +376,11 @@ class RayRun(runner.Run):
         Ray could not run it, or it was cancelled because the run was interrupted (None when it was
         cancelled before it started: a cell that never ran has no record, as in a local run)."""
         error_type = ray_error_type(error)
-        interrupted = self._stopping and error_type in ("Interrupted", "RayWorkerDied")
+        interrupted = self.run.stopping and error_type in ("Interrupted", "RayWorkerDied")
         if interrupted and task.placement is None:
             return None
         phase = (task.checkpoint or {}).get("last_phase") or task.last_phase or "start"
-        record = self._crash_record(task.cell, None, phase, task.checkpoint, interrupted)
+        record = self.run.crash_record(task.cell, None, phase, task.checkpoint, interrupted)
         record.update(task.placement or {"env.cuda_visible_devices": None})
         if not interrupted:
             where = (task.placement or {}).get("env.hostname")
@@ -343,7 +396,7 @@ class RayRun(runner.Run):
 
     def _write(self, task: _Task, record: dict[str, Any]) -> None:
         """The cell's record into the run folder, while this run's attempt at the cell is the current one."""
-        path = results.record_path(self.run_dir, task.cell.id)
+        path = results.record_path(self.run.run_dir, task.cell.id)
         if task.attempt is None:
             task.attempt = results.claim_record(path)
         try:
@@ -354,9 +407,9 @@ class RayRun(runner.Run):
     def _finish(self, task: _Task, record: dict[str, Any]) -> dict[str, Any]:
         self._write(task, record)
         if task.placement is None:  # never started on a worker: the listener hears of it all the same
-            self.listener.cell_started(task.cell, task.index, len(self.cells))
-        self._log(task.cell, runner.log_footer(task.cell, record))
-        self.listener.cell_finished(task.cell, record)
+            self.run.cell_started(task.cell, task.index)
+        self._log(task.cell, log_footer(task.cell, record))
+        self.run.cell_finished(task.cell, record)
         return record
 
     # --- interruption --------------------------------------------------------------------------
@@ -364,7 +417,7 @@ class RayRun(runner.Run):
     def _stop(self, ray: Any, tasks: dict[Any, _Task], records: dict[int, dict[str, Any]]) -> None:
         """Cancel every task: those not started never will; a running one stops its cell (recorded
         `interrupted`). Waits for them; a second Ctrl-C or SIGTERM kills their workers at once."""
-        self._stopping = True
+        self.run.stopping = True
         for handle in tasks:
             ray.cancel(handle, force=False)
         try:

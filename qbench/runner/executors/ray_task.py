@@ -1,7 +1,7 @@
 """What one Ray task does on its worker: run one cell in its own process, exactly as the local runner
 does, and stream back where it runs, its progress, its record checkpoints, its log and how it ended.
 
-The driver (`qbench.runner.ray_executor`) turns the stream into the run folder; nothing here touches it,
+The driver (`qbench.runner.executors.ray_executor`) turns the stream into the run folder; nothing here touches it,
 so a cell on another machine needs no shared file system for its results. Ray is imported only for
 the runtime context of the task; the function runs as a plain generator too (tests, no Ray).
 """
@@ -14,14 +14,14 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from qbench.contract import records as results
 from qbench.contract.protocol import CellSpec, child_env
-from qbench.runner.launch import CELL_COMMAND, CellProcess
+from qbench.runner.launch import CELL, CellProcess, Target
 
 POLL_S = 0.2  # how often the task looks at the cell's log and checkpoint, and lets a cancellation in
 LOG_CHUNK_CHARS = 64 * 1024  # larger log output goes back in several items
@@ -108,13 +108,14 @@ class _Checkpoint:
         return record
 
 
-def cell_task(spec: dict[str, Any], env: Mapping[str, str], command: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+def cell_task(spec: dict[str, Any], env: Mapping[str, str], target: tuple[str, str] | None = None) -> Iterator[dict[str, Any]]:
     """Run the cell `spec` (a `CellSpec` as a dict; its record_path is replaced by one on this machine)
     in a fresh process and yield what it does (see the item kinds above).
 
     `env` is added to this worker's environment for the cell (the driver forwards its qbench, Hugging
     Face and thread settings); Ray has already set CUDA_VISIBLE_DEVICES to the GPUs it gave the task.
-    `command` None runs this worker's own Python: `python -m qbench.cell`. When the task is cancelled
+    `target` (module, "module:function") is what the cell process runs; None: this worker's
+    `python -m qbench.cell`. When the task is cancelled
     (KeyboardInterrupt) or closed, the cell process is asked to stop and waited for."""
     yield {"kind": "placement", "fields": placement_fields()}
     with tempfile.TemporaryDirectory(prefix="qbench-ray-cell-") as scratch:
@@ -123,7 +124,7 @@ def cell_task(spec: dict[str, Any], env: Mapping[str, str], command: Sequence[st
         cell_spec = CellSpec(**{**spec, "record_path": str(record_path)})
         with open(log_path, "w", encoding="utf-8") as log, open(log_path, encoding="utf-8") as log_reader:
             launched = time.monotonic()
-            cell = CellProcess(cell_spec, child_env(dict(env)), log, tuple(command or CELL_COMMAND), cwd=scratch)
+            cell = CellProcess(cell_spec, child_env(dict(env)), log, Target(*target) if target else CELL, cwd=scratch)
             checkpoint = _Checkpoint(record_path)
             lines: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
 
@@ -160,9 +161,9 @@ def cell_task(spec: dict[str, Any], env: Mapping[str, str], command: Sequence[st
                    "record": results.read_record(record_path), "wall_s": wall_s}
 
 
-def collected_cell_task(spec: dict[str, Any], env: Mapping[str, str], command: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def collected_cell_task(spec: dict[str, Any], env: Mapping[str, str], target: tuple[str, str] | None = None) -> list[dict[str, Any]]:
     """`cell_task`'s items all at once, when the cell ended (for Ray Client, which cannot stream them)."""
-    return list(cell_task(spec, env, command))
+    return list(cell_task(spec, env, target))
 
 
 def _new_log(reader: Any) -> Iterator[dict[str, Any]]:

@@ -1,8 +1,7 @@
-"""Test-only fault injection into a cell, so the tests can check that every failure is recorded.
-
-Nothing here runs unless the environment variable QBENCH_TEST_FAULTS is set; no suite key turns it
-on, and a record says which faults were injected (`test.injected_faults`). Its value is a
-comma-separated list of `CELL:PHASE:KIND[:ARG]`:
+"""Fault injection into real cells, for the tests only (the package knows nothing of it): the faulty cell
+(tests/helpers/faulty_cell.py) runs qbench's real pipeline with the faults of QBENCH_TEST_FAULTS planted,
+and its record says which (`test.injected_faults`). The variable's value is a comma-separated list of
+`CELL:PHASE:KIND[:ARG]`:
 
     CELL   a cell id (`nf4-seed0`) or `*` for every cell
     PHASE  data, load, prepare, eval_before, train, eval_after
