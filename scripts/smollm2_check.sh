@@ -27,7 +27,7 @@ python - "$run_dir" <<'PY'
 import sys
 
 from qbench.analysis.report import paper
-from qbench.contract.records import load_frame
+from qbench.analysis.load import load_frame
 
 frame = load_frame([sys.argv[1]])
 metric = "quality.before.perplexity"
