@@ -1,7 +1,7 @@
 """Microbenchmarks of the bitsandbytes kernels every qbench cell depends on (pytest-benchmark).
 
 Run through tox (`tox -e bench`), which saves each run under .benchmarks/ and fails when a kernel's
-median got slower than the last saved run by more than the tolerance; see README, "Microbenchmarks".
+median got slower than the last saved run by more than the tolerance; see docs/benchmarks.md.
 Each benchmark also checks its result, so a fast but wrong kernel does not pass.
 """
 

@@ -30,7 +30,7 @@ UNTIMED = 5
 BATCH = 16
 TOLERANCE = float(os.environ.get("QBENCH_OVERHEAD_TOLERANCE", "0.01"))  # issue 12: within 1 % of the bare loop
 # one thread by default: on a shared, oversubscribed CPU two OpenMP threads wait on each other and a
-# step's time is mostly scheduling noise (a tiny step took 0.75 s with 2 threads, 0.04 s with 1)
+# tiny step's time is mostly scheduling noise
 THREADS = int(os.environ.get("QBENCH_OVERHEAD_THREADS", "1"))
 CONFIG = SimpleNamespace(
     steps=STEPS, lr=1e-3, weight_decay=0.0, scheduler="cosine", warmup_steps=2, grad_accum=1, max_grad_norm=1.0

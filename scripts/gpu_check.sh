@@ -67,18 +67,19 @@ echo "== peak memory per precision"
 $PYTHON - <<'PY'
 from pathlib import Path
 
-from qbench import report, results
+from qbench.analysis.load import load_frame
+from qbench.analysis.report.tables import peak_memory_table
 
 runs = sorted(Path("results/gpucheck").glob("*/cells"), key=lambda p: p.stat().st_mtime)
 if not runs:
     raise SystemExit("no run directory under results/gpucheck")
 run_dir = runs[-1].parent
-frame = results.load_frame([run_dir])
+frame = load_frame([run_dir])
 columns = [c for c in ("precision", "status", "error", "memory.nvml.device_name", "memory.source.nvml") if c in frame.columns]
 print(frame[columns].to_markdown(index=False))
 lines = []
 for title, phase in (("peak over all phases", None), ("train phase", "train"), ("load phase", "load")):
-    table = report.peak_memory_table(frame, phase)
+    table = peak_memory_table(frame, phase)
     lines += [f"\n### {title} (MiB)\n", table.to_markdown(floatfmt=".1f")]
 text = "\n".join(lines)
 print(text)
@@ -93,13 +94,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from qbench.results import records
+from qbench.analysis.load import load_frame
 
 runs = sorted(Path("results/gpucheck-qlora/qlora").glob("*/cells"), key=lambda p: p.stat().st_mtime)
 if not runs:
     raise SystemExit("no run directory under results/gpucheck-qlora/qlora")
 run_dir = runs[-1].parent
-frame = records.load_frame([run_dir])
+frame = load_frame([run_dir])
 columns = ["cell_id", "status", "optimizer.class", "optimizer.state_bytes", "optimizer.state.float32_bytes",
            "optimizer.state.uint8_bytes", "optimizer.params_with_8bit_state", "optimizer.paged", "optimizer.paged_state_bytes",
            "optimizer.paged_reason", "memory.train.torch_max_allocated_bytes", "memory.train.torch_max_reserved_bytes",

@@ -66,11 +66,11 @@ echo "== 1. cells in parallel: --gpus $GPUS"
 import sys
 from datetime import datetime
 from pathlib import Path
-from qbench import results
+from qbench.contract.records import read_records
 
 (run_dir,) = Path(sys.argv[1]).iterdir()
 slots = sys.argv[2].split(",")
-records = results.read_records(run_dir)
+records = read_records(run_dir)
 assert len(records) == 6 and all(r["status"] == "ok" for r in records), [(r["cell_id"], r["status"], r.get("error")) for r in records]
 for r in records:
     assert r["env.device"] == "cuda" and r["env.cuda_visible_devices"] in slots, r["env.cuda_visible_devices"]
@@ -91,11 +91,11 @@ echo "== 2. shards: --shard 1/2 + --shard 2/2 == one full run"
 "$PY" - "$WORK/shards/multi" <<'EOF'
 import sys
 from pathlib import Path
-from qbench import results
+from qbench.analysis.load import load_frame
 
 run_dirs = sorted(Path(sys.argv[1]).iterdir())
 assert len(run_dirs) == 2, run_dirs
-frame = results.load_frame(run_dirs)
+frame = load_frame(run_dirs)
 assert sorted(frame["cell_id"]) == ["bf16-seed0", "int8-seed0", "nf4-dq-seed0"], list(frame["cell_id"])
 assert set(frame["status"]) == {"ok"}, frame[["cell_id", "status", "error"]]
 print("ok: the two shards hold bf16, int8 and nf4-dq once each")
@@ -106,11 +106,11 @@ echo "== 3. device_map = auto over $GPU_COUNT GPU(s) per cell"
 "$PY" - "$WORK/auto/auto" "$GPU_COUNT" <<'EOF'
 import sys
 from pathlib import Path
-from qbench import results
+from qbench.contract.records import read_records
 
 (run_dir,) = Path(sys.argv[1]).iterdir()
 gpu_count = int(sys.argv[2])
-for r in results.read_records(run_dir):
+for r in read_records(run_dir):
     assert r["status"] == "ok", (r["cell_id"], r.get("error"))
     assert r["config.device_map"] == "auto" and r["env.cuda_device_count"] == gpu_count
     devices = r["model.devices"].split(",")
@@ -136,10 +136,10 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
-from qbench.results import records as results
+from qbench.contract.records import read_records
 
 (run_dir,) = Path(sys.argv[1]).iterdir()
-records = results.read_records(run_dir)
+records = read_records(run_dir)
 assert len(records) == 4 and all(r["status"] == "ok" for r in records), [(r["cell_id"], r["status"], r.get("error")) for r in records]
 MiB = 2**20
 for r in records:

@@ -3,7 +3,7 @@
 # convert SmolLM2-135M into a fresh cache folder, run NF4+DQ and FP4 a few LoRA steps (suites/smollm2-ci.toml)
 # and assert the QLoRA paper's ordering before fine-tuning: NF4's perplexity below FP4's by more than the
 # 95 % interval of the difference (a bootstrap over the eval windows, paired: both arms read the same windows).
-# About 4 minutes of one CPU core (2.5 min of it the two cells, 0.5 min the conversion).
+# docs/real-model.md gives its time beside the command that measures it.
 #     bash scripts/smollm2_check.sh            # in an activated environment with qbench installed
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,7 @@ python - "$run_dir" <<'PY'
 import sys
 
 from qbench.analysis.report import paper
-from qbench.contract.records import load_frame
+from qbench.analysis.load import load_frame
 
 frame = load_frame([sys.argv[1]])
 metric = "quality.before.perplexity"

@@ -93,7 +93,7 @@ def test_a_binary_annotation_file_is_refused_naming_the_line(tmp_path: Path, ima
 
 
 def test_a_caption_with_a_tab_is_an_error_naming_the_line_not_two_captions(tmp_path: Path, images: Path):
-    """The rule (README): a line is image<TAB>caption; a further tab is refused, because it is either a
+    """The rule (docs/suites.md): a line is image<TAB>caption; a further tab is refused, because it is either a
     caption holding a tab or a second caption, and qbench does not guess which."""
     annotation = tmp_path / "tab.tsv"
     annotation.write_text("0.png\tfine\n1.png\ta red square\ton a white background\n", encoding="utf-8")

@@ -2,11 +2,11 @@
 really got slower (planted: each step does three times the CPU work) does.
 
 Three runs of the builtin tiny CLIP with one thread per cell: a baseline, the same run while busy loops
-take every core, and a run whose nf4 cell is slowed by the `slow` test fault. On this project's shared
-2-core machine a cell's CPU time per step moved by up to ~20 % with what else ran (caches, memory
-bandwidth), its wall time by up to 4x; the planted slowdown is well beyond the first. With the busy
-loops the cells get a core less than half the time they want one, and then even CPU time moves (an
-nf4 cell's doubled once): compare judges no speed ratio of such a run, and says so. When other work
+take every core, and a run whose nf4 cell is slowed by the `slow` test fault. What else runs moves a
+cell's CPU time per step a little (shared caches, memory bandwidth) and its wall time a lot; the planted
+slowdown (three times the work) is well beyond the first. With the busy loops the cells get a core less
+than half the time they want one, and then even CPU time moves (caches go cold at every time slice):
+compare judges no speed ratio of such a run, and says so. When other work
 starves the baseline or the slowed run the same way, twice, the slowdown test is skipped: nothing
 can be timed on the machine then.
 """

@@ -98,7 +98,7 @@ def test_on_a_gpu_the_contention_of_the_host_cpu_does_not_turn_the_speed_gate_of
 
 
 def test_a_run_whose_cells_barely_had_a_core_is_not_judged_on_speed_at_all_and_says_why():
-    # time-sliced with busy loops on every core, a cell's CPU time per step rose too (doubled for nf4 here)
+    # time-sliced that finely, a cell's CPU time per step moves too (its caches go cold at every slice)
     baseline = pd.DataFrame(with_cpu_time(make_records()))
     starved = with_cpu_time(make_records(run_id="run-b"), contended=True)
     for record in starved:

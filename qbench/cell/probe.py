@@ -1,7 +1,7 @@
 """What this machine can do, tried rather than assumed: torch and CUDA, NVML, and each weight format
 (quantize, forward and backward a small layer).
 
-Run in its own process by `qbench env` (`python -m qbench.probe --device cpu`), so that a format
+Run in its own process by `qbench env` (`python -m qbench.cell.probe --device cpu`), so that a format
 whose kernels crash cannot take the command down and the CLI process never touches CUDA.
 """
 

@@ -36,8 +36,8 @@ def warm(suite_text: str, suite_path: str, device: str = "cpu") -> dict[str, Any
 
 
 def _warm_weight_conversions(model_path: str) -> None:
-    """transformers compiles ~1,000 regular expressions the first time a process loads a model (its table of
-    checkpoint key conversions, ~1 s of CPU); build that table here once. Best effort: a transformers
+    """transformers compiles about a thousand regular expressions the first time a process loads a model (its
+    table of checkpoint key conversions); build that table here once. Best effort: a transformers
     without it loses nothing."""
     try:
         from transformers import AutoConfig

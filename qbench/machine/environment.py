@@ -88,7 +88,7 @@ def describe(device: str) -> dict[str, Any]:
             "env.torch_threads": torch.get_num_threads(),  # intra-op threads the cell computes with
             "env.pid": os.getpid(),  # the cell's own process: each cell runs in a fresh one
             # the kernels a CPU computes with: figures are bit-identical run to run only on the same level
-            # (AVX2 against AVX512 moved the CI suite's recall by up to 1.9 points, README "Regression gate")
+            # (wider vectors sum in another order; docs/reports-and-gate.md, "Reproducible baselines")
             "env.torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "env.cpu_isa_flags": cpu_isa_flags(),
             "env.cpu_cores_available": available_cores(),

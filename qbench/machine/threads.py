@@ -1,9 +1,9 @@
 """How many torch threads each cell computes with, where that number came from, and whether the machine
 has the cores for it.
 
-On a CPU the threads are the work: two OpenMP threads on a busy 2-core machine spent most of their time
-spinning for each other (steps 15-60x slower, issue 12), so the number is a setting, recorded in every
-record (`env.torch_threads`, `env.threads_source`), and the run warns when the machine's load says the
+On a CPU the threads are the work: an OpenMP thread that finds a peer descheduled spins waiting for it, so
+with more threads than free cores a step's time is mostly scheduling. The number is a setting, recorded in
+every record (`env.torch_threads`, `env.threads_source`), and the run warns when the machine's load says the
 cores are already taken.
 """
 

@@ -2,7 +2,8 @@
 builds the run's data once, and forks each cell (and each probe) from that state.
 
 A cell still runs in a fresh process of its own (its memory, its allocator, its threads); what it no
-longer pays is ~7 s of CPU for imports and the run-wide work every cell used to repeat. The server
+longer pays is the imports and the run-wide work every cell used to repeat (the run's header says how long
+the server took). The server
 never computes with torch and never touches CUDA (a process that initialized CUDA cannot fork children
 that use it; bitsandbytes queries the GPU when imported, so on a machine where torch sees a GPU the
 server does not preload and the runner launches plain subprocesses instead). Torch runs here with one

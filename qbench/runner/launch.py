@@ -11,7 +11,7 @@ progress, used by every executor (this machine's, each Ray task, each SLURM job)
 The child writes its record to `spec.record_path` itself; what to do with it (keep it, or build a failure
 record from its last checkpoint) is the caller's business. A forked cell is a fresh process too: the
 server (one per run, on a CPU) has imported torch, transformers, peft and bitsandbytes and built the run's
-data once, and forks each cell from that state, so a cell no longer pays ~7 s of CPU for its imports.
+data once, and forks each cell from that state, so a cell no longer pays for its imports.
 """
 
 from __future__ import annotations

@@ -60,8 +60,8 @@ NO_NOISE_KINDS = ("exact", "health")  # deterministic or must-not-rise: no allow
 IDENTITY_COLUMNS = ("suite", "task", "model", "data.source", "eval.protocol", "baseline_precision")
 
 # how a cell's process started and how many ran side by side: a forked cell shares the fork server's pages
-# (and its siblings'), so its PSS counts a share of the runtime that depends on both (the same dense cell:
-# 483 MiB peak PSS as a subprocess, 311 MiB forked one at a time, 227 MiB forked two at a time)
+# (and its siblings'), so its PSS counts a share of the runtime that depends on both (docs/executors.md
+# measures the same cells all three ways)
 PROCESS_SHAPE_COLUMNS = {"env.cell_launcher": "cells started differently", "env.cells_side_by_side": "a different number of cells ran side by side"}
 
 
@@ -171,8 +171,8 @@ class Comparison:
 REGRESSION_VERDICTS = ("regression", "mismatch", "missing", "failed")
 NOT_JUDGED = "not judged"  # measured, shown, and deliberately left out of the verdict (the note says why)
 # a ratio whose noise allowance (noise_sigmas standard errors of the two sides' spread) reaches this share of
-# its baseline value is not judged: the committed CI baseline's three runs once gave nf4-dq/dense CPU-time
-# ratios of 0.64, 0.83 and 1.25, an allowance of 1.08, under which halving nf4-dq's speed still read "ok"
+# its baseline value is not judged: under such an allowance even halving the speed would read "ok", so "ok"
+# would say nothing
 BLIND_SHARE = 0.5
 
 
@@ -229,7 +229,7 @@ def identity_problems(baseline: pd.DataFrame, new: pd.DataFrame, axes: list[str]
             "(make both with the same OMP_NUM_THREADS)"
         )
     if problems:
-        problems.append("the baseline no longer describes this suite: refresh it deliberately (see README, 'Regression gate')")
+        problems.append("the baseline no longer describes this suite: refresh it deliberately (see docs/reports-and-gate.md, 'The CI suite and its baseline')")
     return problems
 
 
@@ -374,7 +374,7 @@ def _speed_plan(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings) -
     if starved:  # so little of a core that CPU time itself moved (cold caches after every slice, a busy SMT sibling)
         shown = ", ".join(starved[:4]) + (f" and {len(starved) - 4} more" if len(starved) > 4 else "")
         why = (f"not judged: some cells had a core less than {STARVED_SHARE:.0%} of the time they wanted one ({shown}); "
-               "under such load CPU time moves as well as wall time (it doubled for one cell here), so no speed "
+               "under such load CPU time moves as well as wall time (caches go cold at every time slice), so no speed "
                "ratio of these runs says anything about the formats: measure speed on a quieter machine")
         return _SpeedPlan(tuple(dict.fromkeys((*settings.speed_ratios, *cpu_fields))),
                           {fields.ratio_column(n): why for n in (*settings.speed_ratios, *cpu_fields)}, cpu_fields,

@@ -20,7 +20,7 @@ window's summed NLL (`per_window.<phase>.window_nll`, `per_window.scored_tokens`
 resamples the same windows for every arm, so the spread of the text's difficulty, which all arms share,
 cancels. Otherwise it comes from the records' 95 % bootstrap intervals (`interval.<phase>.<metric>.se`,
 or `.low` / `.high`), combined over seeds and added in quadrature — which ignores that the arms read the
-same windows and so errs wide (on SmolLM2, NF4+DQ vs FP4: 0.45 paired against 2.30 in quadrature).
+same windows and so errs wide (docs/real-model.md shows both on SmolLM2).
 Without either the verdict says "no interval".
 """
 
