@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qbench.contract import fields, grid, optimizers, precisions
+from qbench.contract import fields, grid, inits, optimizers, precisions
 from qbench.contract.grid import Cell
 from qbench.contract.tasks import TASKS
 
@@ -98,6 +98,14 @@ class LoraSpec(_Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     bias: Literal["none", "all", "lora_only"] = "none"
     target_modules: tuple[str, ...] = Field(min_length=1)
+    # how A, B (and, for some, the base) are set before training: a name of qbench.contract.inits
+    init: str = Field(inits.DEFAULT, description="LoRA initialisation (matrix.lora_inits varies it): " + ", ".join(inits.REGISTRY))
+    use_dora: bool = Field(False, description="DoRA: a trained magnitude per output row (QDoRA on a 4-bit base)")
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, value: str) -> str:
+        return _known_inits((value,))[0]
 
     @model_validator(mode="after")
     def _scale_in_range(self) -> LoraSpec:
@@ -156,6 +164,11 @@ class TrainSpec(_Section):
         return self
 
 
+# the merges eval.after_merge can ask for (qbench.cell.merge): into a dequantized compute-dtype copy of the base, and
+# into the arm's own precision again (what peft's merge_and_unload gives on a quantized base)
+MERGES = ("dequantized", "requantized")
+
+
 class EvalSpec(_Section):
     batch_size: int = Field(64, ge=1)
     recall_k: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 5, 10), description="clip: k of recall@k")
@@ -164,6 +177,18 @@ class EvalSpec(_Section):
         None, ge=1, description="perplexity on at most this many windows, spread evenly over the held-out text"
     )
     before: bool = True
+    after_merge: tuple[Literal[MERGES], ...] = Field(  # type: ignore[valid-type]
+        (), description="evaluate the adapter merged into the base too: 'dequantized' (a compute-dtype copy of the "
+        "dequantized base), 'requantized' (merged and stored in the arm's precision again); true: both")
+
+    @field_validator("after_merge", mode="before")
+    @classmethod
+    def _merges(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return MERGES if value else ()
+        if isinstance(value, tuple) and len(set(value)) != len(value):
+            raise ValueError("a merge is listed twice")
+        return value
 
     @field_validator("batch_size", "window", "recall_k")
     @classmethod
@@ -178,6 +203,20 @@ class EvalSpec(_Section):
         if len(set(value)) != len(value):
             raise ValueError("a k is listed twice")
         return value
+
+
+class OutputSpec(_Section):
+    """What a run keeps besides its records."""
+
+    keep_adapters: bool = Field(False, description="save each cell's trained adapter under RUN/adapters/<cell> (peft's layout)")
+
+
+def _known_inits(value: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [name for name in value if name not in inits.REGISTRY]
+    if unknown:
+        named = ", ".join(f"{name!r}{_did_you_mean(name, inits.REGISTRY)}" for name in unknown)
+        raise ValueError(f"unknown LoRA init(s) {named}; known: {', '.join(inits.REGISTRY)}")
+    return value
 
 
 def _known_optimizers(value: tuple[str, ...]) -> tuple[str, ...]:
@@ -203,6 +242,8 @@ class MatrixSpec(_Section):
     batch_size: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(None, description="train.batch_size values")
     max_length: tuple[Annotated[int, Field(ge=2)], ...] | None = Field(None, description="train.max_length values")
     gradient_checkpointing: tuple[bool, ...] | None = Field(None, description="train.gradient_checkpointing values")
+    lora_inits: tuple[str, ...] | None = Field(None, description="LoRA initialisations (lora.init)")
+    use_dora: tuple[bool, ...] | None = Field(None, description="lora.use_dora values")
     exclude: tuple[dict[str, Any], ...] = Field((), description="combinations left out, e.g. {precision = 'bf16', optimizer = 'adamw8bit'}")
 
     @field_validator("precisions")
@@ -226,7 +267,7 @@ class MatrixSpec(_Section):
             raise ValueError("seeds are listed twice (each seed is one cell per precision)")
         return _at_most("matrix.seeds", value)
 
-    @field_validator("optimizers", "lora_r", "batch_size", "max_length", "gradient_checkpointing")
+    @field_validator("optimizers", "lora_r", "batch_size", "max_length", "gradient_checkpointing", "lora_inits", "use_dora")
     @classmethod
     def _axis_values(cls, value: tuple[Any, ...] | None, info: Any) -> tuple[Any, ...] | None:
         if value is None:
@@ -237,6 +278,8 @@ class MatrixSpec(_Section):
             raise ValueError("a value is listed twice")
         if info.field_name == "optimizers":
             _known_optimizers(value)
+        if info.field_name == "lora_inits":
+            _known_inits(value)
         return value
 
     @field_validator("batch_size", "max_length")
@@ -336,6 +379,7 @@ class Suite(_Section):
     train: TrainSpec
     eval: EvalSpec = EvalSpec()
     matrix: MatrixSpec = MatrixSpec()
+    output: OutputSpec = OutputSpec()
     compare: CompareSpec = Field(default_factory=CompareSpec, description="tolerances for `qbench compare`")
 
     @model_validator(mode="after")
@@ -424,11 +468,26 @@ def combination_problems(suite: Suite) -> list[str]:
     batch_key = "matrix.batch_size" if suite.matrix.batch_size is not None else "train.batch_size"
     if suite.task == "clip" and min(values["batch_size"]) < 2:
         problems.append(f"{batch_key}: a contrastive batch of 1 has no negatives, so its loss is 0 and nothing trains; use 2 or more")
+    problems += init_problems(suite)
     if suite.matrix.lora_r is not None and suite.lora.alpha / min(values["lora_r"]) > LORA_MAX_SCALE:
         problems.append(
             f"matrix.lora_r: lora.alpha / {min(values['lora_r'])} = {suite.lora.alpha / min(values['lora_r']):g} scales the "
             f"adapter's output; at most {LORA_MAX_SCALE:,} (see lora.alpha)"
         )
+    return problems
+
+
+def init_problems(suite: Suite, device: str | None = None) -> list[str]:
+    """Cells whose LoRA init cannot run with their precision or task (and, given `device`, on it): one line per
+    init and reason."""
+    problems: list[str] = []
+    key = "matrix.lora_inits" if suite.matrix.lora_inits is not None else "lora.init"
+    for cell in grid.cells(suite):
+        init = inits.get(cell.values()["lora_init"])
+        for why in inits.problems(init, cell.precision, suite.task, device):
+            line = f"{key}: {init.name!r} cannot run here: {why} (leave it out, or drop those cells with matrix.exclude)"
+            if line not in problems:
+                problems.append(line)
     return problems
 
 
