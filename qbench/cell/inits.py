@@ -46,10 +46,11 @@ def decompose(model_class: Any, checkpoint: str, suite: Suite, precision: Precis
         batches = list(calibration())
         model.eval()
 
-        def run_model() -> None:
+        def run_model() -> None:  # one sequence per forward: peft's covariance hook takes a batch of one
             with torch.no_grad():
                 for inputs in batches:
-                    model(**inputs)
+                    for row in range(len(next(iter(inputs.values())))):
+                        model(**{key: value[row : row + 1] for key, value in inputs.items()})
 
         preprocess_corda(model, config, run_model=run_model)
     peft_model = get_peft_model(model, config)

@@ -85,8 +85,10 @@ def stored_weight(layer: nn.Module) -> StoredWeight:
     if kind == "Linear8bitLt":
         import bitsandbytes.functional as bnbf
 
-        row_step = weight.SCB.float() / 127
-        values = bnbf.int8_vectorwise_dequant(weight.data, weight.SCB).float()
+        # bitsandbytes moves the row scales from the weight to the layer's state at the first forward pass
+        scales = weight.SCB if weight.SCB is not None else layer.state.SCB
+        row_step = scales.float() / 127
+        values = bnbf.int8_vectorwise_dequant(weight.data, scales).float()
         return StoredWeight(weight.data.reshape(-1).clone(), values, row_step[:, None].expand_as(values))
     data = weight.detach()
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[data.element_size()]

@@ -468,7 +468,7 @@ def combination_problems(suite: Suite) -> list[str]:
     batch_key = "matrix.batch_size" if suite.matrix.batch_size is not None else "train.batch_size"
     if suite.task == "clip" and min(values["batch_size"]) < 2:
         problems.append(f"{batch_key}: a contrastive batch of 1 has no negatives, so its loss is 0 and nothing trains; use 2 or more")
-    problems += init_problems(suite)
+    problems += lora_problems(suite)
     if suite.matrix.lora_r is not None and suite.lora.alpha / min(values["lora_r"]) > LORA_MAX_SCALE:
         problems.append(
             f"matrix.lora_r: lora.alpha / {min(values['lora_r'])} = {suite.lora.alpha / min(values['lora_r']):g} scales the "
@@ -477,15 +477,29 @@ def combination_problems(suite: Suite) -> list[str]:
     return problems
 
 
-def init_problems(suite: Suite, device: str | None = None) -> list[str]:
-    """Cells whose LoRA init cannot run with their precision or task (and, given `device`, on it): one line per
-    init and reason."""
+# (precision kind, device type) where peft's DoRA cannot train in this stack: on a CPU bitsandbytes multiplies
+# LLM.int8 weights with MatMul8bitFp, which loses the row scales after an evaluation pass (peft 0.21, bitsandbytes
+# 0.50: AttributeError on the next training pass)
+DORA_UNSUPPORTED = {("int8", "cpu"): "peft's DoRA on bitsandbytes' LLM.int8 layers fails on a CPU (the first training "
+                                     "pass after an evaluation raises in bitsandbytes' int8 matmul)"}
+
+
+def lora_problems(suite: Suite, device: str | None = None) -> list[str]:
+    """Cells whose LoRA init or DoRA cannot run with their precision or task (and, given `device`, on it): one line
+    per setting and reason."""
     problems: list[str] = []
-    key = "matrix.lora_inits" if suite.matrix.lora_inits is not None else "lora.init"
+    init_key = "matrix.lora_inits" if suite.matrix.lora_inits is not None else "lora.init"
+    dora_key = "matrix.use_dora" if suite.matrix.use_dora is not None else "lora.use_dora"
     for cell in grid.cells(suite):
-        init = inits.get(cell.values()["lora_init"])
-        for why in inits.problems(init, cell.precision, suite.task, device):
-            line = f"{key}: {init.name!r} cannot run here: {why} (leave it out, or drop those cells with matrix.exclude)"
+        values = cell.values()
+        init = inits.get(values["lora_init"])
+        found = [f"{init_key}: {init.name!r} cannot run here: {why}" for why in inits.problems(init, cell.precision, suite.task, device)]
+        kind = precisions.get(cell.precision).kind
+        why = DORA_UNSUPPORTED.get((kind, device.split(":")[0] if device else ""))
+        if values["use_dora"] and why:
+            found.append(f"{dora_key}: DoRA with precision {cell.precision!r}: {why}")
+        for line in found:
+            line += " (leave it out, or drop those cells with matrix.exclude)"
             if line not in problems:
                 problems.append(line)
     return problems
@@ -505,6 +519,21 @@ def _closest_key_hint(location: tuple[Any, ...], model: type[BaseModel]) -> str:
             return ""
         model = annotation
     return _did_you_mean(location[-1], model.model_fields)
+
+
+# keys people look for under another name or in another table: where qbench keeps what they ask for
+ELSEWHERE = {
+    "merge": "eval.after_merge", "merged": "eval.after_merge", "after_merge": "eval.after_merge",
+    "merge_and_unload": "eval.after_merge", "keep_adapter": "output.keep_adapters", "keep_adapters": "output.keep_adapters",
+    "save_adapter": "output.keep_adapters", "init_lora_weights": "lora.init", "dora": "lora.use_dora",
+    "use_dora": "lora.use_dora", "init": "lora.init",
+}
+
+
+def _elsewhere_hint(location: tuple[Any, ...]) -> str:
+    """' (qbench sets that with eval.after_merge)' for a key qbench keeps under another name or table."""
+    found = ELSEWHERE.get(str(location[-1]))
+    return f" (qbench sets that with {found})" if found and found != key_name(location) else ""
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -538,7 +567,8 @@ def _problems(error: ValidationError) -> list[str]:
         location = tuple(item["loc"])
         key = key_name(location)
         if item["type"] == "extra_forbidden":
-            problems.append(f"{key}: unknown key{_closest_key_hint(location, Suite)}")
+            hint = _closest_key_hint(location, Suite) or _elsewhere_hint(location)
+            problems.append(f"{key}: unknown key{hint}")
         elif item["type"] == "missing":
             problems.append(f"{key}: required key is missing")
         elif item["type"] == "value_error" and isinstance(item.get("input"), dict):
