@@ -337,6 +337,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         cell.tracker = MemoryTracker(cell.device)
         task = get_task(cell.loaded, model_path, cell.device)
         work = Path(scratch)
+        cell.update({f"lora_init.{key}": value for key, value in init.settings().items()})
 
         with cell.phase("data"):
             cell.update(task.prepare_data())
