@@ -118,7 +118,7 @@ def test_a_requantizing_merge_is_measured_against_the_delta_it_was_given(kind):
         disable_bnb_cpu_weight_packing(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            merged, fields = merge.requantize(model, kind)
+            merged, fields = merge.requantize(model)
         assert type(merged.layer).__name__ in ("Linear4bit", "Linear8bitLt")  # the peft wrapper is gone
         figures[scale] = fields
     tiny, large = figures[1e-4], figures[0.5]
@@ -233,10 +233,10 @@ def test_a_merge_after_an_evaluation_pass_reads_the_codes_a_merge_before_it_read
     ids = torch.tensor(tokenizer(builtin_corpus("pydoc").eval, add_special_tokens=False)["input_ids"][: 32 * 65]).view(32, 65)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        merged_first, fields_first = merge.requantize(tiny_llama_with_adapter(tiny_llama_path), "nf4")
+        merged_first, fields_first = merge.requantize(tiny_llama_with_adapter(tiny_llama_path))
         evaluated = tiny_llama_with_adapter(tiny_llama_path)
         unmerged = windows_perplexity(evaluated, ids)
-        merged_after, fields_after = merge.requantize(evaluated, "nf4")
+        merged_after, fields_after = merge.requantize(evaluated)
     codes = {name: module.weight.data for name, module in merged_first.named_modules() if type(module).__name__ == "Linear4bit"}
     again = {name: module.weight.data for name, module in merged_after.named_modules() if type(module).__name__ == "Linear4bit"}
     assert codes.keys() == again.keys() and all(torch.equal(codes[name], again[name]) for name in codes)

@@ -223,7 +223,7 @@ class Erasure:
         return fields
 
 
-def requantize(model: Any, precision_name: str) -> tuple[nn.Module, dict[str, Any]]:
+def requantize(model: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Merge the adapter into the arm's own base with peft (each LoRA layer's `merge`, then `merge_and_unload`:
     the merged weight stored in the arm's precision again) and measure, layer by layer, what the merge kept of
     the adapter. Returns the merged model (the peft wrappers gone) and the `merge.requantized.*` fields."""
@@ -241,7 +241,7 @@ def requantize(model: Any, precision_name: str) -> tuple[nn.Module, dict[str, An
         merged = model.merge_and_unload()
     fields = erasure.record("merge.requantized")
     fields["merge.requantized.how"] = (
-        f"peft's merge of each of the {len(erasure.names)} LoRA layer(s) into the {precision_name} base, then "
+        f"peft's merge of each of the {len(erasure.names)} LoRA layer(s) into the cell's own base, then "
         "merge_and_unload: peft dequantizes the stored weight, adds the adapter's delta (DoRA: merge_safe) and "
         "stores the sum in the base's own format again (bitsandbytes quantizes it anew; a dense base rounds it to "
         "its dtype)")

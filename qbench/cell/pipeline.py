@@ -402,7 +402,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
             cell.update({**how, **merged.record("merged_dequantized"), **merge.judged(task, merged, unmerged, "dequantized")})
         if "requantized" in suite.eval.after_merge:
             with cell.phase("merge_requantized"):
-                model, how = merge.requantize(model, cell.precision.name)
+                model, how = merge.requantize(model)
                 merged = task.evaluate(model)
             cell.update({**how, **merged.record("merged_requantized"), **merge.judged(task, merged, unmerged, "requantized")})
         if not suite.eval.after_merge:
