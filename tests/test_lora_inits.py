@@ -208,3 +208,55 @@ def test_a_kept_adapter_loads_with_peft_and_scores_what_the_cell_scored(inits_ru
     halves = [load_file(records[c]["adapter.kept_path"] + "/adapter_model.safetensors") for c in ("dense-pissa-seed0", "nf4-pissa-seed0")]
     key = next(k for k in halves[0] if "lora_A" in k)
     assert torch.equal(halves[0][key][8:], halves[1][key][8:]) and not torch.equal(halves[0][key][:8], halves[1][key][:8])
+
+
+def cpu_loftq_init(weight, num_bits: int, reduced_rank: int, num_iter: int = 1):
+    """peft's loftq_init (utils/loftq_utils.py) computed on the CPU: peft sends it to CUDA or XPU only."""
+    import bitsandbytes as bnb
+    import torch
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    original = weight.to(torch.float32)
+    residual = original.clone()
+    for step in range(num_iter):
+        stored = bnb.nn.Params4bit(residual, requires_grad=False, compress_statistics=False, quant_type="nf4").to("cpu")
+        dequantized = bnb.functional.dequantize_4bit(stored.data, stored.quant_state)
+        decomposed = _low_rank_decomposition(original - dequantized, reduced_rank=reduced_rank)
+        if step + 1 < num_iter:
+            residual = original - decomposed["L"] @ decomposed["R"]
+    return dequantized.to(weight.dtype), decomposed["R"], decomposed["L"]
+
+
+def test_loftq_fits_the_adapter_to_what_nf4_lost(tmp_path, monkeypatch):
+    """LoftQ's route through qbench (float32 decomposition, its Q loaded as the arm's nf4 base, the adapter on it),
+    with peft's computation moved to the CPU, which peft itself does not do."""
+    import peft.tuners.lora.layer
+
+    monkeypatch.setattr(peft.tuners.lora.layer, "loftq_init", cpu_loftq_init)
+    text = with_matrix("nf4", 'precisions = ["nf4"]\nlora_inits = ["loftq"]\nlora_r = [8, 16]\n').replace(
+        "after_merge = true", "after_merge = false")
+    records = run_cells(tmp_path, text)  # lora.alpha = 16: scaling 2 at r = 8, 1 at r = 16
+    for record in records.values():
+        assert record["status"] == "ok", record.get("error")
+        assert record["lora_init.route"] == "full-precision" and record["adapter.converted"] is False
+        assert "LoftQ" in record["adapter.applies_to"] and record["merge.absent_reason"].startswith("not asked")
+    # peft sets B·A to the rank-r SVD of W - Q and the layer scales it by alpha / r: at alpha = r, Q + B·A is closer
+    # to W than NF4 alone; at alpha = 2r it overshoots by exactly W - Q, as far from W as the plain base
+    fitted, overshot = records["nf4-r16-seed0"], records["nf4-r8-seed0"]
+    assert fitted["lora_init.error_rel_overall"] < 0.95 * fitted["lora_init.plain_error_rel_overall"]
+    assert overshot["lora_init.error_rel_overall"] == pytest.approx(overshot["lora_init.plain_error_rel_overall"], rel=1e-5)
+
+
+def test_a_clip_cell_judges_its_merges_unpaired(tmp_path, tiny_clip_dir, tsv_data_dir):
+    from .helpers import clip
+
+    text = clip.suite(tiny_clip_dir, tsv_data_dir, precisions=("nf4",), name="clipmerge",
+                      evaluation="batch_size = 64\nafter_merge = true", extra='[output]\nkeep_adapters = false\n').replace(
+                          'task = "clip"', 'task = "clip"\nbaseline = "nf4"')
+    record = run_cells(tmp_path, text)["nf4-seed0"]
+    assert record["status"] == "ok", record.get("error")
+    assert record["merge.verdict_method"].startswith("unpaired")
+    for which in ("dequantized", "requantized"):
+        assert 0 <= record[f"quality.merged_{which}.mean_recall@1"] <= 1
+        assert record[f"merge.{which}.mean_recall@1_verdict"] in ("same", "same within noise", "better", "worse")
+    assert record["merge.requantized.layers"] == record["params.lora_modules"]

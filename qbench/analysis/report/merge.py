@@ -81,7 +81,8 @@ def erased_merges(frame: pd.DataFrame) -> list[str]:
         kept = ("none of the adapter's change survived" if correlation is None or pd.isna(correlation)
                 else f"the weight change it kept correlates with the adapter's B·A at only {correlation:.2f}")
         step = f"; B·A's RMS is {ratio:.2g}× the quantization step" if ratio is not None and not pd.isna(ratio) else ""
-        found.append(f"{row['cell_id']}: merging and re-quantizing erased most of the adapter — {unchanged:.1%} of the "
+        share = f"{unchanged:.3%}" if unchanged > 0.999 else f"{unchanged:.1%}"  # "100.0 %" would say no code changed
+        found.append(f"{row['cell_id']}: merging and re-quantizing erased most of the adapter — {share} of the "
                      f"stored codes came back unchanged and {kept}{step}. Ship the adapter unmerged, or merge into the "
                      "dequantized base.")
     return found
@@ -104,7 +105,8 @@ def merge_section(data: ReportData) -> Section | None:
             "codes (a dense base: its values) that the re-quantizing merge left as they were; correlation: of the weight "
             "change that survived with the intended B·A.")
     return Section("merge", "Merged adapters: what shipping the merged model costs", text=text,
-                   table=data.display(table, {c: 1 if "(%)" in c else 3 if "correlation" in c else 2 for c in table.columns}),
+                   table=data.display(table, {c: 1 if "(%)" in c else 3 if "correlation" in c else 4 if "step" in c else 2
+                                              for c in table.columns}),
                    note=note, wide=True)
 
 
