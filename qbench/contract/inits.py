@@ -13,7 +13,8 @@ peft's own default (`init_lora_weights=True`) is `kaiming` here: A drawn as torc
   r components most tied to the task go into B·A (`ipm`); the residual is stored like PiSSA's.
 - loftq (Li et al., 2023): alternates quantizing W - B·A and an SVD of what the quantization lost, so
   that Q + B·A is close to W. peft's loftq_init computes on CUDA or XPU only, and quantizes to NF4 or
-  int8 (without double quantization) only.
+  int8 (without double quantization) only; it sets B·A to that SVD unscaled, and the layer multiplies
+  it by lora.alpha / lora.r, so Q + B·A fits W only at alpha = r (at alpha = 2r it overshoots by W - Q).
 - eva (Paischer et al., 2024): A from the right singular vectors of each layer's inputs on training
   batches, B zero; the base is untouched. qbench keeps every layer at rank r (rho = 1).
 
