@@ -1,4 +1,4 @@
-"""One cell in its own process: load, quantize, attach LoRA, evaluate, train, evaluate, measure.
+"""One cell in its own process: load, quantize, attach LoRA, evaluate, train, evaluate, merge (if asked), measure.
 
 Run as `python -m qbench.cell` with the cell's spec (`qbench.contract.protocol.CellSpec`) as JSON on
 standard input. Progress goes to standard output as `QBENCH_EVENT {...}` lines; the record is
@@ -411,8 +411,8 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
     return cell.record
 
 
-NOT_MERGED = ("not asked (eval.after_merge): quality.* is the adapter attached to the base unmerged, not a merged model; "
-              "the adapter was not merged")
+NOT_MERGED = ("not asked (eval.after_merge): every quality.* figure is the adapter's attached to the base unmerged; "
+              "no merged model was evaluated")
 
 
 def calibration_inputs(task: Any, seed: int) -> list[dict[str, Any]]:
