@@ -1,12 +1,20 @@
-"""LoRA on the frozen base: the suite's k-bit preparation, then peft's adapters, initialised alike in every arm."""
+"""LoRA on the frozen base: the suite's k-bit preparation, then peft's adapters, initialised alike in every arm,
+and the trained adapter saved as a user shares it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from qbench.contract import inits
+
+ADAPTER_NAME = "default"  # peft's name for the one adapter qbench attaches
 
 if TYPE_CHECKING:
     import torch
 
+    from qbench.contract.precisions import Precision
     from qbench.contract.suite import Suite
 
 
@@ -24,23 +32,63 @@ def prepare(model: torch.nn.Module, suite: Suite) -> torch.nn.Module:
     return model
 
 
-def attach(model: torch.nn.Module, suite: Suite, peft_task_type: str | None, seed: int) -> Any:
-    """LoRA adapters on `lora.target_modules` of the prepared base; the seed is set just before, so every
-    arm starts from the same adapters."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+def config(suite: Suite, peft_task_type: str | None, precision: Precision | None = None) -> Any:
+    """peft's LoraConfig for the suite's `lora` settings and init (LoftQ fits the arm's bits: 8 for int8, else 4)."""
+    from peft import LoraConfig
 
-    lora = suite.lora
-    torch.manual_seed(seed)  # the same LoRA initialisation in every arm
-    config = LoraConfig(
+    lora, init = suite.lora, inits.get(suite.lora.init)
+    extra: dict[str, Any] = {}
+    if init.name == "eva":
+        from peft import EvaConfig
+
+        extra["eva_config"] = EvaConfig(rho=1.0)  # every layer keeps rank r: the same trainable parameters as other inits
+    elif init.name == "corda":
+        from peft.tuners.lora.config import CordaConfig
+
+        extra["corda_config"] = CordaConfig(corda_method="ipm")
+    elif init.name == "loftq":
+        from peft import LoftQConfig
+
+        bits = 8 if precision is not None and precision.kind == "int8" else 4
+        extra["loftq_config"] = LoftQConfig(loftq_bits=bits, loftq_iter=1)
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         bias=lora.bias,
         target_modules=list(lora.target_modules),
         task_type=peft_task_type,
+        init_lora_weights=init.peft_value,
+        use_dora=lora.use_dora,
+        **extra,
     )
-    return get_peft_model(model, config)
+
+
+def attach(model: torch.nn.Module, suite: Suite, peft_task_type: str | None, seed: int,
+           calibration: Callable[[], Iterable[dict[str, Any]]] | None = None) -> Any:
+    """LoRA adapters on `lora.target_modules` of the prepared base, initialised as `lora.init` says; the seed
+    is set just before, so every arm starts from the same adapters. `calibration` yields the model inputs a
+    data-driven init (eva) reads."""
+    import torch
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)  # the same LoRA initialisation in every arm
+    model = get_peft_model(model, config(suite, peft_task_type))
+    if suite.lora.init == "eva":
+        from peft import initialize_lora_eva_weights
+
+        if calibration is None:
+            raise ValueError("lora.init = 'eva' reads calibration batches, and none were given")
+        initialize_lora_eva_weights(model, dataloader=list(calibration()), show_progress_bar=False)
+    return model
+
+
+def attach_initialised(model: torch.nn.Module, adapter_folder: str | Path) -> Any:
+    """The adapter an init made on the full-precision base (qbench.cell.inits), on this base (its residual, loaded in
+    the arm's precision), trainable."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_folder), is_trainable=True)
 
 
 def counts(model: torch.nn.Module) -> dict[str, int]:
@@ -49,3 +97,37 @@ def counts(model: torch.nn.Module) -> dict[str, int]:
         "params.trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "params.lora_modules": sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A")),
     }
+
+
+def save_initial(model: Any, folder: Path) -> None:
+    """The adapter as initialised, before any step: what peft's conversion of a base-rewriting init subtracts."""
+    model.save_pretrained(str(folder))
+
+
+def save_adapter(model: Any, folder: Path, suite: Suite, initial: Path | None) -> dict[str, Any]:
+    """Save the trained adapter in peft's layout (adapter_config.json + adapter_model.safetensors) into `folder`,
+    in the form a user shares: for an init that rewrote the base (pissa, olora, corda) converted by peft
+    (`path_initial_model_for_weight_conversion`) into a rank-2r LoRA for the original checkpoint, where peft can.
+    Returns `adapter.*` and `weights.adapter_bytes` (the saved weights' bytes)."""
+    init = inits.get(suite.lora.init)
+    converted = init.rewrites_base and initial is not None and not suite.lora.use_dora and init.name != "loftq"
+    if converted:
+        model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=str(initial))
+        base = "the original checkpoint: peft converted it (rank 2r: the trained B·A less the initial B0·A0)"
+    else:
+        model.save_pretrained(str(folder))
+        base = "the base as loaded for this cell" if not init.rewrites_base else _unconverted_base(init, suite)
+    weights = sorted(Path(folder).glob("adapter_model.*"))
+    return {
+        "weights.adapter_bytes": sum(p.stat().st_size for p in weights),
+        "adapter.converted": converted,
+        "adapter.applies_to": base,
+    }
+
+
+def _unconverted_base(init: inits.Init, suite: Suite) -> str:
+    if init.name == "loftq":
+        return ("the quantized base LoftQ fitted B0·A0 to (this arm's), not the original checkpoint: LoftQ's adapter "
+                "corrects that quantization, and peft's conversion does not cover it")
+    return (f"the rewritten base of lora.init = {init.name!r} (W - B0·A0 in the arm's precision), not the original "
+            "checkpoint: peft converts no DoRA adapter (its magnitudes were trained against the rewritten base)")

@@ -1,4 +1,4 @@
-"""One cell in its own process: load, quantize, attach LoRA, evaluate, train, evaluate, measure.
+"""One cell in its own process: load, quantize, attach LoRA, evaluate, train, evaluate, merge (if asked), measure.
 
 Run as `python -m qbench.cell` with the cell's spec (`qbench.contract.protocol.CellSpec`) as JSON on
 standard input. Progress goes to standard output as `QBENCH_EVENT {...}` lines; the record is
@@ -22,10 +22,11 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qbench.contract import precisions
+from qbench.contract import inits, precisions, schema
 from qbench.contract import records as results
 from qbench.contract.protocol import CellSpec, event_line, identity_fields
 from qbench.contract.schema import STARVED_SHARE
@@ -159,13 +160,6 @@ def config_fields(suite: Suite, precision: Precision, compute_dtype: str | None 
     }
 
 
-def adapter_bytes(model: Any) -> int:
-    """Bytes of the saved LoRA adapter weights (what a user ships after fine-tuning)."""
-    with tempfile.TemporaryDirectory(prefix="qbench-adapter-") as folder:
-        model.save_pretrained(folder)
-        return sum(p.stat().st_size for p in Path(folder).glob("adapter_model.*"))
-
-
 NOT_TRAINED = "train.steps = 0: no optimizer step was run (the suite measures the quantized base alone)"
 SPEED_FIELDS = ("speed.timed_steps", "speed.timed_wall_s", "speed.train_samples_per_s", "speed.train_tokens_per_s",
                 "speed.step_time_p50_s", "speed.step_time_p90_s", "speed.step_time_mean_s", "speed.timed_cpu_s",
@@ -289,7 +283,7 @@ class CellRun:
         self.write(self.measured())
         started = time.perf_counter()
         try:
-            with self.tracker.phase(name, process_baseline=process_baseline):
+            with self.tracker.phase(name, process_baseline=process_baseline, in_peak=name not in schema.ON_REQUEST_PHASES):
                 yield
         finally:
             self.record[f"time.{name}_s"] = time.perf_counter() - started
@@ -297,6 +291,17 @@ class CellRun:
     def write(self, record: dict[str, Any]) -> None:
         """Leave `record` on disk, while this process is the cell's current attempt (Superseded otherwise)."""
         results.write_record(self.record_path, record, self.attempt)
+
+    def adapter_folder(self) -> Path | None:
+        """Where the trained adapter is kept (`output.keep_adapters`): RUN/adapters/<cell>, beside the run's cells/
+        folder; None when the suite does not keep adapters, or the record is written outside a run folder (a Ray
+        task's scratch copy: the adapter stays there, and `adapter.not_kept_reason` says so)."""
+        if not self.suite.output.keep_adapters:
+            return None
+        if self.record_path.parent.name != results.RECORDS_DIR:
+            self.record["adapter.not_kept_reason"] = f"the cell wrote its record outside a run folder ({self.record_path})"
+            return None
+        return results.adapter_path(self.record_path.parent.parent, self.spec.cell_id)
 
     def on_step(self, step: int, loss: float) -> None:
         self.record["train.steps_completed"] = step
@@ -341,13 +346,16 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
     """Run one cell and return its record (also written to spec.record_path)."""
     cell = CellRun(spec)
     suite, seed = cell.suite, cell.seed
-    with cell.recorded():
+    init = inits.get(suite.lora.init)
+    with cell.recorded(), tempfile.TemporaryDirectory(prefix="qbench-cell-") as scratch:
         import torch
 
         if spec.threads:
             torch.set_num_threads(spec.threads)  # before any computation: the pool is made at the first one
         quiet_libraries()
-        from qbench.cell import lora, models, readback
+        from qbench.cell import inits as full_precision_inits
+        from qbench.cell import lora, merge, models, readback
+        from qbench.cell.measure import init_error
         from qbench.cell.measure.memory import MemoryTracker
         from qbench.cell.measure.timing import StepTimer
         from qbench.cell.tasks import get_task
@@ -363,23 +371,45 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         cell.update({"model_path": model_path, **models.checkpoint_origin(model_path)})
         cell.tracker = MemoryTracker(cell.device)
         task = get_task(cell.loaded, model_path, cell.device)
+        work = Path(scratch)
+        cell.update({f"lora_init.{key}": value for key, value in init.settings().items()})
 
         with cell.phase("data"):
             cell.update(task.prepare_data())
+        calibration = partial(calibration_inputs, task, seed)  # what a data-driven init (eva, corda) reads
+
+        # an init that decomposes the full-precision checkpoint (pissa, corda, loftq) rewrites the base first;
+        # the arm then loads that rewritten base in its own precision
+        base_path, initial_adapter = model_path, None
+        if init.route == "full-precision":
+            with cell.phase("init"):
+                base_path, initial_adapter, fields = full_precision_inits.decompose(
+                    task.model_class, model_path, suite, cell.precision, task.peft_task_type, cell.device, seed, work, calibration)
+            cell.update(fields)
         with cell.phase("load", process_baseline=True):  # the runtime before the model: what no format changes
-            model = models.load_base(task.model_class, model_path, cell.precision, cell.compute_dtype, cell.device, suite.model)
+            model = models.load_base(task.model_class, str(base_path), cell.precision, cell.compute_dtype, cell.device, suite.model)
         cell.update(models.loaded_weight_files(model_path, suite.model))  # what the base was loaded from
         with cell.timed("readback"):  # the arm is what its name says
-            readback.inspect_base(model, cell.precision, suite, model_path, cell.record, cell.compute_dtype)
+            readback.inspect_base(model, cell.precision, suite, str(base_path), cell.record, cell.compute_dtype)
         with cell.phase("prepare"):
-            model = lora.attach(lora.prepare(model, suite), suite, task.peft_task_type, seed)
+            model = lora.prepare(model, suite)
+            if initial_adapter is not None:
+                model = lora.attach_initialised(model, initial_adapter)
+            else:
+                model = lora.attach(model, suite, task.peft_task_type, seed, calibration)
+        if init.rewrites_base and initial_adapter is None:  # olora: kept for peft's conversion of the trained adapter
+            initial_adapter = work / full_precision_inits.INITIAL_ADAPTER_FOLDER
+            lora.save_initial(model, initial_adapter)
         cell.update(lora.counts(model))
-        with cell.timed("readback"):  # still what its name says?
+        with cell.timed("readback"):  # still what its name says? and how far the initialised adapter is from W
             readback.inspect_trained_base(model, cell.precision, suite, cell.record, cell.compute_dtype)
+            cell.update(init_error.measure(model, model_path, cell.precision, cell.compute_dtype, suite.model.revision))
 
+        unmerged = None  # the last evaluation of the adapter unmerged: what a merge is judged against
         if suite.eval.before:
             with cell.phase("eval_before"):
-                cell.update(task.evaluate(model).record("before"))
+                unmerged = task.evaluate(model)
+            cell.update(unmerged.record("before"))
 
         if suite.train.steps == 0:  # the quantized base alone: nothing trained, so nothing after training either
             cell.update(untrained_fields(cell.record))
@@ -393,11 +423,37 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
             cell.update(contention_fields(cell.measured()))
 
             with cell.phase("eval_after"):
-                cell.update(task.evaluate(model).record("after"))
+                unmerged = task.evaluate(model)
+            cell.update(unmerged.record("after"))
         with cell.timed("adapter_save"):
-            cell.update({"weights.adapter_bytes": adapter_bytes(model)})
+            kept = cell.adapter_folder()
+            cell.update(lora.save_adapter(model, kept or work / "adapter", suite, initial_adapter))
+            cell.update({"adapter.kept_path": str(kept) if kept else None})
+
+        # the adapter merged into the base, as users ship it; the requantizing merge rewrites the base in place: last
+        if "dequantized" in suite.eval.after_merge:
+            with cell.phase("merge_dequantized"), merge.dequantized_copy(model, cell.compute_dtype) as how:
+                merged = task.evaluate(model)
+            cell.update({**how, **merged.record("merged_dequantized"), **merge.judged(task, merged, unmerged, "dequantized")})
+        if "requantized" in suite.eval.after_merge:
+            with cell.phase("merge_requantized"):
+                model, how = merge.requantize(model)
+                merged = task.evaluate(model)
+            cell.update({**how, **merged.record("merged_requantized"), **merge.judged(task, merged, unmerged, "requantized")})
+        if not suite.eval.after_merge:
+            cell.update({"merge.absent_reason": NOT_MERGED})
         cell.update({"status": "ok", "last_phase": "done"})
     return cell.record
+
+
+NOT_MERGED = ("not asked (eval.after_merge): every quality.* figure is the adapter's attached to the base unmerged; "
+              "no merged model was evaluated")
+
+
+def calibration_inputs(task: Any, seed: int) -> list[dict[str, Any]]:
+    """The model inputs a data-driven init reads: the first `inits.CALIBRATION_BATCHES` training batches of the seed."""
+    batches = task.train_batches(seed)
+    return [next(batches).inputs for _ in range(inits.CALIBRATION_BATCHES)]
 
 
 # a cell whose threads waited for a core this share of the time they were ready to run, or ran on a virtual

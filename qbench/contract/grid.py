@@ -1,5 +1,5 @@
 """The suite's grid: its axes (precision, optimizer, LoRA rank, batch size, sequence length, gradient
-checkpointing, seed), the cells they span, their ids, and filters over them (`--only`, `--where`).
+checkpointing, LoRA init, DoRA, seed), the cells they span, their ids, and filters over them (`--only`, `--where`).
 
 Each axis is named in one place here: the `[matrix]` key that lists its values, the suite setting a
 value overrides, the record column that holds it, and how a cell id names it. A cell's id names the
@@ -59,6 +59,9 @@ AXES: tuple[Axis, ...] = (
     Axis("max_length", "max_length", "config.train.max_length", ("train", "max_length"), "len", int),
     Axis("gradient_checkpointing", "gradient_checkpointing", "config.train.gradient_checkpointing",
          ("train", "gradient_checkpointing"), "gc", bool),
+    # how the adapter starts (qbench.contract.inits) and whether it is DoRA: `nf4-dq-pissa-dora-seed0`
+    Axis("lora_init", "lora_inits", "config.lora.init", ("lora", "init"), "", str),
+    Axis("use_dora", "use_dora", "config.lora.use_dora", ("lora", "use_dora"), "dora", bool),
     Axis("seed", "seeds", "seed", None, "seed", int),
 )
 BY_NAME = {axis.name: axis for axis in AXES}

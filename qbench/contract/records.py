@@ -35,6 +35,15 @@ def record_path(run_dir: Path | str, cell_id: str) -> Path:
     return Path(run_dir) / RECORDS_DIR / f"{cell_id}.json"
 
 
+ADAPTERS_DIR = "adapters"
+
+
+def adapter_path(run_dir: Path | str, cell_id: str) -> Path:
+    """`RUN_DIR/adapters/<cell_id>`: where a suite with `output.keep_adapters` keeps a cell's trained adapter."""
+    record_path(run_dir, cell_id)  # the same rule for the name
+    return Path(run_dir) / ADAPTERS_DIR / cell_id
+
+
 # --- attempts: which process may write a cell's record ------------------------------------------------------
 #
 # Each time the runner starts a cell it draws a fresh token and stores it in `cells/.<cell>.attempt`; the

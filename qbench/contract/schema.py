@@ -16,13 +16,16 @@ SCHEMA_VERSION = 2
 # the format; interrupted: Ctrl-C / SIGTERM; running: a checkpoint left while the cell is still going
 STATUSES = ("ok", "failed", "unsupported", "interrupted", "running")
 
-# the phases of a cell in the order they run (memory.<phase>.*, time.<phase>_s)
-PHASES = ("data", "load", "prepare", "eval_before", "train", "eval_after")
+# the phases of a cell in the order they run (memory.<phase>.*, time.<phase>_s); `init` (a LoRA init that decomposes
+# the full-precision base first) and the merges run only when a suite asks, and count in no memory.peak_*
+PHASES = ("data", "init", "load", "prepare", "eval_before", "train", "eval_after", "merge_dequantized", "merge_requantized")
+ON_REQUEST_PHASES = ("init", "merge_dequantized", "merge_requantized")
 
 # where a cell's wall time goes, in the order it is spent (time.<part>_s): process start and imports (from the
 # process's creation to the end of its imports), the phases, the read-back of the loaded base's format, bytes
 # and weight error, and the adapter's save; the runner adds time.cell_wall_s and time.other_s, the rest
-TIME_PARTS = ("process_start", "data", "load", "readback", "prepare", "eval_before", "train", "eval_after", "adapter_save")
+TIME_PARTS = ("process_start", "data", "init", "load", "readback", "prepare", "eval_before", "train", "eval_after",
+              "adapter_save", "merge_dequantized", "merge_requantized")
 
 # per-phase memory figures (memory.<phase>.<key>) -> how a report labels them
 MEMORY_SOURCES = {

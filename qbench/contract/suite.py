@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qbench.contract import fields, grid, optimizers, precisions
+from qbench.contract import fields, grid, inits, optimizers, precisions
 from qbench.contract.grid import Cell
 from qbench.contract.tasks import TASKS
 
@@ -98,6 +98,14 @@ class LoraSpec(_Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     bias: Literal["none", "all", "lora_only"] = "none"
     target_modules: tuple[str, ...] = Field(min_length=1)
+    # how A, B (and, for some, the base) are set before training: a name of qbench.contract.inits
+    init: str = Field(inits.DEFAULT, description="LoRA initialisation (matrix.lora_inits varies it): " + ", ".join(inits.REGISTRY))
+    use_dora: bool = Field(False, description="DoRA: a trained magnitude per output row (QDoRA on a 4-bit base)")
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, value: str) -> str:
+        return _known_inits((value,))[0]
 
     @model_validator(mode="after")
     def _scale_in_range(self) -> LoraSpec:
@@ -156,6 +164,11 @@ class TrainSpec(_Section):
         return self
 
 
+# the merges eval.after_merge can ask for (qbench.cell.merge): into a dequantized compute-dtype copy of the base, and
+# into the arm's own precision again (what peft's merge_and_unload gives on a quantized base)
+MERGES = ("dequantized", "requantized")
+
+
 class EvalSpec(_Section):
     batch_size: int = Field(64, ge=1)
     recall_k: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 5, 10), description="clip: k of recall@k")
@@ -164,6 +177,18 @@ class EvalSpec(_Section):
         None, ge=1, description="perplexity on at most this many windows, spread evenly over the held-out text"
     )
     before: bool = True
+    after_merge: tuple[Literal[MERGES], ...] = Field(  # type: ignore[valid-type]
+        (), description="evaluate the adapter merged into the base too: 'dequantized' (a compute-dtype copy of the "
+        "dequantized base), 'requantized' (merged and stored in the arm's precision again); true: both")
+
+    @field_validator("after_merge", mode="before")
+    @classmethod
+    def _merges(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return MERGES if value else ()
+        if isinstance(value, tuple) and len(set(value)) != len(value):
+            raise ValueError("a merge is listed twice")
+        return value
 
     @field_validator("batch_size", "window", "recall_k")
     @classmethod
@@ -178,6 +203,20 @@ class EvalSpec(_Section):
         if len(set(value)) != len(value):
             raise ValueError("a k is listed twice")
         return value
+
+
+class OutputSpec(_Section):
+    """What a run keeps besides its records."""
+
+    keep_adapters: bool = Field(False, description="save each cell's trained adapter under RUN/adapters/<cell> (peft's layout)")
+
+
+def _known_inits(value: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [name for name in value if name not in inits.REGISTRY]
+    if unknown:
+        named = ", ".join(f"{name!r}{_did_you_mean(name, inits.REGISTRY)}" for name in unknown)
+        raise ValueError(f"unknown LoRA init(s) {named}; known: {', '.join(inits.REGISTRY)}")
+    return value
 
 
 def _known_optimizers(value: tuple[str, ...]) -> tuple[str, ...]:
@@ -203,6 +242,8 @@ class MatrixSpec(_Section):
     batch_size: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(None, description="train.batch_size values")
     max_length: tuple[Annotated[int, Field(ge=2)], ...] | None = Field(None, description="train.max_length values")
     gradient_checkpointing: tuple[bool, ...] | None = Field(None, description="train.gradient_checkpointing values")
+    lora_inits: tuple[str, ...] | None = Field(None, description="LoRA initialisations (lora.init)")
+    use_dora: tuple[bool, ...] | None = Field(None, description="lora.use_dora values")
     exclude: tuple[dict[str, Any], ...] = Field((), description="combinations left out, e.g. {precision = 'bf16', optimizer = 'adamw8bit'}")
 
     @field_validator("precisions")
@@ -226,7 +267,7 @@ class MatrixSpec(_Section):
             raise ValueError("seeds are listed twice (each seed is one cell per precision)")
         return _at_most("matrix.seeds", value)
 
-    @field_validator("optimizers", "lora_r", "batch_size", "max_length", "gradient_checkpointing")
+    @field_validator("optimizers", "lora_r", "batch_size", "max_length", "gradient_checkpointing", "lora_inits", "use_dora")
     @classmethod
     def _axis_values(cls, value: tuple[Any, ...] | None, info: Any) -> tuple[Any, ...] | None:
         if value is None:
@@ -237,6 +278,8 @@ class MatrixSpec(_Section):
             raise ValueError("a value is listed twice")
         if info.field_name == "optimizers":
             _known_optimizers(value)
+        if info.field_name == "lora_inits":
+            _known_inits(value)
         return value
 
     @field_validator("batch_size", "max_length")
@@ -336,6 +379,7 @@ class Suite(_Section):
     train: TrainSpec
     eval: EvalSpec = EvalSpec()
     matrix: MatrixSpec = MatrixSpec()
+    output: OutputSpec = OutputSpec()
     compare: CompareSpec = Field(default_factory=CompareSpec, description="tolerances for `qbench compare`")
 
     @model_validator(mode="after")
@@ -424,11 +468,40 @@ def combination_problems(suite: Suite) -> list[str]:
     batch_key = "matrix.batch_size" if suite.matrix.batch_size is not None else "train.batch_size"
     if suite.task == "clip" and min(values["batch_size"]) < 2:
         problems.append(f"{batch_key}: a contrastive batch of 1 has no negatives, so its loss is 0 and nothing trains; use 2 or more")
+    problems += lora_problems(suite)
     if suite.matrix.lora_r is not None and suite.lora.alpha / min(values["lora_r"]) > LORA_MAX_SCALE:
         problems.append(
             f"matrix.lora_r: lora.alpha / {min(values['lora_r'])} = {suite.lora.alpha / min(values['lora_r']):g} scales the "
             f"adapter's output; at most {LORA_MAX_SCALE:,} (see lora.alpha)"
         )
+    return problems
+
+
+# (precision kind, device type) where peft's DoRA cannot train in this stack: on a CPU bitsandbytes multiplies
+# LLM.int8 weights with MatMul8bitFp, which loses the row scales after an evaluation pass (peft 0.21, bitsandbytes
+# 0.50: AttributeError on the next training pass)
+DORA_UNSUPPORTED = {("int8", "cpu"): "peft's DoRA on bitsandbytes' LLM.int8 layers fails on a CPU (the first training "
+                                     "pass after an evaluation raises in bitsandbytes' int8 matmul)"}
+
+
+def lora_problems(suite: Suite, device: str | None = None) -> list[str]:
+    """Cells whose LoRA init or DoRA cannot run with their precision or task (and, given `device`, on it): one line
+    per setting and reason."""
+    problems: list[str] = []
+    init_key = "matrix.lora_inits" if suite.matrix.lora_inits is not None else "lora.init"
+    dora_key = "matrix.use_dora" if suite.matrix.use_dora is not None else "lora.use_dora"
+    for cell in grid.cells(suite):
+        values = cell.values()
+        init = inits.get(values["lora_init"])
+        found = [f"{init_key}: {init.name!r} cannot run here: {why}" for why in inits.problems(init, cell.precision, suite.task, device)]
+        kind = precisions.get(cell.precision).kind
+        why = DORA_UNSUPPORTED.get((kind, device.split(":")[0] if device else ""))
+        if values["use_dora"] and why:
+            found.append(f"{dora_key}: DoRA with precision {cell.precision!r}: {why}")
+        for line in found:
+            line += " (leave it out, or drop those cells with matrix.exclude)"
+            if line not in problems:
+                problems.append(line)
     return problems
 
 
@@ -446,6 +519,21 @@ def _closest_key_hint(location: tuple[Any, ...], model: type[BaseModel]) -> str:
             return ""
         model = annotation
     return _did_you_mean(location[-1], model.model_fields)
+
+
+# keys people look for under another name or in another table: where qbench keeps what they ask for
+ELSEWHERE = {
+    "merge": "eval.after_merge", "merged": "eval.after_merge", "after_merge": "eval.after_merge",
+    "merge_and_unload": "eval.after_merge", "keep_adapter": "output.keep_adapters", "keep_adapters": "output.keep_adapters",
+    "save_adapter": "output.keep_adapters", "init_lora_weights": "lora.init", "dora": "lora.use_dora",
+    "use_dora": "lora.use_dora", "init": "lora.init",
+}
+
+
+def _elsewhere_hint(location: tuple[Any, ...]) -> str:
+    """' (qbench sets that with eval.after_merge)' for a key qbench keeps under another name or table."""
+    found = ELSEWHERE.get(str(location[-1]))
+    return f" (qbench sets that with {found})" if found and found != key_name(location) else ""
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -479,7 +567,8 @@ def _problems(error: ValidationError) -> list[str]:
         location = tuple(item["loc"])
         key = key_name(location)
         if item["type"] == "extra_forbidden":
-            problems.append(f"{key}: unknown key{_closest_key_hint(location, Suite)}")
+            hint = _closest_key_hint(location, Suite) or _elsewhere_hint(location)
+            problems.append(f"{key}: unknown key{hint}")
         elif item["type"] == "missing":
             problems.append(f"{key}: required key is missing")
         elif item["type"] == "value_error" and isinstance(item.get("input"), dict):

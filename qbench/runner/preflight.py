@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qbench.cell.data.lines import DataError
-from qbench.contract import grid, lengths, precisions
-from qbench.contract.suite import LoadedSuite, Suite, SuiteError
+from qbench.contract import grid, inits, lengths, precisions
+from qbench.contract.suite import LoadedSuite, Suite, SuiteError, lora_problems
 from qbench.contract.tasks import BUILTIN_DATASETS
 from qbench.runner import estimate
 
@@ -169,6 +169,43 @@ def lora_target_problems(targets: tuple[str, ...], module_types: dict[str, str])
     return problems
 
 
+# module classes peft cannot give a DoRA adapter (peft 0.21: "MultiheadAttention does not support DoRA (yet)")
+DORA_UNWRAPPABLE = ("MultiheadAttention",)
+
+
+def lora_world_problems(suite: Suite, device: str | None, module_types: dict[str, str] | None = None,
+                        config: Any = None) -> list[str]:
+    """The LoRA init and DoRA against this device and model, one line each: an init or DoRA that cannot run on the
+    device the cells will use (`auto` asked of a child process only when a setting depends on it), DoRA on a target
+    peft cannot give one, an init that decomposes the full-precision weights of a checkpoint stored quantized."""
+    values = grid.values(suite)
+    chosen = [inits.get(name) for name in values["lora_init"]]
+    device_bound = any(init.devices for init in chosen) or (True in values["use_dora"] and any(
+        precisions.get(p).kind == "int8" for p in values["precision"]))
+    if device == "auto" and device_bound:
+        from qbench.runner.runner import resolve_device
+
+        device = resolve_device(device)
+    problems = lora_problems(suite, device if device != "auto" else None)
+    dora_key = "matrix.use_dora" if suite.matrix.use_dora is not None else "lora.use_dora"
+    if module_types and True in values["use_dora"]:
+        for target in suite.lora.target_modules:
+            kinds = sorted({kind for name, kind in module_types.items()
+                            if (name == target or name.endswith("." + target)) and kind in DORA_UNWRAPPABLE})
+            if kinds:
+                problems.append(f"{dora_key}: lora.target_modules {target!r} names {', '.join(kinds)} modules, which peft "
+                                "cannot give a DoRA adapter; target other layers, or use_dora = false")
+    stored = getattr(config, "quantization_config", None)
+    decomposing = [init.name for init in chosen if init.route == "full-precision"]
+    if stored is not None and decomposing:
+        method = stored.get("quant_method", "quantized") if isinstance(stored, dict) else getattr(stored, "quant_method", "quantized")
+        key = "matrix.lora_inits" if suite.matrix.lora_inits is not None else "lora.init"
+        problems.append(f"{key}: {', '.join(map(repr, decomposing))} decomposes the checkpoint's full-precision weights, and "
+                        f"{suite.model.id} is stored quantized ({method}, config.json quantization_config): give a "
+                        "full-precision checkpoint of the model")
+    return problems
+
+
 @dataclass
 class _Model:
     """What the model checks read: its config, parameter count and tokenizer."""
@@ -204,6 +241,7 @@ def _check_model(loaded: LoadedSuite) -> tuple[list[str], _Model | None]:
         problems.append(f"model.id: cannot build the model from {path}/config.json ({_first_line(error)})")
         return problems, None
     problems += lora_target_problems(suite.lora.target_modules, module_types)
+    problems += lora_world_problems(suite, None, module_types, config)
     try:
         tokenizer = _load_tokenizer(path, suite)
     except Exception as error:  # no tokenizer files, a broken tokenizer.json, a missing image processor...
@@ -287,6 +325,7 @@ def check_suite(loaded: LoadedSuite, check_model: bool = True, device: str | Non
     cell's memory against the device's."""
     problems, found = _check_data(loaded)
     problems = preparation_problems(loaded) + problems
+    problems += lora_world_problems(loaded.suite, device)
     problems += _batch_problems(loaded.suite, found)
     if check_model:
         model_problems, model = _check_model(loaded)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from qbench.analysis import stats
-from qbench.analysis.report import grid, paper, sections
+from qbench.analysis.report import grid, merge, paper, sections
 from qbench.analysis.report.sections import ReportData, Section
 from qbench.contract import fields, files
 
@@ -28,6 +28,8 @@ SECTIONS = (
     sections.per_precision_section,
     sections.quality_section,
     sections.damage_section,
+    merge.init_section,
+    merge.merge_section,
     sections.weight_bytes_section,
     sections.memory_section,
     grid.scaling_section,

@@ -116,6 +116,7 @@ class MemoryTracker:
         self._cuda = device.startswith("cuda")
         self._counters = cuda_counters if cuda_counters is not None else (TorchCudaCounters(device) if self._cuda else None)
         self._active: str | None = None
+        self._outside_peak: list[str] = []
         try:
             self._sampler: SamplerProcess | None = SamplerProcess(
                 os.getpid(),
@@ -181,9 +182,15 @@ class MemoryTracker:
             return None
 
     @contextmanager
-    def phase(self, name: str, process_baseline: bool = False) -> Iterator[None]:
+    def phase(self, name: str, process_baseline: bool = False, in_peak: bool = True) -> Iterator[None]:
         """Measure the block as phase `name`; every peak is of this phase alone. With `process_baseline`, what
-        each process source reads as the phase starts is recorded as `memory.process_baseline_<source>_bytes`."""
+        each process source reads as the phase starts is recorded as `memory.process_baseline_<source>_bytes`.
+        A phase not `in_peak` (work before or after the fine-tune: an init's decomposition, a merge) keeps its
+        figures under `memory.<name>.*` but out of the `memory.peak_*` over phases, and
+        `memory.peak_excluded_phases` names it."""
+        if not in_peak:
+            self._outside_peak.append(name)
+            self.record["memory.peak_excluded_phases"] = ",".join(self._outside_peak)
         if self._active is not None:
             raise RuntimeError(f"phase {name!r} started inside phase {self._active!r}: phases do not nest")
         if f"memory.{name}.seconds" in self.record:
@@ -256,6 +263,7 @@ class MemoryTracker:
             values = [
                 v for k, v in self.record.items()
                 if k.startswith("memory.") and k.endswith("." + key) and k.count(".") == 2 and v is not None
+                and k.split(".")[1] not in self._outside_peak
             ]
             self.record[schema.overall_peak_key(key)] = max(values) if values else None
 

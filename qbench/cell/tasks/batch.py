@@ -58,6 +58,29 @@ class Evaluation:
         return fields
 
 
+UNPAIRED_METHOD = ("unpaired: the difference of the two figures, its interval the difference ± z x sqrt(se_a^2 + se_b^2) "
+                   "from each figure's bootstrap standard error (wider than a paired interval: the two evaluations "
+                   "share their eval set)")
+
+
+def unpaired_differences(a: Evaluation, b: Evaluation) -> dict[str, Interval]:
+    """`a - b` for every metric both evaluations give an interval for: the interval the normal one at CONFIDENCE
+    from the two standard errors taken as independent (None bounds, with a note, where either is undefined)."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)
+    found = {}
+    for name in a.intervals.keys() & b.intervals.keys():
+        se_a, se_b = a.intervals[name].se, b.intervals[name].se
+        delta = a.metrics[name] - b.metrics[name]
+        if se_a is None or se_b is None:
+            found[name] = Interval(None, None, None, "undefined: a figure has no standard error")
+            continue
+        se = (se_a**2 + se_b**2) ** 0.5
+        found[name] = Interval(delta - z * se, delta + z * se, se)
+    return found
+
+
 class Task(Protocol):
     name: str
     model_class: Any
@@ -75,6 +98,9 @@ class Task(Protocol):
     def evaluate(self, model: torch.nn.Module) -> Evaluation:
         """Quality metrics on the held-out split, their intervals and the non-finite outputs met."""
 
+    def differences(self, a: Evaluation, b: Evaluation) -> tuple[dict[str, Interval], str]:
+        """The interval of `a - b` per metric (two evaluations of this task's eval set), and how it was made."""
+
 
 class TaskBase:
     """What every task holds: the suite it runs (and the file it came from), the model's folder, the device."""
@@ -90,6 +116,10 @@ class TaskBase:
         self.model_class = getattr(transformers, self.model_class_name)
         self.model_path = model_path
         self.device = device
+
+    def differences(self, a: Evaluation, b: Evaluation) -> tuple[dict[str, Interval], str]:
+        """The interval of `a - b` per metric, unpaired (a task with per-unit scores pairs them instead)."""
+        return unpaired_differences(a, b), UNPAIRED_METHOD
 
 
 def endless(loader: Any) -> Iterator[Any]:

@@ -111,6 +111,31 @@ def perplexity_metrics(total_nll: float, scored_tokens: int, text_bytes: int) ->
     }
 
 
+PAIRED_METHOD = (
+    "paired percentile bootstrap over the eval windows: the same resampled windows for both evaluations, each "
+    "replicate's difference of perplexity, NLL per token and bits per byte from the two resampled sums"
+)
+
+
+def paired_differences(a: Evaluation, b: Evaluation, tokens: torch.Tensor, byte_shares: torch.Tensor) -> dict[str, intervals.Interval] | None:
+    """The interval of `a - b` for perplexity, NLL per token and bits per byte, paired over the windows both
+    evaluations scored (their `window_nll`); None when either lacks them or they differ in count."""
+    nll_a, nll_b = a.per_window.get("window_nll"), b.per_window.get("window_nll")
+    if nll_a is None or nll_b is None or len(nll_a) != len(nll_b) or len(nll_a) != len(tokens):
+        return None
+    units = [np.asarray(nll_a, dtype=np.float64), np.asarray(nll_b, dtype=np.float64),
+             tokens.to(torch.float64).numpy(), byte_shares.to(torch.float64).numpy()]
+    found = intervals.bootstrap(units, _paired_figures, paired=True)
+    return dict(zip(("perplexity", "nll_per_token", "bits_per_byte"), found, strict=True))
+
+
+def _paired_figures(nll_a, nll_b, tokens, byte_shares, axis):
+    """Perplexity, NLL per token and bits per byte of `a` less `b`, over the same windows."""
+    per_token_a, per_token_b = nll_a.sum(axis=axis) / tokens.sum(axis=axis), nll_b.sum(axis=axis) / tokens.sum(axis=axis)
+    return np.stack([np.exp(per_token_a) - np.exp(per_token_b), per_token_a - per_token_b,
+                     (nll_a.sum(axis=axis) - nll_b.sum(axis=axis)) / math.log(2) / byte_shares.sum(axis=axis)])
+
+
 @dataclass(frozen=True)
 class WindowScores:
     """Per eval window: summed NLL in nats (float64; +inf where a scored token's loss is not finite) and
@@ -292,6 +317,12 @@ class CausalLMTask(TaskBase):
         logits = model(input_ids=batch.inputs["input_ids"]).logits
         labels = batch.inputs["labels"]
         return summed_nll(logits, labels) / labels.numel()
+
+    def differences(self, a: Evaluation, b: Evaluation) -> tuple[dict[str, intervals.Interval], str]:
+        """`a - b` paired over the eval windows (both scored the same ones), else as TaskBase does."""
+        tokens = (self.windows.labels != IGNORE).sum(dim=1)
+        paired = paired_differences(a, b, tokens, self.window_bytes)
+        return (paired, PAIRED_METHOD) if paired is not None else super().differences(a, b)
 
     def evaluate(self, model: torch.nn.Module) -> Evaluation:
         was_training = model.training
