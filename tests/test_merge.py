@@ -8,11 +8,11 @@ import warnings
 
 import pytest
 import torch
-from qbench.contract.intervals import Interval
 
 from qbench.cell import merge
 from qbench.cell.models import disable_bnb_cpu_weight_packing
 from qbench.cell.tasks import batch, causal_lm
+from qbench.contract.intervals import Interval
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
