@@ -320,7 +320,7 @@ def test_compare_that_compares_nothing_is_unusable(tmp_path: Path, capsys):
 def test_compare_names_a_metric_column_that_holds_text(tmp_path: Path, capsys):
     base = write_run(tmp_path / "base", make_records())
     table = pd.DataFrame(make_records())
-    table["weights.base_bytes"] = "lots"
+    table["weights.load.base_bytes"] = "lots"
     table.to_csv(tmp_path / "new.csv", index=False)
     assert cli.main(["compare", str(base), str(tmp_path / "new.csv")]) == Exit.BAD_INPUT
-    assert f"{tmp_path / 'new.csv'}: column weights.base_bytes: 'lots' is not a number" in one_error_line(capsys)
+    assert f"{tmp_path / 'new.csv'}: column weights.load.base_bytes: 'lots' is not a number" in one_error_line(capsys)

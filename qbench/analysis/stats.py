@@ -230,7 +230,7 @@ def confidence_label(frame: pd.DataFrame | None = None) -> str:
 
 
 def interval_column(column: str, part: str) -> str:
-    """`quality.after.mean_recall@1`, "low" -> `interval.after.mean_recall@1.low` (the record's bootstrap interval)."""
+    """`quality.eval_after.mean_recall@1`, "low" -> `interval.eval_after.mean_recall@1.low` (the record's bootstrap interval)."""
     return f"interval.{column.removeprefix('quality.')}.{part}"
 
 

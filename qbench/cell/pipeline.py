@@ -29,7 +29,7 @@ from qbench.cell import faults as fault_injection
 from qbench.contract import precisions
 from qbench.contract import records as results
 from qbench.contract.protocol import CellSpec, event_line, identity_fields
-from qbench.contract.schema import STARVED_SHARE
+from qbench.contract.schema import STARVED_SHARE, time_key
 
 if TYPE_CHECKING:
     from qbench.cell.measure.memory import MemoryTracker
@@ -118,8 +118,6 @@ def config_fields(suite: Suite, precision: Precision, compute_dtype: str | None 
     compute_dtype = compute_dtype or suite.compute_dtype
     return {
         "config.compute_dtype": compute_dtype,
-        "config.prepare": suite.train.prepare,
-        "config.gradient_checkpointing": suite.train.gradient_checkpointing,
         "config.device_map": suite.model.device_map,
         **{f"config.lora.{k}": (",".join(v) if isinstance(v, tuple) else v) for k, v in suite.lora.model_dump().items()},
         **{f"config.train.{k}": v for k, v in suite.train.model_dump().items()},
@@ -143,7 +141,7 @@ SPEED_FIELDS = ("speed.timed_steps", "speed.timed_wall_s", "speed.train_samples_
 
 def untrained_fields(record: dict[str, Any]) -> dict[str, Any]:
     """With train.steps = 0: every training, speed and after-training figure absent (None), never zero, with why."""
-    after = [key.replace("quality.before.", "quality.after.", 1) for key in record if key.startswith("quality.before.")]
+    after = [key.replace("quality.eval_before.", "quality.eval_after.", 1) for key in record if key.startswith("quality.eval_before.")]
     return {
         "train.steps_completed": 0,
         "train.first_loss": None,
@@ -151,10 +149,10 @@ def untrained_fields(record: dict[str, Any]) -> dict[str, Any]:
         "train.absent_reason": NOT_TRAINED,
         **dict.fromkeys(SPEED_FIELDS, None),
         "speed.absent_reason": NOT_TRAINED,
-        "time.train_s": None,
-        "time.eval_after_s": None,
+        time_key("train"): None,
+        time_key("eval_after"): None,
         **dict.fromkeys(after, None),
-        "eval.after_absent_reason": NOT_TRAINED,
+        "quality.eval_after_absent_reason": NOT_TRAINED,
     }
 
 
@@ -219,27 +217,27 @@ class CellRun:
         return self.compute.dtype if self.compute is not None else self.suite.compute_dtype
 
     def imported(self) -> None:
-        """`time.process_start_s`: from the creation of this process (a fork of the run's fork server, or a fresh
-        interpreter) to now, when everything the cell needs is imported."""
-        self.record["time.process_start_s"] = process_age_s()
+        """`time.process_start.wall_s`: from the creation of this process (a fork of the run's fork server, or a
+        fresh interpreter) to now, when everything the cell needs is imported."""
+        self.record[time_key("process_start")] = process_age_s()
         self.record["env.pid"] = os.getpid()
 
     @contextmanager
     def timed(self, part: str) -> Iterator[None]:
-        """Add the block's wall time to `time.<part>_s`, outside any memory phase (work of the harness, not of
-        the fine-tune; a part may be timed in several blocks)."""
+        """Add the block's wall time to `time.<part>.wall_s`, outside any memory phase (work of the harness, not
+        of the fine-tune; a part may be timed in several blocks)."""
         started = time.perf_counter()
         try:
             yield
         finally:
-            key = f"time.{part}_s"
+            key = time_key(part)
             self.record[key] = (self.record.get(key) or 0.0) + time.perf_counter() - started
 
     def measured(self) -> dict[str, Any]:
         """The record with every figure measured so far."""
         full = dict(self.record)
         if self.tracker is not None:
-            full.update(self.tracker.record)  # per phase, and memory.peak_<source>_bytes over the phases
+            full.update(self.tracker.record)  # per phase, and memory.all_phases.<source>_peak_bytes over the phases
         if self.timer is not None:
             full.update(self.timer.summary())
         return full
@@ -248,7 +246,7 @@ class CellRun:
     def phase(self, name: str, process_baseline: bool = False, **event_fields: Any) -> Iterator[None]:
         """Enter phase `name`: tell the runner, leave what was measured so far on disk (status `running`:
         if the process dies, the runner keeps these figures in its failure record), fire any test fault,
-        then measure the block's memory, CPU and wall time (`time.<name>_s`); with `process_baseline`,
+        then measure the block's memory, CPU and wall time (`time.<name>.wall_s`); with `process_baseline`,
         the memory of the process as the phase starts (see MemoryTracker.phase)."""
         self.record["last_phase"] = name
         emit("phase", phase=name, **event_fields)
@@ -259,15 +257,17 @@ class CellRun:
             with self.tracker.phase(name, process_baseline=process_baseline):
                 yield
         finally:
-            self.record[f"time.{name}_s"] = time.perf_counter() - started
+            self.record[time_key(name)] = time.perf_counter() - started
 
-    def write(self, record: dict[str, Any]) -> None:
-        """Leave `record` on disk, while this process is the cell's current attempt (Superseded otherwise)."""
-        results.write_record(self.record_path, record, self.attempt)
+    def write(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Leave `record` on disk as the record model reads it, while this process is the cell's current attempt
+        (Superseded otherwise); returns what was written (a record the model refuses is written as failed,
+        naming what it refused: qbench.contract.records.checked)."""
+        return results.write_record(self.record_path, record, self.attempt)
 
     def on_step(self, step: int, loss: float) -> None:
         self.record["train.steps_completed"] = step
-        self.record["train.last_loss"] = loss
+        self.record["train.final_loss"] = loss  # of the last step run; the final one once training ends
         self.record.setdefault("train.first_loss", loss)
         emit("step", step=step, total=self.suite.train.steps, loss=loss)
 
@@ -300,7 +300,7 @@ class CellRun:
                 self.tracker.close()
             self.record["time.end"] = _now()
             if not superseded:
-                self.write(self.record)
+                self.record = self.write(self.record)
 
 
 def run_cell(spec: CellSpec) -> dict[str, Any]:
@@ -344,7 +344,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 
         if suite.eval.before:
             with cell.phase("eval_before"):
-                cell.update(cell.faults.wrap_evaluate(task.evaluate, "eval_before")(model).record("before"))
+                cell.update(cell.faults.wrap_evaluate(task.evaluate, "eval_before")(model).record("eval_before"))
 
         if suite.train.steps == 0:  # the quantized base alone: nothing trained, so nothing after training either
             cell.update(untrained_fields(cell.record))
@@ -358,7 +358,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
             cell.update(contention_fields(cell.measured()))
 
             with cell.phase("eval_after"):
-                cell.update(cell.faults.wrap_evaluate(task.evaluate, "eval_after")(model).record("after"))
+                cell.update(cell.faults.wrap_evaluate(task.evaluate, "eval_after")(model).record("eval_after"))
         with cell.timed("adapter_save"):
             cell.update({"weights.adapter_bytes": adapter_bytes(model)})
         cell.update({"status": "ok", "last_phase": "done"})

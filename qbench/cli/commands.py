@@ -400,14 +400,13 @@ RUN_END_SECTIONS = ("verdict", "nonfinite", "warnings", "relative", "per_precisi
 def _finish(run_dir: Path, cells: list[Cell]) -> int:
     """results.csv and summary.md from the records of the run's own cells (other files in cells/ are not
     the run's and are left alone), the verdict and tables, and the exit code: 1 when a cell has no ok record."""
-    import pandas as pd
-
+    from qbench.analysis.load import frame_of
     from qbench.analysis.report import summary, write
     from qbench.contract import records as results
 
     records = results.run_records(run_dir, [c.id for c in cells])
     if records:
-        frame = pd.DataFrame(records)
+        frame = frame_of(records)
         shown = write.report_sections(frame, _report_settings([run_dir]))
         paths = summary.write_run_outputs(run_dir, frame, shown=shown)
         console.print(f"[bold]{escape(str(frame['suite'].iloc[0]))}[/] — {escape(str(run_dir))}", highlight=False)

@@ -21,6 +21,7 @@ from qbench.cell.measure.timing import wall_split
 from qbench.contract import files
 from qbench.contract import records as results
 from qbench.contract.protocol import CellSpec, child_env, identity_fields
+from qbench.contract.schema import SCHEMA_VERSION
 from qbench.contract.suite import Cell, LoadedSuite
 from qbench.machine.threads import ThreadPlan
 from qbench.runner import launch, scheduler
@@ -106,6 +107,7 @@ class Run:
 
     def write_manifest(self, extra: dict[str, Any] | None = None) -> None:
         manifest = {
+            "schema_version": SCHEMA_VERSION,
             "qbench_version": __version__,
             "suite": self.loaded.suite.name,
             "suite_path": str(self.loaded.path),
@@ -117,7 +119,7 @@ class Run:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             **(extra or {}),
         }
-        results.write_json_atomic(self.run_dir / "run.json", manifest)
+        results.write_manifest(self.run_dir, manifest)
 
     @property
     def launcher(self) -> str:
@@ -314,7 +316,7 @@ def note_timing(run_dir: Path, timing: dict[str, Any]) -> None:
     manifest = results.read_record(Path(run_dir) / "run.json")
     if manifest is not None:
         manifest["timing"] = {**(manifest.get("timing") or {}), **timing}
-        results.write_json_atomic(Path(run_dir) / "run.json", manifest)
+        results.write_manifest(run_dir, manifest)
 
 
 RUN_LOCK = ".lock"

@@ -206,7 +206,7 @@ def optimizer_state_plot(frame: pd.DataFrame) -> Plot | None:
     if table.empty:
         return None
     dtype_columns = [c for c in table.columns if c.endswith(" bytes") and c != "state bytes"]
-    memory = fields.first_present(frame, ("memory.train.torch_max_allocated_bytes", "memory.train.nvml_process_peak_bytes",
+    memory = fields.first_present(frame, ("memory.train.torch_allocated_peak_bytes", "memory.train.nvml_process_peak_bytes",
                                           "memory.train.rss_peak_bytes"))
     plt = pyplot()
     panels = 2 if memory else 1
