@@ -201,6 +201,9 @@ def test_a_schema_1_table_is_refused_too(tmp_path, capsys):
     pd.DataFrame(rows).to_csv(tmp_path / "old.csv", index=False)
     with pytest.raises(records.ResultsError, match="a record of schema 1"):
         load.load_results([tmp_path / "old.csv"])
+    pd.DataFrame(rows).drop(columns="schema_version").to_csv(tmp_path / "unversioned.csv", index=False)
+    with pytest.raises(records.ResultsError, match="a record of schema None"):  # a table that does not say its schema
+        load.load_results([tmp_path / "unversioned.csv"])
 
 
 def test_a_schema_2_run_folder_compares_with_a_schema_3_one(tmp_path, capsys):

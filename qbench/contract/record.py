@@ -279,6 +279,13 @@ class Bnb(Part):
     cpu_weight_packing_disabled_layers: Count = None
 
 
+class Readback(Part):
+    """The read-back of the loaded base (within time.readback.wall_s, so outside time.*: the time.*_s figures
+    sum to time.cell.wall_s)."""
+
+    weight_error_s: Seconds = None
+
+
 class OptimizerState(Part):
     """`optimizer.*`: the optimizer built (its settings) and its exact state after the first step."""
 
@@ -543,24 +550,20 @@ class PartTime(Part):
     wall_s: Seconds = None
 
 
-class ReadbackTime(PartTime):
-    weight_error_s: Seconds = None  # within wall_s
-
-
 class OtherTime(PartTime):
     note: Text = None
 
 
 class Time(Part):
     """`time.<part>.wall_s`: where the cell's wall time went (schema.TIME_PARTS, then `other`), and `cell`, the
-    whole process's wall time as the runner measured it."""
+    whole process's wall time as the runner measured it: every time.*_s but `cell` sums to `cell`."""
 
     start: Text = None
     end: Text = None
     process_start: PartTime | None = None
     data: PartTime | None = None
     load: PartTime | None = None
-    readback: ReadbackTime | None = None
+    readback: PartTime | None = None
     prepare: PartTime | None = None
     eval_before: PartTime | None = None
     train: PartTime | None = None
@@ -657,6 +660,7 @@ class Record(Part):
     model: ModelFacts | None = None
     params: Params | None = None
     bnb: Bnb | None = None
+    readback: Readback | None = None
     data: Data | None = None
     eval: Evaluation | None = None
     weights: Weights | None = None
@@ -710,7 +714,7 @@ class RunManifest(Manifest):
     executor: str | None = None
     shard: str | None = None
     matrix_cells: int | None = None
-    gpus: str | None = None
+    gpus: list[str] | None = None
     gpus_per_cell: float | None = None
     where: dict[str, list[Any]] | None = None
     parallel: int | None = None

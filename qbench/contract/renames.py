@@ -28,7 +28,6 @@ RENAMES: dict[str, str] = {
     "per_window.before.": "per_window.eval_before.",
     "per_window.after.": "per_window.eval_after.",
     # a phase or part is a key's segment (time.<part>.wall_s, as memory.<phase>.*, cpu.<phase>.*); every time in time.*
-    "readback.weight_error_s": "time.readback.weight_error_s",
     "time.process_start_s": "time.process_start.wall_s",
     "time.data_s": "time.data.wall_s",
     "time.load_s": "time.load.wall_s",

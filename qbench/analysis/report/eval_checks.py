@@ -24,7 +24,7 @@ def _count(ok: pd.DataFrame, column: str) -> int | None:
     """The smallest count the ok cells recorded (shards of one suite record the same), or None."""
     if column not in ok.columns:
         return None
-    values = pd.to_numeric(ok[column], errors="coerce").dropna()
+    values = ok[column].astype(float).dropna()
     return int(values.min()) if not values.empty else None
 
 
@@ -66,7 +66,7 @@ def eval_set_warnings(frame: pd.DataFrame, settings: Settings | None = None) -> 
         tolerance, source = settings.tolerance_for(metric, "quality")
         if tolerance.ignore:
             continue
-        value = pd.to_numeric(ok[metric], errors="coerce").mean()
+        value = ok[metric].astype(float).mean()
         allowed = max(tolerance.abs or 0.0, (tolerance.rel or 0.0) * abs(value if pd.notna(value) else 0.0))
         if step > allowed:
             warnings.append(
@@ -85,7 +85,7 @@ def _frozen(ok: pd.DataFrame, trivial: set[str]) -> list[str]:
         before = after.replace(".eval_after.", ".eval_before.", 1)
         if before not in ok.columns or after in trivial or getattr(fields.spec_for(after), "kind", None) != "quality":
             continue
-        pairs = ok[[before, after]].apply(pd.to_numeric, errors="coerce").dropna()
+        pairs = ok[[before, after]].astype(float).dropna()
         if pairs.empty or not ((pairs[before] - pairs[after]).abs() <= 1e-12).all():
             continue
         factor, unit = fields.scale(after)

@@ -322,14 +322,14 @@ def contended_table(frame: pd.DataFrame) -> pd.DataFrame:
     their wall-clock speed measured the machine's load more than the format."""
     if frame.empty or "speed.contended" not in frame.columns:
         return pd.DataFrame()
-    flagged = frame[frame["speed.contended"].map(lambda v: v is True or str(v).lower() == "true")]
+    flagged = frame[frame["speed.contended"].map(lambda v: v is True)]
     if flagged.empty:
         return pd.DataFrame()
     shown = pd.DataFrame(index=pd.Index(flagged.get("cell_id", flagged.index), name="cell"))
     if "cpu.train.share" in flagged.columns:
-        shown["had the CPU (% of the time it wanted it)"] = (pd.to_numeric(flagged["cpu.train.share"], errors="coerce") * 100).to_numpy()
+        shown["had the CPU (% of the time it wanted it)"] = (flagged["cpu.train.share"].astype(float) * 100).to_numpy()
     if "cpu.train.others_busy_cores" in flagged.columns:
-        shown["cores others kept busy"] = pd.to_numeric(flagged["cpu.train.others_busy_cores"], errors="coerce").to_numpy()
+        shown["cores others kept busy"] = flagged["cpu.train.others_busy_cores"].astype(float).to_numpy()
     if "speed.contention" in flagged.columns:
         shown["why"] = flagged["speed.contention"].to_numpy()
     return shown
