@@ -16,6 +16,7 @@ from qbench import cli
 from qbench.cell import faults
 from qbench.contract import records as results
 from qbench.contract.exitcodes import Exit
+from qbench.contract.schema import SCHEMA_VERSION
 from qbench.contract.suite import Cell, load
 from qbench.runner import runner
 
@@ -26,7 +27,7 @@ from .helpers import clip
 def write_record(run_dir: Path, cell_id: str, status: str, **fields) -> None:
     precision, seed = cell_id.rsplit("-seed", 1)
     record = {
-        "cell_id": cell_id, "precision": precision, "seed": int(seed), "status": status, "suite": "robust",
+        "schema_version": SCHEMA_VERSION, "cell_id": cell_id, "precision": precision, "seed": int(seed), "status": status, "suite": "robust",
         "task": "clip", "baseline_precision": "bf16", "quality.eval_after.mean_recall@1": 0.5, **fields,
     }
     results.write_json_atomic(results.record_path(run_dir, cell_id), record)

@@ -27,7 +27,7 @@ RENAMES: dict[str, str] = {
     "interval.after.": "interval.eval_after.",
     "per_window.before.": "per_window.eval_before.",
     "per_window.after.": "per_window.eval_after.",
-    # a phase or part is a key's segment (time.<part>.wall_s, as memory.<phase>.*, cpu.<phase>.*); every time in time.*
+    # a phase or part is a key's segment: time.<part>.wall_s, as memory.<phase>.*, cpu.<phase>.*
     "time.process_start_s": "time.process_start.wall_s",
     "time.data_s": "time.data.wall_s",
     "time.load_s": "time.load.wall_s",
