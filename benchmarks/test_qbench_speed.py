@@ -48,14 +48,14 @@ def run_figures(run_dir: Path, wall_s: float) -> dict:
     """What a run's records say about where its time went."""
     records = [json.loads(p.read_text()) for p in sorted((run_dir / "cells").glob("*.json"))]
     manifest = json.loads((run_dir / "run.json").read_text())
-    cells_wall = [r["time.cell_wall_s"] for r in records]
-    phases = [sum(r.get(f"time.{p}_s") or 0.0 for p in PHASES) for r in records]
+    cells_wall = [r["time.cell.wall_s"] for r in records]
+    phases = [sum(r.get(f"time.{p}.wall_s") or 0.0 for p in PHASES) for r in records]
     fixed = [wall - measured for wall, measured in zip(cells_wall, phases, strict=True)]
     return {
         "cells": len(records),
         "wall_s": wall_s,
         "cells_wall_s": sum(cells_wall),
-        "train_s_sum": sum(r["time.train_s"] for r in records),
+        "train_s_sum": sum(r["time.train.wall_s"] for r in records),
         "phases_s_sum": sum(phases),
         "fixed_cost_per_cell_s": statistics.fmean(fixed),
         "fixed_cost_max_s": max(fixed),
@@ -67,8 +67,8 @@ def run_figures(run_dir: Path, wall_s: float) -> dict:
         "compute_dtype": records[0].get("config.compute_dtype"),
         "cell_launcher": records[0].get("env.cell_launcher"),
         "contended_cells": sum(bool(r.get("speed.contended")) for r in records),
-        **{f"recall@1_after.{r['precision']}": r.get("quality.after.mean_recall@1") for r in records},
-        **{f"recall@1_before.{r['precision']}": r.get("quality.before.mean_recall@1") for r in records},
+        **{f"recall@1_after.{r['precision']}": r.get("quality.eval_after.mean_recall@1") for r in records},
+        **{f"recall@1_before.{r['precision']}": r.get("quality.eval_before.mean_recall@1") for r in records},
     }
 
 

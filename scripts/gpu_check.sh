@@ -103,8 +103,8 @@ run_dir = runs[-1].parent
 frame = load_frame([run_dir])
 columns = ["cell_id", "status", "optimizer.class", "optimizer.state_bytes", "optimizer.state.float32_bytes",
            "optimizer.state.uint8_bytes", "optimizer.params_with_8bit_state", "optimizer.paged", "optimizer.paged_state_bytes",
-           "optimizer.paged_reason", "memory.train.torch_max_allocated_bytes", "memory.train.torch_max_reserved_bytes",
-           "memory.train.nvml_process_peak_bytes", "speed.train_tokens_per_s", "quality.after.perplexity"]
+           "optimizer.paged_reason", "memory.train.torch_allocated_peak_bytes", "memory.train.torch_reserved_peak_bytes",
+           "memory.train.nvml_process_peak_bytes", "speed.train_tokens_per_s", "quality.eval_after.perplexity"]
 shown = frame[[c for c in columns if c in frame.columns]].copy()
 for column in [c for c in shown.columns if c.startswith("memory.")]:
     shown[column.replace("_bytes", " MiB")] = pd.to_numeric(shown.pop(column), errors="coerce") / 2**20

@@ -75,9 +75,9 @@ assert len(records) == 6 and all(r["status"] == "ok" for r in records), [(r["cel
 for r in records:
     assert r["env.device"] == "cuda" and r["env.cuda_visible_devices"] in slots, r["env.cuda_visible_devices"]
     assert r["env.cuda_device_count"] == 1, r["env.cuda_device_count"]
-    assert r["memory.train.torch_max_allocated_bytes"] > 0
+    assert r["memory.train.torch_allocated_peak_bytes"] > 0
     print(f'{r["cell_id"]:>14}  CUDA_VISIBLE_DEVICES={r["env.cuda_visible_devices"]}  {r["env.device_name"]}  '
-          f'{r["time.start"]} .. {r["time.end"]}  train peak {r["memory.train.torch_max_allocated_bytes"] / 2**20:.0f} MiB  '
+          f'{r["time.start"]} .. {r["time.end"]}  train peak {r["memory.train.torch_allocated_peak_bytes"] / 2**20:.0f} MiB  '
           f'NVML process peak {r.get("memory.train.nvml_process_peak_bytes")}')
 spans = [(datetime.fromisoformat(r["time.start"]), datetime.fromisoformat(r["time.end"])) for r in records]
 overlaps = sum(1 for i, a in enumerate(spans) for b in spans[i + 1:] if a[0] < b[1] and b[0] < a[1])
@@ -148,9 +148,9 @@ for r in records:
     # the GPU Ray gave the task is the one the cell measured: the task's NVML UUID == the cell's NVML device
     assert r["memory.nvml_available"] and r["memory.nvml.device_uuid"] == uuids[0], (uuids, r.get("memory.nvml.device_uuid"))
     print(f'{r["cell_id"]:>14}  node {r["env.ray.node_ip"]}  Ray GPU {r["env.ray.gpu_ids"]}  {uuids[0]}  '
-          f'NVML process peak {r["memory.peak_nvml_process_bytes"] / MiB:,.0f} MiB  '
-          f'device peak {r["memory.peak_nvml_device_bytes"] / MiB:,.0f} MiB  '
-          f'torch allocated peak {r["memory.peak_torch_max_allocated_bytes"] / MiB:,.0f} MiB')
+          f'NVML process peak {r["memory.all_phases.nvml_process_peak_bytes"] / MiB:,.0f} MiB  '
+          f'device peak {r["memory.all_phases.nvml_device_peak_bytes"] / MiB:,.0f} MiB  '
+          f'torch allocated peak {r["memory.all_phases.torch_allocated_peak_bytes"] / MiB:,.0f} MiB')
 spans = [(datetime.fromisoformat(r["time.start"]), datetime.fromisoformat(r["time.end"])) for r in records]
 overlaps = sum(1 for i, a in enumerate(spans) for b in spans[i + 1:] if a[0] < b[1] and b[0] < a[1])
 manifest = json.loads((run_dir / "run.json").read_text())

@@ -30,7 +30,7 @@ from qbench.analysis.report import paper
 from qbench.analysis.load import load_frame
 
 frame = load_frame([sys.argv[1]])
-metric = "quality.before.perplexity"
+metric = "quality.eval_before.perplexity"
 nf4, fp4 = paper.estimate(frame, "nf4-dq", metric), paper.estimate(frame, "fp4", metric)
 if nf4 is None or fp4 is None:
     sys.exit(f"smollm2 check: no perplexity before fine-tuning for nf4-dq and fp4 in {sys.argv[1]}")

@@ -43,7 +43,7 @@ def running_now(folder: Path) -> dict[str, str]:
 
 def identity(spec: dict, suite: dict) -> dict:
     return {
-        "schema_version": 1,
+        "schema_version": 3,  # qbench.contract.schema.SCHEMA_VERSION (a fake cell imports nothing of qbench)
         "suite": suite["name"],
         "task": suite["task"],
         "run_id": spec["run_id"],
@@ -94,11 +94,11 @@ def main() -> int:
         "env.device": spec["device"],
         "env.executor": spec.get("executor", "local"),
         "env.cuda_visible_devices": device,
-        "fake.cuda_device_order": os.environ.get("CUDA_DEVICE_ORDER"),
-        "fake.peak_running": peak,
-        "fake.device_clashes": ",".join(sorted(clashes)) or None,
-        "fake.pid": os.getpid(),
-        "fake.axes": spec.get("axes"),  # the grid axis values the runner sent (qbench.contract.protocol.CellSpec.axes)
+        "test.cuda_device_order": os.environ.get("CUDA_DEVICE_ORDER"),
+        "test.peak_running": peak,
+        "test.device_clashes": ",".join(sorted(clashes)) or None,
+        "test.pid": os.getpid(),
+        "test.axes": spec.get("axes"),  # the grid axis values the runner sent (qbench.contract.protocol.CellSpec.axes)
     }
     write_json_atomic(Path(spec["record_path"]), record)
     return 0

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qbench.contract.schema import SCHEMA_VERSION
+
 # per precision: (base weight bytes, quantized codes bytes, bits/param, samples/s, peak RSS, mean R@1 after)
 PROFILE = {
     "bf16": (445_450, 0, None, 20.0, 580_000_000, 0.60),
@@ -19,20 +21,20 @@ def make_record(precision: str, seed: int = 0, run_id: str = "run-a", **override
     base_bytes, codes, bits, samples_per_s, rss, recall = PROFILE[precision]
     recall += 0.01 * seed  # seeds differ a little, as they do
     record: dict[str, Any] = {
-        "schema_version": 1, "suite": "ci", "run_id": run_id, "cell_id": f"{precision}-seed{seed}", "task": "clip",
+        "schema_version": SCHEMA_VERSION, "suite": "ci", "run_id": run_id, "cell_id": f"{precision}-seed{seed}", "task": "clip",
         "model": "builtin:tiny-clip", "precision": precision, "baseline_precision": "bf16", "seed": seed,
         "status": "ok", "error": None, "env.device": "cpu", "env.device_name": "AMD EPYC", "env.hostname": "vm",
         "env.git_commit": "abc", "env.torch_version": "2.13.0+cpu", "env.bitsandbytes_version": "0.50.2",
         "config.train.steps": 8, "config.lora.r": 16, "config.lora.target_modules": "q_proj,v_proj",
-        "config.gradient_checkpointing": False, "data.source": "builtin:shapes",
-        "weights.base_bytes": base_bytes, "weights.quantized_codes_bytes": codes,
-        "weights.bits_per_quantized_param": bits, "params.trainable": 32768,
-        "memory.peak_rss_bytes": rss, "memory.load.rss_peak_bytes": rss - 120_000_000,
-        "memory.train.rss_peak_bytes": rss - 20_000_000, "memory.train.torch_max_allocated_bytes": None,
+        "config.train.gradient_checkpointing": False, "data.source": "builtin:shapes",
+        "weights.load.base_bytes": base_bytes, "weights.load.quantized_codes_bytes": codes,
+        "weights.load.bits_per_quantized_param": bits, "params.trainable": 32768,
+        "memory.all_phases.rss_peak_bytes": rss, "memory.load.rss_peak_bytes": rss - 120_000_000,
+        "memory.train.rss_peak_bytes": rss - 20_000_000, "memory.train.torch_allocated_peak_bytes": None,
         "speed.train_samples_per_s": samples_per_s, "speed.train_tokens_per_s": samples_per_s * 8,
-        "speed.step_time_p50_s": 32 / samples_per_s, "time.train_s": 8 * 32 / samples_per_s, "time.load_s": 1.5,
-        "quality.before.mean_recall@1": 0.25, "quality.after.mean_recall@1": recall,
-        "quality.after.i2t_recall@1": recall + 0.01, "quality.after.t2i_recall@1": recall - 0.01,
+        "speed.step_time_p50_s": 32 / samples_per_s, "time.train.wall_s": 8 * 32 / samples_per_s, "time.load.wall_s": 1.5,
+        "quality.eval_before.mean_recall@1": 0.25, "quality.eval_after.mean_recall@1": recall,
+        "quality.eval_after.i2t_recall@1": recall + 0.01, "quality.eval_after.t2i_recall@1": recall - 0.01,
         "train.final_loss": 1.2,
     }
     record.update({key.replace("__", "."): value for key, value in overrides.items()})

@@ -69,29 +69,29 @@ def test_every_cpu_record_carries_every_measurement(run, precision):
     assert record["status"] == "ok", record.get("error")
     for phase in PHASES:
         assert record[f"memory.{phase}.rss_peak_bytes"] > 100 * 1024 * 1024  # python + torch are resident
-        for absent in ("torch_max_allocated_bytes", "torch_max_reserved_bytes", "nvml_process_peak_bytes", "nvml_device_peak_bytes"):
+        for absent in ("torch_allocated_peak_bytes", "torch_reserved_peak_bytes", "nvml_process_peak_bytes", "nvml_device_peak_bytes"):
             assert f"memory.{phase}.{absent}" in record and record[f"memory.{phase}.{absent}"] is None
     assert record["memory.source.torch_cuda"].startswith("unavailable") and record["memory.source.nvml"].startswith("unavailable")
-    assert record["memory.peak_rss_bytes"] == max(record[f"memory.{p}.rss_peak_bytes"] for p in PHASES)
-    assert record["weights.base_bytes"] == (
-        record["weights.quantized_codes_bytes"] + record["weights.quant_state_bytes"] + record["weights.unquantized_bytes"]
+    assert record["memory.all_phases.rss_peak_bytes"] == max(record[f"memory.{p}.rss_peak_bytes"] for p in PHASES)
+    assert record["weights.load.base_bytes"] == (
+        record["weights.load.quantized_codes_bytes"] + record["weights.load.quant_state_bytes"] + record["weights.load.unquantized_bytes"]
     )
-    assert record["weights.error.layers"] > 0 and record["weights.error.rel_max"] >= record["weights.error.rel_mean"] > 0
+    assert record["weights.load.error.layers"] > 0 and record["weights.load.error.rel_max"] >= record["weights.load.error.rel_mean"] > 0
     assert 0 < record["speed.step_time_p50_s"] <= record["speed.step_time_p90_s"]
     assert record["speed.timed_steps"] == 3
-    assert record["time.load_s"] > 0
+    assert record["time.load.wall_s"] > 0
 
 
 def test_the_quantized_record_has_its_bits_and_the_dense_one_has_none(run):
     nf4, bf16 = run["records"]["nf4"], run["records"]["bf16"]
     # nf4: 4 bits of code + one float32 absmax per 64 weights + a 64-byte code table per layer
-    layers = nf4["format.linear4bit_count"]
-    expected = 4 + 32 / 64 + 8 * 64 * layers / nf4["weights.quantized_params"]
-    assert nf4["weights.bits_per_quantized_param"] == pytest.approx(expected, abs=0.01)
-    assert nf4["weights.quant_state.absmax_bytes"] > 0 and nf4["weights.unquantized_bytes"] > 0
-    assert bf16["weights.bits_per_quantized_param"] is None and bf16["weights.quantized_params"] == 0
-    assert nf4["weights.error.rel_mean"] > 10 * bf16["weights.error.rel_mean"]
-    assert nf4["format.quant_types"] == "nf4" and nf4["format.compressed_statistics"] == "false"
+    layers = nf4["weights.load.linears.linear4bit_count"]
+    expected = 4 + 32 / 64 + 8 * 64 * layers / nf4["weights.load.quantized_params"]
+    assert nf4["weights.load.bits_per_quantized_param"] == pytest.approx(expected, abs=0.01)
+    assert nf4["weights.load.quant_state.absmax_bytes"] > 0 and nf4["weights.load.unquantized_bytes"] > 0
+    assert bf16["weights.load.bits_per_quantized_param"] is None and bf16["weights.load.quantized_params"] == 0
+    assert nf4["weights.load.error.rel_mean"] > 10 * bf16["weights.load.error.rel_mean"]
+    assert nf4["weights.load.linears.quant_types"] == "nf4" and nf4["weights.load.linears.compressed_statistics"] == "false"
 
 
 def test_a_base_loaded_without_its_4bit_settings_fails_naming_the_modules_that_disagree(run):
@@ -100,7 +100,7 @@ def test_a_base_loaded_without_its_4bit_settings_fails_naming_the_modules_that_d
     assert record["error_type"] == "FormatMismatch"
     assert "does not match precision 'fp4-dq'" in record["error"]
     assert "text_model.encoder.layers.0.self_attn.k_proj is Linear, expected Linear4bit" in record["error"]
-    assert record["format.linear4bit_count"] == 0  # what was read back is kept as evidence
+    assert record["weights.load.linears.linear4bit_count"] == 0  # what was read back is kept as evidence
     assert run["code"] == 1  # the command says that a cell failed
 
 

@@ -41,14 +41,14 @@ def test_identical_results_pass():
 
 
 def test_recall_at_1_down_5_points_is_a_regression():
-    result = compare.compare(frame(make_records()), planted({"quality.after.mean_recall@1": lambda v: v - 0.05}))
+    result = compare.compare(frame(make_records()), planted({"quality.eval_after.mean_recall@1": lambda v: v - 0.05}))
     assert result.exit_code == 1
-    assert regressed(result) == {("nf4-dq", "quality.after.mean_recall@1")}
+    assert regressed(result) == {("nf4-dq", "quality.eval_after.mean_recall@1")}
     assert "-5.00 points" in result.markdown()
 
 
 def test_recall_down_less_than_the_tolerance_passes():
-    result = compare.compare(frame(make_records()), planted({"quality.after.mean_recall@1": lambda v: v - 0.02}))
+    result = compare.compare(frame(make_records()), planted({"quality.eval_after.mean_recall@1": lambda v: v - 0.02}))
     assert result.exit_code == 0
 
 
@@ -56,17 +56,17 @@ def test_weight_bytes_up_one_block_is_a_mismatch():
     one_block = precisions.BNB_4BIT_BLOCKSIZE * 4 // 8  # 64 four-bit codes
     result = compare.compare(
         frame(make_records()),
-        planted({"weights.base_bytes": lambda v: v + one_block, "weights.quantized_codes_bytes": lambda v: v + one_block}),
+        planted({"weights.load.base_bytes": lambda v: v + one_block, "weights.load.quantized_codes_bytes": lambda v: v + one_block}),
     )
     assert result.exit_code == 1
-    assert regressed(result) == {("nf4-dq", "weights.base_bytes"), ("nf4-dq", "weights.quantized_codes_bytes")}
+    assert regressed(result) == {("nf4-dq", "weights.load.base_bytes"), ("nf4-dq", "weights.load.quantized_codes_bytes")}
     assert set(result.regressions["verdict"]) == {"mismatch"}
     assert "+32" in result.markdown()
 
 
 def test_fewer_weight_bytes_is_also_a_mismatch_because_exact_metrics_must_match():
-    result = compare.compare(frame(make_records()), planted({"weights.base_bytes": lambda v: v - 1}))
-    assert regressed(result) == {("nf4-dq", "weights.base_bytes")}
+    result = compare.compare(frame(make_records()), planted({"weights.load.base_bytes": lambda v: v - 1}))
+    assert regressed(result) == {("nf4-dq", "weights.load.base_bytes")}
 
 
 def test_nf4_dq_over_bf16_throughput_ratio_down_30_percent_is_a_regression():
@@ -99,16 +99,16 @@ def test_noise_floor_from_seeds_widens_the_allowance():
     seeds = (0, 1, 2, 3)
     old = make_records(seeds=seeds)
     for record in old:  # recall spread of about 6 points between seeds
-        record["quality.after.mean_recall@1"] += {0: -0.06, 1: 0.0, 2: 0.06, 3: 0.0}[record["seed"]]
-    drop = planted({"quality.after.mean_recall@1": lambda v: v - 0.04}, seeds=seeds)
+        record["quality.eval_after.mean_recall@1"] += {0: -0.06, 1: 0.0, 2: 0.06, 3: 0.0}[record["seed"]]
+    drop = planted({"quality.eval_after.mean_recall@1": lambda v: v - 0.04}, seeds=seeds)
     for record_index, record in drop.iterrows():
-        drop.loc[record_index, "quality.after.mean_recall@1"] += {0: -0.06, 1: 0.0, 2: 0.06, 3: 0.0}[record["seed"]]
+        drop.loc[record_index, "quality.eval_after.mean_recall@1"] += {0: -0.06, 1: 0.0, 2: 0.06, 3: 0.0}[record["seed"]]
     noisy = compare.compare(frame(old), drop)
-    row = noisy.checks[(noisy.checks["precision"] == "nf4-dq") & (noisy.checks["metric"] == "quality.after.mean_recall@1")].iloc[0]
+    row = noisy.checks[(noisy.checks["precision"] == "nf4-dq") & (noisy.checks["metric"] == "quality.eval_after.mean_recall@1")].iloc[0]
     assert row["noise"] > 0.04 and row["verdict"] == "ok"
     # without the seeds' spread, the same 4-point drop is beyond the 3-point tolerance: caught
-    quiet = compare.compare(frame(make_records(seeds=seeds)), planted({"quality.after.mean_recall@1": lambda v: v - 0.04}, seeds=seeds))
-    assert ("nf4-dq", "quality.after.mean_recall@1") in regressed(quiet)
+    quiet = compare.compare(frame(make_records(seeds=seeds)), planted({"quality.eval_after.mean_recall@1": lambda v: v - 0.04}, seeds=seeds))
+    assert ("nf4-dq", "quality.eval_after.mean_recall@1") in regressed(quiet)
 
 
 def test_failed_or_missing_cells_are_regressions():
@@ -140,25 +140,25 @@ def test_perplexity_records_work_without_special_cases():
         record = make_record(precision, task="causal_lm", model="builtin:tiny-llama")
         for key in [k for k in record if k.startswith("quality.")]:
             del record[key]
-        record.update({"quality.after.perplexity": ppl, "quality.after.bits_per_byte": 1.5})
+        record.update({"quality.eval_after.perplexity": ppl, "quality.eval_after.bits_per_byte": 1.5})
         return record
 
     old = frame([lm("bf16", 10.0), lm("nf4-dq", 10.5)])
     worse = compare.compare(old, frame([lm("bf16", 10.0), lm("nf4-dq", 11.5)]))  # +9.5 %: lower is better
     better = compare.compare(old, frame([lm("bf16", 10.0), lm("nf4-dq", 9.0)]))
-    assert regressed(worse) == {("nf4-dq", "quality.after.perplexity")}
+    assert regressed(worse) == {("nf4-dq", "quality.eval_after.perplexity")}
     assert better.exit_code == 0
     assert "improved" in set(better.checks["verdict"])
 
 
 def test_command_line_tolerance_beats_the_suite_and_the_suite_beats_the_default():
     suite = parse(MINIMAL + '[compare.tolerances]\n"quality.*recall@1" = { abs = 0.10 }\n')
-    settings = compare.Settings.build(suite.compare, [compare.parse_tolerance("quality.after.mean_recall@1=abs:0.01")])
-    assert settings.tolerance_for("quality.after.mean_recall@1", "quality")[0].abs == 0.01
-    assert settings.tolerance_for("quality.after.i2t_recall@1", "quality")[0].abs == 0.10
-    assert settings.tolerance_for("quality.after.i2t_recall@5", "quality")[0].abs == 0.03
-    assert settings.tolerance_for("weights.base_bytes", "exact")[0] == compare.EXACT
-    drop = planted({"quality.after.mean_recall@1": lambda v: v - 0.05})
+    settings = compare.Settings.build(suite.compare, [compare.parse_tolerance("quality.eval_after.mean_recall@1=abs:0.01")])
+    assert settings.tolerance_for("quality.eval_after.mean_recall@1", "quality")[0].abs == 0.01
+    assert settings.tolerance_for("quality.eval_after.i2t_recall@1", "quality")[0].abs == 0.10
+    assert settings.tolerance_for("quality.eval_after.i2t_recall@5", "quality")[0].abs == 0.03
+    assert settings.tolerance_for("weights.load.base_bytes", "exact")[0] == compare.EXACT
+    drop = planted({"quality.eval_after.mean_recall@1": lambda v: v - 0.05})
     assert compare.compare(frame(make_records()), drop, compare.Settings.build(suite.compare)).exit_code == 0
 
 
@@ -175,8 +175,8 @@ def test_speed_ratio_tolerance_from_the_suite_applies():
         ('[compare.tolerances]\n"quality.*" = { abss = 0.1 }\n', "unknown key"),
         ('[compare.tolerances]\n"quality.*" = { abs = -1 }\n', "greater than or equal to 0"),
         ('[compare.tolerances]\n"quality.*" = {}\n', "needs abs, rel or ignore"),
-        ('[compare.tolerances]\n"quality.after.recal@1" = { abs = 0.1 }\n', "not a metric qbench compares"),
-        ('[compare]\nspeed_ratios = ["weights.base_bytes"]\n', "not speed fields"),
+        ('[compare.tolerances]\n"quality.eval_after.recal@1" = { abs = 0.1 }\n', "not a metric qbench compares"),
+        ('[compare]\nspeed_ratios = ["weights.load.base_bytes"]\n', "not speed fields"),
         ('[compare]\nnoise_sigma = 2\n', "did you mean 'noise_sigmas'"),
     ],
 )
@@ -196,7 +196,7 @@ def test_bad_command_line_tolerances_are_rejected(bad: str):
 def runs(tmp_path: Path) -> dict[str, Path]:
     """A baseline, the same again, and one with nf4-dq's recall 7 points lower."""
     records = make_records(run_id="run-c")
-    by_precision(records)["nf4-dq"]["quality.after.mean_recall@1"] -= 0.07
+    by_precision(records)["nf4-dq"]["quality.eval_after.mean_recall@1"] -= 0.07
     return {
         "baseline": write_run(tmp_path / "baseline", make_records()),
         "same": write_run(tmp_path / "same", make_records(run_id="run-b")),
@@ -218,7 +218,7 @@ def test_cli_appends_a_markdown_summary_and_prints_the_regression(runs: dict[str
     cli.main(["compare", str(runs["baseline"]), str(runs["worse"]), "--markdown", str(summary)])
     text = summary.read_text()
     assert "✅ no regression" in text and "❌ 1 regression(s)" in text
-    assert "nf4-dq quality.after.mean_recall@1" in capsys.readouterr().out
+    assert "nf4-dq quality.eval_after.mean_recall@1" in capsys.readouterr().out
 
 
 def test_cli_compares_an_exported_csv_against_a_run_directory(tmp_path: Path):
@@ -233,7 +233,7 @@ def test_cli_takes_the_compare_table_from_the_new_runs_suite_text(tmp_path: Path
     loose = MINIMAL + '[compare]\nspeed_ratios = ["speed.train_samples_per_s"]\nnoise_sigmas = 3\n[compare.tolerances]\n"quality.*recall@1" = { abs = 0.10 }\n'
     baseline = write_run(tmp_path / "baseline", make_records())
     records = make_records(run_id="run-b")
-    by_precision(records)["nf4-dq"]["quality.after.mean_recall@1"] -= 0.05
+    by_precision(records)["nf4-dq"]["quality.eval_after.mean_recall@1"] -= 0.05
     new = write_run(tmp_path / "new", records, suite_text=loose)
     assert cli.main(["compare", str(baseline), str(new)]) == 0
     strict = tmp_path / "strict.toml"
@@ -254,7 +254,7 @@ def test_the_ci_suite_tolerances_catch_the_planted_regressions_and_pass_a_slower
     assert regressed(compare.compare(baseline, ratio_down_30, settings)) == {("nf4-dq", "ratio.speed.train_samples_per_s")}
     everything_slower = frame([slower(r, 1 / 0.8) for r in make_records(run_id="run-b")])
     assert compare.compare(baseline, everything_slower, settings).exit_code == 0
-    recall_down_5 = planted({"quality.after.mean_recall@1": lambda v: v - 0.05})
+    recall_down_5 = planted({"quality.eval_after.mean_recall@1": lambda v: v - 0.05})
     assert compare.compare(baseline, recall_down_5, settings).exit_code == 1
 
 
@@ -310,12 +310,12 @@ def _with(records, **fields):
 
 
 def test_a_count_of_non_finite_embeddings_that_rose_is_a_regression_even_when_recall_holds():
-    baseline = frame(_with(make_records(), quality__after__nonfinite_image_embeddings=0))
-    new = _with(make_records(run_id="run-b"), quality__after__nonfinite_image_embeddings=0)
-    by_precision(new)["nf4-dq"]["quality.after.nonfinite_image_embeddings"] = 1  # one image embedding is NaN now
+    baseline = frame(_with(make_records(), quality__eval_after__nonfinite_image_embeddings=0))
+    new = _with(make_records(run_id="run-b"), quality__eval_after__nonfinite_image_embeddings=0)
+    by_precision(new)["nf4-dq"]["quality.eval_after.nonfinite_image_embeddings"] = 1  # one image embedding is NaN now
     result = compare.compare(baseline, frame(new))
-    assert regressed(result) == {("nf4-dq", "quality.after.nonfinite_image_embeddings")}
-    row = result.checks[result.checks["metric"] == "quality.after.nonfinite_image_embeddings"].iloc[0]
+    assert regressed(result) == {("nf4-dq", "quality.eval_after.nonfinite_image_embeddings")}
+    row = result.checks[result.checks["metric"] == "quality.eval_after.nonfinite_image_embeddings"].iloc[0]
     assert row["kind"] == "health"
 
 
@@ -323,30 +323,30 @@ def test_a_rise_of_non_finite_losses_is_not_excused_by_the_seeds_spread():
     seeds = (0, 1, 2)
     baseline = make_records(seeds=seeds)
     for record in baseline:  # the baseline's seeds already disagree: 0, 3 and 0 NaN losses
-        record["quality.after.nonfinite_losses"] = 3 if record["seed"] == 1 else 0
+        record["quality.eval_after.nonfinite_losses"] = 3 if record["seed"] == 1 else 0
     new = make_records(seeds=seeds, run_id="run-b")
     for record in new:
-        record["quality.after.nonfinite_losses"] = 3 if record["seed"] == 1 else (1 if record["precision"] == "int8" else 0)
+        record["quality.eval_after.nonfinite_losses"] = 3 if record["seed"] == 1 else (1 if record["precision"] == "int8" else 0)
     result = compare.compare(frame(baseline), frame(new))
-    assert ("int8", "quality.after.nonfinite_losses") in regressed(result)
-    assert ("bf16", "quality.after.nonfinite_losses") not in regressed(result)
+    assert ("int8", "quality.eval_after.nonfinite_losses") in regressed(result)
+    assert ("bf16", "quality.eval_after.nonfinite_losses") not in regressed(result)
 
 
 def test_interval_bounds_are_never_gated():
-    baseline = frame(_with(make_records(), interval__after__mean_recall_1__low=0.5))
-    new = frame(_with(make_records(run_id="run-b"), interval__after__mean_recall_1__low=0.1))
-    baseline = baseline.rename(columns={"interval.after.mean_recall_1.low": "interval.after.mean_recall@1.low"})
-    new = new.rename(columns={"interval.after.mean_recall_1.low": "interval.after.mean_recall@1.low"})
+    baseline = frame(_with(make_records(), interval__eval_after__mean_recall_1__low=0.5))
+    new = frame(_with(make_records(run_id="run-b"), interval__eval_after__mean_recall_1__low=0.1))
+    baseline = baseline.rename(columns={"interval.eval_after.mean_recall_1.low": "interval.eval_after.mean_recall@1.low"})
+    new = new.rename(columns={"interval.eval_after.mean_recall_1.low": "interval.eval_after.mean_recall@1.low"})
     result = compare.compare(baseline, new)
     assert result.exit_code == 0
     assert not result.checks["metric"].str.startswith("interval.").any()
 
 
 def test_an_infinite_perplexity_in_the_new_run_is_a_regression():
-    baseline = frame(_with(make_records(), quality__after__perplexity=20.0))
-    new = _with(make_records(run_id="run-b"), quality__after__perplexity=20.0)
-    by_precision(new)["int8"]["quality.after.perplexity"] = float("inf")
-    assert regressed(compare.compare(baseline, frame(new))) == {("int8", "quality.after.perplexity")}
+    baseline = frame(_with(make_records(), quality__eval_after__perplexity=20.0))
+    new = _with(make_records(run_id="run-b"), quality__eval_after__perplexity=20.0)
+    by_precision(new)["int8"]["quality.eval_after.perplexity"] = float("inf")
+    assert regressed(compare.compare(baseline, frame(new))) == {("int8", "quality.eval_after.perplexity")}
 
 
 def test_sides_that_name_different_baseline_arms_are_unusable():
@@ -363,16 +363,16 @@ def test_memory_of_cells_started_differently_on_a_cpu_is_not_judged(column: str,
     # a forked cell's PSS shares the fork server's and its siblings' pages: 311 MiB forked one at a time,
     # 483 MiB as a subprocess (a Ray task's cell), 227 MiB forked two at a time (the same dense cell)
     baseline = [make_record(p, **{column.replace(".", "__"): old}) for p in ("bf16", "int8", "nf4-dq")]
-    changed = [make_record(p, run_id="run-b", memory__peak_rss_bytes=2 * make_record(p)["memory.peak_rss_bytes"],
+    changed = [make_record(p, run_id="run-b", memory__all_phases__rss_peak_bytes=2 * make_record(p)["memory.all_phases.rss_peak_bytes"],
                            **{column.replace(".", "__"): new}) for p in ("bf16", "int8", "nf4-dq")]
     result = compare.compare(frame(baseline), frame(changed))
     assert result.exit_code == 0, result.markdown()  # weights, quality and speed ratios still compare
-    memory = result.checks[result.checks["metric"] == "memory.peak_rss_bytes"]
+    memory = result.checks[result.checks["metric"] == "memory.all_phases.rss_peak_bytes"]
     assert set(memory["verdict"]) == {compare.NOT_JUDGED} and all(column in note for note in memory["note"])
-    assert set(result.checks[result.checks["metric"] == "weights.base_bytes"]["verdict"]) == {"ok"}
+    assert set(result.checks[result.checks["metric"] == "weights.load.base_bytes"]["verdict"]) == {"ok"}
     # started alike, the doubled memory is a regression
     alike = [dict(r, **{column: old}) for r in changed]
-    assert ("int8", "memory.peak_rss_bytes") in regressed(compare.compare(frame(baseline), frame(alike)))
+    assert ("int8", "memory.all_phases.rss_peak_bytes") in regressed(compare.compare(frame(baseline), frame(alike)))
 
 
 def test_a_speed_ratio_whose_runs_spread_too_widely_is_not_judged_rather_than_passed():

@@ -56,10 +56,10 @@ def test_torch_and_nvml_peaks_are_per_phase_on_the_gpu():
     finally:
         tracker.close()
     record = tracker.record
-    assert record["memory.big.torch_max_allocated_bytes"] >= 512 * MiB
-    assert record["memory.small.torch_max_allocated_bytes"] < 64 * MiB  # reset at the phase start
+    assert record["memory.big.torch_allocated_peak_bytes"] >= 512 * MiB
+    assert record["memory.small.torch_allocated_peak_bytes"] < 64 * MiB  # reset at the phase start
     # NVML sees the CUDA context too: more than torch's allocator, and the device more than the process
-    assert record["memory.big.nvml_process_peak_bytes"] >= record["memory.big.torch_max_reserved_bytes"]
+    assert record["memory.big.nvml_process_peak_bytes"] >= record["memory.big.torch_reserved_peak_bytes"]
     assert record["memory.big.nvml_device_peak_bytes"] >= record["memory.big.nvml_process_peak_bytes"]
     assert record["memory.big.nvml_process_peak_bytes"] - record["memory.small.nvml_process_peak_bytes"] >= 400 * MiB
 
@@ -136,7 +136,7 @@ def test_byte_accounting_and_weight_error_are_the_same_on_gpu_and_cpu(checkpoint
     on = {d: models.load_base(CLIPModel, checkpoint, precisions.get(name), "bfloat16", d, SPEC) for d in ("cpu", "cuda")}
     assert weights.account_base(on["cuda"]) == weights.account_base(on["cpu"])
     weights.check_format(on["cuda"], precisions.get(name), "bfloat16")
-    errors = {d: weight_error.measure(model, checkpoint)["weights.error.rel_mean"] for d, model in on.items()}
+    errors = {d: weight_error.measure(model, checkpoint)["weights.load.error.rel_mean"] for d, model in on.items()}
     assert errors["cuda"] == pytest.approx(errors["cpu"], rel=0.05)
 
 

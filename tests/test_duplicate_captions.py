@@ -55,6 +55,6 @@ def test_the_clip_task_counts_captions_the_model_reads_as_the_same_text(tmp_path
     loaded = spec.load(write_suite(tmp_path, clip.suite(tiny_clip_dir, data)))
     task = ClipTask(loaded, str(tiny_clip_dir), "cpu")
     info = task.prepare_data()
-    assert info["data.eval.duplicate_captions"] == 2
+    assert info["data.eval_duplicate_captions"] == 2
     assert task.positives[:2, :2].all() and int(task.positives.sum()) == 6 + 2
     assert "same tokens are positives of every image" in info["eval.protocol"]

@@ -11,6 +11,7 @@ from qbench.contract import records as results
 
 from .conftest import write_suite
 from .helpers import clip
+from .helpers.schema import assert_schema_3_run
 
 TWO_CELLS = clip.suite(
     precisions=("bf16", "nf4-dq"), name="e2e", steps=4, train="batch_size = 16\nlr = 1e-3\nmax_length = 16\nuntimed_steps = 1",
@@ -34,25 +35,26 @@ def test_two_cell_suite_runs_each_cell_in_its_own_process_and_writes_records(tmp
     # RSS on a CPU: said once for every precision, not on each line
     assert " ".join(text.split()).count("Not measured meaningfully on this CPU, for any precision: peak memory and speed") == 1
     (run_dir,) = (tmp_path / "out" / "e2e").iterdir()
+    assert len(assert_schema_3_run(run_dir)) == 2  # every record the run wrote is schema 3 and validates as it is
     records = {r["precision"]: r for r in results.read_records(run_dir)}
     assert set(records) == {"bf16", "nf4-dq"}
     for record in records.values():
         assert record["status"] == "ok", record.get("error")
-        clip.assert_recall_is_an_exact_share(record, "after")
+        clip.assert_recall_is_an_exact_share(record, "eval_after")
         assert record["speed.timed_steps"] == 3
-        assert record["memory.peak_rss_bytes"] > 0
+        assert record["memory.all_phases.rss_peak_bytes"] > 0
         # the runtime before the model: most of the peak on a CPU, and never more than the load phase's peak
-        assert 0 < record["memory.process_baseline_rss_bytes"] <= record["memory.load.rss_peak_bytes"]
-        assert record["memory.train.torch_max_allocated_bytes"] is None
+        assert 0 < record["memory.process_baseline.rss_bytes"] <= record["memory.load.rss_peak_bytes"]
+        assert record["memory.train.torch_allocated_peak_bytes"] is None
         assert record["memory.source.torch_cuda"].startswith("unavailable")
         assert record["params.trainable"] > 0
     # each cell ran in a fresh process of its own (not this one), and the same LoRA shapes were trained in both
     pids = {record["env.pid"] for record in records.values()}
     assert len(pids) == 2 and os.getpid() not in pids
     assert records["bf16"]["params.trainable"] == records["nf4-dq"]["params.trainable"]
-    assert records["nf4-dq"]["format.linear4bit_count"] > 0 and records["bf16"]["format.linear4bit_count"] == 0
-    assert records["nf4-dq"]["weights.base_bytes"] < records["bf16"]["weights.base_bytes"]
-    assert records["nf4-dq"]["bnb.cpu_weight_packing_disabled_layers"] == records["nf4-dq"]["format.linear4bit_count"]
+    assert records["nf4-dq"]["weights.load.linears.linear4bit_count"] > 0 and records["bf16"]["weights.load.linears.linear4bit_count"] == 0
+    assert records["nf4-dq"]["weights.load.base_bytes"] < records["bf16"]["weights.load.base_bytes"]
+    assert records["nf4-dq"]["bnb.cpu_weight_packing_disabled_layers"] == records["nf4-dq"]["weights.load.linears.linear4bit_count"]
     table = pd.read_csv(run_dir / "results.csv")
     assert len(table) == 2
     summary = (run_dir / "summary.md").read_text()

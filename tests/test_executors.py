@@ -55,13 +55,13 @@ class ScriptedCell:
         identity = identity_fields(self.run.loaded, self.run.run_id, self.cell)
         for phase in ("load", "train"):
             self.last_phase = phase
-            self._write({**identity, "status": "running", "last_phase": phase, "weights.base_bytes": 1234})
+            self._write({**identity, "status": "running", "last_phase": phase, "weights.load.base_bytes": 1234})
             yield {"event": "phase", "phase": phase}
         if self.script.get("hold"):  # until stopped, then gone without a record of its own
             self.stopped.wait(60)
             return
         if "returncode" not in self.script:
-            self._write({**identity, "status": "ok", "last_phase": "done", "weights.base_bytes": 1234})
+            self._write({**identity, "status": "ok", "last_phase": "done", "weights.load.base_bytes": 1234})
 
     def wait(self) -> int | None:
         self.returncode = self.script.get("returncode", 0)
@@ -121,7 +121,7 @@ def test_records_an_executor_leaves_are_kept_and_said_where_they_ran(suite, tmp_
     records = {r["cell_id"]: r for r in result.records}
     for cell_id, record in records.items():
         assert record["status"] == "ok" and record["env.scripted.where"] == f"stage {cell_id}"  # the executor's fields
-        assert record["env.cell_launcher"] == "script" and record["time.cell_wall_s"] == 2.5  # its launcher, its wall time
+        assert record["env.cell_launcher"] == "script" and record["time.cell.wall_s"] == 2.5  # its launcher, its wall time
     manifest = json.loads((result.run_dir / "run.json").read_text())
     assert manifest["executor"] == "scripted" and manifest["scripted"] == {"cells": 3}
     assert result.tables["csv"].is_file() and result.tables["summary"].is_file()
@@ -141,7 +141,7 @@ def test_a_cell_that_ends_without_its_record_is_recorded_failed_with_what_it_had
     killed = results.read_record(results.record_path(result.run_dir, "int8-seed0"))
     assert killed["error"].startswith("cell process was killed by signal SIGKILL (last phase: train)")
     assert killed["error_returncode"] == -9 and killed["error_phase"] == "train"
-    assert killed["weights.base_bytes"] == 1234 and killed["env.executor"] == "scripted"  # its checkpoint's figures kept
+    assert killed["weights.load.base_bytes"] == 1234 and killed["env.executor"] == "scripted"  # its checkpoint's figures kept
     lost = results.read_record(results.record_path(result.run_dir, "nf4-seed0"))
     assert lost["error_type"] == "ItsJobDied" and lost["error"] == "node lost" and lost["env.scripted.where"] == "stage nf4-seed0"
     assert results.read_record(results.record_path(result.run_dir, "bf16-seed0"))["status"] == "ok"

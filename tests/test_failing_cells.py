@@ -58,10 +58,11 @@ def test_a_nan_loss_fails_the_cell_and_keeps_what_was_measured(tmp_path, tiny_cl
     assert record["status"] == "failed" and record["error_type"] == "NonFiniteLoss"
     assert record["error"] == "NonFiniteLoss: training loss is nan at step 2"
     assert record["error_phase"] == "train" and record["train.steps_completed"] == 1
-    assert math.isfinite(record["train.first_loss"]) and "train.final_loss" not in record
-    clip.assert_recall_is_an_exact_share(record, "before")
-    assert "quality.after.mean_recall@1" not in record
-    assert record["time.load_s"] > 0 and record["weights.base_bytes"] > 0
+    # the loss of the last step run (step 1; step 2 was NaN): the same as the first
+    assert math.isfinite(record["train.first_loss"]) and record["train.final_loss"] == record["train.first_loss"]
+    clip.assert_recall_is_an_exact_share(record, "eval_before")
+    assert "quality.eval_after.mean_recall@1" not in record
+    assert record["time.load.wall_s"] > 0 and record["weights.load.base_bytes"] > 0
     assert record["memory.train.rss_peak_bytes"] > 0 and record["speed.timed_steps"] == 0
 
 
@@ -76,7 +77,7 @@ def test_a_format_the_device_cannot_run_is_unsupported(tmp_path, tiny_clip_dir, 
     record = run_in_process(tmp_path, tiny_clip_dir, tsv_data_dir, monkeypatch, "bf16-seed0:load:unsupported")
     assert record["status"] == "unsupported" and record["error_type"] == "NotImplementedError"
     assert record["error_phase"] == "load"
-    assert record["data.train_images"] == 24 and "time.load_s" not in record
+    assert record["data.train_images"] == 24 and "time.load.wall_s" not in record
     assert record["memory.data.rss_peak_bytes"] > 0
 
 
@@ -93,9 +94,9 @@ def test_a_killed_cell_process_is_recorded_and_the_other_cells_still_finish(tmp_
     assert killed["error"].startswith("cell process was killed by signal SIGKILL (last phase: train)")
     assert killed["error_returncode"] == -9
     # what the cell had measured before it died survives from its last checkpoint
-    clip.assert_recall_is_an_exact_share(killed, "before")
-    assert killed["time.load_s"] > 0
-    assert killed["weights.base_bytes"] > 0 and killed["config.safetensors_only"] is True
+    clip.assert_recall_is_an_exact_share(killed, "eval_before")
+    assert killed["time.load.wall_s"] > 0
+    assert killed["weights.load.base_bytes"] > 0 and killed["config.safetensors_only"] is True
     summary = (run_dir / "summary.md").read_text()
     assert "Cells that did not finish" in summary and "bf16-seed0" in summary and "SIGKILL" in summary
     err = capsys.readouterr().err

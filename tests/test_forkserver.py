@@ -87,21 +87,21 @@ def test_each_cell_measures_only_itself_from_the_same_starting_state(forked):
     assert held["test.injected_faults"] and "test.injected_faults" not in alone
     # ... and the cells after it (nf4-seed0 ran next) did not inherit them
     for later in ("nf4-seed0", "dense-seed1", "nf4-seed1"):
-        assert records[later]["memory.peak_rss_bytes"] < held["memory.train.rss_peak_bytes"] - (HELD_MIB - 30) * MiB
+        assert records[later]["memory.all_phases.rss_peak_bytes"] < held["memory.train.rss_peak_bytes"] - (HELD_MIB - 30) * MiB
 
 
 def test_the_parts_of_a_cell_add_up_to_its_wall_time(forked):
     records, manifest = forked
     for record in records.values():
         # the phases a suite asks for (an init, the merges) are parts only where they ran
-        parts = [record[f"time.{part}_s"] for part in TIME_PARTS if part not in ON_REQUEST_PHASES or f"time.{part}_s" in record]
+        parts = [record[f"time.{part}.wall_s"] for part in TIME_PARTS if part not in ON_REQUEST_PHASES or f"time.{part}.wall_s" in record]
         assert all(isinstance(p, float) and p >= 0 for p in parts), record["cell_id"]
-        assert record["time.other_s"] >= 0
-        assert math.isclose(sum(parts) + record["time.other_s"], record["time.cell_wall_s"], rel_tol=1e-9)
+        assert record["time.other.wall_s"] >= 0
+        assert math.isclose(sum(parts) + record["time.other.wall_s"], record["time.cell.wall_s"], rel_tol=1e-9)
         # and no other time.*_s field: a reader summing them all gets the wall time, nothing counted twice
-        every = [v for k, v in record.items() if k.startswith("time.") and k.endswith("_s") and k != "time.cell_wall_s"]
-        assert math.isclose(sum(every), record["time.cell_wall_s"], rel_tol=1e-9), sorted(record)
-    assert manifest["timing"]["run_wall_s"] >= sum(r["time.cell_wall_s"] for r in records.values())
+        every = [v for k, v in record.items() if k.startswith("time.") and k.endswith("_s") and k != "time.cell.wall_s"]
+        assert math.isclose(sum(every), record["time.cell.wall_s"], rel_tol=1e-9), sorted(record)
+    assert manifest["timing"]["run_wall_s"] >= sum(r["time.cell.wall_s"] for r in records.values())
 
 
 def test_records_say_which_compute_dtype_and_threads_and_why(forked):
@@ -130,5 +130,5 @@ def test_a_forked_cell_gives_the_results_of_a_plain_subprocess(forked, tmp_path)
     (cell,) = plain.values()
     assert cell["env.cell_launcher"] == "subprocess" and manifest["cell_launcher"] == "subprocess"
     forked_cell = records["nf4-seed1"]
-    for key in ("train.final_loss", "quality.after.mean_recall@1", "quality.before.mean_recall@1", "weights.base_bytes"):
+    for key in ("train.final_loss", "quality.eval_after.mean_recall@1", "quality.eval_before.mean_recall@1", "weights.load.base_bytes"):
         assert cell[key] == forked_cell[key], key

@@ -157,13 +157,13 @@ def test_every_precision_of_full_size_clip_vit_b32_runs_and_its_base_bytes_match
         record = records[name]
         assert record["status"] == "ok", (name, record.get("error"))
         predicted = predicted_base(CLIP_VIT_B32_CONFIG, name)
-        measured = record["weights.base_bytes"]
+        measured = record["weights.load.base_bytes"]
         assert abs(measured - predicted["base_bytes"]) <= 0.01 * predicted["base_bytes"], (name, measured, predicted)
-        assert record["weights.quantized_params"] == predicted["quantized_params"]
-        assert record["weights.quantized_params"] + record["weights.unquantized_params"] == predicted["total_params"]
-        linear_count = record["format.linear4bit_count"] + record["format.linear8bitlt_count"]
+        assert record["weights.load.quantized_params"] == predicted["quantized_params"]
+        assert record["weights.load.quantized_params"] + record["weights.load.unquantized_params"] == predicted["total_params"]
+        linear_count = record["weights.load.linears.linear4bit_count"] + record["weights.load.linears.linear8bitlt_count"]
         assert linear_count == predicted["quantized_linears"]
-        assert record["format.dense_linear_count"] == (1 if predicted["quantized_linears"] else 146)
+        assert record["weights.load.linears.dense_linear_count"] == (1 if predicted["quantized_linears"] else 146)
         rows.append(
             (
                 name,
@@ -171,13 +171,13 @@ def test_every_precision_of_full_size_clip_vit_b32_runs_and_its_base_bytes_match
                 measured,
                 measured - predicted["base_bytes"],
                 8 * measured / predicted["total_params"],
-                record["weights.bits_per_quantized_param"],
-                record["memory.peak_rss_bytes"] / 2**20,
-                record["time.load_s"],
+                record["weights.load.bits_per_quantized_param"],
+                record["memory.all_phases.rss_peak_bytes"] / 2**20,
+                record["time.load.wall_s"],
             )
         )
     # the ordering a user expects at full size (at toy size double quantization's tables outweigh its saving)
-    sizes = {name: records[name]["weights.base_bytes"] for name in EVERY_PRECISION}
+    sizes = {name: records[name]["weights.load.base_bytes"] for name in EVERY_PRECISION}
     assert sizes["nf4-dq"] < sizes["nf4"] < sizes["int8"] < sizes["bf16"]
     assert sizes["fp4-dq"] < sizes["fp4"] == sizes["nf4"]
     header = "| precision | predicted base bytes | measured base bytes | diff | bits/param (whole base) | bits/quantized param | peak RSS MiB | load s |"

@@ -51,7 +51,7 @@ RECORD_CONTENT = st.one_of(
         make_record("int8", status="done"),
         make_record("int8", status=7),
         {**make_record("int8"), "precision": ["int8"]},
-        make_record("int8", weights__base_bytes="lots"),
+        make_record("int8", weights__load__base_bytes="lots"),
         make_record("int8", speed__train_samples_per_s=True),
         make_record("int8", **{"config.lora.r": "sixteen"}),
         make_record("int8", status="failed", error="boom"),

@@ -44,11 +44,11 @@ def test_a_real_run_passes_against_itself_and_fails_with_planted_regressions(rea
     shutil.copytree(real_run, planted, ignore=shutil.ignore_patterns("report", "logs"))
     record_file = planted / "cells" / "nf4-dq-seed0.json"
     record = json.loads(record_file.read_text())
-    record["weights.base_bytes"] += precisions.BNB_4BIT_BLOCKSIZE * 4 // 8
-    record["quality.after.t2i_recall@1"] -= 0.05
+    record["weights.load.base_bytes"] += precisions.BNB_4BIT_BLOCKSIZE * 4 // 8
+    record["quality.eval_after.t2i_recall@1"] -= 0.05
     record_file.write_text(json.dumps(record))
     summary = tmp_path / "summary.md"
     assert cli.main(["compare", str(real_run), str(planted), "--markdown", str(summary)]) == 1
     text = summary.read_text()
-    assert "weights.base_bytes" in text.split("<details>")[0]
-    assert "quality.after.t2i_recall@1" in text.split("<details>")[0]
+    assert "weights.load.base_bytes" in text.split("<details>")[0]
+    assert "quality.eval_after.t2i_recall@1" in text.split("<details>")[0]

@@ -207,7 +207,7 @@ def test_each_cell_process_gets_its_axes_and_a_dead_cells_record_still_names_the
     records = {r["cell_id"]: r for r in results.read_records(run_dir)}
     assert sorted(records) == sorted(["bf16-adamw-bs4-seed0", "bf16-adamw8bit-bs4-seed0", "nf4-adamw-bs4-seed0",
                                       "nf4-adamw8bit-bs4-seed0"])
-    assert records["bf16-adamw8bit-bs4-seed0"]["fake.axes"] == {
+    assert records["bf16-adamw8bit-bs4-seed0"]["test.axes"] == {
         "optimizer": "adamw8bit", "lora_r": 16, "batch_size": 4, "max_length": 16, "gradient_checkpointing": False,
         "lora_init": "kaiming", "use_dora": False}
     crashed = records["nf4-adamw8bit-bs4-seed0"]

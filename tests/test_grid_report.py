@@ -46,7 +46,7 @@ def scaling_records(run_id: str = "run-a") -> list[dict]:
             for length in (64, 128):
                 records.append(make_record(
                     precision, 0, run_id, cell_id=f"{precision}-bs{batch}-len{length}-seed0", config__train__batch_size=batch,
-                    config__train__max_length=length, memory__peak_rss_bytes=weights + 1_000_000 * batch * length,
+                    config__train__max_length=length, memory__all_phases__rss_peak_bytes=weights + 1_000_000 * batch * length,
                     speed__train_samples_per_s=(10.0 if precision == "bf16" else 8.0) * batch,
                     speed__train_tokens_per_s=(10.0 if precision == "bf16" else 8.0) * batch * length,
                 ))
@@ -159,10 +159,10 @@ def test_a_regression_in_one_arm_is_not_hidden_by_the_others():
     for record in new:
         if record["config.train.optimizer"] == "adamw8bit":
             record["optimizer.state_bytes"] += 1024
-            record["quality.after.mean_recall@1"] -= 0.1
+            record["quality.eval_after.mean_recall@1"] -= 0.1
     result = compare.compare(pd.DataFrame(qlora_records()), pd.DataFrame(new))
     assert checks_of(result, "mismatch") == {("nf4-dq adamw8bit", "optimizer.state_bytes")}
-    assert checks_of(result, "regression") == {("nf4-dq adamw8bit", "quality.after.mean_recall@1")}
+    assert checks_of(result, "regression") == {("nf4-dq adamw8bit", "quality.eval_after.mean_recall@1")}
 
 
 def test_a_setting_that_is_not_an_axis_still_makes_the_input_unusable():
@@ -182,7 +182,7 @@ def test_arms_stay_named_by_an_axis_value_only_failed_cells_have():
     records = scaling_records()
     for record in records:
         if record["config.train.batch_size"] == 8:  # every bs8 cell ran out of memory
-            record.update(status="failed", error="OutOfMemoryError", **{"memory.peak_rss_bytes": None})
+            record.update(status="failed", error="OutOfMemoryError", **{"memory.all_phases.rss_peak_bytes": None})
     frame = pd.DataFrame(records)
     means = tables.ok_means(frame)
     assert list(means.index) == ["bf16 bs4 len64", "bf16 bs4 len128", "nf4-dq bs4 len64", "nf4-dq bs4 len128"]

@@ -15,6 +15,7 @@ import pytest
 from qbench import cli
 from qbench.contract import records as results
 from qbench.contract.exitcodes import Exit
+from qbench.contract.schema import SCHEMA_VERSION
 from qbench.contract.suite import Cell, load
 from qbench.runner import runner
 from qbench.runner.executors.local import LocalExecutor
@@ -26,8 +27,8 @@ from .helpers import clip, faults
 def write_record(run_dir: Path, cell_id: str, status: str, **fields) -> None:
     precision, seed = cell_id.rsplit("-seed", 1)
     record = {
-        "cell_id": cell_id, "precision": precision, "seed": int(seed), "status": status, "suite": "robust",
-        "task": "clip", "baseline_precision": "bf16", "quality.after.mean_recall@1": 0.5, **fields,
+        "schema_version": SCHEMA_VERSION, "cell_id": cell_id, "precision": precision, "seed": int(seed), "status": status, "suite": "robust",
+        "task": "clip", "baseline_precision": "bf16", "quality.eval_after.mean_recall@1": 0.5, **fields,
     }
     results.write_json_atomic(results.record_path(run_dir, cell_id), record)
 
@@ -150,7 +151,7 @@ def test_sigterm_after_the_first_cell_then_resume_gives_the_records_of_an_uninte
         "bf16-seed0", "nf4-seed0"
     }
     for cell_id, record in final.items():  # the same cells under the same settings give the same numbers
-        for key in ("train.final_loss", "quality.after.mean_recall@1", "params.trainable", "weights.base_bytes"):
+        for key in ("train.final_loss", "quality.eval_after.mean_recall@1", "params.trainable", "weights.load.base_bytes"):
             assert record[key] == pytest.approx(reference[cell_id][key], rel=1e-5), (cell_id, key)
     log = (run_dir / "logs" / "nf4-seed0.log").read_text()  # the log of the stopped try is kept
     assert "nf4-seed0 ended" in log and "interrupted: Interrupted: stopped by signal SIGTERM" in log and log.endswith(", ok ===\n")

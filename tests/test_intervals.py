@@ -71,26 +71,26 @@ def test_perplexity_interval_over_windows_holds_the_figure_and_is_zero_wide_for_
 
 def test_the_record_holds_the_interval_contract_and_compare_does_not_gate_it():
     evaluation = retrieval_evaluation(*_retrieval([i % 2 == 0 for i in range(30)]), (1,))
-    record = evaluation.record("after")
+    record = evaluation.record("eval_after")
     for name in ("i2t_recall@1", "t2i_recall@1", "mean_recall@1"):
-        low, high, se = (record[f"interval.after.{name}.{part}"] for part in ("low", "high", "se"))
-        assert low <= record[f"quality.after.{name}"] <= high and se > 0
+        low, high, se = (record[f"interval.eval_after.{name}.{part}"] for part in ("low", "high", "se"))
+        assert low <= record[f"quality.eval_after.{name}"] <= high and se > 0
         for part in ("low", "high", "se"):
-            spec = fields.spec_for(f"interval.after.{name}.{part}")
+            spec = fields.spec_for(f"interval.eval_after.{name}.{part}")
             assert spec.kind == "interval" and spec.unit == "fraction"  # scaled like recall, never gated
     assert record["interval.resamples"] == intervals.RESAMPLES == 1000
     assert record["interval.confidence"] == 0.95
     assert record["interval.method"].startswith("percentile bootstrap over eval queries")
-    assert fields.interval_columns("quality.after.perplexity") == {
-        "low": "interval.after.perplexity.low", "high": "interval.after.perplexity.high", "se": "interval.after.perplexity.se",
+    assert fields.interval_columns("quality.eval_after.perplexity") == {
+        "low": "interval.eval_after.perplexity.low", "high": "interval.eval_after.perplexity.high", "se": "interval.eval_after.perplexity.se",
     }
-    assert fields.interval_metric("interval.before.perplexity.se") == "quality.before.perplexity"
+    assert fields.interval_metric("interval.eval_before.perplexity.se") == "quality.eval_before.perplexity"
     assert fields.spec_for("interval.method") is None
 
 
 def test_an_undefined_interval_leaves_its_reason_beside_it():
-    record = Evaluation({"perplexity": math.inf}, {"perplexity": intervals.Interval(None, None, None, "undefined: x")}, "m").record("before")
-    assert record["interval.before.perplexity.low"] is None and record["interval.before.perplexity.note"] == "undefined: x"
+    record = Evaluation({"perplexity": math.inf}, {"perplexity": intervals.Interval(None, None, None, "undefined: x")}, "m").record("eval_before")
+    assert record["interval.eval_before.perplexity.low"] is None and record["interval.eval_before.perplexity.note"] == "undefined: x"
 
 
 def test_the_bootstrap_of_a_coco_sized_eval_set_gives_the_binomial_spread():

@@ -11,6 +11,7 @@ from qbench.contract import records as results
 from qbench.contract.suite import load
 
 from .conftest import SUITES
+from .helpers.schema import assert_schema_3_run
 
 
 def scaled_down_llama3(folder: Path, tokenizer_from: str) -> Path:
@@ -64,17 +65,18 @@ def test_llama3_suite_runs_on_a_local_llama_folder_with_text_files(tmp_path: Pat
     code = cli.main(["run", str(suite), "--only", "bf16,nf4-dq", "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert code == 0
     (run_dir,) = (tmp_path / "out" / "llama3-8b").iterdir()
+    assert len(assert_schema_3_run(run_dir)) == 2  # a trained causal LM's records validate as they are
     records = {r["precision"]: r for r in results.read_records(run_dir)}
     nf4 = records["nf4-dq"]
     assert nf4["status"] == "ok", nf4.get("error")
-    assert nf4["format.linear4bit_count"] == 2 * 7  # q,k,v,o,gate,up,down per layer; lm_head stays dense
-    assert nf4["format.quant_types"] == "nf4" and nf4["format.compressed_statistics"] == "true"
+    assert nf4["weights.load.linears.linear4bit_count"] == 2 * 7  # q,k,v,o,gate,up,down per layer; lm_head stays dense
+    assert nf4["weights.load.linears.quant_types"] == "nf4" and nf4["weights.load.linears.compressed_statistics"] == "true"
     assert nf4["params.lora_modules"] == 2 * 4
     assert nf4["eval.window_tokens"] == 64 and nf4["eval.scored_tokens"] > 0
     assert nf4["data.source"].startswith("text files")
     for record in records.values():
-        for when in ("before", "after"):
+        for when in ("eval_before", "eval_after"):
             assert math.isfinite(record[f"quality.{when}.perplexity"]) and record[f"quality.{when}.perplexity"] > 1
             assert record[f"quality.{when}.bits_per_byte"] > 0
     assert records["bf16"]["eval.scored_tokens"] == nf4["eval.scored_tokens"]
-    assert nf4["weights.base_bytes"] < records["bf16"]["weights.base_bytes"]
+    assert nf4["weights.load.base_bytes"] < records["bf16"]["weights.load.base_bytes"]

@@ -79,6 +79,6 @@ def test_every_precision_runs_to_ok_on_a_local_checkpoint_and_tsv_images(local_s
         assert record["config.train.grad_accum"] == 2 and record["config.lora.r"] == 16
         assert record["speed.timed_steps"] == 1
         assert record["config.device_map"] == "auto" and record["model.devices"] == "cpu"
-        clip.assert_recall_is_an_exact_share(record, "after")
-    assert records["nf4-dq"]["format.linear4bit_count"] > 0 and records["int8"]["format.linear8bitlt_count"] > 0
-    assert records["nf4"]["weights.base_bytes"] < records["int8"]["weights.base_bytes"] < records["bf16"]["weights.base_bytes"]
+        clip.assert_recall_is_an_exact_share(record, "eval_after")
+    assert records["nf4-dq"]["weights.load.linears.linear4bit_count"] > 0 and records["int8"]["weights.load.linears.linear8bitlt_count"] > 0
+    assert records["nf4"]["weights.load.base_bytes"] < records["int8"]["weights.load.base_bytes"] < records["bf16"]["weights.load.base_bytes"]

@@ -40,7 +40,7 @@ def test_pss_peak_includes_a_child_process_rss_does_not_and_both_reset_at_the_ne
     quiet, spiked, after = (record[f"memory.{p}.pss_peak_bytes"] for p in ("quiet", "child", "after"))
     assert spiked >= quiet + 400 * MiB  # the child's pages are its own: all of them count
     assert after < quiet + 100 * MiB  # the child's memory is not carried into the next phase
-    assert record["memory.peak_pss_bytes"] == spiked
+    assert record["memory.all_phases.pss_peak_bytes"] == spiked
     assert record["memory.child.tree_processes_max"] == 2 and record["memory.quiet.tree_processes_max"] == 1
     assert record["memory.child.rss_peak_bytes"] < record["memory.quiet.rss_peak_bytes"] + 100 * MiB  # the cell's own
     assert record["memory.child.samples"] >= 10 and record["memory.child.pss_reads"] >= 1
@@ -124,7 +124,7 @@ def test_a_cpu_record_marks_cuda_and_nvml_unavailable_instead_of_zero():
     assert record["memory.source.torch_cuda"] == "unavailable: device is cpu"
     assert record["memory.source.nvml"] == "unavailable: device is cpu"
     assert record["memory.nvml_available"] is False and record["memory.torch_cuda_available"] is False
-    for key in ("torch_max_allocated_bytes", "torch_max_reserved_bytes", "nvml_process_peak_bytes", "nvml_device_peak_bytes"):
+    for key in ("torch_allocated_peak_bytes", "torch_reserved_peak_bytes", "nvml_process_peak_bytes", "nvml_device_peak_bytes"):
         assert key in {k.split(".", 2)[2] for k in record if k.startswith("memory.train.")}
         assert record[f"memory.train.{key}"] is None
     assert record["memory.train.rss_peak_bytes"] > 0 and record["memory.train.pss_peak_bytes"] > 0
@@ -168,7 +168,7 @@ def test_without_a_sampler_process_rss_is_unavailable_with_the_reason(monkeypatc
     assert tracker.record["memory.source.pss"] == "unavailable: memory sampler process exited (exit code 1)"
     for source in ("rss", "pss"):
         assert tracker.record[f"memory.load.{source}_peak_bytes"] is None
-        assert tracker.record[f"memory.peak_{source}_bytes"] is None
+        assert tracker.record[f"memory.all_phases.{source}_peak_bytes"] is None
 
 
 def test_the_sampler_process_ends_with_the_tracker():
@@ -194,8 +194,8 @@ def test_the_process_baseline_is_what_the_process_held_as_the_marked_phase_start
     finally:
         tracker.close()
     record = tracker.record
-    baseline = record["memory.process_baseline_rss_bytes"]
+    baseline = record["memory.process_baseline.rss_bytes"]
     assert 0 < baseline < record["memory.load.rss_peak_bytes"] - 150 * MiB  # read before the block allocated
-    assert record["memory.process_baseline_at"] == "start of phase load, before the model is loaded"
-    assert record["memory.process_baseline_torch_allocated_bytes"] is None  # no CUDA: missing, not zero
+    assert record["memory.process_baseline.at"] == "start of phase load, before the model is loaded"
+    assert record["memory.process_baseline.torch_allocated_bytes"] is None  # no CUDA: missing, not zero
     assert len(held) == 200 * MiB

@@ -175,12 +175,12 @@ def test_a_merge_is_judged_against_the_unmerged_adapter_paired_over_the_same_win
     assert fields["merge.requantized.perplexity_verdict"] == "worse"
     assert fields["merge.requantized.perplexity_delta"] == pytest.approx(worse.metrics["perplexity"] - unmerged.metrics["perplexity"])
     assert fields["merge.verdict_method"] == causal_lm.PAIRED_METHOD
-    assert merge.judged(task, same, unmerged, "dequantized")["merge.dequantized.perplexity_verdict"] == "same"
+    assert merge.judged(task, same, unmerged, "dequantized")["merge.dequantized.perplexity_verdict"] == "identical"
 
 
 @pytest.mark.parametrize(("delta", "low", "high", "direction", "word"), [
-    (0.0, None, None, "lower", "same"),
-    (0.5, -0.1, 1.1, "lower", "same within noise"),
+    (0.0, None, None, "lower", "identical"),
+    (0.5, -0.1, 1.1, "lower", "no difference the eval can detect"),
     (0.5, 0.1, 0.9, "lower", "worse"),
     (0.5, 0.1, 0.9, "higher", "better"),
     (0.5, 0.1, 0.9, None, "differs"),

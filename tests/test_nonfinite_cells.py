@@ -32,9 +32,9 @@ MiB = 1024 * 1024
 def test_findings_say_in_words_which_cell_broke_how_often_and_what_it_does_to_the_metric():
     records = make_records()
     for record in records:
-        record.update({"data.eval_images": 12, "quality.before.nonfinite_image_embeddings": 0,
-                       "quality.after.nonfinite_image_embeddings": 0})
-    records[1].update({"quality.before.nonfinite_image_embeddings": 8, "quality.after.nonfinite_image_embeddings": 3})
+        record.update({"data.eval_images": 12, "quality.eval_before.nonfinite_image_embeddings": 0,
+                       "quality.eval_after.nonfinite_image_embeddings": 0})
+    records[1].update({"quality.eval_before.nonfinite_image_embeddings": 8, "quality.eval_after.nonfinite_image_embeddings": 3})
     (line,) = nonfinite_findings(pd.DataFrame(records))
     assert line.startswith("int8-seed0:")
     assert "8 of 12 image embeddings before fine-tuning" in line and "3 of 12 image embeddings after fine-tuning" in line
@@ -91,7 +91,7 @@ def _assert_tree_memory(record: dict, workers: int) -> None:
     # the workers are forks sharing the cell's pages: the tree's PSS stays near the cell's own RSS,
     # where a sum of RSS over the tree would be about (1 + workers) times it
     assert record["memory.train.pss_peak_bytes"] < 1.5 * record["memory.train.rss_peak_bytes"]
-    assert record["memory.peak_pss_bytes"] == max(
+    assert record["memory.all_phases.pss_peak_bytes"] == max(
         record[f"memory.{p}.pss_peak_bytes"] for p in ("data", "load", "prepare", "eval_before", "train", "eval_after")
         if f"memory.{p}.pss_peak_bytes" in record
     )
@@ -104,7 +104,7 @@ def test_clip_float16_overflow_and_planted_nan_are_counted_never_hits_and_flagge
     code, run_dir, records = _run(tmp_path, text, faulty_cells, "nf4-seed0:eval_after:nan:3")
     assert code == 0 and all(r["status"] == "ok" for r in records.values()), {p: r.get("error") for p, r in records.items()}
     bf16, fp16, nf4 = records["bf16"], records["fp16"], records["nf4"]
-    for phase in ("before", "after"):
+    for phase in ("eval_before", "eval_after"):
         assert bf16[f"quality.{phase}.nonfinite_image_embeddings"] == 0
         assert bf16[f"quality.{phase}.nonfinite_text_embeddings"] == 0
         # the 4 images on white overflow float16, the 4 on grey do not
@@ -113,9 +113,9 @@ def test_clip_float16_overflow_and_planted_nan_are_counted_never_hits_and_flagge
         for direction in ("i2t", "t2i"):
             assert fp16[f"quality.{phase}.{direction}_recall@5"] <= 4 / 8
         _assert_intervals(fp16, phase, ["i2t_recall@1", "t2i_recall@1", "mean_recall@1", "mean_recall@5"])
-    assert nf4["quality.before.nonfinite_image_embeddings"] == 0 and nf4["quality.after.nonfinite_image_embeddings"] == 3
-    assert nf4["quality.after.i2t_recall@5"] <= 5 / 8
-    assert nf4["data.eval.duplicate_captions"] == 0
+    assert nf4["quality.eval_before.nonfinite_image_embeddings"] == 0 and nf4["quality.eval_after.nonfinite_image_embeddings"] == 3
+    assert nf4["quality.eval_after.i2t_recall@5"] <= 5 / 8
+    assert nf4["data.eval_duplicate_captions"] == 0
     for record in records.values():
         _assert_tree_memory(record, workers=2)
     summary = (run_dir / "summary.md").read_text()
@@ -133,8 +133,8 @@ def test_clip_float16_overflow_and_planted_nan_are_counted_never_hits_and_flagge
     gated = compare.compare(healthy, frame)
     rows = gated.regressions[gated.regressions["metric"].str.contains("nonfinite")]
     assert set(zip(rows["precision"], rows["metric"], strict=True)) == {
-        ("fp16", "quality.before.nonfinite_image_embeddings"), ("fp16", "quality.after.nonfinite_image_embeddings"),
-        ("nf4", "quality.after.nonfinite_image_embeddings"),
+        ("fp16", "quality.eval_before.nonfinite_image_embeddings"), ("fp16", "quality.eval_after.nonfinite_image_embeddings"),
+        ("nf4", "quality.eval_after.nonfinite_image_embeddings"),
     }
 
 
@@ -174,19 +174,19 @@ def test_causal_lm_planted_nan_logits_make_perplexity_infinite_and_k_bit_prepara
     fp32, nf4 = records["fp32"], records["nf4"]
     metrics = ["perplexity", "nll_per_token", "bits_per_byte"]
     for record in (fp32, nf4):
-        assert record["quality.before.nonfinite_logits"] == 0 and record["quality.before.nonfinite_losses"] == 0
-        _assert_intervals(record, "before", metrics)
+        assert record["quality.eval_before.nonfinite_logits"] == 0 and record["quality.eval_before.nonfinite_losses"] == 0
+        _assert_intervals(record, "eval_before", metrics)
         assert record["interval.method"].startswith("percentile bootstrap over eval windows")
         assert record["memory.train.tree_processes_max"] == 1  # the LM task reads its text in-process
-    _assert_intervals(fp32, "after", metrics)
-    assert nf4["quality.after.nonfinite_logits"] == 2 and nf4["quality.after.nonfinite_losses"] == 2
-    assert nf4["quality.after.perplexity"] == math.inf and nf4["quality.after.bits_per_byte"] == math.inf
-    assert nf4["interval.after.perplexity.low"] is None and "non-finite" in nf4["interval.after.perplexity.note"]
+    _assert_intervals(fp32, "eval_after", metrics)
+    assert nf4["quality.eval_after.nonfinite_logits"] == 2 and nf4["quality.eval_after.nonfinite_losses"] == 2
+    assert nf4["quality.eval_after.perplexity"] == math.inf and nf4["quality.eval_after.bits_per_byte"] == math.inf
+    assert nf4["interval.eval_after.perplexity.low"] is None and "non-finite" in nf4["interval.eval_after.perplexity.note"]
     # k-bit preparation: fp32 stays fp32; nf4 keeps its codes, its norms and embeddings became float32
-    assert fp32["weights.train.base_bytes"] == fp32["weights.base_bytes"]
-    assert nf4["weights.train.quantized_codes_bytes"] == nf4["weights.quantized_codes_bytes"]
-    assert nf4["weights.unquantized_param_dtypes"] == "bfloat16" and nf4["weights.train.unquantized_param_dtypes"] == "float32"
-    assert nf4["weights.train.base_bytes"] > nf4["weights.base_bytes"]
+    assert fp32["weights.prepare.base_bytes"] == fp32["weights.load.base_bytes"]
+    assert nf4["weights.prepare.quantized_codes_bytes"] == nf4["weights.load.quantized_codes_bytes"]
+    assert nf4["weights.load.unquantized_param_dtypes"] == "bfloat16" and nf4["weights.prepare.unquantized_param_dtypes"] == "float32"
+    assert nf4["weights.prepare.base_bytes"] > nf4["weights.load.base_bytes"]
     summary = (run_dir / "summary.md").read_text()
     assert "nf4-seed0: the model's outputs were NaN or infinite in evaluation — 2 of" in summary
     assert "perplexity and bits per byte infinite" in summary and "fp32-seed0: the model" not in summary

@@ -15,6 +15,7 @@ from qbench.analysis.gate import baseline
 from qbench.contract import files
 from qbench.contract import records as results
 from qbench.contract.protocol import CellSpec
+from qbench.contract.schema import SCHEMA_VERSION
 from qbench.contract.suite import SuiteError, parse
 from qbench.runner import runner
 
@@ -127,13 +128,14 @@ def test_a_folder_is_replaced_only_when_its_owner_check_passes(tmp_path: Path):
 
 def test_a_stale_attempt_cannot_write_over_the_record_of_a_newer_one(tmp_path: Path):
     record_file = results.record_path(tmp_path, "nf4-seed0")
+    cell = {"schema_version": SCHEMA_VERSION, "cell_id": "nf4-seed0", "precision": "nf4"}
     first = results.claim_record(record_file)
-    results.write_record(record_file, {"status": "running", "by": "first"}, first)
+    results.write_record(record_file, {**cell, "status": "running", "test.by": "first"}, first)
     second = results.claim_record(record_file)  # a resume started the cell again
-    results.write_record(record_file, {"status": "ok", "by": "second"}, second)
+    results.write_record(record_file, {**cell, "status": "ok", "test.by": "second"}, second)
     with pytest.raises(results.Superseded):
-        results.write_record(record_file, {"status": "failed", "by": "first"}, first)
-    assert json.loads(record_file.read_text()) == {"status": "ok", "by": "second"}
+        results.write_record(record_file, {**cell, "status": "failed", "test.by": "first"}, first)
+    assert json.loads(record_file.read_text()) == {**cell, "status": "ok", "test.by": "second"}
     assert [p.name for p in record_file.parent.glob("*.json")] == ["nf4-seed0.json"]  # the attempt file is no record
 
 

@@ -219,11 +219,11 @@ def test_a_50ms_spike_in_a_child_process_is_caught_and_phase_peaks_reset(fake_nv
     # the next phase starts from zero: the spike and the child are gone
     assert record["memory.after.nvml_process_peak_bytes"] == 200 * MiB
     assert record["memory.after.nvml_device_peak_bytes"] == 300 * MiB + 200 * MiB + 9000 * MiB
-    assert record["memory.peak_nvml_process_bytes"] == 1700 * MiB
+    assert record["memory.all_phases.nvml_process_peak_bytes"] == 1700 * MiB
     assert record["memory.after.samples"] >= 3
     # torch's counters are reset at each phase start, synchronised before they are read
     assert counters.calls == ["synchronize", "reset", "synchronize", "peaks"] * 2
-    assert record["memory.spike.torch_max_reserved_bytes"] == 64 * MiB
+    assert record["memory.spike.torch_reserved_peak_bytes"] == 64 * MiB
     assert record["memory.source.torch_cuda"].startswith("torch.cuda")
 
 
@@ -245,7 +245,7 @@ def test_phase_peaks_reset_at_each_boundary(fake_nvml):
     assert record["memory.big.nvml_process_peak_bytes"] == 2000 * MiB
     assert record["memory.small.nvml_process_peak_bytes"] == 300 * MiB
     assert record["memory.grows.nvml_process_peak_bytes"] == 900 * MiB
-    assert record["memory.peak_nvml_process_bytes"] == 2000 * MiB
+    assert record["memory.all_phases.nvml_process_peak_bytes"] == 2000 * MiB
 
 
 def test_torch_memory_without_any_nvml_process_entry_is_unknown_not_zero(fake_nvml):
@@ -274,7 +274,7 @@ def test_on_cuda_without_nvml_the_record_says_why(monkeypatch, tmp_path):
     assert tracker.record["memory.nvml_available"] is False
     assert tracker.record["memory.source.nvml"].startswith("unavailable: NVML cannot start")
     assert tracker.record["memory.load.nvml_process_peak_bytes"] is None
-    assert tracker.record["memory.load.torch_max_allocated_bytes"] == 32 * MiB
+    assert tracker.record["memory.load.torch_allocated_peak_bytes"] == 32 * MiB
 
 
 def floats_that_sort_in(seconds: float) -> list[float]:
@@ -350,9 +350,9 @@ def test_the_process_baseline_before_the_model_is_read_from_every_process_source
     finally:
         tracker.close()
     record = tracker.record
-    assert record["memory.process_baseline_nvml_process_bytes"] == 300 * MiB
-    assert record["memory.process_baseline_torch_allocated_bytes"] == 8 * MiB  # FakeCudaCounters.current()
-    assert record["memory.process_baseline_torch_reserved_bytes"] == 32 * MiB
-    assert record["memory.process_baseline_rss_bytes"] > 0
-    assert "memory.process_baseline_nvml_device_bytes" not in record  # the whole GPU is not this process's
+    assert record["memory.process_baseline.nvml_process_bytes"] == 300 * MiB
+    assert record["memory.process_baseline.torch_allocated_bytes"] == 8 * MiB  # FakeCudaCounters.current()
+    assert record["memory.process_baseline.torch_reserved_bytes"] == 32 * MiB
+    assert record["memory.process_baseline.rss_bytes"] > 0
+    assert "memory.process_baseline.nvml_device_bytes" not in record  # the whole GPU is not this process's
     assert record["memory.load.nvml_process_peak_bytes"] == 800 * MiB

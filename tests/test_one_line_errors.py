@@ -308,7 +308,7 @@ def test_compare_that_compares_nothing_is_unusable(tmp_path: Path, capsys):
     new = write_run(tmp_path / "new", make_records(("bf16", "int8")))
     assert cli.main(["compare", str(base), str(new)]) == Exit.BAD_INPUT
     assert "nothing was compared: no cell of the baseline is ok" in one_error_line(capsys)
-    (tmp_path / "minimal.csv").write_text("precision,status\nbf16,ok\nnf4,ok\n")
+    (tmp_path / "minimal.csv").write_text("schema_version,precision,status\n3,bf16,ok\n3,nf4,ok\n")
     assert cli.main(["compare", str(tmp_path / "minimal.csv"), str(tmp_path / "minimal.csv")]) == Exit.BAD_INPUT
     assert "nothing was compared: the baseline holds no value of a metric the gate checks" in one_error_line(capsys)
     good = write_run(tmp_path / "good", make_records(("bf16", "int8")))
@@ -320,7 +320,7 @@ def test_compare_that_compares_nothing_is_unusable(tmp_path: Path, capsys):
 def test_compare_names_a_metric_column_that_holds_text(tmp_path: Path, capsys):
     base = write_run(tmp_path / "base", make_records())
     table = pd.DataFrame(make_records())
-    table["weights.base_bytes"] = "lots"
+    table["weights.load.base_bytes"] = "lots"
     table.to_csv(tmp_path / "new.csv", index=False)
     assert cli.main(["compare", str(base), str(tmp_path / "new.csv")]) == Exit.BAD_INPUT
-    assert f"{tmp_path / 'new.csv'}: column weights.base_bytes: 'lots' is not a number" in one_error_line(capsys)
+    assert f"{tmp_path / 'new.csv'}: column weights.load.base_bytes: 'lots' is not a number" in one_error_line(capsys)

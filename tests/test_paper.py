@@ -29,9 +29,9 @@ def _state_bytes(double_quant: bool) -> dict[str, int]:
             offset += 4
         else:
             absmax += blocks * 4
-    return {"weights.quant_state.absmax_bytes": absmax, "weights.quant_state.nested_absmax_bytes": nested,
-            "weights.quant_state.nested_code_table_bytes": nested_code, "weights.quant_state.offset_bytes": offset,
-            "weights.quant_state.code_table_bytes": 16 * 4 * len(LAYERS)}
+    return {"weights.load.quant_state.absmax_bytes": absmax, "weights.load.quant_state.nested_absmax_bytes": nested,
+            "weights.load.quant_state.nested_code_table_bytes": nested_code, "weights.load.quant_state.offset_bytes": offset,
+            "weights.load.quant_state.code_table_bytes": 16 * 4 * len(LAYERS)}
 
 
 def lm_record(precision: str, before: float, after: float | None = None, se: float | None = None, seed: int = 0,
@@ -44,15 +44,15 @@ def lm_record(precision: str, before: float, after: float | None = None, se: flo
     if precision not in ("bf16", "fp16", "fp32"):
         state = _state_bytes(precision.endswith("-dq"))
         record.update(state)
-        record["weights.quantized_params"] = quantized
-        record["weights.bits_per_quantized_param"] = 4 + 8 * sum(state.values()) / quantized
+        record["weights.load.quantized_params"] = quantized
+        record["weights.load.bits_per_quantized_param"] = 4 + 8 * sum(state.values()) / quantized
     else:
-        record["weights.quantized_params"] = 0
-    record["quality.before.perplexity"] = before
-    record["quality.after.perplexity"] = after
+        record["weights.load.quantized_params"] = 0
+    record["quality.eval_before.perplexity"] = before
+    record["quality.eval_after.perplexity"] = after
     if se is not None:
-        record["interval.before.perplexity.se"] = se
-        record["interval.after.perplexity.se"] = se if after is not None else None
+        record["interval.eval_before.perplexity.se"] = se
+        record["interval.eval_after.perplexity.se"] = se if after is not None else None
     record.update({key.replace("__", "."): value for key, value in extra.items()})
     return record
 
@@ -75,7 +75,7 @@ def test_double_quantization_agrees_with_the_papers_bits_from_exact_bytes():
 
 def test_double_quantization_disagrees_when_the_constants_take_other_room():
     fp16_absmax = lm_record("nf4", 20)
-    fp16_absmax["weights.quant_state.absmax_bytes"] //= 2  # 16-bit constants: 0.25 bit/param
+    fp16_absmax["weights.load.quant_state.absmax_bytes"] //= 2  # 16-bit constants: 0.25 bit/param
     assert lines_of([fp16_absmax, lm_record("nf4-dq", 20)])[DQ].verdict == "disagrees"
 
 
@@ -104,8 +104,8 @@ def test_without_intervals_the_verdict_says_so():
 def test_an_interval_given_only_as_bounds_is_used():
     records = [lm_record("nf4-dq", 23.5), lm_record("fp4", 24.0)]
     for record in records:
-        record["interval.before.perplexity.low"] = record["quality.before.perplexity"] - 2.0
-        record["interval.before.perplexity.high"] = record["quality.before.perplexity"] + 2.0
+        record["interval.eval_before.perplexity.low"] = record["quality.eval_before.perplexity"] - 2.0
+        record["interval.eval_before.perplexity.high"] = record["quality.eval_before.perplexity"] + 2.0
     assert lines_of(records)[ORDER].verdict == "no difference the eval can detect"
 
 
@@ -144,8 +144,8 @@ def test_recovery_without_training_says_what_it_needs():
 
 
 def test_clip_runs_use_recall_where_higher_is_better():
-    records = [make_record(p, **{"quality.before.mean_recall@1": r}) for p, r in (("bf16", 0.6), ("nf4-dq", 0.58))]
-    fp4 = make_record("nf4-dq", **{"quality.before.mean_recall@1": 0.50})
+    records = [make_record(p, **{"quality.eval_before.mean_recall@1": r}) for p, r in (("bf16", 0.6), ("nf4-dq", 0.58))]
+    fp4 = make_record("nf4-dq", **{"quality.eval_before.mean_recall@1": 0.50})
     fp4.update(precision="fp4", cell_id="fp4-seed0")
     line = lines_of([*records, fp4])[ORDER]
     assert line.verdict == "agrees (no interval)" and "recall" in line.qbench
@@ -171,13 +171,13 @@ def _windowed(precision: str, nll_per_token, tokens, se: float, seed: int = 0, a
     nll_per_token, tokens = np.asarray(nll_per_token, dtype=float), np.asarray(tokens, dtype=float)
     sums = (nll_per_token * tokens).tolist()
     record = lm_record(precision, math.exp(sum(sums) / tokens.sum()), se=se, seed=seed)
-    record.update({"per_window.before.window_nll": sums, "per_window.scored_tokens": tokens.astype(int).tolist(),
+    record.update({"per_window.eval_before.window_nll": sums, "per_window.scored_tokens": tokens.astype(int).tolist(),
                    "data.sha256": "abc", "eval.protocol": "p"})
     if after is not None:
         after_sums = (np.asarray(after, dtype=float) * tokens).tolist()
-        record.update({"per_window.after.window_nll": after_sums,
-                       "quality.after.perplexity": math.exp(sum(after_sums) / tokens.sum()),
-                       "interval.after.perplexity.se": se})
+        record.update({"per_window.eval_after.window_nll": after_sums,
+                       "quality.eval_after.perplexity": math.exp(sum(after_sums) / tokens.sum()),
+                       "interval.eval_after.perplexity.se": se})
     return record
 
 
@@ -195,7 +195,7 @@ def test_paired_windows_separate_arms_whose_own_intervals_overlap():
     line = lines_of(records)[ORDER]
     assert line.verdict == "agrees" and "paired over the same windows" in line.qbench
     for record in records:  # the same figures without per-window scores: the quadrature of two wide intervals
-        del record["per_window.before.window_nll"]
+        del record["per_window.eval_before.window_nll"]
     assert lines_of(records)[ORDER].verdict == "no difference the eval can detect"
 
 
@@ -209,8 +209,8 @@ def test_arms_on_different_windows_are_not_paired():
 def test_paired_difference_is_the_difference_of_the_figures():
     text = _difficulty()
     records = [_windowed("nf4-dq", text, [100] * len(text), se=1.0), _windowed("fp4", text + 0.1, [100] * len(text), se=1.0)]
-    paired = paper.paired_estimate(pd.DataFrame(records), [("nf4-dq", "before"), ("fp4", "before")], lambda p: p[1] - p[0])
-    assert paired.value == pytest.approx(records[1]["quality.before.perplexity"] - records[0]["quality.before.perplexity"])
+    paired = paper.paired_estimate(pd.DataFrame(records), [("nf4-dq", "eval_before"), ("fp4", "eval_before")], lambda p: p[1] - p[0])
+    assert paired.value == pytest.approx(records[1]["quality.eval_before.perplexity"] - records[0]["quality.eval_before.perplexity"])
     assert 0 < paired.se < 0.5
 
 

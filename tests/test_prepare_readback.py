@@ -68,9 +68,9 @@ def test_a_bf16_base_that_k_bit_preparation_turned_float32_fails_naming_modules_
     assert 'after the prepare phase (train.prepare = "peft-kbit")' in message and "'bf16'" in message
     assert "model.layers.0.self_attn.q_proj stores torch.float32, expected torch.bfloat16" in message
     # what the base became stays in the record as evidence
-    assert fields["weights.train.base_bytes"] == 2 * at_load["weights.dtype.bfloat16_bytes"] + at_load["weights.dtype.float32_bytes"]
-    assert fields["weights.train.unquantized_param_dtypes"] == "float32" and at_load["weights.unquantized_param_dtypes"] == "bfloat16"
-    assert fields["format.train.dense_linear_dtypes"] == "float32"
+    assert fields["weights.prepare.base_bytes"] == 2 * at_load["weights.load.dtype.bfloat16_bytes"] + at_load["weights.load.dtype.float32_bytes"]
+    assert fields["weights.prepare.unquantized_param_dtypes"] == "float32" and at_load["weights.load.unquantized_param_dtypes"] == "bfloat16"
+    assert fields["weights.prepare.linears.dense_linear_dtypes"] == "float32"
 
 
 def test_an_nf4_base_keeps_its_codes_and_records_the_norms_and_embeddings_k_bit_preparation_widened():
@@ -78,15 +78,15 @@ def test_an_nf4_base_keeps_its_codes_and_records_the_norms_and_embeddings_k_bit_
     at_load, model = loaded_and_prepared(suite, "nf4")
     fields: dict = {}
     readback.inspect_trained_base(model, precisions.get("nf4"), suite, fields)  # still NF4: no mismatch
-    assert fields["weights.train.quantized_codes_bytes"] == at_load["weights.quantized_codes_bytes"]
-    assert fields["weights.train.quant_state_bytes"] == at_load["weights.quant_state_bytes"]
-    buffers = at_load["weights.unquantized.buffer_bytes"]  # rotary inverse frequencies, float32 already
-    assert fields["weights.train.unquantized_bytes"] == 2 * (at_load["weights.unquantized_bytes"] - buffers) + buffers
-    assert fields["weights.train.dtype.uint8_bytes"] == at_load["weights.dtype.uint8_bytes"]
-    assert "weights.train.dtype.bfloat16_bytes" not in fields
-    assert fields["format.train.linear4bit_count"] > 0
-    assert fields["format.train.quant_types"] == "nf4"
-    assert sum(v for k, v in fields.items() if k.startswith("weights.train.dtype.")) == fields["weights.train.base_bytes"]
+    assert fields["weights.prepare.quantized_codes_bytes"] == at_load["weights.load.quantized_codes_bytes"]
+    assert fields["weights.prepare.quant_state_bytes"] == at_load["weights.load.quant_state_bytes"]
+    buffers = at_load["weights.load.unquantized.buffer_bytes"]  # rotary inverse frequencies, float32 already
+    assert fields["weights.prepare.unquantized_bytes"] == 2 * (at_load["weights.load.unquantized_bytes"] - buffers) + buffers
+    assert fields["weights.prepare.dtype.uint8_bytes"] == at_load["weights.load.dtype.uint8_bytes"]
+    assert "weights.prepare.dtype.bfloat16_bytes" not in fields
+    assert fields["weights.prepare.linears.linear4bit_count"] > 0
+    assert fields["weights.prepare.linears.quant_types"] == "nf4"
+    assert sum(v for k, v in fields.items() if k.startswith("weights.prepare.dtype.")) == fields["weights.prepare.base_bytes"]
 
 
 def test_without_preparation_the_trained_base_is_the_loaded_one_and_lora_is_not_counted_in_it():
@@ -95,8 +95,8 @@ def test_without_preparation_the_trained_base_is_the_loaded_one_and_lora_is_not_
         at_load, model = loaded_and_prepared(suite, name)
         fields: dict = {}
         readback.inspect_trained_base(model, precisions.get(name), suite, fields)
-        shared = [k for k in at_load if not k.startswith("weights.bits_per") and k != "weights.unquantized_share_of_bytes"]
-        assert {k: fields[k.replace("weights.", "weights.train.", 1)] for k in shared} == {k: at_load[k] for k in shared}
+        shared = [k for k in at_load if not k.startswith("weights.load.bits_per") and k != "weights.load.unquantized_share_of_bytes"]
+        assert {k: fields[k.replace("weights.load.", "weights.prepare.", 1)] for k in shared} == {k: at_load[k] for k in shared}
         assert any(".lora_A." in n for n, _ in model.named_modules())
 
 

@@ -185,9 +185,9 @@ def test_cells_spread_over_the_declared_gpus_each_seeing_only_its_own(ray_cluste
         assert record["env.ray.gpu_ids"] == record["env.cuda_visible_devices"]  # what Ray gave is what the cell saw
         assert record["env.ray.gpu_uuids"] is None and record["env.ray.gpu_uuids_reason"]  # fake GPUs: no NVML
         assert record["env.ray.node_ip"] and record["env.hostname"]
-        assert record["fake.device_clashes"] is None  # never two cells on one GPU
-    assert max(r["fake.peak_running"] for r in on_disk.values()) <= 2
-    assert len({r["fake.pid"] for r in on_disk.values()}) == 4  # one process per cell
+        assert record["test.device_clashes"] is None  # never two cells on one GPU
+    assert max(r["test.peak_running"] for r in on_disk.values()) <= 2
+    assert len({r["test.pid"] for r in on_disk.values()}) == 4  # one process per cell
     for cell in run.cells:
         log = (tmp_path / "run" / "logs" / f"{cell.id}.log").read_text()
         assert f"cell {cell.id} started" in log and f"cell {cell.id} ended" in log and ", ok" in log
@@ -349,11 +349,11 @@ seeds = [0]
         assert comparable(on_ray[cell_id]) == comparable(local[cell_id]), cell_id
         assert local[cell_id]["env.executor"] == "local" and on_ray[cell_id]["env.executor"] == "ray"
         assert on_ray[cell_id]["env.torch_threads"] == local[cell_id]["env.torch_threads"] == 1
-        assert on_ray[cell_id]["time.other_s"] >= 0 and on_ray[cell_id]["time.cell_wall_s"] > on_ray[cell_id]["time.train_s"]
+        assert on_ray[cell_id]["time.other.wall_s"] >= 0 and on_ray[cell_id]["time.cell.wall_s"] > on_ray[cell_id]["time.train.wall_s"]
         assert set(local[cell_id]) - set(on_ray[cell_id]) == set()  # the Ray record holds every local key ...
         assert {k for k in set(on_ray[cell_id]) - set(local[cell_id])} <= {  # ... and where it ran
             "env.ray.node_id", "env.ray.node_ip", "env.ray.task_id", "env.ray.gpu_ids", "env.ray.gpu_uuids",
             "env.ray.gpu_uuids_reason", "env.ray.worker_pid",
         }
-    assert "quality.after.mean_recall@1" in comparable(local["nf4-seed0"])  # the comparison covered quality
+    assert "quality.eval_after.mean_recall@1" in comparable(local["nf4-seed0"])  # the comparison covered quality
     assert cli.main(["report", str(ray_dir), "--out", str(tmp_path / "report")]) == 0

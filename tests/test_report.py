@@ -55,10 +55,10 @@ def test_a_quality_equal_but_for_float_rounding_is_the_same_not_worse():
     # two means of two recalls that are equal, but not in floating point: (0.1 + 0.2) / 2 != 0.3 / 2
     records = make_records()
     bf16 = (0.1 + 0.2) / 2
-    records[0]["quality.after.mean_recall@1"] = records[0]["quality.before.mean_recall@1"] = bf16
-    records[1]["quality.after.mean_recall@1"] = records[1]["quality.before.mean_recall@1"] = (0.0 + 0.3) / 2
-    records[2]["quality.after.mean_recall@1"] = bf16 - 0.0125  # a real difference of one query in 80 stays
-    assert records[1]["quality.after.mean_recall@1"] != bf16
+    records[0]["quality.eval_after.mean_recall@1"] = records[0]["quality.eval_before.mean_recall@1"] = bf16
+    records[1]["quality.eval_after.mean_recall@1"] = records[1]["quality.eval_before.mean_recall@1"] = (0.0 + 0.3) / 2
+    records[2]["quality.eval_after.mean_recall@1"] = bf16 - 0.0125  # a real difference of one query in 80 stays
+    assert records[1]["quality.eval_after.mean_recall@1"] != bf16
     frame = pd.DataFrame(records)
     relative = stats.relative_to_baseline(frame)
     assert relative.loc["int8", "Δ mean recall@1 after (points)"] == 0.0
@@ -103,7 +103,7 @@ def test_report_writes_every_file_and_a_self_contained_html(two_shards, tmp_path
     assert len(flat) == 8 and "ratio.speed.train_samples_per_s" in flat.columns
     assert len(pd.read_csv(paths["csv"])) == 8
     summary = pd.read_csv(paths["summary_csv"], index_col="precision")
-    assert summary.loc["bf16", "memory.peak_rss_bytes n"] == 4
+    assert summary.loc["bf16", "memory.all_phases.rss_peak_bytes n"] == 4
     markdown = paths["markdown"].read_text()
     for link in re.findall(r"\]\((plots/[^)]+)\)", markdown):
         assert (paths["markdown"].parent / link).read_bytes().startswith(PNG_MAGIC)
@@ -115,10 +115,10 @@ def test_perplexity_records_get_a_report_without_special_cases(tmp_path: Path):
         record = make_record(precision, task="causal_lm")
         for key in [k for k in record if k.startswith("quality.")]:
             del record[key]
-        record["quality.after.perplexity"] = ppl
+        record["quality.eval_after.perplexity"] = ppl
         records.append(record)
     frame = pd.DataFrame(records)
-    assert fields.first_present(frame, fields.HEADLINE_QUALITY) == "quality.after.perplexity"
+    assert fields.first_present(frame, fields.HEADLINE_QUALITY) == "quality.eval_after.perplexity"
     table = stats.relative_to_baseline(frame)
     assert table.loc["nf4-dq", "Δ perplexity after"] == pytest.approx(1.0)
     assert table.loc["nf4-dq", "quality vs bf16"] == "no interval to judge by"
@@ -128,7 +128,7 @@ def test_perplexity_records_get_a_report_without_special_cases(tmp_path: Path):
 
 def test_failed_cells_are_listed_and_left_out_of_the_means(tmp_path: Path):
     records = make_records()
-    records.append(make_record("nf4-dq", seed=1, status="failed", error="OutOfMemoryError: boom", weights__base_bytes=1))
+    records.append(make_record("nf4-dq", seed=1, status="failed", error="OutOfMemoryError: boom", weights__load__base_bytes=1))
     frame = pd.DataFrame(records)
     shown = {s.key: s for s in write.report_sections(frame)}
     assert "OutOfMemoryError: boom" in shown["failures"].table.to_string()

@@ -17,26 +17,26 @@ def row(precision: str, **fields) -> dict:
 
 
 def weights_of(codes: int, state: dict[str, int], unquantized: dict[str, int], quantized_params: int, params: int) -> dict:
-    fields = {f"weights.quant_state.{k}_bytes": v for k, v in state.items()}
-    fields.update({f"weights.unquantized.{k}_bytes": v for k, v in unquantized.items()})
+    fields = {f"weights.load.quant_state.{k}_bytes": v for k, v in state.items()}
+    fields.update({f"weights.load.unquantized.{k}_bytes": v for k, v in unquantized.items()})
     state_bytes, unquantized_bytes = sum(state.values()), sum(unquantized.values())
     fields.update({
-        "weights.base_bytes": codes + state_bytes + unquantized_bytes,
-        "weights.quantized_codes_bytes": codes,
-        "weights.quant_state_bytes": state_bytes,
-        "weights.unquantized_bytes": unquantized_bytes,
-        "weights.quantized_params": quantized_params,
-        "weights.params": params,
-        "weights.quantized_share_of_params": quantized_params / params,
+        "weights.load.base_bytes": codes + state_bytes + unquantized_bytes,
+        "weights.load.quantized_codes_bytes": codes,
+        "weights.load.quant_state_bytes": state_bytes,
+        "weights.load.unquantized_bytes": unquantized_bytes,
+        "weights.load.quantized_params": quantized_params,
+        "weights.load.params": params,
+        "weights.load.quantized_share_of_params": quantized_params / params,
     })
     return fields
 
 
 BF16 = row("bf16", **weights_of(0, {}, {"dense_linear": 1_800_000, "embedding": 200_000}, 0, 1_000_000),
-           **{"quality.before.mean_recall@1": 0.50, "weights.error.rel_mean": 0.0016, "weights.error.rel_max": 0.0017})
+           **{"quality.eval_before.mean_recall@1": 0.50, "weights.load.error.rel_mean": 0.0016, "weights.load.error.rel_max": 0.0017})
 NF4 = row("nf4", **weights_of(450_000, {"absmax": 56_250, "code_table": 750},
                               {"embedding": 150_000, "norm": 10_000, "dense_linear": 40_000}, 900_000, 1_000_000),
-          **{"quality.before.mean_recall@1": 0.44, "weights.error.rel_mean": 0.092, "weights.error.rel_max": 0.095})
+          **{"quality.eval_before.mean_recall@1": 0.44, "weights.load.error.rel_mean": 0.092, "weights.load.error.rel_max": 0.095})
 
 
 def test_the_explanation_derives_every_figure_from_the_byte_accounting():
@@ -75,7 +75,7 @@ def test_quantization_damage_puts_the_base_metric_next_to_the_baselines_before_t
 
 def test_memory_table_orders_phases_and_leaves_out_sources_never_measured():
     records = [
-        row(p, **{"memory.train.seconds": 1.0, "memory.load.seconds": 1.0, "memory.train.rss_peak_bytes": 300 * MiB,
+        row(p, **{"memory.train.sampled_s": 1.0, "memory.load.sampled_s": 1.0, "memory.train.rss_peak_bytes": 300 * MiB,
                   "memory.load.rss_peak_bytes": rss * MiB, "memory.train.nvml_process_peak_bytes": None})
         for p, rss in (("bf16", 200), ("nf4", 150))
     ]
@@ -94,9 +94,9 @@ def test_summary_md_has_the_measurement_sections(tmp_path):
 
 def test_peak_memory_table_has_every_source_and_missing_ones_stay_missing():
     records = [
-        row("nf4", **{"memory.peak_torch_max_allocated_bytes": 100 * MiB, "memory.peak_rss_bytes": 900 * MiB,
-                      "memory.train.torch_max_allocated_bytes": 80 * MiB, "memory.peak_nvml_process_bytes": None,
-                      "weights.base_bytes": 2 * MiB}),
+        row("nf4", **{"memory.all_phases.torch_allocated_peak_bytes": 100 * MiB, "memory.all_phases.rss_peak_bytes": 900 * MiB,
+                      "memory.train.torch_allocated_peak_bytes": 80 * MiB, "memory.all_phases.nvml_process_peak_bytes": None,
+                      "weights.load.base_bytes": 2 * MiB}),
     ]
     overall = tables.peak_memory_table(pd.DataFrame(records))
     assert list(overall.columns) == ["NVML process MiB", "NVML device MiB", "torch allocated MiB", "torch reserved MiB",
@@ -118,13 +118,13 @@ def test_on_a_cpu_the_relative_table_and_the_plots_use_the_tree_pss_not_the_rss(
     from qbench.contract import fields, schema
 
     records = [
-        row("bf16", **{"memory.peak_pss_bytes": 400 * MiB, "memory.peak_rss_bytes": 1100 * MiB, "weights.base_bytes": 4 * MiB}),
-        row("nf4", **{"memory.peak_pss_bytes": 300 * MiB, "memory.peak_rss_bytes": 1100 * MiB, "weights.base_bytes": 1 * MiB}),
+        row("bf16", **{"memory.all_phases.pss_peak_bytes": 400 * MiB, "memory.all_phases.rss_peak_bytes": 1100 * MiB, "weights.load.base_bytes": 4 * MiB}),
+        row("nf4", **{"memory.all_phases.pss_peak_bytes": 300 * MiB, "memory.all_phases.rss_peak_bytes": 1100 * MiB, "weights.load.base_bytes": 1 * MiB}),
     ]
     frame = pd.DataFrame(records)
-    assert fields.first_present(frame, fields.HEADLINE_PEAK_MEMORY) == "memory.peak_pss_bytes"
+    assert fields.first_present(frame, fields.HEADLINE_PEAK_MEMORY) == "memory.all_phases.pss_peak_bytes"
     relative = stats.relative_to_baseline(frame)
     assert relative.loc["nf4", "peak PSS vs bf16 (% smaller)"] == pytest.approx(25.0)
     assert schema.PHASE_MEMORY_PREFERENCE.index("pss_peak_bytes") < schema.PHASE_MEMORY_PREFERENCE.index("rss_peak_bytes")
-    older = frame.drop(columns=["memory.peak_pss_bytes"])  # records from before PSS was measured
-    assert fields.first_present(older, fields.HEADLINE_PEAK_MEMORY) == "memory.peak_rss_bytes"
+    older = frame.drop(columns=["memory.all_phases.pss_peak_bytes"])  # records from before PSS was measured
+    assert fields.first_present(older, fields.HEADLINE_PEAK_MEMORY) == "memory.all_phases.rss_peak_bytes"

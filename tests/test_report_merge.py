@@ -12,10 +12,10 @@ from qbench.analysis.report.write import report_sections
 def record(cell: str, unchanged: float | None, correlation: float | None, **extra) -> dict:
     found = {
         "cell_id": cell, "status": "ok", "precision": cell.split("-")[0], "seed": 0, "task": "causal_lm",
-        "baseline_precision": "bf16", "quality.after.perplexity": 17.5, "interval.after.perplexity.low": 15.3,
-        "interval.after.perplexity.high": 20.0,
-        "quality.merged_requantized.perplexity": 23.5, "interval.merged_requantized.perplexity.low": 20.5,
-        "interval.merged_requantized.perplexity.high": 26.7, "merge.requantized.perplexity_delta": 5.94,
+        "baseline_precision": "bf16", "quality.eval_after.perplexity": 17.5, "interval.eval_after.perplexity.low": 15.3,
+        "interval.eval_after.perplexity.high": 20.0,
+        "quality.merge_requantized.perplexity": 23.5, "interval.merge_requantized.perplexity.low": 20.5,
+        "interval.merge_requantized.perplexity.high": 26.7, "merge.requantized.perplexity_delta": 5.94,
         "merge.requantized.perplexity_delta_low": 4.91, "merge.requantized.perplexity_delta_high": 6.99,
         "merge.requantized.perplexity_verdict": "worse", "merge.requantized.how": "peft's merge",
         "merge.requantized.unchanged_code_share": unchanged, "merge.requantized.delta_correlation": correlation,

@@ -43,13 +43,13 @@ def wide_records() -> list[dict]:
     records = []
     for precision, recall in (("bf16", 0.7156), ("int8", 0.7156), ("nf4-dq", 0.6750), ("nf4", 0.40)):
         record = make_record("bf16" if precision in ("bf16", "nf4") else precision)
-        record.update({"precision": precision, "cell_id": f"{precision}-seed0", "quality.after.mean_recall@1": recall,
-                       "interval.after.mean_recall@1.low": recall - 0.05, "interval.after.mean_recall@1.high": recall + 0.05,
-                       "interval.after.mean_recall@1.se": 0.025, "weights.base_bytes": 174_930 if "nf4" in precision
-                       else record["weights.base_bytes"]})
+        record.update({"precision": precision, "cell_id": f"{precision}-seed0", "quality.eval_after.mean_recall@1": recall,
+                       "interval.eval_after.mean_recall@1.low": recall - 0.05, "interval.eval_after.mean_recall@1.high": recall + 0.05,
+                       "interval.eval_after.mean_recall@1.se": 0.025, "weights.load.base_bytes": 174_930 if "nf4" in precision
+                       else record["weights.load.base_bytes"]})
         records.append(record)
     failed = make_record("int8", status="failed", error="RuntimeError: boom", weights__base_bytes=None)
-    failed.update({"precision": "fp4", "cell_id": "fp4-seed0", "quality.after.mean_recall@1": None})
+    failed.update({"precision": "fp4", "cell_id": "fp4-seed0", "quality.eval_after.mean_recall@1": None})
     return records + [failed]
 
 
@@ -73,7 +73,7 @@ def test_on_a_gpu_the_answer_gives_memory_and_speed_too():
     records = cpu_records()
     for record in records:
         record["env.device"] = "cuda:0"
-        record["memory.train.torch_max_allocated_bytes"] = record["weights.base_bytes"] * 10
+        record["memory.train.torch_allocated_peak_bytes"] = record["weights.load.base_bytes"] * 10
     line = sections.ReportData(pd.DataFrame(records)).answer.markdown()
     assert "peak memory: nf4-dq 61 % smaller than bf16; int8 43 % smaller" in line
     assert "train at int8 0.85×, nf4-dq 0.75× bf16's speed" in line
@@ -188,14 +188,14 @@ def test_sizes_read_smaller_or_larger_never_a_negative_less():
 
 def test_one_wording_for_a_difference_the_eval_cannot_detect():
     records = cpu_records(se=0.04, recalls=(0.60, 0.60, 0.57))  # int8 equal, nf4-dq inside the noise
-    verdicts = stats.compare_quality(pd.DataFrame(records), "quality.after.mean_recall@1").table["verdict"]
+    verdicts = stats.compare_quality(pd.DataFrame(records), "quality.eval_after.mean_recall@1").table["verdict"]
     assert verdicts["int8"] == verdicts["nf4-dq"] == stats.NO_DIFFERENCE
 
 
 def test_the_dense_arms_weight_error_is_explained_as_its_cast():
     records = cpu_records()
-    records[0].update({"weights.quantized_params": 0, "weights.error.rel_mean": 0.0017, "precision.dense_dtype": "bfloat16"})
-    records[2].update({"weights.quantized_params": 741_376, "weights.error.rel_mean": 0.092})
+    records[0].update({"weights.load.quantized_params": 0, "weights.load.error.rel_mean": 0.0017, "precision.dense_dtype": "bfloat16"})
+    records[2].update({"weights.load.quantized_params": 741_376, "weights.load.error.rel_mean": 0.092})
     (damage,) = [s for s in write.report_sections(pd.DataFrame(records)) if s.key == "damage"]
     assert "bf16's 0.17 % is its checkpoint's weights rounded to bfloat16, the dtype it computes in" in damage.note
 
@@ -212,7 +212,7 @@ def test_a_cell_that_did_not_finish_has_no_delta_no_verdict_and_no_same_anywhere
     records = make_records()
     records[2] = make_record("nf4-dq", status=status, weights__base_bytes=None, memory__peak_rss_bytes=None,
                              speed__train_samples_per_s=None)
-    records[2]["quality.after.mean_recall@1"] = None
+    records[2]["quality.eval_after.mean_recall@1"] = None
     frame = pd.DataFrame(records)
     table = stats.relative_to_baseline(frame)
     assert math.isnan(table.loc["nf4-dq", "Δ mean recall@1 after (points)"])
@@ -236,7 +236,7 @@ def test_a_baseline_without_the_figure_gives_no_difference_either():
     records = make_records(seeds=(0, 1))
     for record in records:
         if record["precision"] == "bf16":
-            record["quality.after.mean_recall@1"] = None
+            record["quality.eval_after.mean_recall@1"] = None
     table = stats.relative_to_baseline(pd.DataFrame(records))
     assert not any(str(c).startswith(("Δ", "quality vs")) for c in table.columns)  # no difference made up
 
@@ -264,8 +264,8 @@ def test_the_paper_section_judges_nf4_dq_against_the_dense_arm_in_the_dtype_it_r
     for precision, before, after in (("dense", 0.30, 0.70), ("nf4-dq", 0.20, 0.69)):
         record = make_record("bf16" if precision == "dense" else precision)
         record.update({"precision": precision, "baseline_precision": "dense", "precision.dense_dtype":
-                       "bfloat16" if precision == "dense" else None, "quality.before.mean_recall@1": before,
-                       "quality.after.mean_recall@1": after})
+                       "bfloat16" if precision == "dense" else None, "quality.eval_before.mean_recall@1": before,
+                       "quality.eval_after.mean_recall@1": after})
         for phase in ("before", "after"):
             record[f"interval.{phase}.mean_recall@1.se"] = 0.01
         records.append(record)

@@ -168,10 +168,10 @@ def test_each_cell_process_gets_its_own_gpu_and_a_crashed_cell_frees_its_slot(ts
     ok = [r for r in on_disk.values() if r["status"] == "ok"]
     assert len(ok) == 4
     assert {r["env.cuda_visible_devices"] for r in ok} == {"0", "1"}  # both GPUs were used
-    assert max(r["fake.peak_running"] for r in ok) == 2  # two cells ran at the same time ...
-    assert all(r["fake.peak_running"] <= 2 for r in ok)  # ... never more than the two slots
-    assert all(r["fake.device_clashes"] is None for r in ok)  # and never two on one GPU
-    assert len({r["fake.pid"] for r in ok}) == 4  # one process per cell
+    assert max(r["test.peak_running"] for r in ok) == 2  # two cells ran at the same time ...
+    assert all(r["test.peak_running"] <= 2 for r in ok)  # ... never more than the two slots
+    assert all(r["test.device_clashes"] is None for r in ok)  # and never two on one GPU
+    assert len({r["test.pid"] for r in ok}) == 4  # one process per cell
 
     # progress stays attributed: each cell starts, reports only its own events, then finishes once
     for cell in cells:
@@ -300,7 +300,7 @@ def test_each_cell_measures_the_gpu_its_slot_gave_it(tsv_suite, fake_cells, tmp_
     records = runner.Run(loaded, tmp_path / "run", "cuda", loaded.cells()[:4], FakeCells(), slots=slots).execute()
     assert {r["env.cuda_visible_devices"] for r in records} <= {"2", "3"}
     for record in records:
-        environ = {"CUDA_VISIBLE_DEVICES": record["env.cuda_visible_devices"], "CUDA_DEVICE_ORDER": record["fake.cuda_device_order"]}
+        environ = {"CUDA_VISIBLE_DEVICES": record["env.cuda_visible_devices"], "CUDA_DEVICE_ORDER": record["test.cuda_device_order"]}
         found = nvml.resolve(FourGpuNvml(), 0, environ=environ)
         assert found.index == int(record["env.cuda_visible_devices"]) and found.name == f"fake GPU {found.index}"
 

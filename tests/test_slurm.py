@@ -170,8 +170,8 @@ def test_real_cells_as_local_jobs_give_the_records_and_memory_of_plain_subproces
     assert {k: v for k, v in job.items() if not k.startswith(VOLATILE)} == {k: v for k, v in local.items() if not k.startswith(VOLATILE)}
     assert job["env.executor"] == "slurm" and local["env.executor"] == "local"
     assert job["env.cell_launcher"] == local["env.cell_launcher"] == "subprocess"
-    assert "quality.after.mean_recall@1" in job and job["weights.base_bytes"] == local["weights.base_bytes"]
+    assert "quality.eval_after.mean_recall@1" in job and job["weights.load.base_bytes"] == local["weights.load.base_bytes"]
     # the memory is the cell's own process's, not its job's: within the noise of two fresh processes
-    for key in ("memory.peak_pss_bytes", "memory.peak_rss_bytes", "memory.process_baseline_pss_bytes"):
+    for key in ("memory.all_phases.pss_peak_bytes", "memory.all_phases.rss_peak_bytes", "memory.process_baseline.pss_bytes"):
         assert abs(job[key] - local[key]) < 0.15 * local[key], (key, job[key], local[key])
-    assert 0 <= job["time.other_s"] < job["time.cell_wall_s"]
+    assert 0 <= job["time.other.wall_s"] < job["time.cell.wall_s"]

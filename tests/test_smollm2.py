@@ -278,4 +278,4 @@ def test_a_real_run_records_what_the_base_is_and_puts_the_paper_beside_it(wheel,
     assert "## The QLoRA paper side by side" in report and "NF4 (+DQ) better than FP4" in report
     assert "The QLoRA paper side by side" in (tmp_path / "report" / "report.html").read_text()
     frame = pd.read_csv(tmp_path / "report" / "report.csv")
-    assert frame["quality.after.perplexity"].notna().all()
+    assert frame["quality.eval_after.perplexity"].notna().all()

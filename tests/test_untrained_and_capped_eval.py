@@ -15,6 +15,7 @@ from qbench.cell.tasks.causal_lm import evaluate_perplexity, make_windows, score
 from qbench.contract.suite import parse
 
 from .conftest import write_suite
+from .helpers.schema import assert_schema_3_run
 from .test_suite import MINIMAL, problems_of
 
 LLM = """
@@ -60,21 +61,22 @@ def test_zero_steps_runs_no_train_phase_and_leaves_its_figures_absent_with_the_r
     suite = write_suite(tmp_path, LLM.format(steps=0, max_windows=4))
     assert cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     run_dir = next((tmp_path / "out" / "untrained").iterdir())
+    assert len(assert_schema_3_run(run_dir)) == 2
     for path in sorted((run_dir / "cells").glob("*.json")):
         record = json.loads(path.read_text())
         assert record["status"] == "ok"
-        assert record["quality.before.perplexity"] > 1
+        assert record["quality.eval_before.perplexity"] > 1
         assert not any(key.startswith("memory.train.") for key in record)  # the phase never ran
-        for key in ("speed.train_samples_per_s", "speed.train_tokens_per_s", "speed.step_time_p50_s", "time.train_s",
-                    "train.final_loss", "quality.after.perplexity", "quality.after.bits_per_byte"):
+        for key in ("speed.train_samples_per_s", "speed.train_tokens_per_s", "speed.step_time_p50_s", "time.train.wall_s",
+                    "train.final_loss", "quality.eval_after.perplexity", "quality.eval_after.bits_per_byte"):
             assert record[key] is None, key
         assert record["train.steps_completed"] == 0
         # each window's summed NLL, for comparisons paired over the same windows (qbench/analysis/report/paper.py)
-        sums, tokens = record["per_window.before.window_nll"], record["per_window.scored_tokens"]
+        sums, tokens = record["per_window.eval_before.window_nll"], record["per_window.scored_tokens"]
         assert len(sums) == len(tokens) == record["eval.windows"] and sum(tokens) == record["eval.scored_tokens"]
-        assert math.fsum(sums) / sum(tokens) == pytest.approx(record["quality.before.nll_per_token"], rel=1e-9)
-        assert "per_window.after.window_nll" not in record
-        for key in ("speed.absent_reason", "train.absent_reason", "eval.after_absent_reason"):
+        assert math.fsum(sums) / sum(tokens) == pytest.approx(record["quality.eval_before.nll_per_token"], rel=1e-9)
+        assert "per_window.eval_after.window_nll" not in record
+        for key in ("speed.absent_reason", "train.absent_reason", "quality.eval_after_absent_reason"):
             assert "train.steps = 0" in record[key]
     assert cli.main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 0
     report = (tmp_path / "report" / "report.md").read_text()

@@ -20,7 +20,7 @@ MiB = 1024 * 1024
 Z95 = 1.959963984540054
 
 
-def with_interval(record: dict, se: float, column: str = "quality.after.mean_recall@1") -> dict:
+def with_interval(record: dict, se: float, column: str = "quality.eval_after.mean_recall@1") -> dict:
     """The record with the bootstrap interval helper "truth" writes for `column`: se, and a 95 % low / high."""
     value = record[column]
     name = column.removeprefix("quality.")
@@ -35,12 +35,12 @@ def cpu_records(se: float | None = 0.04, recalls=(0.60, 0.59, 0.57), runtime_mib
     """bf16, int8, nf4-dq on a CPU whose process held `runtime_mib` before the model was loaded."""
     records = []
     for precision, recall in zip(("bf16", "int8", "nf4-dq"), recalls, strict=True):
-        record = make_record(precision, quality__after__mean_recall__1=recall)
-        record["quality.after.mean_recall@1"] = recall
-        record["memory.process_baseline_rss_bytes"] = runtime_mib * MiB
+        record = make_record(precision)
+        record["quality.eval_after.mean_recall@1"] = recall
+        record["memory.process_baseline.rss_bytes"] = runtime_mib * MiB
         if pss:
-            record["memory.peak_pss_bytes"] = record["memory.peak_rss_bytes"] - 100 * MiB
-            record["memory.process_baseline_pss_bytes"] = (runtime_mib - 100) * MiB
+            record["memory.all_phases.pss_peak_bytes"] = record["memory.all_phases.rss_peak_bytes"] - 100 * MiB
+            record["memory.process_baseline.pss_bytes"] = (runtime_mib - 100) * MiB
         records.append(with_interval(record, se) if se is not None else record)
     return records
 
@@ -53,17 +53,17 @@ def line_of(result: verdict.Verdict, precision: str) -> verdict.Line:
 
 def test_one_cell_keeps_its_own_bootstrap_interval():
     record = make_record("bf16")
-    record.update({"interval.after.mean_recall@1.low": 0.50, "interval.after.mean_recall@1.high": 0.66,
-                   "interval.after.mean_recall@1.se": 0.04})
-    row = stats.quality_intervals(pd.DataFrame([record]), "quality.after.mean_recall@1").loc["bf16"]
+    record.update({"interval.eval_after.mean_recall@1.low": 0.50, "interval.eval_after.mean_recall@1.high": 0.66,
+                   "interval.eval_after.mean_recall@1.se": 0.04})
+    row = stats.quality_intervals(pd.DataFrame([record]), "quality.eval_after.mean_recall@1").loc["bf16"]
     assert (row["low"], row["high"], row["se"], row["source"]) == (0.50, 0.66, 0.04, "bootstrap")
 
 
 def test_the_seeds_spread_adds_to_the_eval_sets_sampling_error():
-    records = [with_interval(make_record("bf16", seed=s, quality__after__mean_recall__1=r), 0.02) for s, r in ((0, 0.5), (1, 0.6))]
+    records = [with_interval(make_record("bf16", seed=s), 0.02) for s, r in ((0, 0.5), (1, 0.6))]
     for record, recall in zip(records, (0.5, 0.6), strict=True):
-        record["quality.after.mean_recall@1"] = recall
-    row = stats.quality_intervals(pd.DataFrame(records), "quality.after.mean_recall@1").loc["bf16"]
+        record["quality.eval_after.mean_recall@1"] = recall
+    row = stats.quality_intervals(pd.DataFrame(records), "quality.eval_after.mean_recall@1").loc["bf16"]
     seeds_se = pd.Series([0.5, 0.6]).std() / math.sqrt(2)
     assert row["se"] == pytest.approx(math.sqrt(0.02**2 + seeds_se**2))
     assert row["high"] == pytest.approx(0.55 + Z95 * row["se"])
@@ -71,7 +71,7 @@ def test_the_seeds_spread_adds_to_the_eval_sets_sampling_error():
 
 
 def test_no_noise_in_the_records_gives_no_interval():
-    row = stats.quality_intervals(pd.DataFrame(make_records()), "quality.after.mean_recall@1").loc["nf4-dq"]
+    row = stats.quality_intervals(pd.DataFrame(make_records()), "quality.eval_after.mean_recall@1").loc["nf4-dq"]
     assert math.isnan(row["se"]) and math.isnan(row["low"]) and row["source"] is None
 
 
@@ -79,7 +79,7 @@ def test_no_noise_in_the_records_gives_no_interval():
 
 def test_a_difference_inside_the_noise_is_the_same_within_noise_not_worse():
     frame = pd.DataFrame(cpu_records(se=0.04))  # 3 points apart, 95 % noise of the difference ±11 points
-    compared = stats.compare_quality(frame, "quality.after.mean_recall@1").table
+    compared = stats.compare_quality(frame, "quality.eval_after.mean_recall@1").table
     assert compared.loc["nf4-dq", "verdict"] == "no difference the eval can detect"
     assert compared.loc["nf4-dq", "delta_low"] == pytest.approx(-0.03 - Z95 * math.sqrt(2) * 0.04)
     assert stats.relative_to_baseline(frame).loc["nf4-dq", "quality vs bf16"] == "no difference the eval can detect"
@@ -90,19 +90,19 @@ def test_a_difference_inside_the_noise_is_the_same_within_noise_not_worse():
 
 def test_a_difference_beyond_the_noise_is_called_worse():
     frame = pd.DataFrame(cpu_records(se=0.005))  # 95 % noise of the difference ±1.4 points
-    assert stats.compare_quality(frame, "quality.after.mean_recall@1").table.loc["nf4-dq", "verdict"] == "worse"
-    assert stats.compare_quality(frame, "quality.after.mean_recall@1").table.loc["int8", "verdict"] == "no difference the eval can detect"
+    assert stats.compare_quality(frame, "quality.eval_after.mean_recall@1").table.loc["nf4-dq", "verdict"] == "worse"
+    assert stats.compare_quality(frame, "quality.eval_after.mean_recall@1").table.loc["int8", "verdict"] == "no difference the eval can detect"
 
 
 def test_a_lower_is_better_metric_is_better_when_it_falls_beyond_the_noise():
     records = []
     for precision, ppl in (("bf16", 10.0), ("nf4-dq", 9.0)):
         record = make_record(precision)
-        record["quality.after.perplexity"] = ppl
-        record.update({"interval.after.perplexity.se": 0.1, "interval.after.perplexity.low": ppl - 0.2,
-                       "interval.after.perplexity.high": ppl + 0.2})
+        record["quality.eval_after.perplexity"] = ppl
+        record.update({"interval.eval_after.perplexity.se": 0.1, "interval.eval_after.perplexity.low": ppl - 0.2,
+                       "interval.eval_after.perplexity.high": ppl + 0.2})
         records.append(record)
-    compared = stats.compare_quality(pd.DataFrame(records), "quality.after.perplexity").table
+    compared = stats.compare_quality(pd.DataFrame(records), "quality.eval_after.perplexity").table
     assert compared.loc["nf4-dq", "verdict"] == "better"
 
 
@@ -143,8 +143,8 @@ def test_on_a_cpu_the_process_tree_pss_is_the_memory_figure_when_the_records_hav
 def test_a_gpu_verdict_measures_memory_with_torch_and_calls_speed_meaningful():
     records = []
     for record in cpu_records():
-        record.update({"env.device": "cuda:0", "memory.train.torch_max_allocated_bytes": record["weights.base_bytes"] + 50 * MiB,
-                       "memory.process_baseline_torch_allocated_bytes": 0})
+        record.update({"env.device": "cuda:0", "memory.train.torch_allocated_peak_bytes": record["weights.load.base_bytes"] + 50 * MiB,
+                       "memory.process_baseline.torch_allocated_bytes": 0})
         records.append(record)
     result = verdict.verdict(pd.DataFrame(records))
     nf4 = line_of(result, "nf4-dq")
@@ -176,8 +176,8 @@ def eval_records(images: int, captions: int, ks=(1, 5, 10), frozen: bool = False
         for k in ks:
             for side in ("i2t", "t2i", "mean"):
                 after = min(1.0, 0.2 * k)
-                record[f"quality.after.{side}_recall@{k}"] = after
-                record[f"quality.before.{side}_recall@{k}"] = after if frozen or k >= images else after / 2
+                record[f"quality.eval_after.{side}_recall@{k}"] = after
+                record[f"quality.eval_before.{side}_recall@{k}"] = after if frozen or k >= images else after / 2
         records.append(record)
     return records
 
@@ -221,7 +221,7 @@ def test_a_cell_is_never_nan_nor_minus_zero(value, shown):
 def test_summary_md_and_report_md_tell_one_story_without_nan_or_minus_zero(tmp_path: Path):
     records = cpu_records()
     records[1]["speed.train_samples_per_s"] = None  # a figure that is missing
-    records[0]["weights.error.rel_mean"] = -1e-7
+    records[0]["weights.load.error.rel_mean"] = -1e-7
     frame = pd.DataFrame(records)
     from qbench.analysis.report import summary
 
@@ -260,14 +260,14 @@ def test_without_a_finished_baseline_the_verdict_gives_absolute_figures_and_says
 def test_repeated_runs_of_one_seed_are_not_taken_for_the_seeds_spread():
     # three bit-identical repeats of seed 0 (a CI baseline): no spread of training noise to speak of
     records = [make_record(p, seed=0, run_id=f"run-{i}") for i in range(3) for p in ("bf16", "nf4-dq")]
-    compared = stats.compare_quality(pd.DataFrame(records), "quality.after.mean_recall@1").table
+    compared = stats.compare_quality(pd.DataFrame(records), "quality.eval_after.mean_recall@1").table
     assert compared.loc["nf4-dq", "verdict"] == "no interval to judge by"  # not "worse" on a zero-width interval
 
 
 def test_a_precision_whose_model_gave_nan_outputs_is_never_read_as_a_quality_result():
     records = cpu_records(recalls=(0.40, 0.60, 0.41))  # int8 "better" by 20 points...
     for record in records:
-        record["quality.after.nonfinite_image_embeddings"] = 3 if record["precision"] == "int8" else 0
+        record["quality.eval_after.nonfinite_image_embeddings"] = 3 if record["precision"] == "int8" else 0
     result = verdict.verdict(pd.DataFrame(records))
     int8 = line_of(result, "int8")
     assert "from a model that gave 3 NaN or infinite outputs in evaluation" in int8.sentence()

@@ -45,7 +45,7 @@ def expected_quantized_bytes(out_features: int, in_features: int, precision: pre
 @pytest.fixture(scope="module")
 def bf16_bytes(tiny_clip_path):
     model = load(tiny_clip_path, "bf16")
-    return weights.account_base(model)["weights.base_bytes"], {n: m for n, m in model.named_modules()}
+    return weights.account_base(model)["weights.load.base_bytes"], {n: m for n, m in model.named_modules()}
 
 
 @pytest.mark.parametrize("name", ["int8", "fp4", "fp4-dq", "nf4", "nf4-dq"])
@@ -59,14 +59,14 @@ def test_quantized_base_bytes_match_the_analytic_count_to_the_byte(tiny_clip_pat
     # what stays unquantized is the bf16 model minus the bf16 weights of the linears that got quantized
     expected_unquantized = dense_total - sum(dense_modules[n].weight.nbytes for n in shapes)
     account = weights.account_base(model)
-    assert account["weights.quantized_codes_bytes"] + account["weights.quant_state_bytes"] == expected_quantized
-    assert account["weights.unquantized_bytes"] == expected_unquantized
-    assert account["weights.base_bytes"] == expected_quantized + expected_unquantized
-    assert account["weights.quantized_params"] == sum(o * i for o, i, _ in shapes.values())
+    assert account["weights.load.quantized_codes_bytes"] + account["weights.load.quant_state_bytes"] == expected_quantized
+    assert account["weights.load.unquantized_bytes"] == expected_unquantized
+    assert account["weights.load.base_bytes"] == expected_quantized + expected_unquantized
+    assert account["weights.load.quantized_params"] == sum(o * i for o, i, _ in shapes.values())
 
 
 def test_weight_bytes_are_ordered_nf4_dq_nf4_int8_bf16(tiny_clip_path, bf16_bytes):
-    sizes = {name: weights.account_base(load(tiny_clip_path, name))["weights.base_bytes"] for name in ("nf4-dq", "nf4", "int8")}
+    sizes = {name: weights.account_base(load(tiny_clip_path, name))["weights.load.base_bytes"] for name in ("nf4-dq", "nf4", "int8")}
     assert sizes["nf4-dq"] < sizes["nf4"] < sizes["int8"] < bf16_bytes[0]
 
 
@@ -74,16 +74,16 @@ def test_tied_tensors_are_counted_once():
     layer = torch.nn.Linear(8, 8, bias=False)
     model = torch.nn.ModuleDict({"a": layer, "b": torch.nn.Linear(8, 8, bias=False)})
     model["b"].weight = layer.weight
-    assert weights.account_base(model)["weights.base_bytes"] == 8 * 8 * 4
+    assert weights.account_base(model)["weights.load.base_bytes"] == 8 * 8 * 4
 
 
 def test_format_readback_matches_the_precision(tiny_clip_path):
     model = load(tiny_clip_path, "fp4-dq")
     found = weights.read_format(model)
-    assert found["format.linear4bit_count"] > 0
-    assert found["format.quant_types"] == "fp4"
-    assert found["format.compressed_statistics"] == "true"
-    assert found["format.blocksizes"] == "64"
+    assert found["weights.load.linears.linear4bit_count"] > 0
+    assert found["weights.load.linears.quant_types"] == "fp4"
+    assert found["weights.load.linears.compressed_statistics"] == "true"
+    assert found["weights.load.linears.blocksizes"] == "64"
     weights.check_format(model, precisions.get("fp4-dq"))
 
 

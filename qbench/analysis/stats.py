@@ -152,7 +152,7 @@ def add_speed_ratios(frame: pd.DataFrame, columns: tuple[str, ...] = DEFAULT_SPE
         frame[target] = float("nan")
         if column not in frame.columns or base.isna().all():
             continue
-        values = pd.to_numeric(frame[column], errors="coerce")
+        values = frame[column].astype(float)
         if "status" in frame.columns:
             values = values.where(frame["status"] == "ok")
         if keys:
@@ -183,7 +183,7 @@ def aggregate(frame: pd.DataFrame, columns: list[str] | None = None, axes: list[
     if columns is None:
         columns = [c for c in frame.columns if fields.spec_for(c) is not None]
     columns = [c for c in columns if c in frame.columns]
-    numeric = ok[columns].apply(pd.to_numeric, errors="coerce") if columns else pd.DataFrame(index=ok.index)
+    numeric = ok[columns].astype(float) if columns else pd.DataFrame(index=ok.index)
     grouped = numeric.groupby(arms(frame, axes)[ok.index], sort=False)
     index = pd.Index(order, name=arm_index_name(frame, axes))
     return Aggregate(
@@ -240,7 +240,8 @@ def absent_reason(frame: pd.DataFrame, arm: str, column: str | None = None) -> s
 
 # the words of a quality comparison, the same in every table and sentence
 BASELINE = "baseline"
-NO_DIFFERENCE = "no difference the eval can detect"
+from qbench.contract.intervals import NO_DIFFERENCE  # noqa: E402  (the one wording, shared with the cell)
+
 NO_INTERVAL = "no interval to judge by"
 BETTER, WORSE, DIFFERS = "better", "worse", "differs"
 NOT_MEASURED = "not measured"
@@ -292,7 +293,7 @@ def z_for(confidence: float) -> float:
 def confidence_of(frame: pd.DataFrame) -> float:
     """The confidence level the records' intervals were made at (`interval.confidence`), else 0.95."""
     if "interval.confidence" in frame.columns:
-        levels = pd.to_numeric(frame["interval.confidence"], errors="coerce").dropna()
+        levels = frame["interval.confidence"].astype(float).dropna()
         if not levels.empty:
             return float(levels.mode().iloc[0])
     return DEFAULT_CONFIDENCE
@@ -305,7 +306,7 @@ def confidence_label(frame: pd.DataFrame | None = None) -> str:
 
 
 def interval_column(column: str, part: str) -> str:
-    """`quality.after.mean_recall@1`, "low" -> `interval.after.mean_recall@1.low` (the record's bootstrap interval)."""
+    """`quality.eval_after.mean_recall@1`, "low" -> `interval.eval_after.mean_recall@1.low` (the record's bootstrap interval)."""
     return f"interval.{column.removeprefix('quality.')}.{part}"
 
 
@@ -333,7 +334,7 @@ def quality_intervals(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     z = z_for(confidence_of(frame))
 
     def numeric(name: str) -> pd.Series:
-        return pd.to_numeric(ok[name], errors="coerce") if name in ok.columns else pd.Series(float("nan"), index=ok.index)
+        return ok[name].astype(float) if name in ok.columns else pd.Series(float("nan"), index=ok.index)
 
     values, se, low, high = (numeric(c) for c in (column, interval_column(column, "se"), interval_column(column, "low"),
                                                  interval_column(column, "high")))

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from qbench.cell.lora import ADAPTER_NAME as ADAPTER
+from qbench.contract.intervals import NO_DIFFERENCE
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, Any]]:
@@ -254,14 +255,14 @@ JUDGED = ("mean_recall@1", "perplexity", "bits_per_byte")
 
 
 def verdict(delta: float, low: float | None, high: float | None, direction: str | None) -> str | None:
-    """"same" (equal figures), "same within noise" (the difference's interval holds 0), "better" / "worse" (it
+    """"identical" (equal figures), NO_DIFFERENCE (the difference's interval holds 0), "better" / "worse" (it
     does not), "differs" (no better direction), None when there is no interval to judge by."""
     if delta == 0:
-        return "same"
+        return "identical"
     if low is None or high is None:
         return None
     if low <= 0 <= high:
-        return "same within noise"
+        return NO_DIFFERENCE
     if direction is None:
         return "differs"
     return "better" if (delta > 0) == (direction == "higher") else "worse"
@@ -281,7 +282,7 @@ def judged(task: Any, merged: Any, unmerged: Any, which: str) -> dict[str, Any]:
         delta = merged.metrics[name] - unmerged.metrics[name]
         interval = differences.get(name)
         low, high = (interval.low, interval.high) if interval is not None else (None, None)
-        spec = spec_for(f"quality.after.{name}")
+        spec = spec_for(f"quality.eval_after.{name}")
         fields.update({
             prefix + "delta": None if math.isnan(delta) else delta,
             prefix + "delta_low": low,

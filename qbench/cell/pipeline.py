@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from qbench.contract import inits, precisions, schema
 from qbench.contract import records as results
 from qbench.contract.protocol import CellSpec, event_line, identity_fields
-from qbench.contract.schema import STARVED_SHARE
+from qbench.contract.schema import STARVED_SHARE, time_key
 
 if TYPE_CHECKING:
     from qbench.cell.measure.memory import MemoryTracker
@@ -151,8 +151,6 @@ def config_fields(suite: Suite, precision: Precision, compute_dtype: str | None 
     compute_dtype = compute_dtype or suite.compute_dtype
     return {
         "config.compute_dtype": compute_dtype,
-        "config.prepare": suite.train.prepare,
-        "config.gradient_checkpointing": suite.train.gradient_checkpointing,
         "config.device_map": suite.model.device_map,
         **{f"config.lora.{k}": (",".join(v) if isinstance(v, tuple) else v) for k, v in suite.lora.model_dump().items()},
         **{f"config.train.{k}": v for k, v in suite.train.model_dump().items()},
@@ -169,7 +167,7 @@ SPEED_FIELDS = ("speed.timed_steps", "speed.timed_wall_s", "speed.train_samples_
 
 def untrained_fields(record: dict[str, Any]) -> dict[str, Any]:
     """With train.steps = 0: every training, speed and after-training figure absent (None), never zero, with why."""
-    after = [key.replace("quality.before.", "quality.after.", 1) for key in record if key.startswith("quality.before.")]
+    after = [key.replace("quality.eval_before.", "quality.eval_after.", 1) for key in record if key.startswith("quality.eval_before.")]
     return {
         "train.steps_completed": 0,
         "train.first_loss": None,
@@ -177,10 +175,10 @@ def untrained_fields(record: dict[str, Any]) -> dict[str, Any]:
         "train.absent_reason": NOT_TRAINED,
         **dict.fromkeys(SPEED_FIELDS, None),
         "speed.absent_reason": NOT_TRAINED,
-        "time.train_s": None,
-        "time.eval_after_s": None,
+        time_key("train"): None,
+        time_key("eval_after"): None,
         **dict.fromkeys(after, None),
-        "eval.after_absent_reason": NOT_TRAINED,
+        "quality.eval_after_absent_reason": NOT_TRAINED,
     }
 
 
@@ -243,27 +241,27 @@ class CellRun:
         return self.compute.dtype if self.compute is not None else self.suite.compute_dtype
 
     def imported(self) -> None:
-        """`time.process_start_s`: from the creation of this process (a fork of the run's fork server, or a fresh
-        interpreter) to now, when everything the cell needs is imported."""
-        self.record["time.process_start_s"] = process_age_s()
+        """`time.process_start.wall_s`: from the creation of this process (a fork of the run's fork server, or a
+        fresh interpreter) to now, when everything the cell needs is imported."""
+        self.record[time_key("process_start")] = process_age_s()
         self.record["env.pid"] = os.getpid()
 
     @contextmanager
     def timed(self, part: str) -> Iterator[None]:
-        """Add the block's wall time to `time.<part>_s`, outside any memory phase (work of the harness, not of
-        the fine-tune; a part may be timed in several blocks)."""
+        """Add the block's wall time to `time.<part>.wall_s`, outside any memory phase (work of the harness, not
+        of the fine-tune; a part may be timed in several blocks)."""
         started = time.perf_counter()
         try:
             yield
         finally:
-            key = f"time.{part}_s"
+            key = time_key(part)
             self.record[key] = (self.record.get(key) or 0.0) + time.perf_counter() - started
 
     def measured(self) -> dict[str, Any]:
         """The record with every figure measured so far."""
         full = dict(self.record)
         if self.tracker is not None:
-            full.update(self.tracker.record)  # per phase, and memory.peak_<source>_bytes over the phases
+            full.update(self.tracker.record)  # per phase, and memory.all_phases.<source>_peak_bytes over the phases
         if self.timer is not None:
             full.update(self.timer.summary())
         if self.losses:  # a cell stopped in its train phase keeps the curve up to there
@@ -276,7 +274,8 @@ class CellRun:
     @contextmanager
     def phase(self, name: str, process_baseline: bool = False, **event_fields: Any) -> Iterator[None]:
         """Enter phase `name`: tell the runner, leave what was measured so far on disk (status `running`:
-        if the process dies, the runner keeps these figures in its failure record), then measure the block's memory, CPU and wall time (`time.<name>_s`); with `process_baseline`,
+        if the process dies, the runner keeps these figures in its failure record), then measure the block's
+        memory, CPU and wall time (`time.<name>.wall_s`); with `process_baseline`,
         the memory of the process as the phase starts (see MemoryTracker.phase)."""
         self.record["last_phase"] = name
         emit("phase", phase=name, **event_fields)
@@ -286,11 +285,13 @@ class CellRun:
             with self.tracker.phase(name, process_baseline=process_baseline, in_peak=name not in schema.ON_REQUEST_PHASES):
                 yield
         finally:
-            self.record[f"time.{name}_s"] = time.perf_counter() - started
+            self.record[time_key(name)] = time.perf_counter() - started
 
-    def write(self, record: dict[str, Any]) -> None:
-        """Leave `record` on disk, while this process is the cell's current attempt (Superseded otherwise)."""
-        results.write_record(self.record_path, record, self.attempt)
+    def write(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Leave `record` on disk as the record model reads it, while this process is the cell's current attempt
+        (Superseded otherwise); returns what was written (a record the model refuses is written as failed,
+        naming what it refused: qbench.contract.records.checked)."""
+        return results.write_record(self.record_path, record, self.attempt)
 
     def adapter_folder(self) -> Path | None:
         """Where the trained adapter is kept (`output.keep_adapters`): RUN/adapters/<cell>, beside the run's cells/
@@ -305,7 +306,7 @@ class CellRun:
 
     def on_step(self, step: int, loss: float) -> None:
         self.record["train.steps_completed"] = step
-        self.record["train.last_loss"] = loss
+        self.record["train.final_loss"] = loss  # of the last step run; the final one once training ends
         self.record.setdefault("train.first_loss", loss)
         self.losses.append(loss)
         emit("step", step=step, total=self.suite.train.steps, loss=loss)
@@ -339,7 +340,7 @@ class CellRun:
                 self.tracker.close()
             self.record["time.end"] = _now()
             if not superseded:
-                self.write(self.record)
+                self.record = self.write(self.record)
 
 
 def run_cell(spec: CellSpec) -> dict[str, Any]:
@@ -409,7 +410,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         if suite.eval.before:
             with cell.phase("eval_before"):
                 unmerged = task.evaluate(model)
-            cell.update(unmerged.record("before"))
+            cell.update(unmerged.record("eval_before"))
 
         if suite.train.steps == 0:  # the quantized base alone: nothing trained, so nothing after training either
             cell.update(untrained_fields(cell.record))
@@ -424,7 +425,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 
             with cell.phase("eval_after"):
                 unmerged = task.evaluate(model)
-            cell.update(unmerged.record("after"))
+            cell.update(unmerged.record("eval_after"))
         with cell.timed("adapter_save"):
             kept = cell.adapter_folder()
             cell.update(lora.save_adapter(model, kept or work / "adapter", suite, initial_adapter))
@@ -434,12 +435,12 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         if "dequantized" in suite.eval.after_merge:
             with cell.phase("merge_dequantized"), merge.dequantized_copy(model, cell.compute_dtype) as how:
                 merged = task.evaluate(model)
-            cell.update({**how, **merged.record("merged_dequantized"), **merge.judged(task, merged, unmerged, "dequantized")})
+            cell.update({**how, **merged.record("merge_dequantized"), **merge.judged(task, merged, unmerged, "dequantized")})
         if "requantized" in suite.eval.after_merge:
             with cell.phase("merge_requantized"):
                 model, how = merge.requantize(model)
                 merged = task.evaluate(model)
-            cell.update({**how, **merged.record("merged_requantized"), **merge.judged(task, merged, unmerged, "requantized")})
+            cell.update({**how, **merged.record("merge_requantized"), **merge.judged(task, merged, unmerged, "requantized")})
         if not suite.eval.after_merge:
             cell.update({"merge.absent_reason": NOT_MERGED})
         cell.update({"status": "ok", "last_phase": "done"})

@@ -22,26 +22,26 @@ def inspect_base(model: torch.nn.Module, precision: Precision, suite: Suite, mod
 
     fields.update(models.placement(model))
     fields["bnb.cpu_weight_packing_disabled_layers"] = models.disable_bnb_cpu_weight_packing(model)
-    fields.update(weights.read_format(model))
-    fields.update(weights.account_base(model))
+    fields.update(weights.read_format(model, "load"))
+    fields.update(weights.account_base(model, "load"))
     weights.check_format(model, precision, _dtype(model, compute_dtype or suite.compute_dtype))  # the arm must be what its name says
     started = time.perf_counter()  # outside every phase: reading the originals is the harness's work
     fields.update(weight_error.measure(model, model_path, suite.model.revision))
-    # part of time.readback_s (the pipeline times the whole read-back), so not a time.<part>_s of its own:
-    # the time.* parts sum to time.cell_wall_s
+    # within time.readback.wall_s (the pipeline times the whole read-back), so outside time.*: the time.*_s
+    # figures sum to time.cell.wall_s
     fields["readback.weight_error_s"] = time.perf_counter() - started
 
 
 def inspect_trained_base(model: torch.nn.Module, precision: Precision, suite: Suite, fields: dict[str, Any],
                          compute_dtype: str | None = None) -> None:
     """Read the base back after the prepare phase (k-bit preparation and LoRA attached), just before training:
-    `weights.train.*` (bytes by kind and by dtype, as `weights.*` at load) and `format.train.*`; then fail
+    `weights.prepare.*` (bytes by kind and by dtype, and its linears, as `weights.load.*` at load); then fail
     with FormatMismatch, naming modules and dtypes, if the base is no longer in its precision's format (a
     preparation that cast a 16-bit base to float32 would otherwise train an fp32 arm under a bf16 label)."""
     from qbench.cell.measure import weights
 
-    fields.update({k.replace("weights.", "weights.train.", 1): v for k, v in weights.account_base(model).items()})
-    fields.update({k.replace("format.", "format.train.", 1): v for k, v in weights.read_format(model).items()})
+    fields.update(weights.account_base(model, "prepare"))
+    fields.update(weights.read_format(model, "prepare"))
     weights.check_format(model, precision, _dtype(model, compute_dtype or suite.compute_dtype),
                          stage=f'after the prepare phase (train.prepare = "{suite.train.prepare}")')
 

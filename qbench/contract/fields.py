@@ -1,18 +1,20 @@
-"""What each record field is — its kind, which direction is better, its unit — looked up by name pattern.
+"""What each record field is — how the gate judges it, which direction is better, its unit — and how a report
+names and scales it, all read from the record model's metadata (qbench.contract.record).
 
-Reports and `qbench compare` are driven by this registry alone, so a new task's metrics (a causal
-LM's perplexity, bits per byte) work as soon as their names match a pattern here.
+Reports and `qbench compare` ask here alone, so a new task's metrics work as soon as the model declares them.
+The columns compare derives (`ratio.<speed field>`: one precision's figure over the baseline precision's,
+within one run) take their direction from the field they are a ratio of.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any, Literal
 
-from qbench.contract import schema
+from qbench.contract import record, schema
 
-Kind = Literal["exact", "quality", "health", "memory", "speed", "speed-ratio", "interval"]
+# the gate's classes (qbench.contract.record.Gate), and speed-ratio for the ratios compare derives
+Kind = Literal["exact", "quality", "health", "memory", "speed", "speed-ratio", "informational", "interval"]
 Direction = Literal["higher", "lower"]
 
 # derived columns: a speed metric of one precision over the baseline precision's, within one run
@@ -28,93 +30,49 @@ class FieldSpec:
                must not rise (no noise allowance); memory — peaks, compared within a relative
                tolerance; speed — absolute times and rates, which move from machine to machine and
                are only compared as ratios; speed-ratio — a speed metric of one precision over the
-               baseline precision's, in one run; interval — a bound or standard error of a quality
-               metric (`interval.<phase>.<metric>.low|high|se`), never gated itself
+               baseline precision's, in one run; informational — measured and shown, never gated;
+               interval — a bound or standard error of a quality metric (`interval.<phase>.<metric>.low|high|se`),
+               never gated itself
     direction: which way is better (`None`: neither, e.g. a parameter count)
     unit:      what the stored number is in; the renderers scale it (bytes -> MiB, fraction -> %)
     """
 
-    pattern: str
     kind: Kind
     direction: Direction | None
     unit: str
 
-    def matches(self, name: str) -> bool:
-        return fnmatchcase(name, self.pattern)
-
-
-# first match wins: specific patterns before general ones
-FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("weights.bits_per_quantized_param", "exact", "lower", "bits"),
-    FieldSpec("weights.quantized_share_of_params", "exact", None, "fraction"),
-    FieldSpec("weights.*_bytes", "exact", "lower", "bytes"),
-    FieldSpec("weights.*_params", "exact", None, "count"),
-    FieldSpec("params.*", "exact", None, "count"),
-    # the optimizer's state after its first step: bytes by dtype, how many parameters have 8-bit moments
-    FieldSpec("optimizer.*_bytes", "exact", "lower", "bytes"),
-    FieldSpec("optimizer.params*", "exact", None, "count"),
-    FieldSpec("optimizer.largest_param_elements", "exact", None, "count"),
-    FieldSpec("optimizer.state_tensors", "exact", None, "count"),
-    FieldSpec("format.*_count", "exact", None, "count"),
-    # what was trained on and evaluated: a change here means the data or the eval protocol changed
-    FieldSpec("data.*_images", "exact", None, "count"),
-    FieldSpec("data.*_captions", "exact", None, "count"),
-    FieldSpec("eval.*tokens", "exact", None, "count"),
-    FieldSpec("eval.windows", "exact", None, "count"),
-    FieldSpec("eval.bytes", "exact", None, "count"),
-    # before the quality patterns: `nonfinite_losses` must not read as a loss
-    FieldSpec("quality.*nonfinite_*", "health", "lower", "count"),
-    FieldSpec("quality.*recall@*", "quality", "higher", "fraction"),
-    FieldSpec("quality.*accuracy*", "quality", "higher", "fraction"),
-    FieldSpec("quality.*perplexity*", "quality", "lower", "perplexity"),
-    FieldSpec("quality.*bits_per_byte*", "quality", "lower", "bits/byte"),
-    FieldSpec("quality.*nll*", "quality", "lower", "nats"),
-    FieldSpec("quality.*loss*", "quality", "lower", "loss"),
-    FieldSpec("train.*loss", "quality", "lower", "loss"),
-    FieldSpec("memory.*_bytes", "memory", "lower", "bytes"),
-    FieldSpec("memory.*.seconds", "speed", "lower", "s"),
-    FieldSpec(RATIO_PREFIX + "speed.*_per_s", "speed-ratio", "higher", "ratio"),
-    FieldSpec(RATIO_PREFIX + "speed.*_per_cpu_s", "speed-ratio", "higher", "ratio"),
-    FieldSpec(RATIO_PREFIX + "speed.*_s", "speed-ratio", "lower", "ratio"),
-    FieldSpec(RATIO_PREFIX + "time.*_s", "speed-ratio", "lower", "ratio"),
-    FieldSpec("speed.*_per_s", "speed", "higher", "1/s"),
-    FieldSpec("speed.*_per_cpu_s", "speed", "higher", "1/CPU-s"),
-    FieldSpec("cpu.*_s", "speed", "lower", "s"),
-    FieldSpec("speed.*_s", "speed", "lower", "s"),
-    FieldSpec("time.*_s", "speed", "lower", "s"),
-)
 
 # the one number per axis the report plots; the first column a frame has is used
 HEADLINE_QUALITY = (
-    "quality.after.mean_recall@1",
-    "quality.after.perplexity",
-    "quality.after.bits_per_byte",
-    "quality.after.loss",
+    "quality.eval_after.mean_recall@1",
+    "quality.eval_after.perplexity",
+    "quality.eval_after.bits_per_byte",
     "train.final_loss",
     # a suite with train.steps = 0 measures the base before fine-tuning only
-    "quality.before.mean_recall@1",
-    "quality.before.perplexity",
+    "quality.eval_before.mean_recall@1",
+    "quality.eval_before.perplexity",
 )
 # on CUDA torch's allocator (tensors only) or NVML; on a CPU the process tree's PSS (shared pages once), else its RSS
 HEADLINE_PEAK_MEMORY = (
-    "memory.train.torch_max_allocated_bytes",
+    "memory.train.torch_allocated_peak_bytes",
     "memory.train.nvml_process_peak_bytes",
-    "memory.peak_pss_bytes",  # on a CPU: the process tree with shared pages counted once (DataLoader workers)
-    "memory.peak_rss_bytes",  # records made before PSS was measured
+    "memory.all_phases.pss_peak_bytes",  # on a CPU: the process tree with shared pages counted once (DataLoader workers)
+    "memory.all_phases.rss_peak_bytes",  # records made before PSS was measured
 )
 # how a report names each memory source
 SOURCE_LABELS = dict(schema.MEMORY_SOURCES)
 HEADLINE_THROUGHPUT = ("speed.train_samples_per_s", "speed.train_tokens_per_s")
-HEADLINE_WEIGHTS = "weights.base_bytes"
-
-
+HEADLINE_WEIGHTS = "weights.load.base_bytes"
 
 INTERVAL_PREFIX = "interval."
 INTERVAL_PARTS = ("low", "high", "se")
 
+# how a label names the evaluation phases (the keys say eval_before / eval_after)
+PHASE_WORDS = {"eval_before": "before", "eval_after": "after"}
+
 
 def interval_metric(name: str) -> str | None:
-    """`interval.after.mean_recall@1.low` -> `quality.after.mean_recall@1`; None for any other name."""
+    """`interval.eval_after.mean_recall@1.low` -> `quality.eval_after.mean_recall@1`; None for any other name."""
     if not name.startswith(INTERVAL_PREFIX):
         return None
     body, _, part = name.removeprefix(INTERVAL_PREFIX).rpartition(".")
@@ -122,24 +80,29 @@ def interval_metric(name: str) -> str | None:
 
 
 def interval_columns(metric: str) -> dict[str, str]:
-    """`quality.after.perplexity` -> {"low": "interval.after.perplexity.low", "high": ..., "se": ...}."""
+    """`quality.eval_after.perplexity` -> {"low": "interval.eval_after.perplexity.low", "high": ..., "se": ...}."""
     body = metric.removeprefix("quality.")
     return {part: f"{INTERVAL_PREFIX}{body}.{part}" for part in INTERVAL_PARTS}
 
 
 def spec_for(name: str) -> FieldSpec | None:
-    """The registry entry for a field name, or None for fields that only describe (identity, config, env).
+    """How the gate and the report read a record field (or a ratio compare derives), from the record model's
+    metadata; None for fields that only describe (identity, settings, environment, text).
 
     An interval bound or standard error gets kind "interval" (never gated) in its metric's unit, so it
-    scales like the metric (recall as %, bytes as MiB)."""
-    metric = interval_metric(name)
-    if metric is not None:
-        spec = spec_for(metric)
-        return FieldSpec(INTERVAL_PREFIX + "*", "interval", None, spec.unit) if spec is not None else None
-    for spec in FIELDS:
-        if spec.matches(name):
-            return spec
-    return None
+    scales like the metric (recall as %)."""
+    if name.startswith(RATIO_PREFIX):
+        base = spec_for(name.removeprefix(RATIO_PREFIX))
+        return FieldSpec("speed-ratio", base.direction, "ratio") if base is not None and base.kind == "speed" else None
+    info = record.key_info(name)
+    figure = info.figure if info is not None else None
+    if figure is None:
+        return None
+    if figure.gate == "interval":
+        metric = interval_metric(name)
+        spec = spec_for(metric) if metric else None
+        return FieldSpec("interval", None, spec.unit) if spec is not None else None
+    return FieldSpec(figure.gate, figure.better, figure.unit)
 
 
 def ratio_column(name: str) -> str:
@@ -161,10 +124,10 @@ def first_present(frame: Any, candidates: tuple[str, ...]) -> str | None:
 
 # names people know these by; other fields get a name made from their key
 LABELS = {
-    "weights.base_bytes": "base weights MiB",
-    "memory.peak_pss_bytes": "peak PSS MiB",
-    "memory.peak_rss_bytes": "peak RSS MiB",
-    "memory.train.torch_max_allocated_bytes": "train torch peak allocated MiB",
+    "weights.load.base_bytes": "base weights MiB",
+    "memory.all_phases.pss_peak_bytes": "peak PSS MiB",
+    "memory.all_phases.rss_peak_bytes": "peak RSS MiB",
+    "memory.train.torch_allocated_peak_bytes": "train torch peak allocated MiB",
     "memory.train.nvml_process_peak_bytes": "train NVML process peak MiB",
     "optimizer.state_bytes": "optimizer state MiB",
     "speed.train_samples_per_s": "train samples/s",
@@ -173,21 +136,27 @@ LABELS = {
 
 
 def memory_source(column: str) -> str | None:
-    """The per-phase source key of a memory column: `memory.train.rss_peak_bytes` and `memory.peak_rss_bytes`
+    """The source of a memory peak column: `memory.train.rss_peak_bytes` and `memory.all_phases.rss_peak_bytes`
     both give `rss_peak_bytes`; None for other columns."""
     parts = column.split(".")
-    if len(parts) == 3 and parts[0] == "memory" and parts[2] in SOURCE_LABELS:
+    if len(parts) == 3 and parts[0] == "memory" and parts[2] in SOURCE_LABELS and parts[1] in (*schema.PHASES, schema.ALL_PHASES):
         return parts[2]
-    return next((source for source in SOURCE_LABELS if schema.overall_peak_key(source) == column), None)
+    return None
+
+
+def phase_columns(columns: Any, source: str) -> list[str]:
+    """The per-phase columns of a memory source among `columns`, in the order the phases run."""
+    present = set(columns)
+    return [f"memory.{phase}.{source}" for phase in schema.PHASES if f"memory.{phase}.{source}" in present]
 
 
 def memory_source_label(column: str) -> str:
-    """`memory.peak_rss_bytes` -> "RSS", `memory.train.torch_max_allocated_bytes` -> "torch allocated, train"."""
+    """`memory.all_phases.rss_peak_bytes` -> "RSS", `memory.train.torch_allocated_peak_bytes` -> "torch allocated, train"."""
     source = memory_source(column)
     if source is None:
         return label(column)
-    parts = column.split(".")
-    return SOURCE_LABELS[source] + (f", {parts[1]}" if len(parts) == 3 else "")
+    phase = column.split(".")[1]
+    return SOURCE_LABELS[source] + (f", {phase}" if phase in schema.PHASES else "")
 
 
 def process_baseline_of(column: str) -> str | None:
@@ -197,27 +166,28 @@ def process_baseline_of(column: str) -> str | None:
 
 
 def label(name: str) -> str:
-    """A short human name for a field: `quality.after.mean_recall@1` -> `after mean recall@1`."""
+    """A short human name for a field: `quality.eval_after.mean_recall@1` -> `after mean recall@1`."""
     if name in LABELS:
         return LABELS[name]
-    spec = spec_for(name)
-    parts = name.split(".")
     if name.startswith(RATIO_PREFIX):
         return label(name.removeprefix(RATIO_PREFIX)) + " / baseline's"
+    spec = spec_for(name)
+    parts = name.split(".")
     if parts[0] in ("quality", "params", "speed", "time", "train") and len(parts) > 1:
         parts = parts[1:]
-    shown = " ".join(parts).replace("_", " ")
+    shown = " ".join(PHASE_WORDS.get(part, part) for part in parts).replace("_", " ")
     if spec is not None and spec.unit == "bytes":
         shown = shown.removesuffix(" bytes") + " MiB"
     return shown
 
 
 def quality_name(column: str, short: bool = False) -> str:
-    """`quality.after.mean_recall@1` -> "mean recall@1 after fine-tuning" ("mean recall@1 after" when `short`);
-    other fields by their label."""
+    """`quality.eval_after.mean_recall@1` -> "mean recall@1 after fine-tuning" ("mean recall@1 after" when
+    `short`); other fields by their label."""
     parts = column.split(".")
     if len(parts) == 3 and parts[0] == "quality":
-        phase = parts[1] if short else {"after": "after fine-tuning", "before": "before fine-tuning"}.get(parts[1], parts[1])
+        word = PHASE_WORDS.get(parts[1], parts[1])
+        phase = word if short else (f"{word} fine-tuning" if parts[1] in PHASE_WORDS else word)
         return f"{parts[2].replace('_', ' ')} {phase}"
     return label(column)
 

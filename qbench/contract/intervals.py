@@ -23,6 +23,8 @@ import numpy as np
 RESAMPLES = 1000
 CONFIDENCE = 0.95
 SEED = 0
+# the one wording for a difference whose interval holds 0, wherever a verdict is written (report, compare, merges)
+NO_DIFFERENCE = "no difference the eval can detect"
 # the most resampled values scipy holds at once (a batch of resamples x units x columns, float64: 32 MiB)
 _BATCH_ELEMENTS = 4_000_000
 

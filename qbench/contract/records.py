@@ -1,5 +1,10 @@
-"""Cell records on disk: who may write one (attempts), reading them strictly, and loading them into one
-flat record; run.json read back (the DataFrame over them is qbench.analysis.load's)."""
+"""Cell records and run.json on disk: who may write a record (attempts), writing both through their models
+(qbench.contract.record), reading them strictly (a schema-2 record converted, any other schema refused); the
+DataFrame over them is qbench.analysis.load's.
+
+A record file is the flat record (one dotted key per value, as a DataFrame row has them), validated by the
+record model on every write: the key names the concept in code, records, reports and documents alike, and a
+file can be read and grepped by it."""
 
 from __future__ import annotations
 
@@ -12,9 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qbench.contract import fields
+from qbench.contract import record as model
+from qbench.contract import renames
 from qbench.contract.files import OutputError, component_problem, write_json_atomic
-from qbench.contract.schema import STATUSES
+from qbench.contract.schema import CONVERTIBLE, SCHEMA_VERSION, STATUSES
 
 __all__ = ["write_json_atomic", "OutputError"]  # write_json_atomic lives in results.files; kept importable here
 
@@ -102,25 +108,50 @@ def current_attempt(record_file: Path | str) -> str | None:
         return None
 
 
-def write_record(record_file: Path | str, record: dict[str, Any], attempt: str | None) -> None:
-    """Write a cell's record atomically, but only while `attempt` is the cell's current attempt (Superseded
-    otherwise, and nothing is written). Without an attempt (a cell run on its own) it just writes."""
+UNDECLARED = "RecordInvalid"  # error_type of a record that held keys or values the record model refuses
+
+
+def checked(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` as the record model reads it back, key for key; a record the model refuses (a key nobody
+    declared, a value of the wrong type: a bug of qbench's) becomes a failed record with the error naming each
+    offending key, without them, so that nothing undeclared is written and nothing declared is lost."""
+    try:
+        return model.normalised(record)
+    except model.RecordInvalid as invalid:
+        refused = set(invalid.keys)
+        kept = {key: value for key, value in record.items() if key not in refused}
+        kept.update({
+            "status": "failed",
+            "error": f"{UNDECLARED}: the record model (qbench.contract.record) refuses {invalid}",
+            "error_type": UNDECLARED,
+            "error_phase": record.get("error_phase") or record.get("last_phase"),
+        })
+        return model.normalised(kept)
+
+
+def write_record(record_file: Path | str, record: dict[str, Any], attempt: str | None) -> dict[str, Any]:
+    """Write a cell's record atomically, as the record model reads it (`checked`), but only while `attempt` is
+    the cell's current attempt (Superseded otherwise, and nothing is written). Without an attempt (a cell run
+    on its own) it just writes. Returns what was written."""
     record_file = Path(record_file)
+    written = checked(record)
     if not attempt:
-        write_json_atomic(record_file, record)
-        return
+        write_json_atomic(record_file, written)
+        return written
     with _attempt_locked(record_file, create=False) as fd:
         current = os.pread(fd, 256, 0).decode("ascii", "replace").strip()
         if current != attempt:
             raise Superseded(f"a newer attempt at this cell owns {record_file} now; this one's record is dropped")
-        write_json_atomic(record_file, record)
+        write_json_atomic(record_file, written)
+    return written
 
 
 # --- reading ------------------------------------------------------------------------------------------------
 
 
 def read_record(path: Path | str) -> dict[str, Any] | None:
-    """One JSON object file (a record, run.json), or None when it is missing or not a readable JSON object."""
+    """One JSON object file as it is on disk (a record the runner merges its figures into), or None when it is
+    missing or not a readable JSON object. Analysis reads records with `read_records` (validated, converted)."""
     try:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
@@ -128,8 +159,24 @@ def read_record(path: Path | str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _is_number(value: Any) -> bool:
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+def schema_problem(version: Any) -> str | None:
+    """Why a record of schema `version` cannot be read (the one line compare and report print), or None."""
+    if version == SCHEMA_VERSION or version in CONVERTIBLE:
+        return None
+    readable = ", ".join(map(str, CONVERTIBLE))
+    return (f"a record of schema {version!r}, but this qbench writes schema {SCHEMA_VERSION} and converts only schema "
+            f"{readable}: its keys may mean other things, so it is not compared; refresh the baseline (qbench baseline "
+            "refresh SUITE) or remake the run with this qbench")
+
+
+def as_schema(record: dict[str, Any]) -> dict[str, Any]:
+    """A flat record of a readable schema as schema 3 (a schema-2 record's keys renamed: contract.renames);
+    ValueError (schema_problem) for any other schema."""
+    version = record.get("schema_version")
+    problem = schema_problem(version)
+    if problem:
+        raise ValueError(problem)
+    return renames.convert(record, version) if version != SCHEMA_VERSION else record
 
 
 def record_problem(record: Any, cell_id: str | None = None) -> str | None:
@@ -143,10 +190,16 @@ def record_problem(record: Any, cell_id: str | None = None) -> str | None:
         return f"not a cell record (status {record['status']!r} is none of {', '.join(STATUSES)})"
     if cell_id is not None and record["cell_id"] != cell_id:
         return f"holds the record of cell {record['cell_id']!r}, not of {cell_id!r}"
-    for key, value in record.items():
-        if fields.spec_for(key) is not None and not _is_number(value):
-            return f"{key}: {str(value)[:40]!r} is not a number"
+    try:
+        model.validate(as_schema(record))
+    except ValueError as error:  # RecordInvalid is one
+        return str(error)
     return None
+
+
+def loaded(record: dict[str, Any]) -> dict[str, Any]:
+    """A record `record_problem` accepts, as the schema-3 flat record (converted where it was older)."""
+    return model.normalised(as_schema(record))
 
 
 def read_records(run_dir: Path | str) -> list[dict[str, Any]]:
@@ -164,7 +217,7 @@ def read_records(run_dir: Path | str) -> list[dict[str, Any]]:
         problem = record_problem(record, path.stem)
         if problem:
             raise ResultsError(f"{path}: {problem}")
-        records.append(record)
+        records.append(loaded(record))
     return records
 
 
@@ -175,7 +228,7 @@ def run_records(run_dir: Path | str, cell_ids: list[str]) -> list[dict[str, Any]
     for cell_id in cell_ids:
         record = read_record(record_path(run_dir, cell_id))
         if record is not None and record_problem(record, cell_id) is None:
-            found.append(record)
+            found.append(loaded(record))
     return found
 
 
@@ -191,7 +244,20 @@ def find_run_dirs(path: Path | str) -> list[Path]:
 
 
 def read_manifest(run_dir: Path | str) -> dict[str, Any] | None:
-    """The run's `run.json` (suite text, device, cells), or None when the folder has no readable one."""
-    return read_record(Path(run_dir) / MANIFEST)
+    """The run's `run.json` (suite text, device, cells) as the run-manifest model reads it (qbench.contract.record.
+    RunManifest), or None when the folder has no readable one or it is not a run.json qbench writes."""
+    manifest = read_record(Path(run_dir) / MANIFEST)
+    if manifest is None or model.manifest_problem(manifest) is not None:
+        return None
+    return model.RunManifest.model_validate(manifest).model_dump(exclude_unset=True, by_alias=True)
+
+
+def write_manifest(run_dir: Path | str, manifest: dict[str, Any]) -> None:
+    """Write `run.json` atomically through the run-manifest model (ValueError naming the field it refuses)."""
+    problem = model.manifest_problem(manifest)
+    if problem:
+        raise ValueError(f"{Path(run_dir) / MANIFEST}: {problem}")
+    checked_manifest = model.RunManifest.model_validate(manifest).model_dump(exclude_unset=True, by_alias=True)
+    write_json_atomic(Path(run_dir) / MANIFEST, checked_manifest)
 
 

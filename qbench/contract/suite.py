@@ -15,7 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qbench.contract import fields, grid, inits, optimizers, precisions
 from qbench.contract.grid import Cell
+from qbench.contract.renames import renamed
 from qbench.contract.tasks import TASKS
+
+# what a tolerance cannot name: fields the gate never judges (no figure, an interval, an informational figure)
+UNGATED = (None, "interval", "informational")
 
 # Upper bounds, each with its reason: past them a value is a typo, not a benchmark. Without them
 # `steps = 10**23` trained until killed and `batch_size = 10**9` grew one cell to 23 GB (torch builds a
@@ -348,8 +352,10 @@ class CompareSpec(_Section):
         for pattern in value:
             if not pattern.strip():
                 raise ValueError("an empty field pattern")
-            if not any(ch in pattern for ch in "*?[") and getattr(fields.spec_for(pattern), "kind", "interval") == "interval":
-                raise ValueError(f"{pattern!r} is not a metric qbench compares (see qbench.fields.FIELDS)")
+            if not any(ch in pattern for ch in "*?[") and getattr(fields.spec_for(pattern), "kind", None) in UNGATED:
+                new = renamed(pattern)
+                hint = f" (schema 3 calls it {new!r})" if new != pattern and fields.spec_for(new) is not None else ""
+                raise ValueError(f"{pattern!r} is not a metric qbench compares{hint} (see qbench.contract.record)")
         return value
 
     @field_validator("speed_ratios")

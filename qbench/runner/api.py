@@ -285,15 +285,14 @@ def _stopped_by_output(error: OSError, run_dir: Path, cells: list[Cell]) -> RunR
 def finish(run_dir: Path, cells: list[Cell]) -> RunResult:
     """results.csv and summary.md from the records of the run's own cells (other files in cells/ are not the
     run's and are left alone); exit 1 when a cell has no ok record."""
-    import pandas as pd
-
+    from qbench.analysis.load import frame_of
     from qbench.analysis.report import summary, write
     from qbench.contract import records as results
 
     records = results.run_records(run_dir, [c.id for c in cells])
     result = RunResult(Exit.OK, run_dir, records=records)
     if records:
-        frame = pd.DataFrame(records)
+        frame = frame_of(records)
         result.sections = write.report_sections(frame, report_settings([run_dir]))
         result.tables = summary.write_run_outputs(run_dir, frame, shown=result.sections)
         result.suite = str(frame["suite"].iloc[0])

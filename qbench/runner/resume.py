@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qbench.contract import grid, precisions
+from qbench.contract import record as record_model
 from qbench.contract import records as results
 from qbench.contract.files import component_problem
 from qbench.contract.suite import Cell, LoadedSuite, SuiteError, parse
@@ -103,6 +104,9 @@ def open_run(run_dir: Path | str, force: bool = False) -> Resumable:
         raise SuiteError(manifest_path, [f"{key}: not a string (run.json was edited?)" for key in wrong])
     if not re.fullmatch(r"cpu|cuda(:\d+)?", manifest["device"]):
         raise SuiteError(manifest_path, [f"device: {manifest['device'][:40]!r} is not cpu or cuda (run.json was edited?)"])
+    problem = record_model.manifest_problem(manifest)
+    if problem:
+        raise SuiteError(manifest_path, [f"{problem} (run.json was edited?)"])
     suite_path, recorded_sha = Path(manifest["suite_path"]), manifest["suite_sha256"]
     suite_text = manifest["suite_text"]
     if _sha256(suite_text) != recorded_sha:
@@ -142,4 +146,4 @@ def note_resume(state: Resumable, forced: bool, executor: str = "local") -> None
         "suite_file_changed": state.suite_file_changed,
         "executor": executor,
     }]
-    results.write_json_atomic(state.run_dir / MANIFEST, manifest)
+    results.write_manifest(state.run_dir, manifest)

@@ -22,6 +22,7 @@ from qbench.cell.measure.timing import wall_split
 from qbench.contract import files
 from qbench.contract import records as results
 from qbench.contract.protocol import CellSpec, identity_fields
+from qbench.contract.schema import SCHEMA_VERSION
 from qbench.contract.suite import Cell, LoadedSuite
 from qbench.machine.threads import ThreadPlan
 from qbench.runner import scheduler
@@ -129,6 +130,7 @@ class Run:
 
     def write_manifest(self, extra: dict[str, Any] | None = None) -> None:
         manifest = {
+            "schema_version": SCHEMA_VERSION,
             "qbench_version": __version__,
             "suite": self.loaded.suite.name,
             "suite_path": str(self.loaded.path),
@@ -140,7 +142,7 @@ class Run:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             **(extra or {}),
         }
-        results.write_json_atomic(self.run_dir / "run.json", manifest)
+        results.write_manifest(self.run_dir, manifest)
 
     def spec(self, cell: Cell, attempt: str = "", parent_pid: int = 0) -> CellSpec:
         """The cell's spec. `attempt`: the token that alone may write the record ("" where the executor writes
@@ -270,7 +272,7 @@ def note_timing(run_dir: Path, timing: dict[str, Any]) -> None:
     manifest = results.read_record(Path(run_dir) / "run.json")
     if manifest is not None:
         manifest["timing"] = {**(manifest.get("timing") or {}), **timing}
-        results.write_json_atomic(Path(run_dir) / "run.json", manifest)
+        results.write_manifest(run_dir, manifest)
 
 
 RUN_LOCK = ".lock"

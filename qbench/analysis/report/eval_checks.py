@@ -24,7 +24,7 @@ def _count(ok: pd.DataFrame, column: str) -> int | None:
     """The smallest count the ok cells recorded (shards of one suite record the same), or None."""
     if column not in ok.columns:
         return None
-    values = pd.to_numeric(ok[column], errors="coerce").dropna()
+    values = ok[column].astype(float).dropna()
     return int(values.min()) if not values.empty else None
 
 
@@ -53,20 +53,20 @@ def eval_set_warnings(frame: pd.DataFrame, settings: Settings | None = None) -> 
         k, candidates, queries = int(match["k"]), _count(ok, candidates_key), _count(ok, queries_key)
         if candidates is not None and k >= candidates:
             trivial |= {column, column.replace(f".{match['direction']}_", ".mean_")}
-            if match["phase"] == "after":
+            if match["phase"] == "eval_after":
                 warnings.append(
                     f"{match['direction']} recall@{k} ranks {candidates} eval {candidates_name}: with k ≥ the number of "
                     f"candidates every query's match is in the top {k}, so it reads 100 % whatever the model "
                     f"(set eval.recall_k below {candidates}, or evaluate on more {candidates_name})"
                 )
-        if queries and match["phase"] == "after" and match["direction"] not in query_steps:
+        if queries and match["phase"] == "eval_after" and match["direction"] not in query_steps:
             query_steps[match["direction"]] = (1 / queries, f"{queries} eval {queries_name}")
     for direction, (step, what) in query_steps.items():
         metric = next(c for c in sorted(ok.columns) if _RECALL.match(c) and f".{direction}_" in c)
         tolerance, source = settings.tolerance_for(metric, "quality")
         if tolerance.ignore:
             continue
-        value = pd.to_numeric(ok[metric], errors="coerce").mean()
+        value = ok[metric].astype(float).mean()
         allowed = max(tolerance.abs or 0.0, (tolerance.rel or 0.0) * abs(value if pd.notna(value) else 0.0))
         if step > allowed:
             warnings.append(
@@ -81,11 +81,11 @@ def eval_set_warnings(frame: pd.DataFrame, settings: Settings | None = None) -> 
 def _frozen(ok: pd.DataFrame, trivial: set[str]) -> list[str]:
     """Metrics equal before and after fine-tuning in every ok cell (and what they read)."""
     found = []
-    for after in sorted(c for c in ok.columns if c.startswith("quality.after.")):
-        before = after.replace(".after.", ".before.")
+    for after in sorted(c for c in ok.columns if c.startswith("quality.eval_after.")):
+        before = after.replace(".eval_after.", ".eval_before.", 1)
         if before not in ok.columns or after in trivial or getattr(fields.spec_for(after), "kind", None) != "quality":
             continue
-        pairs = ok[[before, after]].apply(pd.to_numeric, errors="coerce").dropna()
+        pairs = ok[[before, after]].astype(float).dropna()
         if pairs.empty or not ((pairs[before] - pairs[after]).abs() <= 1e-12).all():
             continue
         factor, unit = fields.scale(after)

@@ -18,23 +18,23 @@ def weight_bytes_explanation(frame: pd.DataFrame) -> str:
     """Markdown: for each quantized precision, why its base is not (16 / bits) times smaller, from the
     record's exact byte accounting — quantization state, and what stays unquantized."""
     means = ok_means(frame, by="precision")  # weight bytes depend on the precision alone
-    needed = ("weights.base_bytes", "weights.quantized_params", "weights.quantized_codes_bytes", "weights.quant_state_bytes")
+    needed = ("weights.load.base_bytes", "weights.load.quantized_params", "weights.load.quantized_codes_bytes", "weights.load.quant_state_bytes")
     if means.empty or any(c not in means.columns for c in needed):
         return ""
     baseline = frame["baseline_precision"].iloc[0]
-    reference = means.loc[baseline] if baseline in means.index and not means.loc[baseline, "weights.quantized_params"] else None
+    reference = means.loc[baseline] if baseline in means.index and not means.loc[baseline, "weights.load.quantized_params"] else None
     paragraphs = []
     for precision, row in means.iterrows():
-        quantized = row["weights.quantized_params"]
+        quantized = row["weights.load.quantized_params"]
         if not quantized:
             continue
-        base = row["weights.base_bytes"]
-        code_bits = 8 * row["weights.quantized_codes_bytes"] / quantized
-        state_bits = 8 * row["weights.quant_state_bytes"] / quantized
+        base = row["weights.load.base_bytes"]
+        code_bits = 8 * row["weights.load.quantized_codes_bytes"] / quantized
+        state_bits = 8 * row["weights.load.quant_state_bytes"] / quantized
         if reference is not None:
-            versus, dense = f"{_kib(reference['weights.base_bytes'])} for {baseline}", reference["weights.base_bytes"]
+            versus, dense = f"{_kib(reference['weights.load.base_bytes'])} for {baseline}", reference["weights.load.base_bytes"]
         else:
-            dense = 2 * row["weights.params"] + row.get("weights.unquantized.buffer_bytes", 0)
+            dense = 2 * row["weights.load.params"] + row.get("weights.load.unquantized.buffer_bytes", 0)
             versus = f"an estimated {_kib(dense)} at 16 bits"
         ideal = round(16 / code_bits)
         lines = [
@@ -43,25 +43,25 @@ def weight_bytes_explanation(frame: pd.DataFrame) -> str:
             f"{code_bits:.0f} bits of code plus {state_bits:.2f} bits of quantization state"
             + _state_parts(row, quantized) + ".",
         ]
-        unquantized = row.get("weights.unquantized_bytes")
+        unquantized = row.get("weights.load.unquantized_bytes")
         if unquantized:
             parts = [
-                f"{label} {_kib(row[f'weights.unquantized.{kind}_bytes'])}"
+                f"{label} {_kib(row[f'weights.load.unquantized.{kind}_bytes'])}"
                 for kind, label in (
                     ("embedding", "embeddings"), ("norm", "norms"), ("dense_linear", "linears kept dense (heads, projections)"),
                     ("quantized_linear_bias", "biases"), ("conv", "convolutions"), ("other_param", "other parameters"),
                     ("buffer", "buffers"),
                 )
-                if row.get(f"weights.unquantized.{kind}_bytes")
+                if row.get(f"weights.load.unquantized.{kind}_bytes")
             ]
-            share_params = 1 - row["weights.quantized_share_of_params"]
+            share_params = 1 - row["weights.load.quantized_share_of_params"]
             lines.append(
                 f"- {share_params:.1%} of the parameters stay unquantized in 16 bits or wider and make up "
                 f"{unquantized / base:.1%} of this base ({_kib(unquantized)}: {', '.join(parts)}); they do not shrink at all."
             )
         lines.append(
-            f"- Bare {code_bits:.0f}-bit codes for every parameter would take {_kib(row['weights.params'] * code_bits / 8)} "
-            f"({dense / (row['weights.params'] * code_bits / 8):.1f}x smaller)."
+            f"- Bare {code_bits:.0f}-bit codes for every parameter would take {_kib(row['weights.load.params'] * code_bits / 8)} "
+            f"({dense / (row['weights.load.params'] * code_bits / 8):.1f}x smaller)."
         )
         paragraphs.append("\n".join(lines))
     paragraphs += _double_quant_notes(means)
@@ -74,9 +74,9 @@ def _state_parts(row: pd.Series, quantized: float) -> str:
         "nested_code_table": "8-bit code tables of double quantization", "offset": "offsets", "row_scale": "row scales",
     }
     parts = [
-        f"{labels[kind]} {8 * row[f'weights.quant_state.{kind}_bytes'] / quantized:.3f}"
+        f"{labels[kind]} {8 * row[f'weights.load.quant_state.{kind}_bytes'] / quantized:.3f}"
         for kind in labels
-        if row.get(f"weights.quant_state.{kind}_bytes")
+        if row.get(f"weights.load.quant_state.{kind}_bytes")
     ]
     return f" ({', '.join(parts)})" if parts else ""
 
@@ -86,9 +86,9 @@ def _double_quant_notes(means: pd.DataFrame) -> list[str]:
     for plain in ("nf4", "fp4"):
         nested = f"{plain}-dq"
         if plain in means.index and nested in means.index:
-            saved = means.loc[plain, "weights.quant_state_bytes"] - means.loc[nested, "weights.quant_state_bytes"]
+            saved = means.loc[plain, "weights.load.quant_state_bytes"] - means.loc[nested, "weights.load.quant_state_bytes"]
             if saved < 0:
-                layers = means.loc[nested].get("weights.quant_state.nested_code_table_bytes", 0) / 1024
+                layers = means.loc[nested].get("weights.load.quant_state.nested_code_table_bytes", 0) / 1024
                 notes.append(
                     f"**{nested}** is {_kib(-saved)} *larger* than {plain}: double quantization stores absmax in 8 bits "
                     f"instead of 32 (3 bytes saved per 64 weights) but keeps a 1 KiB table of 256 float32 values in each of "

@@ -17,7 +17,7 @@ CONSEQUENCE = {
     "clip": "a non-finite score never counts as a match, so recall counts those queries as misses",
     "causal_lm": "a non-finite loss makes perplexity and bits per byte infinite",
 }
-PHASE_WORDS = {"before": "before fine-tuning", "after": "after fine-tuning"}
+PHASE_WORDS = {"eval_before": "before fine-tuning", "eval_after": "after fine-tuning"}
 
 
 def _count(row: pd.Series, key: str) -> int:

@@ -90,7 +90,7 @@ def optimizer_state_table(frame: pd.DataFrame) -> pd.DataFrame:
     labels = stats.arms(frame)[ok.index]  # labelled over every cell, as the aggregate is
     first = ok.groupby(labels).first().reindex(agg.mean.index)
     adamw = ok[ok[OPTIMIZER] == "adamw"]
-    adamw_bytes = pd.to_numeric(adamw["optimizer.state_bytes"], errors="coerce").groupby(adamw["params.trainable"]).mean() \
+    adamw_bytes = adamw["optimizer.state_bytes"].astype(float).groupby(adamw["params.trainable"]).mean() \
         if "params.trainable" in adamw.columns else pd.Series(dtype=float)
     measured = agg.count["optimizer.state_bytes"] > 0
     agg = stats.Aggregate(agg.mean[measured], agg.std[measured], agg.count[measured])
@@ -182,7 +182,7 @@ def optimizer_state_plot(frame: pd.DataFrame) -> Plot | None:
     if table.empty:
         return None
     dtype_columns = [c for c in table.columns if c.endswith(" bytes") and c != "state bytes"]
-    memory = fields.first_present(frame, ("memory.train.torch_max_allocated_bytes", "memory.train.nvml_process_peak_bytes",
+    memory = fields.first_present(frame, ("memory.train.torch_allocated_peak_bytes", "memory.train.nvml_process_peak_bytes",
                                           "memory.train.rss_peak_bytes"))
     plt = pyplot()
     panels = 2 if memory else 1

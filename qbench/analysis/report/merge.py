@@ -41,21 +41,21 @@ def merge_table(frame: pd.DataFrame) -> pd.DataFrame:
     name = _metric(ok)
     if name is None or ok.empty:
         return pd.DataFrame()
-    factor, unit = fields.scale(f"quality.after.{name}")
+    factor, unit = fields.scale(f"quality.eval_after.{name}")
     shown = name.replace("_", " ")
-    phase = "after" if f"quality.after.{name}" in ok.columns and ok[f"quality.after.{name}"].notna().any() else "before"
+    phase = "eval_after" if f"quality.eval_after.{name}" in ok.columns and ok[f"quality.eval_after.{name}"].notna().any() else "eval_before"
     table = pd.DataFrame(index=pd.Index(ok["cell_id"].to_numpy(), name="cell"))
     unmerged = fields.headed(f"{shown}, unmerged", unit)
     table[unmerged] = (_number(ok, f"quality.{phase}.{name}") * factor).to_numpy()
     table[unmerged + LOW] = (_number(ok, f"interval.{phase}.{name}.low") * factor).to_numpy()
     table[unmerged + HIGH] = (_number(ok, f"interval.{phase}.{name}.high") * factor).to_numpy()
     for which, words in MERGES.items():
-        if f"quality.merged_{which}.{name}" not in ok.columns:
+        if f"quality.merge_{which}.{name}" not in ok.columns:
             continue
         head = fields.headed(f"{shown}, {words}", unit)
-        table[head] = (_number(ok, f"quality.merged_{which}.{name}") * factor).to_numpy()
-        table[head + LOW] = (_number(ok, f"interval.merged_{which}.{name}.low") * factor).to_numpy()
-        table[head + HIGH] = (_number(ok, f"interval.merged_{which}.{name}.high") * factor).to_numpy()
+        table[head] = (_number(ok, f"quality.merge_{which}.{name}") * factor).to_numpy()
+        table[head + LOW] = (_number(ok, f"interval.merge_{which}.{name}.low") * factor).to_numpy()
+        table[head + HIGH] = (_number(ok, f"interval.merge_{which}.{name}.high") * factor).to_numpy()
         delta = fields.headed(f"Δ {which} − unmerged", unit)
         table[delta] = (_number(ok, f"merge.{which}.{name}_delta") * factor).to_numpy()
         table[delta + LOW] = (_number(ok, f"merge.{which}.{name}_delta_low") * factor).to_numpy()

@@ -26,7 +26,6 @@ Without either the verdict says "no interval".
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,9 +74,9 @@ def _interval_se(rows: pd.DataFrame, metric: str) -> pd.Series | None:
     or, without it, from the 95 % bounds; None when the records hold no interval for it."""
     key = "interval." + metric.removeprefix("quality.")
     if f"{key}.se" in rows.columns and rows[f"{key}.se"].notna().all():
-        return pd.to_numeric(rows[f"{key}.se"], errors="coerce")
+        return rows[f"{key}.se"].astype(float)
     if f"{key}.low" in rows.columns and f"{key}.high" in rows.columns:
-        width = pd.to_numeric(rows[f"{key}.high"], errors="coerce") - pd.to_numeric(rows[f"{key}.low"], errors="coerce")
+        width = rows[f"{key}.high"].astype(float) - rows[f"{key}.low"].astype(float)
         if width.notna().all():
             return width / (2 * Z_95)
     return None
@@ -90,7 +89,7 @@ def estimate(frame: pd.DataFrame, precision: str, metric: str) -> Estimate | Non
         return None
     rows = stats.ok_rows(frame)
     rows = rows[rows["precision"] == precision]
-    values = pd.to_numeric(rows[metric], errors="coerce").dropna() if not rows.empty else pd.Series(dtype=float)
+    values = rows[metric].astype(float).dropna() if not rows.empty else pd.Series(dtype=float)
     if values.empty:
         return None
     n = len(values)
@@ -109,8 +108,6 @@ PAIRED_RESAMPLES = 2000
 def _window_scores(row: pd.Series, phase: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(summed NLL per window, scored tokens per window) of a causal-LM record, or None when it has none."""
     nll, tokens = row.get(f"per_window.{phase}.window_nll"), row.get("per_window.scored_tokens")
-    if isinstance(nll, str):  # a table read back from CSV holds the lists as text
-        nll, tokens = (json.loads(v) if isinstance(v, str) else v for v in (nll, tokens))
     if not isinstance(nll, list | tuple | np.ndarray) or not isinstance(tokens, list | tuple | np.ndarray):
         return None
     nll, tokens = np.asarray(nll, dtype=float), np.asarray(tokens, dtype=float)
@@ -191,16 +188,16 @@ def _shown(value: Estimate | None, digits: int = 2, factor: float = 1.0) -> str:
 
 def _scale_bits(row: pd.Series) -> float | None:
     """Bits per quantized parameter spent on scales: absmax (+ nested absmax and offset with double quantization)."""
-    columns = ("weights.quant_state.absmax_bytes", "weights.quant_state.nested_absmax_bytes", "weights.quant_state.offset_bytes")
-    quantized = row.get("weights.quantized_params")
+    columns = ("weights.load.quant_state.absmax_bytes", "weights.load.quant_state.nested_absmax_bytes", "weights.load.quant_state.offset_bytes")
+    quantized = row.get("weights.load.quantized_params")
     if not quantized or any(pd.isna(row.get(c)) for c in columns):
         return None
     return 8 * sum(float(row[c]) for c in columns) / float(quantized)
 
 
 def _code_table_bits(row: pd.Series) -> float:
-    columns = ("weights.quant_state.code_table_bytes", "weights.quant_state.nested_code_table_bytes")
-    return 8 * sum(float(row.get(c) or 0) for c in columns) / float(row["weights.quantized_params"])
+    columns = ("weights.load.quant_state.code_table_bytes", "weights.load.quant_state.nested_code_table_bytes")
+    return 8 * sum(float(row.get(c) or 0) for c in columns) / float(row["weights.load.quantized_params"])
 
 
 def double_quantization_line(frame: pd.DataFrame) -> PaperLine:
@@ -215,8 +212,8 @@ def double_quantization_line(frame: pd.DataFrame) -> PaperLine:
             tables = _code_table_bits(means.loc[double])
             measured = (
                 f"{plain} {bits[plain]:.4f} → {double} {bits[double]:.4f} bit/param ({bits[plain] - bits[double]:.4f} saved); "
-                f"bits per quantized parameter {means.loc[plain, 'weights.bits_per_quantized_param']:.4f} → "
-                f"{means.loc[double, 'weights.bits_per_quantized_param']:.4f}, of which per-layer code tables "
+                f"bits per quantized parameter {means.loc[plain, 'weights.load.bits_per_quantized_param']:.4f} → "
+                f"{means.loc[double, 'weights.load.bits_per_quantized_param']:.4f}, of which per-layer code tables "
                 f"{tables:.4f} (the paper leaves them out)"
             )
             close = (abs(bits[plain] - PAPER_SCALE_BITS["plain"]) <= SCALE_BITS_TOLERANCE
@@ -226,12 +223,12 @@ def double_quantization_line(frame: pd.DataFrame) -> PaperLine:
 
 
 def _quality_metric(frame: pd.DataFrame, phase: str) -> str | None:
-    """The task's headline quality metric in `phase` (before / after), e.g. quality.before.perplexity."""
+    """The task's headline quality metric in `phase` (eval_before / eval_after), e.g. quality.eval_before.perplexity."""
     for candidate in fields.HEADLINE_QUALITY:
-        if not candidate.startswith("quality.after."):
+        if not candidate.startswith("quality.eval_after."):
             continue
-        column = candidate.replace("quality.after.", f"quality.{phase}.", 1)
-        if column in frame.columns and pd.to_numeric(frame[column], errors="coerce").notna().any():
+        column = candidate.replace("quality.eval_after.", f"quality.{phase}.", 1)
+        if column in frame.columns and frame[column].notna().any():
             return column
     return None
 
@@ -245,7 +242,7 @@ def _better_sign(metric: str) -> int:
 def nf4_before_fp4_lines(frame: pd.DataFrame) -> list[PaperLine]:
     """NF4 against FP4 before fine-tuning: the paper's pair (NF4 with double quantization, FP4 without),
     then the pairs with the same double quantization setting on both sides, where the run has them."""
-    metric = _quality_metric(frame, "before")
+    metric = _quality_metric(frame, "eval_before")
     paper = f"Pile CC perplexity: NF4 + DQ {PAPER_PILE_CC['nf4-dq']:.2f} vs FP4 (E2M1) {PAPER_PILE_CC['fp4']:.2f}"
     if metric is None:
         return [PaperLine("NF4 better than FP4 before fine-tuning", paper, "no quality figure before fine-tuning (eval.before = false?)", NOT_MEASURED)]
@@ -266,8 +263,8 @@ def nf4_before_fp4_lines(frame: pd.DataFrame) -> list[PaperLine]:
         unit = " %" if unit == "%" else ""
         measured = f"{name}: {nf4} {_shown(a, 2, factor)}{unit} vs {fp4} {_shown(b, 2, factor)}{unit}"
         se = difference_se(a, b)
-        paired = paired_estimate(frame, [(nf4, "before"), (fp4, "before")], lambda p: p[1] - p[0]) \
-            if metric == "quality.before.perplexity" else None
+        paired = paired_estimate(frame, [(nf4, "eval_before"), (fp4, "eval_before")], lambda p: p[1] - p[0]) \
+            if metric == "quality.eval_before.perplexity" else None
         if paired is not None:
             se = paired.se
             measured += f"; difference {paired.value:.2f} ± {Z_95 * paired.se:.2f}, paired over the same windows"
@@ -296,7 +293,7 @@ def _dtype_of(frame: pd.DataFrame, precision: str) -> str:
         return precision
     rows = stats.ok_rows(frame)
     rows = rows[rows["precision"] == precision]
-    for column in ("precision.dense_dtype", "format.dense_linear_dtypes", "config.compute_dtype"):
+    for column in ("precision.dense_dtype", "weights.load.linears.dense_linear_dtypes", "config.compute_dtype"):
         if column in rows.columns and rows[column].notna().any():
             return f"{precision} ({rows[column].dropna().iloc[0]})"
     return precision
@@ -306,7 +303,7 @@ def recovery_line(frame: pd.DataFrame) -> PaperLine:
     """The 4-bit arm's gap to the 16-bit arm after fine-tuning against before: the claim holds when it shrank."""
     claim = "LoRA recovers 4-bit: gap to the unquantized base after fine-tuning vs before"
     paper = "after fine-tuning NF4 + DQ matches 16-bit (abstract; Table 4, MMLU of LLaMA 7B–65B)"
-    before, after = _quality_metric(frame, "before"), _quality_metric(frame, "after")
+    before, after = _quality_metric(frame, "eval_before"), _quality_metric(frame, "eval_after")
     sixteen = _unquantized(frame)
     four = next((p for p in ("nf4-dq", "nf4") if p in set(stats.ok_rows(frame).get("precision", pd.Series(dtype=str)))), None)
     if before is None or after is None or sixteen is None or four is None:
@@ -326,8 +323,8 @@ def recovery_line(frame: pd.DataFrame) -> PaperLine:
     shrink = abs(gaps["before"].value) - abs(gaps["after"].value)
     shrink_se = difference_se(gaps["before"], gaps["after"])
     how = ""
-    if before == "quality.before.perplexity" and after == "quality.after.perplexity":
-        arms = [(four, "before"), (sixteen, "before"), (four, "after"), (sixteen, "after")]
+    if before == "quality.eval_before.perplexity" and after == "quality.eval_after.perplexity":
+        arms = [(four, "eval_before"), (sixteen, "eval_before"), (four, "eval_after"), (sixteen, "eval_after")]
         paired = {
             "before": paired_estimate(frame, arms, lambda p: p[0] - p[1]),
             "after": paired_estimate(frame, arms, lambda p: p[2] - p[3]),

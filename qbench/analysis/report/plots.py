@@ -187,8 +187,8 @@ def before_after(frame: pd.DataFrame) -> Plot | None:
     """The headline quality per arm before fine-tuning (the damage quantization does) and after it (what LoRA
     recovers), each with its interval, an arrow from one to the other; the baseline arm's after-figure and its
     interval as a band to hold the others against."""
-    after = fields.first_present(frame, tuple(c for c in fields.HEADLINE_QUALITY if c.startswith("quality.after.")))
-    before = after.replace(".after.", ".before.") if after else None
+    after = fields.first_present(frame, tuple(c for c in fields.HEADLINE_QUALITY if c.startswith("quality.eval_after.")))
+    before = after.replace(".eval_after.", ".eval_before.") if after else None
     if after is None or before not in frame.columns or pd.to_numeric(frame[before], errors="coerce").isna().all():
         return None
     factor, _ = fields.scale(after)
@@ -295,10 +295,7 @@ def throughput(frame: pd.DataFrame) -> Plot | None:
 def memory_by_phase(frame: pd.DataFrame) -> Plot | None:
     """Peak memory of each phase (load, prepare, eval, train, ...) per precision, from the best source present."""
     for source in schema.PHASE_MEMORY_PREFERENCE:
-        columns = [c for c in frame.columns if c.startswith("memory.") and c.endswith("." + source) and c.count(".") == 2]
-        columns = [c for c in columns if pd.to_numeric(frame[c], errors="coerce").notna().any()]
-        rank = {phase: i for i, phase in enumerate(schema.PHASES)}
-        columns.sort(key=lambda c: (rank.get(c.split(".")[1], len(rank)), c))
+        columns = [c for c in fields.phase_columns(frame.columns, source) if frame[c].notna().any()]
         if columns:
             break
     else:
@@ -315,7 +312,7 @@ def memory_by_phase(frame: pd.DataFrame) -> Plot | None:
         axis.bar(positions, agg.mean.loc[name, columns].fillna(0) / 2**20, width, yerr=_spreads(agg.std.loc[name, columns] / 2**20),
                  capsize=2, label=name, color=colours[name])
     process = schema.process_baseline_key(source)
-    if process in frame.columns and pd.to_numeric(frame[process], errors="coerce").notna().any():
+    if process in frame.columns and frame[process].notna().any():
         held = stats.aggregate(frame, [process]).mean[process].mean() / 2**20
         axis.axhline(held, color="black", linestyle=":", linewidth=1, label=f"before model load ({held:,.0f} MiB)")
     axis.set_xticks(range(len(phases)), phases)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from qbench.analysis.load import exportable
 from qbench.contract import files
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ def write_run_outputs(run_dir: Path, frame: pd.DataFrame, settings: Settings | N
 
     run_dir = Path(run_dir)
     paths = {"csv": run_dir / "results.csv", "summary": run_dir / "summary.md"}
-    files.write_text_atomic(paths["csv"], frame.to_csv(index=False))
+    files.write_text_atomic(paths["csv"], exportable(frame).to_csv(index=False))
     shown = shown if shown is not None else report_sections(frame, settings)
     title = f"{frame['suite'].iloc[0]} — run {run_dir.name}" if not frame.empty and "suite" in frame.columns else run_dir.name
     files.write_text_atomic(paths["summary"], markdown_document(title, shown))

@@ -17,8 +17,8 @@ MISSING = "—"
 
 # the one quality number per task the damage table puts before fine-tuning next to the baseline's
 HEADLINE = {
-    "clip": ("quality.after.mean_recall@1", "Δ mean R@1 vs {base} (points)", 100),
-    "causal_lm": ("quality.after.perplexity", "Δ ppl vs {base}", 1),
+    "clip": ("quality.eval_after.mean_recall@1", "Δ mean R@1 vs {base} (points)", 100),
+    "causal_lm": ("quality.eval_after.perplexity", "Δ ppl vs {base}", 1),
 }
 
 
@@ -119,12 +119,12 @@ def quantization_damage(frame: pd.DataFrame) -> pd.DataFrame:
     if means.empty:
         return pd.DataFrame()
     table = pd.DataFrame(index=means.index)
-    for column, label in (("weights.error.rel_mean", "weight error, mean (%)"), ("weights.error.rel_max", "weight error, max (%)")):
+    for column, label in (("weights.load.error.rel_mean", "weight error, mean (%)"), ("weights.load.error.rel_max", "weight error, max (%)")):
         if column in means.columns:
             table[label] = means[column] * 100
     task, baseline = frame["task"].iloc[0], stats.baseline_precision(frame)
     if task in HEADLINE:
-        before = HEADLINE[task][0].replace(".after.", ".before.")
+        before = HEADLINE[task][0].replace(".eval_after.", ".eval_before.", 1)
         factor, unit = fields.scale(before)
         metric = fields.quality_name(before, short=True).removesuffix(" before")
         if before in means.columns:
@@ -153,7 +153,7 @@ def memory_table(frame: pd.DataFrame, phases: tuple[str, ...] | None = None) -> 
     if means.empty:
         return pd.DataFrame()
     columns = {}
-    found = {c.split(".")[1] for c in means.columns if c.startswith("memory.") and c.endswith(".seconds")}
+    found = {c.split(".")[1] for c in means.columns if c.startswith("memory.") and c.endswith(".sampled_s")}
     ordered = [p for p in schema.PHASES if p in found] + sorted(found - set(schema.PHASES))
     for source, label in fields.SOURCE_LABELS.items():
         baseline = schema.process_baseline_key(source)
@@ -181,8 +181,8 @@ def peak_memory_table(frame: pd.DataFrame, phase: str | None = None) -> pd.DataF
     for phase_key, overall_key, label in PEAK_SOURCES:
         column = overall_key if phase is None else f"memory.{phase}.{phase_key}"
         table[label] = means[column] / MB if column in means.columns else float("nan")
-    if "weights.base_bytes" in means.columns:
-        table["base weights MiB"] = means["weights.base_bytes"] / MB
+    if "weights.load.base_bytes" in means.columns:
+        table["base weights MiB"] = means["weights.load.base_bytes"] / MB
     return table
 
 
@@ -214,14 +214,14 @@ def precision_table(frame: pd.DataFrame) -> pd.DataFrame:
     throughput_cpu = fields.cpu_time_field(throughput) if throughput else None
     if throughput_cpu not in frame.columns or frame[throughput_cpu].isna().all():
         throughput_cpu = None
-    wanted = [c for c in ("weights.base_bytes", "weights.bits_per_quantized_param", memory, process, throughput,
+    wanted = [c for c in ("weights.load.base_bytes", "weights.load.bits_per_quantized_param", memory, process, throughput,
                           throughput_cpu, "speed.step_time_p50_s", "train.final_loss") if c]
     agg = stats.aggregate(frame, wanted)
     mean = agg.mean
-    if "weights.base_bytes" in mean.columns:
-        table["base weights (MiB)"] = mean["weights.base_bytes"] / MB
-    if "weights.bits_per_quantized_param" in mean.columns and mean["weights.bits_per_quantized_param"].notna().any():
-        table["bits per quantized weight"] = mean["weights.bits_per_quantized_param"]
+    if "weights.load.base_bytes" in mean.columns:
+        table["base weights (MiB)"] = mean["weights.load.base_bytes"] / MB
+    if "weights.load.bits_per_quantized_param" in mean.columns and mean["weights.load.bits_per_quantized_param"].notna().any():
+        table["bits per quantized weight"] = mean["weights.load.bits_per_quantized_param"]
     if memory:
         source = fields.memory_source_label(memory)
         table[f"peak memory (MiB, {source})"] = mean[memory] / MB
@@ -237,7 +237,7 @@ def precision_table(frame: pd.DataFrame) -> pd.DataFrame:
     quality = fields.first_present(frame, fields.HEADLINE_QUALITY)
     if quality:
         factor, unit = fields.scale(quality)
-        before = quality.replace(".after.", ".before.")
+        before = quality.replace(".eval_after.", ".eval_before.", 1)
         if before != quality and before in frame.columns:
             table[fields.headed(fields.quality_name(before, short=True), unit)] = stats.quality_intervals(frame, before)["mean"].reindex(order) * factor
         intervals = stats.quality_intervals(frame, quality).reindex(order)
@@ -256,7 +256,7 @@ def quality_table(frame: pd.DataFrame) -> pd.DataFrame:
     columns = [c for c in frame.columns if c.startswith("quality.") and getattr(fields.spec_for(c), "kind", None) == "quality"]
     if frame.empty or not columns:
         return pd.DataFrame()
-    phase_rank = {"before": 0, "after": 1}
+    phase_rank = {"eval_before": 0, "eval_after": 1}
 
     def natural(column: str) -> tuple:  # i2t recall@5 before i2t recall@10; before before after
         _, phase, name = column.split(".", 2)
@@ -305,15 +305,15 @@ def time_split_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Where a cell's wall time went (s): mean per precision of each part (schema.TIME_PARTS), the rest
     (`other`: launch, environment, sampler start, record checkpoints, exit) and the wall time they sum to."""
     means = ok_means(frame)
-    if means.empty or "time.cell_wall_s" not in means.columns:
+    if means.empty or "time.cell.wall_s" not in means.columns:
         return pd.DataFrame()
     table = pd.DataFrame(index=pd.Index(means.index, name="precision"))
     for part in schema.TIME_PARTS:
-        column = f"time.{part}_s"
+        column = schema.time_key(part)
         if column in means.columns:
             table[f"{TIME_LABELS.get(part, part)} (s)"] = means[column]
-    table["other (s)"] = means["time.other_s"] if "time.other_s" in means.columns else float("nan")
-    table["wall (s)"] = means["time.cell_wall_s"]
+    table["other (s)"] = means["time.other.wall_s"] if "time.other.wall_s" in means.columns else float("nan")
+    table["wall (s)"] = means["time.cell.wall_s"]
     return table
 
 
@@ -322,31 +322,31 @@ def contended_table(frame: pd.DataFrame) -> pd.DataFrame:
     their wall-clock speed measured the machine's load more than the format."""
     if frame.empty or "speed.contended" not in frame.columns:
         return pd.DataFrame()
-    flagged = frame[frame["speed.contended"].map(lambda v: v is True or str(v).lower() == "true")]
+    flagged = frame[frame["speed.contended"].map(lambda v: v is True)]
     if flagged.empty:
         return pd.DataFrame()
     shown = pd.DataFrame(index=pd.Index(flagged.get("cell_id", flagged.index), name="cell"))
     if "cpu.train.share" in flagged.columns:
-        shown["had the CPU (% of the time it wanted it)"] = (pd.to_numeric(flagged["cpu.train.share"], errors="coerce") * 100).to_numpy()
+        shown["had the CPU (% of the time it wanted it)"] = (flagged["cpu.train.share"].astype(float) * 100).to_numpy()
     if "cpu.train.others_busy_cores" in flagged.columns:
-        shown["cores others kept busy"] = pd.to_numeric(flagged["cpu.train.others_busy_cores"], errors="coerce").to_numpy()
+        shown["cores others kept busy"] = flagged["cpu.train.others_busy_cores"].astype(float).to_numpy()
     return shown
 
 
 def cast_error_note(frame: pd.DataFrame) -> str:
     """What the weight error of an unquantized base is (its checkpoint rounded to the dtype it computes in, no
     quantization), when the damage table shows one; "" otherwise."""
-    if "weights.quantized_params" not in frame.columns or "weights.error.rel_mean" not in frame.columns:
+    if "weights.load.quantized_params" not in frame.columns or "weights.load.error.rel_mean" not in frame.columns:
         return ""
     ok = stats.ok_rows(frame)
-    dense = ok[(pd.to_numeric(ok["weights.quantized_params"], errors="coerce") == 0)
-               & (pd.to_numeric(ok["weights.error.rel_mean"], errors="coerce") > 0)]
+    dense = ok[(pd.to_numeric(ok["weights.load.quantized_params"], errors="coerce") == 0)
+               & (pd.to_numeric(ok["weights.load.error.rel_mean"], errors="coerce") > 0)]
     if dense.empty:
         return ""
     parts = []
     for precision, rows in dense.groupby("precision", sort=False):
         dtype = next((str(rows[c].dropna().iloc[0]) for c in ("precision.dense_dtype", "config.compute_dtype")
                       if c in rows.columns and rows[c].notna().any()), "its dtype")
-        parts.append(f"{precision}'s {100 * pd.to_numeric(rows['weights.error.rel_mean']).mean():.2f} % is its checkpoint's "
+        parts.append(f"{precision}'s {100 * pd.to_numeric(rows['weights.load.error.rel_mean']).mean():.2f} % is its checkpoint's "
                      f"weights rounded to {dtype}, the dtype it computes in")
     return f"Weight error of an unquantized base: {'; '.join(parts)}; no quantization."

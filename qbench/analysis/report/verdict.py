@@ -307,7 +307,7 @@ class _Builder:
         columns = [c for c in self.frame.columns if c.startswith("quality.") and ".nonfinite_" in c]
         cells = stats.ok_rows(self.frame)
         cells = cells[self.labels[cells.index] == precision] if "precision" in cells.columns else cells.iloc[0:0]  # this arm's
-        count = int(cells[columns].apply(pd.to_numeric, errors="coerce").fillna(0).to_numpy().sum()) if columns else 0
+        count = int(cells[columns].astype(float).fillna(0).to_numpy().sum()) if columns else 0
         if not count:
             return text, False
         return text + f", from a model that gave {count:,} NaN or infinite outputs in evaluation (see below)", True

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from qbench.analysis import stats
+from qbench.analysis.load import exportable
 from qbench.analysis.report import grid, merge, paper, sections
 from qbench.analysis.report.sections import ReportData, Section
 from qbench.contract import fields, files
@@ -152,8 +153,8 @@ def _write_into(out_dir: Path, frame: pd.DataFrame, title: str | None, settings:
         "markdown": out_dir / "report.md",
         "html": out_dir / "report.html",
     }
-    flat.to_csv(paths["csv"], index=False)
-    _writable_for_parquet(flat).to_parquet(paths["parquet"], index=False)
+    exportable(flat).to_csv(paths["csv"], index=False)
+    _writable_for_parquet(exportable(flat)).to_parquet(paths["parquet"], index=False)
     numeric = [c for c in flat.columns if fields.spec_for(c) is not None]
     stats.mean_and_spread(flat, numeric).to_csv(paths["summary_csv"])
     shown = shown if shown is not None else report_sections(frame, settings)

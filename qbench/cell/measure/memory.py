@@ -2,23 +2,25 @@
 
 `with tracker.phase("train"): ...` records, for that phase alone:
 
-    memory.train.pss_peak_bytes             PSS of this process and its children (DataLoader workers):
-                                            shared pages divided among their sharers, so counted once (sampled)
-    memory.train.rss_peak_bytes             RSS of this process alone (sampled)
-    memory.train.torch_max_allocated_bytes  torch.cuda.max_memory_allocated (reset at the phase start)
-    memory.train.torch_max_reserved_bytes   torch.cuda.max_memory_reserved  (reset at the phase start)
-    memory.train.nvml_process_peak_bytes    NVML, this process and its children (sampled)
-    memory.train.nvml_device_peak_bytes     NVML, the whole device: other processes and driver reserve too
+    memory.train.pss_peak_bytes              PSS of this process and its children (DataLoader workers):
+                                             shared pages divided among their sharers, so counted once (sampled)
+    memory.train.rss_peak_bytes              RSS of this process alone (sampled)
+    memory.train.torch_allocated_peak_bytes  torch.cuda.max_memory_allocated (reset at the phase start)
+    memory.train.torch_reserved_peak_bytes   torch.cuda.max_memory_reserved  (reset at the phase start)
+    memory.train.nvml_process_peak_bytes     NVML, this process and its children (sampled)
+    memory.train.nvml_device_peak_bytes      NVML, the whole device: other processes and driver reserve too
 
-plus `memory.train.tree_processes_max` (the most processes the tree had at once) and
-`memory.train.pss_reads` (full smaps_rollup reads of the tree behind the PSS figure).
+plus `memory.train.tree_processes_max` (the most processes the tree had at once),
+`memory.train.pss_reads` (full smaps_rollup reads of the tree behind the PSS figure) and
+`memory.train.sampled_s` (the seconds the phase was sampled for); `memory.all_phases.<source>_peak_bytes`
+is each source's largest figure over the phases.
 
 RSS, PSS and NVML are sampled every ~10 ms by a separate process (qbench.cell.measure.sampler), since
 ru_maxrss is lifetime-wide and torch's counters are allocator-only. A source that is absent is None
 with `memory.source.<source>` saying why, never a zero.
 
 `tracker.phase("load", process_baseline=True)` also records what each process source read as the
-phase started — `memory.process_baseline_rss_bytes`, `..._torch_allocated_bytes`, ... (the runtime
+phase started — `memory.process_baseline.rss_bytes`, `.torch_allocated_bytes`, ... (the runtime
 before the model is loaded; a peak minus it is what the model and its training added).
 """
 
@@ -117,6 +119,7 @@ class MemoryTracker:
         self._counters = cuda_counters if cuda_counters is not None else (TorchCudaCounters(device) if self._cuda else None)
         self._active: str | None = None
         self._outside_peak: list[str] = []
+        self._measured: list[str] = []  # the phases measured so far, in order
         try:
             self._sampler: SamplerProcess | None = SamplerProcess(
                 os.getpid(),
@@ -184,18 +187,19 @@ class MemoryTracker:
     @contextmanager
     def phase(self, name: str, process_baseline: bool = False, in_peak: bool = True) -> Iterator[None]:
         """Measure the block as phase `name`; every peak is of this phase alone. With `process_baseline`, what
-        each process source reads as the phase starts is recorded as `memory.process_baseline_<source>_bytes`.
+        each process source reads as the phase starts is recorded as `memory.process_baseline.<source>_bytes`.
         A phase not `in_peak` (work before or after the fine-tune: an init's decomposition, a merge) keeps its
-        figures under `memory.<name>.*` but out of the `memory.peak_*` over phases, and
-        `memory.peak_excluded_phases` names it."""
+        figures under `memory.<name>.*` but out of the `memory.all_phases.*` peaks, and
+        `memory.all_phases.excluded_phases` names it."""
         if not in_peak:
             self._outside_peak.append(name)
-            self.record["memory.peak_excluded_phases"] = ",".join(self._outside_peak)
+            self.record["memory.all_phases.excluded_phases"] = ",".join(self._outside_peak)
         if self._active is not None:
             raise RuntimeError(f"phase {name!r} started inside phase {self._active!r}: phases do not nest")
-        if f"memory.{name}.seconds" in self.record:
+        if name in self._measured:
             raise ValueError(f"phase {name!r} was already measured")
         self._active = name
+        self._measured.append(name)
         if self._counters is not None:
             self._counters.synchronize()
             self._counters.reset_peaks()
@@ -224,22 +228,22 @@ class MemoryTracker:
                 torch_now = self._counters.current()
             except Exception:  # a broken CUDA context: the figure is missing, the phase still runs
                 pass
-        values = {"torch_max_allocated_bytes": torch_now[0], "torch_max_reserved_bytes": torch_now[1]}
+        values = {"torch_allocated_peak_bytes": torch_now[0], "torch_reserved_peak_bytes": torch_now[1]}
         values.update({key: current.get(sampled) for key, sampled in _SAMPLED.items()})
         for key in schema.PROCESS_MEMORY_SOURCES:
             self.record[schema.process_baseline_key(key)] = values.get(key)
-        self.record["memory.process_baseline_at"] = f"start of phase {phase}, before the model is loaded"
+        self.record["memory.process_baseline.at"] = f"start of phase {phase}, before the model is loaded"
 
     def _store(self, name: str, seconds: float, reading: dict[str, Any] | None, torch_peaks: tuple) -> None:
         prefix = f"memory.{name}."
-        self.record[prefix + "seconds"] = seconds
+        self.record[prefix + "sampled_s"] = seconds
         self.record[prefix + "samples"] = reading["samples"] if reading else 0
         peaks = reading["peaks"] if reading else {}
         for key, sampled in _SAMPLED.items():
             self.record[prefix + key] = peaks.get(sampled)
         self.record[prefix + "tree_processes_max"] = peaks.get("processes")
         self.record[prefix + "pss_reads"] = reading.get("pss_reads") if reading else None
-        self.record[prefix + "torch_max_allocated_bytes"], self.record[prefix + "torch_max_reserved_bytes"] = torch_peaks
+        self.record[prefix + "torch_allocated_peak_bytes"], self.record[prefix + "torch_reserved_peak_bytes"] = torch_peaks
         if self.nvml_available and reading and reading["unknown_samples"].get("nvml_process_bytes"):
             self.record[prefix + "nvml_process_note"] = (
                 f"{reading['unknown_samples']['nvml_process_bytes']} of {reading['samples']} samples had no "
@@ -258,13 +262,10 @@ class MemoryTracker:
         self._update_overall()
 
     def _update_overall(self) -> None:
-        """memory.peak_<source>: the largest figure of that source over every phase measured so far."""
+        """memory.all_phases.<source>_peak_bytes: the largest figure of that source over every phase measured so far."""
         for key in PHASE_SOURCES:
-            values = [
-                v for k, v in self.record.items()
-                if k.startswith("memory.") and k.endswith("." + key) and k.count(".") == 2 and v is not None
-                and k.split(".")[1] not in self._outside_peak
-            ]
+            values = [v for phase in self._measured if phase not in self._outside_peak
+                      and (v := self.record.get(f"memory.{phase}.{key}")) is not None]
             self.record[schema.overall_peak_key(key)] = max(values) if values else None
 
     def close(self) -> None:

@@ -88,16 +88,16 @@ class StepTimer:
 
 
 def wall_split(record: dict[str, Any], wall_s: float) -> dict[str, Any]:
-    """`time.cell_wall_s` and `time.other_s`: the wall time of a cell's process (launch to exit, measured by
-    the runner) and what its parts (`time.<part>_s`, schema.TIME_PARTS, measured by the cell) leave of it:
+    """`time.cell.wall_s` and `time.other.wall_s`: the wall time of a cell's process (launch to exit, measured by
+    the runner) and what its parts (`time.<part>.wall_s`, schema.TIME_PARTS, measured by the cell) leave of it:
     the launch, the environment and sampler start, checkpoints of the record, the process's exit.
     The parts and `other` sum to the wall time; a sum of parts above it (clocks disagreeing by more
-    than 50 ms) leaves `other` None with the reason beside it."""
-    from qbench.contract.schema import TIME_PARTS
+    than 50 ms) leaves `other` None with the reason beside it (`time.other.note`)."""
+    from qbench.contract.schema import TIME_PARTS, time_key
 
-    measured = sum(v for p in TIME_PARTS if isinstance(v := record.get(f"time.{p}_s"), (int, float)))
+    measured = sum(v for p in TIME_PARTS if isinstance(v := record.get(time_key(p)), (int, float)))
     other = wall_s - measured
-    fields: dict[str, Any] = {"time.cell_wall_s": wall_s, "time.other_s": max(other, 0.0) if other > -0.05 else None}
-    if fields["time.other_s"] is None:
-        fields["time.other_note"] = f"the parts sum to {measured:.2f} s, more than the {wall_s:.2f} s wall time"
+    fields: dict[str, Any] = {time_key("cell"): wall_s, time_key("other"): max(other, 0.0) if other > -0.05 else None}
+    if fields[time_key("other")] is None:
+        fields["time.other.note"] = f"the parts sum to {measured:.2f} s, more than the {wall_s:.2f} s wall time"
     return fields

@@ -83,19 +83,19 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 
 
 def measure(model: nn.Module, model_path: str, revision: str | None = None) -> dict[str, Any]:
-    """weights.error.* fields: error of the quantized linears (all linears for a dense base) vs the checkpoint."""
-    record: dict[str, Any] = {"weights.error.definition": DEFINITION}
+    """weights.load.error.* fields: error of the quantized linears (all linears for a dense base) vs the checkpoint."""
+    record: dict[str, Any] = {"weights.load.error.definition": DEFINITION}
     try:
         tensors = CheckpointTensors(safetensors_files(model_path, revision))
     except (CheckpointUnavailable, OSError) as error:
-        record["weights.error.unavailable_reason"] = str(error)
+        record["weights.load.error.unavailable_reason"] = str(error)
         return record
     # a head tied to the embedding is the embedding's tensor: not a linear of its own, and not in the checkpoint
     owned_elsewhere = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m.weight) not in owned_elsewhere]
     quantized = [(n, m) for n, m in linears if is_bnb_linear(m)]
     chosen = quantized or linears
-    record["weights.error.scope"] = "quantized linears" if quantized else "all linears (dense base)"
+    record["weights.load.error.scope"] = "quantized linears" if quantized else "all linears (dense base)"
     errors: list[tuple[float, str]] = []
     squared_error = squared_norm = 0.0
     missing: list[str] = []
@@ -113,16 +113,16 @@ def measure(model: nn.Module, model_path: str, revision: str | None = None) -> d
             squared_norm += norm**2
             errors.append((difference / norm if norm else math.inf if difference else 0.0, name))
             del stored, original
-    record["weights.error.layers"] = len(errors)
-    record["weights.error.layers_not_in_checkpoint"] = len(missing)
+    record["weights.load.error.layers"] = len(errors)
+    record["weights.load.error.layers_not_in_checkpoint"] = len(missing)
     if missing:
-        record["weights.error.first_layer_not_in_checkpoint"] = missing[0]
+        record["weights.load.error.first_layer_not_in_checkpoint"] = missing[0]
     if errors:
         worst = max(errors)
-        record["weights.error.rel_mean"] = sum(e for e, _ in errors) / len(errors)
-        record["weights.error.rel_max"] = worst[0]
-        record["weights.error.rel_max_layer"] = worst[1]
-        record["weights.error.rel_overall"] = math.sqrt(squared_error / squared_norm) if squared_norm else None
+        record["weights.load.error.rel_mean"] = sum(e for e, _ in errors) / len(errors)
+        record["weights.load.error.rel_max"] = worst[0]
+        record["weights.load.error.rel_max_layer"] = worst[1]
+        record["weights.load.error.rel_overall"] = math.sqrt(squared_error / squared_norm) if squared_norm else None
     else:
-        record["weights.error.unavailable_reason"] = "no linear of the model found in the checkpoint under the same name and shape"
+        record["weights.load.error.unavailable_reason"] = "no linear of the model found in the checkpoint under the same name and shape"
     return record

@@ -15,9 +15,9 @@ class FormatMismatch(RuntimeError):
     """The loaded model is not stored the way the precision's name says."""
 
 
-# what stays unquantized, by the kind of module that owns it (record keys weights.unquantized.<kind>_bytes)
+# what stays unquantized, by the kind of module that owns it (record keys weights.<phase>.unquantized.<kind>_bytes)
 UNQUANTIZED_KINDS = ("embedding", "norm", "dense_linear", "quantized_linear_bias", "conv", "other_param", "buffer")
-# every tensor bitsandbytes keeps beside the codes (record keys weights.quant_state.<kind>_bytes)
+# every tensor bitsandbytes keeps beside the codes (record keys weights.<phase>.quant_state.<kind>_bytes)
 STATE_KINDS = ("absmax", "nested_absmax", "code_table", "nested_code_table", "offset", "row_scale")
 
 
@@ -84,12 +84,13 @@ def _module_kind(module: nn.Module) -> str:
     return "other_param"
 
 
-def account_base(model: nn.Module) -> dict[str, Any]:
-    """Bytes of parameters, buffers and quantization state of `model`, each stored tensor counted once.
+def account_base(model: nn.Module, phase: str = "load") -> dict[str, Any]:
+    """Bytes of parameters, buffers and quantization state of `model`, each stored tensor counted once, as
+    `weights.<phase>.*` (the base as phase `phase` left it: load, prepare).
 
     Splits the total into the quantized linears' codes, their quantization state (by kind), and what
     stays unquantized (by the kind of module holding it), gives bits per quantized parameter, and the
-    same total by dtype (`weights.dtype.<dtype>_bytes`, e.g. uint8 codes, bfloat16 norms). With LoRA
+    same total by dtype (`weights.<phase>.dtype.<dtype>_bytes`, e.g. uint8 codes, bfloat16 norms). With LoRA
     attached, only the base is counted (`base_modules`).
     """
     seen: set[tuple[Any, int, int]] = set()
@@ -132,32 +133,33 @@ def account_base(model: nn.Module) -> dict[str, Any]:
     unquantized_bytes = sum(totals[f"unquantized.{k}"] for k in UNQUANTIZED_KINDS)
     base_bytes = totals["codes"] + state_bytes + unquantized_bytes
     params = quantized_params + unquantized_params
-    record: dict[str, Any] = {
-        "weights.base_bytes": base_bytes,
-        "weights.quantized_codes_bytes": totals["codes"],
-        "weights.quant_state_bytes": state_bytes,
-        "weights.unquantized_bytes": unquantized_bytes,
-        "weights.params": params,
-        "weights.quantized_params": quantized_params,
-        "weights.unquantized_params": unquantized_params,
-        "weights.quantized_share_of_params": quantized_params / max(1, params),
-        "weights.unquantized_share_of_bytes": unquantized_bytes / base_bytes if base_bytes else None,
-        "weights.bits_per_quantized_param": (8 * (totals["codes"] + state_bytes) / quantized_params) if quantized_params else None,
-        "weights.bits_per_param": 8 * (base_bytes - totals["unquantized.buffer"]) / params if params else None,
-        "weights.unquantized_param_dtypes": _joined(unquantized_dtypes),
+    figures: dict[str, Any] = {
+        "base_bytes": base_bytes,
+        "quantized_codes_bytes": totals["codes"],
+        "quant_state_bytes": state_bytes,
+        "unquantized_bytes": unquantized_bytes,
+        "params": params,
+        "quantized_params": quantized_params,
+        "unquantized_params": unquantized_params,
+        "quantized_share_of_params": quantized_params / max(1, params),
+        "unquantized_share_of_bytes": unquantized_bytes / base_bytes if base_bytes else None,
+        "bits_per_quantized_param": (8 * (totals["codes"] + state_bytes) / quantized_params) if quantized_params else None,
+        "bits_per_param": 8 * (base_bytes - totals["unquantized.buffer"]) / params if params else None,
+        "unquantized_param_dtypes": _joined(unquantized_dtypes),
     }
-    record.update({f"weights.dtype.{name}_bytes": size for name, size in sorted(by_dtype.items())})
-    record.update({f"weights.quant_state.{k}_bytes": totals[f"state.{k}"] for k in STATE_KINDS})
-    record.update({f"weights.unquantized.{k}_bytes": totals[f"unquantized.{k}"] for k in UNQUANTIZED_KINDS})
-    return record
+    figures.update({f"dtype.{name}_bytes": size for name, size in sorted(by_dtype.items())})
+    figures.update({f"quant_state.{k}_bytes": totals[f"state.{k}"] for k in STATE_KINDS})
+    figures.update({f"unquantized.{k}_bytes": totals[f"unquantized.{k}"] for k in UNQUANTIZED_KINDS})
+    return {f"weights.{phase}.{key}": value for key, value in figures.items()}
 
 
 def _joined(counter: Counter) -> str | None:
     return ",".join(str(k).lower() for k in sorted(counter, key=str)) or None
 
 
-def read_format(model: nn.Module) -> dict[str, Any]:
-    """What the loaded model really holds: counts of bitsandbytes linears and their settings."""
+def read_format(model: nn.Module, phase: str = "load") -> dict[str, Any]:
+    """What the model really holds as phase `phase` left it: counts of bitsandbytes linears and their settings
+    (`weights.<phase>.linears.*`)."""
     classes: Counter[str] = Counter()
     quant_types, blocksizes, compressed, compute_dtypes, thresholds = Counter(), Counter(), Counter(), Counter(), Counter()
     dense_dtypes: Counter[str] = Counter()
@@ -177,16 +179,17 @@ def read_format(model: nn.Module) -> dict[str, Any]:
         elif isinstance(module, nn.Linear):
             dense_linears += 1
             dense_dtypes[str(module.weight.dtype).removeprefix("torch.")] += 1
+    prefix = f"weights.{phase}.linears."
     return {
-        "format.linear4bit_count": classes["Linear4bit"],
-        "format.linear8bitlt_count": classes["Linear8bitLt"],
-        "format.dense_linear_count": dense_linears,
-        "format.quant_types": _joined(quant_types),
-        "format.blocksizes": _joined(blocksizes),
-        "format.compressed_statistics": _joined(compressed),
-        "format.compute_dtypes": _joined(compute_dtypes),
-        "format.int8_thresholds": _joined(thresholds),
-        "format.dense_linear_dtypes": _joined(dense_dtypes),
+        prefix + "linear4bit_count": classes["Linear4bit"],
+        prefix + "linear8bitlt_count": classes["Linear8bitLt"],
+        prefix + "dense_linear_count": dense_linears,
+        prefix + "quant_types": _joined(quant_types),
+        prefix + "blocksizes": _joined(blocksizes),
+        prefix + "compressed_statistics": _joined(compressed),
+        prefix + "compute_dtypes": _joined(compute_dtypes),
+        prefix + "int8_thresholds": _joined(thresholds),
+        prefix + "dense_linear_dtypes": _joined(dense_dtypes),
     }
 
 

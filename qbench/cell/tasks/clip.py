@@ -81,7 +81,7 @@ class ClipTask(TaskBase):
         self.max_length, source = lengths.train_max_length(self.suite, limit)
         self.train_split, self.eval_split, info = load_splits(self.loaded_suite)
         self.positives = positives(self.eval_split, self._model_text)
-        info["data.eval.duplicate_captions"] = duplicate_captions(self.eval_split, self._model_text)
+        info["data.eval_duplicate_captions"] = duplicate_captions(self.eval_split, self._model_text)
         info.update(limit.record())
         info.update({"config.train.max_length": self.max_length, "train.max_length_source": source})
         info["eval.text_max_length_tokens"] = self.max_length
