@@ -42,7 +42,7 @@ class ScriptedCell:
     def __init__(self, run, cell, attempt: str, script: dict[str, Any]):
         self.run, self.cell, self.attempt, self.script = run, cell, attempt, script
         self.last_phase: str | None = None
-        self.fields = {"env.scripted.where": f"stage {cell.id}"}
+        self.fields = {"test.scripted_where": f"stage {cell.id}"}  # an executor's own fields: declared in the record model, or test.*
         self.failure = script.get("failure")
         self.wall_s = 2.5
         self.returncode: int | None = None
@@ -120,7 +120,7 @@ def test_records_an_executor_leaves_are_kept_and_said_where_they_ran(suite, tmp_
     assert result.exit_code == Exit.OK and executor.launched == ["bf16-seed0", "int8-seed0", "nf4-seed0"]
     records = {r["cell_id"]: r for r in result.records}
     for cell_id, record in records.items():
-        assert record["status"] == "ok" and record["env.scripted.where"] == f"stage {cell_id}"  # the executor's fields
+        assert record["status"] == "ok" and record["test.scripted_where"] == f"stage {cell_id}"  # the executor's fields
         assert record["env.cell_launcher"] == "script" and record["time.cell.wall_s"] == 2.5  # its launcher, its wall time
     manifest = json.loads((result.run_dir / "run.json").read_text())
     assert manifest["executor"] == "scripted" and manifest["scripted"] == {"cells": 3}
@@ -143,7 +143,7 @@ def test_a_cell_that_ends_without_its_record_is_recorded_failed_with_what_it_had
     assert killed["error_returncode"] == -9 and killed["error_phase"] == "train"
     assert killed["weights.load.base_bytes"] == 1234 and killed["env.executor"] == "scripted"  # its checkpoint's figures kept
     lost = results.read_record(results.record_path(result.run_dir, "nf4-seed0"))
-    assert lost["error_type"] == "ItsJobDied" and lost["error"] == "node lost" and lost["env.scripted.where"] == "stage nf4-seed0"
+    assert lost["error_type"] == "ItsJobDied" and lost["error"] == "node lost" and lost["test.scripted_where"] == "stage nf4-seed0"
     assert results.read_record(results.record_path(result.run_dir, "bf16-seed0"))["status"] == "ok"
     summary = (result.run_dir / "summary.md").read_text()
     assert "int8-seed0" in summary and "ItsJobDied" in summary

@@ -144,7 +144,7 @@ def test_the_writer_never_writes_an_undeclared_key_and_says_so_in_a_failed_recor
 def test_run_json_is_written_and_read_through_its_model(tmp_path):
     records.write_manifest(tmp_path, {"schema_version": 3, "suite": "ci", "cells": [{"precision": "bf16", "seed": 0}]})
     assert records.read_manifest(tmp_path)["cells"] == [{"precision": "bf16", "seed": 0}]
-    with pytest.raises(ValueError, match="run.json: surprise: extra inputs are not permitted"):
+    with pytest.raises(ValueError, match="run.json: .*surprise: not a field of run.json"):
         records.write_manifest(tmp_path, {"suite": "ci", "surprise": 1})
     (tmp_path / "run.json").write_text(json.dumps({"suite": "ci", "cells": "all"}))
     assert records.read_manifest(tmp_path) is None

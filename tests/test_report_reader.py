@@ -266,7 +266,7 @@ def test_the_paper_section_judges_nf4_dq_against_the_dense_arm_in_the_dtype_it_r
         record.update({"precision": precision, "baseline_precision": "dense", "precision.dense_dtype":
                        "bfloat16" if precision == "dense" else None, "quality.eval_before.mean_recall@1": before,
                        "quality.eval_after.mean_recall@1": after})
-        for phase in ("before", "after"):
+        for phase in ("eval_before", "eval_after"):
             record[f"interval.{phase}.mean_recall@1.se"] = 0.01
         records.append(record)
     line = paper.recovery_line(pd.DataFrame(records))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from qbench.contract.precisions import DTYPE_NAMES
 from qbench.contract.schema import PHASES, SCHEMA_VERSION, STATUSES
@@ -845,7 +845,18 @@ class RunManifest(Manifest):
     timing: dict[str, float | None] | None = None  # run-wide seconds
     shared: list[str] | None = None  # what the fork server built once for every cell
     ray: dict[str, Any] | None = None  # the Ray cluster's address, version and resources
+    slurm: dict[str, Any] | None = None  # submitit's cluster, version, partition and job parameters
     resumes: list[Resumption] | None = None
+
+    # another executor (qbench.runner.executors.REGISTRY) keeps what it placed under its own name, as ray and slurm do
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _executor_entries_only(self) -> RunManifest:
+        for key, value in (self.model_extra or {}).items():
+            if not key.isidentifier() or not isinstance(value, dict):
+                raise ValueError(f"{key}: not a field of run.json (an executor's own entry is a table under its name)")
+        return self
 
 
 # --- flat keys <-> the model --------------------------------------------------------------------------------
