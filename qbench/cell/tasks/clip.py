@@ -56,6 +56,23 @@ def load_splits(loaded_suite: LoadedSuite) -> tuple[ClipSplit, ClipSplit, dict[s
     return train, held_out, info
 
 
+class EpochOrder(torch.utils.data.RandomSampler):
+    """A shuffled order of `size` examples per epoch, drawn from `seed` alone, whatever data.num_workers is.
+
+    torch's DataLoader draws its workers' base seed from the generator it is given each time it makes an
+    iterator: every epoch without workers, once with persistent workers. Shuffling from that generator
+    made the order from the second epoch on depend on the number of workers. This sampler shuffles from
+    a generator of its own, drawing from it what a single-process `DataLoader(shuffle=True, generator=...)`
+    draws each epoch (the base seed, then RandomSampler's draws), so its order is that of a plain torch loop."""
+
+    def __init__(self, size: int, seed: int):
+        super().__init__(range(size), generator=torch.Generator().manual_seed(seed))
+
+    def __iter__(self) -> Iterator[int]:
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the base seed a plain loader draws
+        yield from super().__iter__()
+
+
 def in_memory(split: ClipSplit) -> bool:
     """Whether the split's images are held in memory (generated data), not read from files."""
     return not any(isinstance(image, (str, Path)) for image in split.images)
@@ -143,13 +160,17 @@ class ClipTask(TaskBase):
         return Batch(inputs, samples=len(captions), tokens=int(text["attention_mask"].sum()))
 
     def train_batches(self, seed: int) -> Iterator[Batch]:
-        generator = torch.Generator().manual_seed(seed)
+        """Shuffled batches, epoch after epoch, in an order drawn from the seed alone.
+
+        The order has a generator of its own (EpochOrder); the loader's generator seeds its workers only."""
+        pairs = CaptionPairs(self.train_split, indices=self.train_pixels is not None)
+        order = EpochOrder(len(pairs), seed)
         loader = torch.utils.data.DataLoader(
-            CaptionPairs(self.train_split, indices=self.train_pixels is not None),
+            pairs,
             batch_size=self.suite.train.batch_size,
-            shuffle=True,
+            sampler=order,
             drop_last=True,
-            generator=generator,
+            generator=torch.Generator().manual_seed(seed),  # the workers' seeds only
             num_workers=self.suite.data.num_workers,
             collate_fn=self._collate,
             persistent_workers=self.suite.data.num_workers > 0,
