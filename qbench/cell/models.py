@@ -298,7 +298,7 @@ def placement(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def load_base(model_class: type[PreTrainedModel], path: str, precision: Precision, compute_dtype: str, device: str,
-              spec: ModelSpec) -> PreTrainedModel:
+              spec: ModelSpec, *, llm_int8_threshold: float = LLM_INT8_THRESHOLD) -> PreTrainedModel:
     """Load the frozen base in `precision` with transformers; bitsandbytes quantizes while loading.
 
     Under `spec.safetensors_only` the checkpoint's files are checked before (UnsafeWeights) and torch.load
@@ -316,7 +316,7 @@ def load_base(model_class: type[PreTrainedModel], path: str, precision: Precisio
             path,
             revision=spec.revision,
             dtype=storage_dtype(precision, compute_dtype),
-            quantization_config=quantization_config(precision, compute_dtype),
+            quantization_config=quantization_config(precision, compute_dtype, llm_int8_threshold=llm_int8_threshold),
             device_map=device_map_for(device, spec.device_map),
             use_safetensors=True if spec.safetensors_only else None,
             trust_remote_code=spec.trust_remote_code,
@@ -364,15 +364,16 @@ def storage_dtype(precision: Precision, compute_dtype: str) -> Any:
     return getattr(torch, precision.dense_dtype or compute_dtype)
 
 
-def quantization_config(precision: Precision, compute_dtype: str) -> Any:
-    """The transformers `BitsAndBytesConfig` that loads the base in `precision`'s format, or None for a dense base."""
+def quantization_config(precision: Precision, compute_dtype: str, *, llm_int8_threshold: float = LLM_INT8_THRESHOLD) -> Any:
+    """The transformers `BitsAndBytesConfig` that loads the base in `precision`'s format, or None for a dense base
+    (`llm_int8_threshold`: LLM.int8's outlier threshold, for int8)."""
     if precision.kind == "dense":
         return None
     import torch
     from transformers import BitsAndBytesConfig
 
     if precision.kind == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=LLM_INT8_THRESHOLD)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=llm_int8_threshold)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=precision.quant_type,

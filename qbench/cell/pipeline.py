@@ -126,7 +126,7 @@ def config_fields(suite: Suite, precision: Precision, compute_dtype: str | None 
         "config.data.num_workers": suite.data.num_workers,
         **{f"config.lora.{k}": (",".join(v) if isinstance(v, tuple) else v) for k, v in suite.lora.model_dump().items()},
         **{f"config.train.{k}": v for k, v in suite.train.model_dump().items()},
-        **{f"precision.{k}": v for k, v in precision.settings(compute_dtype).items()},
+        **{f"precision.{k}": v for k, v in precision.settings(compute_dtype, suite.quantization.llm_int8_threshold).items()},
     }
 
 
@@ -335,7 +335,8 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         with cell.phase("data"):
             cell.update(task.prepare_data())
         with cell.phase("load", process_baseline=True):  # the runtime before the model: what no format changes
-            model = models.load_base(task.model_class, model_path, cell.precision, cell.compute_dtype, cell.device, suite.model)
+            model = models.load_base(task.model_class, model_path, cell.precision, cell.compute_dtype, cell.device, suite.model,
+                                     llm_int8_threshold=suite.quantization.llm_int8_threshold)
         cell.update(models.loaded_weight_files(model_path, suite.model))  # what the base was loaded from
         with cell.timed("readback"):  # the arm is what its name says
             readback.inspect_base(model, cell.precision, suite, model_path, cell.record, cell.compute_dtype)

@@ -24,7 +24,8 @@ def inspect_base(model: torch.nn.Module, precision: Precision, suite: Suite, mod
     fields["bnb.cpu_weight_packing_disabled_layers"] = models.disable_bnb_cpu_weight_packing(model)
     fields.update(weights.read_format(model))
     fields.update(weights.account_base(model))
-    weights.check_format(model, precision, _dtype(model, compute_dtype or suite.compute_dtype))  # the arm must be what its name says
+    weights.check_format(model, precision, _dtype(model, compute_dtype or suite.compute_dtype),  # the arm must be what its name says
+                         llm_int8_threshold=suite.quantization.llm_int8_threshold)
     started = time.perf_counter()  # outside every phase: reading the originals is the harness's work
     fields.update(weight_error.measure(model, model_path, suite.model.revision))
     # part of time.readback_s (the pipeline times the whole read-back), so not a time.<part>_s of its own:
@@ -43,7 +44,8 @@ def inspect_trained_base(model: torch.nn.Module, precision: Precision, suite: Su
     fields.update({k.replace("weights.", "weights.train.", 1): v for k, v in weights.account_base(model).items()})
     fields.update({k.replace("format.", "format.train.", 1): v for k, v in weights.read_format(model).items()})
     weights.check_format(model, precision, _dtype(model, compute_dtype or suite.compute_dtype),
-                         stage=f'after the prepare phase (train.prepare = "{suite.train.prepare}")')
+                         stage=f'after the prepare phase (train.prepare = "{suite.train.prepare}")',
+                         llm_int8_threshold=suite.quantization.llm_int8_threshold)
 
 
 def _dtype(model: torch.nn.Module, setting: str) -> str:

@@ -156,6 +156,16 @@ class TrainSpec(_Section):
         return self
 
 
+class QuantizationSpec(_Section):
+    """Settings of the quantized arms' formats that a user tunes (matrix.llm_int8_threshold varies them)."""
+
+    llm_int8_threshold: float = Field(
+        precisions.LLM_INT8_THRESHOLD, ge=0, le=1e4,
+        description="int8 arms: LLM.int8's outlier threshold; input columns with a value above it are multiplied in "
+                    "16-bit (bitsandbytes' default 6.0; 0 keeps no outlier column apart)",
+    )
+
+
 class EvalSpec(_Section):
     batch_size: int = Field(64, ge=1)
     recall_k: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 5, 10), description="clip: k of recall@k")
@@ -203,6 +213,8 @@ class MatrixSpec(_Section):
     batch_size: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(None, description="train.batch_size values")
     max_length: tuple[Annotated[int, Field(ge=2)], ...] | None = Field(None, description="train.max_length values")
     gradient_checkpointing: tuple[bool, ...] | None = Field(None, description="train.gradient_checkpointing values")
+    llm_int8_threshold: tuple[Annotated[float, Field(ge=0, le=1e4)], ...] | None = Field(
+        None, description="quantization.llm_int8_threshold values, for the int8 arms only (each an arm of its own)")
     exclude: tuple[dict[str, Any], ...] = Field((), description="combinations left out, e.g. {precision = 'bf16', optimizer = 'adamw8bit'}")
 
     @field_validator("precisions")
@@ -212,7 +224,9 @@ class MatrixSpec(_Section):
         if unknown:
             hints = [_did_you_mean(p, precisions.REGISTRY) for p in unknown]
             named = ", ".join(f"{p!r}{hint}" for p, hint in zip(unknown, hints, strict=True))
-            raise ValueError(f"unknown precision(s) {named}; known: {', '.join(precisions.REGISTRY)}")
+            threshold = ("; LLM.int8's outlier threshold is quantization.llm_int8_threshold, and matrix.llm_int8_threshold "
+                         "lists several") if any(p.startswith("int8") for p in unknown) else ""
+            raise ValueError(f"unknown precision(s) {named}; known: {', '.join(precisions.REGISTRY)}{threshold}")
         if len(set(value)) != len(value):
             raise ValueError("precisions are listed twice")
         return value
@@ -226,7 +240,7 @@ class MatrixSpec(_Section):
             raise ValueError("seeds are listed twice (each seed is one cell per precision)")
         return _at_most("matrix.seeds", value)
 
-    @field_validator("optimizers", "lora_r", "batch_size", "max_length", "gradient_checkpointing")
+    @field_validator("optimizers", "lora_r", "batch_size", "max_length", "gradient_checkpointing", "llm_int8_threshold")
     @classmethod
     def _axis_values(cls, value: tuple[Any, ...] | None, info: Any) -> tuple[Any, ...] | None:
         if value is None:
@@ -243,6 +257,21 @@ class MatrixSpec(_Section):
     @classmethod
     def _axis_within_limits(cls, value: tuple[int, ...] | None, info: Any) -> tuple[int, ...] | None:
         return value if value is None else _at_most(f"train.{info.field_name}", value)
+
+    @field_validator("exclude", mode="before")
+    @classmethod
+    def _numbers_of_float_axes(cls, value: Any) -> Any:
+        """`{llm_int8_threshold = 0}` means 0.0: a whole number names a value of a float axis."""
+        floats = {axis.name for axis in grid.AXES if axis.kind is float}
+
+        def as_float(item: Any) -> Any:
+            if isinstance(item, tuple):
+                return tuple(as_float(v) for v in item)
+            return float(item) if isinstance(item, int) and not isinstance(item, bool) else item
+
+        if not isinstance(value, tuple):
+            return value
+        return tuple({k: as_float(v) if k in floats else v for k, v in e.items()} if isinstance(e, dict) else e for e in value)
 
     @model_validator(mode="after")
     def _exclusions(self) -> MatrixSpec:
@@ -335,6 +364,7 @@ class Suite(_Section):
     lora: LoraSpec
     train: TrainSpec
     eval: EvalSpec = EvalSpec()
+    quantization: QuantizationSpec = QuantizationSpec()
     matrix: MatrixSpec = MatrixSpec()
     compare: CompareSpec = Field(default_factory=CompareSpec, description="tolerances for `qbench compare`")
 
@@ -420,6 +450,12 @@ def combination_problems(suite: Suite) -> list[str]:
         problems.append("eval.window: a perplexity window; only causal_lm suites have one (clip measures recall@k)")
     if suite.task == "causal_lm" and "recall_k" in suite.eval.model_fields_set:
         problems.append("eval.recall_k: only clip suites measure recall@k (causal_lm measures perplexity)")
+    int8_arms = [p for p in suite.matrix.precisions if precisions.REGISTRY[p].kind == "int8"]
+    for key, given in (("quantization.llm_int8_threshold", "llm_int8_threshold" in suite.quantization.model_fields_set),
+                       ("matrix.llm_int8_threshold", suite.matrix.llm_int8_threshold is not None)):
+        if given and not int8_arms:
+            problems.append(f"{key}: LLM.int8's outlier threshold is a setting of int8 arms, and matrix.precisions has none "
+                            f"({', '.join(suite.matrix.precisions)}); add int8 or leave the key out")
     values = grid.values(suite)
     batch_key = "matrix.batch_size" if suite.matrix.batch_size is not None else "train.batch_size"
     if suite.task == "clip" and min(values["batch_size"]) < 2:
@@ -438,14 +474,22 @@ def _did_you_mean(word: str, known: Any) -> str:
 
 
 def _closest_key_hint(location: tuple[Any, ...], model: type[BaseModel]) -> str:
-    """' (did you mean X?)' for a misspelt key, found among the valid keys at that location."""
+    """' (did you mean X?)' for a misspelt key, found among the valid keys at that location, else a key of that
+    name in another table (`llm_int8_threshold` at the top level: quantization.llm_int8_threshold)."""
+    top = model
     for part in location[:-1]:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return ""
         model = annotation
-    return _did_you_mean(location[-1], model.model_fields)
+    hint = _did_you_mean(location[-1], model.model_fields)
+    if hint:
+        return hint
+    elsewhere = [f"{name}.{location[-1]}" for name, field in top.model_fields.items()
+                 if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+                 and str(location[-1]) in field.annotation.model_fields and (name,) != tuple(location[:-1])]
+    return f" (did you mean {elsewhere[0]!r}?)" if elsewhere else ""
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")

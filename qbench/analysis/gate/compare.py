@@ -212,7 +212,9 @@ def identity_problems(baseline: pd.DataFrame, new: pd.DataFrame, axes: list[str]
     The grid's `axes` are left out: cells are matched by them, and a value on one side only is a cell missing."""
     problems = []
     shared = [c for c in baseline.columns if c in new.columns and c not in (axes or ())]
-    columns = [c for c in IDENTITY_COLUMNS if c in shared] + [c for c in shared if c.startswith("config.")]
+    # a grid axis that does not vary is a setting like any other (LLM.int8's threshold is a precision.* key)
+    settings = [axis.record_key for axis in grid.SETTING_AXES if not axis.record_key.startswith("config.")]
+    columns = [c for c in IDENTITY_COLUMNS if c in shared] + [c for c in shared if c.startswith("config.") or c in settings]
     for column in columns:
         old, now = _values(baseline, column), _values(new, column)
         if old and now and old != now:
