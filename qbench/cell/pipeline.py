@@ -204,6 +204,7 @@ class CellRun:
             self.use_compute(ComputeChoice(**{**spec.compute, "emulated": tuple(spec.compute.get("emulated", ()))}))
         self.tracker: MemoryTracker | None = None
         self.timer: StepTimer | None = None
+        self.param_names: dict[int, str] = {}  # id(parameter) -> its name, for what the record says of parameters
         self.faults = fault_injection.Injector(spec.cell_id)
         if self.faults.faults:
             self.record["test.injected_faults"] = self.faults.describe()
@@ -275,11 +276,16 @@ class CellRun:
         emit("step", step=step, total=self.suite.train.steps, loss=loss)
 
     def on_first_step(self, optimizer: Any) -> None:
-        """What optimizer was built and its exact state bytes, read once its state exists."""
+        """What optimizer was built and its exact state bytes, read once its state exists; and which trainable
+        parameters the first step's backward pass left without a gradient (adapters outside the loss's graph
+        train nothing, whatever the suite says)."""
         from qbench.cell.measure import optimizer_state
         from qbench.contract import optimizers
 
         self.record.update(optimizer_state.describe(optimizer, optimizers.get(self.suite.train.optimizer), self.device))
+        idle = [self.param_names.get(id(p), "?") for group in optimizer.param_groups for p in group["params"] if p.grad is None]
+        self.record["train.params_without_grad"] = len(idle)
+        self.record["train.params_without_grad_names"] = ",".join(idle[:20]) or None
 
     @contextmanager
     def recorded(self) -> Iterator[None]:
@@ -334,15 +340,22 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 
         with cell.phase("data"):
             cell.update(task.prepare_data())
+        if hasattr(task, "contrastive_fields"):
+            cell.update(task.contrastive_fields())
         with cell.phase("load", process_baseline=True):  # the runtime before the model: what no format changes
-            model = models.load_base(task.model_class, model_path, cell.precision, cell.compute_dtype, cell.device, suite.model,
-                                     llm_int8_threshold=suite.quantization.llm_int8_threshold)
+            model, load_report = models.load_base_reported(
+                task.model_class, model_path, cell.precision, cell.compute_dtype, cell.device, suite.model,
+                llm_int8_threshold=suite.quantization.llm_int8_threshold)
+        cell.update(load_report.record())  # what transformers initialised or dropped, allowed or not
+        models.check_load_report(model, load_report, suite.model, model_path)
         cell.update(models.loaded_weight_files(model_path, suite.model))  # what the base was loaded from
         with cell.timed("readback"):  # the arm is what its name says
             readback.inspect_base(model, cell.precision, suite, model_path, cell.record, cell.compute_dtype)
         with cell.phase("prepare"):
             model = lora.attach(lora.prepare(model, suite), suite, task.peft_task_type, seed)
         cell.update(lora.counts(model))
+        cell.update(lora.checkpointing_fields(model, suite))
+        cell.param_names = {id(param): name for name, param in model.named_parameters()}
         with cell.timed("readback"):  # still what its name says?
             readback.inspect_trained_base(model, cell.precision, suite, cell.record, cell.compute_dtype)
 
@@ -357,7 +370,8 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
                 torch.manual_seed(seed)  # the same dropout masks and data order in every arm
                 cell.timer = StepTimer(suite.train.untimed_steps, cuda=cell.device.startswith("cuda"))
                 result = train(model, task.train_batches(seed), cell.faults.wrap_loss(task.loss), suite.train, cell.timer,
-                               on_step=cell.on_step, on_first_step=cell.on_first_step)
+                               on_step=cell.on_step, on_first_step=cell.on_first_step,
+                               accumulate=getattr(task, "accumulate", lambda: None)())
             cell.update({"train.first_loss": result.first_loss, "train.final_loss": result.final_loss})
             cell.update(contention_fields(cell.measured()))
 

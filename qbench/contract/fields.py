@@ -56,6 +56,14 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("optimizer.largest_param_elements", "exact", None, "count"),
     FieldSpec("optimizer.state_tensors", "exact", None, "count"),
     FieldSpec("format.*_count", "exact", None, "count"),
+    # weights transformers initialised (missing from the checkpoint) or dropped: a change means another checkpoint
+    FieldSpec("model.*_weights_count", "exact", "lower", "count"),
+    # what training really did: the pairs one contrastive loss compares, checkpointed layers, adapters left without
+    # a gradient by the backward pass (a setting that took no effect shows here)
+    FieldSpec("train.contrastive_batch_size", "exact", None, "count"),
+    FieldSpec("train.negatives_per_query", "exact", "higher", "count"),
+    FieldSpec("train.gradient_checkpointing_layers", "exact", None, "count"),
+    FieldSpec("train.params_without_grad", "exact", "lower", "count"),
     # what was trained on and evaluated: a change here means the data or the eval protocol changed
     FieldSpec("data.*_images", "exact", None, "count"),
     FieldSpec("data.*_captions", "exact", None, "count"),

@@ -71,6 +71,11 @@ class ModelSpec(_Section):
     trust_remote_code: bool = False
     safetensors_only: bool = True
     device_map: Literal["single", "auto"] = "single"
+    allow_missing_weights: tuple[str, ...] = Field(
+        (), description="parameter names (fnmatch patterns) that may be missing from the checkpoint's weights: "
+                        "transformers initialises them at random, and every record and report names them")
+    allow_unexpected_weights: tuple[str, ...] = Field(
+        (), description="checkpoint tensor names (fnmatch patterns) the model may have no place for (transformers drops them)")
 
 
 class DataSpec(_Section):
@@ -125,6 +130,11 @@ class TrainSpec(_Section):
     prepare: Literal["none", "peft-kbit"] = Field("none", description="k-bit preparation, applied to every arm")
     gradient_checkpointing: bool = False
     optimizer: str = Field(optimizers.DEFAULT, description="a name of qbench.contract.optimizers (matrix.optimizers varies it)")
+    contrastive_batch: Literal["micro_batch", "step"] | None = Field(
+        None, description="clip: the pairs each query is contrasted with. micro_batch (the default): its own micro-batch, "
+                          "batch_size - 1 negatives, as plain gradient accumulation gives; step: every micro-batch of the "
+                          "optimizer step, batch_size x grad_accum - 1 negatives (features of all micro-batches cached and "
+                          "the loss recomputed over them, open_clip's --accum-freq)")
 
     @field_validator("optimizer")
     @classmethod
@@ -450,6 +460,7 @@ def combination_problems(suite: Suite) -> list[str]:
         problems.append("eval.window: a perplexity window; only causal_lm suites have one (clip measures recall@k)")
     if suite.task == "causal_lm" and "recall_k" in suite.eval.model_fields_set:
         problems.append("eval.recall_k: only clip suites measure recall@k (causal_lm measures perplexity)")
+    problems += ignored_setting_problems(suite)
     int8_arms = [p for p in suite.matrix.precisions if precisions.REGISTRY[p].kind == "int8"]
     for key, given in (("quantization.llm_int8_threshold", "llm_int8_threshold" in suite.quantization.model_fields_set),
                        ("matrix.llm_int8_threshold", suite.matrix.llm_int8_threshold is not None)):
@@ -466,6 +477,41 @@ def combination_problems(suite: Suite) -> list[str]:
             f"adapter's output; at most {LORA_MAX_SCALE:,} (see lora.alpha)"
         )
     return problems
+
+
+def ignored_setting_problems(suite: Suite) -> list[str]:
+    """Settings given in the suite that nothing would apply: each would be silently dropped, and the records would
+    say a setting ran that did not. One line each, before any cell."""
+    problems = []
+    data, train, given = suite.data, suite.train, suite.data.model_fields_set
+    if suite.task != "clip" and train.contrastive_batch is not None:
+        problems.append(f"train.contrastive_batch: a setting of contrastive (clip) training; {suite.task} has no negatives")
+    if suite.task == "clip" and suite.eval.max_windows is not None:
+        problems.append("eval.max_windows: caps the windows of a perplexity; only causal_lm suites have them (clip ranks "
+                        "every held-out image and caption)")
+    if suite.task == "causal_lm" and data.num_workers:
+        problems.append("data.num_workers: causal_lm draws its training windows from the tokenized text in the cell's own "
+                        "process; no DataLoader workers would start (leave the key out)")
+    if data.kind != "builtin" and "name" in given:
+        problems.append(f"data.name: names a builtin dataset, and data.kind is {data.kind!r} (its files are data.train and "
+                        "data.eval)")
+    if data.kind == "builtin":
+        problems += [f"data.{key}: data.kind = 'builtin' reads builtin:{data.name}; this file would not be read"
+                     for key in ("train", "eval", "image_root") if key in given]
+    if data.kind == "text" and "image_root" in given:
+        problems.append("data.image_root: text data has no images (image_root is for kind tsv)")
+    if train.scheduler == "constant" and train.warmup_steps:
+        problems.append(f"train.warmup_steps: the 'constant' scheduler has no warm-up (transformers ignores "
+                        f"num_warmup_steps for it), so {train.warmup_steps} warm-up step(s) would not happen; use "
+                        "scheduler = 'constant_with_warmup', or leave warmup_steps out")
+    if train.scheduler == "polynomial" and train.lr <= POLYNOMIAL_LR_END:
+        problems.append(f"train.lr: the 'polynomial' scheduler decays to {POLYNOMIAL_LR_END:g} and needs a larger lr "
+                        "(transformers refuses it in every cell)")
+    return problems
+
+
+# transformers' get_polynomial_decay_schedule_with_warmup's default end learning rate
+POLYNOMIAL_LR_END = 1e-7
 
 
 def _did_you_mean(word: str, known: Any) -> str:

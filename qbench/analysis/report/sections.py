@@ -17,7 +17,7 @@ from qbench.analysis import stats
 from qbench.analysis.report import tables
 from qbench.analysis.report.eval_checks import eval_set_warnings
 from qbench.analysis.report.explain import weight_bytes_explanation
-from qbench.analysis.report.findings import nonfinite_findings
+from qbench.analysis.report.findings import load_report_findings, nonfinite_findings
 from qbench.analysis.report.verdict import Verdict, verdict
 from qbench.contract import fields
 
@@ -120,12 +120,17 @@ def quality_section(data: ReportData) -> Section | None:
 
 
 def base_origin_section(data: ReportData) -> Section | None:
-    """What the base really is, when its checkpoint says (a converted one: builtin:smollm2-135m's bf16 is 4-bit-derived)."""
+    """What the base really is, when its checkpoint says (a converted one: builtin:smollm2-135m's bf16 is 4-bit-derived),
+    and the weights transformers initialised or dropped loading it (`findings.load_report_findings`)."""
     frame = data.frame
-    if "model.base_origin" not in frame.columns or frame["model.base_origin"].dropna().empty:
+    lines = []
+    model = frame["model"].dropna().iloc[0] if "model" in frame.columns and frame["model"].notna().any() else "the model"
+    if "model.base_origin" in frame.columns and not frame["model.base_origin"].dropna().empty:
+        lines.append(f"The base of {model} is {frame['model.base_origin'].dropna().iloc[0]}.")
+    lines += [f"- {line}" for line in load_report_findings(frame)]
+    if not lines:
         return None
-    model = frame["model"].dropna().iloc[0] if "model" in frame.columns else "the model"
-    return Section("base_origin", "What the base is", text=f"The base of {model} is {frame['model.base_origin'].dropna().iloc[0]}.")
+    return Section("base_origin", "What the base is", text="\n".join(lines))
 
 
 def damage_section(data: ReportData) -> Section | None:
