@@ -124,6 +124,7 @@ def config_fields(suite: Suite, precision: Precision, compute_dtype: str | None 
         # a setting of how the data reaches the model, not of the data: the order is the seed's whatever it is
         # (qbench.cell.tasks.clip.EpochOrder), but worker processes add their memory to the cell's tree
         "config.data.num_workers": suite.data.num_workers,
+        "config.eval.protocol": suite.eval.protocol if suite.task == "causal_lm" else None,
         **{f"config.lora.{k}": (",".join(v) if isinstance(v, tuple) else v) for k, v in suite.lora.model_dump().items()},
         **{f"config.train.{k}": v for k, v in suite.train.model_dump().items()},
         **{f"precision.{k}": v for k, v in precision.settings(compute_dtype, suite.quantization.llm_int8_threshold).items()},

@@ -30,7 +30,10 @@ MEMORY_SOURCES = {
     "nvml_device_peak_bytes": "NVML device",
     "torch_max_allocated_bytes": "torch allocated",
     "torch_max_reserved_bytes": "torch reserved",
-    "pss_peak_bytes": "PSS",  # of the cell's process tree (DataLoader workers included, shared pages once)
+    # of the cell's process tree (DataLoader workers included, shared pages once) as its own process: a cell forked
+    # from the fork server counts the server's share of the pages they share too (qbench.cell.measure.forked)
+    "pss_peak_bytes": "PSS",
+    "tree_pss_peak_bytes": "PSS as forked",  # the same tree's PSS without that share: what a forked cell itself holds
     "rss_peak_bytes": "RSS",  # of the cell's own process
 }
 

@@ -183,6 +183,11 @@ class EvalSpec(_Section):
     max_windows: int | None = Field(
         None, ge=1, description="perplexity on at most this many windows, spread evenly over the held-out text"
     )
+    protocol: Literal["disjoint", "rolling"] = Field(
+        "disjoint", description="causal_lm: how the held-out text is cut into windows. disjoint: windows of eval.window "
+                                "tokens side by side, each token after the first scored once with the context of its "
+                                "own window; rolling: lm-evaluation-harness's loglikelihood_rolling (the tokenizer's BOS "
+                                "in front, every token scored, the last window filled with preceding context)")
     before: bool = True
 
     @field_validator("batch_size", "window", "recall_k")
@@ -486,6 +491,8 @@ def ignored_setting_problems(suite: Suite) -> list[str]:
     data, train, given = suite.data, suite.train, suite.data.model_fields_set
     if suite.task != "clip" and train.contrastive_batch is not None:
         problems.append(f"train.contrastive_batch: a setting of contrastive (clip) training; {suite.task} has no negatives")
+    if suite.task == "clip" and "protocol" in suite.eval.model_fields_set:
+        problems.append("eval.protocol: a perplexity window protocol; only causal_lm suites have one (clip measures recall@k)")
     if suite.task == "clip" and suite.eval.max_windows is not None:
         problems.append("eval.max_windows: caps the windows of a perplexity; only causal_lm suites have them (clip ranks "
                         "every held-out image and caption)")
