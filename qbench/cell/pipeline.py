@@ -327,12 +327,13 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         from qbench.cell.measure.timing import StepTimer
         from qbench.cell.tasks import get_task
         from qbench.cell.train import train
-        from qbench.machine import compute, environment
+        from qbench.machine import compute, environment, kernels
 
         cell.imported()
         if cell.compute is None:  # run alone (not by the runner): decide here, as the runner would
             cell.use_compute(compute.choose_here(suite.compute_dtype, cell.device, precisions.dense_dtypes([cell.precision.name])))
         cell.update(environment.describe(cell.device))
+        cell.update(kernels.describe())
         torch.manual_seed(seed)
         model_path = models.resolve(suite.model.id, cell.loaded.path.parent, suite.model.revision)
         cell.update({"model_path": model_path, **models.checkpoint_origin(model_path)})
@@ -352,6 +353,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         cell.update(models.loaded_weight_files(model_path, suite.model))  # what the base was loaded from
         with cell.timed("readback"):  # the arm is what its name says
             readback.inspect_base(model, cell.precision, suite, model_path, cell.record, cell.compute_dtype)
+            cell.update(readback.kernel_paths(model, cell.precision, cell.device))
         with cell.phase("prepare"):
             model = lora.attach(lora.prepare(model, suite), suite, task.peft_task_type, seed)
         cell.update(lora.counts(model))
@@ -378,6 +380,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 
             with cell.phase("eval_after"):
                 cell.update(cell.faults.wrap_evaluate(task.evaluate, "eval_after")(model).record("after"))
+        cell.update(readback.kernel_paths(model, cell.precision, cell.device))  # as it ran: evaluation may repack
         with cell.timed("adapter_save"):
             cell.update({"weights.adapter_bytes": adapter_bytes(model)})
         cell.update({"status": "ok", "last_phase": "done"})

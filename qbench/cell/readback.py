@@ -55,3 +55,41 @@ def _dtype(model: torch.nn.Module, setting: str) -> str:
     if setting != "auto":
         return setting
     return resolve(setting, next(iter(model.parameters())).device.type)
+
+
+def kernel_paths(model: torch.nn.Module, precision: Precision, device: str) -> dict[str, Any]:
+    """What this model's layers computed with (`kernels.*`, beside the machine's facts of qbench.machine.kernels):
+    the attention implementation transformers chose, the layers that ask transformers for a hub kernel and how many
+    of them run one, and for a 4-bit base on a CPU how its linears multiply: bitsandbytes dequantizes each weight
+    and torch multiplies, unless its weights were repacked for the fused AVX512-BF16 kernel (qbench turns that
+    repacking off: `bnb.cpu_weight_packing_disabled_layers`)."""
+    from qbench.machine import kernels
+
+    modules = list(model.modules())
+    hub = [m for m in modules if getattr(m, "kernel_layer_name", None)]
+    swapped = [m for m in hub if getattr(getattr(m, "forward", None), "__func__", None) is not type(m).forward]
+    config = getattr(model, "config", None)
+    fields: dict[str, Any] = {
+        "kernels.attn_implementation": getattr(config, "_attn_implementation", None),
+        "kernels.transformers_hub_layers": len(hub),
+        "kernels.transformers_hub_layers_swapped": len(swapped),
+        "kernels.bnb_4bit_packed_layers": None,
+        "kernels.bnb_4bit_compute_dtypes": None,
+        "kernels.bnb_4bit_matmul": None,
+    }
+    if precision.kind == "4bit":
+        linears = [m for m in modules if type(m).__name__ == "Linear4bit"]
+        packed = sum(bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)) for m in linears)
+        fields["kernels.bnb_4bit_packed_layers"] = packed
+        # bitsandbytes switches a layer to its input's dtype at the first forward when that is float32 or bf16,
+        # whatever bnb_4bit_compute_dtype said: the dtype each layer really computed in, once it has run
+        ran = sorted({str(m.compute_dtype).removeprefix("torch.") for m in linears if m.compute_dtype is not None})
+        fields["kernels.bnb_4bit_compute_dtypes"] = ",".join(ran) or None
+        if not device.startswith("cpu"):
+            fields["kernels.bnb_4bit_matmul"] = "bitsandbytes' CUDA kernels"
+        elif packed:
+            fused = kernels.describe().get("kernels.bnb_4bit_fused_cpu_kernel")
+            fields["kernels.bnb_4bit_matmul"] = f"fused kernel on repacked weights in {packed} of {len(linears)} layers: {fused}"
+        else:
+            fields["kernels.bnb_4bit_matmul"] = "weights dequantized by bitsandbytes' CPU library, multiplied by torch"
+    return fields

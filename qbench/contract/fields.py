@@ -64,6 +64,8 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("train.negatives_per_query", "exact", "higher", "count"),
     FieldSpec("train.gradient_checkpointing_layers", "exact", None, "count"),
     FieldSpec("train.params_without_grad", "exact", "lower", "count"),
+    # kernel paths per cell: layers that ran a hub kernel, 4-bit layers repacked for the fused CPU kernel
+    FieldSpec("kernels.*_layers*", "exact", None, "count"),
     # what was trained on and evaluated: a change here means the data or the eval protocol changed
     FieldSpec("data.*_images", "exact", None, "count"),
     FieldSpec("data.*_captions", "exact", None, "count"),

@@ -510,6 +510,12 @@ def _code_notes(baseline: pd.DataFrame, new: pd.DataFrame) -> list[str]:
     if dirty:
         notes.append(f"the baseline was made from a tree with uncommitted changes ({', '.join(map(_short, dirty))}): the code "
                      "it measured is in no commit; refresh it from a clean one")
+    for column in sorted(c for c in baseline.columns if c.startswith("kernels.") and c in new.columns
+                         and fields.spec_for(c) is None):
+        old_paths, new_paths = _values(baseline, column), _values(new, column)
+        if old_paths and new_paths and old_paths != new_paths:  # another kernel computed: speed and last digits move
+            notes.append(f"{column} differs (baseline {_shown(old_paths)}, new {_shown(new_paths)}): figures may move "
+                         "for that reason alone")
     isa_old, isa_new = _values(baseline, "env.torch_cpu_capability"), _values(new, "env.torch_cpu_capability")
     if isa_old and isa_new and isa_old != isa_new:
         notes.append(f"torch computes with other CPU kernels (baseline {_shown(isa_old)}, new {_shown(isa_new)}): quality "
