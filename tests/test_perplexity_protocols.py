@@ -96,3 +96,14 @@ def test_a_protocol_is_refused_where_there_is_no_perplexity():
     with pytest.raises(SuiteError) as caught:
         parse(clip.suite(evaluation='batch_size = 64\nprotocol = "rolling"'), "s.toml")
     assert any(p.startswith("eval.protocol: a perplexity window protocol") for p in caught.value.problems)
+
+
+def test_the_report_names_the_protocol_and_the_negatives():
+    import pandas as pd
+
+    from qbench.analysis.report.sections import measured_how
+
+    lm = pd.DataFrame({"eval.protocol": ["rolling: lm-evaluation-harness's loglikelihood_rolling ..."] * 2})
+    assert measured_how(lm) == ["Evaluation protocol: rolling: lm-evaluation-harness's loglikelihood_rolling ...."]
+    clip = pd.DataFrame({"eval.protocol": ["recall@k ..."], "train.negatives_per_query": [7], "train.contrastive_batch": ["micro_batch"]})
+    assert measured_how(clip)[1] == "Negatives per query in training: 7 (each micro-batch's own pairs)."

@@ -116,7 +116,25 @@ def quality_section(data: ReportData) -> Section | None:
     table = tables.quality_table(data.frame)
     if table.empty:
         return None
-    return Section("quality", "Quality, every metric", table=table)
+    return Section("quality", "Quality, every metric", table=table, note=" ".join(measured_how(data.frame)))
+
+
+def measured_how(frame: pd.DataFrame) -> list[str]:
+    """How the quality figures were made, as the records say: the evaluation protocol (a perplexity's window
+    protocol, lm-eval's rolling one or qbench's disjoint windows) and, for a contrastive fine-tune, how many
+    negatives each query was trained against."""
+    lines = []
+    for column, what in (("eval.protocol", "Evaluation protocol"), ("train.negatives_per_query", "Negatives per query in training")):
+        if column not in frame.columns or frame[column].dropna().empty:
+            continue
+        values = sorted({str(v) for v in frame[column].dropna()})
+        if column == "train.negatives_per_query":
+            mode = sorted({str(v) for v in frame.get("train.contrastive_batch", pd.Series(dtype=str)).dropna()})
+            how = {"micro_batch": "each micro-batch's own pairs", "step": "every micro-batch's pairs of the step"}
+            lines.append(f"{what}: {', '.join(values)} ({'; '.join(how.get(m, m) for m in mode) or 'one batch'}).")
+        else:
+            lines.append(f"{what}: {' | '.join(values)}.")
+    return lines
 
 
 def base_origin_section(data: ReportData) -> Section | None:
