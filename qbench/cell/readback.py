@@ -78,12 +78,13 @@ def kernel_paths(model: torch.nn.Module, precision: Precision, device: str) -> d
         "kernels.bnb_4bit_matmul": None,
     }
     if precision.kind == "4bit":
-        linears = [m for m in modules if type(m).__name__ == "Linear4bit"]
+        # bitsandbytes' own layers (peft's LoRA wrapper of one has the same class name)
+        linears = [m for m in modules if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")]
         packed = sum(bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)) for m in linears)
         fields["kernels.bnb_4bit_packed_layers"] = packed
         # bitsandbytes switches a layer to its input's dtype at the first forward when that is float32 or bf16,
         # whatever bnb_4bit_compute_dtype said: the dtype each layer really computed in, once it has run
-        ran = sorted({str(m.compute_dtype).removeprefix("torch.") for m in linears if m.compute_dtype is not None})
+        ran = sorted({str(m.compute_dtype).removeprefix("torch.") for m in linears if getattr(m, "compute_dtype", None) is not None})
         fields["kernels.bnb_4bit_compute_dtypes"] = ",".join(ran) or None
         if not device.startswith("cpu"):
             fields["kernels.bnb_4bit_matmul"] = "bitsandbytes' CUDA kernels"
