@@ -117,4 +117,4 @@ def test_two_thresholds_run_as_two_int8_arms_recorded_and_compared(tmp_path):
     (other_dir,) = (tmp_path / "other" / "int8thr").iterdir()
     only_t6 = frame[frame["cell_id"] != "int8-t0-seed0"]
     refused = compare.compare(only_t6, load.load_results([other_dir]))
-    assert any(p.startswith("precision.llm_int8_threshold differs: baseline 6.0 vs new 4.5") for p in refused.problems)
+    assert any(p.startswith("precision.llm_int8_threshold differs: baseline 6 vs new 4.5") for p in refused.problems)

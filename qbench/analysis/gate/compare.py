@@ -223,7 +223,7 @@ def identity_problems(baseline: pd.DataFrame, new: pd.DataFrame, axes: list[str]
     for column in columns:
         old, now = _values(baseline, column), _values(new, column)
         if old and now and old != now:
-            problems.append(f"{column} differs: baseline {', '.join(sorted(old))} vs new {', '.join(sorted(now))}")
+            problems.append(f"{column} differs: baseline {_shown(old)} vs new {_shown(now)}")
     devices_old = {v.split(":")[0] for v in _values(baseline, "env.device")}
     devices_new = {v.split(":")[0] for v in _values(new, "env.device")}
     if devices_old and devices_new and devices_old != devices_new:
