@@ -64,3 +64,16 @@ def test_gradient_checkpointing_runs_in_the_dense_arm_under_peft_kbit_preparatio
     plain = lora.attach(lora.prepare(models.load_base(AutoModelForCausalLM, path, precisions.get("fp32"), "float32",
                                                       "cpu", off.model), off), off, "CAUSAL_LM", 0)
     assert lora.checkpointing_fields(plain, off)["train.gradient_checkpointing_layers"] == 0
+
+
+def test_a_revision_of_a_local_folder_is_refused(tmp_path):
+    from qbench.contract.suite import load
+    from qbench.runner.preflight import check_suite
+
+    from .conftest import write_suite
+
+    suite = write_suite(tmp_path, llm('revision = "v2"', '["dense"]'))
+    with pytest.raises(SuiteError) as caught:
+        check_suite(load(suite))
+    assert any(p.startswith("model.revision: names a revision of a hub repository, and model.id is a local folder")
+               for p in caught.value.problems)

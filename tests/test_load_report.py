@@ -195,3 +195,23 @@ def test_the_handed_case_stops_before_any_cell_and_an_allowed_head_is_named_ever
     assert all(r["status"] == "ok" and r["model.missing_weights"] == "lm_head.weight" for r in cells)
     summary = (run_dir / "summary.md").read_text()
     assert "lm_head.weight — not in the checkpoint's weights: transformers initialised them at random" in summary
+
+
+def test_a_head_stored_beside_a_tied_config_is_loaded_and_the_record_says_it_is_not_tied(tmp_path):
+    """peft#2777 / transformers#45127: the config ties the head while the weights hold one of their own (a merged
+    adapter): transformers 5 keeps the stored head, so what ran is an untied model, and the record says so."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qbench.cell.readback import _head_tied
+    from qbench.contract import precisions
+
+    def with_head(weights):
+        return {**weights, "lm_head.weight": torch.randn_like(weights["model.embed_tokens.weight"])}
+
+    folder = _copy("builtin:tiny-llama", tmp_path / "stored-head", edit=with_head)
+    assert _report(folder) == models.LoadReport(source=_report(folder).source)  # nothing missing or dropped
+    spec = ModelSpec(id=str(folder))
+    assert _head_tied(models.load_base(AutoModelForCausalLM, str(folder), precisions.get("fp32"), "float32", "cpu", spec)) is False
+    builtin = models.resolve("builtin:tiny-llama")
+    assert _head_tied(models.load_base(AutoModelForCausalLM, builtin, precisions.get("fp32"), "float32", "cpu", ModelSpec(id=builtin))) is True

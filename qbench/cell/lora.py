@@ -93,9 +93,13 @@ def attach(model: torch.nn.Module, suite: Suite, peft_task_type: str | None, see
     return get_peft_model(model, config)
 
 
-def counts(model: torch.nn.Module) -> dict[str, int]:
-    """`params.trainable` (LoRA parameters, and biases if the suite trains them) and `params.lora_modules`."""
+def counts(model: torch.nn.Module) -> dict[str, Any]:
+    """`params.trainable` (LoRA parameters, and biases if the suite trains them), `params.lora_modules`, and
+    `lora.adapter_dtypes`: what the trainable parameters are stored in (peft keeps 16-bit adapters in float32
+    unless told otherwise, whatever the compute dtype)."""
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
     return {
         "params.trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "params.lora_modules": sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A")),
+        "lora.adapter_dtypes": ",".join(dtypes) or None,
     }

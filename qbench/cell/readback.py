@@ -21,6 +21,7 @@ def inspect_base(model: torch.nn.Module, precision: Precision, suite: Suite, mod
     from qbench.cell.measure import weight_error, weights
 
     fields.update(models.placement(model))
+    fields["model.output_embeddings_tied"] = _head_tied(model)
     fields["bnb.cpu_weight_packing_disabled_layers"] = models.disable_bnb_cpu_weight_packing(model)
     fields.update(weights.read_format(model))
     fields.update(weights.account_base(model))
@@ -46,6 +47,18 @@ def inspect_trained_base(model: torch.nn.Module, precision: Precision, suite: Su
     weights.check_format(model, precision, _dtype(model, compute_dtype or suite.compute_dtype),
                          stage=f'after the prepare phase (train.prepare = "{suite.train.prepare}")',
                          llm_int8_threshold=suite.quantization.llm_int8_threshold)
+
+
+def _head_tied(model: torch.nn.Module) -> bool | None:
+    """Whether the output head is the input embedding's tensor as loaded (a config's tie_word_embeddings says what
+    was meant; a checkpoint that stores both keeps them apart), None for a model without both."""
+    try:
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if head is None or embedding is None or not hasattr(head, "weight") or not hasattr(embedding, "weight"):
+        return None
+    return head.weight is embedding.weight or head.weight.data_ptr() == embedding.weight.data_ptr()
 
 
 def _dtype(model: torch.nn.Module, setting: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qbench.cell.data.lines import DataError
@@ -226,6 +227,9 @@ def _check_model(loaded: LoadedSuite) -> tuple[list[str], _Model | None]:
     except Exception as error:  # e.g. a malformed hub id: one line, never a traceback
         return [f"model.id: cannot find model {suite.model.id!r} ({type(error).__name__}: {error})"], None
     problems = []
+    if suite.model.revision is not None and Path(path).is_dir():
+        problems.append(f"model.revision: names a revision of a hub repository, and model.id is a local folder ({path}), "
+                        "which is loaded as it is: the revision would not be used (leave it out)")
     folder = None
     try:
         folder = models.checkpoint_folder(path, suite.model.revision)
