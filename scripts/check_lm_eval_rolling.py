@@ -66,12 +66,13 @@ def qbench_rolling(args: argparse.Namespace):
     return model, task.tokenizer, eval_text, nll, task.windows.scored_tokens, evaluation.metrics["perplexity"]
 
 
-def lm_eval_rolling(model, tokenizer, text: str, window: int, batch: int) -> tuple[float, int]:
+def lm_eval_rolling(model, tokenizer, text: str, window: int, batch: int, softmax_dtype: str | None) -> tuple[float, int]:
     """(summed NLL, scored tokens) from lm-evaluation-harness's HFLM.loglikelihood_rolling over `text` as one document."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=window, batch_size=batch, device="cpu")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=window, batch_size=batch, device="cpu",
+              softmax_dtype=softmax_dtype)
     (loglikelihood,) = lm.loglikelihood_rolling(
         [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)], disable_tqdm=True)
     return -loglikelihood, len(lm.tok_encode(text))
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", choices=tuple(DENSE), default="float32")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest relative difference of the perplexities")
+    parser.add_argument("--softmax-dtype", default="float32",
+                        help="lm-eval's softmax_dtype: float32 scores as qbench does (a float32 log-softmax of the logits); "
+                             "'model' keeps lm-eval's default, the model's dtype, whose bf16 sums round each window's NLL")
     args = parser.parse_args(argv)
     try:
         import lm_eval  # noqa: F401
@@ -92,12 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         print("lm_eval is not installed in this Python (see this script's docstring)", file=sys.stderr)
         return 2
     model, tokenizer, text, ours_nll, ours_tokens, ours_ppl = qbench_rolling(args)
-    theirs_nll, theirs_tokens = lm_eval_rolling(model, tokenizer, text, args.window, args.batch)
+    softmax = None if args.softmax_dtype == "model" else args.softmax_dtype
+    theirs_nll, theirs_tokens = lm_eval_rolling(model, tokenizer, text, args.window, args.batch, softmax)
     theirs_ppl = math.exp(theirs_nll / theirs_tokens)
     difference = abs(ours_ppl - theirs_ppl) / theirs_ppl
     print(f"model {args.model} ({args.dtype}), builtin:{args.data} held-out text, window {args.window}")
     print(f"qbench eval.protocol = rolling: NLL {ours_nll:.6f} over {ours_tokens} tokens, perplexity {ours_ppl:.6f}")
-    print(f"lm-eval loglikelihood_rolling:  NLL {theirs_nll:.6f} over {theirs_tokens} tokens, perplexity {theirs_ppl:.6f}")
+    print(f"lm-eval loglikelihood_rolling (softmax_dtype {args.softmax_dtype}):  NLL {theirs_nll:.6f} over {theirs_tokens} tokens, perplexity {theirs_ppl:.6f}")
     print(f"relative difference {difference:.2e} (tolerance {args.tolerance:.0e})")
     return 0 if ours_tokens == theirs_tokens and difference <= args.tolerance else 1
 
