@@ -29,8 +29,8 @@ _dropped = set(os.environ.get("QBENCH_TEST_DROP_QUANTIZATION", "").split(","))
 _original = models.quantization_config
 
 
-def _without_quantization(precision, compute_dtype):
-    return None if precision.name in _dropped else _original(precision, compute_dtype)
+def _without_quantization(precision, compute_dtype, **settings):
+    return None if precision.name in _dropped else _original(precision, compute_dtype, **settings)
 
 
 models.quantization_config = _without_quantization

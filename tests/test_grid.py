@@ -50,7 +50,9 @@ def test_a_suite_without_new_axes_keeps_its_cells_and_ids():
     # every cell still carries the values of the axes the suite fixes: they reach the record
     cell = clip_suite.cells()[0]
     assert cell.values() == {"precision": "dense", "optimizer": "adamw", "lora_r": 16, "batch_size": 32, "max_length": 16,
-                             "gradient_checkpointing": False, "lora_init": "kaiming", "use_dora": False, "seed": 0}
+                             "gradient_checkpointing": False, "lora_init": "kaiming", "use_dora": False,
+                             "llm_int8_threshold": None, "seed": 0}
+    assert clip_suite.cells()[1].values()["llm_int8_threshold"] == 6.0  # the int8 arm's, by default bitsandbytes' 6.0
     assert clip_suite.for_cell(cell).suite == clip_suite.suite
 
 
@@ -77,6 +79,7 @@ def test_each_cell_runs_the_suite_with_its_axis_values_in_the_settings_they_over
         "precision": "bf16", "config.train.optimizer": "adamw8bit", "config.lora.r": 8, "config.train.batch_size": 4,
         "config.train.max_length": 64, "config.train.gradient_checkpointing": False, "config.lora.init": "kaiming",
         "config.lora.use_dora": False, "seed": 0,
+        "precision.llm_int8_threshold": None,  # an axis of int8 arms only
     }
 
 
@@ -209,7 +212,7 @@ def test_each_cell_process_gets_its_axes_and_a_dead_cells_record_still_names_the
                                       "nf4-adamw8bit-bs4-seed0"])
     assert records["bf16-adamw8bit-bs4-seed0"]["test.axes"] == {
         "optimizer": "adamw8bit", "lora_r": 16, "batch_size": 4, "max_length": 16, "gradient_checkpointing": False,
-        "lora_init": "kaiming", "use_dora": False}
+        "lora_init": "kaiming", "use_dora": False, "llm_int8_threshold": None}
     crashed = records["nf4-adamw8bit-bs4-seed0"]
     assert crashed["error_type"] == "ChildProcessDied"
     assert (crashed["config.train.optimizer"], crashed["config.train.batch_size"], crashed["config.lora.r"]) == ("adamw8bit", 4, 16)
@@ -217,7 +220,7 @@ def test_each_cell_process_gets_its_axes_and_a_dead_cells_record_still_names_the
     assert manifest["where"] == {"batch_size": [4]}
     assert manifest["cells"][1] == {"cell_id": "bf16-adamw8bit-bs4-seed0", "precision": "bf16", "seed": 0, "axes": {
         "optimizer": "adamw8bit", "lora_r": 16, "batch_size": 4, "max_length": 16, "gradient_checkpointing": False,
-        "lora_init": "kaiming", "use_dora": False}}
+        "lora_init": "kaiming", "use_dora": False, "llm_int8_threshold": None}}
 
     # resume rebuilds the grid's cells from run.json and runs only the two that died
     fake_cells.delenv("FAKE_CELL_CRASH")

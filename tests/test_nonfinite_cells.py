@@ -147,7 +147,6 @@ id = "builtin:tiny-llama"
 [data]
 kind = "builtin"
 name = "pydoc"
-num_workers = 2
 [lora]
 r = 4
 alpha = 8

@@ -100,7 +100,7 @@ def test_peak_memory_table_has_every_source_and_missing_ones_stay_missing():
     ]
     overall = tables.peak_memory_table(pd.DataFrame(records))
     assert list(overall.columns) == ["NVML process MiB", "NVML device MiB", "torch allocated MiB", "torch reserved MiB",
-                                     "PSS MiB", "RSS MiB", "base weights MiB"]
+                                     "PSS MiB", "PSS as forked MiB", "RSS MiB", "base weights MiB"]
     assert pd.isna(overall.loc["nf4", "PSS MiB"])  # a record from before PSS: missing, not zero
     assert overall.loc["nf4", "torch allocated MiB"] == pytest.approx(100.0)
     assert pd.isna(overall.loc["nf4", "NVML process MiB"]) and pd.isna(overall.loc["nf4", "torch reserved MiB"])

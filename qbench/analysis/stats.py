@@ -69,6 +69,8 @@ def _label(values: tuple[object, ...], columns: list[str]) -> str:
     parts = [str(values[0])]
     for column, value in zip(columns[1:], values[1:], strict=True):
         axis = next(a for a in grid.SETTING_AXES if a.record_key == column)
+        if (value is None or value != value) and not axis.applies_to(str(values[0])):  # None, or NaN in a float column
+            continue  # an axis of another kind of precision (LLM.int8's threshold of a dense arm): nothing to name
         parts.append("?" if value is None else axis.id_part(value))
     return " ".join(parts)
 
@@ -122,6 +124,9 @@ def baseline_arms(frame: pd.DataFrame) -> pd.Series:
     is_base = plain["precision"] == baseline
     fixed = {c: plain.loc[is_base, c].dropna().unique() for c in columns[1:]}
     fixed = {c: values[0] for c, values in fixed.items() if len(values) == 1}
+    # an axis the baseline precision has no value on (LLM.int8's threshold when the baseline is dense): none
+    fixed.update({axis.record_key: None for axis in grid.SETTING_AXES
+                  if axis.record_key in columns and not axis.applies_to(baseline)})
     present = set(arms(frame)[is_base])
     labels = []
     for row in plain.itertuples(index=False):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -161,6 +163,151 @@ def unsafe_weights_problem(folder: Path | str, safetensors_only: bool) -> str | 
     return None
 
 
+class UnloadedWeights(ValueError):
+    """The checkpoint does not fill the model it names: parameters missing from its weights (transformers would
+    initialise them at random), tensors the model has no place for (dropped), or shapes that differ."""
+
+
+# how many names a one-line message lists before it says how many more there are
+SHOWN_NAMES = 5
+
+
+def _names(names: tuple[str, ...]) -> str:
+    shown = ", ".join(names[:SHOWN_NAMES])
+    return shown + (f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else "")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """transformers' load report of a checkpoint into its model (`from_pretrained(..., output_loading_info=True)`):
+    parameters it had to initialise because the weights lack them (tied weights, which it fills from their source,
+    are not among them), checkpoint tensors it dropped, and tensors whose shape differs from the model's."""
+
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mismatched: tuple[str, ...] = ()  # "name: (checkpoint shape) in the weights, (model shape) in the model"
+    source: str = "transformers' load report (from_pretrained, output_loading_info=True)"
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any], source: str | None = None) -> LoadReport:
+        mismatched = []
+        for entry in info.get("mismatched_keys") or ():
+            name, *shapes = entry if isinstance(entry, tuple) else (entry,)
+            shown = [tuple(int(n) for n in shape) for shape in shapes]
+            mismatched.append(f"{name}: {shown[0]} in the weights, {shown[1]} in the model" if len(shown) == 2 else str(name))
+        return cls(tuple(sorted(info.get("missing_keys") or ())), tuple(sorted(info.get("unexpected_keys") or ())),
+                   tuple(sorted(mismatched)), source or cls.source)
+
+    def record(self) -> dict[str, Any]:
+        """`model.missing_weights` / `unexpected_weights` / `mismatched_weights` (names, comma-separated; None when
+        there are none), their counts, and where the report came from."""
+        fields: dict[str, Any] = {"model.load_report": self.source}
+        for what in ("missing", "unexpected", "mismatched"):
+            names = getattr(self, what)
+            fields[f"model.{what}_weights"] = ",".join(names) if names else None
+            fields[f"model.{what}_weights_count"] = len(names)
+        return fields
+
+    def problems(self, spec: ModelSpec, folder: Path | str, config: Any = None) -> list[str]:
+        """One line per kind of load problem the suite does not allow (`model.allow_missing_weights`,
+        `model.allow_unexpected_weights`: fnmatch patterns of parameter names); shapes that differ are never allowed."""
+        problems = []
+        missing = tuple(n for n in self.missing if not any(fnmatchcase(n, p) for p in spec.allow_missing_weights))
+        if missing:
+            shown = ", ".join(f'"{n}"' for n in missing[:SHOWN_NAMES])
+            problems.append(
+                f"model.id: {folder}: {_names(missing)} {'is' if len(missing) == 1 else 'are'} not in the checkpoint's "
+                f"weights, so transformers would initialise {'it' if len(missing) == 1 else 'them'} at random"
+                f"{_untied_head_hint(missing, config)}; fix the checkpoint, or set model.allow_missing_weights = "
+                f"[{shown}] to benchmark the model so (every record and report then names them)")
+        unexpected = tuple(n for n in self.unexpected if not any(fnmatchcase(n, p) for p in spec.allow_unexpected_weights))
+        if unexpected:
+            shown = ", ".join(f'"{n}"' for n in unexpected[:SHOWN_NAMES])
+            problems.append(
+                f"model.id: {folder}: the checkpoint's weights hold {_names(unexpected)}, which the model "
+                f"({type(config).__name__ if config is not None else 'its config'}) has no place for, so transformers "
+                f"would drop {'it' if len(unexpected) == 1 else 'them'}; is model.id the checkpoint you meant? Set "
+                f"model.allow_unexpected_weights = [{shown}] to benchmark it without them")
+        if self.mismatched:
+            problems.append(f"model.id: {folder}: shapes differ between the weights and the model that config.json "
+                            f"describes: {_names(self.mismatched)}; transformers refuses to load them")
+        return problems
+
+
+def _untied_head_hint(missing: tuple[str, ...], config: Any) -> str:
+    """Why an output head is missing when the config unties it (transformers#43429: weights that hold only the embedding)."""
+    text = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    if text is None or getattr(text, "tie_word_embeddings", None) is not False:
+        return ""
+    if not any(n.split(".")[-2:-1] in (["lm_head"], ["output"], ["embed_out"]) for n in missing):
+        return ""
+    return " (config.json says tie_word_embeddings = false, so the head is not filled from the input embedding)"
+
+
+# safetensors dtype names -> torch dtype names; the shapes are what a load report needs, so an unknown dtype reads as float32
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def safetensors_header(path: Path | str) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {"dtype", "shape"} from a safetensors file's header, without reading any tensor."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if size > SAFETENSORS_MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: safetensors header of {size:,} bytes")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def checkpoint_load_report(model_class: type, config: Any, folder: Path | str, spec: ModelSpec) -> LoadReport | None:
+    """transformers' own load report of the checkpoint in `folder` into `model_class` (the concrete class, not an Auto
+    class), made without reading a weight: every tensor of the safetensors headers stands on the meta device, and
+    transformers matches, renames and ties them as it would the real ones. None when the weights are not there to
+    read (a hub snapshot not downloaded yet, pickle weights): the cell reads the report of its real load."""
+    folder = Path(folder)
+    try:
+        names = weight_files(folder, spec.safetensors_only)
+    except ValueError:
+        return None
+    if not names or not all(n.endswith(".safetensors") and (folder / n).is_file() for n in names):
+        return None
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    state_dict = {}
+    for name in names:
+        for key, entry in safetensors_header(folder / name).items():
+            dtype = getattr(torch, SAFETENSORS_DTYPES.get(str(entry.get("dtype")), "float32"), torch.float32)
+            state_dict[key] = torch.empty(tuple(entry.get("shape") or ()), dtype=dtype, device="meta")
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # its LOAD REPORT table is ours to render
+    hf_logging.disable_progress_bar()
+    try:
+        _, info = model_class.from_pretrained(
+            None, config=config, state_dict=state_dict, device_map="meta", output_loading_info=True, use_kernels=False,
+            ignore_mismatched_sizes=True, trust_remote_code=spec.trust_remote_code,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    return LoadReport.from_info(info, f"transformers' load report of the weights' headers ({', '.join(names)}), read before the run")
+
+
+def unquantized_missing(model: Any, report: LoadReport) -> list[str]:
+    """Missing parameters that sit in a bitsandbytes layer: transformers initialises them after bitsandbytes
+    quantized the others, so the layer holds an unquantized tensor its forward cannot use."""
+    modules = dict(model.named_modules())
+    found = []
+    for name in report.missing:
+        module = modules.get(name.rpartition(".")[0])
+        if module is not None and type(module).__module__.startswith("bitsandbytes"):
+            found.append(name)
+    return found
+
+
 def checkpoint_folder(path: str, revision: str | None = None) -> Path | None:
     """The folder holding a checkpoint's files: the local folder, or the hub cache snapshot if cached."""
     if Path(path).is_dir():
@@ -298,8 +445,35 @@ def placement(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def load_base(model_class: type[PreTrainedModel], path: str, precision: Precision, compute_dtype: str, device: str,
-              spec: ModelSpec) -> PreTrainedModel:
-    """Load the frozen base in `precision` with transformers; bitsandbytes quantizes while loading.
+              spec: ModelSpec, *, llm_int8_threshold: float = LLM_INT8_THRESHOLD) -> PreTrainedModel:
+    """Load the frozen base in `precision` (see `load_base_reported`); UnloadedWeights when transformers' load report
+    names weights the suite does not allow to be missing or dropped."""
+    model, report = load_base_reported(model_class, path, precision, compute_dtype, device, spec,
+                                       llm_int8_threshold=llm_int8_threshold)
+    check_load_report(model, report, spec, path)
+    return model
+
+
+def check_load_report(model: Any, report: LoadReport, spec: ModelSpec, path: str) -> None:
+    """UnloadedWeights, in one line, for what the suite does not allow, and for an allowed missing weight of a layer
+    bitsandbytes quantized (its forward would fail later with an AttributeError)."""
+    problems = report.problems(spec, path, getattr(model, "config", None))
+    if problems:
+        raise UnloadedWeights(" | ".join(problems))
+    stuck = unquantized_missing(model, report)
+    if stuck:
+        raise UnloadedWeights(
+            f"{path}: {_names(tuple(stuck))} {'is' if len(stuck) == 1 else 'are'} missing from the checkpoint's weights "
+            "and sit in a layer bitsandbytes quantizes: transformers initialises a missing weight after the others "
+            "were quantized, so the layer cannot run (model.allow_missing_weights allows missing weights of layers "
+            "the precision keeps dense only)")
+
+
+def load_base_reported(model_class: type[PreTrainedModel], path: str, precision: Precision, compute_dtype: str,
+                       device: str, spec: ModelSpec, *, llm_int8_threshold: float = LLM_INT8_THRESHOLD
+                       ) -> tuple[PreTrainedModel, LoadReport]:
+    """Load the frozen base in `precision` with transformers (bitsandbytes quantizes while loading), with
+    transformers' load report of it: what it initialised, dropped or could not fit.
 
     Under `spec.safetensors_only` the checkpoint's files are checked before (UnsafeWeights) and torch.load
     is refused while loading, so no pickle is opened whatever transformers picks."""
@@ -312,17 +486,18 @@ def load_base(model_class: type[PreTrainedModel], path: str, precision: Precisio
 
     compute_dtype = resolve(compute_dtype, device)  # "auto" from a caller that did not decide it yet
     with pickle_loading_refused(path) if spec.safetensors_only else nullcontext():
-        model = model_class.from_pretrained(
+        model, info = model_class.from_pretrained(
             path,
             revision=spec.revision,
             dtype=storage_dtype(precision, compute_dtype),
-            quantization_config=quantization_config(precision, compute_dtype),
+            quantization_config=quantization_config(precision, compute_dtype, llm_int8_threshold=llm_int8_threshold),
             device_map=device_map_for(device, spec.device_map),
             use_safetensors=True if spec.safetensors_only else None,
             trust_remote_code=spec.trust_remote_code,
+            output_loading_info=True,
         )
     model.requires_grad_(False)
-    return model
+    return model, LoadReport.from_info(info)
 
 
 def loaded_weight_files(path: str, spec: ModelSpec) -> dict[str, Any]:
@@ -364,15 +539,16 @@ def storage_dtype(precision: Precision, compute_dtype: str) -> Any:
     return getattr(torch, precision.dense_dtype or compute_dtype)
 
 
-def quantization_config(precision: Precision, compute_dtype: str) -> Any:
-    """The transformers `BitsAndBytesConfig` that loads the base in `precision`'s format, or None for a dense base."""
+def quantization_config(precision: Precision, compute_dtype: str, *, llm_int8_threshold: float = LLM_INT8_THRESHOLD) -> Any:
+    """The transformers `BitsAndBytesConfig` that loads the base in `precision`'s format, or None for a dense base
+    (`llm_int8_threshold`: LLM.int8's outlier threshold, for int8)."""
     if precision.kind == "dense":
         return None
     import torch
     from transformers import BitsAndBytesConfig
 
     if precision.kind == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=LLM_INT8_THRESHOLD)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=llm_int8_threshold)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=precision.quant_type,

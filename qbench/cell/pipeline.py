@@ -152,9 +152,13 @@ def config_fields(suite: Suite, precision: Precision, compute_dtype: str | None 
     return {
         "config.compute_dtype": compute_dtype,
         "config.device_map": suite.model.device_map,
+        # a setting of how the data reaches the model, not of the data: the order is the seed's whatever it is
+        # (qbench.cell.tasks.clip.EpochOrder), but worker processes add their memory to the cell's tree
+        "config.data.num_workers": suite.data.num_workers,
+        "config.eval.protocol": suite.eval.protocol if suite.task == "causal_lm" else None,
         **{f"config.lora.{k}": (",".join(v) if isinstance(v, tuple) else v) for k, v in suite.lora.model_dump().items()},
         **{f"config.train.{k}": v for k, v in suite.train.model_dump().items()},
-        **{f"precision.{k}": v for k, v in precision.settings(compute_dtype).items()},
+        **{f"precision.{k}": v for k, v in precision.settings(compute_dtype, suite.quantization.llm_int8_threshold).items()},
     }
 
 
@@ -225,6 +229,7 @@ class CellRun:
             self.use_compute(ComputeChoice(**{**spec.compute, "emulated": tuple(spec.compute.get("emulated", ()))}))
         self.tracker: MemoryTracker | None = None
         self.timer: StepTimer | None = None
+        self.param_names: dict[int, str] = {}  # id(parameter) -> its name, for what the record says of parameters
         self.losses: list[float] = []  # every optimizer step's loss, for the record's loss curve
 
     def update(self, fields: dict[str, Any]) -> None:
@@ -312,11 +317,16 @@ class CellRun:
         emit("step", step=step, total=self.suite.train.steps, loss=loss)
 
     def on_first_step(self, optimizer: Any) -> None:
-        """What optimizer was built and its exact state bytes, read once its state exists."""
+        """What optimizer was built and its exact state bytes, read once its state exists; and which trainable
+        parameters the first step's backward pass left without a gradient (adapters outside the loss's graph
+        train nothing, whatever the suite says)."""
         from qbench.cell.measure import optimizer_state
         from qbench.contract import optimizers
 
         self.record.update(optimizer_state.describe(optimizer, optimizers.get(self.suite.train.optimizer), self.device))
+        idle = [self.param_names.get(id(p), "?") for group in optimizer.param_groups for p in group["params"] if p.grad is None]
+        self.record["train.params_without_grad"] = len(idle)
+        self.record["train.params_without_grad_names"] = ",".join(idle[:20]) or None
 
     @contextmanager
     def recorded(self) -> Iterator[None]:
@@ -361,12 +371,13 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         from qbench.cell.measure.timing import StepTimer
         from qbench.cell.tasks import get_task
         from qbench.cell.train import train
-        from qbench.machine import compute, environment
+        from qbench.machine import compute, environment, kernels
 
         cell.imported()
         if cell.compute is None:  # run alone (not by the runner): decide here, as the runner would
             cell.use_compute(compute.choose_here(suite.compute_dtype, cell.device, precisions.dense_dtypes([cell.precision.name])))
         cell.update(environment.describe(cell.device))
+        cell.update(kernels.describe())
         torch.manual_seed(seed)
         model_path = models.resolve(suite.model.id, cell.loaded.path.parent, suite.model.revision)
         cell.update({"model_path": model_path, **models.checkpoint_origin(model_path)})
@@ -377,6 +388,8 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 
         with cell.phase("data"):
             cell.update(task.prepare_data())
+        if hasattr(task, "contrastive_fields"):
+            cell.update(task.contrastive_fields())
         calibration = partial(calibration_inputs, task, seed)  # what a data-driven init (eva, corda) reads
 
         # an init that decomposes the full-precision checkpoint (pissa, corda, loftq) rewrites the base first;
@@ -388,10 +401,15 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
                     task.model_class, model_path, suite, cell.precision, task.peft_task_type, cell.device, seed, work, calibration)
             cell.update(fields)
         with cell.phase("load", process_baseline=True):  # the runtime before the model: what no format changes
-            model = models.load_base(task.model_class, str(base_path), cell.precision, cell.compute_dtype, cell.device, suite.model)
+            model, load_report = models.load_base_reported(
+                task.model_class, str(base_path), cell.precision, cell.compute_dtype, cell.device, suite.model,
+                llm_int8_threshold=suite.quantization.llm_int8_threshold)
+        cell.update(load_report.record())  # what transformers initialised or dropped, allowed or not
+        models.check_load_report(model, load_report, suite.model, str(base_path))
         cell.update(models.loaded_weight_files(model_path, suite.model))  # what the base was loaded from
         with cell.timed("readback"):  # the arm is what its name says
             readback.inspect_base(model, cell.precision, suite, str(base_path), cell.record, cell.compute_dtype)
+            cell.update(readback.kernel_paths(model, cell.precision, cell.device))
         with cell.phase("prepare"):
             model = lora.prepare(model, suite)
             if initial_adapter is not None:
@@ -402,6 +420,8 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
             initial_adapter = work / full_precision_inits.INITIAL_ADAPTER_FOLDER
             lora.save_initial(model, initial_adapter)
         cell.update(lora.counts(model))
+        cell.update(lora.checkpointing_fields(model, suite))
+        cell.param_names = {id(param): name for name, param in model.named_parameters()}
         with cell.timed("readback"):  # still what its name says? and how far the initialised adapter is from W
             readback.inspect_trained_base(model, cell.precision, suite, cell.record, cell.compute_dtype)
             cell.update(init_error.measure(model, model_path, cell.precision, cell.compute_dtype, suite.model.revision))
@@ -419,13 +439,15 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
                 torch.manual_seed(seed)  # the same dropout masks and data order in every arm
                 cell.timer = StepTimer(suite.train.untimed_steps, cuda=cell.device.startswith("cuda"))
                 result = train(model, task.train_batches(seed), task.loss, suite.train, cell.timer,
-                               on_step=cell.on_step, on_first_step=cell.on_first_step)
+                               on_step=cell.on_step, on_first_step=cell.on_first_step,
+                               accumulate=getattr(task, "accumulate", lambda: None)())
             cell.update({"train.first_loss": result.first_loss, "train.final_loss": result.final_loss})
             cell.update(contention_fields(cell.measured()))
 
             with cell.phase("eval_after"):
                 unmerged = task.evaluate(model)
             cell.update(unmerged.record("eval_after"))
+        cell.update(readback.kernel_paths(model, cell.precision, cell.device))  # as it ran: evaluation may repack
         with cell.timed("adapter_save"):
             kept = cell.adapter_folder()
             cell.update(lora.save_adapter(model, kept or work / "adapter", suite, initial_adapter))

@@ -42,6 +42,28 @@ class TrainResult:
     losses: list[float]
 
 
+# one optimizer step's backward passes over its micro-batches: returns (the step's loss, samples, tokens)
+Accumulate = Callable[[torch.nn.Module, Iterator[Batch]], tuple[float, int, int]]
+
+
+def mean_of_micro_batches(loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor], micro_batches: int) -> Accumulate:
+    """Gradient accumulation as every trainer does it: each micro-batch's loss over `micro_batches`, backward one
+    micro-batch at a time (a contrastive loss then sees only its own micro-batch's negatives)."""
+
+    def step(model: torch.nn.Module, batches: Iterator[Batch]) -> tuple[float, int, int]:
+        step_loss, samples, tokens = 0.0, 0, 0
+        for _ in range(micro_batches):
+            batch = next(batches)
+            loss = loss_fn(model, batch) / micro_batches
+            loss.backward()
+            step_loss += loss.item()
+            samples += batch.samples
+            tokens += batch.tokens
+        return step_loss, samples, tokens
+
+    return step
+
+
 def build_optimizer(chosen: optimizers.Optimizer, params: Iterable[torch.nn.Parameter], lr: float,
                     weight_decay: float) -> torch.optim.Optimizer:
     """`chosen` (a registry entry of qbench.contract.optimizers) over `params` with the suite's learning rate and
@@ -62,10 +84,12 @@ def train(
     timer: StepTimer,
     on_step: Callable[[int, float], None] = lambda step, loss: None,
     on_first_step: Callable[[torch.optim.Optimizer], None] = lambda optimizer: None,
+    accumulate: Accumulate | None = None,
 ) -> TrainResult:
     """Run `config.steps` optimizer steps of `config.optimizer` (a name of `qbench.contract.optimizers`,
-    AdamW by default) with a transformers schedule and gradient accumulation. `on_first_step` sees the
-    optimizer once, right after its first step, when its state exists."""
+    AdamW by default) with a transformers schedule and gradient accumulation over `config.grad_accum`
+    micro-batches (`accumulate`: how a task accumulates, by default `mean_of_micro_batches`). `on_first_step`
+    sees the optimizer once, right after its first step, when its state exists."""
     from transformers import get_scheduler
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -74,18 +98,12 @@ def train(
     scheduler = get_scheduler(
         config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps
     )
+    accumulate = accumulate or mean_of_micro_batches(loss_fn, config.grad_accum)
     model.train()
     losses: list[float] = []
     for step in range(config.steps):
         timer.start()
-        step_loss, samples, tokens = 0.0, 0, 0
-        for _ in range(config.grad_accum):
-            batch = next(batches)
-            loss = loss_fn(model, batch) / config.grad_accum
-            loss.backward()
-            step_loss += loss.item()
-            samples += batch.samples
-            tokens += batch.tokens
+        step_loss, samples, tokens = accumulate(model, batches)
         if not math.isfinite(step_loss):
             raise NonFiniteLoss(f"training loss is {step_loss} at step {step + 1}")
         if config.max_grad_norm is not None:

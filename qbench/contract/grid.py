@@ -1,11 +1,15 @@
 """The suite's grid: its axes (precision, optimizer, LoRA rank, batch size, sequence length, gradient
-checkpointing, LoRA init, DoRA, seed), the cells they span, their ids, and filters over them (`--only`, `--where`).
+checkpointing, LoRA init, DoRA, LLM.int8's outlier threshold, seed), the cells they span, their ids, and filters
+over them (`--only`, `--where`).
 
 Each axis is named in one place here: the `[matrix]` key that lists its values, the suite setting a
 value overrides, the record column that holds it, and how a cell id names it. A cell's id names the
 precision, every other axis with more than one value in the matrix, and the seed, so a suite without
 the newer axes keeps its ids (`bf16-seed0`) and a grid's ids say where each cell sits
 (`nf4-dq-adamw8bit-bs4-len64-seed0`).
+
+An axis may be a setting of one kind of precision only (LLM.int8's outlier threshold): a cell of another
+kind has no value on it (None), takes no part of the axis in its id, and is not repeated per value.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from qbench.contract import precisions
 
 
 @dataclass(frozen=True)
@@ -26,11 +32,25 @@ class Axis:
     record_key: str  # the record column holding a cell's value
     setting: tuple[str, str] | None  # (section, key) of the suite a value overrides; None: precision and seed
     id_prefix: str  # a cell id names a value as prefix + value ("r16", "bs4"); a bool as prefix or "no" + prefix
-    kind: type  # str, int or bool
+    kind: type  # str, int, float or bool
+    precision_kind: str | None = None  # the precision kind (qbench.contract.precisions) it is a setting of; None: all
+
+    def applies_to(self, precision: str) -> bool:
+        """Whether a cell of `precision` has a value on this axis (an unknown name: as if it had)."""
+        if self.precision_kind is None:
+            return True
+        known = precisions.REGISTRY.get(precision)
+        return known is None or known.kind == self.precision_kind
 
     def id_part(self, value: Any) -> str:
+        """How a cell id names `value` ("" for None or NaN, as a table holds None: a cell whose precision the axis
+        does not apply to)."""
+        if value is None or (isinstance(value, float) and value != value):
+            return ""
         if self.kind is bool:
             return self.id_prefix if value else f"no{self.id_prefix}"
+        if self.kind is float:
+            return f"{self.id_prefix}{float(value):g}"
         return f"{self.id_prefix}{value}"
 
     def parse(self, text: str) -> Any:
@@ -47,6 +67,11 @@ class Axis:
                 return int(text)
             except ValueError:
                 raise ValueError(f"{self.name}: {text!r} is not an integer") from None
+        if self.kind is float:
+            try:
+                return float(text)
+            except ValueError:
+                raise ValueError(f"{self.name}: {text!r} is not a number") from None
         return text
 
 
@@ -62,6 +87,8 @@ AXES: tuple[Axis, ...] = (
     # how the adapter starts (qbench.contract.inits) and whether it is DoRA: `nf4-dq-pissa-dora-seed0`
     Axis("lora_init", "lora_inits", "config.lora.init", ("lora", "init"), "", str),
     Axis("use_dora", "use_dora", "config.lora.use_dora", ("lora", "use_dora"), "dora", bool),
+    Axis("llm_int8_threshold", "llm_int8_threshold", "precision.llm_int8_threshold",
+         ("quantization", "llm_int8_threshold"), "t", float, precision_kind="int8"),
     Axis("seed", "seeds", "seed", None, "seed", int),
 )
 BY_NAME = {axis.name: axis for axis in AXES}
@@ -92,7 +119,7 @@ class Cell:
     def id(self) -> str:
         """`<precision>[-<axis value>...]-seed<seed>`: stable and safe as a file name."""
         others = [BY_NAME[name].id_part(value) for name, value in self.axes if name in self.named]
-        return "-".join([self.precision, *others, f"seed{self.seed}"])
+        return "-".join([self.precision, *filter(None, others), f"seed{self.seed}"])
 
     def values(self) -> dict[str, Any]:
         """Every axis value of the cell by axis name, precision and seed included."""
@@ -139,11 +166,16 @@ def cells(suite: Any, seeds: tuple[int, ...] | None = None, where: Mapping[str, 
     axis_values = values(suite, seeds)
     named = varying(suite)
     others = [axis.name for axis in SETTING_AXES]
-    kept = []
+    kept: list[Cell] = []
+    seen: set[Cell] = set()
     for seed, precision, *rest in itertools.product(
         axis_values["seed"], axis_values["precision"], *(axis_values[name] for name in others)
     ):
-        cell = Cell(precision, seed, tuple(zip(others, rest, strict=True)), named)
+        values_here = tuple((name, value if BY_NAME[name].applies_to(precision) else None) for name, value in zip(others, rest, strict=True))
+        cell = Cell(precision, seed, values_here, named)
+        if cell in seen:  # the same cell again along an axis its precision has no value on
+            continue
+        seen.add(cell)
         point = cell.values()
         if any(matches(point, exclusion) for exclusion in suite.matrix.exclude):
             continue
@@ -157,8 +189,10 @@ def cell_from_values(suite: Any, point: Mapping[str, Any]) -> Cell:
     """The cell at `point` (axis name -> value; axes it lacks take the suite's setting), named as the suite
     names its cells; used to rebuild the cells a run.json recorded."""
     axis_values = values(suite)
-    others = tuple((axis.name, point.get(axis.name, axis_values[axis.name][0])) for axis in SETTING_AXES)
-    return Cell(str(point["precision"]), int(point["seed"]), others, varying(suite))
+    precision = str(point["precision"])
+    others = tuple((axis.name, point.get(axis.name, axis_values[axis.name][0]) if axis.applies_to(precision) else None)
+                   for axis in SETTING_AXES)
+    return Cell(precision, int(point["seed"]), others, varying(suite))
 
 
 def at(suite: Any, cell: Cell) -> Any:
@@ -166,6 +200,8 @@ def at(suite: Any, cell: Cell) -> Any:
     train.batch_size, ...), validated like the suite file's own values."""
     changes: dict[str, dict[str, Any]] = {}
     for name, value in cell.axes:
+        if value is None:  # an axis the cell's precision has no value on: the suite's setting stands
+            continue
         section, key = BY_NAME[name].setting
         changes.setdefault(section, {})[key] = value
     updated = {}

@@ -32,15 +32,16 @@ class Precision:
         """The bitsandbytes module class the loaded base's linears must have, or None for dense."""
         return {"dense": None, "int8": "Linear8bitLt", "4bit": "Linear4bit"}[self.kind]
 
-    def settings(self, compute_dtype: str | None = None) -> dict[str, object]:
-        """Flat, JSON-friendly description for the record (`dense_dtype` of the `dense` arm: the compute dtype)."""
+    def settings(self, compute_dtype: str | None = None, llm_int8_threshold: float = LLM_INT8_THRESHOLD) -> dict[str, object]:
+        """Flat, JSON-friendly description for the record (`dense_dtype` of the `dense` arm: the compute dtype;
+        `llm_int8_threshold`: the suite's quantization.llm_int8_threshold, recorded for int8 only)."""
         return {
             "kind": self.kind,
             "dense_dtype": (self.dense_dtype or compute_dtype) if self.kind == "dense" else None,
             "quant_type": self.quant_type,
             "double_quant": self.double_quant,
             "blocksize": BNB_4BIT_BLOCKSIZE if self.kind == "4bit" else None,
-            "llm_int8_threshold": LLM_INT8_THRESHOLD if self.kind == "int8" else None,
+            "llm_int8_threshold": float(llm_int8_threshold) if self.kind == "int8" else None,
         }
 
 
@@ -61,7 +62,8 @@ REGISTRY: dict[str, Precision] = {
         Precision("bf16", "dense", "unquantized bfloat16 base", dense_dtype="bfloat16"),
         Precision("fp16", "dense", "unquantized float16 base", dense_dtype="float16"),
         Precision("fp32", "dense", "unquantized float32 base", dense_dtype="float32"),
-        Precision("int8", "int8", "LLM.int8 (8-bit rows, outliers above 6.0 kept in 16-bit)"),
+        Precision("int8", "int8", "LLM.int8 (8-bit rows; input columns with outliers above the threshold, 6.0 unless "
+                                  "quantization.llm_int8_threshold says otherwise, in 16-bit)"),
         _four_bit("fp4", False, "FP4 (E2M1)"),
         _four_bit("fp4", True, "FP4 (E2M1)"),
         _four_bit("nf4", False, "NormalFloat"),

@@ -249,11 +249,22 @@ class TrainSettings(Part):
     prepare: Text = None
     gradient_checkpointing: Flag = None
     optimizer: Text = None
+    contrastive_batch: Text = None
+
+
+class DataSettings(Part):
+    num_workers: SettingInt = None
+
+
+class EvalSettings(Part):
+    protocol: Text = None
 
 
 class Configuration(Part):
     """`config.*`: every suite setting the cell ran with."""
 
+    data: DataSettings | None = None
+    eval: EvalSettings | None = None
     compute_dtype: Text = None
     device_map: Text = None
     safetensors_only: Flag = None
@@ -340,6 +351,15 @@ class ModelFacts(Part):
     base_source_format: Text = None
     base_source_sha256: Text = None
     base_built_by: Text = None
+    # transformers' load report: weights it initialised (missing from the checkpoint), dropped, or re-created
+    missing_weights_count: Annotated[int | None, Figure("count", "lower", "exact")] = None
+    unexpected_weights_count: Annotated[int | None, Figure("count", "lower", "exact")] = None
+    mismatched_weights_count: Annotated[int | None, Figure("count", "lower", "exact")] = None
+    missing_weights: Text = None  # comma-separated
+    unexpected_weights: Text = None
+    mismatched_weights: Text = None
+    load_report: Text = None
+    output_embeddings_tied: Flag = None
 
 
 class Params(Part):
@@ -371,6 +391,7 @@ class Data(Part):
 class Evaluation(Part):
     """`eval.*`: how quality was measured (a change here means the protocol or the data changed)."""
 
+    prefix_token_id: SettingInt = None  # the rolling protocol's first context token (the tokenizer's BOS)
     protocol: Text = None
     tokenizer: Text = None
     text_max_length_tokens: ExactCount = None
@@ -477,7 +498,8 @@ class Weights(Part):
 class Peaks(Part):
     """The peak of each memory source (qbench.contract.schema.MEMORY_SOURCES), each under its own key."""
 
-    pss_peak_bytes: PeakBytes = None
+    pss_peak_bytes: PeakBytes = None  # as its own process: a forked cell adds the fork server's share of their pages
+    tree_pss_peak_bytes: PeakBytes = None  # the same tree's PSS without that share (what a forked cell itself holds)
     rss_peak_bytes: PeakBytes = None
     torch_allocated_peak_bytes: PeakBytes = None
     torch_reserved_peak_bytes: PeakBytes = None
@@ -494,6 +516,8 @@ class PhaseMemory(Peaks):
     tree_processes_max: Count = None
     nvml_process_note: Text = None
     torch_error: Text = None
+    # the fork server's share of the pages it shares with this cell, added into pss_peak_bytes (None: not forked)
+    fork_server_share_bytes: Annotated[int | None, Figure("bytes", None, "informational")] = None
 
 
 class AllPhases(Peaks):
@@ -508,6 +532,7 @@ class ProcessBaseline(Part):
 
     at: Text = None
     pss_bytes: PeakBytes = None
+    tree_pss_bytes: PeakBytes = None
     rss_bytes: PeakBytes = None
     torch_allocated_bytes: PeakBytes = None
     torch_reserved_bytes: PeakBytes = None
@@ -548,6 +573,7 @@ class Memory(_PhaseMemories):  # type: ignore[misc,valid-type]
     sample_interval_s: Annotated[float | None, Setting("s")] = None
     nvml_available: Flag = None
     torch_cuda_available: Flag = None
+    fork_server_siblings_max: Count = None  # cells forked from the same server alive at once
 
 
 class CpuPhase(Part):
@@ -624,6 +650,15 @@ class Train(Part):
     final_loss: Loss = None
     max_length_source: Text = None
     absent_reason: Text = None
+    # what training really did: the pairs one contrastive loss compares, layers that recompute activations,
+    # adapters the backward pass gave no gradient (a setting that took no effect shows here)
+    contrastive_batch: Text = None
+    contrastive_batch_size: ExactCount = None
+    negatives_per_query: Annotated[int | None, Figure("count", "higher", "exact")] = None
+    gradient_checkpointing_layers: ExactCount = None
+    gradient_checkpointing_mode: Text = None
+    params_without_grad: Annotated[int | None, Figure("count", "lower", "exact")] = None
+    params_without_grad_names: Text = None
     # the loss of every step (past LOSS_CURVE_POINTS steps, the mean of each run of `loss_curve_every_steps`)
     loss_curve: list[float | None] | None = None
     loss_curve_every_steps: SettingInt = None
@@ -675,6 +710,30 @@ class PerWindow(Part):
     eval_after: dict[Name, list[float | None]] | None = None
     merge_dequantized: dict[Name, list[float | None]] | None = None
     merge_requantized: dict[Name, list[float | None]] | None = None
+
+
+class Kernels(Part):
+    """`kernels.*`: which kernel paths ran (qbench.machine.kernels for the machine, readback.kernel_paths per cell):
+    what moves speed and the last digits of quality."""
+
+    torch_blas: Text = None
+    torch_onednn: Text = None
+    torch_float32_matmul_precision: Text = None
+    bnb_native_library: Text = None
+    bnb_cpu_avx512bf16: Flag = None
+    bnb_int8_matmul: Text = None
+    bnb_4bit_fused_cpu_kernel: Text = None
+    transformers_hub_kernels: Text = None
+    attn_implementation: Text = None
+    transformers_hub_layers: ExactCount = None
+    transformers_hub_layers_swapped: ExactCount = None
+    bnb_4bit_packed_layers: ExactCount = None
+    bnb_4bit_compute_dtypes: Text = None
+    bnb_4bit_matmul: Text = None
+
+
+class LoraFacts(Part):
+    adapter_dtypes: Text = None  # what the trainable parameters are stored in
 
 
 # --- after the fine-tune: merges, LoRA init, the adapter --------------------------------------------------
@@ -788,6 +847,8 @@ class Record(Part):
     quality: Quality | None = None
     interval: Intervals | None = None
     per_window: PerWindow | None = None
+    kernels: Kernels | None = None
+    lora: LoraFacts | None = None
     merge: Merge | None = None
     lora_init: LoraInit | None = None
     adapter: Adapter | None = None

@@ -132,6 +132,18 @@ def convert(record: dict[str, Any], version: int) -> dict[str, Any]:
         (moved if new != key else converted)[new] = value
     for key, value in moved.items():
         converted.setdefault(key, value)  # a duplicate's other name already holds the value
+    if converted.get("env.cell_launcher") == "forkserver":
+        _forked_pss_as_tree(converted)
     converted["schema_version"] = SCHEMA_VERSION
     converted["converted_from_schema"] = version
     return converted
+
+
+def _forked_pss_as_tree(record: dict[str, Any]) -> None:
+    """A schema-2 forked cell's PSS left out the fork server's share of the pages they share: what schema 3 calls
+    its tree PSS (`*.tree_pss_*`), while schema 3's `pss` counts that share too. Moved, so that no figure is read
+    as another: the cell's PSS as its own process was not measured then."""
+    for key in [k for k in record if k.startswith("memory.") and (k.endswith(".pss_peak_bytes") or k.endswith(".pss_bytes"))]:
+        tree = key.removesuffix("pss_peak_bytes") + "tree_pss_peak_bytes" if key.endswith("_peak_bytes") else \
+            key.removesuffix("pss_bytes") + "tree_pss_bytes"
+        record.setdefault(tree, record.pop(key))

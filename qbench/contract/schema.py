@@ -12,7 +12,9 @@ from __future__ import annotations
 #    duplicate captions as positives and non-finite scores as misses, the dense arm is named `dense`
 #    (computing in compute_dtype), cells may have grid axes beyond precision and seed
 # 3: the typed record (qbench.contract.record): one name per concept (qbench.contract.renames maps every
-#    renamed key of schema 2; no figure changed meaning), booleans and lists stay what they are
+#    renamed key of schema 2), booleans and lists stay what they are; a forked cell's PSS counts the fork
+#    server's share of the pages they share (its PSS as its own process), and schema 2's forked PSS, which did
+#    not, converts to tree_pss
 SCHEMA_VERSION = 3
 # the older schemas a reader converts (their keys renamed by qbench.contract.renames.RENAMES)
 CONVERTIBLE = (2,)
@@ -46,7 +48,10 @@ MEMORY_SOURCES = {
     "nvml_device_peak_bytes": "NVML device",
     "torch_allocated_peak_bytes": "torch allocated",
     "torch_reserved_peak_bytes": "torch reserved",
-    "pss_peak_bytes": "PSS",  # of the cell's process tree (DataLoader workers included, shared pages once)
+    # of the cell's process tree (DataLoader workers included, shared pages once) as its own process: a cell forked
+    # from the fork server counts the server's share of the pages they share too (qbench.cell.measure.forked)
+    "pss_peak_bytes": "PSS",
+    "tree_pss_peak_bytes": "PSS as forked",  # the same tree's PSS without that share: what a forked cell itself holds
     "rss_peak_bytes": "RSS",  # of the cell's own process
 }
 # the largest figure of each source over every phase: memory.all_phases.<source>_peak_bytes

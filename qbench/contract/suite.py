@@ -75,6 +75,11 @@ class ModelSpec(_Section):
     trust_remote_code: bool = False
     safetensors_only: bool = True
     device_map: Literal["single", "auto"] = "single"
+    allow_missing_weights: tuple[str, ...] = Field(
+        (), description="parameter names (fnmatch patterns) that may be missing from the checkpoint's weights: "
+                        "transformers initialises them at random, and every record and report names them")
+    allow_unexpected_weights: tuple[str, ...] = Field(
+        (), description="checkpoint tensor names (fnmatch patterns) the model may have no place for (transformers drops them)")
 
 
 class DataSpec(_Section):
@@ -137,6 +142,11 @@ class TrainSpec(_Section):
     prepare: Literal["none", "peft-kbit"] = Field("none", description="k-bit preparation, applied to every arm")
     gradient_checkpointing: bool = False
     optimizer: str = Field(optimizers.DEFAULT, description="a name of qbench.contract.optimizers (matrix.optimizers varies it)")
+    contrastive_batch: Literal["micro_batch", "step"] | None = Field(
+        None, description="clip: the pairs each query is contrasted with. micro_batch (the default): its own micro-batch, "
+                          "batch_size - 1 negatives, as plain gradient accumulation gives; step: every micro-batch of the "
+                          "optimizer step, batch_size x grad_accum - 1 negatives (features of all micro-batches cached and "
+                          "the loss recomputed over them, open_clip's --accum-freq)")
 
     @field_validator("optimizer")
     @classmethod
@@ -173,6 +183,16 @@ class TrainSpec(_Section):
 MERGES = ("dequantized", "requantized")
 
 
+class QuantizationSpec(_Section):
+    """Settings of the quantized arms' formats that a user tunes (matrix.llm_int8_threshold varies them)."""
+
+    llm_int8_threshold: float = Field(
+        precisions.LLM_INT8_THRESHOLD, ge=0, le=1e4,
+        description="int8 arms: LLM.int8's outlier threshold; input columns with a value above it are multiplied in "
+                    "16-bit (bitsandbytes' default 6.0; 0 keeps no outlier column apart)",
+    )
+
+
 class EvalSpec(_Section):
     batch_size: int = Field(64, ge=1)
     recall_k: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 5, 10), description="clip: k of recall@k")
@@ -180,6 +200,11 @@ class EvalSpec(_Section):
     max_windows: int | None = Field(
         None, ge=1, description="perplexity on at most this many windows, spread evenly over the held-out text"
     )
+    protocol: Literal["disjoint", "rolling"] = Field(
+        "disjoint", description="causal_lm: how the held-out text is cut into windows. disjoint: windows of eval.window "
+                                "tokens side by side, each token after the first scored once with the context of its "
+                                "own window; rolling: lm-evaluation-harness's loglikelihood_rolling (the tokenizer's BOS "
+                                "in front, every token scored, the last window filled with preceding context)")
     before: bool = True
     after_merge: tuple[Literal[MERGES], ...] = Field(  # type: ignore[valid-type]
         (), description="evaluate the adapter merged into the base too: 'dequantized' (a compute-dtype copy of the "
@@ -248,6 +273,8 @@ class MatrixSpec(_Section):
     gradient_checkpointing: tuple[bool, ...] | None = Field(None, description="train.gradient_checkpointing values")
     lora_inits: tuple[str, ...] | None = Field(None, description="LoRA initialisations (lora.init)")
     use_dora: tuple[bool, ...] | None = Field(None, description="lora.use_dora values")
+    llm_int8_threshold: tuple[Annotated[float, Field(ge=0, le=1e4)], ...] | None = Field(
+        None, description="quantization.llm_int8_threshold values, for the int8 arms only (each an arm of its own)")
     exclude: tuple[dict[str, Any], ...] = Field((), description="combinations left out, e.g. {precision = 'bf16', optimizer = 'adamw8bit'}")
 
     @field_validator("precisions")
@@ -257,7 +284,9 @@ class MatrixSpec(_Section):
         if unknown:
             hints = [_did_you_mean(p, precisions.REGISTRY) for p in unknown]
             named = ", ".join(f"{p!r}{hint}" for p, hint in zip(unknown, hints, strict=True))
-            raise ValueError(f"unknown precision(s) {named}; known: {', '.join(precisions.REGISTRY)}")
+            threshold = ("; LLM.int8's outlier threshold is quantization.llm_int8_threshold, and matrix.llm_int8_threshold "
+                         "lists several") if any(p.startswith("int8") for p in unknown) else ""
+            raise ValueError(f"unknown precision(s) {named}; known: {', '.join(precisions.REGISTRY)}{threshold}")
         if len(set(value)) != len(value):
             raise ValueError("precisions are listed twice")
         return value
@@ -271,7 +300,8 @@ class MatrixSpec(_Section):
             raise ValueError("seeds are listed twice (each seed is one cell per precision)")
         return _at_most("matrix.seeds", value)
 
-    @field_validator("optimizers", "lora_r", "batch_size", "max_length", "gradient_checkpointing", "lora_inits", "use_dora")
+    @field_validator("optimizers", "lora_r", "batch_size", "max_length", "gradient_checkpointing", "lora_inits", "use_dora",
+                     "llm_int8_threshold")
     @classmethod
     def _axis_values(cls, value: tuple[Any, ...] | None, info: Any) -> tuple[Any, ...] | None:
         if value is None:
@@ -290,6 +320,21 @@ class MatrixSpec(_Section):
     @classmethod
     def _axis_within_limits(cls, value: tuple[int, ...] | None, info: Any) -> tuple[int, ...] | None:
         return value if value is None else _at_most(f"train.{info.field_name}", value)
+
+    @field_validator("exclude", mode="before")
+    @classmethod
+    def _numbers_of_float_axes(cls, value: Any) -> Any:
+        """`{llm_int8_threshold = 0}` means 0.0: a whole number names a value of a float axis."""
+        floats = {axis.name for axis in grid.AXES if axis.kind is float}
+
+        def as_float(item: Any) -> Any:
+            if isinstance(item, tuple):
+                return tuple(as_float(v) for v in item)
+            return float(item) if isinstance(item, int) and not isinstance(item, bool) else item
+
+        if not isinstance(value, tuple):
+            return value
+        return tuple({k: as_float(v) if k in floats else v for k, v in e.items()} if isinstance(e, dict) else e for e in value)
 
     @model_validator(mode="after")
     def _exclusions(self) -> MatrixSpec:
@@ -384,6 +429,7 @@ class Suite(_Section):
     lora: LoraSpec
     train: TrainSpec
     eval: EvalSpec = EvalSpec()
+    quantization: QuantizationSpec = QuantizationSpec()
     matrix: MatrixSpec = MatrixSpec()
     output: OutputSpec = OutputSpec()
     compare: CompareSpec = Field(default_factory=CompareSpec, description="tolerances for `qbench compare`")
@@ -470,6 +516,13 @@ def combination_problems(suite: Suite) -> list[str]:
         problems.append("eval.window: a perplexity window; only causal_lm suites have one (clip measures recall@k)")
     if suite.task == "causal_lm" and "recall_k" in suite.eval.model_fields_set:
         problems.append("eval.recall_k: only clip suites measure recall@k (causal_lm measures perplexity)")
+    problems += ignored_setting_problems(suite)
+    int8_arms = [p for p in suite.matrix.precisions if precisions.REGISTRY[p].kind == "int8"]
+    for key, given in (("quantization.llm_int8_threshold", "llm_int8_threshold" in suite.quantization.model_fields_set),
+                       ("matrix.llm_int8_threshold", suite.matrix.llm_int8_threshold is not None)):
+        if given and not int8_arms:
+            problems.append(f"{key}: LLM.int8's outlier threshold is a setting of int8 arms, and matrix.precisions has none "
+                            f"({', '.join(suite.matrix.precisions)}); add int8 or leave the key out")
     values = grid.values(suite)
     batch_key = "matrix.batch_size" if suite.matrix.batch_size is not None else "train.batch_size"
     if suite.task == "clip" and min(values["batch_size"]) < 2:
@@ -511,20 +564,65 @@ def lora_problems(suite: Suite, device: str | None = None) -> list[str]:
     return problems
 
 
+def ignored_setting_problems(suite: Suite) -> list[str]:
+    """Settings given in the suite that nothing would apply: each would be silently dropped, and the records would
+    say a setting ran that did not. One line each, before any cell."""
+    problems = []
+    data, train, given = suite.data, suite.train, suite.data.model_fields_set
+    if suite.task != "clip" and train.contrastive_batch is not None:
+        problems.append(f"train.contrastive_batch: a setting of contrastive (clip) training; {suite.task} has no negatives")
+    if suite.task == "clip" and "protocol" in suite.eval.model_fields_set:
+        problems.append("eval.protocol: a perplexity window protocol; only causal_lm suites have one (clip measures recall@k)")
+    if suite.task == "clip" and suite.eval.max_windows is not None:
+        problems.append("eval.max_windows: caps the windows of a perplexity; only causal_lm suites have them (clip ranks "
+                        "every held-out image and caption)")
+    if suite.task == "causal_lm" and data.num_workers:
+        problems.append("data.num_workers: causal_lm draws its training windows from the tokenized text in the cell's own "
+                        "process; no DataLoader workers would start (leave the key out)")
+    if data.kind != "builtin" and "name" in given:
+        problems.append(f"data.name: names a builtin dataset, and data.kind is {data.kind!r} (its files are data.train and "
+                        "data.eval)")
+    if data.kind == "builtin":
+        problems += [f"data.{key}: data.kind = 'builtin' reads builtin:{data.name}; this file would not be read"
+                     for key in ("train", "eval", "image_root") if key in given]
+    if data.kind == "text" and "image_root" in given:
+        problems.append("data.image_root: text data has no images (image_root is for kind tsv)")
+    if train.scheduler == "constant" and train.warmup_steps:
+        problems.append(f"train.warmup_steps: the 'constant' scheduler has no warm-up (transformers ignores "
+                        f"num_warmup_steps for it), so {train.warmup_steps} warm-up step(s) would not happen; use "
+                        "scheduler = 'constant_with_warmup', or leave warmup_steps out")
+    if train.scheduler == "polynomial" and train.lr <= POLYNOMIAL_LR_END:
+        problems.append(f"train.lr: the 'polynomial' scheduler decays to {POLYNOMIAL_LR_END:g} and needs a larger lr "
+                        "(transformers refuses it in every cell)")
+    return problems
+
+
+# transformers' get_polynomial_decay_schedule_with_warmup's default end learning rate
+POLYNOMIAL_LR_END = 1e-7
+
+
 def _did_you_mean(word: str, known: Any) -> str:
     close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _closest_key_hint(location: tuple[Any, ...], model: type[BaseModel]) -> str:
-    """' (did you mean X?)' for a misspelt key, found among the valid keys at that location."""
+    """' (did you mean X?)' for a misspelt key, found among the valid keys at that location, else a key of that
+    name in another table (`llm_int8_threshold` at the top level: quantization.llm_int8_threshold)."""
+    top = model
     for part in location[:-1]:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return ""
         model = annotation
-    return _did_you_mean(location[-1], model.model_fields)
+    hint = _did_you_mean(location[-1], model.model_fields)
+    if hint:
+        return hint
+    elsewhere = [f"{name}.{location[-1]}" for name, field in top.model_fields.items()
+                 if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+                 and str(location[-1]) in field.annotation.model_fields and (name,) != tuple(location[:-1])]
+    return f" (did you mean {elsewhere[0]!r}?)" if elsewhere else ""
 
 
 # keys people look for under another name or in another table: where qbench keeps what they ask for

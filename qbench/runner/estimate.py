@@ -112,6 +112,20 @@ def device_memory(device: str, gpus_per_cell: int = 1) -> tuple[int, str] | None
     return sum(totals[:count]), f"memory of {'the largest GPU' if count == 1 else f'the {count} largest GPUs'} (NVML)"
 
 
+def _train_fix(suite: Any, batch_key: str) -> str:
+    """What to change when one training batch does not fit. For a causal LM train.grad_accum keeps the effective
+    batch; a contrastive loss compares each query with the pairs of its batch only, so for CLIP a smaller batch is
+    another objective unless train.contrastive_batch = "step" keeps every micro-batch's pairs."""
+    if suite.task != "clip":
+        return f"lower {batch_key} (train.grad_accum keeps the effective batch)"
+    if suite.train.contrastive_batch == "step":
+        return (f"lower {batch_key} and raise train.grad_accum as much (train.contrastive_batch = \"step\" keeps the "
+                "step's pairs as each query's negatives)")
+    return (f"lower {batch_key}: for this contrastive (clip) loss that also cuts each query's negatives "
+            f"({batch_key} - 1), which train.grad_accum alone does not give back, so quality moves with it; to keep "
+            "them, raise train.grad_accum as much and set train.contrastive_batch = \"step\"")
+
+
 def memory_problems(suite: Any, config: Any, parameters: int, device: str, gpus_per_cell: int = 1,
                     max_length: int = 64, eval_window: int | None = None) -> list[str]:
     """One line per phase whose lower bound exceeds the device's memory, naming the suite keys that size it."""
@@ -122,8 +136,7 @@ def memory_problems(suite: Any, config: Any, parameters: int, device: str, gpus_
     problems = []
     for need in needs(suite, config, parameters, max_length, eval_window):
         if need.total > limit:
-            batch_key = need.keys.split(" x ")[0]
-            fix = f"lower {batch_key} (train.grad_accum keeps the effective batch)" if need.phase == "train" else "lower eval.batch_size"
+            fix = _train_fix(suite, need.keys.split(" x ")[0]) if need.phase == "train" else "lower eval.batch_size"
             problems.append(
                 f"{need.keys}: one {need.phase} batch needs at least {need.total / GIB:,.1f} GiB ({need.describe()}), "
                 f"more than the {limit / GIB:,.1f} GiB {what}; {fix}"

@@ -130,7 +130,16 @@ def warm(message: dict[str, Any]) -> dict[str, Any]:
     return {**done, "seconds": time.perf_counter() - started, "cpu_s": time.process_time() - cpu_started}
 
 
-def _child(target: str, env: dict[str, str], fds: list[int], sock: socket.socket, wakeup: int) -> None:
+def _memory_at_fork() -> dict[str, str]:
+    """What the measurement of a forked cell needs from its server (qbench.cell.measure.forked): the server's id
+    and the PSS of its file-backed pages as it forks, before the cell shares any of them."""
+    from qbench.cell.measure.forked import at_fork
+
+    return at_fork()
+
+
+def _child(target: str, env: dict[str, str], fds: list[int], sock: socket.socket, wakeup: int,
+           fork_env: dict[str, str] | None = None) -> None:
     """In the forked child: become a fresh process with the given standard streams and environment, run
     `target` ("module:function", returning an exit code) and exit without running the server's cleanup."""
     code = 1
@@ -147,6 +156,7 @@ def _child(target: str, env: dict[str, str], fds: list[int], sock: socket.socket
             os.close(fd)
         os.environ.clear()
         os.environ.update(env)  # the frozen objects stay frozen: a collection here would copy their pages
+        os.environ.update(fork_env or {})
         module, _, function = target.partition(":")
         sys.argv = [module]
         code = getattr(importlib.import_module(module), function)()
@@ -202,9 +212,10 @@ def serve(sock: socket.socket) -> None:
             elif op == "fork":
                 sys.stdout.flush()
                 sys.stderr.flush()
+                fork_env = _memory_at_fork()  # the cell's PSS as its own process: see qbench.cell.measure.forked
                 pid = os.fork()
                 if pid == 0:
-                    _child(message["target"], message["env"], fds, sock, wakeup_read)
+                    _child(message["target"], message["env"], fds, sock, wakeup_read, fork_env)
                 for fd in fds:
                     os.close(fd)
                 children.add(pid)

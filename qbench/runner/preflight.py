@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qbench.cell.data.lines import DataError
@@ -127,8 +128,9 @@ def _variants(suite: Suite) -> list[Suite]:
     ]
 
 
-def _meta_model(model_path: str, suite: Suite) -> tuple[Any, dict[str, str], int]:
-    """(config, module name -> class name, parameter count) of the model, built on the meta device (no weights read)."""
+def _meta_model(model_path: str, suite: Suite) -> tuple[Any, dict[str, str], int, type]:
+    """(config, module name -> class name, parameter count, model class) of the model, built on the meta device
+    (no weights read)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
@@ -138,7 +140,41 @@ def _meta_model(model_path: str, suite: Suite) -> tuple[Any, dict[str, str], int
     with init_empty_weights():
         model = auto_class(suite.task).from_config(config, trust_remote_code=suite.model.trust_remote_code)
     parameters = sum(p.numel() for p in model.parameters())
-    return config, {name: type(module).__name__ for name, module in model.named_modules()}, parameters
+    return config, {name: type(module).__name__ for name, module in model.named_modules()}, parameters, type(model)
+
+
+def load_report_problems(folder: Any, model_class: type, config: Any, suite: Suite) -> list[str]:
+    """What transformers' load report of the checkpoint's weights (read from their headers, nothing loaded) says
+    the suite does not allow: parameters it would initialise at random, tensors it would drop, shapes that differ;
+    and allowed missing weights of layers a quantized arm quantizes (they cannot run). Empty when the weights
+    cannot be read yet (the cell reads the report of its real load and stops the same way)."""
+    from qbench.cell import models
+
+    try:
+        report = models.checkpoint_load_report(model_class, config, folder, suite.model)
+    except Exception:  # a model class that cannot take meta tensors, a pre-quantized checkpoint: each cell reads the
+        return []      # report of its real load and stops the same way, so no run is refused on a guess
+    if report is None:
+        return []
+    problems = report.problems(suite.model, folder, config)
+    if problems or not report.missing:
+        return problems
+    quantized = [p for p in suite.matrix.precisions if precisions.get(p).quantized]
+    if not quantized:
+        return []
+    from accelerate import init_empty_weights
+
+    from qbench.cell.measure.weights import _is_kept_dense, _kept_dense
+
+    with init_empty_weights():
+        model = model_class(config)
+    kept, linears = _kept_dense(model), {n for n, m in model.named_modules() if type(m).__name__ == "Linear"}
+    stuck = [n for n in report.missing if n.rpartition(".")[0] in linears and not _is_kept_dense(n.rpartition(".")[0], kept)]
+    if not stuck:
+        return []
+    return [f"model.allow_missing_weights: {', '.join(stuck[:5])} would be quantized by the {', '.join(quantized)} arm(s), "
+            "but transformers initialises a missing weight after bitsandbytes quantized the others, so the layer cannot "
+            "run; fix the checkpoint, or measure dense arms only"]
 
 
 def _first_line(error: BaseException) -> str:
@@ -228,6 +264,10 @@ def _check_model(loaded: LoadedSuite) -> tuple[list[str], _Model | None]:
     except Exception as error:  # e.g. a malformed hub id: one line, never a traceback
         return [f"model.id: cannot find model {suite.model.id!r} ({type(error).__name__}: {error})"], None
     problems = []
+    if suite.model.revision is not None and Path(path).is_dir():
+        problems.append(f"model.revision: names a revision of a hub repository, and model.id is a local folder ({path}), "
+                        "which is loaded as it is: the revision would not be used (leave it out)")
+    folder = None
     try:
         folder = models.checkpoint_folder(path, suite.model.revision)
         problem = models.unsafe_weights_problem(folder, suite.model.safetensors_only) if folder else None
@@ -236,10 +276,12 @@ def _check_model(loaded: LoadedSuite) -> tuple[list[str], _Model | None]:
     if problem:
         problems.append(f"model.safetensors_only: {problem}")
     try:
-        config, module_types, parameters = _meta_model(path, suite)
+        config, module_types, parameters, model_class = _meta_model(path, suite)
     except Exception as error:  # a broken config.json, an unknown model type, remote code not allowed...
         problems.append(f"model.id: cannot build the model from {path}/config.json ({_first_line(error)})")
         return problems, None
+    if folder is not None and not problem:
+        problems += load_report_problems(folder, model_class, config, suite)
     problems += lora_target_problems(suite.lora.target_modules, module_types)
     problems += lora_world_problems(suite, None, module_types, config)
     try:

@@ -47,6 +47,7 @@ DEFAULT_TOLERANCES: tuple[tuple[str, ToleranceSpec], ...] = (
     ("quality.*nll*", ToleranceSpec(rel=0.02)),
     ("quality.*loss*", ToleranceSpec(rel=0.05)),
     ("train.*loss", ToleranceSpec(rel=0.05)),
+    ("memory.*fork_server_share_bytes", ToleranceSpec(ignore=True)),  # a part of the PSS figure, judged there
     ("memory.*torch_*_bytes", ToleranceSpec(rel=0.05)),
     ("memory.*nvml_*_bytes", ToleranceSpec(rel=0.10)),
     ("memory.*_bytes", ToleranceSpec(rel=0.15)),
@@ -60,9 +61,13 @@ NO_NOISE_KINDS = ("exact", "health")  # deterministic or must-not-rise: no allow
 IDENTITY_COLUMNS = ("suite", "task", "model", "data.source", "eval.protocol", "baseline_precision")
 
 # how a cell's process started and how many ran side by side: a forked cell shares the fork server's pages
-# (and its siblings'), so its PSS counts a share of the runtime that depends on both (docs/executors.md
-# measures the same cells all three ways)
+# (and its siblings'). Its PSS is recorded as its own process's (the server's share of the shared pages added:
+# qbench.cell.measure.forked), so PSS compares across launchers when one cell ran at a time; RSS and the PSS as
+# forked (tree_pss) do not, nor does anything when a different number of cells shared the server at once
 PROCESS_SHAPE_COLUMNS = {"env.cell_launcher": "cells started differently", "env.cells_side_by_side": "a different number of cells ran side by side"}
+# the memory figures that are the fine-tune's whatever started the cell (records that hold the PSS as forked
+# beside them; older records counted only the forked tree's share)
+LAUNCHER_FREE_MEMORY = ("pss_peak_bytes", "memory.all_phases.pss_peak_bytes", "memory.process_baseline.pss_bytes")
 
 
 @dataclass(frozen=True)
@@ -212,11 +217,13 @@ def identity_problems(baseline: pd.DataFrame, new: pd.DataFrame, axes: list[str]
     The grid's `axes` are left out: cells are matched by them, and a value on one side only is a cell missing."""
     problems = []
     shared = [c for c in baseline.columns if c in new.columns and c not in (axes or ())]
-    columns = [c for c in IDENTITY_COLUMNS if c in shared] + [c for c in shared if c.startswith("config.")]
+    # a grid axis that does not vary is a setting like any other (LLM.int8's threshold is a precision.* key)
+    settings = [axis.record_key for axis in grid.SETTING_AXES if not axis.record_key.startswith("config.")]
+    columns = [c for c in IDENTITY_COLUMNS if c in shared] + [c for c in shared if c.startswith("config.") or c in settings]
     for column in columns:
         old, now = _values(baseline, column), _values(new, column)
         if old and now and old != now:
-            problems.append(f"{column} differs: baseline {', '.join(sorted(old))} vs new {', '.join(sorted(now))}")
+            problems.append(f"{column} differs: baseline {_shown(old)} vs new {_shown(now)}")
     devices_old = {v.split(":")[0] for v in _values(baseline, "env.device")}
     devices_new = {v.split(":")[0] for v in _values(new, "env.device")}
     if devices_old and devices_new and devices_old != devices_new:
@@ -233,18 +240,29 @@ def identity_problems(baseline: pd.DataFrame, new: pd.DataFrame, axes: list[str]
     return problems
 
 
-def _process_shape_difference(baseline: pd.DataFrame, new: pd.DataFrame) -> str | None:
-    """Why the memory figures of the two sides do not compare on a CPU (cells started differently, or a
-    different number side by side: see PROCESS_SHAPE_COLUMNS), or None."""
+def _process_shape_difference(baseline: pd.DataFrame, new: pd.DataFrame) -> tuple[str, bool] | None:
+    """Why memory figures of the two sides do not compare on a CPU (cells started differently, or a different
+    number side by side: see PROCESS_SHAPE_COLUMNS), and whether the own-process PSS figures still do (only the
+    launcher differs, and both sides' records hold the PSS as forked beside it); None when everything compares."""
     devices = {v.split(":")[0] for frame in (baseline, new) for v in _values(frame, "env.device")}
     if devices != {"cpu"}:
         return None
     for column, what in PROCESS_SHAPE_COLUMNS.items():
         old, now = _values(baseline, column), _values(new, column)
         if old and now and old != now:
-            return (f"{what} ({column}: baseline {', '.join(sorted(old))} vs new {', '.join(sorted(now))}): a forked "
-                    "cell's PSS and RSS share pages with the fork server and its siblings, so memory does not compare")
+            pss_compares = column == "env.cell_launcher" and all(
+                "memory.all_phases.tree_pss_peak_bytes" in frame.columns and frame["memory.all_phases.tree_pss_peak_bytes"].notna().any()
+                for frame in (baseline, new))
+            why = (f"{what} ({column}: baseline {', '.join(sorted(old))} vs new {', '.join(sorted(now))}): a forked "
+                   "cell's " + ("RSS and PSS as forked" if pss_compares else "PSS and RSS")
+                   + " share pages with the fork server and its siblings, so "
+                   + ("they do not compare (its PSS as its own process does)" if pss_compares else "memory does not compare"))
+            return why, pss_compares
     return None
+
+
+def _launcher_free(column: str) -> bool:
+    return column in LAUNCHER_FREE_MEMORY or column.endswith("." + LAUNCHER_FREE_MEMORY[0])
 
 
 def _noise(std_old: float, n_old: int, std_new: float, n_new: int) -> float:
@@ -273,7 +291,9 @@ def compare(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings | None
     now = stats.add_speed_ratios(new, speed.fields)
     columns = _gated_columns(old)
     shape = _process_shape_difference(baseline, new)
-    not_judged = {**speed.not_judged, **{c: shape for c in columns if shape and fields.spec_for(c).kind == "memory"}}
+    memory_not_judged = {c: shape[0] for c in columns if shape and fields.spec_for(c).kind == "memory"
+                         and not (shape[1] and _launcher_free(c))}
+    not_judged = {**speed.not_judged, **memory_not_judged}
     both = _Stats(stats.aggregate(old, columns, axes), stats.aggregate(now, [c for c in columns if c in now.columns], axes),
                   stats.baseline_precision(old), _Arms(old, axes), _Arms(now, axes), not_judged)
     rows: list[dict[str, Any]] = []
@@ -490,6 +510,12 @@ def _code_notes(baseline: pd.DataFrame, new: pd.DataFrame) -> list[str]:
     if dirty:
         notes.append(f"the baseline was made from a tree with uncommitted changes ({', '.join(map(_short, dirty))}): the code "
                      "it measured is in no commit; refresh it from a clean one")
+    for column in sorted(c for c in baseline.columns if c.startswith("kernels.") and c in new.columns
+                         and fields.spec_for(c) is None):
+        old_paths, new_paths = _values(baseline, column), _values(new, column)
+        if old_paths and new_paths and old_paths != new_paths:  # another kernel computed: speed and last digits move
+            notes.append(f"{column} differs (baseline {_shown(old_paths)}, new {_shown(new_paths)}): figures may move "
+                         "for that reason alone")
     isa_old, isa_new = _values(baseline, "env.torch_cpu_capability"), _values(new, "env.torch_cpu_capability")
     if isa_old and isa_new and isa_old != isa_new:
         notes.append(f"torch computes with other CPU kernels (baseline {_shown(isa_old)}, new {_shown(isa_new)}): quality "
@@ -508,7 +534,8 @@ def _schema_notes(baseline: pd.DataFrame, new: pd.DataFrame) -> list[str]:
         for version in sorted(set(converted)):
             count = int((converted == version).sum())
             notes.append(f"{count} {side} record(s) of schema {int(version)} converted to schema {SCHEMA_VERSION} (keys renamed "
-                         "by qbench.contract.renames; no figure changed meaning) and compared as such")
+                         "by qbench.contract.renames; a forked cell's PSS, which left out the fork server's share, as its tree_pss) and "
+                         "compared as such")
     return notes
 
 

@@ -1,4 +1,5 @@
-"""Findings a reader must not miss, in words: cells whose model gave non-finite outputs in evaluation."""
+"""Findings a reader must not miss, in words: cells whose model gave non-finite outputs in evaluation, and a base
+that is not all the checkpoint's (weights transformers initialised or dropped, allowed by the suite)."""
 
 from __future__ import annotations
 
@@ -56,4 +57,27 @@ def nonfinite_findings(frame: pd.DataFrame) -> list[str]:
                 f"{cell}: the model's outputs were NaN or infinite in evaluation — {'; '.join(parts)}. "
                 f"The format broke the model on these inputs: {consequence}."
             )
+    return found
+
+
+# record field (names, comma-separated) -> what it means for the figures
+LOAD_REPORT_FINDINGS = {
+    "model.missing_weights": ("not in the checkpoint's weights: transformers initialised them at random "
+                              "(model.allow_missing_weights), so every figure is of that partly random model, not of the checkpoint"),
+    "model.unexpected_weights": ("in the checkpoint's weights but not in the model: transformers dropped them "
+                                 "(model.allow_unexpected_weights)"),
+}
+
+
+def load_report_findings(frame: pd.DataFrame) -> list[str]:
+    """One sentence per kind of weight the cells' base did not take from the checkpoint, naming them and the
+    cells (`model.missing_weights`, `model.unexpected_weights`); empty when every cell loaded the checkpoint whole."""
+    found = []
+    for column, meaning in LOAD_REPORT_FINDINGS.items():
+        if column not in frame.columns:
+            continue
+        named = frame[frame[column].notna() & (frame[column].astype(str) != "")]
+        for names, cells in named.groupby(column):
+            ids = ", ".join(str(c) for c in cells.get("cell_id", cells.get("precision", pd.Series(dtype=str))))
+            found.append(f"{str(names).replace(',', ', ')} — {meaning} (cells: {ids}).")
     return found

@@ -18,7 +18,7 @@ from qbench.analysis.report import tables
 from qbench.analysis.report.answer import Answer, answer
 from qbench.analysis.report.eval_checks import eval_set_warnings
 from qbench.analysis.report.explain import weight_bytes_explanation
-from qbench.analysis.report.findings import nonfinite_findings
+from qbench.analysis.report.findings import load_report_findings, nonfinite_findings
 from qbench.analysis.report.verdict import MIXED_MARK, Verdict, smaller_by, verdict
 from qbench.contract import fields
 
@@ -152,16 +152,39 @@ def quality_section(data: ReportData) -> Section | None:
     table = tables.quality_table(data.frame)
     if table.empty:
         return None
-    return Section("quality", "Quality, every metric", table=table)
+    return Section("quality", "Quality, every metric", table=table, note=" ".join(measured_how(data.frame)))
+
+
+def measured_how(frame: pd.DataFrame) -> list[str]:
+    """How the quality figures were made, as the records say: the evaluation protocol (a perplexity's window
+    protocol, lm-eval's rolling one or qbench's disjoint windows) and, for a contrastive fine-tune, how many
+    negatives each query was trained against."""
+    lines = []
+    for column, what in (("eval.protocol", "Evaluation protocol"), ("train.negatives_per_query", "Negatives per query in training")):
+        if column not in frame.columns or frame[column].dropna().empty:
+            continue
+        values = sorted({str(v) for v in frame[column].dropna()})
+        if column == "train.negatives_per_query":
+            mode = sorted({str(v) for v in frame.get("train.contrastive_batch", pd.Series(dtype=str)).dropna()})
+            how = {"micro_batch": "each micro-batch's own pairs", "step": "every micro-batch's pairs of the step"}
+            lines.append(f"{what}: {', '.join(values)} ({'; '.join(how.get(m, m) for m in mode) or 'one batch'}).")
+        else:
+            lines.append(f"{what}: {' | '.join(values)}.")
+    return lines
 
 
 def base_origin_section(data: ReportData) -> Section | None:
-    """What the base really is, when its checkpoint says (a converted one: builtin:smollm2-135m's bf16 is 4-bit-derived)."""
+    """What the base really is, when its checkpoint says (a converted one: builtin:smollm2-135m's bf16 is 4-bit-derived),
+    and the weights transformers initialised or dropped loading it (`findings.load_report_findings`)."""
     frame = data.frame
-    if "model.base_origin" not in frame.columns or frame["model.base_origin"].dropna().empty:
+    lines = []
+    model = frame["model"].dropna().iloc[0] if "model" in frame.columns and frame["model"].notna().any() else "the model"
+    if "model.base_origin" in frame.columns and not frame["model.base_origin"].dropna().empty:
+        lines.append(f"The base of {model} is {frame['model.base_origin'].dropna().iloc[0]}.")
+    lines += [f"- {line}" for line in load_report_findings(frame)]
+    if not lines:
         return None
-    model = frame["model"].dropna().iloc[0] if "model" in frame.columns else "the model"
-    return Section("base_origin", "What the base is", text=f"The base of {model} is {frame['model.base_origin'].dropna().iloc[0]}.")
+    return Section("base_origin", "What the base is", text="\n".join(lines))
 
 
 def damage_section(data: ReportData) -> Section | None:

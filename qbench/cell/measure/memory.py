@@ -2,13 +2,17 @@
 
 `with tracker.phase("train"): ...` records, for that phase alone:
 
-    memory.train.pss_peak_bytes              PSS of this process and its children (DataLoader workers):
-                                             shared pages divided among their sharers, so counted once (sampled)
-    memory.train.rss_peak_bytes              RSS of this process alone (sampled)
+    memory.train.pss_peak_bytes             PSS of this process and its children (DataLoader workers):
+                                            shared pages divided among their sharers, so counted once (sampled);
+                                            as its own process: a cell forked from the fork server adds the
+                                            server's share of the pages they share (qbench.cell.measure.forked)
+    memory.train.tree_pss_peak_bytes        the same without the server's share (equal for a subprocess cell)
+    memory.train.fork_server_share_bytes    the server's share added, at the phase's end (None: not forked)
+    memory.train.rss_peak_bytes             RSS of this process alone (sampled)
     memory.train.torch_allocated_peak_bytes  torch.cuda.max_memory_allocated (reset at the phase start)
-    memory.train.torch_reserved_peak_bytes   torch.cuda.max_memory_reserved  (reset at the phase start)
-    memory.train.nvml_process_peak_bytes     NVML, this process and its children (sampled)
-    memory.train.nvml_device_peak_bytes      NVML, the whole device: other processes and driver reserve too
+    memory.train.torch_reserved_peak_bytes  torch.cuda.max_memory_reserved  (reset at the phase start)
+    memory.train.nvml_process_peak_bytes    NVML, this process and its children (sampled)
+    memory.train.nvml_device_peak_bytes     NVML, the whole device: other processes and driver reserve too
 
 plus `memory.train.tree_processes_max` (the most processes the tree had at once),
 `memory.train.pss_reads` (full smaps_rollup reads of the tree behind the PSS figure) and
@@ -42,6 +46,7 @@ PHASE_SOURCES = tuple(schema.MEMORY_SOURCES)
 # the ones the sampler process reads: record key -> the sampler's reading
 _SAMPLED = {
     "pss_peak_bytes": "pss_bytes",
+    "tree_pss_peak_bytes": "tree_pss_bytes",
     "rss_peak_bytes": "rss_bytes",
     "nvml_process_peak_bytes": "nvml_process_bytes",
     "nvml_device_peak_bytes": "nvml_device_bytes",
@@ -120,12 +125,16 @@ class MemoryTracker:
         self._active: str | None = None
         self._outside_peak: list[str] = []
         self._measured: list[str] = []  # the phases measured so far, in order
+        from qbench.cell.measure.forked import fork_server
+
+        self.fork_server = fork_server()
         try:
             self._sampler: SamplerProcess | None = SamplerProcess(
                 os.getpid(),
                 interval_s,
                 nvml_ordinal=device_ordinal(device) if self._cuda else None,
                 torch_uuid=self._counters.uuid() if self._counters is not None else None,
+                fork_server=self.fork_server,
             )
             hello = self._sampler.hello
         except (SamplerFailed, OSError) as error:
@@ -149,7 +158,13 @@ class MemoryTracker:
                 "with the cell count once (/proc/PID/smaps_rollup). The tree is read in full at most every "
                 f"sample interval, less often when a read costs more than {pss['cpu_share']:.0%} of a core, and "
                 "whenever a process joins or leaves it; between reads each process's figure follows its RSS "
-                "change (statm, every sample)"
+                "change (statm, every sample). "
+                + ("The cell was forked from the run's fork server: the figure is the cell's as its own process, "
+                   "the tree's PSS plus the server's share of the pages they share (its anonymous PSS less its "
+                   "private pages, and the file-backed PSS it lost since the fork: qbench.cell.measure.forked); "
+                   "tree_pss_peak_bytes leaves that share out"
+                   if pss.get("fork_server") else
+                   "The cell was started as its own process: tree_pss_peak_bytes is the same figure")
             )
         else:
             self.record["memory.source.pss"] = f"unavailable: {pss['reason'] if pss else 'the sampler did not say'}"
@@ -243,6 +258,10 @@ class MemoryTracker:
             self.record[prefix + key] = peaks.get(sampled)
         self.record[prefix + "tree_processes_max"] = peaks.get("processes")
         self.record[prefix + "pss_reads"] = reading.get("pss_reads") if reading else None
+        self.record[prefix + "fork_server_share_bytes"] = reading.get("fork_server_share_bytes") if reading else None
+        if reading and self.fork_server:
+            self.record["memory.fork_server_siblings_max"] = max(self.record.get("memory.fork_server_siblings_max") or 0,
+                                                                 reading.get("fork_server_siblings_max") or 0)
         self.record[prefix + "torch_allocated_peak_bytes"], self.record[prefix + "torch_reserved_peak_bytes"] = torch_peaks
         if self.nvml_available and reading and reading["unknown_samples"].get("nvml_process_bytes"):
             self.record[prefix + "nvml_process_note"] = (

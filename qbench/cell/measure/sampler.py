@@ -58,10 +58,16 @@ def _children(pid: int) -> list[int]:
 
 
 class ProcessTree:
-    """A root process and its descendants (DataLoader workers and the like), without the sampler itself."""
+    """A root process and its descendants (DataLoader workers and the like), without the sampler itself; with
+    `server_share` (a cell forked from the fork server), its PSS as its own process (qbench.cell.measure.forked)."""
 
-    def __init__(self, root: int, exclude: set[int] | None = None, pss_min_interval_s: float = 0.01):
+    def __init__(self, root: int, exclude: set[int] | None = None, pss_min_interval_s: float = 0.01,
+                 server_share: Any = None):
         self.root = root
+        self.server_share = server_share
+        self.share = 0  # the fork server's share of the pages it shares with the tree, at the last full read
+        self.tree_pss: int | None = None  # the tree's own PSS at the last reading, the server's share left out
+        self.siblings_max = 0  # the most other cells that shared the fork server at once, since last taken
         self.exclude = exclude or set()
         self._members: list[int] = [root]
         self._refreshed = 0.0
@@ -168,13 +174,23 @@ class ProcessTree:
                     readings[pid] = (0, rss[pid])
             self._pss = readings
             self.pss_reads += 1
+            if self.server_share is not None:
+                try:
+                    self.share = self.server_share.read()
+                    self.siblings_max = max(self.siblings_max, self.server_share.siblings)
+                except (OSError, KeyError, ValueError):  # the server is gone: its pages are the tree's alone now
+                    self.share, self.server_share = 0, None
             cost = time.process_time() - started
             self._next_pss_read = time.monotonic() + max(self.pss_min_interval_s, cost / PSS_CPU_SHARE)
-        return sum(max(0, pss + rss[pid] - rss_then) for pid, (pss, rss_then) in self._pss.items() if pid in rss)
+        self.tree_pss = sum(max(0, pss + rss[pid] - rss_then) for pid, (pss, rss_then) in self._pss.items() if pid in rss)
+        return self.tree_pss + self.share
 
     def taken_counts(self) -> dict[str, int]:
-        """Counts since the previous call (then reset): full PSS reads of the tree."""
-        counts, self.pss_reads = {"pss_reads": self.pss_reads}, 0
+        """Counts since the previous call (then reset): full PSS reads of the tree, the most cells that shared the
+        fork server at once, the server's share at the last read."""
+        counts = {"pss_reads": self.pss_reads, "fork_server_siblings_max": self.siblings_max,
+                  "fork_server_share_bytes": self.share if self.server_share is not None else None}
+        self.pss_reads, self.siblings_max = 0, 0
         return counts
 
     def _forget(self, pid: int) -> None:
@@ -305,17 +321,21 @@ def _write(message: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def serve(root: int, interval_s: float, nvml_ordinal: int | None, torch_uuid: str | None) -> None:
+def serve(root: int, interval_s: float, nvml_ordinal: int | None, torch_uuid: str | None,
+          fork_server: tuple[int, int] | None = None) -> None:
     from qbench.cell.measure import nvml
+    from qbench.cell.measure.forked import ServerShare
 
-    tree = ProcessTree(root, exclude={os.getpid()}, pss_min_interval_s=interval_s)
+    share = ServerShare(fork_server[0], fork_server[1], root) if fork_server else None
+    tree = ProcessTree(root, exclude={os.getpid()}, pss_min_interval_s=interval_s, server_share=share)
     cpu = CpuCounters(tree)
     readers: dict[str, Any] = {"rss_bytes": tree.rss_bytes, "processes": lambda: len(tree.members())}
     hello: dict[str, Any] = {"pid": os.getpid(), "root": root}
     try:
         tree.pss_bytes()
         readers["pss_bytes"] = tree.pss_bytes
-        hello["pss"] = {"available": True, "cpu_share": PSS_CPU_SHARE}
+        readers["tree_pss_bytes"] = lambda: tree.tree_pss  # read right after pss_bytes, from the same reading
+        hello["pss"] = {"available": True, "cpu_share": PSS_CPU_SHARE, "fork_server": tree.server_share is not None}
     except (OSError, ValueError, AttributeError, psutil.Error) as error:  # no smaps_rollup, no psutil pss (macOS)
         hello["pss"] = {"available": False, "reason": f"{type(error).__name__}: {error}"}
     device = None
@@ -368,8 +388,11 @@ class SamplerProcess:
         nvml_ordinal: int | None = None,
         torch_uuid: str | None = None,
         start_timeout_s: float = 120.0,
+        fork_server: tuple[int, int] | None = None,
     ):
         command = [sys.executable, "-m", "qbench.cell.measure.sampler", "--root", str(root), "--interval-s", str(interval_s)]
+        if fork_server:
+            command += ["--fork-server", str(fork_server[0]), "--fork-server-file-pss-bytes", str(fork_server[1])]
         if nvml_ordinal is not None:
             command += ["--nvml-ordinal", str(nvml_ordinal)]
         if torch_uuid:
@@ -422,10 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval-s", type=float, default=0.01)
     parser.add_argument("--nvml-ordinal", type=int, help="torch CUDA ordinal to read through NVML")
     parser.add_argument("--torch-uuid", help="the UUID torch reports for that device")
+    parser.add_argument("--fork-server", type=int, help="PID of the fork server the root was forked from")
+    parser.add_argument("--fork-server-file-pss-bytes", type=int, default=0,
+                        help="the server's file-backed PSS as it forked the root (qbench.cell.measure.forked)")
     args = parser.parse_args(argv)
     # in its own session (no Ctrl-C from the terminal); it ends when the measured process closes the pipe
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    serve(args.root, args.interval_s, args.nvml_ordinal, args.torch_uuid)
+    fork_server = (args.fork_server, args.fork_server_file_pss_bytes) if args.fork_server else None
+    serve(args.root, args.interval_s, args.nvml_ordinal, args.torch_uuid, fork_server)
     return 0
 
 

@@ -215,7 +215,8 @@ def _is_kept_dense(name: str, patterns: list[str]) -> bool:
         return any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def check_format(model: nn.Module, precision: Precision, compute_dtype: str | None = None, stage: str = "loaded") -> None:
+def check_format(model: nn.Module, precision: Precision, compute_dtype: str | None = None, stage: str = "loaded",
+                 llm_int8_threshold: float = LLM_INT8_THRESHOLD) -> None:
     """Raise FormatMismatch, naming the modules that disagree, unless the model is stored as `precision` says.
 
     For a quantized precision every linear must be the precision's bitsandbytes class with its
@@ -244,8 +245,8 @@ def check_format(model: nn.Module, precision: Precision, compute_dtype: str | No
                     wrong.append(f"{name} has blocksize {state.blocksize}, expected {BNB_4BIT_BLOCKSIZE}")
                 if compute_dtype is not None and module.compute_dtype != getattr(torch, compute_dtype):
                     wrong.append(f"{name} computes in {module.compute_dtype}, expected torch.{compute_dtype}")
-            if precision.kind == "int8" and float(module.state.threshold) != LLM_INT8_THRESHOLD:
-                wrong.append(f"{name} has LLM.int8 threshold {module.state.threshold}, expected {LLM_INT8_THRESHOLD}")
+            if precision.kind == "int8" and float(module.state.threshold) != llm_int8_threshold:
+                wrong.append(f"{name} has LLM.int8 threshold {module.state.threshold}, expected {llm_int8_threshold}")
         elif isinstance(module, nn.Linear):
             if expected is not None and not _is_kept_dense(name, kept_dense):
                 wrong.append(f"{name} is {cls}, expected {expected}")

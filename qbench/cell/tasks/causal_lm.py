@@ -25,6 +25,24 @@ BOOTSTRAP_METHOD = (
 )
 
 
+# eval.protocol -> how the record describes it ({prefix}: the rolling protocol's first input token)
+PROTOCOLS = {
+    "disjoint": (
+        "disjoint: token perplexity over the held-out text as one stream, no special tokens, non-overlapping "
+        "windows (stride = window); every token after the first scored once, padding excluded; "
+        "bits_per_byte = summed NLL / ln 2 / UTF-8 bytes of the text; a token with a non-finite loss "
+        "makes perplexity infinite"
+    ),
+    "rolling": (
+        "rolling: lm-evaluation-harness's loglikelihood_rolling: token perplexity over the held-out text as one stream, "
+        "no special tokens but token {prefix} (the tokenizer's BOS, else EOS) in front of the first window, every "
+        "token scored once, each window after the first reading from the token before the ones it scores, the last "
+        "one filled with preceding context; bits_per_byte = summed NLL / ln 2 / UTF-8 bytes of the text; a token with "
+        "a non-finite loss makes perplexity infinite"
+    ),
+}
+
+
 @dataclass(frozen=True)
 class Windows:
     """Non-overlapping evaluation windows over one token stream; padding carries label IGNORE."""
@@ -61,6 +79,54 @@ def make_windows(token_ids: list[int] | torch.Tensor, window: int, pad_id: int) 
     return Windows(input_ids, attention_mask, labels)
 
 
+def disjoint_ranges(tokens: int, window: int) -> list[tuple[int, int]]:
+    """Per window of `make_windows`, the [first, end) positions of the tokens it scores."""
+    return [(k * window + 1, min((k + 1) * window + 1, tokens)) for k in range(math.ceil((tokens - 1) / window))]
+
+
+def rolling_windows(token_ids: list[int] | torch.Tensor, window: int, prefix_id: int,
+                    pad_id: int) -> tuple[Windows, list[tuple[int, int]]]:
+    """lm-evaluation-harness's `loglikelihood_rolling` windows over one token stream (its get_rolling_token_windows
+    with context_len 1, then make_disjoint_window), and per window the [first, end) positions of the tokens it scores.
+
+    The first window reads the prefix token (BOS) and tokens [0, W-1) and scores tokens [0, W): the first token is
+    scored too. Each next window scores the next W tokens, reading from the token just before them; the last one
+    scores what is left and reads a full window of the tokens before it, so its tokens have more context than
+    disjoint windows give. Every token is scored exactly once; only a stream shorter than W pads its one window.
+    """
+    ids = [int(t) for t in token_ids]
+    if not ids:
+        raise ValueError("evaluation text has no tokens")
+    first = min(window, len(ids))
+    rows = [([prefix_id, *ids[: first - 1]], ids[:first])]
+    ranges = [(0, first)]
+    predicted = first
+    while predicted < len(ids):
+        scored = min(len(ids) - predicted, window)
+        end = predicted + scored
+        context = ids[end - window - 1 : end - 1]
+        rows.append((context, [IGNORE] * (len(context) - scored) + ids[end - scored : end]))
+        ranges.append((end - scored, end))
+        predicted = end
+    input_ids = torch.full((len(rows), window), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), window), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), window), dtype=torch.long)
+    for k, (row, targets) in enumerate(rows):
+        input_ids[k, : len(row)] = torch.tensor(row)
+        labels[k, : len(targets)] = torch.tensor(targets)
+        attention_mask[k, : len(row)] = 1
+    return Windows(input_ids, attention_mask, labels), ranges
+
+
+def range_bytes(text: str, char_starts: list[int], first: int, end: int) -> int:
+    """UTF-8 bytes of the text that tokens [first, end) cover: from the first character of token `first` (the start
+    of the text for token 0) to the first character of token `end` (or the end of the text), so the ranges of a
+    protocol's windows partition the text they score and whitespace no offset includes is counted once."""
+    start = 0 if first == 0 else char_starts[first]
+    stop = char_starts[end] if end < len(char_starts) else len(text)
+    return len(text[start:stop].encode("utf-8"))
+
+
 def spread_windows(count: int, keep: int | None) -> list[int]:
     """Indices of `keep` windows out of `count`, evenly spaced from the first to the last (all when keep is None
     or not smaller), so that a capped evaluation still samples the whole held-out text, not just its start."""
@@ -82,13 +148,7 @@ def scored_bytes(text: str, char_starts: list[int], window: int, indices: list[i
     first character of token (k+1)W+1 (or the end of the text), so the windows' spans partition the text
     after the first token and whitespace a tokenizer leaves out of every offset is counted once.
     """
-    total = 0
-    for k in indices:
-        start = char_starts[k * window + 1]
-        end_token = (k + 1) * window + 1
-        end = char_starts[end_token] if end_token < len(char_starts) else len(text)
-        total += len(text[start:end].encode("utf-8"))
-    return total
+    return sum(range_bytes(text, char_starts, k * window + 1, (k + 1) * window + 1) for k in indices)
 
 
 def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -259,32 +319,30 @@ class CausalLMTask(TaskBase):
         if self.train_ids.numel() <= self.max_length:
             raise ValueError(f"training text has {self.train_ids.numel()} tokens, fewer than train.max_length + 1")
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        protocol = (
-            "token perplexity over the held-out text as one stream, no special tokens, non-overlapping "
-            "windows (stride = window); every token after the first scored once, padding excluded; "
-            "bits_per_byte = summed NLL / ln 2 / UTF-8 bytes of the text; a token with a non-finite loss "
-            "makes perplexity infinite"
-        )
+        name = self.suite.eval.protocol
+        prefix_id = self._prefix_id() if name == "rolling" else None
+        protocol = PROTOCOLS[name].format(prefix=prefix_id)
         max_windows = self.suite.eval.max_windows
         if max_windows is None:
-            self.windows = make_windows(encode(eval_text), self.window, pad_id)
+            self.windows, _ = self._windows(encode(eval_text), pad_id, prefix_id)
             self.eval_bytes = len(eval_text.encode("utf-8"))
             self.window_bytes = window_bytes(self.windows, self.eval_bytes, self.tokenizer.decode)
             all_windows = int(self.windows.input_ids.shape[0])
         else:
             encoded = self.tokenizer(eval_text, add_special_tokens=False, return_offsets_mapping=True)
-            every = make_windows(encoded["input_ids"], self.window, pad_id)
+            every, ranges = self._windows(encoded["input_ids"], pad_id, prefix_id)
             all_windows = int(every.input_ids.shape[0])
             chosen = spread_windows(all_windows, max_windows)
             self.windows = select_windows(every, chosen)
             starts = [start for start, _ in encoded["offset_mapping"]]
             # each chosen window's bytes exactly (the spans partition the text), summing to eval_bytes
-            self.window_bytes = torch.tensor([float(scored_bytes(eval_text, starts, self.window, [k])) for k in chosen],
+            self.window_bytes = torch.tensor([float(range_bytes(eval_text, starts, *ranges[k])) for k in chosen],
                                              dtype=torch.float64)
             self.eval_bytes = int(self.window_bytes.sum())
             protocol = protocol.replace("over the held-out text as one stream", (
                 f"over {len(chosen)} of the held-out text's {all_windows} windows, evenly spread (eval.max_windows), "
                 "the text cut as one stream")).replace("UTF-8 bytes of the text", "UTF-8 bytes of the text the scored tokens cover")
+        info["eval.prefix_token_id"] = prefix_id
         info.update(
             {
                 "data.train_tokens": int(self.train_ids.numel()),
@@ -301,6 +359,20 @@ class CausalLMTask(TaskBase):
             }
         )
         return info
+
+    def _prefix_id(self) -> int:
+        """The token lm-evaluation-harness puts in front of a rolling evaluation: BOS, else EOS (its prefix_token_id)."""
+        for token in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id):
+            if token is not None:
+                return int(token)
+        raise ValueError("eval.protocol = 'rolling' puts the tokenizer's BOS (or EOS) token in front, and this "
+                         "tokenizer has neither")
+
+    def _windows(self, ids: list[int], pad_id: int, prefix_id: int | None) -> tuple[Windows, list[tuple[int, int]]]:
+        """The protocol's windows over the token stream, and the token positions each scores."""
+        if prefix_id is not None:
+            return rolling_windows(ids, self.window, prefix_id, pad_id)
+        return make_windows(ids, self.window, pad_id), disjoint_ranges(len(ids), self.window)
 
     def train_batches(self, seed: int) -> Iterator[Batch]:
         """Random windows of max_length + 1 tokens from the training text, drawn with a seeded generator."""

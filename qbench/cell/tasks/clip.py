@@ -55,6 +55,23 @@ def load_splits(loaded_suite: LoadedSuite) -> tuple[ClipSplit, ClipSplit, dict[s
     return train, held_out, info
 
 
+class EpochOrder(torch.utils.data.RandomSampler):
+    """A shuffled order of `size` examples per epoch, drawn from `seed` alone, whatever data.num_workers is.
+
+    torch's DataLoader draws its workers' base seed from the generator it is given each time it makes an
+    iterator: every epoch without workers, once with persistent workers. Shuffling from that generator
+    made the order from the second epoch on depend on the number of workers. This sampler shuffles from
+    a generator of its own, drawing from it what a single-process `DataLoader(shuffle=True, generator=...)`
+    draws each epoch (the base seed, then RandomSampler's draws), so its order is that of a plain torch loop."""
+
+    def __init__(self, size: int, seed: int):
+        super().__init__(range(size), generator=torch.Generator().manual_seed(seed))
+
+    def __iter__(self) -> Iterator[int]:
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the base seed a plain loader draws
+        yield from super().__iter__()
+
+
 def in_memory(split: ClipSplit) -> bool:
     """Whether the split's images are held in memory (generated data), not read from files."""
     return not any(isinstance(image, (str, Path)) for image in split.images)
@@ -142,13 +159,17 @@ class ClipTask(TaskBase):
         return Batch(inputs, samples=len(captions), tokens=int(text["attention_mask"].sum()))
 
     def train_batches(self, seed: int) -> Iterator[Batch]:
-        generator = torch.Generator().manual_seed(seed)
+        """Shuffled batches, epoch after epoch, in an order drawn from the seed alone.
+
+        The order has a generator of its own (EpochOrder); the loader's generator seeds its workers only."""
+        pairs = CaptionPairs(self.train_split, indices=self.train_pixels is not None)
+        order = EpochOrder(len(pairs), seed)
         loader = torch.utils.data.DataLoader(
-            CaptionPairs(self.train_split, indices=self.train_pixels is not None),
+            pairs,
             batch_size=self.suite.train.batch_size,
-            shuffle=True,
+            sampler=order,
             drop_last=True,
-            generator=generator,
+            generator=torch.Generator().manual_seed(seed),  # the workers' seeds only
             num_workers=self.suite.data.num_workers,
             collate_fn=self._collate,
             persistent_workers=self.suite.data.num_workers > 0,
@@ -159,6 +180,54 @@ class ClipTask(TaskBase):
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         outputs = model(**batch.inputs, return_loss=False)
         return contrastive_loss(outputs.logits_per_image, outputs.logits_per_text)
+
+    def contrastive_fields(self) -> dict[str, Any]:
+        """`train.contrastive_batch_size`: the pairs whose features one contrastive loss compares (each query's
+        positive and its negatives), and `train.negatives_per_query`, one less: with `micro_batch` accumulation
+        the micro-batch's (train.batch_size), with `step` every micro-batch's of the step."""
+        train = self.suite.train
+        size = train.batch_size * (train.grad_accum if train.contrastive_batch == "step" else 1)
+        return {"train.contrastive_batch": train.contrastive_batch or "micro_batch",
+                "train.contrastive_batch_size": size, "train.negatives_per_query": size - 1}
+
+    def accumulate(self) -> Any:
+        """How a step accumulates its micro-batches: None (the shared loop's mean of micro-batch losses) unless
+        train.contrastive_batch = "step", then `step_over_cached_features`."""
+        return self.step_over_cached_features if self.suite.train.contrastive_batch == "step" else None
+
+    @staticmethod
+    def _normalised(features: torch.Tensor) -> torch.Tensor:
+        # as CLIPModel.forward normalises (transformers' _get_vector_norm), so one micro-batch gives its forward's loss
+        return features / torch.pow(torch.sum(torch.pow(features, 2), dim=-1, keepdim=True), 0.5)
+
+    def _features(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, text) features of a batch, normalised, as CLIPModel.forward computes them."""
+        inputs = batch.inputs
+        images = self._pooled(model.get_image_features(pixel_values=inputs["pixel_values"]))
+        texts = self._pooled(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
+        return self._normalised(images), self._normalised(texts)
+
+    @staticmethod
+    def _features_loss(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        logits_per_text = torch.matmul(texts, images.t()) * model.logit_scale.exp()
+        return contrastive_loss(logits_per_text.t(), logits_per_text)
+
+    def step_over_cached_features(self, model: torch.nn.Module, batches: Iterator[Batch]) -> tuple[float, int, int]:
+        """One optimizer step whose contrastive loss spans all its micro-batches (open_clip's --accum-freq):
+        every micro-batch's features computed without gradients and kept; then, micro-batch by micro-batch, its
+        features computed again with gradients in place of the kept ones, the loss over all of them taken and
+        backpropagated. The summed gradients are those of the loss over the whole step's pairs, while the memory
+        of activations is one micro-batch's. Returns the step's loss (over the kept features), samples, tokens."""
+        micro = [next(batches) for _ in range(self.suite.train.grad_accum)]
+        with torch.no_grad():
+            kept = [self._features(model, batch) for batch in micro]
+            loss = self._features_loss(model, torch.cat([k[0] for k in kept]), torch.cat([k[1] for k in kept])).item()
+        for index, batch in enumerate(micro):
+            images, texts = self._features(model, batch)
+            all_images = torch.cat([k[0] for k in kept[:index]] + [images] + [k[0] for k in kept[index + 1 :]])
+            all_texts = torch.cat([k[1] for k in kept[:index]] + [texts] + [k[1] for k in kept[index + 1 :]])
+            self._features_loss(model, all_images, all_texts).backward()
+        return loss, sum(b.samples for b in micro), sum(b.tokens for b in micro)
 
     @staticmethod
     def _pooled(output: Any) -> torch.Tensor:
