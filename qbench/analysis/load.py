@@ -137,14 +137,9 @@ def _table_as_schema(table: pd.DataFrame, path: Path) -> pd.DataFrame:
         return table
     if len(versions) > 1:
         raise ResultsError(f"{path}: holds records of schemas {', '.join(map(str, sorted(map(int, versions))))} in one table")
-    columns = {c: table[c] for c in table.columns if renames.renamed(str(c)) == c}
-    for column in table.columns:
-        new = renames.renamed(str(column))
-        if new != column:  # a duplicate's other name holds the value where it has one
-            columns[new] = columns[new].combine_first(table[column]) if new in columns else table[column]
-    columns["schema_version"] = pd.Series(SCHEMA_VERSION, index=table.index)
-    columns["converted_from_schema"] = pd.Series(old.pop(), index=table.index)
-    return pd.DataFrame(columns, index=table.index)
+    version = old.pop()  # each row as its record converts (a forked cell's PSS moves to tree_pss, ...)
+    rows = [renames.convert({k: v for k, v in row.items() if not _missing(v)}, version) for row in table.to_dict("records")]
+    return pd.DataFrame(rows, index=table.index)
 
 
 def identity_differences(frame: Any) -> list[str]:
