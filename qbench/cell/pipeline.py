@@ -198,7 +198,7 @@ class CellRun:
         if spec.compute:
             from qbench.machine.compute import ComputeChoice
 
-            self.use_compute(ComputeChoice(**{**spec.compute, "emulated": tuple(spec.compute.get("emulated", ()))}))
+            self.use_compute(ComputeChoice.from_dict(spec.compute))
         self.tracker: MemoryTracker | None = None
         self.timer: StepTimer | None = None
         self.faults = fault_injection.Injector(spec.cell_id)
@@ -317,11 +317,14 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         from qbench.cell.measure.timing import StepTimer
         from qbench.cell.tasks import get_task
         from qbench.cell.train import train
-        from qbench.machine import compute, environment
+        from qbench.machine import environment
 
         cell.imported()
         if cell.compute is None:  # run alone (not by the runner): decide here, as the runner would
-            cell.use_compute(compute.choose_here(suite.compute_dtype, cell.device, precisions.dense_dtypes([cell.precision.name])))
+            from qbench.cell import compute_probe
+
+            cell.use_compute(compute_probe.decide(cell.loaded, cell.device, suite.compute_dtype,
+                                                  precisions.dense_dtypes([cell.precision.name])))
         cell.update(environment.describe(cell.device))
         torch.manual_seed(seed)
         model_path = models.resolve(suite.model.id, cell.loaded.path.parent, suite.model.revision)

@@ -234,7 +234,7 @@ class Run:
         record_file = results.record_path(self.run_dir, cell.id)
         attempt = results.claim_record(record_file)  # from now on an older attempt's process cannot write it
         record_file.unlink(missing_ok=True)
-        extra = {"OMP_NUM_THREADS": str(self.threads.per_cell)} if self.threads else {}
+        extra = self.threads.env() if self.threads else {}  # threads and OpenMP waiting, before torch loads
         env = child_env({**(self.env or {}), **extra, **slot.env})
         with open(log_path, "a", encoding="utf-8") as log:  # appended: a resumed cell keeps its earlier log
             log.write(log_header(cell))
