@@ -12,9 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qbench.contract import fields
+from qbench.contract import fields, grid
 from qbench.contract.files import OutputError, component_problem, write_json_atomic
 from qbench.contract.schema import STATUSES
+
+# what names a cell, its run and its arm: one value each (a report groups and orders records by them)
+ONE_VALUE_KEYS = (*grid.RECORD_KEYS, "run_id", "suite", "baseline_precision", "task", "model")
 
 __all__ = ["write_json_atomic", "OutputError"]  # write_json_atomic lives in results.files; kept importable here
 
@@ -137,6 +140,9 @@ def record_problem(record: Any, cell_id: str | None = None) -> str | None:
     for key, value in record.items():
         if fields.spec_for(key) is not None and not _is_number(value):
             return f"{key}: {str(value)[:40]!r} is not a number"
+    for key in ONE_VALUE_KEYS:
+        if isinstance(record.get(key), (list, dict)):
+            return f"{key}: {str(record[key])[:40]!r} is a {type(record[key]).__name__}, where a record holds one value"
     return None
 
 
