@@ -227,7 +227,7 @@ def choose(setting: str, device: str, cuda_bf16: bool | None = None, dense_dtype
     else:
         dtype = unmeasured_default(device, cuda_bf16)
         why = unmeasured or (timings.text() if timings is not None else "nothing measured")
-        reason = f"auto, unmeasured ({why}): {dtype} on a {'GPU' if cuda else 'CPU'}"
+        reason = f"auto: not measured ({why}), {dtype} on a {'GPU' if cuda else 'CPU'}"
     wanted = tuple(dict.fromkeys((dtype, *dense_dtypes)))
     emulated = tuple(d for d in wanted if not native(d, device, cuda_bf16, flags))
     factors = {}
