@@ -4,12 +4,14 @@
     python -m pytest benchmarks/test_qbench_speed.py -s --benchmark-disable  # a smoke run (CI): a short matrix, no targets
     QBENCH_MATRIX_OPTIONS="--parallel 2" python -m pytest benchmarks/test_qbench_speed.py -s -k matrix
 
-Targets (issue 12), on a quiet 2-core CPU, judged only when benchmarking:
-- `qbench run suites/clip.toml` (six cells, the suite's steps and eval unchanged): at most 90 s wall;
+Targets (issues 12 and 28), on a quiet 2-core CPU, judged only when benchmarking:
+- `qbench run suites/clip.toml` (six cells, the suite's steps and eval unchanged): at most 60 s wall, its first
+  cell started at most 5 s after the command;
 - fixed cost per cell (its process's wall time less its measured phases): at most 2 s;
 - `.ci/run`'s regression gate (run suites/ci.toml, report it, compare it with the committed baseline):
   at most 30 s.
-The harness overhead against a bare loop is benchmarks/test_overhead.py. Each figure is printed and kept
+The harness overhead against a bare loop is benchmarks/test_overhead.py; the same job beside busy processes is
+benchmarks/test_threads_under_load.py. Each figure is printed and kept
 in the benchmark's extra_info; `qbench run` is run as a user runs it, in its own process.
 """
 
@@ -21,13 +23,15 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-MATRIX_TARGET_S = float(os.environ.get("QBENCH_MATRIX_TARGET_S", "90"))
+MATRIX_TARGET_S = float(os.environ.get("QBENCH_MATRIX_TARGET_S", "60"))
+FIRST_CELL_TARGET_S = float(os.environ.get("QBENCH_FIRST_CELL_TARGET_S", "5"))
 FIXED_COST_TARGET_S = float(os.environ.get("QBENCH_FIXED_COST_TARGET_S", "2"))
 GATE_TARGET_S = float(os.environ.get("QBENCH_GATE_TARGET_S", "30"))
 PHASES = ("data", "load", "prepare", "eval_before", "train", "eval_after")  # the measured phases of a cell
@@ -35,13 +39,29 @@ SMOKE_SHORTENING = {"steps = 200": "steps = 6", "warmup_steps = 10": "warmup_ste
                     'precisions = ["dense", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"]': 'precisions = ["dense", "nf4"]'}
 
 
-def _qbench(*args: str, cwd: Path) -> tuple[int, float, str]:
-    """`python -m qbench ARGS` as a user runs it: (exit code, wall seconds, output tail)."""
+def _qbench(*args: str, cwd: Path, first_cell_under: Path | None = None) -> tuple[int, float, str]:
+    """`python -m qbench ARGS` as a user runs it: (exit code, wall seconds, output tail). With `first_cell_under`
+    (the run's --out), FIRST_CELL_S[ARGS] gets the seconds from the command's start to its first cell's start
+    (a cell's log file appears as its process is launched)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "HF_HUB_OFFLINE": "1", "COLUMNS": "160"}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "qbench", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    return done.returncode, time.perf_counter() - started, (done.stdout + done.stderr)[-3000:]
+    with tempfile.TemporaryFile("w+") as output:
+        process = subprocess.Popen([sys.executable, "-m", "qbench", *args], cwd=cwd, env=env, stdout=output,
+                                   stderr=subprocess.STDOUT, text=True)
+        first_cell = None
+        while process.poll() is None:
+            if first_cell is None and first_cell_under is not None and any(first_cell_under.glob("*/*/logs/*.log")):
+                first_cell = time.perf_counter() - started
+            time.sleep(0.01)
+        wall = time.perf_counter() - started
+        output.seek(0)
+        tail = output.read()[-3000:]
+    FIRST_CELL_S[tuple(args)] = first_cell
+    return process.returncode, wall, tail
+
+
+FIRST_CELL_S: dict[tuple[str, ...], float | None] = {}
 
 
 def run_figures(run_dir: Path, wall_s: float) -> dict:
@@ -89,14 +109,15 @@ def test_embedded_matrix_wall_time_and_fixed_cost_per_cell(benchmark, tmp_path):
     options = shlex.split(os.environ.get("QBENCH_MATRIX_OPTIONS", ""))
     outcome = {}
 
+    args = ("run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu", *options)
+
     def matrix() -> None:
-        outcome["code"], outcome["wall"], outcome["tail"] = _qbench("run", str(suite), "--out", str(tmp_path / "out"),
-                                                                     "--device", "cpu", *options, cwd=tmp_path)
+        outcome["code"], outcome["wall"], outcome["tail"] = _qbench(*args, cwd=tmp_path, first_cell_under=tmp_path / "out")
 
     benchmark.pedantic(matrix, rounds=1, iterations=1)
     assert outcome["code"] == 0, outcome["tail"]
     (run_dir,) = (tmp_path / "out" / "clip").iterdir()
-    figures = run_figures(run_dir, outcome["wall"])
+    figures = {**run_figures(run_dir, outcome["wall"]), "first_cell_started_s": FIRST_CELL_S[args], "load_average_1min": os.getloadavg()[0]}
     benchmark.extra_info.update(figures)
     _show(f"embedded matrix ({suite.name}{' ' + ' '.join(options) if options else ''})", figures)
     assert figures["train_s_sum"] < figures["cells_wall_s"] <= figures["wall_s"]
@@ -106,6 +127,8 @@ def test_embedded_matrix_wall_time_and_fixed_cost_per_cell(benchmark, tmp_path):
     assert figures["wall_s"] <= MATRIX_TARGET_S, f"the matrix took {figures['wall_s']:.1f} s (target {MATRIX_TARGET_S:.0f} s)"
     assert figures["fixed_cost_per_cell_s"] <= FIXED_COST_TARGET_S, (
         f"fixed cost {figures['fixed_cost_per_cell_s']:.2f} s per cell (target {FIXED_COST_TARGET_S:.0f} s)")
+    assert figures["first_cell_started_s"] <= FIRST_CELL_TARGET_S, (
+        f"the first cell started {figures['first_cell_started_s']:.1f} s after the command (target {FIRST_CELL_TARGET_S:.0f} s)")
 
 
 def test_ci_gate_wall_time(benchmark, tmp_path):

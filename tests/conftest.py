@@ -6,9 +6,24 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Randomised tests (hypothesis) run derandomised by default: the same examples every run, so the test command
+# passes or fails for the code alone; an example that once failed stays as an explicit @example. The fuzz
+# target explores new examples, many more of them: HYPOTHESIS_PROFILE=explore python -m pytest -m fuzz
+settings.register_profile("default", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, deadline=None, print_blob=True)
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "default")
+settings.load_profile(PROFILE)
+EXPLORE_FACTOR = 20  # how many more examples each randomised test tries when exploring
+
+
+def examples(count: int) -> int:
+    """A randomised test's number of examples: `count` in the default tier, EXPLORE_FACTOR times more exploring."""
+    return count * EXPLORE_FACTOR if PROFILE == "explore" else count
 
 REPO = Path(__file__).resolve().parent.parent
 SUITES = REPO / "suites"
@@ -79,3 +94,10 @@ def faulty_cells(monkeypatch):
 
     monkeypatch.delenv(faults.ENV_VAR, raising=False)
     return plant
+
+
+def pytest_collection_modifyitems(items):
+    """Every randomised (hypothesis) test is part of the fuzz target (`-m fuzz`); it runs in the default tier too."""
+    for item in items:
+        if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+            item.add_marker(pytest.mark.fuzz)

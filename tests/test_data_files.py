@@ -17,6 +17,8 @@ from qbench.cell.data.pairs import DataError
 from qbench.cell.data.text import load_text_file
 from qbench.cell.data.tsv import load_tsv
 
+from .conftest import examples
+
 # every character str.splitlines() breaks at that no standard tool does
 PYTHON_ONLY_BREAKS = ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
 
@@ -123,7 +125,7 @@ captions = st.text(
 ).filter(lambda text: text.strip())
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(st.tuples(st.sampled_from(["0.png", "1.png", "2.png"]), captions), min_size=1, max_size=8),
        crlf=st.booleans(), bom=st.booleans(), blank_tail=st.integers(0, 2))
 def test_any_well_formed_file_has_the_captions_csv_reads_and_the_lines_wc_counts(

@@ -29,10 +29,11 @@ from qbench import cli
 from qbench.cell import models
 from qbench.cell.data.tsv import load_tsv
 
+from .conftest import examples
 from .helpers import executors
 
 # 25 examples per property keep this file well under a minute in CI; QBENCH_FUZZ_EXAMPLES=1000 searches harder
-FUZZ = settings(max_examples=int(os.environ.get("QBENCH_FUZZ_EXAMPLES", "25")), deadline=None, database=None,
+FUZZ = settings(max_examples=examples(int(os.environ.get("QBENCH_FUZZ_EXAMPLES", "25"))), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 # characters that split lines or fields in one tool and not another, and other trouble
@@ -342,7 +343,7 @@ def test_random_command_line_lists_pass_or_stop_with_one_line(material, option: 
 # -- whole runs (stand-in cells): nothing written outside --out ------------------------------------------
 
 
-@settings(max_examples=6, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(6), deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.text(st.sampled_from("ab._-9"), min_size=1, max_size=8), only=st.sampled_from([None, "bf16", "nf4", "bf16,nf4"]),
        out=st.sampled_from(["out", "out/deeper", "o u t"]))
 def test_a_whole_run_writes_only_under_out(material, monkeypatch, name: str, only, out: str):

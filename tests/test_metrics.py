@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 from qbench.cell.tasks.metrics import contrastive_loss, hits_at_k, match_ranks, recall_at_k
 
+from .conftest import examples
+
 
 def test_recall_counts_a_query_when_its_true_match_ranks_within_k():
     similarity = torch.tensor(
@@ -110,7 +112,7 @@ def test_nan_image_embeddings_are_misses_both_ways_as_an_independent_count_gives
 @given(
     st.integers(min_value=2, max_value=7), st.integers(min_value=2, max_value=7), st.integers(min_value=0, max_value=2**16),
 )
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 def test_making_whole_query_rows_nan_only_turns_those_queries_into_misses(queries, candidates, seed):
     generator = torch.Generator().manual_seed(seed)
     similarity = torch.randn(queries, candidates, generator=generator)

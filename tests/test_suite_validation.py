@@ -18,7 +18,7 @@ from qbench import cli
 from qbench.contract.suite import Suite, SuiteError, load, parse
 from qbench.runner import preflight as checks
 
-from .conftest import REPO, SUITES, write_suite
+from .conftest import REPO, SUITES, examples, write_suite
 from .test_suite import MINIMAL
 
 
@@ -210,7 +210,7 @@ def _loads_or_refuses(text: str, folder: Path) -> None:
         assert error.problems
 
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 @FUZZ

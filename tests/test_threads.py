@@ -25,14 +25,34 @@ def test_the_default_gives_one_cell_every_core_and_divides_them_among_cells_side
     assert threads.plan(side_by_side=3, environ={}, cores=2).per_cell == 1  # never zero
 
 
-def test_a_busy_machine_is_warned_about():
+def test_a_busy_machine_is_warned_about_and_a_quiet_one_is_not():
     two_cores = threads.plan(environ={}, cores=2)
-    assert threads.oversubscription(two_cores, load_average=0.2) is None
-    warning = threads.oversubscription(two_cores, load_average=6.9)
-    assert "oversubscribed" in warning and "6.9" in warning and "2 cores" in warning
-    assert "--threads 1" in warning  # two threads on a busy machine spin for each other
-    one = threads.plan(1, environ={}, cores=2)
-    assert "--threads 1" not in threads.oversubscription(one, load_average=6.9)
+    assert threads.oversubscription(two_cores, others_busy_cores=0.2) is None
+    assert threads.oversubscription(two_cores, others_busy_cores=0.45) is None  # a quiet machine's own chores
+    warning = threads.oversubscription(two_cores, others_busy_cores=1.9)
+    assert "oversubscribed" in warning and "1.9 of 2 cores" in warning
+    assert "ACTIVE" not in warning  # passive waiting: nothing to advise
+    spinning = threads.plan(environ={"OMP_WAIT_POLICY": "ACTIVE"}, cores=2)
+    assert "OMP_WAIT_POLICY=ACTIVE" in threads.oversubscription(spinning, others_busy_cores=1.9)
+
+
+def test_cells_wait_passively_unless_the_user_says_otherwise():
+    default = threads.plan(environ={}, cores=2)
+    assert default.env() == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+    assert default.record_fields()["env.omp_wait_policy"] == "OMP_WAIT_POLICY=PASSIVE KMP_BLOCKTIME=0 (default)"
+    own = threads.plan(environ={"GOMP_SPINCOUNT": "10000"}, cores=2)
+    assert own.env() == {"OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "10000"} and "(the environment)" in own.header()
+
+
+def test_others_busy_cores_leave_out_our_own_processes(monkeypatch):
+    readings = iter([{"busy_s": 100.0}, {"busy_s": 103.0}])
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr(threads, "machine_cpu_seconds", lambda: next(readings))
+    monkeypatch.setattr(threads.time, "monotonic", lambda: next(clock))
+    own = iter([5.0, 7.0])  # our processes took 2 of the 3 busy CPU seconds
+    monkeypatch.setattr(threads, "_process_cpu_s", lambda pid: next(own))
+    window = threads.BusyWindow.start([1])
+    assert window.others_cores([1]) == pytest.approx(0.5)
 
 
 def test_run_plan_carries_the_threads_and_parallel_cpu_slots(tmp_path):

@@ -90,16 +90,35 @@ def arm_index_name(frame: pd.DataFrame, axes: list[str] | None = None) -> str:
     return "precision" if len(axis_columns(frame) if axes is None else axes) <= 1 else ARM
 
 
-def _sort_key(column: str, value: object) -> tuple[int, object]:
-    if value is None:
-        return (2, "")
+def value_order(value: object) -> tuple[int, float, str]:
+    """A sort key for any mix of values a record may hold where one type belongs (16, "sixteen", 16.5, True,
+    None, a list): numbers ascending, then false before true, then text, then anything else by its text, None
+    last; values of unlike types are never compared with each other."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return (4, 0.0, "")
+    if isinstance(value, (bool, np.bool_)):
+        return (1, float(value), "")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return (0, float(value), "")
+    if isinstance(value, str):
+        return (2, 0.0, value)
+    return (3, 0.0, str(value))
+
+
+def is_number(value: object) -> bool:
+    """Whether `value` can stand on a numeric axis (a finite int or float, not a bool)."""
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(float(value)))
+
+
+def _sort_key(column: str, value: object) -> tuple[int, tuple[int, float, str]]:
     if column == "precision":
         order = list(precisions.REGISTRY)
-        return (0, order.index(value)) if value in order else (1, str(value))
+        return (0, (0, float(order.index(value)), "")) if isinstance(value, str) and value in order else (1, value_order(value))
     if column == grid.BY_NAME["optimizer"].record_key:
         order = list(optimizers.REGISTRY)
-        return (0, order.index(value)) if value in order else (1, str(value))
-    return (0, value) if isinstance(value, (int, bool)) else (1, str(value))
+        return (0, (0, float(order.index(value)), "")) if isinstance(value, str) and value in order else (1, value_order(value))
+    return (1, value_order(value))
 
 
 def arm_order(frame: pd.DataFrame, axes: list[str] | None = None) -> list[str]:

@@ -226,7 +226,7 @@ class CellRun:
         if spec.compute:
             from qbench.machine.compute import ComputeChoice
 
-            self.use_compute(ComputeChoice(**{**spec.compute, "emulated": tuple(spec.compute.get("emulated", ()))}))
+            self.use_compute(ComputeChoice.from_dict(spec.compute))
         self.tracker: MemoryTracker | None = None
         self.timer: StepTimer | None = None
         self.param_names: dict[int, str] = {}  # id(parameter) -> its name, for what the record says of parameters
@@ -371,11 +371,14 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         from qbench.cell.measure.timing import StepTimer
         from qbench.cell.tasks import get_task
         from qbench.cell.train import train
-        from qbench.machine import compute, environment, kernels
+        from qbench.machine import environment, kernels
 
         cell.imported()
         if cell.compute is None:  # run alone (not by the runner): decide here, as the runner would
-            cell.use_compute(compute.choose_here(suite.compute_dtype, cell.device, precisions.dense_dtypes([cell.precision.name])))
+            from qbench.cell import compute_probe
+
+            cell.use_compute(compute_probe.decide(cell.loaded, cell.device, suite.compute_dtype,
+                                                  precisions.dense_dtypes([cell.precision.name])))
         cell.update(environment.describe(cell.device))
         cell.update(kernels.describe())
         torch.manual_seed(seed)

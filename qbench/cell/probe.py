@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    from qbench.machine.compute import choose_here
+    from qbench.machine.compute import choose_unmeasured
 
-    choice = choose_here(args.compute_dtype, device)
+    choice = choose_unmeasured(args.compute_dtype, device, why="qbench env probes formats, it measures no suite's model")
     facts = collect(device, choice.dtype)
     facts["formats_compute_dtype_reason"] = choice.reason
     sys.stdout.write(json.dumps(facts) + "\n")

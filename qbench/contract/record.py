@@ -207,6 +207,7 @@ class Environment(Part):
     torch_cpu_capability: Text = None
     torch_threads: SettingInt = None
     threads_source: Text = None
+    omp_wait_policy: Text = None  # OpenMP's wait policy in the cell's environment (PASSIVE by default)
     pid: SettingInt = None
     device: Text = None
     device_name: Text = None
@@ -288,6 +289,8 @@ class PrecisionSettings(Part):
 _Slowdowns = create_model(  # type: ignore[call-overload]
     "_Slowdowns", __base__=Part,
     **{f"{dtype}_slowdown_x": (Annotated[float | None, Figure("x", "lower", "informational")], None) for dtype in DTYPE_NAMES},
+    # the training step of the suite's model timed in each dtype when `auto` measured (qbench.cell.compute_probe)
+    **{f"{dtype}_step_s": (Annotated[float | None, Figure("s", "lower", "informational")], None) for dtype in DTYPE_NAMES},
 )
 
 
@@ -296,6 +299,8 @@ class Compute(_Slowdowns):  # type: ignore[misc,valid-type]
 
     dtype_setting: Text = None
     dtype_reason: Text = None
+    dtype_measurement: Text = None  # the workload timed, and whether now or from the user cache
+    dtype_measurement_cached: Flag = None
     emulated_dtypes: Text = None  # comma-separated
 
 

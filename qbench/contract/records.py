@@ -22,6 +22,8 @@ from qbench.contract import renames
 from qbench.contract.files import OutputError, component_problem, write_json_atomic
 from qbench.contract.schema import CONVERTIBLE, SCHEMA_VERSION, STATUSES
 
+# what names a cell, its run and its arm: one value each (a report groups and orders records by them)
+
 __all__ = ["write_json_atomic", "OutputError"]  # write_json_atomic lives in results.files; kept importable here
 
 RECORDS_DIR = "cells"

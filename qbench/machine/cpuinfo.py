@@ -1,7 +1,9 @@
-"""The CPU as /proc/cpuinfo describes it, read once per process: its model name and its feature flags."""
+"""The CPU as /proc/cpuinfo describes it, read once per process (its model name and its feature flags), and how
+busy the whole machine has been (/proc/stat)."""
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import cache
 from pathlib import Path
@@ -39,3 +41,23 @@ def flags(cpuinfo: str = CPUINFO) -> frozenset[str] | None:
 def model(cpuinfo: str = CPUINFO) -> str:
     """The CPU's model name, else what `platform` knows."""
     return (fields(cpuinfo) or {}).get("model name") or platform.processor() or platform.machine()
+
+
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def machine_cpu_seconds(stat: str = "/proc/stat") -> dict[str, float] | None:
+    """Cumulative CPU seconds of the whole machine since boot (all cores): busy, steal and total; None off Linux."""
+    try:
+        with open(stat, "rb") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 8:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return {
+        "busy_s": (user + nice + system + irq + softirq) / CLOCK_TICKS_PER_S,
+        "steal_s": steal / CLOCK_TICKS_PER_S,
+        "total_s": sum(fields) / CLOCK_TICKS_PER_S,
+    }

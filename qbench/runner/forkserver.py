@@ -44,7 +44,7 @@ PRELOAD = (
     "torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "psutil",
     "qbench.cell.pipeline", "qbench.cell.models", "qbench.cell.lora", "qbench.cell.readback", "qbench.cell.train",
     "qbench.cell.measure.memory", "qbench.cell.measure.timing", "qbench.cell.measure.weights", "qbench.cell.measure.weight_error",
-    "qbench.machine.environment", "qbench.machine.compute", "qbench.cell.tasks.clip", "qbench.cell.tasks.causal_lm",
+    "qbench.machine.environment", "qbench.machine.compute", "qbench.cell.compute_probe", "qbench.cell.tasks.clip", "qbench.cell.tasks.causal_lm",
 )
 PR_SET_PDEATHSIG = 1
 CHILD_GRACE_S = 10.0  # what a cell gets to write its interrupted record when the runner is gone

@@ -48,7 +48,7 @@ class Target:
 
 
 CELL = Target("qbench.cell", "qbench.cell.pipeline:main")  # spec on stdin, events on stdout, record on disk
-COMPUTE_PROBE = Target("qbench.machine.compute", "qbench.machine.compute:main")  # request on stdin, answer on stdout
+COMPUTE_PROBE = Target("qbench.cell.compute_probe", "qbench.cell.compute_probe:main")  # request on stdin, answer on stdout
 
 
 class CellProcess:
@@ -331,7 +331,7 @@ class ForkServerLauncher:
 
 def run_probe(server: ForkServerLauncher | None, request: dict[str, Any], env: dict[str, str] | None = None,
               timeout_s: float = 300) -> dict[str, Any]:
-    """Run the compute probe (qbench.machine.compute) forked from `server`, or as `python -m` when None;
+    """Run the compute probe (qbench.cell.compute_probe) forked from `server`, or as `python -m` when None;
     its JSON answer. RuntimeError with its error output when it fails."""
     with tempfile.TemporaryFile("w+", encoding="utf-8") as errors:
         if server is not None:

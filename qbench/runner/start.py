@@ -2,11 +2,14 @@
 or plain subprocesses), the compute dtype with its reason, the threads per cell, and the run-wide data.
 
     begin()   starts the fork server (it imports torch & co. while the caller checks the suite)
-    finish()  waits for it, asks the probe what the device computes natively, warms the suite's data
+    finish()  waits for it, warms the suite's data, asks the compute probe for the compute dtype (measured
+              once per machine and model for auto, then read from the user cache), and sees whether other
+              work leaves the cores for the cells' threads
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +52,7 @@ def begin(option: LauncherOption, device: str, gpus: bool) -> ForkServerLauncher
     """Start the fork server unless cells must be plain subprocesses: asked for, or on GPUs (see forkserver)."""
     if option == "subprocess" or gpus or device.startswith("cuda"):
         return None
-    return ForkServerLauncher()
+    return ForkServerLauncher(env=threads.wait_policy()[0])  # OpenMP reads its waiting policy when torch loads
 
 
 def finish(server: ForkServerLauncher | None, loaded: LoadedSuite, cells: list[Cell], device: str,
@@ -59,6 +62,8 @@ def finish(server: ForkServerLauncher | None, loaded: LoadedSuite, cells: list[C
     the one a resumed run `recorded`), warm the suite's data in the server. ForkServerUnavailable only when
     the fork server was asked for by name."""
     started = time.monotonic()
+    own = [os.getpid(), *([server.pid] if server is not None else [])]
+    window = threads.BusyWindow.start(own)  # what else keeps the cores busy while the server imports
     notes: list[str] = []
     timing: dict[str, Any] = {}
     launcher: ForkServerLauncher | None = None
@@ -78,25 +83,38 @@ def finish(server: ForkServerLauncher | None, loaded: LoadedSuite, cells: list[C
         notes.append("cells start as plain subprocesses on GPUs (a fork server cannot fork cells that use CUDA)")
     if device == "auto" and cuda_seen is False:
         device = "cpu"  # the fork server asked torch: no GPU
-    dense = precisions.dense_dtypes([c.precision for c in cells])
-    choice = recorded
-    if choice is None and device == "cpu":
-        choice = compute.choose(loaded.suite.compute_dtype, device, dense_dtypes=dense)
-    if choice is None or (choice.emulated and recorded is None):  # a GPU to ask about, or an emulated dtype to measure
-        answer = launch.run_probe(launcher, {"device": device, "setting": loaded.suite.compute_dtype,
-                                             "dense_dtypes": list(dense)})
-        device = answer["device"]
-        choice = compute.ComputeChoice(**{**answer["choice"], "emulated": tuple(answer["choice"]["emulated"])})
-    warnings = choice.warnings()
     shared: list[str] = []
-    if launcher is not None:
+    if launcher is not None:  # the data first: the compute probe measures with a batch of it
         warmed = launcher.warm(loaded.source_text(), str(loaded.path), device)
         shared = list(warmed.get("built") or [])
         if warmed.get("error"):
             notes.append(f"the fork server could not prepare the data once for all cells ({warmed['error']}); each cell does")
         timing.update({"warm_s": warmed.get("seconds"), "warm_cpu_s": warmed.get("cpu_s")})
+    probe_started = time.monotonic()
+    device, choice = _compute_choice(launcher, loaded, cells, device, thread_plan, recorded)
+    timing["compute_probe_s"] = time.monotonic() - probe_started
+    warnings = choice.warnings()
     timing["start_s"] = time.monotonic() - started
-    overloaded = threads.oversubscription(thread_plan) if device == "cpu" else None
+    others = window.others_cores(own) if window is not None else None
+    overloaded = threads.oversubscription(thread_plan, others) if device == "cpu" else None
     if overloaded:
         warnings.append(overloaded)
     return RunStart(device, launcher, choice, thread_plan, notes, warnings, timing, shared)
+
+
+def _compute_choice(launcher: ForkServerLauncher | None, loaded: LoadedSuite, cells: list[Cell], device: str,
+                    thread_plan: threads.ThreadPlan, recorded: compute.ComputeChoice | None) -> tuple[str, compute.ComputeChoice]:
+    """(the device, the run's compute dtype): the one a resumed run `recorded`; on a CPU with an explicit dtype
+    it has arithmetic for, decided here; else the compute probe's answer (it asks torch about the GPU and, for
+    auto, measures a training step in each dtype, or reads that measurement from the user cache)."""
+    dense = precisions.dense_dtypes([c.precision for c in cells])
+    if recorded is not None:  # the cells of one run folder compute alike
+        return device, recorded
+    if device == "cpu" and loaded.suite.compute_dtype != "auto":
+        flagged = compute.choose(loaded.suite.compute_dtype, device, dense_dtypes=dense)
+        if not flagged.emulated:
+            return device, flagged
+    answer = launch.run_probe(launcher, {"device": device, "setting": loaded.suite.compute_dtype, "dense_dtypes": list(dense),
+                                         "suite_text": loaded.source_text(), "suite_path": str(loaded.path),
+                                         "threads": thread_plan.per_cell})
+    return answer["device"], compute.ComputeChoice.from_dict(answer["choice"])

@@ -155,8 +155,9 @@ def scaling_plots(frame: pd.DataFrame) -> list[Plot]:
                 axis = axes[row][column]
                 factor, _ = fields.scale(metric)
                 for name in names:
-                    line = in_panel[[_series_label(p, series) == name for _, p in in_panel.iterrows()]]
-                    line = line.sort_values(x_axis.record_key)
+                    line = in_panel[[_series_label(p, series) == name and stats.is_number(p[x_axis.record_key])
+                                     for _, p in in_panel.iterrows()]]  # a value that is no number has no place on it
+                    line = line.sort_values(x_axis.record_key, key=lambda values: values.map(stats.value_order))
                     y = agg.mean.loc[line.index, metric] * factor
                     err = agg.std.loc[line.index, metric] * factor
                     if y.notna().any():
@@ -164,7 +165,7 @@ def scaling_plots(frame: pd.DataFrame) -> list[Plot]:
                                       marker="o", capsize=3, color=colours[name], label=name)
                 axis.set_xlabel(x_axis.name.replace("_", " "))
                 axis.set_ylabel(axis_label(metric))
-                axis.set_xticks(sorted(set(points[x_axis.record_key])))
+                axis.set_xticks(sorted({v for v in points[x_axis.record_key] if stats.is_number(v)}))
                 if panel:
                     axis.set_title(_panel_label(panel, others), fontsize=9)
                 axis.grid(alpha=0.3)

@@ -29,6 +29,8 @@ from typing import Any
 
 import psutil
 
+from qbench.machine.cpuinfo import machine_cpu_seconds
+
 TREE_REFRESH_S = 0.1  # how often the list of descendants is re-read
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # the share of one CPU core the sampler may spend reading smaps_rollup: the kernel walks every page of a
@@ -197,26 +199,6 @@ class ProcessTree:
         reader = self._readers.pop(pid, None)
         if isinstance(reader, int):
             os.close(reader)
-
-
-CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def machine_cpu_seconds(stat: str = "/proc/stat") -> dict[str, float] | None:
-    """Cumulative CPU seconds of the whole machine since boot (all cores): busy, steal and total; None off Linux."""
-    try:
-        with open(stat, "rb") as handle:
-            fields = [int(v) for v in handle.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    if len(fields) < 8:
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = fields
-    return {
-        "busy_s": (user + nice + system + irq + softirq) / CLOCK_TICKS_PER_S,
-        "steal_s": steal / CLOCK_TICKS_PER_S,
-        "total_s": sum(fields) / CLOCK_TICKS_PER_S,
-    }
 
 
 def thread_schedstat(pid: int) -> dict[int, tuple[int, int]]:

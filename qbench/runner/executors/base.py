@@ -189,7 +189,7 @@ class ProcessExecutor(Executor):
         record_file = results.record_path(run.run_dir, cell.id)
         attempt = results.claim_record(record_file)  # from now on an older attempt's process cannot write it
         record_file.unlink(missing_ok=True)
-        extra = {"OMP_NUM_THREADS": str(run.threads.per_cell)} if run.threads else {}
+        extra = run.threads.env() if run.threads else {}  # threads and OpenMP waiting, before torch loads
         env = {**(run.env or {}), **extra, **slot.env}
         with open(log_path, "a", encoding="utf-8") as log:  # appended: a resumed cell keeps its earlier log
             log.write(log_header(cell))
