@@ -493,21 +493,22 @@ def combination_problems(suite: Suite) -> list[str]:
     return problems
 
 
-def fit_problems(suite: Suite, axes: tuple[str, ...], where: str = "fit.axes") -> list[str]:
-    """Why `axes` cannot be searched in this suite, one line each: an axis its task does not have, an axis the
-    matrix already lists (a searched value and a listed one cannot both set it), a range for an axis not searched."""
+def fit_problems(suite: Suite, axes: tuple[str, ...], where: str = "fit.axes", searching: bool = False) -> list[str]:
+    """Why `axes` cannot be searched in this suite, one line each: an axis its task does not have, a range for
+    an axis not searched; and, when `searching` (qbench fit, not qbench run), an axis the matrix lists too (a
+    searched value and a listed one cannot both set it)."""
     problems = []
     searchable = FIT_AXES[suite.task]
     for axis in axes:
         if axis not in searchable:
             problems.append(f"{where}: {axis!r} is not a setting fit can search for task {suite.task} "
                             f"(it searches {' and '.join(searchable)})")
-        elif getattr(suite.matrix, axis) is not None:
+        elif searching and getattr(suite.matrix, axis) is not None:
             problems.append(f"{where}: {axis} is searched, so matrix.{axis} cannot list values too; leave matrix.{axis} "
                             f"out (the other matrix axes still give one search each)")
-    if suite.fit is not None:
+    if suite.fit is not None and where == "fit.axes":
         for axis in FIT_AXES[suite.task]:
-            if getattr(suite.fit, axis) is not None and axis not in axes and where == "fit.axes":
+            if getattr(suite.fit, axis) is not None and axis not in axes:
                 problems.append(f"fit.{axis}: a range for an axis fit.axes does not name ({', '.join(axes) or 'none'})")
         if suite.task == "clip" and suite.fit.batch_size is not None and suite.fit.batch_size[0] < 2:
             problems.append("fit.batch_size: a contrastive batch of 1 has no negatives (nothing trains); start at 2")

@@ -105,7 +105,7 @@ def plan(loaded: LoadedSuite, budget: str | None, axes: tuple[str, ...] | None, 
     if margin is not None and not 0 <= margin < 0.5:
         given.append(f"--margin: {margin:g} is not a share of the budget from 0 up to (not including) 0.5")
     if axes:
-        given += fit_problems(suite, tuple(axes), "--axis")
+        given += fit_problems(suite, tuple(axes), "--axis", searching=True)
     if given:
         raise SuiteError(COMMAND_LINE, given)
     problems: list[str] = []
@@ -113,6 +113,8 @@ def plan(loaded: LoadedSuite, budget: str | None, axes: tuple[str, ...] | None, 
     if not chosen_axes:
         problems.append('fit.axes: the suite names no axis to search; add a [fit] table with axes = ["batch_size"] '
                         'or ["max_length"], or give --axis')
+    elif not axes:
+        problems += [line for line in fit_problems(suite, chosen_axes, "fit.axes", searching=True) if "matrix." in line]
     source = "--budget"
     if budget_bytes is None:
         if spec is not None and spec.budget is not None:
