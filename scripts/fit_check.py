@@ -2,6 +2,8 @@
 larger value does not; the answers of dense and nf4-dq differ; every trial's estimate is within 15 % of its measurement.
 
     python scripts/fit_check.py suites/fit-llm.toml suites/fit-clip.toml --repeats 3 --out /tmp/fit-check
+    python scripts/fit_check.py suites/fit-llm.toml --fit-args="--device cuda --budget 256MiB --axis batch_size" \
+        --run-args="--device cuda" --error-limit 1 --any-answers        # on a GPU (scripts/gpu_check.sh)
 
 For each suite and repeat: `qbench fit SUITE` (its own budget), then, per arm, `qbench run` of the suite with the
 searched axis listed in the matrix at the found value and the one above, and the records' `fit.within_budget`
@@ -32,14 +34,14 @@ def newest(folder: Path, pattern: str) -> Path:
     return max(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
 
 
-def run_cells(suite: Path, axis: str, precision: str, values: list[int], out: Path) -> dict[int, dict]:
+def run_cells(suite: Path, axis: str, precision: str, values: list[int], out: Path, run_args: list[str]) -> dict[int, dict]:
     """The records of `qbench run` of the suite at `values` of `axis` for one precision."""
     raw = tomllib.loads(suite.read_text())
     raw.setdefault("matrix", {})[axis] = values
     check = out / f"{suite.stem}-{precision}-{axis}.toml"
     check.write_text(tomli_w.dumps(raw))
     # data and model paths of a builtin suite do not depend on the suite's folder
-    done = qbench("run", str(check), "--out", str(out / "runs"), "--only", precision)
+    done = qbench("run", str(check), "--out", str(out / "runs"), "--only", precision, *run_args)
     if done.returncode not in (0, 1):
         raise SystemExit(f"qbench run {check} failed ({done.returncode}): {done.stderr[-2000:]}")
     run_dir = newest(out / "runs" / raw["name"], "2*")
@@ -47,9 +49,10 @@ def run_cells(suite: Path, axis: str, precision: str, values: list[int], out: Pa
     return {r[f"config.train.{axis}"]: r for r in records}
 
 
-def check_suite(suite: Path, out: Path, repeat: int) -> tuple[list[str], list[dict]]:
+
+def check_suite(suite: Path, out: Path, repeat: int, args: argparse.Namespace) -> tuple[list[str], list[dict]]:
     failures, rows = [], []
-    done = qbench("fit", str(suite), "--out", str(out / "fits"), "--no-quality")
+    done = qbench("fit", str(suite), "--out", str(out / "fits"), "--no-quality", *args.fit_args.split())
     if done.returncode != 0:
         return [f"{suite}: qbench fit exited {done.returncode}: {done.stderr[-2000:]}"], rows
     name = tomllib.loads(suite.read_text())["name"]
@@ -60,7 +63,7 @@ def check_suite(suite: Path, out: Path, repeat: int) -> tuple[list[str], list[di
         for trial in search["trials"]:
             rows.append({"suite": name, "repeat": repeat, "arm": arm, "axis": axis, "value": trial["value"],
                          "estimate": trial["estimate"]["peak"], "measured": trial["measured"], "error": trial["error"]})
-            if trial["error"] is None or abs(trial["error"]) > ERROR_LIMIT:
+            if trial["measured"] is not None and (trial["error"] is None or abs(trial["error"]) > args.error_limit):
                 failures.append(f"{name} {arm} {axis}={trial['value']}: estimate error {trial['error']}")
         if len(search["trials"]) > search["max_trials"]:
             failures.append(f"{name} {arm}: {len(search['trials'])} trials, more than {search['max_trials']}")
@@ -68,7 +71,7 @@ def check_suite(suite: Path, out: Path, repeat: int) -> tuple[list[str], list[di
             failures.append(f"{name} {arm}: outcome {search['outcome']} ({search['reason']})")
             continue
         answers[arm] = found
-        records = run_cells(suite, axis, search["precision"], [found, found + 1], out)
+        records = run_cells(suite, axis, search["precision"], [found, found + 1], out, args.run_args.split())
         for value, expected in ((found, True), (found + 1, False)):
             record = records.get(value, {})
             verdict = record.get("fit.within_budget")
@@ -77,7 +80,7 @@ def check_suite(suite: Path, out: Path, repeat: int) -> tuple[list[str], list[di
             print(line, flush=True)
             if verdict is not expected:
                 failures.append(line)
-    if "dense" in answers and "nf4-dq" in answers and answers["dense"] == answers["nf4-dq"]:
+    if not args.any_answers and "dense" in answers and "nf4-dq" in answers and answers["dense"] == answers["nf4-dq"]:
         failures.append(f"{name}: dense and nf4-dq found the same value ({answers['dense']})")
     print(f"{name} repeat {repeat}: answers {answers}", flush=True)
     return failures, rows
@@ -88,11 +91,16 @@ def main() -> int:
     parser.add_argument("suites", nargs="+", type=Path)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("results") / "fit-check")
+    parser.add_argument("--fit-args", default="", help="more arguments for qbench fit, e.g. '--device cuda --budget 1GiB'")
+    parser.add_argument("--run-args", default="", help="more arguments for qbench run, e.g. '--device cuda'")
+    parser.add_argument("--error-limit", type=float, default=ERROR_LIMIT,
+                        help="largest |estimate - measured| / measured accepted (default 0.15)")
+    parser.add_argument("--any-answers", action="store_true", help="do not require dense and nf4-dq to differ")
     args = parser.parse_args()
     failures, rows = [], []
     for repeat in range(1, args.repeats + 1):
         for suite in args.suites:
-            found, measured = check_suite(suite, args.out, repeat)
+            found, measured = check_suite(suite, args.out, repeat, args)
             failures += found
             rows += measured
     (args.out / "trials.json").write_text(json.dumps(rows, indent=1))

@@ -115,21 +115,28 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _show(result: dict[str, Any]) -> None:
+    """The answers as a table narrow enough for a terminal (fit.md has every column)."""
     from qbench.analysis.report import fit as fit_report
 
     frame = fit_report.answers(result)
+    quality = [c for c in frame.columns if c.endswith("(suite's settings)")]
+    columns = {"arm": "arm", "axis": "axis", "largest that fits": "largest", "next tried (over)": "over",
+               "peak at answer MiB": "peak MiB", "estimate error at answer %": "est. err %",
+               "samples/s at answer": "samples/s", "tokens/s at answer": "tokens/s", "trials": "trials",
+               **{c: c.removesuffix(" (suite's settings)") for c in quality}}
     table = Table(title=f"largest value within {sizes.label(result['budget_bytes'])} ({result['device']})")
-    shown = [c for c in frame.columns if c != "note"]
-    for column in shown:
-        table.add_column(column)
+    for title in columns.values():
+        table.add_column(title, overflow="fold")
     for _, row in frame.iterrows():
-        table.add_row(*(_cell(row[c]) for c in shown))
+        table.add_row(*(_cell(row[c]) for c in columns))
     console.print(table)
+    for _, row in frame[frame["outcome"] != "found"].iterrows():
+        console.print(f"{escape(row['arm'])} {row['axis']}: {row['outcome']}: {escape(str(row['note']))}", highlight=False)
 
 
 def _cell(value: Any) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "—"
     if isinstance(value, float):
-        return f"{value:,.2f}"
+        return f"{value:,.3f}" if abs(value) < 1 else f"{value:,.1f}"
     return escape(str(value))

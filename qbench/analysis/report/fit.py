@@ -110,14 +110,15 @@ def plot(result: dict[str, Any]) -> bytes | None:
     return png(figure)
 
 
-def _table(frame: pd.DataFrame) -> str:
-    return frame.to_markdown(index=False, floatfmt=",.2f") if not frame.empty else "(none)"
+def _table(frame: pd.DataFrame, floatfmt: str = ",.2f") -> str:
+    return frame.to_markdown(index=False, floatfmt=floatfmt) if not frame.empty else "(none)"
 
 
 def markdown(result: dict[str, Any]) -> str:
     """fit.md: the question, the answer table, what the figure judged is, and every trial."""
     shown = answers(result).drop(columns=["note"])
     notes = answers(result)[["arm", "axis", "outcome", "note"]]
+    notes = notes[notes["outcome"] != "found"]
     lines = [
         f"# What fits: {result['suite']} within {sizes.label(result['budget_bytes'])}",
         "",
@@ -136,14 +137,13 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         _table(shown),
         "",
-        _table(notes),
-        "",
+        *([_table(notes), ""] if not notes.empty else []),
         "## Every trial: estimate beside measurement",
         "",
         "Error = (estimate - measured) / measured. `how`: estimate (the first trial, where the estimate says the "
         "limit is), exponential (before a bracket), bisection (inside it).",
         "",
-        _table(trials(result).drop(columns=["estimate bytes", "measured bytes"])),
+        _table(trials(result).drop(columns=["estimate MiB", "measured MiB"]), ",.3f"),
     ]
     return "\n".join(lines) + "\n"
 
