@@ -129,25 +129,30 @@ def _model(scale: float) -> ArmModel:
                     train=Curve([1, 1000], [scale * PER_VALUE, scale * PER_VALUE * 1000]), eval=None, evaluates=False)
 
 
-def _search(low: int, high: int, threshold: int, scale: float) -> fit.Search:
-    """A search whose truth is: value v peaks at STATIC + v * PER_VALUE; the limit lets up to `threshold` fit."""
+def _search(low: int, high: int, threshold: int, scale: float, capped: bool = False) -> fit.Search:
+    """A search whose truth is: value v peaks at STATIC + v * PER_VALUE; the limit lets up to `threshold` fit.
+    `capped`: a value over the limit runs out of memory and measures nothing (a capped GPU)."""
     limit = STATIC + threshold * PER_VALUE
     search = fit.Search("dense", "dense", "batch_size", low, high, fit.bound(low, high), {"precision": "dense", "seed": 0})
 
     def run_trial(settings, name):
         peak = STATIC + settings["batch_size"] * PER_VALUE
+        if capped and peak > limit:
+            return {"status": "failed", "error_type": "OutOfMemoryError", "fit.peak_bytes": None, "fit.within_budget": False}
         return {"status": "ok", "fit.peak_bytes": peak, "fit.within_budget": peak <= limit,
                 "memory.train.torch_cpu_peak_increase_bytes": peak}
 
     return fit.search_arm(search, _model(scale), limit, limit, run_trial, "torch_cpu_peak_increase_bytes", fit.QuietListener())
 
 
+@pytest.mark.parametrize("capped", [False, True])
 @pytest.mark.parametrize("scale", [1.0, 0.9, 1.1, 0.3, 3.0, 0.01, 100.0])
 @pytest.mark.parametrize(("low", "high"), [(1, 128), (2, 1000), (16, 17), (5, 5), (1, 65536)])
-def test_the_search_finds_the_largest_fitting_value_within_its_trial_bound(scale, low, high):
-    """Whatever the estimate's error, the answer is exact and the trials are at most ceil(log2(range)) + 3."""
+def test_the_search_finds_the_largest_fitting_value_within_its_trial_bound(scale, low, high, capped):
+    """Whatever the estimate's error, and whether a value over the limit measures or runs out of memory, the
+    answer is exact and the trials are at most ceil(log2(range)) + 3."""
     for threshold in sorted({low - 1, low, (low + high) // 2, high - 1, high, high + 5, low + 1}):
-        search = _search(low, high, threshold, scale)
+        search = _search(low, high, threshold, scale, capped)
         assert len(search.trials) <= search.max_trials == (math.ceil(math.log2(high - low)) + 3 if high > low else 1)
         if threshold < low:
             assert (search.outcome, search.largest) == ("none fit", None)
@@ -160,7 +165,16 @@ def test_the_search_finds_the_largest_fitting_value_within_its_trial_bound(scale
 def test_a_good_estimate_answers_in_two_trials():
     search = _search(1, 65536, 777, 1.0)
     assert [t.value for t in search.trials] == [777, 778]
-    assert [t.how for t in search.trials] == ["estimate", "exponential"]
+    assert [t.how for t in search.trials] == ["estimate", "estimate"]
+
+
+def test_after_out_of_memory_trials_the_steps_double():
+    """An estimate 100 times too low, on a capped GPU: the first trial runs out of memory, and so may the next
+    ones; the steps back from it double (1, 2, 4, ...) until one fits."""
+    search = _search(1, 65536, 500, 0.01, capped=True)
+    steps = [t.value for t in search.trials]
+    assert search.largest == 500 and len(steps) <= search.max_trials
+    assert search.trials[1].how == "exponential" and steps[0] - steps[1] == 1 and steps[1] - steps[2] == 2
 
 
 def test_an_arm_whose_base_alone_is_over_the_limit_is_refused_without_a_trial():

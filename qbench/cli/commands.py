@@ -412,6 +412,7 @@ def _finish(run_dir: Path, cells: list[Cell]) -> int:
         paths = summary.write_run_outputs(run_dir, frame, shown=shown)
         console.print(f"[bold]{escape(str(frame['suite'].iloc[0]))}[/] — {escape(str(run_dir))}", highlight=False)
         render.sections(shown, RUN_END_SECTIONS)
+        budget_verdicts(records)
         console.print(f"records: {run_dir / 'cells'}   table: {paths['csv']}   summary: {paths['summary']}")
     recorded = {r["cell_id"] for r in records}
     failed = [f"{r['cell_id']} ({r['status']}: {r.get('error_type')})" for r in records if r["status"] != "ok"]
@@ -420,6 +421,20 @@ def _finish(run_dir: Path, cells: list[Cell]) -> int:
         errors.print(f"[red]{len(failed)} cell(s) did not finish:[/] {escape(', '.join(failed))}", highlight=False, soft_wrap=True)
         return Exit.FAILED
     return Exit.OK
+
+
+def budget_verdicts(records: list[dict[str, Any]]) -> None:
+    """A suite with a [fit] table: each cell's peak against the budget (qbench.cell.budget)."""
+    from qbench.contract import sizes
+
+    for record in records:
+        if record.get("fit.budget_bytes") is None or "fit.within_budget" not in record:
+            continue
+        verdict = {True: "[green]within[/]", False: "[yellow]over[/]", None: "not judged:"}[record["fit.within_budget"]]
+        why = f" {escape(str(record.get('fit.verdict_reason')))}" if record["fit.within_budget"] is None else ""
+        console.print(f"{escape(record['cell_id'])}: peak {sizes.label(record.get('fit.peak_bytes'))} "
+                      f"({record.get('fit.peak_bytes')} bytes), {verdict}{why} the limit of {record['fit.limit_bytes']:,} bytes",
+                      highlight=False)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -89,11 +89,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     model_limit, examples = fit.suite_limits(loaded)
     plan = fit.plan(loaded, args.budget, tuple(args.axis) if args.axis else None, args.margin, "cpu", only,
                     False if args.no_quality else None, model_limit, examples)
-    fit.check(plan)
     if args.device == "cuda":
         check_cuda_seen("--device cuda")
     device = runner.resolve_device(args.device)
     plan = fit.with_device(plan, device)
+    fit.check(plan)
     ranges = ", ".join(f"{axis} {low}..{high} (at most {fit.bound(low, high)} trials per arm)" for axis, (low, high) in plan.ranges.items())
     console.print(f"fit [bold]{escape(loaded.suite.name)}[/]: {len(plan.arms)} arm(s) ({', '.join(a.id for a in plan.arms)}), "
                   f"{ranges}; budget {sizes.label(plan.budget)} ({plan.budget_source}), margin {plan.margin:g}, on {device}",

@@ -236,8 +236,10 @@ class ArmModel:
 
     def learn(self, value: int, record: dict[str, Any], phase_key: str) -> None:
         """Take a trial's exact bytes and its measured phase peaks (`memory.<phase>.<phase_key>`) into the model."""
-        if record.get("weights.base_bytes") is not None:
-            self.base_bytes = int(record["weights.base_bytes"])
+        # the base as it trains (after the suite's k-bit preparation, which may cast it), else as loaded
+        trained = record.get("weights.train.base_bytes", record.get("weights.base_bytes"))
+        if trained is not None:
+            self.base_bytes = int(trained)
             self.exact_from = "record"
         if record.get("optimizer.state_bytes") is not None:
             self.optimizer_bytes = int(record["optimizer.state_bytes"])

@@ -14,11 +14,11 @@ The search, over the range's values low..high (n of them), takes at most ceil(lo
 1. before any trial, the estimate (qbench.runner.estimate) predicts each value's peak; an arm whose exact parts
    alone (base, adapters, optimizer state) exceed the limit is refused without a trial;
 2. the first trial is the largest value the estimate says fits;
-3. exponential: while no trial has failed (or none fitted), the next trial is the refitted estimate's largest
-   fitting value, at most 2^k values beyond the last (k: trials so far in that direction), so a wrong estimate
-   costs doubling steps, not a walk;
-4. bisecting: once a fitting and a failing value bracket the answer, the refitted estimate's guess inside the
-   bracket, or its midpoint whenever a guess could leave more than the trials left can bisect.
+3. each later trial is the largest value the estimate, refitted on the arm's trials so far, says fits (or the
+   value above the largest known to fit); after trials that measured nothing to refit on (out of memory on a
+   capped GPU), exponential steps instead: 1, 2, 4, ... values from the last trial;
+4. bisecting: whenever that value could leave more values undecided than the trials left can bisect, the
+   midpoint of the undecided values instead; this rule is what bounds the trials.
 
 Gradient accumulation is never changed: the effective batch (batch_size x grad_accum) is reported beside.
 """
@@ -253,27 +253,35 @@ def largest_predicted(model: ArmModel, low: int, high: int, limit: int) -> int |
 
 
 def next_value(search: Search, model: ArmModel, limit: int) -> tuple[int, str]:
-    """The next value to try, and why (see the module's docstring)."""
+    """The next value to try, and why (see the module's docstring): `estimate`, `exponential` or `bisection`."""
     fit = search.largest if search.largest is not None else search.low - 1
     over = search.smallest_over if search.smallest_over is not None else search.high + 1
     guess = largest_predicted(model, search.low, search.high, limit)
     guess = search.low - 1 if guess is None else guess
     if not search.trials:
         return min(max(guess, search.low), search.high), "estimate"
-    # the guess is the last value that fits: try it, or (if it is known to fit) the one above it
-    candidate = min(max(guess if guess > fit else fit + 1, fit + 1), over - 1)
-    bracketed = search.largest is not None and search.smallest_over is not None
-    how = "bisection" if bracketed else "exponential"
-    if not bracketed:  # never further than doubling the last step from the last trial
-        last = search.trials[-1].value
-        reach = 2 ** sum(1 for t in search.trials if t.fits == search.trials[-1].fits)
-        candidate = min(candidate, last + reach) if search.trials[-1].fits else max(candidate, last - reach)
-        candidate = min(max(candidate, fit + 1), over - 1)
+    # the estimate's largest fitting value, or (when that is known to fit already) the one above it
+    candidate, how = min(max(guess, fit + 1), over - 1), "estimate"
+    unmeasured = _unmeasured_run(search)
+    if unmeasured:  # the last trials taught the estimate nothing (out of memory): double the step from the last
+        last, step = search.trials[-1].value, 2 ** (unmeasured - 1)
+        candidate = min(max(last + step if search.trials[-1].fits else last - step, fit + 1), over - 1)
+        how = "exponential"
     used = len(search.trials)
     worst = max(candidate - fit - 1, over - candidate - 1)
     if used + 1 + math.ceil(math.log2(worst + 1)) > search.max_trials:
         return (fit + over) // 2, "bisection"
     return candidate, how
+
+
+def _unmeasured_run(search: Search) -> int:
+    """How many of the last trials, in a row, gave no peak to refit the estimate on."""
+    count = 0
+    for trial in reversed(search.trials):
+        if trial.measured is not None:
+            break
+        count += 1
+    return count
 
 
 def refused_reason(model: ArmModel, search: Search, limit: int, budget: int) -> str | None:
@@ -415,10 +423,18 @@ def suite_limits(loaded: LoadedSuite) -> tuple[int | None, int | None]:
 
 def check(plan: Plan) -> None:
     """SuiteError (nothing has run) for a suite that cannot run as its largest trial: data, model, LoRA targets,
-    every length against the model, the largest batch against the training data."""
+    every length against the model, the largest batch against the training data; and, on a CPU, a budget larger
+    than the machine's memory (nothing caps a CPU trial: one that fits such a budget could exhaust the machine)."""
     from qbench.runner import preflight
+    from qbench.runner.estimate import device_memory
     from qbench.runner.trial import trial_suite
 
+    if plan.device == "cpu":
+        total, what = device_memory("cpu")
+        if plan.budget > total:
+            raise SuiteError(COMMAND_LINE if plan.budget_source == "--budget" else plan.loaded.path, [
+                f"{plan.budget_source}: {sizes.label(plan.budget)} is more than the {sizes.label(total)} {what}: a CPU "
+                "trial is not capped, so one that fits the budget could exhaust the machine; give a smaller budget"])
     preflight.check_suite(plan.loaded)
     largest = {axis: high for axis, (_, high) in plan.ranges.items()}
     preflight.check_suite(trial_suite(plan.loaded, {**plan.arms[0].settings, **largest}, plan.budget, plan.steps))
@@ -547,13 +563,23 @@ def execute(plan: Plan, out: Any, listener: Listener, thread_plan: Any, launcher
         def run_trial(settings: dict[str, Any], name: str, steps: int | None = plan.steps) -> dict[str, Any]:
             return trials.run_trial(plan.loaded, settings, plan.budget, steps, name)
 
-        searches = run_searches(plan, pairs, run_trial, listener)
-        quality = {}
-        if plan.quality:
-            for arm in plan.arms:
-                quality[arm.id] = quality_fields(run_trial(arm.settings, f"{arm.id}-suite-settings", None))
-        found = result(plan, answers, searches, quality, started, datetime.now(UTC).isoformat(timespec="seconds"),
-                       begun.compute.dtype)
+        quality: dict[str, dict[str, Any]] = {}
+        try:
+            run_searches(plan, pairs, run_trial, listener)
+            if plan.quality:
+                for arm in plan.arms:
+                    quality[arm.id] = quality_fields(run_trial(arm.settings, f"{arm.id}-suite-settings", None))
+        except BaseException as stop:  # interrupted, or the output cannot be written: keep what was found so far
+            found = result(plan, answers, [s for s, _ in pairs], quality, started,
+                           datetime.now(UTC).isoformat(timespec="seconds"), begun.compute.dtype)
+            found["stopped"] = f"{type(stop).__name__}: {stop}"
+            try:
+                files.write_json_atomic(folder / "fit.json", found)
+            except OSError:
+                pass
+            raise
+        found = result(plan, answers, [s for s, _ in pairs], quality, started,
+                       datetime.now(UTC).isoformat(timespec="seconds"), begun.compute.dtype)
         files.write_json_atomic(folder / "fit.json", found)
         return FitRun(folder, found)
     finally:
