@@ -1,7 +1,8 @@
 """What fits: for each arm of a suite, the largest batch_size and/or max_length that trains within a memory budget.
 
-    plan = fit.plan(loaded, budget, axes, ...)      # checked before any trial: SuiteError with one line per problem
-    result = fit.run(plan, estimates, run_trial)     # the searches, trial by trial
+    plan = fit.plan(loaded, budget, axes, ...)     # what to search: SuiteError, one line per problem
+    fit.check(plan)                                  # the suite's data, model and lengths at the largest trial
+    done = fit.execute(plan, out, listener, threads) # estimate, searches, quality runs -> OUT/<suite>/fit-<time>/
 
 An arm is one cell of the suite's grid without the searched axis (a precision, and a value of each other axis the
 matrix lists: optimizer, LoRA rank, ...), at the suite's first seed. For each arm and axis the search runs trials
@@ -9,7 +10,7 @@ matrix lists: optimizer, LoRA rank, ...), at the suite's first seed. For each ar
 (`fit.within_budget`: the peak of the cell's tensors above its process baseline, at most (1 - margin) x budget;
 qbench.cell.budget). The value it ends on is the largest that fits; one more does not (or it is the range's end).
 
-The search, over the range's values low..high (n of them), takes at most ceil(log2(n)) + 3 trials:
+The search over the range's values low..high takes at most ceil(log2(high - low)) + 3 trials:
 
 1. before any trial, the estimate (qbench.runner.estimate) predicts each value's peak; an arm whose exact parts
    alone (base, adapters, optimizer state) exceed the limit is refused without a trial;
@@ -113,8 +114,8 @@ def plan(loaded: LoadedSuite, budget: str | None, axes: tuple[str, ...] | None, 
     if not chosen_axes:
         problems.append('fit.axes: the suite names no axis to search; add a [fit] table with axes = ["batch_size"] '
                         'or ["max_length"], or give --axis')
-    elif not axes:
-        problems += [line for line in fit_problems(suite, chosen_axes, "fit.axes", searching=True) if "matrix." in line]
+    elif not axes:  # the rest of fit.axes was checked with the suite; a searched axis listed in the matrix was not
+        problems += fit_problems(suite, chosen_axes, "fit.axes", searching=True)
     source = "--budget"
     if budget_bytes is None:
         if spec is not None and spec.budget is not None:
