@@ -146,8 +146,9 @@ def memory_problems(suite: Any, config: Any, parameters: int, device: str, gpus_
 # modules, the optimizer state from its registry entry (bitsandbytes' 8-bit layout), and the activations by
 # running the task's own step on the meta device (qbench.cell.estimate), sampled along the searched axis and
 # interpolated. After each trial the arm's exact parts are replaced by the record's (weights.base_bytes,
-# optimizer.state_bytes), its load and evaluation peaks by the measured ones, and the activations are scaled by
-# the ratio of what was measured to what the meta device gave (`ArmModel.learn`).
+# optimizer.state_bytes), what the process held after loading and attaching LoRA beyond them is added (the
+# prepare phase's peak less base and adapters), its load and evaluation peaks are the measured ones, and the
+# activations are scaled by the ratio of what was measured to what the meta device gave (`ArmModel.learn`).
 
 LOAD_QUANTIZE_TRANSIENT = 8
 BNB_8BIT_BLOCK = 256  # bitsandbytes' 8-bit optimizer state: one float32 absmax per 256 values
@@ -220,11 +221,12 @@ class ArmModel:
     evaluates: bool
     train_scale: float = 1.0
     eval_scale: float = 1.0
+    held_extra: int = 0  # learned: what the process's tensors held after loading and LoRA beyond base and adapters
     load_measured: int | None = None
     exact_from: str = "estimate"  # or "record": the base and optimizer bytes were replaced by a trial's exact ones
 
     def predict(self, value: int) -> Prediction:
-        static = self.base_bytes + self.adapter_bytes
+        static = self.base_bytes + self.adapter_bytes + self.held_extra
         load = self.load_measured if self.load_measured is not None else self.load_bytes
         train = static + self.optimizer_bytes + self.train_scale * self.train.at(value)
         evaluation = static + self.eval_scale * self.eval.at(value) if self.evaluates and self.eval is not None else None
@@ -243,10 +245,13 @@ class ArmModel:
             self.exact_from = "record"
         if record.get("optimizer.state_bytes") is not None:
             self.optimizer_bytes = int(record["optimizer.state_bytes"])
-        measured = {phase: record.get(f"memory.{phase}.{phase_key}") for phase in ("load", "train", "eval_before", "eval_after")}
+        measured = {phase: record.get(f"memory.{phase}.{phase_key}")
+                    for phase in ("load", "prepare", "train", "eval_before", "eval_after")}
         if measured["load"] is not None:
             self.load_measured = int(measured["load"])
-        static = self.base_bytes + self.adapter_bytes
+        if measured["prepare"] is not None:  # the base as loaded and the adapters attached, as the process holds them
+            self.held_extra = max(0, int(measured["prepare"]) - self.base_bytes - self.adapter_bytes)
+        static = self.base_bytes + self.adapter_bytes + self.held_extra
         if measured["train"] is not None and self.train.at(value) > 0:
             self.train_scale = max(0.0, (measured["train"] - static - self.optimizer_bytes) / self.train.at(value))
         evaluated = [v for k, v in measured.items() if k.startswith("eval") and v is not None]

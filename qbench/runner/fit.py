@@ -480,6 +480,7 @@ def run_searches(plan: Plan, pairs: list[tuple[Search, ArmModel]], run_trial: Ru
         kind = (search.axis, precisions.get(search.precision).kind)
         if kind in learned:
             model.train_scale, model.eval_scale = learned[kind].train_scale, learned[kind].eval_scale
+            model.held_extra = learned[kind].held_extra
         search_arm(search, model, plan.limit, plan.budget, run_trial, key, listener)
         if search.trials:
             learned[kind] = model
