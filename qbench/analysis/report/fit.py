@@ -56,6 +56,7 @@ def answers(result: dict[str, Any]) -> pd.DataFrame:
             "estimate error at answer %": 100 * at["error"] if at and at["error"] is not None else None,
             "samples/s at answer": (at or {}).get("speed", {}).get("train_samples_per_s"),
             "tokens/s at answer": (at or {}).get("speed", {}).get("train_tokens_per_s"),
+            "samples per CPU s at answer": (at or {}).get("speed", {}).get("train_samples_per_cpu_s"),
             "effective batch": batch * settings["grad_accum"] if batch else None,
             "trials": len(search["trials"]),
             "most trials": search["max_trials"],
@@ -83,7 +84,8 @@ def trials(result: dict[str, Any]) -> pd.DataFrame:
 
 
 def plot(result: dict[str, Any]) -> bytes | None:
-    """One panel per axis: the largest value per arm (bars), its throughput written on each bar."""
+    """One panel per axis: the largest value per arm (bars), with its throughput and the arm's quality at the
+    suite's own settings written on each bar."""
     searches = [s for s in result["searches"] if s["largest"] is not None]
     if not searches:
         return None
@@ -91,6 +93,7 @@ def plot(result: dict[str, Any]) -> bytes | None:
     plt = pyplot()
     figure, panels = plt.subplots(1, len(axes_names), figsize=(5.5 * len(axes_names), 4.0), squeeze=False)
     colours = colours_for(list(dict.fromkeys(s["precision"] for s in result["searches"])))
+    metric = _quality_column(result)
     for panel, axis in zip(panels[0], axes_names, strict=True):
         chosen = [s for s in searches if s["axis"] == axis]
         names = [s["arm"] for s in chosen]
@@ -102,9 +105,12 @@ def plot(result: dict[str, Any]) -> bytes | None:
             speed = at.get("speed", {}).get("train_samples_per_s" if axis == "batch_size" else "train_tokens_per_s")
             label = f"{search['largest']}" + ("+" if search["outcome"] == "all fit" else "")
             label += f"\n{speed:,.0f} {unit}" if speed else ""
+            quality = result.get("quality", {}).get(search["arm"], {}).get(metric) if metric else None
+            label += f"\n{fields.label(metric)} {quality:.4g}" if quality is not None else ""
             panel.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
         panel.set_ylabel(f"largest {axis} within budget")
-        panel.set_title(f"{axis} within {sizes.label(result['budget_bytes'])} ({result['device']})", fontsize=10)
+        panel.set_title(f"{axis} within {result['budget_bytes']:,} B ({sizes.label(result['budget_bytes'])}), {result['device']}",
+                        fontsize=10)
         panel.set_ylim(0, max(values) * 1.25)
         panel.tick_params(axis="x", labelrotation=30)
     return png(figure)
@@ -135,7 +141,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## Largest value per arm",
         "",
-        _table(shown),
+        _table(shown, ",.3f"),
         "",
         *([_table(notes), ""] if not notes.empty else []),
         "## Every trial: estimate beside measurement",
