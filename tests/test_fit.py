@@ -168,6 +168,24 @@ def test_a_good_estimate_answers_in_two_trials():
     assert [t.how for t in search.trials] == ["estimate", "estimate"]
 
 
+@pytest.mark.parametrize("threshold", [0, 1, 37, 500, 65535, 70000])
+def test_without_an_estimate_the_trials_alone_find_the_answer_within_the_bound(threshold):
+    """When the meta-device run cannot trace the model, the search starts knowing nothing and still answers."""
+    arm = fit.Arm("dense", {"precision": "dense", "seed": 0, "optimizer": "adamw"})
+    model = fit.curve_models({"unavailable": "a model the meta device cannot run"}, "batch_size", arm)
+    limit = STATIC + threshold * PER_VALUE
+    search = fit.Search("dense", "dense", "batch_size", 1, 65536, fit.bound(1, 65536), {"precision": "dense", "seed": 0})
+
+    def run_trial(settings, name):
+        peak = STATIC + settings["batch_size"] * PER_VALUE
+        return {"status": "ok", "fit.peak_bytes": peak, "fit.within_budget": peak <= limit,
+                "memory.train.torch_cpu_peak_increase_bytes": peak, "memory.prepare.torch_cpu_peak_increase_bytes": STATIC}
+
+    fit.search_arm(search, model, limit, limit, run_trial, "torch_cpu_peak_increase_bytes", fit.QuietListener())
+    assert len(search.trials) <= search.max_trials
+    assert search.largest == (None if threshold < 1 else min(threshold, 65536))
+
+
 def test_after_out_of_memory_trials_the_steps_double():
     """An estimate 100 times too low, on a capped GPU: the first trial runs out of memory, and so may the next
     ones; the steps back from it double (1, 2, 4, ...) until one fits."""

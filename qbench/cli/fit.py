@@ -53,6 +53,11 @@ class FitProgress:
     """Prints each search's start, each trial's estimate and measurement, and each answer."""
 
     def estimated(self, search: Any, first: int, prediction: Any) -> None:
+        if search.estimate_unavailable:
+            console.print(f"[bold]{escape(search.arm)}[/] {search.axis} {search.low}..{search.high} (at most {search.max_trials} "
+                          f"trials): [yellow]no estimate[/] ({escape(search.estimate_unavailable)}); the trials alone "
+                          "guide the search", highlight=False)
+            return
         console.print(f"[bold]{escape(search.arm)}[/] {search.axis} {search.low}..{search.high} (at most {search.max_trials} "
                       f"trials): the estimate puts the limit at {first} ({sizes.label(prediction.peak)} there)", highlight=False)
 

@@ -207,6 +207,7 @@ class Search:
     smallest_over: int | None = None  # the smallest value that did not
     outcome: str = "running"  # found | all fit | none fit | refused | failed
     reason: str = ""
+    estimate_unavailable: str | None = None  # why the estimate could not be made (the search then learns from trials)
 
     def to_dict(self) -> dict[str, Any]:
         found = asdict(self)
@@ -356,8 +357,14 @@ def _trial(search: Search, value: int, how: str, prediction: Prediction, record:
 
 
 def curve_models(answer: dict[str, Any], axis: str, arm: Arm) -> ArmModel:
-    """The arm's ArmModel along `axis` from the estimate child's answer for the sampled values."""
+    """The arm's ArmModel along `axis` from the estimate child's answer for the sampled values; without one
+    (`unavailable`), a model that knows nothing but that the peak grows with the value: its first trial is the
+    range's end, and each trial refits it."""
     from qbench.runner.estimate import LOAD_QUANTIZE_TRANSIENT, optimizer_state_bytes
+
+    if "unavailable" in answer:
+        return ArmModel(base_bytes=0, adapter_bytes=0, optimizer_bytes=0, load_bytes=0, train=Curve([1], [1]),
+                        eval=Curve([1], [1]), evaluates=True)
 
     points = [p for p in answer["points"] if _same_arm(p["axes"], arm, axis)]
     points.sort(key=lambda p: p["axes"][axis])
@@ -454,7 +461,8 @@ def searches_for(plan: Plan, answers: dict[str, dict[str, Any]]) -> list[tuple[S
         low, high = plan.ranges[axis]
         for arm in plan.arms:
             model = curve_models(answers[axis], axis, arm)
-            search = Search(arm.id, arm.precision, axis, low, high, bound(low, high), dict(arm.settings))
+            search = Search(arm.id, arm.precision, axis, low, high, bound(low, high), dict(arm.settings),
+                            estimate_unavailable=answers[axis].get("unavailable"))
             found.append((search, model))
     return found
 
@@ -504,7 +512,8 @@ def result(plan: Plan, answers: dict[str, dict[str, Any]], searches: list[Search
         "suite_settings": {"batch_size": suite.train.batch_size, "max_length": suite.train.max_length,
                            "grad_accum": suite.train.grad_accum, "steps": suite.train.steps},
         "estimate": {axis: {"checkpoint_bytes": a.get("checkpoint_bytes"), "base": a.get("base"),
-                            "max_positions": a.get("max_positions")} for axis, a in answers.items()},
+                            "max_positions": a.get("max_positions"), "unavailable": a.get("unavailable")}
+                     for axis, a in answers.items()},
         "searches": [s.to_dict() for s in searches],
         "quality": quality,
         "created": started, "finished": finished,
@@ -540,18 +549,16 @@ def execute(plan: Plan, out: Any, listener: Listener, thread_plan: Any, launcher
 
     from qbench.contract import files
     from qbench.runner import start
-    from qbench.runner.estimate import run_estimate_child
     from qbench.runner.trial import TrialRunner
 
     started = datetime.now(UTC).isoformat(timespec="seconds")
     cells = plan.loaded.cells(seeds=(plan.loaded.suite.matrix.seeds[0],))
     server = start.begin(launcher, plan.device, False)
-    begun = None
+    begun = folder = None
     try:
         begun = start.finish(server, plan.loaded, cells, plan.device, thread_plan, launcher)
         plan = with_device(plan, begun.device)
-        answers = {axis: run_estimate_child(begun.forkserver, estimate_request(plan, axis, begun.compute.dtype))
-                   for axis in plan.axes}
+        answers = {axis: _estimate(begun.forkserver, plan, axis, begun.compute.dtype) for axis in plan.axes}
         pairs = searches_for(plan, answers)
         refused = unfittable(plan, pairs)
         if refused:
@@ -586,6 +593,17 @@ def execute(plan: Plan, out: Any, listener: Listener, thread_plan: Any, launcher
         return FitRun(folder, found)
     finally:
         if begun is not None:
-            begun.close()
+            begun.close(folder)
         elif server is not None:
             server.close()
+
+
+def _estimate(server: Any, plan: Plan, axis: str, compute_dtype: str) -> dict[str, Any]:
+    """The estimate child's answer for `axis`; when it cannot trace the model on the meta device, an answer that
+    knows nothing (`unavailable`: why), so the search goes on from its trials alone."""
+    from qbench.runner.estimate import run_estimate_child
+
+    try:
+        return run_estimate_child(server, estimate_request(plan, axis, compute_dtype))
+    except RuntimeError as error:
+        return {"unavailable": str(error)}

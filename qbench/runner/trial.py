@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,6 @@ class TrialRunner:
     compute: Any = None
     threads: Any = None
     listener: Any = None
-    started: list[Path] = field(default_factory=list)
 
     def run_trial(self, loaded: LoadedSuite, settings: dict[str, Any], budget: int, steps: int | None, name: str) -> dict[str, Any]:
         """Run the cell at `settings` with `steps` optimizer steps (None: the suite's own) in a fresh process and
@@ -74,7 +73,6 @@ class TrialRunner:
         cells = trial.cells()
         files.make_dirs(self.out, "--out")
         run_dir = files.create_dir_exclusive(self.out, name, "--out")
-        self.started.append(run_dir)
         run = runner.Run(trial, run_dir, self.device, cells, forkserver=self.forkserver, compute=self.compute,
                          threads=self.threads, **({"listener": self.listener} if self.listener is not None else {}))
         run.write_manifest({"fit_trial": {"settings": settings, "budget_bytes": budget, "steps": steps,

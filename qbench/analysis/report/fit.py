@@ -125,9 +125,13 @@ def markdown(result: dict[str, Any]) -> str:
     shown = answers(result).drop(columns=["note"])
     notes = answers(result)[["arm", "axis", "outcome", "note"]]
     notes = notes[notes["outcome"] != "found"]
+    missing = [f"The estimate for {axis} was unavailable ({found['unavailable']}): its searches learned from their "
+               "trials alone, and their errors say so." for axis, found in result.get("estimate", {}).items()
+               if found.get("unavailable")]
     lines = [
         f"# What fits: {result['suite']} within {sizes.label(result['budget_bytes'])}",
         "",
+        *[line for text in missing for line in (text, "")],
         f"Budget {result['budget_bytes']:,} bytes ({result['budget_source']}), margin {result['margin']:g}: a value fits "
         f"when its trial's peak is at most {result['limit_bytes']:,} bytes. Device {result['device']}, computing in "
         f"{result['compute_dtype']}. Each trial is one fresh cell of {result['trial_steps']} optimizer steps with the "
