@@ -103,6 +103,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     console.print(f"fit [bold]{escape(loaded.suite.name)}[/]: {len(plan.arms)} arm(s) ({', '.join(a.id for a in plan.arms)}), "
                   f"{ranges}; budget {sizes.label(plan.budget)} ({plan.budget_source}), margin {plan.margin:g}, on {device}",
                   highlight=False)
+    from qbench.cell.budget import CPU_SOURCE, CUDA_SOURCE
+
+    console.print(f"judged: {CUDA_SOURCE if device.startswith('cuda') else CPU_SOURCE}", highlight=False)
     if args.check:
         console.print("the input passes every check; nothing was run (--check)")
         return Exit.OK
