@@ -101,7 +101,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     fit.check(plan)
     ranges = ", ".join(f"{axis} {low}..{high} (at most {fit.bound(low, high)} trials per arm)" for axis, (low, high) in plan.ranges.items())
     console.print(f"fit [bold]{escape(loaded.suite.name)}[/]: {len(plan.arms)} arm(s) ({', '.join(a.id for a in plan.arms)}), "
-                  f"{ranges}; budget {sizes.label(plan.budget)} ({plan.budget_source}), margin {plan.margin:g}, on {device}",
+                  f"{ranges}; budget {plan.budget:,} bytes = {sizes.label(plan.budget)} ({plan.budget_source}), margin {plan.margin:g}, "
+                  f"on {device}",
                   highlight=False)
     from qbench.cell.budget import CPU_SOURCE, CUDA_SOURCE
 
