@@ -34,10 +34,13 @@ def newest(folder: Path, pattern: str) -> Path:
     return max(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
 
 
-def run_cells(suite: Path, axis: str, precision: str, values: list[int], out: Path, run_args: list[str]) -> dict[int, dict]:
-    """The records of `qbench run` of the suite at `values` of `axis` for one precision."""
+def run_cells(suite: Path, axis: str, precision: str, values: list[int], out: Path, run_args: list[str],
+              budget: int, margin: float) -> dict[int, dict]:
+    """The records of `qbench run` of the suite at `values` of `axis` for one precision, judged against the
+    budget and margin the fit used (qbench fit --budget may have overridden the suite's)."""
     raw = tomllib.loads(suite.read_text())
     raw.setdefault("matrix", {})[axis] = values
+    raw["fit"] = {**raw.get("fit", {}), "budget": budget, "margin": margin}
     check = out / f"{suite.stem}-{precision}-{axis}.toml"
     check.write_text(tomli_w.dumps(raw))
     # data and model paths of a builtin suite do not depend on the suite's folder
@@ -71,7 +74,8 @@ def check_suite(suite: Path, out: Path, repeat: int, args: argparse.Namespace) -
             failures.append(f"{name} {arm}: outcome {search['outcome']} ({search['reason']})")
             continue
         answers[arm] = found
-        records = run_cells(suite, axis, search["precision"], [found, found + 1], out, args.run_args.split())
+        records = run_cells(suite, axis, search["precision"], [found, found + 1], out, args.run_args.split(),
+                            result["budget_bytes"], result["margin"])
         for value, expected in ((found, True), (found + 1, False)):
             record = records.get(value, {})
             verdict = record.get("fit.within_budget")
