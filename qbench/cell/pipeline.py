@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qbench.cell import budget
 from qbench.contract import inits, precisions, schema
 from qbench.contract import records as results
 from qbench.contract.protocol import CellSpec, event_line, identity_fields
@@ -348,6 +349,7 @@ class CellRun:
             self.record.update(self.measured())
             if self.tracker is not None:
                 self.tracker.close()
+            self.record.update(budget.verdict(self.record, self.suite, self.device))
             self.record["time.end"] = _now()
             if not superseded:
                 self.record = self.write(self.record)
@@ -384,7 +386,8 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         torch.manual_seed(seed)
         model_path = models.resolve(suite.model.id, cell.loaded.path.parent, suite.model.revision)
         cell.update({"model_path": model_path, **models.checkpoint_origin(model_path)})
-        cell.tracker = MemoryTracker(cell.device)
+        cell.update(budget.before_load(suite, cell.device))
+        cell.tracker = MemoryTracker(cell.device, cpu_tensor_bytes=budget.tracks(suite))
         task = get_task(cell.loaded, model_path, cell.device)
         work = Path(scratch)
         cell.update({f"lora_init.{key}": value for key, value in init.settings().items()})

@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"qbench {__version__}")
     commands_ = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_env, _add_report, _add_compare, _add_baseline, _add_list):
+    from qbench.cli import fit
+
+    for add in (_add_run, fit.add_parser, _add_env, _add_report, _add_compare, _add_baseline, _add_list):
         add(commands_)
     return parser

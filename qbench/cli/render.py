@@ -158,6 +158,7 @@ def run_result(result: RunResult) -> int:
     if result.tables:
         console.print(f"[bold]{escape(result.suite)}[/] — {escape(str(result.run_dir))}", highlight=False)
         run_end(result.sections, result.run_dir, result.tables)
+        budget_verdicts(result.records)
     if result.failed:
         errors.print(f"[red]{len(result.failed)} cell(s) did not finish:[/] {escape(', '.join(result.failed))}",
                      highlight=False, soft_wrap=True)
@@ -371,3 +372,17 @@ def comparison(result: Comparison) -> None:
         errors.print(f"[red]regression:[/] {len(regressions)} check(s) failed (exit 1)")
     else:
         console.print(f"[green]no regression[/] in {len(result.checks)} checks")
+
+
+def budget_verdicts(records: list[dict[str, Any]]) -> None:
+    """A suite with a [fit] table: each cell's peak against the budget (qbench.cell.budget)."""
+    from qbench.contract import sizes
+
+    for record in records:
+        if record.get("fit.budget_bytes") is None or "fit.within_budget" not in record:
+            continue
+        verdict = {True: "[green]within[/]", False: "[yellow]over[/]", None: "not judged:"}[record["fit.within_budget"]]
+        why = f" {escape(str(record.get('fit.verdict_reason')))}" if record["fit.within_budget"] is None else ""
+        console.print(f"{escape(record['cell_id'])}: peak {sizes.label(record.get('fit.peak_bytes'))} "
+                      f"({record.get('fit.peak_bytes')} bytes), {verdict}{why} the limit of {record['fit.limit_bytes']:,} bytes",
+                      highlight=False)

@@ -508,6 +508,9 @@ class Peaks(Part):
     rss_peak_bytes: PeakBytes = None
     torch_allocated_peak_bytes: PeakBytes = None
     torch_reserved_peak_bytes: PeakBytes = None
+    # the bytes torch's CPU tensors held at the peak above the process baseline, counted from the allocator's events
+    # (a suite with a [fit] table: qbench.cell.measure.tensor_bytes); deterministic, so a tight tolerance holds
+    torch_cpu_increase_peak_bytes: PeakBytes = None
     nvml_process_peak_bytes: PeakBytes = None
     nvml_device_peak_bytes: PeakBytes = None
 
@@ -551,6 +554,7 @@ class MemorySources(Part):
     pss: Text = None
     rss: Text = None
     torch_cuda: Text = None
+    torch_cpu: Text = None
 
 
 class NvmlDevice(Part):
@@ -737,6 +741,23 @@ class Kernels(Part):
     bnb_4bit_matmul: Text = None
 
 
+class Fit(Part):
+    """`fit.*`: a cell of a suite with a [fit] table judged against its memory budget (qbench.cell.budget)."""
+
+    budget_bytes: Annotated[int | None, Setting("bytes")] = None
+    limit_bytes: Annotated[int | None, Setting("bytes")] = None  # the budget less the margin
+    margin: Annotated[float | None, Setting("fraction")] = None
+    peak_bytes: PeakBytes = None
+    peak_source: Text = None
+    within_budget: Flag = None
+    verdict_reason: Text = None
+    load_threads: Text = None
+    device_cap: Text = None
+    device_cap_fraction: Annotated[float | None, Setting("fraction")] = None
+    device_total_bytes: Annotated[int | None, Setting("bytes")] = None
+    trial_dir: Text = None
+
+
 class LoraFacts(Part):
     adapter_dtypes: Text = None  # what the trainable parameters are stored in
 
@@ -853,6 +874,7 @@ class Record(Part):
     interval: Intervals | None = None
     per_window: PerWindow | None = None
     kernels: Kernels | None = None
+    fit: Fit | None = None
     lora: LoraFacts | None = None
     merge: Merge | None = None
     lora_init: LoraInit | None = None

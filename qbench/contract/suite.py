@@ -13,10 +13,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qbench.contract import fields, grid, inits, optimizers, precisions
+from qbench.contract import fields, grid, inits, optimizers, precisions, sizes
 from qbench.contract.grid import Cell
 from qbench.contract.renames import renamed
-from qbench.contract.tasks import TASKS
+from qbench.contract.tasks import FIT_AXES, TASKS
 
 # what a tolerance cannot name: fields the gate never judges (no figure, an interval, an informational figure)
 UNGATED = (None, "interval", "informational")
@@ -412,6 +412,64 @@ class CompareSpec(_Section):
         return value
 
 
+class FitSpec(_Section):
+    """`[fit]`: what `qbench fit` searches (docs/fit.md). For each arm (a precision, and each value of the
+    matrix's other axes), the largest value of each axis in `axes` that trains within `budget`: a trial is
+    one fresh cell of `steps` optimizer steps (evaluation included when the suite evaluates), and a value
+    fits when the trial's peak is at most (1 - margin) x budget. The suite's cells (`qbench run`) record the
+    same peak and whether it is within the budget.
+    """
+
+    budget: str | int | None = Field(
+        None, description=f"memory one cell may use above its process baseline: bytes, or a size ({sizes.ACCEPTED}); "
+        "`qbench fit --budget` overrides it"
+    )
+    axes: tuple[str, ...] = Field((), description="the settings searched: batch_size and/or max_length")
+    batch_size: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(
+        None, description="[smallest, largest] train.batch_size tried (default: 1, or 2 for clip, to what the "
+        "lower bound says could fit)"
+    )
+    max_length: tuple[Annotated[int, Field(ge=2)], ...] | None = Field(
+        None, description="[smallest, largest] train.max_length tried (default: 8 to the model's limit)"
+    )
+    margin: float = Field(0.0, ge=0, lt=0.5, description="share of the budget kept free: a value fits when its peak "
+                          "is at most (1 - margin) x budget")
+    steps: int = Field(5, ge=3, le=1_000, description="optimizer steps of each trial (at least 3)")
+    quality: bool = Field(True, description="also run each arm once at the suite's own settings, for its quality")
+
+    @field_validator("budget")
+    @classmethod
+    def _a_size(cls, value: str | int | None) -> str | int | None:
+        if value is not None:
+            sizes.parse_size(value)  # SizeError is a ValueError: reported as this key's problem
+        return value
+
+    @field_validator("axes")
+    @classmethod
+    def _known_axes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        known = sorted({axis for axes in FIT_AXES.values() for axis in axes})
+        unknown = [axis for axis in value if axis not in known]
+        if unknown:
+            named = ", ".join(f"{axis!r}{_did_you_mean(axis, known)}" for axis in unknown)
+            raise ValueError(f"{named}: not a setting fit searches; it searches {' and '.join(known)}")
+        if len(set(value)) != len(value):
+            raise ValueError("an axis is listed twice")
+        return value
+
+    @field_validator("batch_size", "max_length")
+    @classmethod
+    def _a_range(cls, value: tuple[int, ...] | None, info: Any) -> tuple[int, ...] | None:
+        if value is None:
+            return value
+        if len(value) != 2 or value[0] > value[1]:
+            raise ValueError("a range is [smallest, largest], the smallest first")
+        return _at_most(f"train.{info.field_name}", value)
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return None if self.budget is None else sizes.parse_size(self.budget)
+
+
 class Suite(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100, description="also a folder name: OUT/<name>/<run-id>")
     task: Literal[tuple(TASKS)]  # type: ignore[valid-type]  # the task registry's names
@@ -433,6 +491,8 @@ class Suite(_Section):
     matrix: MatrixSpec = MatrixSpec()
     output: OutputSpec = OutputSpec()
     compare: CompareSpec = Field(default_factory=CompareSpec, description="tolerances for `qbench compare`")
+    fit: FitSpec | None = Field(None, description="what `qbench fit` searches; its cells also record their peak "
+                                "against the budget")
 
     @model_validator(mode="after")
     def _something_measured(self) -> Suite:
@@ -528,11 +588,34 @@ def combination_problems(suite: Suite) -> list[str]:
     if suite.task == "clip" and min(values["batch_size"]) < 2:
         problems.append(f"{batch_key}: a contrastive batch of 1 has no negatives, so its loss is 0 and nothing trains; use 2 or more")
     problems += lora_problems(suite)
+    problems += fit_problems(suite, suite.fit.axes if suite.fit else ())
     if suite.matrix.lora_r is not None and suite.lora.alpha / min(values["lora_r"]) > LORA_MAX_SCALE:
         problems.append(
             f"matrix.lora_r: lora.alpha / {min(values['lora_r'])} = {suite.lora.alpha / min(values['lora_r']):g} scales the "
             f"adapter's output; at most {LORA_MAX_SCALE:,} (see lora.alpha)"
         )
+    return problems
+
+
+def fit_problems(suite: Suite, axes: tuple[str, ...], where: str = "fit.axes", searching: bool = False) -> list[str]:
+    """Why `axes` cannot be searched in this suite, one line each: an axis its task does not have, a range for
+    an axis not searched; and, when `searching` (qbench fit, not qbench run), an axis the matrix lists too (a
+    searched value and a listed one cannot both set it)."""
+    problems = []
+    searchable = FIT_AXES[suite.task]
+    for axis in axes:
+        if axis not in searchable:
+            problems.append(f"{where}: {axis!r} is not a setting fit can search for task {suite.task} "
+                            f"(it searches {' and '.join(searchable)})")
+        elif searching and getattr(suite.matrix, axis) is not None:
+            problems.append(f"{where}: {axis} is searched, so matrix.{axis} cannot list values too; leave matrix.{axis} "
+                            f"out (the other matrix axes still give one search each)")
+    if suite.fit is not None and where == "fit.axes":
+        for axis in FIT_AXES[suite.task]:
+            if getattr(suite.fit, axis) is not None and axis not in axes:
+                problems.append(f"fit.{axis}: a range for an axis fit.axes does not name ({', '.join(axes) or 'none'})")
+        if suite.task == "clip" and suite.fit.batch_size is not None and suite.fit.batch_size[0] < 2:
+            problems.append("fit.batch_size: a contrastive batch of 1 has no negatives (nothing trains); start at 2")
     return problems
 
 

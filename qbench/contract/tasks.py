@@ -14,6 +14,13 @@ AUTO_CLASSES = {
     "causal_lm": "AutoModelForCausalLM",
 }
 
+# the train settings `qbench fit` can search, per task: how many samples a step takes, and how many tokens each
+# sequence has (clip: the captions' tokens; causal_lm: the training windows)
+FIT_AXES = {
+    "clip": ("batch_size", "max_length"),
+    "causal_lm": ("batch_size", "max_length"),
+}
+
 BUILTIN_DATASETS: dict[str, tuple[str, str]] = {
     "shapes": ("clip", "generated coloured shapes; fine-tunes on a shift the tiny CLIP base never saw (qbench.cell.data.shapes)"),
     "pydoc": ("causal_lm", "Python's own reference documentation (pydoc_data.topics), split by topic into pretrain / "

@@ -15,6 +15,7 @@ state); a suite that passes may still run out of memory, and that cell is then r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,3 +143,173 @@ def memory_problems(suite: Any, config: Any, parameters: int, device: str, gpus_
                 f"more than the {limit / GIB:,.1f} GiB {what}; {fix}"
             )
     return problems
+
+
+# -- what fits: the peak of a cell, predicted before it runs (qbench fit) ---------------------------------------------
+#
+# The figure predicted is the one a fit judges (qbench.cell.budget): the peak of the bytes the cell's tensors hold
+# above its process baseline, over its phases. Each phase's peak is the sum of what is exact and what is not:
+#
+#   load         the checkpoint's tensors as read, plus the base in its precision (a quantized base: plus the
+#                transients of quantizing one linear, LOAD_QUANTIZE_TRANSIENT times its dequantized bytes)
+#   train        the base, the LoRA adapters, the optimizer's state, and one step's activations and gradients
+#   eval         the base, the LoRA adapters, and one evaluation batch's activations
+#
+# The base's bytes are counted from the model's shapes and each format's layout, the adapters from the LoRA
+# modules, the optimizer state from its registry entry (bitsandbytes' 8-bit layout), and the activations by
+# running the task's own step on the meta device (qbench.cell.estimate), sampled along the searched axis and
+# interpolated. After each trial the arm's exact parts are replaced by the record's (weights.load.base_bytes,
+# optimizer.state_bytes), what the process held after loading and attaching LoRA beyond them is added (the
+# prepare phase's peak less base and adapters), its load and evaluation peaks are the measured ones, and the
+# activations are scaled by the ratio of what was measured to what the meta device gave (`ArmModel.learn`).
+
+LOAD_QUANTIZE_TRANSIENT = 8
+BNB_8BIT_BLOCK = 256  # bitsandbytes' 8-bit optimizer state: one float32 absmax per 256 values
+BNB_QMAP_BYTES = 256 * 4
+
+
+def optimizer_state_bytes(optimizer: str, elements: list[int], min_8bit_size: int = 4096) -> int:
+    """Bytes of `optimizer`'s state (qbench.contract.optimizers) for trainable tensors of `elements` values each
+    (float32 LoRA parameters): torch AdamW keeps two float32 moments and a float32 step per tensor; bitsandbytes'
+    8-bit optimizers keep each moment as one byte per value with a float32 absmax per block of 256 (tensors
+    below `min_8bit_size` values keep float32 moments) and one quantization map per moment for all tensors."""
+    from qbench.contract import optimizers
+
+    spec = optimizers.get(optimizer)
+    moments = 1 if spec.class_name.startswith("Lion") else 2
+    if spec.library == "torch":
+        return sum(moments * 4 * n + 4 for n in elements)
+    if spec.state_bits == 32:
+        return sum(moments * 4 * n for n in elements)
+    total = moments * BNB_QMAP_BYTES if any(n >= min_8bit_size for n in elements) else 0
+    for n in elements:
+        total += moments * (n + math.ceil(n / BNB_8BIT_BLOCK) * 4) if n >= min_8bit_size else moments * 4 * n
+    return total
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The predicted peak of each phase (bytes above the process baseline) and the largest of them."""
+
+    load: int
+    train: int
+    eval: int | None  # None: the suite does not evaluate
+
+    @property
+    def peak(self) -> int:
+        return max(v for v in (self.load, self.train, self.eval) if v is not None)
+
+    @property
+    def phase(self) -> str:
+        return max(((v, k) for k, v in (("load", self.load), ("train", self.train), ("eval", self.eval)) if v is not None))[1]
+
+
+@dataclass
+class Curve:
+    """Activation bytes at sampled values of the searched axis, interpolated linearly between them (and
+    extrapolated from the last two beyond)."""
+
+    values: list[int]
+    bytes: list[int]
+
+    def at(self, value: float) -> float:
+        xs, ys = self.values, self.bytes
+        if len(xs) == 1:
+            return ys[0] * value / xs[0] if xs[0] else ys[0]
+        index = min(max(1, next((i for i, x in enumerate(xs) if x >= value), len(xs) - 1)), len(xs) - 1)
+        x0, x1, y0, y1 = xs[index - 1], xs[index], ys[index - 1], ys[index]
+        return y0 + (y1 - y0) * (value - x0) / (x1 - x0)
+
+
+@dataclass
+class ArmModel:
+    """One arm's prediction along one axis, and what its trials taught it."""
+
+    base_bytes: int
+    adapter_bytes: int
+    optimizer_bytes: int
+    load_bytes: int
+    train: Curve
+    eval: Curve | None
+    evaluates: bool
+    train_scale: float = 1.0
+    eval_scale: float = 1.0
+    held_extra: int = 0  # learned: what the process's tensors held after loading and LoRA beyond base and adapters
+    load_measured: int | None = None
+    exact_from: str = "estimate"  # or "record": the base and optimizer bytes were replaced by a trial's exact ones
+
+    def predict(self, value: int) -> Prediction:
+        static = self.base_bytes + self.adapter_bytes + self.held_extra
+        load = self.load_measured if self.load_measured is not None else self.load_bytes
+        train = static + self.optimizer_bytes + self.train_scale * self.train.at(value)
+        evaluation = static + self.eval_scale * self.eval.at(value) if self.evaluates and self.eval is not None else None
+        return Prediction(int(load), int(train), None if evaluation is None else int(evaluation))
+
+    def exact_parts(self) -> int:
+        """What no value of the axis can go below: the base, the adapters and the optimizer's state."""
+        return self.base_bytes + self.adapter_bytes + self.optimizer_bytes
+
+    def learn(self, value: int, record: dict[str, Any], phase_key: str) -> None:
+        """Take a trial's exact bytes and its measured phase peaks (`memory.<phase>.<phase_key>`) into the model."""
+        # the base as it trains (after the suite's k-bit preparation, which may cast it), else as loaded
+        trained = record.get("weights.prepare.base_bytes", record.get("weights.load.base_bytes"))
+        if trained is not None:
+            self.base_bytes = int(trained)
+            self.exact_from = "record"
+        if record.get("optimizer.state_bytes") is not None:
+            self.optimizer_bytes = int(record["optimizer.state_bytes"])
+        measured = {phase: record.get(f"memory.{phase}.{phase_key}")
+                    for phase in ("load", "prepare", "train", "eval_before", "eval_after")}
+        if measured["load"] is not None:
+            self.load_measured = int(measured["load"])
+        if measured["prepare"] is not None:  # the base as loaded and the adapters attached, as the process holds them
+            self.held_extra = max(0, int(measured["prepare"]) - self.base_bytes - self.adapter_bytes)
+        static = self.base_bytes + self.adapter_bytes + self.held_extra
+        if measured["train"] is not None and self.train.at(value) > 0:
+            self.train_scale = max(0.0, (measured["train"] - static - self.optimizer_bytes) / self.train.at(value))
+        evaluated = [v for k, v in measured.items() if k.startswith("eval") and v is not None]
+        if evaluated and self.eval is not None and self.eval.at(value) > 0:
+            self.eval_scale = max(0.0, (max(evaluated) - static) / self.eval.at(value))
+
+
+def sample_values(low: int, high: int, count: int = 7) -> list[int]:
+    """`count` values from `low` to `high`, spaced evenly on a log scale (both ends included), each once."""
+    if high <= low:
+        return [low]
+    ratio = (high / low) ** (1 / (count - 1))
+    return sorted({low, high, *(int(round(low * ratio**i)) for i in range(1, count - 1))})
+
+
+def run_estimate_child(server: Any, request: dict[str, Any], timeout_s: float = 600) -> dict[str, Any]:
+    """Ask qbench.cell.estimate (forked from `server`, or as `python -m` when None); its JSON answer.
+    RuntimeError with the child's error when it fails."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    from qbench.contract.protocol import child_env
+    from qbench.runner.launch import Target
+
+    target = Target("qbench.cell.estimate", "qbench.cell.estimate:main")
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as errors:
+        if server is not None:
+            child: Any = server.start(target, child_env(), errors)
+        else:
+            child = subprocess.Popen([sys.executable, "-m", target.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=errors, text=True, env=child_env())
+        child.stdin.write(json.dumps(request))
+        child.stdin.close()
+        output = child.stdout.read()
+        child.stdout.close()
+        try:
+            code = child.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            raise RuntimeError(f"the estimate did not finish in {timeout_s:.0f} s") from None
+        lines = [line for line in output.splitlines() if line.startswith("{")]
+        answer = json.loads(lines[-1]) if lines else {}
+        if code != 0 or not lines or "error" in answer:
+            errors.seek(0)
+            raise RuntimeError(answer.get("error") or f"the estimate exited with code {code}: {errors.read().strip()[-800:]}")
+        return answer

@@ -26,6 +26,11 @@ with `memory.source.<source>` saying why, never a zero.
 `tracker.phase("load", process_baseline=True)` also records what each process source read as the
 phase started — `memory.process_baseline.rss_bytes`, `.torch_allocated_bytes`, ... (the runtime
 before the model is loaded; a peak minus it is what the model and its training added).
+
+With `cpu_tensor_bytes` (a suite with a [fit] table, on a CPU) each phase from the process baseline on also
+records `memory.<phase>.torch_cpu_increase_peak_bytes`: the bytes torch's tensors held at the phase's peak
+above what they held at the process baseline, to the byte (qbench.cell.measure.tensor_bytes), and
+`memory.all_phases.torch_cpu_increase_peak_bytes` the largest over the phases.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ SAMPLE_INTERVAL_S = 0.01
 
 # the figures each phase records
 PHASE_SOURCES = tuple(schema.MEMORY_SOURCES)
+# with cpu_tensor_bytes: per phase, and the largest over the phases
+TORCH_CPU_KEY = "torch_cpu_increase_peak_bytes"
+TORCH_CPU_PEAK = "memory.all_phases.torch_cpu_increase_peak_bytes"
 # the ones the sampler process reads: record key -> the sampler's reading
 _SAMPLED = {
     "pss_peak_bytes": "pss_bytes",
@@ -111,7 +119,8 @@ def cpu_fields(phase: str, cpu: dict[str, Any] | None, cores: int) -> dict[str, 
 class MemoryTracker:
     """Tracks peak memory phase by phase: `with tracker.phase("train"): ...`; `record` holds the figures."""
 
-    def __init__(self, device: str, interval_s: float = SAMPLE_INTERVAL_S, cuda_counters: Any = None):
+    def __init__(self, device: str, interval_s: float = SAMPLE_INTERVAL_S, cuda_counters: Any = None,
+                 cpu_tensor_bytes: bool = False):
         from qbench.cell.measure.nvml import device_ordinal
 
         self.device = device
@@ -184,6 +193,21 @@ class MemoryTracker:
             self.record["memory.source.nvml"] = f"unavailable: {nvml['reason']}"
         self.record["memory.nvml_available"] = self.nvml_available
         self.record["memory.torch_cuda_available"] = self._counters is not None
+        self._tensor_bytes: Any = None
+        self._counting = False  # from the process baseline on
+        if cpu_tensor_bytes:
+            self._start_tensor_bytes()
+
+    def _start_tensor_bytes(self) -> None:
+        from qbench.cell.measure import tensor_bytes
+
+        why_not = tensor_bytes.available() if not self._cuda else f"device is {self.device} (torch's CUDA counters serve)"
+        if why_not is None:
+            try:
+                self._tensor_bytes = tensor_bytes.CpuTensorBytes()
+            except Exception as error:  # a torch whose profiler differs: the figure is missing, with why
+                why_not = f"{type(error).__name__}: {error}"
+        self.record["memory.source.torch_cpu"] = tensor_bytes.DESCRIPTION if why_not is None else f"unavailable: {why_not}"
 
     def _mark(self) -> dict[str, Any] | None:
         if self._sampler is None:
@@ -221,6 +245,11 @@ class MemoryTracker:
         start = self._mark()  # peaks from before the phase are dropped here
         if process_baseline:
             self._store_process_baseline(name, start)
+            if self._tensor_bytes is not None and not self._counting:
+                self._tensor_bytes.start()
+                self._counting = True
+        elif self._counting:
+            self._tensor_bytes.flush()  # what ran since the last phase is in the sum, in no phase's peak
         started = time.perf_counter()
         try:
             yield
@@ -269,6 +298,8 @@ class MemoryTracker:
                 "per-process figure from NVML; the peak is over the others"
             )
         self.record.update(cpu_fields(name, (reading or {}).get("cpu"), self.cores))
+        if self._tensor_bytes is not None:
+            self._store_tensor_bytes(name)
         reserved, process_peak = torch_peaks[1], self.record[prefix + "nvml_process_peak_bytes"]
         if self.nvml_available and reserved and not process_peak:
             # torch holds device memory, yet NVML lists none of this tree's PIDs: typically a container
@@ -280,6 +311,20 @@ class MemoryTracker:
             )
         self._update_overall()
 
+    def _store_tensor_bytes(self, name: str) -> None:
+        """memory.<phase>.torch_cpu_increase_peak_bytes (None before the process baseline: nothing counted yet)
+        and memory.all_phases.torch_cpu_increase_peak_bytes, the largest of them so far."""
+        key = f"memory.{name}.{TORCH_CPU_KEY}"
+        try:
+            self.record[key] = self._tensor_bytes.flush() if self._counting else None
+        except Exception as error:  # the profiler failed mid-run: no figure from here on, and why
+            self._counting, self._tensor_bytes = False, None
+            self.record[key] = None
+            self.record["memory.source.torch_cpu"] = f"unavailable: {type(error).__name__}: {error}"
+            return
+        values = [v for k, v in self.record.items() if k.endswith("." + TORCH_CPU_KEY) and v is not None]
+        self.record[TORCH_CPU_PEAK] = max(values) if values else None
+
     def _update_overall(self) -> None:
         """memory.all_phases.<source>_peak_bytes: the largest figure of that source over every phase measured so far."""
         for key in PHASE_SOURCES:
@@ -288,6 +333,12 @@ class MemoryTracker:
             self.record[schema.overall_peak_key(key)] = max(values) if values else None
 
     def close(self) -> None:
+        if self._counting:
+            self._counting = False
+            try:
+                self._tensor_bytes.stop()
+            except Exception:  # the record is being finished: a profiler that will not stop must not end it
+                pass
         if self._sampler is not None:
             self._sampler.close()
             self._sampler = None

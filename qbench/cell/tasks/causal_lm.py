@@ -214,21 +214,29 @@ def score_windows(model: torch.nn.Module, windows: Windows, batch_size: int, dev
     sums, bad_logits, bad_losses = [], 0, 0
     for start in range(0, windows.input_ids.shape[0], batch_size):
         part = slice(start, start + batch_size)
-        logits = model(
-            input_ids=windows.input_ids[part].to(device), attention_mask=windows.attention_mask[part].to(device)
-        ).logits.float()
-        labels = windows.labels[part].to(device)
-        scored = labels != IGNORE
-        token_nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
-        ).reshape(labels.shape)
-        bad_logits += int((~torch.isfinite(logits).all(dim=-1) & scored).sum())
-        broken = ~torch.isfinite(token_nll) & scored
-        bad_losses += int(broken.sum())
-        token_nll = token_nll.masked_fill(broken, math.inf).masked_fill(~scored, 0.0)  # NaN -> +inf: never averaged away
-        sums.append(token_nll.double().sum(dim=1).cpu())
+        nll, logits_bad, losses_bad = score_batch(
+            model, windows.input_ids[part].to(device), windows.attention_mask[part].to(device), windows.labels[part].to(device)
+        )
+        bad_logits += int(logits_bad)
+        bad_losses += int(losses_bad)
+        sums.append(nll.cpu())
     tokens = (windows.labels != IGNORE).sum(dim=1)
     return WindowScores(torch.cat(sums), tokens, bad_logits, bad_losses)
+
+
+def score_batch(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch of windows: (summed NLL per window in float64, +inf where a scored token's loss is not
+    finite; scored positions with a non-finite logit; scored tokens with a non-finite NLL), as tensors."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    scored = labels != IGNORE
+    token_nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).reshape(labels.shape)
+    bad_logits = (~torch.isfinite(logits).all(dim=-1) & scored).sum()
+    broken = ~torch.isfinite(token_nll) & scored
+    token_nll = token_nll.masked_fill(broken, math.inf).masked_fill(~scored, 0.0)  # NaN -> +inf: never averaged away
+    return token_nll.double().sum(dim=1), bad_logits, broken.sum()
 
 
 def window_bytes(windows: Windows, text_bytes: int, decode: Any = None) -> torch.Tensor:

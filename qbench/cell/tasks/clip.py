@@ -151,8 +151,10 @@ class ClipTask(TaskBase):
 
     def _collate(self, items: list[tuple[Any, str]]) -> Batch:
         images, captions = zip(*items, strict=True)
+        # a suite with a [fit] table trains every step at the longest sequence, as fit's trials must
+        padding = "max_length" if self.suite.fit is not None else True
         text = self.tokenizer(
-            list(captions), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(captions), padding=padding, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         pixels = self._pixel_values(list(images), self.train_pixels)
         inputs = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"], "pixel_values": pixels}

@@ -43,6 +43,11 @@ class SubprocessExecutor(ProcessExecutor):
         self._begun: RunStart | None = None
 
     @property
+    def started(self) -> RunStart | None:
+        """What `prepare` settled once (the device, the compute dtype, the threads, the fork server's timing)."""
+        return self._begun
+
+    @property
     def launcher(self) -> str:  # type: ignore[override]  # forked while the server lives, else fresh interpreters
         return "forkserver" if self.server is not None else "subprocess"
 
