@@ -82,10 +82,11 @@ class FitProgress:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from qbench.analysis.report import fit as fit_report
-    from qbench.cli.commands import check_cuda_seen, check_out_folder
     from qbench.contract.suite import load
     from qbench.machine import threads
     from qbench.runner import fit, runner
+    from qbench.runner.api import check_out_folder
+    from qbench.runner.executors.local import check_cuda_seen
 
     loaded = load(args.suite)
     out = Path(args.out)

@@ -29,7 +29,7 @@ def trial_suite_text(loaded: LoadedSuite, settings: dict[str, Any], budget: int,
     matrix = raw.setdefault("matrix", {})
     for axis in grid.SETTING_AXES:
         matrix.pop(axis.matrix_key, None)
-        if axis.name in settings:
+        if settings.get(axis.name) is not None:  # None: an axis that does not apply to this cell (another precision's)
             section, key = axis.setting
             raw.setdefault(section, {})[key] = settings[axis.name]
     matrix.pop("exclude", None)
