@@ -90,11 +90,19 @@ def finish(server: ForkServerLauncher | None, loaded: LoadedSuite, cells: list[C
     warnings = choice.warnings()
     shared: list[str] = []
     if launcher is not None:
-        warmed = launcher.warm(loaded.source_text(), str(loaded.path), device)
-        shared = list(warmed.get("built") or [])
-        if warmed.get("error"):
-            notes.append(f"the fork server could not prepare the data once for all cells ({warmed['error']}); each cell does")
-        timing.update({"warm_s": warmed.get("seconds"), "warm_cpu_s": warmed.get("cpu_s")})
+        try:
+            warmed = launcher.warm(loaded.source_text(), str(loaded.path), device)
+        except ForkServerUnavailable as why:  # it died (the OOM killer, a limit): the cells go on without it
+            launcher.close()
+            launcher = None
+            if option == "forkserver":
+                raise
+            notes.append(f"cells start as plain subprocesses: {why}")
+        else:
+            shared = list(warmed.get("built") or [])
+            if warmed.get("error"):
+                notes.append(f"the fork server could not prepare the data once for all cells ({warmed['error']}); each cell does")
+            timing.update({"warm_s": warmed.get("seconds"), "warm_cpu_s": warmed.get("cpu_s")})
     timing["start_s"] = time.monotonic() - started
     overloaded = threads.oversubscription(thread_plan) if device == "cpu" else None
     if overloaded:
