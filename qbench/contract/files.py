@@ -7,12 +7,16 @@ Why each rule:
 - a reader (report, compare, resume, another qbench) must see an old file or the whole new one, never a
   torn one, also when the disk fills up half-way (`write_bytes_atomic` and friends);
 - two commands started at the same moment must not share a run folder, nor replace each other's report or
-  baseline half-way (`create_dir_exclusive`, `staging_dir` + `publish_dir`).
+  baseline half-way (`create_dir_exclusive`, `staging_dir` + `publish_dir`);
+- a folder qbench replaces (a report, a baseline) may hold a person's own files under any name: qbench
+  replaces it only when its marker (`OWNED_MARKER`, written last) lists every file in it with the bytes
+  qbench wrote, never judging by names (`mark_owned`, `ownership_problem`).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -185,18 +189,103 @@ class NotOwned(ValueError):
     """A folder qbench was asked to replace holds something qbench did not write there."""
 
 
-def publish_dir(staging: Path, target: Path, owned: Callable[[Path], str | None]) -> Path:
-    """Move the finished folder `staging` to `target`. An existing `target` is replaced only when
-    `owned(target)` finds nothing qbench did not write (it returns why not, else None; NotOwned then, and
-    `target` is left as it was). The old folder is moved aside first and removed only once the new one is in
-    place. `staging` is removed whatever happens."""
+OWNED_MARKER = ".qbench-owned.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _entries(folder: Path) -> tuple[list[str], list[str], list[str]]:
+    """(files, folders, other entries: links, FIFOs...) under `folder`, as paths relative to it, marker left out."""
+    found: tuple[list[str], list[str], list[str]] = ([], [], [])
+    for root, folders, names in os.walk(folder, onerror=_raise):
+        here = Path(root).relative_to(folder)
+        for name in folders:
+            (found[2] if (Path(root) / name).is_symlink() else found[1]).append((here / name).as_posix())
+        for name in names:
+            path = Path(root) / name
+            if here == Path(".") and name == OWNED_MARKER:
+                continue
+            (found[0] if path.is_file() and not path.is_symlink() else found[2]).append((here / name).as_posix())
+    return found
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
+def mark_owned(folder: Path | str, written_by: str) -> None:
+    """Write `folder`'s marker: every file qbench wrote in it, with its size and sha256 (call it last, once the
+    folder holds everything; `ownership_problem` later tells whether it still holds only that)."""
+    folder = Path(folder)
+    listed = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+              for name in sorted(_entries(folder)[0])}
+    (folder / OWNED_MARKER).write_text(json_text({"written_by": written_by, "files": listed}), encoding="utf-8")
+
+
+def ownership_problem(folder: Path | str) -> str | None:
+    """Why qbench may not remove `folder`, or None: it does not exist, is empty, or holds nothing but the files
+    its marker lists, each still as qbench wrote it. Names alone prove nothing: a `report.md` of a person's
+    own is theirs."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return None
+    if folder.is_symlink() or not folder.is_dir():
+        return "not a folder qbench wrote"
+    try:
+        found, folders, other = _entries(folder)
+        if not found and not folders and not other and not (folder / OWNED_MARKER).exists():
+            return None
+        try:
+            listed = json.loads((folder / OWNED_MARKER).read_text(encoding="utf-8"))["files"]
+            if not isinstance(listed, dict):
+                raise TypeError
+        except FileNotFoundError:
+            names = sorted(found + other)
+            return (f"holds files qbench did not write there ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}; "
+                    f"no {OWNED_MARKER} lists them)")
+        except (ValueError, TypeError, KeyError):
+            return f"its {OWNED_MARKER} is not one qbench wrote"
+        foreign = sorted(other + [name for name in found if name not in listed])
+        if foreign:
+            return f"holds files qbench did not write there ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+        for name in found:
+            expected = listed[name] if isinstance(listed[name], dict) else {}
+            path = folder / name
+            if path.stat().st_size != expected.get("bytes") or _sha256(path) != expected.get("sha256"):
+                return f"{name} was changed since qbench wrote it"
+        holding = {parent.as_posix() for name in found for parent in Path(name).parents}
+        empty = sorted(set(folders) - holding)
+        if empty:
+            return f"holds folders qbench did not write there ({', '.join(empty[:3])})"
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    return None
+
+
+def publish_dir(staging: Path, target: Path, owned: Callable[[Path], str | None] | None = None,
+                written_by: str = "qbench") -> Path:
+    """Mark the finished folder `staging` as qbench's (`mark_owned`) and move it to `target`. An existing
+    `target` is replaced only when `ownership_problem` finds nothing in it that qbench did not write, and
+    `owned(target)` (a caller's further check) returns None; NotOwned otherwise, and `target` is left as it
+    was. The old folder is moved aside first and removed only once the new one is in place. `staging` is
+    removed whatever happens."""
     staging, target = Path(staging), Path(target)
     aside = None
     try:
         if target.is_symlink() or (target.exists() and not target.is_dir()):
             raise NotOwned(f"{target} is not a folder qbench wrote; move it away or choose another folder")
+        try:
+            mark_owned(staging, written_by)
+        except OSError as error:
+            raise OutputError.from_os_error(staging / OWNED_MARKER, error) from None
         if target.exists():
-            reason = owned(target)
+            reason = ownership_problem(target) or (owned(target) if owned is not None else None)
             if reason:
                 raise NotOwned(f"{target}: {reason}")
             aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
