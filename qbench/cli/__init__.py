@@ -10,19 +10,23 @@ from qbench.contract.suite import SuiteError
 
 def main(argv: list[str] | None = None) -> int:
     from qbench.cli.parser import build_parser
+    from qbench.cli.render import echo, errors
     from qbench.cli.render import error as print_error
-    from qbench.cli.render import errors
+    from qbench.runner.runner import signals_as_interrupts
 
     args = build_parser().parse_args(argv)
+    heard: list[str] = []  # SIGTERM and SIGHUP (a closed terminal) end a command as Ctrl-C does, with a line
     try:
-        return int(args.handler(args))
+        with signals_as_interrupts(heard.append):
+            return int(args.handler(args))
     except SuiteError as error:
         for problem in error.problems:
             print_error(f"{error.path}: {problem}")
         return Exit.BAD_INPUT
     except KeyboardInterrupt:  # before any cell started (checks, device probe): nothing to keep
-        errors.print("[yellow]interrupted[/]")
-        return Exit.SIGINT
+        name = heard[0] if heard else "SIGINT"
+        errors.print(f"[yellow]interrupted[/] by {echo(name)}", highlight=False)
+        return Exit.__members__.get(name, Exit.SIGINT)
     except OSError as error:  # a file a command could not read or write (commands handle the ones they expect)
         if not error.filename:
             raise

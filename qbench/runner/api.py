@@ -254,7 +254,7 @@ def _run_in(run: Run, manifest: dict[str, Any], started_at: float | None = None)
 
 
 def _interrupted(stop: RunInterrupted, run_dir: Path, suite: str) -> RunResult:
-    code = Exit.SIGTERM if stop.signal_name == "SIGTERM" else Exit.SIGINT
+    code = Exit.__members__.get(stop.signal_name, Exit.SIGINT)  # 128 + the signal's number, as a shell reports it
     return RunResult(code, run_dir, suite, interrupted=str(stop))
 
 

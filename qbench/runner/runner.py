@@ -1,6 +1,6 @@
 """The run folder of one `qbench run` and its records: the manifest, each cell's spec, the record of a cell
-that died or was stopped, and the one place that turns Ctrl-C / SIGTERM into RunInterrupted. Where the cells
-run is the executor's business (qbench.runner.executors)."""
+that died or was stopped, and the one place that turns Ctrl-C / SIGTERM / SIGHUP into RunInterrupted. Where
+the cells run is the executor's business (qbench.runner.executors)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -73,11 +73,41 @@ class QuietListener:
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """The run was stopped by Ctrl-C or SIGTERM; finished records are intact."""
+    """The run was stopped by Ctrl-C, SIGTERM or SIGHUP; finished records are intact."""
 
     def __init__(self, message: str, signal_name: str = "SIGINT"):
         super().__init__(message)
         self.signal_name = signal_name
+
+
+# what stops a run cleanly (its cells recorded interrupted, a line saying how to resume): Ctrl-C, `kill`, and
+# the hangup of a closed terminal or a lost SSH session
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def signals_as_interrupts(heard: Callable[[str], None]) -> Iterator[None]:
+    """While inside, each of STOP_SIGNALS raises KeyboardInterrupt in the main thread (every time: a second one
+    stops the cells faster), `heard(its name)` called first. A signal this process ignores stays ignored
+    (`nohup` ignores SIGHUP so that the run outlives the terminal), and outside the main thread nothing changes."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        heard(name)
+        raise KeyboardInterrupt(name)
+
+    previous: dict[int, Any] = {}
+    try:
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, interrupt)
+    except ValueError:  # not the main thread: signals are the main thread's caller's to handle
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def resolve_device(requested: str) -> str:
@@ -119,6 +149,7 @@ class Run:
     # this `qbench run` or `--resume` (its start, UTC): the report marks speed ratios of cells timed in different ones
     session: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     stopping: bool = field(default=False, init=False)  # set once the run is being interrupted
+    stop_signal: str | None = field(default=None, init=False)  # the signal that stopped it (SIGINT, SIGTERM, SIGHUP)
     running: list[str] = field(default_factory=list, init=False)  # ids of the cells that run now
     stopped_during: list[str] = field(default_factory=list, init=False)  # the cells running when the stop came
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -173,7 +204,7 @@ class Run:
     ) -> dict[str, Any]:
         """The record of a cell whose process ended without finishing it: what it had measured, plus how it ended."""
         if interrupted:
-            how = "was stopped because the run was interrupted"
+            how = f"was stopped because the run was interrupted{f' by {self.stop_signal}' if self.stop_signal else ''}"
         elif returncode is not None and returncode < 0:
             how = f"was killed by signal {signal.Signals(-returncode).name}"
         else:
@@ -206,7 +237,7 @@ class Run:
         record_file = results.record_path(self.run_dir, cell.id)
         written = results.read_record(record_file)
         if written is not None and written.get("status") not in (None, "running"):
-            record = {**(fields or {}), **written}
+            record = self.named_stop({**(fields or {}), **written})
         else:
             record = {**self.crash_record(cell, returncode, last_phase, written, interrupted, slot), **(fields or {})}
             if failure and not interrupted:
@@ -218,6 +249,15 @@ class Run:
             results.write_record(record_file, record, attempt)
         except results.Superseded:
             return results.read_record(record_file) or record
+        return record
+
+    def named_stop(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A record the cell wrote as interrupted while the run was being stopped, naming the signal that stopped
+        the run: the cell itself got SIGTERM from whatever stopped it (the runner, its Ray task, its SLURM job),
+        whichever signal reached the run."""
+        if (self.stopping and self.stop_signal and record.get("status") == "interrupted"
+                and record.get("error_type") == "Interrupted" and self.stop_signal not in str(record.get("error"))):
+            record["error"] = f"Interrupted: stopped by signal {self.stop_signal} (the run's)"
         return record
 
     # -- what the executors report (from one thread at a time: Run.execute serializes the listener) -----------
@@ -235,34 +275,32 @@ class Run:
                 self.running.remove(cell.id)
         self.listener.cell_finished(cell, record)
 
+    def execute(self) -> list[dict[str, Any]]:
+        """Run every cell with the executor; a failed cell is recorded and the run goes on. Ctrl-C, SIGTERM or
+        SIGHUP stops it: the executor stops its running cells (recorded `interrupted`, naming the signal) and
+        RunInterrupted is raised."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.listener = scheduler.serialized(self.listener)  # cells report from one thread per slot
+        with signals_as_interrupts(self._heard):
+            try:
+                return self.executor.run_cells(self)
+            except KeyboardInterrupt:
+                if not self.stopping:
+                    self.stop_requested()
+                where = f"during cell {', '.join(self.stopped_during)}" if self.stopped_during else "between cells"
+                signal_name = self.stop_signal or "SIGINT"
+                raise RunInterrupted(f"run stopped by {signal_name} {where}", signal_name) from None
+
+    def _heard(self, signal_name: str) -> None:
+        if self.stop_signal is None:  # the first one stopped the run; a second only hurries it
+            self.stop_signal = signal_name
+
     def stop_requested(self) -> None:
         """The run is being interrupted: remember which cells were running (for the message) and say so."""
         with self._lock:
             self.stopping = True
+            self.stop_signal = self.stop_signal or "SIGINT"  # a KeyboardInterrupt no handler of ours raised
             self.stopped_during = list(self.running)
-
-    def execute(self) -> list[dict[str, Any]]:
-        """Run every cell with the executor; a failed cell is recorded and the run goes on. Ctrl-C or SIGTERM
-        stops it: the executor stops its running cells (recorded `interrupted`) and RunInterrupted is raised."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.listener = scheduler.serialized(self.listener)  # cells report from one thread per slot
-        terminated: list[int] = []  # a KeyboardInterrupt may come back re-raised without our message (Ray does)
-
-        def sigterm_as_interrupt(signum: int, frame: Any) -> None:
-            terminated.append(signum)
-            raise KeyboardInterrupt("SIGTERM")
-
-        previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
-        try:
-            return self.executor.run_cells(self)
-        except KeyboardInterrupt:
-            if not self.stopping:
-                self.stop_requested()
-            where = f"during cell {', '.join(self.stopped_during)}" if self.stopped_during else "between cells"
-            signal_name = "SIGTERM" if terminated else "SIGINT"
-            raise RunInterrupted(f"run stopped by {signal_name} {where}; finished records are in {self.run_dir}", signal_name) from None
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def note_timing(run_dir: Path, timing: dict[str, Any]) -> None:

@@ -362,7 +362,7 @@ class RayExecutor(Executor):
         returned = task.returned or {}
         written = returned.get("record")
         if written is not None and written.get("status") not in (None, "running"):
-            record = {**(task.placement or {}), **written}
+            record = self.run.named_stop({**(task.placement or {}), **written})
         else:
             partial = written or task.checkpoint
             record = self.run.crash_record(task.cell, returned.get("returncode"), returned.get("last_phase"), partial, self.run.stopping)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -110,7 +111,7 @@ class SlurmCell:
         self.wall_s = outcome["wall_s"]
         return self._returncode
 
-    def terminate(self) -> None:
+    def terminate(self, sig: int = signal.SIGTERM) -> None:  # a job is cancelled whichever signal stopped the run
         try:
             self.job.cancel(check=False)
         except Exception:  # already gone
