@@ -88,6 +88,7 @@ def main() -> int:
     if spec["precision"] in os.environ.get("FAKE_CELL_CRASH", "").split(","):
         return 3  # dies without writing its record
     record = {
+        **spec.get("run_fields", {}),  # what the runner knows (the data's fingerprint, ...), as a real cell records it
         **identity(spec, suite),
         "status": "ok",
         "error": None,

@@ -157,6 +157,21 @@ def _runner_gone() -> bool:
         return False
 
 
+class DataChanged(ValueError):
+    """A data file differs from what the run's checks read: the cell would train or evaluate on other data."""
+
+
+def same_data(expected: dict[str, str], read: dict[str, str], loaded: Any) -> None:
+    """DataChanged naming the file when a data file the cell read is not what the run's checks read (and
+    fingerprinted): one run folder is about one data set."""
+    data = loaded.suite.data
+    for key, digest in read.items():
+        if key in expected and expected[key] != digest:
+            name = getattr(data, key.removeprefix("data."), None) if data.kind != "builtin" else f"builtin:{data.name}"
+            raise DataChanged(f"{key}: {name} changed since the run's checks read it (sha256 {expected[key][:12]}... then, "
+                              f"{digest[:12]}... now): this cell would not measure the data the run's other cells did")
+
+
 def _status_for(error: BaseException) -> str:
     if isinstance(error, (Interrupted, KeyboardInterrupt)):
         return "interrupted"
@@ -387,6 +402,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 
         with cell.phase("data"):
             cell.update(task.prepare_data())
+            same_data(spec.data_files, task.data_read, cell.loaded)
         with cell.phase("load", process_baseline=True):  # the runtime before the model: what no format changes
             model = models.load_base(task.model_class, model_path, cell.precision, cell.compute_dtype, cell.device, suite.model)
         cell.update(models.loaded_weight_files(model_path, suite.model))  # what the base was loaded from

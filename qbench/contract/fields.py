@@ -57,6 +57,8 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("optimizer.state_tensors", "exact", None, "count"),
     FieldSpec("format.*_count", "exact", None, "count"),
     # what was trained on and evaluated: a change here means the data or the eval protocol changed
+    FieldSpec("data.fingerprint.files", "exact", None, "count"),
+    FieldSpec("data.fingerprint.read_bytes", "exact", None, "bytes"),
     FieldSpec("data.*_images", "exact", None, "count"),
     FieldSpec("data.*_captions", "exact", None, "count"),
     FieldSpec("eval.*tokens", "exact", None, "count"),

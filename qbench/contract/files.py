@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -82,6 +83,43 @@ def child(parent: Path | str, name: str, what: str) -> Path:
     if path.is_symlink():
         raise ValueError(f"{path} is a symbolic link; qbench does not write through it ({what} {name!r})")
     return path
+
+
+def disk_name(text: str) -> str:
+    """A path read from a UTF-8 file (a suite, an annotation file) as this process must name it to find it:
+    itself, except where the file system encoding cannot hold it (an ASCII locale without Python's UTF-8
+    mode, where "café.png" cannot be encoded and an existing file would read as missing): then the same
+    UTF-8 bytes, as Python names undecodable bytes (surrogate escapes)."""
+    try:
+        os.fsencode(text)
+        return text
+    except UnicodeEncodeError:
+        return os.fsdecode(text.encode("utf-8", "surrogateescape"))
+
+
+def not_a_file(path: Path | str, wanted: str = "file") -> str | None:
+    """Why `path` is not the `wanted` thing ("file": a regular file to read; "folder"), in words ("is a FIFO
+    (named pipe), not a file"), or None: it is one, or nothing is there at all (the caller says "not found")."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        return None
+    except ValueError:
+        return "is not a usable path (it holds a NUL byte)"
+    except OSError as error:
+        reasons = {errno.ELOOP: "is a symbolic link that loops back on itself", errno.ENAMETOOLONG: "is a path too long for this system",
+                   errno.ENOTDIR: "cannot be reached: a part of its path is a file, not a folder",
+                   errno.EACCES: "cannot be reached (permission denied on a folder of its path)"}
+        return reasons.get(error.errno, f"cannot be read ({error.strerror or error})")
+    kinds = [(stat.S_ISREG, "file", "a file"), (stat.S_ISDIR, "folder", "a folder"), (stat.S_ISFIFO, "", "a FIFO (named pipe)"),
+             (stat.S_ISCHR, "", "a character device"), (stat.S_ISBLK, "", "a block device"), (stat.S_ISSOCK, "", "a socket")]
+    kind, name = next(((kind, name) for test, kind, name in kinds if test(mode)), ("", "not a regular file"))
+    if kind == wanted:
+        return None
+    why = " (qbench reads its data files whole, and more than once)" if wanted == "file" and not kind else ""
+    return f"is {name}, not a {wanted}{why}"
 
 
 def _umask() -> int:

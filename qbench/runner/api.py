@@ -31,6 +31,7 @@ from qbench.runner.scheduler import LOCAL_SLOT
 if TYPE_CHECKING:
     from qbench.analysis.gate.compare import Settings
     from qbench.analysis.report.sections import Section
+    from qbench.contract.fingerprint import DataFingerprint
     from qbench.contract.suite import Cell
     from qbench.runner.resume import Resumable
 
@@ -80,9 +81,10 @@ def execute_plan(run_plan: plan.RunPlan, out: Path, device: str, check_only: boo
     assert executor is not None
     check_out_folder(out, "--out")
     gpus_per_cell = max(1, int(run_plan.gpus_per_cell or 1))
+    checked: list[Any] = []  # what the executor's call of the checks found (the data's fingerprint)
     request = Request(loaded, run_plan.cells, "cuda" if run_plan.on_gpus else device, run_plan.threads, run_plan.run_slots(),
                       run_plan.gpus_per_cell or 1,
-                      check=lambda on: preflight.check_suite(loaded, device=on, gpus_per_cell=gpus_per_cell))
+                      check=lambda on: checked.append(preflight.check_suite(loaded, device=on, gpus_per_cell=gpus_per_cell)))
     if check_only or not run_plan.cells:
         where = executor.check(request)
         if check_only:
@@ -97,12 +99,14 @@ def execute_plan(run_plan: plan.RunPlan, out: Path, device: str, check_only: boo
     try:
         placement = executor.prepare(request)
         run_dir = create_run_dir(out, loaded, run_plan.label)
+        data = data_fingerprint(checked)
         run = Run(loaded, run_dir, placement.device, run_plan.cells, executor, listener,
-                  slots=placement.slots or request.slots, compute=placement.compute, threads=placement.threads)
+                  slots=placement.slots or request.slots, compute=placement.compute, threads=placement.threads, data=data)
         listener.run_started(RunStarted(loaded.suite.name, run_dir, run_plan.cells, len(run_plan.cells), placement.where,
                                         placement.lines, placement.notes, placement.warnings, run_plan.shard,
                                         run_plan.matrix_cells))
-        manifest = {**run_plan.manifest_extras(), "executor": executor.name, **placement.manifest}
+        manifest = {**run_plan.manifest_extras(), "executor": executor.name, **placement.manifest,
+                    "data": data.manifest() if data else None}
         return _run_in(run, manifest, started_at)
     finally:
         executor.close(run_dir if run_dir is not None and run_dir.exists() else None)
@@ -187,17 +191,23 @@ def _run_pending(state: Resumable, executor: Executor, slots: list, gpus_per_cel
                                       side_by_side)
                    if per_cell else threads.plan(None, state.loaded.suite.threads, side_by_side, cores=cores))
     on_gpus = any("CUDA_VISIBLE_DEVICES" in slot.env for slot in slots)
+    checked: list[Any] = []
     request = Request(state.loaded, state.pending, "cuda" if on_gpus else state.device, thread_plan, slots,
                       gpus_per_cell, recorded_compute=choice,
-                      check=lambda on: preflight.check_suite(state.loaded, device=on, gpus_per_cell=max(1, int(gpus_per_cell))),
+                      check=lambda on: checked.append(preflight.check_suite(state.loaded, device=on,
+                                                                            gpus_per_cell=max(1, int(gpus_per_cell)))),
                       device_option=f"--resume (the run in {state.run_dir} ran on {state.device})")
     try:
         placement = executor.prepare(request)
+        data = data_fingerprint(checked)
+        changed = resume.data_changes(state, data)
+        if changed and not force:
+            raise SuiteError(state.run_dir / resume.MANIFEST, [resume.data_changed_line(changed)])
         run = Run(state.loaded, state.run_dir, placement.device, state.pending, executor, listener,
-                  slots=placement.slots or slots, compute=placement.compute, threads=placement.threads)
+                  slots=placement.slots or slots, compute=placement.compute, threads=placement.threads, data=data)
         listener.run_started(RunStarted(state.loaded.suite.name, state.run_dir, state.pending, len(state.cells),
                                         placement.where, placement.lines, placement.notes, placement.warnings, resumed=True))
-        resume.note_resume(state, forced=force, executor=executor.name)
+        resume.note_resume(state, forced=force, executor=executor.name, data_changed=changed)
         started.append(True)
         try:
             run.execute()
@@ -206,6 +216,11 @@ def _run_pending(state: Resumable, executor: Executor, slots: list, gpus_per_cel
     finally:
         executor.close(state.run_dir)
     return None
+
+
+def data_fingerprint(checked: list[Any]) -> DataFingerprint | None:
+    """The data's fingerprint the checks made (None: they did not run, or a stand-in for them made none)."""
+    return getattr(checked[-1], "data", None) if checked else None
 
 
 def check_out_folder(out: Path, option: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from qbench.contract import grid, precisions
 from qbench.contract import records as results
 from qbench.contract.files import component_problem
+from qbench.contract.fingerprint import DataFingerprint
 from qbench.contract.suite import Cell, LoadedSuite, SuiteError, parse
 
 MANIFEST = "run.json"
@@ -136,6 +137,8 @@ def recorded_settings_problems(manifest: dict[str, Any]) -> list[str]:
     for key in ("threads_source", "cell_launcher", "executor"):
         if manifest.get(key) is not None and not isinstance(manifest[key], str):
             problems.append(f"{key}: {str(manifest[key])[:40]!r} is not a text")
+    if manifest.get("data") is not None and DataFingerprint.from_manifest(manifest["data"]) is None:
+        problems.append(f"data: {str(manifest['data'])[:60]!r} is not the data fingerprint a run records")
     compute = manifest.get("compute")
     if compute is not None:
         try:
@@ -203,9 +206,28 @@ def open_run(run_dir: Path | str, force: bool = False) -> Resumable:
     )
 
 
-def note_resume(state: Resumable, forced: bool, executor: str = "local") -> None:
-    """Add this resumption (when, which cells, whether forced, what ran them) to run.json (atomically;
-    OutputError when the run folder cannot be written, before any cell starts)."""
+def data_changes(state: Resumable, now: DataFingerprint | None) -> list[str]:
+    """What differs between the data run.json's fingerprint describes and the data as the checks read it now,
+    one line per file ([] when the same, or when either is not known: a run from before fingerprints)."""
+    recorded = DataFingerprint.from_manifest(state.manifest.get("data"))
+    if recorded is None or now is None:
+        return []
+    data = state.loaded.suite.data
+    where = {f"data.{key}": str(state.loaded.resolve(value)) for key in ("train", "eval", "image_root")
+             if isinstance(value := getattr(data, key, None), str)}
+    return recorded.changes(now, where)
+
+
+def data_changed_line(changes: list[str]) -> str:
+    shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+    return (f"the data changed since this run started ({shown}): resuming would measure the missing cells on other "
+            "data than the finished ones. Start a new run, or pass --force to resume on the data as it is now (its "
+            "records say so, and reports do not compare them with the others)")
+
+
+def note_resume(state: Resumable, forced: bool, executor: str = "local", data_changed: list[str] | None = None) -> None:
+    """Add this resumption (when, which cells, whether forced, what ran them, what data changed) to run.json
+    (atomically; OutputError when the run folder cannot be written, before any cell starts)."""
     manifest = dict(state.manifest)
     earlier = manifest.get("resumes")
     manifest["resumes"] = [*(earlier if isinstance(earlier, list) else []), {
@@ -213,6 +235,7 @@ def note_resume(state: Resumable, forced: bool, executor: str = "local") -> None
         "cells": [c.id for c in state.pending],
         "forced": forced,
         "suite_file_changed": state.suite_file_changed,
+        "data_changed": list(data_changed or []),
         "executor": executor,
     }]
     results.write_json_atomic(state.run_dir / MANIFEST, manifest)

@@ -28,6 +28,7 @@ from qbench.runner import scheduler
 from qbench.runner.scheduler import LOCAL_SLOT, Slot
 
 if TYPE_CHECKING:
+    from qbench.contract.fingerprint import DataFingerprint
     from qbench.machine.compute import ComputeChoice
     from qbench.runner.executors.base import Executor
 
@@ -146,6 +147,7 @@ class Run:
     compute: ComputeChoice | None = None  # the run's compute dtype (None: each cell decides)
     threads: ThreadPlan | None = None  # torch threads per cell (None: torch's default)
     env: dict[str, str] | None = None  # extra environment for the cell processes
+    data: DataFingerprint | None = None  # what the checks read of the data (None: no checks ran, e.g. a test's executor)
     # this `qbench run` or `--resume` (its start, UTC): the report marks speed ratios of cells timed in different ones
     session: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     stopping: bool = field(default=False, init=False)  # set once the run is being interrupted
@@ -178,7 +180,8 @@ class Run:
         the record itself). `parent_pid`: the process that starts the cell as its child (0 where that is not
         known here, e.g. a Ray worker or a SLURM job, which checks it itself)."""
         run_fields = {"env.cell_launcher": self.executor.launcher, "run_session": self.session,
-                      **(self.threads.record_fields() if self.threads else {})}
+                      **(self.threads.record_fields() if self.threads else {}),
+                      **(self.data.record_fields() if self.data else {})}
         return CellSpec(
             suite_text=self.loaded.source_text(),
             suite_path=str(self.loaded.path),
@@ -196,6 +199,7 @@ class Run:
             compute=asdict(self.compute) if self.compute else None,
             threads=self.threads.per_cell if self.threads else None,
             run_fields=run_fields,
+            data_files=dict(self.data.data_files) if self.data else {},
         )
 
     def crash_record(

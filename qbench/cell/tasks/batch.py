@@ -90,6 +90,7 @@ class TaskBase:
         self.model_class = getattr(transformers, self.model_class_name)
         self.model_path = model_path
         self.device = device
+        self.data_read: dict[str, str] = {}  # suite key -> sha256 of its data file as prepare_data read it
 
 
 def endless(loader: Any) -> Iterator[Any]:
