@@ -6,6 +6,7 @@ import sys
 
 from qbench.contract.exitcodes import Exit
 from qbench.contract.suite import SuiteError
+from qbench.machine import limits  # imported first: what says "out of memory" must not need memory to import
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,14 +28,27 @@ def main(argv: list[str] | None = None) -> int:
         name = heard[0] if heard else "SIGINT"
         errors.print(f"[yellow]interrupted[/] by {echo(name)}", highlight=False)
         return Exit.__members__.get(name, Exit.SIGINT)
-    except OSError as error:  # a file a command could not read or write (commands handle the ones they expect)
-        if not error.filename:
-            raise
+    except (MemoryError, RuntimeError, ImportError, OSError, SystemError) as error:
+        return _exhausted(error)
+
+
+def _exhausted(error: BaseException) -> int:
+    """A limit hit (memory, threads) in one line and exit 2; a file that could not be read or written too;
+    anything else goes on as the error it is."""
+    import os
+
+    what = limits.exhausted(error)
+    if what is not None:  # written without rich, which would need memory of its own to say so
+        os.write(2, f"error: {limits.exhausted_line(error, what)}\n".encode("utf-8", "backslashreplace"))
+        return Exit.BAD_INPUT
+    if isinstance(error, OSError) and error.filename:  # a file a command could not read or write
+        from qbench.cli.render import error as print_error
         from qbench.contract.files import OutputError
 
         shown = str(error) if isinstance(error, OutputError) else f"{error.filename}: {error.strerror or error}"
         print_error(shown)
         return Exit.BAD_INPUT
+    raise error
 
 
 if __name__ == "__main__":

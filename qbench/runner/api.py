@@ -80,6 +80,7 @@ def execute_plan(run_plan: plan.RunPlan, out: Path, device: str, check_only: boo
     loaded, executor, listener = run_plan.loaded, run_plan.executor, listener or QuietListener()
     assert executor is not None
     check_out_folder(out, "--out")
+    check_limits()
     gpus_per_cell = max(1, int(run_plan.gpus_per_cell or 1))
     checked: list[Any] = []  # what the executor's call of the checks found (the data's fingerprint)
     request = Request(loaded, run_plan.cells, "cuda" if run_plan.on_gpus else device, run_plan.threads, run_plan.run_slots(),
@@ -122,6 +123,7 @@ def resume_run(run_dir: str | Path, *, executor: str | Executor | None = None, f
 
     listener = listener or QuietListener()
     state = resume.open_run(run_dir, force=force)
+    check_limits()
     executor = _resume_executor(state, executor)
     # the cells of one run folder start alike: forked or not, and as many side by side (a forked cell's PSS
     # shares pages with the fork server and its siblings, so either changes its memory figures)
@@ -221,6 +223,19 @@ def _run_pending(state: Resumable, executor: Executor, slots: list, gpus_per_cel
 def data_fingerprint(checked: list[Any]) -> DataFingerprint | None:
     """The data's fingerprint the checks made (None: they did not run, or a stand-in for them made none)."""
     return getattr(checked[-1], "data", None) if checked else None
+
+
+ADDRESS_SPACE = "ulimit -v"  # how a problem of this process's address-space limit is named
+
+
+def check_limits() -> None:
+    """SuiteError before anything imports torch when this process's limits leave no room for a run (an
+    address-space limit under what torch and a model need: torch would abort the process, not raise)."""
+    from qbench.machine import limits
+
+    problem = limits.address_space_problem()
+    if problem:
+        raise SuiteError(ADDRESS_SPACE, [problem])
 
 
 def check_out_folder(out: Path, option: str) -> None:

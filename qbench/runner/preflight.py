@@ -13,6 +13,7 @@ from qbench.contract.files import not_a_file
 from qbench.contract.fingerprint import SPLITS, DataFingerprint, FileHashes
 from qbench.contract.suite import LoadedSuite, Suite, SuiteError
 from qbench.contract.tasks import BUILTIN_DATASETS
+from qbench.machine import limits
 from qbench.runner import estimate
 
 # module classes peft can put a LoRA adapter on (bitsandbytes' Linear8bitLt/Linear4bit replace Linear later)
@@ -223,24 +224,28 @@ def _check_model(loaded: LoadedSuite) -> tuple[list[str], _Model | None]:
     except models.ModelNotFound as error:
         return [f"model.id: {error}"], None
     except Exception as error:  # e.g. a malformed hub id: one line, never a traceback
+        limits.reraise_exhausted(error)  # a limit hit is no fault of the suite's: said as what it is
         return [f"model.id: cannot find model {suite.model.id!r} ({type(error).__name__}: {error})"], None
     problems = []
     try:
         folder = models.checkpoint_folder(path, suite.model.revision)
         problem = models.unsafe_weights_problem(folder, suite.model.safetensors_only) if folder else None
     except Exception as error:
+        limits.reraise_exhausted(error)  # a limit hit is no fault of the suite's: said as what it is
         problem = f"cannot list the checkpoint's files ({type(error).__name__}: {error})"
     if problem:
         problems.append(f"model.safetensors_only: {problem}")
     try:
         config, module_types, parameters = _meta_model(path, suite)
     except Exception as error:  # a broken config.json, an unknown model type, remote code not allowed...
+        limits.reraise_exhausted(error)  # a limit hit is no fault of the suite's: said as what it is
         problems.append(f"model.id: cannot build the model from {path}/config.json ({_first_line(error)})")
         return problems, None
     problems += lora_target_problems(suite.lora.target_modules, module_types)
     try:
         tokenizer = _load_tokenizer(path, suite)
     except Exception as error:  # no tokenizer files, a broken tokenizer.json, a missing image processor...
+        limits.reraise_exhausted(error)  # a limit hit is no fault of the suite's: said as what it is
         problems.append(f"model.id: cannot load the tokenizer or image processor from {path} ({_first_line(error)})")
         return problems, None
     return problems, _Model(path, config, parameters, tokenizer)
@@ -286,6 +291,7 @@ def _text_problems(suite: Any, found: _Data, tokenizer: Any, max_length: int) ->
         try:
             tokens = count_tokens_up_to(tokenizer, text, needed)
         except Exception as error:  # a tokenizer that cannot encode this text
+            limits.reraise_exhausted(error)  # a limit hit is no fault of the suite's: said as what it is
             problems.append(f"{key}: the model's tokenizer cannot encode the text ({_first_line(error)})")
             continue
         if tokens < needed:
