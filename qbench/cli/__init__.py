@@ -15,6 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     from qbench.cli.render import error as print_error
     from qbench.runner.runner import signals_as_interrupts
 
+    for stream in (sys.stdout, sys.stderr):  # under an ASCII locale, "café" in a path is shown as caf\xe9, not a traceback
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
     args = build_parser().parse_args(argv)
     heard: list[str] = []  # SIGTERM and SIGHUP (a closed terminal) end a command as Ctrl-C does, with a line
     try:

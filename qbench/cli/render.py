@@ -57,6 +57,10 @@ def one_line(text: str) -> str:
     cannot move the cursor or colour the terminal."""
     if text.isprintable():
         return text
+    try:  # a path as an ASCII locale names undecodable bytes (surrogate escapes): shown as the UTF-8 it is
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeError:
+        pass
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 

@@ -80,6 +80,7 @@ def execute_plan(run_plan: plan.RunPlan, out: Path, device: str, check_only: boo
     loaded, executor, listener = run_plan.loaded, run_plan.executor, listener or QuietListener()
     assert executor is not None
     check_out_folder(out, "--out")
+    check_path_lengths(out, loaded.suite.name, run_plan.label, [cell.id for cell in run_plan.cells])
     check_limits()
     gpus_per_cell = max(1, int(run_plan.gpus_per_cell or 1))
     checked: list[Any] = []  # what the executor's call of the checks found (the data's fingerprint)
@@ -236,6 +237,36 @@ def check_limits() -> None:
     problem = limits.address_space_problem()
     if problem:
         raise SuiteError(ADDRESS_SPACE, [problem])
+
+
+# what a run writes inside its folder beyond the files named by a cell (the report's staging folder and plots,
+# run.json's temporary file, ...): room kept for it under PATH_MAX
+RUN_FOLDER_TAIL_BYTES = 160
+RUN_STAMP = "20000101-000000"  # the run folder's name, as runner.create_run_dir makes it
+TEMPORARY_SUFFIX_BYTES = len(".json.") + 8 + len(".tmp")  # files.write_bytes_atomic's temporary beside a record
+
+
+def check_path_lengths(out: Path, suite: str, label: str, cell_ids: list[str]) -> None:
+    """SuiteError naming --out, before any check or cell, when a file the run will write would have a path
+    longer than this system allows (PATH_MAX), or a name longer than a folder can hold (NAME_MAX): the run
+    would otherwise fail half-way, with a resume hint that cannot work either."""
+    base = Path(os.path.abspath(out)) / suite / f"{RUN_STAMP}{f'-{label}' if label else ''}-9999"
+    existing = next((p for p in (base, *base.parents) if p.exists()), Path("/"))
+    try:
+        path_max, name_max = os.pathconf(existing, "PC_PATH_MAX"), os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        path_max, name_max = 4096, 255
+    inside = [f"cells/.{cell_id}{TEMPORARY_SUFFIX_BYTES * 'x'}" for cell_id in cell_ids] + ["x" * RUN_FOLDER_TAIL_BYTES]
+    longest = max(inside, key=lambda tail: len(tail.encode("utf-8", "surrogateescape")))
+    needed = len(str(base / longest).encode("utf-8", "surrogateescape"))
+    if needed >= path_max:
+        raise SuiteError(COMMAND_LINE, [f"--out: {str(out)[:80]}{'...' if len(str(out)) > 80 else ''} is too deep: the run's "
+                                        f"files would have paths of up to {needed:,} bytes, more than this system's "
+                                        f"{path_max:,} (PATH_MAX); choose a shorter --out"])
+    named = max(cell_ids, key=len, default="")
+    if len(f".{named}".encode("utf-8", "surrogateescape")) + TEMPORARY_SUFFIX_BYTES > name_max:
+        raise SuiteError(COMMAND_LINE, [f"cell {named[:60]!r}...: its record's temporary file would have a name longer than "
+                                        f"{name_max} bytes (NAME_MAX); shorten the grid's axis values"])
 
 
 def check_out_folder(out: Path, option: str) -> None:
