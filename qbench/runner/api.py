@@ -251,7 +251,7 @@ def check_path_lengths(out: Path, suite: str, label: str, cell_ids: list[str]) -
     longer than this system allows (PATH_MAX), or a name longer than a folder can hold (NAME_MAX): the run
     would otherwise fail half-way, with a resume hint that cannot work either."""
     base = Path(os.path.abspath(out)) / suite / f"{RUN_STAMP}{f'-{label}' if label else ''}-9999"
-    existing = next((p for p in (base, *base.parents) if p.exists()), Path("/"))
+    existing = next((p for p in (base, *base.parents) if os.path.exists(p)), Path("/"))  # os.path: False past PATH_MAX
     try:
         path_max, name_max = os.pathconf(existing, "PC_PATH_MAX"), os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError):

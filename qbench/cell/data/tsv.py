@@ -131,7 +131,7 @@ def load_tsv(
             continue
         if path not in index_of:
             if check_images and not path.is_file():
-                odd = not_a_file(path)
+                odd = not_a_file(path) or not_a_file(image_root / disk_name(relative))  # a dangling link resolves away
                 problems.append(f"{where}: image {relative!r} {odd if odd else 'not found'} under {image_root}")
                 continue
             index_of[path] = len(images)
