@@ -372,6 +372,22 @@ def test_sigterm_cancels_pending_tasks_stops_running_cells_and_resume_finishes_l
     assert (run_dir / "results.csv").is_file() and (run_dir / "summary.md").is_file()
 
 
+@pytest.mark.parametrize("stop", [signal.SIGHUP, signal.SIGINT])
+def test_every_stop_signal_stops_a_run_on_ray_and_its_records_name_it(ray_cluster, tsv_suite, fake_cells, tmp_path, stop):
+    fake_cells.setenv("FAKE_CELL_HOLD_S", "60")
+
+    def stop_when_two_cells_run() -> None:
+        wait_for(lambda: len(running_now(tmp_path)) == 2)
+        os.kill(os.getpid(), stop)
+
+    threading.Thread(target=stop_when_two_cells_run, daemon=True).start()
+    assert cli.main(["run", str(tsv_suite), "--out", str(tmp_path / "out"), "--executor", "ray", "--device", "cuda"]) == 128 + stop
+    wait_for(lambda: running_now(tmp_path) == [], 30)
+    (run_dir,) = (tmp_path / "out" / "onray").iterdir()
+    errors = [r["error"] for r in results.read_records(run_dir)]
+    assert len(errors) == 2 and all(stop.name in error and "SIGTERM" not in error for error in errors), errors
+
+
 # --- real cells: a record does not depend on where it was made ---------------------------------
 
 VOLATILE = ("time.", "speed.", "memory.", "cpu.", "env.", "run_id", "error_traceback", "model_path", "readback.weight_error_s")

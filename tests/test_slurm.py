@@ -130,6 +130,26 @@ def test_sigterm_cancels_the_running_job_records_it_interrupted_and_resume_finis
     assert json.loads((result.run_dir / "run.json").read_text())["resumes"][0]["executor"] == "slurm"
 
 
+@pytest.mark.parametrize("stop", [signal.SIGHUP, signal.SIGINT])
+def test_every_stop_signal_cancels_the_running_job_and_its_record_names_it(tsv_suite, fake_cells, tmp_path, stop):
+    fake_cells.setenv("FAKE_CELL_HOLD_S", "60")
+    running = tmp_path / "fake" / "running"
+
+    def stop_when_a_cell_runs() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if running.is_dir() and list(running.iterdir()):
+                os.kill(os.getpid(), stop)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=stop_when_a_cell_runs, daemon=True).start()
+    result = api.run_suite(tsv_suite, out=tmp_path / "out", executor=fake_slurm(), device="cpu")
+    assert result.exit_code == 128 + stop and f"run stopped by {stop.name} during cell bf16-seed0" in result.interrupted
+    (record,) = results.read_records(result.run_dir)
+    assert record["status"] == "interrupted" and f"stopped by signal {stop.name}" in record["error"]
+
+
 def test_slurm_options_that_do_not_fit_exit_2_before_any_cell(tsv_suite, tmp_path, capsys):
     cases = {
         ("--executor", "slurm", "--ray-address", "auto"): "--ray-address goes with --executor ray",

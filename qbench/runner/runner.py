@@ -260,7 +260,7 @@ class Run:
         the run: the cell itself got SIGTERM from whatever stopped it (the runner, its Ray task, its SLURM job),
         whichever signal reached the run."""
         if (self.stopping and self.stop_signal and record.get("status") == "interrupted"
-                and record.get("error_type") == "Interrupted" and self.stop_signal not in str(record.get("error"))):
+                and self.stop_signal not in str(record.get("error"))):
             record["error"] = f"Interrupted: stopped by signal {self.stop_signal} (the run's)"
         return record
 
