@@ -172,8 +172,9 @@ def run_header(started: RunStarted) -> None:
 
 
 def run_result(result: RunResult, resumable: bool = True) -> int:
-    """How a run or a resumption ended, in the terminal (the verdict and tables, what did not finish, how to
-    resume it: `resumable` False where its folder is a scratch one that is about to go); its exit code."""
+    """How a run or a resumption ended, in the terminal (the verdict and tables, what did not finish, where its
+    files are and how to resume it: `resumable` False where its folder is a scratch one about to go); its exit
+    code."""
     if result.interrupted:
         kept = f"; finished records are in {result.run_dir}" if resumable else ""
         errors.print(f"[yellow]interrupted:[/] {echo(result.interrupted + kept)}", highlight=False, soft_wrap=True)
@@ -187,8 +188,8 @@ def run_result(result: RunResult, resumable: bool = True) -> int:
     if result.note:
         console.print(echo(result.note), highlight=False)
     if result.tables:
-        console.print(f"[bold]{echo(result.suite)}[/] — {echo(result.run_dir)}", highlight=False)
-        run_end(result.sections, result.run_dir, result.tables)
+        console.print(f"[bold]{echo(result.suite)}[/] — {echo(result.run_dir) if resumable else 'a scratch folder'}", highlight=False)
+        run_end(result.sections, result.run_dir, result.tables, kept=resumable)
     if result.failed:
         errors.print(f"[red]{len(result.failed)} cell(s) did not finish:[/] {echo(', '.join(result.failed))}",
                      highlight=False, soft_wrap=True)
@@ -308,10 +309,13 @@ def sections(shown: list[Section], keys: tuple[str, ...] | None = None) -> None:
 RUN_END_SECTIONS = ("answer", "verdict", "nonfinite", "warnings", "relative", "per_precision", "failures")
 
 
-def run_end(shown: list[Section], run_dir: Path, paths: dict[str, Path]) -> None:
-    """The end of `qbench run`: the run's sections, where its files are, how to get the full report, and the
-    answer once more as the last line."""
+def run_end(shown: list[Section], run_dir: Path, paths: dict[str, Path], kept: bool = True) -> None:
+    """The end of `qbench run`: the run's sections, where its files are (when `kept`: not a scratch folder about
+    to go), how to get the full report, and the answer once more as the last line."""
     sections(shown, RUN_END_SECTIONS)
+    if not kept:
+        answer(shown)
+        return
     console.print(f"records: {echo(run_dir / 'cells')}   table: {echo(paths['csv'])}   "
                   f"summary: {echo(paths['summary'])}", highlight=False, soft_wrap=layout_width() is None)
     console.print(f"plots and the HTML page: [bold]qbench report {echo(shell_quoted(run_dir))}[/]", highlight=False,
