@@ -188,7 +188,8 @@ def run_result(result: RunResult, resumable: bool = True) -> int:
     if result.note:
         console.print(echo(result.note), highlight=False)
     if result.tables:
-        console.print(f"[bold]{echo(result.suite)}[/] — {echo(result.run_dir) if resumable else 'a scratch folder'}", highlight=False)
+        where = result.run_dir if resumable else "a scratch folder"
+        console.print(f"[bold]{echo(result.suite)}[/] — {echo(where)}", highlight=False)
         run_end(result.sections, result.run_dir, result.tables, kept=resumable)
     if result.failed:
         errors.print(f"[red]{len(result.failed)} cell(s) did not finish:[/] {echo(', '.join(result.failed))}",
