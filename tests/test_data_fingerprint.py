@@ -6,11 +6,16 @@ precisions (case resume-after-data-edit-mixes-eval-sets). Fake cells: no model i
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from qbench import cli
 from qbench.analysis import stats
@@ -156,3 +161,77 @@ def test_builtin_sets_are_fingerprinted_by_what_they_hold_the_same_in_the_checks
         load_data(loaded, read)
         assert read == checked.data_files and checked.files == 0 and checked.splits["train"] != checked.splits["eval"]
         assert "generated" in checked.method or "corpus" in checked.method
+
+
+# --- fuzz: data edited by hand between a run and its resumption ---------------------------------------------
+
+EDITS = st.lists(st.one_of(
+    st.tuples(st.just("caption"), st.integers(0, 5)),  # another caption on a line of eval.tsv
+    st.tuples(st.just("pixels"), st.integers(0, 7)),  # one pixel of an image changed
+    st.tuples(st.just("swap"), st.integers(0, 7)),  # two images swapped under their names
+    st.tuples(st.just("touch"), st.integers(0, 7)),  # rewritten with the same bytes: no change
+    st.tuples(st.just("blank-line"), st.just(0)),  # a blank line added to train.tsv: its bytes change
+), min_size=1, max_size=3)
+
+
+def _edit(data: dict[str, Path], edit: tuple[str, int]) -> None:
+    kind, n = edit
+    images = sorted(data["images"].glob("train-*.png"))
+    if kind == "caption":
+        lines = data["eval"].read_text().splitlines()
+        path, caption = lines[n % len(lines)].split("\t", 1)
+        lines[n % len(lines)] = f"{path}\tnot {caption}"
+        data["eval"].write_text("\n".join(lines) + "\n")
+    elif kind == "pixels":
+        from PIL import Image
+
+        with Image.open(images[n]) as image:
+            picture = image.convert("RGB")
+        red, green, blue = picture.getpixel((0, 0))
+        picture.putpixel((0, 0), (255 - red, green, blue))
+        picture.save(images[n])
+    elif kind == "swap":
+        first, second = images[n], images[(n + 1) % len(images)]
+        a, b = first.read_bytes(), second.read_bytes()
+        first.write_bytes(b)
+        second.write_bytes(a)
+    elif kind == "touch":
+        images[n].write_bytes(images[n].read_bytes())
+    else:
+        data["train"].write_text(data["train"].read_text() + "\n")
+
+
+@settings(max_examples=max(3, settings.default.max_examples // 20), deadline=None)  # each example is two runs
+@given(edits=EDITS)
+@example(edits=[("caption", 1)])  # case resume-after-data-edit-mixes-eval-sets
+@example(edits=[("touch", 0)])
+def test_a_resumption_refuses_exactly_the_data_edits_that_change_bytes(edits):
+    from unittest import mock
+
+    from qbench.runner import executors as registry
+
+    from .helpers import executors
+
+    with tempfile.TemporaryDirectory(prefix="qbench-fuzz-data-") as scratch, \
+            mock.patch.dict(registry.REGISTRY, executors.FAKE), \
+            mock.patch.dict(os.environ, {"FAKE_CELL_DIR": f"{scratch}/fake", "FAKE_CELL_HOLD_S": "0"}):
+        root = Path(scratch)
+        data = clip.images_tsv(root / "data", train_images=8, eval_images=6, size=16)
+        suite = write_suite(root, clip.suite(data=data, name="fz"))
+        assert cli.main(["run", str(suite), "--out", str(root / "out"), "--device", "cpu"]) == Exit.OK
+        (run,) = (root / "out" / "fz").iterdir()
+        results.record_path(run, "nf4-seed0").unlink()
+        before = {p: p.read_bytes() for p in [data["train"], data["eval"], *data["images"].glob("*")]}
+        for edit in edits:
+            _edit(data, edit)
+        changed = sorted(str(p) for p, raw in before.items() if p.read_bytes() != raw)
+        with mock.patch("sys.stderr", io.StringIO()) as err:
+            code = cli.main(["run", "--resume", str(run)])
+        if not changed:
+            assert code == Exit.OK, err.getvalue()
+            return
+        assert code == Exit.BAD_INPUT and "the data changed since this run started" in err.getvalue()
+        shown = err.getvalue()
+        named = [p for p in changed if p in shown or f"image {data['images']}/{Path(p).name}" in shown]
+        assert named, (changed, shown)  # one of the files that changed is named (three at most are listed)
+        assert not results.record_path(run, "nf4-seed0").exists()
