@@ -4,7 +4,7 @@ was given and who else ran at the same time, so tests can check the scheduler wi
 
 Controlled by the environment: FAKE_CELL_DIR (shared folder of "running" markers),
 FAKE_CELL_HOLD_S (seconds to stay running), FAKE_CELL_CRASH (precisions that die without a record).
-Like a real cell, SIGTERM makes it write an interrupted record and stop.
+Like a real cell, SIGTERM (SIGINT, SIGHUP) makes it write an interrupted record naming the signal and stop.
 """
 
 from __future__ import annotations
@@ -64,10 +64,12 @@ def main() -> int:
 
     def stop(signum, frame):
         marker.unlink(missing_ok=True)
-        write_json_atomic(Path(spec["record_path"]), {**identity(spec, suite), "status": "interrupted", "error": "SIGTERM"})
+        write_json_atomic(Path(spec["record_path"]), {**identity(spec, suite), "status": "interrupted", "error_type": "Interrupted",
+                                                      "error": f"Interrupted: stopped by signal {signal.Signals(signum).name}"})
         sys.exit(1)
 
-    signal.signal(signal.SIGTERM, stop)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # as a real cell stops
+        signal.signal(sig, stop)
     marker.write_text(device or "")
     pids = Path(os.environ["FAKE_CELL_DIR"]) / "pids"  # who runs each cell, for tests that kill its parent
     pids.mkdir(parents=True, exist_ok=True)
@@ -88,6 +90,7 @@ def main() -> int:
     if spec["precision"] in os.environ.get("FAKE_CELL_CRASH", "").split(","):
         return 3  # dies without writing its record
     record = {
+        **spec.get("run_fields", {}),  # what the runner knows (the data's fingerprint, ...), as a real cell records it
         **identity(spec, suite),
         "status": "ok",
         "error": None,

@@ -7,6 +7,7 @@ import pytest
 
 from qbench import cli
 from qbench.analysis.gate import baseline
+from qbench.contract import files
 
 from .records import make_record, make_records, write_run
 
@@ -17,9 +18,11 @@ def test_a_clean_run_replaces_the_baseline_records_without_logs(tmp_path: Path):
     (run / "logs" / "bf16-seed0.log").write_text("noise")
     again = write_run(tmp_path / "again", make_records(run_id="again"), suite_text='name = "ci"\n')
     old = write_run(tmp_path / "baselines" / "ci" / "old", make_records(precisions=("bf16",), run_id="old"))
+    files.mark_owned(old.parent, "qbench baseline refresh")  # as an earlier refresh leaves it
     target = baseline.install([run, again], tmp_path / "baselines", "ci")
     assert target == old.parent
-    assert sorted(p.name for p in target.iterdir()) == ["again", "baseline.json", "run"]  # the old run is gone
+    assert sorted(p.name for p in target.iterdir()) == [files.OWNED_MARKER, "again", "baseline.json", "run"]  # the old run is gone
+    assert files.ownership_problem(target) is None  # and the next refresh may replace this one
     assert sorted(p.name for p in (target / "run" / "cells").iterdir()) == ["bf16-seed0.json", "int8-seed0.json", "nf4-dq-seed0.json"]
     assert json.loads((target / "run" / "cells" / "bf16-seed0.json").read_text())["run_id"] == "new"
     assert (target / "run" / "run.json").is_file() and not (target / "run" / "logs").exists()

@@ -67,7 +67,7 @@ class ScriptedCell:
         self.returncode = self.script.get("returncode", 0)
         return self.returncode
 
-    def terminate(self) -> None:
+    def terminate(self, sig: int = 15) -> None:
         self.stopped.set()
 
     def stop(self) -> None:
@@ -149,24 +149,28 @@ def test_a_cell_that_ends_without_its_record_is_recorded_failed_with_what_it_had
     assert "int8-seed0" in summary and "ItsJobDied" in summary
 
 
-def test_sigterm_reaches_every_executor_as_one_interrupt_and_the_running_cell_is_recorded_interrupted(suite, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_every_stop_signal_reaches_every_executor_as_one_interrupt_and_the_running_cell_is_recorded_interrupted(
+        suite, tmp_path, stop):
     executor = ScriptedExecutor({"int8-seed0": {"hold": True}})
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
 
-    def terminate_when_int8_holds() -> None:
+    def stop_when_int8_holds() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and executor.launched[-1:] != ["int8-seed0"]:
             time.sleep(0.02)
         time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), stop)
 
-    threading.Thread(target=terminate_when_int8_holds, daemon=True).start()
+    threading.Thread(target=stop_when_int8_holds, daemon=True).start()
     result = api.run_suite(suite, out=tmp_path, executor=executor)
 
-    assert result.exit_code == Exit.SIGTERM
-    assert result.interrupted.startswith("run stopped by SIGTERM during cell int8-seed0")
-    statuses = {r["cell_id"]: r["status"] for r in results.read_records(result.run_dir)}
-    assert statuses == {"bf16-seed0": "ok", "int8-seed0": "interrupted"}  # nf4 never started
-    assert signal.getsignal(signal.SIGTERM) is not None and executor.closed_with == [result.run_dir]
+    assert result.exit_code == 128 + stop  # 143, 129, 130, as a shell reports them
+    assert result.interrupted.startswith(f"run stopped by {stop.name} during cell int8-seed0")
+    records = {r["cell_id"]: r for r in results.read_records(result.run_dir)}
+    assert {cell: r["status"] for cell, r in records.items()} == {"bf16-seed0": "ok", "int8-seed0": "interrupted"}  # nf4 never started
+    assert records["int8-seed0"]["error"].startswith(f"cell process was stopped because the run was interrupted by {stop.name}")
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers and executor.closed_with == [result.run_dir]
 
 
 def test_an_executor_that_cannot_run_here_stops_the_run_before_any_folder(suite, tmp_path):

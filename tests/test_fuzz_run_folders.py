@@ -62,7 +62,11 @@ RECORD_CONTENT = st.one_of(
 MANIFEST_EDITS = st.sampled_from(["delete", "list", "garbage", "drop:suite_text", "drop:cells", "cells:garbage",
                                   "cells:empty", "cells:twice", "cells:unknown", "device:garbage", "suite_path:int",
                                   "suite_text:int", "resumes:garbage", "suite_sha256:wrong"])
+RECORDED_SETTINGS = st.sampled_from(["parallel", "threads_per_cell", "threads_source", "compute", "cell_launcher", "executor"])
+RUN_PARTS = st.sampled_from(["cells", "logs", "run.json", "logs/int8-seed0.log", "cells/.int8-seed0.attempt", "slurm"])
 MUTATIONS = st.one_of(
+    st.tuples(st.just("setting"), RECORDED_SETTINGS, JSON_VALUES),
+    st.tuples(st.just("link"), RUN_PARTS, st.none()),
     st.tuples(st.just("record"), st.sampled_from(CELLS), RECORD_CONTENT),
     st.tuples(st.just("delete"), st.sampled_from(CELLS), st.none()),
     st.tuples(st.just("stray"), st.text("abcxyz-_.", min_size=1, max_size=8).filter(lambda n: n not in (".", "..")), RECORD_CONTENT),
@@ -112,12 +116,33 @@ def mutate(run: Path, mutation: tuple) -> None:
             return
         (cells / f"{what}.json").unlink(missing_ok=True)
         (cells / f"{what}.json").symlink_to(run.parent.parent.parent / "outside.json")
+    elif kind == "setting":
+        manifest = results.read_record(run / "run.json")
+        if manifest is not None and not (run / "run.json").is_symlink():
+            (run / "run.json").write_text(json.dumps({**manifest, what: content}))
+    elif kind == "link":  # a part of the run folder moved elsewhere and linked back (resume-writes-through-cells-symlink)
+        _link_elsewhere(run, what)
     elif kind == "unreadable":
         path = cells / f"{what}.json"
         if path.exists():
             path.chmod(0)
     else:
         _edit_manifest(run / "run.json", what)
+
+
+def _link_elsewhere(run: Path, part: str) -> None:
+    path = run / part
+    elsewhere = run.parent.parent.parent / "elsewhere" / part
+    if path.is_symlink() or elsewhere.exists() or not path.parent.is_dir() or path.parent.is_symlink():
+        return
+    elsewhere.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.rename(elsewhere)
+    elif "." in path.name:
+        elsewhere.write_text("")
+    else:
+        elsewhere.mkdir()
+    path.symlink_to(elsewhere)
 
 
 def _edit_manifest(path: Path, edit: str) -> None:
@@ -184,6 +209,10 @@ def quiet_world(monkeypatch):
 # found by exploring (issue 28): a LoRA rank as text beside the others' numbers broke the report's grid plot
 @example(mutations=[("record", "int8-seed0", json.dumps(make_record("int8", **{"config.lora.r": "sixteen"})).encode())])
 @example(mutations=[("record", "int8-seed0", json.dumps({**make_record("int8"), "seed": [0]}).encode())])
+@example(mutations=[("link", "cells", None), ("delete", "nf4-dq-seed0", None)])  # case resume-writes-through-cells-symlink
+@example(mutations=[("link", "logs/int8-seed0.log", None)])
+@example(mutations=[("setting", "parallel", "x")])  # blamed on "command line: --parallel"
+@example(mutations=[("setting", "compute", {"dtype": 1})])
 def test_mutated_run_folders_never_give_a_traceback_nor_lose_a_record(mutations, quiet_world, capsys, monkeypatch):
     with tempfile.TemporaryDirectory(prefix="qbench-fuzz-") as scratch:
         root = Path(scratch)
@@ -194,6 +223,7 @@ def test_mutated_run_folders_never_give_a_traceback_nor_lose_a_record(mutations,
             mutate(run, mutation)
         before = snapshot(run)
         base_before = snapshot(baseline.parent)
+        elsewhere = snapshot(root / "elsewhere") if (root / "elsewhere").exists() else {}
 
         run_cli(["report", str(run), "--out", str(root / "report")], capsys)
         run_cli(["compare", str(baseline.parent), str(run)], capsys)
@@ -214,8 +244,9 @@ def test_mutated_run_folders_never_give_a_traceback_nor_lose_a_record(mutations,
         if after.get("run.json") != before.get("run.json"):  # only a resumption was added
             old, new = _json(before["run.json"]), _json(after["run.json"])
             assert {k: v for k, v in new.items() if k != "resumes"} == {k: v for k, v in old.items() if k != "resumes"}
-        assert {p.name for p in root.iterdir()} <= {"ci.toml", "out", "baseline", "report", "fake", "outside.json"}
+        assert {p.name for p in root.iterdir()} <= {"ci.toml", "out", "baseline", "report", "fake", "outside.json", "elsewhere"}
         assert (root / "outside.json").read_bytes() == OUTSIDE
+        assert (snapshot(root / "elsewhere") if (root / "elsewhere").exists() else {}) == elsewhere, "written through a link"
         assert sorted(p.name for p in (root / "out").iterdir()) == ["ci"]
         for path in run.rglob("*"):  # let the temporary folder go
             if not path.is_symlink():

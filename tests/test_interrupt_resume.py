@@ -155,3 +155,73 @@ def test_sigterm_after_the_first_cell_then_resume_gives_the_records_of_an_uninte
             assert record[key] == pytest.approx(reference[cell_id][key], rel=1e-5), (cell_id, key)
     log = (run_dir / "logs" / "nf4-seed0.log").read_text()  # the log of the stopped try is kept
     assert "nf4-seed0 ended" in log and "interrupted: Interrupted: stopped by signal SIGTERM" in log and log.endswith(", ok ===\n")
+
+
+def _run_until(tmp_path: Path, faults_spec: str, phase: str, cell: str = "nf4-seed0") -> tuple[subprocess.Popen, Path]:
+    """A real run (its own session, as a terminal's job is) whose `cell` waits in `phase` (the faulty cell of
+    tests/helpers/); returns the run's process once that cell reached the phase, and its run folder."""
+    suite = write_suite(tmp_path, clip.suite(precisions=("bf16", "nf4"), steps=2, name="robust"))
+    out = tmp_path / "out"
+    env = {**{k: v for k, v in os.environ.items() if k != faults.ENV_VAR}, faults.ENV_VAR: faults_spec, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "tests.helpers.qbench_cli", "run", str(suite), "--out", str(out), "--device", "cpu"]
+    with open(tmp_path / "run.log", "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    run_dirs = lambda: sorted((out / "robust").glob("*"))  # noqa: E731
+    try:
+        wait_for(lambda: (results.read_record(results.record_path(run_dirs()[0], cell)) or {}).get("last_phase") == phase
+                 if run_dirs() else False, 600, f"{cell} to reach {phase}")
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    time.sleep(1.0)
+    return process, run_dirs()[0]
+
+
+@pytest.mark.slow
+def test_sighup_to_the_run_s_process_group_stops_it_like_sigterm_naming_sighup(tmp_path: Path):
+    """Closing the terminal (case sighup-leaves-running-record): every process of the job gets SIGHUP."""
+    process, run_dir = _run_until(tmp_path, "nf4-seed0:train:sleep:300", "train")
+    try:
+        os.killpg(process.pid, signal.SIGHUP)
+        assert process.wait(timeout=180) == Exit.SIGHUP
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    stopped = {r["cell_id"]: r for r in results.read_records(run_dir)}
+    assert stopped["bf16-seed0"]["status"] == "ok"
+    assert stopped["nf4-seed0"]["status"] == "interrupted" and stopped["nf4-seed0"]["error"] == "Interrupted: stopped by signal SIGHUP"
+    log = (tmp_path / "run.log").read_text()
+    assert "run stopped by SIGHUP during cell nf4-seed0" in log and f"resume with: qbench run --resume {run_dir}" in log
+    assert "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_sigint_to_the_parent_alone_is_recorded_as_sigint(tmp_path: Path):
+    process, run_dir = _run_until(tmp_path, "nf4-seed0:train:sleep:300", "train")
+    try:
+        process.send_signal(signal.SIGINT)  # the parent only: the runner stops the cell with the same signal
+        assert process.wait(timeout=180) == Exit.SIGINT
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    record = results.read_record(results.record_path(run_dir, "nf4-seed0"))
+    assert record["status"] == "interrupted" and record["error"] == "Interrupted: stopped by signal SIGINT"
+
+
+@pytest.mark.slow
+def test_a_killed_fork_server_is_named_in_the_record_of_the_cell_it_took_and_the_run_goes_on(tmp_path: Path):
+    import psutil
+
+    process, run_dir = _run_until(tmp_path, "bf16-seed0:train:sleep:300", "train", cell="bf16-seed0")
+    try:
+        server = next(p for p in psutil.Process(process.pid).children() if "qbench.runner.forkserver" in " ".join(p.cmdline()))
+        server.kill()  # as the OOM killer would
+        assert process.wait(timeout=600) == Exit.FAILED  # the run went on: nf4 ran as a plain subprocess
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    records = {r["cell_id"]: r for r in results.read_records(run_dir)}
+    assert records["nf4-seed0"]["status"] == "ok" and records["nf4-seed0"]["env.cell_launcher"] == "subprocess"
+    assert records["bf16-seed0"]["status"] == "interrupted"
+    assert records["bf16-seed0"]["error"] == (f"Interrupted: stopped by signal SIGTERM, the parent-death signal: its parent process "
+                                              f"(pid {server.pid}) ended")

@@ -5,6 +5,7 @@ record (the parent-death tests with real cells are in test_parent_death.py)."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -65,18 +66,27 @@ def test_install_refuses_a_suite_name_that_leaves_the_baselines_folder(tmp_path:
 
 def test_install_without_runs_or_over_a_foreign_folder_leaves_it_as_it_was(tmp_path: Path):
     old = write_run(tmp_path / "baselines" / "ci" / "old", make_records(run_id="old"))
+    files.mark_owned(old.parent, "qbench baseline refresh")  # as an earlier refresh leaves it
     run = write_run(tmp_path / "run", make_records(run_id="new"))
     before = tree(tmp_path / "baselines")
     with pytest.raises(baseline.BaselineError, match="no finished run"):
         baseline.install([], tmp_path / "baselines", "ci")  # the old code replaced the baseline with nothing
     (old.parent / "NOTES.md").write_text("my notes on the baseline")
     before = tree(tmp_path / "baselines")
-    with pytest.raises(baseline.BaselineError, match="NOTES.md, which is not a baseline's run folder"):
+    with pytest.raises(baseline.BaselineError, match=r"holds files qbench did not write there \(NOTES.md\)"):
         baseline.install([run], tmp_path / "baselines", "ci")
     assert tree(tmp_path / "baselines") == before
     (old.parent / "NOTES.md").unlink()
+    (old / "summary.md").write_text("my own summary, under a name a baseline keeps")
+    with pytest.raises(baseline.BaselineError, match=r"holds files qbench did not write there \(old/summary.md\)"):
+        baseline.install([run], tmp_path / "baselines", "ci")
+    (old / "summary.md").unlink()
+    (old / "cells" / "bf16-seed0.json").write_text(json.dumps({**make_records()[0], "note": "edited by hand"}))
+    with pytest.raises(baseline.BaselineError, match="old/cells/bf16-seed0.json was changed since qbench wrote it"):
+        baseline.install([run], tmp_path / "baselines", "ci")
     other = write_run(tmp_path / "baselines" / "ci" / "other", make_records(run_id="other"))
     (other / "cells" / "bf16-seed0.json").write_text(json.dumps({**make_records()[0], "suite": "clip"}))
+    files.mark_owned(old.parent, "qbench baseline refresh")
     with pytest.raises(baseline.BaselineError, match="is not a run of suite 'ci'"):
         baseline.install([run], tmp_path / "baselines", "ci")
     assert sorted(p.name for p in (tmp_path / "baselines").iterdir()) == ["ci"]  # no staging folder left
@@ -107,20 +117,43 @@ def test_run_folders_started_at_the_same_moment_are_never_shared(tmp_path: Path)
         runner.create_run_dir(tmp_path / "out", "..")
 
 
-def test_a_folder_is_replaced_only_when_its_owner_check_passes(tmp_path: Path):
+def test_a_folder_is_replaced_only_when_its_marker_lists_all_it_holds_as_written(tmp_path: Path):
     target = tmp_path / "target"
     target.mkdir()
     (target / "theirs.txt").write_text("not qbench's")
     staging = files.staging_dir(target)
     (staging / "new.txt").write_text("new")
-    with pytest.raises(files.NotOwned, match="holds theirs.txt"):
-        files.publish_dir(staging, target, lambda folder: "holds theirs.txt")
+    with pytest.raises(files.NotOwned, match=r"holds files qbench did not write there \(theirs.txt; no .qbench-owned.json"):
+        files.publish_dir(staging, target)  # whatever the caller's own check says
     assert (target / "theirs.txt").read_text() == "not qbench's" and not staging.exists()
+    (target / "theirs.txt").unlink()
     staging = files.staging_dir(target)
     (staging / "new.txt").write_text("new")
-    files.publish_dir(staging, target, lambda folder: None)
-    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    (staging / "plots").mkdir()
+    (staging / "plots" / "a.png").write_bytes(b"png")
+    files.publish_dir(staging, target, written_by="test")
+    assert sorted(p.name for p in target.iterdir()) == [files.OWNED_MARKER, "new.txt", "plots"]
+    assert files.ownership_problem(target) is None
     assert [p.name for p in tmp_path.iterdir()] == ["target"]  # neither staging nor the old folder is left
+    # what qbench wrote there, changed or joined by a person's file under any name, makes the folder theirs
+    for change, problem in [(lambda: (target / "new.txt").write_text("edited"), "new.txt was changed since qbench wrote it"),
+                            (lambda: (target / "plots" / "mine.png").write_bytes(b"mine"), "did not write there (plots/mine.png)"),
+                            (lambda: (target / "report.md").write_text("# my report"), "did not write there (report.md)"),
+                            (lambda: (target / "empty").mkdir(), "holds folders qbench did not write there (empty)"),
+                            (lambda: (target / "link").symlink_to(tmp_path), "did not write there (link)")]:
+        before = {path.relative_to(target).as_posix() for path in target.rglob("*")}
+        change()
+        assert problem in files.ownership_problem(target)
+        staging = files.staging_dir(target)
+        with pytest.raises(files.NotOwned, match=re.escape(problem)):
+            files.publish_dir(staging, target, lambda folder: None)
+        assert not staging.exists()
+        for path in sorted(target.rglob("*"), reverse=True):  # undo the change
+            relative = path.relative_to(target).as_posix()
+            if relative not in before:
+                path.unlink() if path.is_file() or path.is_symlink() else path.rmdir()
+        (target / "new.txt").write_text("new")
+        assert files.ownership_problem(target) is None
 
 
 # --- attempts: a stale cell process cannot write over a newer record --------------------------------------

@@ -250,8 +250,17 @@ def test_report_into_a_folder_of_other_files_is_refused_and_leaves_them(tmp_path
     (mine / "report.csv").write_text("my own table")
     (mine / "notes.txt").write_text("my notes")
     assert cli.main(["report", str(run), "--out", str(mine)]) == Exit.BAD_INPUT
-    assert "holds files a qbench report does not write (notes.txt)" in one_error_line(capsys)
+    assert "holds files qbench did not write there (notes.txt, report.csv; no .qbench-owned.json" in one_error_line(capsys)
     assert tree(mine) == {"report.csv": b"my own table", "notes.txt": b"my notes"}
+    # files named as a report's are a person's all the same (case report-out-replaces-user-files)
+    for folder, own in [("docs", {"report.md": b"# My thesis notes", "plots/my-diagram.png": b"\x89PNG mine"}),
+                        ("notes", {"summary.csv": b"my,own,data"})]:
+        for name, data in own.items():
+            (tmp_path / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / folder / name).write_bytes(data)
+        assert cli.main(["report", str(run), "--out", str(tmp_path / folder)]) == Exit.BAD_INPUT
+        assert "holds files qbench did not write there" in one_error_line(capsys)
+        assert tree(tmp_path / folder) == own
     assert cli.main(["report", str(run)]) == Exit.OK  # an earlier report is replaced whole
     first = tree(run / "report")
     assert cli.main(["report", str(run), "--title", "again"]) == Exit.OK

@@ -103,6 +103,76 @@ def test_an_unreachable_address_stops_before_any_cell_with_exit_2_and_one_line(t
     assert not out.exists()
 
 
+class _Listener:
+    """A server at 127.0.0.1:<port> that speaks something other than Ray: `answer(connection)` per connection."""
+
+    def __init__(self, answer):
+        import socket
+
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.connections: list = []
+        self.answer = answer
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections.append(connection)
+            self.answer(connection)
+
+    def close(self):
+        for connection in [*self.connections, self.server]:
+            connection.close()
+
+
+def _http(connection):  # what Python's http.server says to an HTTP/2 preface (case ray-address-not-ray-hangs)
+    connection.recv(1024)
+    connection.sendall(b"HTTP/1.0 400 Bad request version ('HTTP/2.0')\r\nContent-Type: text/html\r\n\r\n<html>")
+
+
+@pytest.mark.parametrize("answer, said", [
+    (_http, "no Ray cluster answers there (it does not speak gRPC; it said \"HTTP/1.0 400 Bad request version ('HTTP/2.0')\")"),
+    (lambda connection: None, "no Ray cluster answers there (it did not answer the gRPC handshake in 2 s)"),
+    (lambda connection: connection.close(), "no Ray cluster answers there (it closed the connection"),
+])
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_an_address_where_something_else_listens_stops_the_run_in_bounded_time_with_one_line(
+        tsv_suite, tmp_path, monkeypatch, capsys, answer, said, scheme):
+    monkeypatch.setattr(ray_executor, "CONNECT_TIMEOUT_S", 2.0)
+    listener = _Listener(answer)
+    started = time.monotonic()
+    try:
+        code = cli.main(["run", str(tsv_suite), "--out", str(tmp_path / "out"), "--executor", "ray",
+                         "--ray-address", f"{scheme}127.0.0.1:{listener.port}"])
+    finally:
+        listener.close()
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and err.startswith(f"error: command line: --ray-address {scheme}127.0.0.1:{listener.port}: something listens")
+    assert said in err and time.monotonic() - started < 30 and not (tmp_path / "out").exists()
+
+
+def test_a_grpc_server_that_is_no_ray_gcs_nor_ray_client_is_refused():
+    grpc = pytest.importorskip("grpc")
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        for address, asked in ((f"127.0.0.1:{port}", "GetClusterId"), (f"ray://127.0.0.1:{port}", "Ray Client's ping")):
+            with pytest.raises(Exception) as refused:
+                ray_executor.check_reachable(address, timeout_s=5.0)
+            assert refused.value.problems == [f"--ray-address {address}: no Ray cluster answers at 127.0.0.1:{port} ({asked}"
+                                              f"{', the first thing Ray asks its GCS,' if asked == 'GetClusterId' else ''} gave "
+                                              "UNIMPLEMENTED: Method not found!)"]
+    finally:
+        server.stop(0)
+
+
 def test_qbench_imports_ray_only_for_the_ray_executor(tsv_suite, tmp_path):
     """A local run (here one that stops at its checks) and every module on its way never import Ray."""
     script = (
@@ -221,6 +291,10 @@ def test_without_streaming_as_over_ray_client_each_task_hands_back_everything_wh
     assert "cell bf16-seed0 ended" in (tmp_path / "run" / "logs" / "bf16-seed0.log").read_text()
 
 
+def test_a_real_ray_gcs_passes_the_probe(ray_cluster):
+    ray_executor.check_reachable(ray.get_runtime_context().gcs_address)  # raises if the probe took it for another service
+
+
 def test_cpu_cells_ask_for_cpus_and_see_no_gpu(ray_cluster, tsv_suite, tmp_path):
     run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:2], device="cpu")
     assert run.executor.resources.options() == {"num_gpus": 0.0, "num_cpus": 1.0}
@@ -296,6 +370,22 @@ def test_sigterm_cancels_pending_tasks_stops_running_cells_and_resume_finishes_l
     resumes = json.loads((run_dir / "run.json").read_text())["resumes"]
     assert [r["executor"] for r in resumes] == ["local", "ray"]
     assert (run_dir / "results.csv").is_file() and (run_dir / "summary.md").is_file()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGHUP, signal.SIGINT])
+def test_every_stop_signal_stops_a_run_on_ray_and_its_records_name_it(ray_cluster, tsv_suite, fake_cells, tmp_path, stop):
+    fake_cells.setenv("FAKE_CELL_HOLD_S", "60")
+
+    def stop_when_two_cells_run() -> None:
+        wait_for(lambda: len(running_now(tmp_path)) == 2)
+        os.kill(os.getpid(), stop)
+
+    threading.Thread(target=stop_when_two_cells_run, daemon=True).start()
+    assert cli.main(["run", str(tsv_suite), "--out", str(tmp_path / "out"), "--executor", "ray", "--device", "cuda"]) == 128 + stop
+    wait_for(lambda: running_now(tmp_path) == [], 30)
+    (run_dir,) = (tmp_path / "out" / "onray").iterdir()
+    errors = [r["error"] for r in results.read_records(run_dir)]
+    assert len(errors) == 2 and all(stop.name in error and "SIGTERM" not in error for error in errors), errors
 
 
 # --- real cells: a record does not depend on where it was made ---------------------------------

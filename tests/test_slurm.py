@@ -130,6 +130,26 @@ def test_sigterm_cancels_the_running_job_records_it_interrupted_and_resume_finis
     assert json.loads((result.run_dir / "run.json").read_text())["resumes"][0]["executor"] == "slurm"
 
 
+@pytest.mark.parametrize("stop", [signal.SIGHUP, signal.SIGINT])
+def test_every_stop_signal_cancels_the_running_job_and_its_record_names_it(tsv_suite, fake_cells, tmp_path, stop):
+    fake_cells.setenv("FAKE_CELL_HOLD_S", "60")
+    running = tmp_path / "fake" / "running"
+
+    def stop_when_a_cell_runs() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if running.is_dir() and list(running.iterdir()):
+                os.kill(os.getpid(), stop)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=stop_when_a_cell_runs, daemon=True).start()
+    result = api.run_suite(tsv_suite, out=tmp_path / "out", executor=fake_slurm(), device="cpu")
+    assert result.exit_code == 128 + stop and f"run stopped by {stop.name} during cell bf16-seed0" in result.interrupted
+    (record,) = results.read_records(result.run_dir)
+    assert record["status"] == "interrupted" and f"stopped by signal {stop.name}" in record["error"]
+
+
 def test_slurm_options_that_do_not_fit_exit_2_before_any_cell(tsv_suite, tmp_path, capsys):
     cases = {
         ("--executor", "slurm", "--ray-address", "auto"): "--ray-address goes with --executor ray",
@@ -143,6 +163,36 @@ def test_slurm_options_that_do_not_fit_exit_2_before_any_cell(tsv_suite, tmp_pat
         assert cli.main(["run", str(tsv_suite), "--out", str(tmp_path / "out"), *options]) == 2, options
         assert message in " ".join(capsys.readouterr().err.split()), options
     assert not list((tmp_path / "out").rglob("cells/*.json"))  # no cell ran
+
+
+@pytest.mark.parametrize("scontrol, sinfo, message", [
+    ("sleep 60", "", "--executor slurm: the SLURM controller does not answer: `scontrol ping` did not answer in 1 s"),
+    ("echo 'Slurm controller slurmctld (primary) at head is DOWN'; exit 1", "",
+     "--executor slurm: the SLURM controller does not answer: `scontrol ping` failed (exit 1: Slurm controller"),
+    ("echo 'Slurm controller slurmctld (primary) at head is UP'", "true",
+     "--slurm-partition gpu: SLURM has no such partition"),
+    ("echo 'Slurm controller slurmctld (primary) at head is UP'", "sleep 60",
+     "--slurm-partition gpu: SLURM could not say whether it has this partition: `sinfo --noheader --partition gpu --format %P` "
+     "did not answer in 1 s"),
+])
+def test_a_slurm_controller_that_does_not_answer_stops_the_run_in_bounded_time(tsv_suite, tmp_path, monkeypatch,
+                                                                                scontrol, sinfo, message):
+    from qbench.contract.suite import SuiteError
+    from qbench.runner.executors import slurm
+
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name, body in (("scontrol", scontrol), ("sinfo", sinfo)):
+        (tools / name).write_text(f"#!/bin/sh\n{body}\n")
+        (tools / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(slurm, "PROBE_TIMEOUT_S", 1.0)
+    started = time.monotonic()
+    with pytest.raises(SuiteError) as refused:
+        api.run_suite(tsv_suite, out=tmp_path / "out", executor=slurm.SlurmExecutor(cluster="slurm", partition="gpu"),
+                      device="cpu")
+    assert refused.value.problems[0].startswith(message)
+    assert time.monotonic() - started < 30 and not (tmp_path / "out").exists()
 
 
 def test_without_submitit_installed_executor_slurm_exits_2_with_one_line(tsv_suite, tmp_path, monkeypatch, capsys):

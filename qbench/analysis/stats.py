@@ -271,6 +271,31 @@ BETTER, WORSE, DIFFERS = "better", "worse", "differs"
 NOT_MEASURED = "not measured"
 
 
+NOT_COMPARABLE = "not comparable"
+DATA_FINGERPRINT = "data.fingerprint.sha256"
+
+
+def data_sets(frame: pd.DataFrame) -> pd.Series:
+    """Arm -> the data fingerprints of its ok cells (`data.fingerprint.sha256`; an empty set where the
+    records do not say: records of a qbench before fingerprints)."""
+    order = arm_order(frame)
+    if DATA_FINGERPRINT not in frame.columns:
+        return pd.Series([frozenset()] * len(order), index=order, dtype=object)
+    ok = ok_rows(frame)
+    found = ok[DATA_FINGERPRINT].groupby(arms(frame)[ok.index], sort=False).agg(lambda v: frozenset(v.dropna().astype(str)))
+    return found.reindex(order).map(lambda v: v if isinstance(v, frozenset) else frozenset())
+
+
+def _other_data(data: pd.Series, arm: str, base: str) -> str:
+    """Why `arm` and its baseline arm were not measured on one data set ("" when they were, or when unknown)."""
+    own, theirs = data.get(arm, frozenset()), data.get(base, frozenset())
+    if len(own) > 1:
+        return f"its cells were trained or evaluated on {len(own)} different data sets (data fingerprint)"
+    if own and theirs and own != theirs:
+        return f"trained and evaluated on other data than {base} (data fingerprint)"
+    return ""
+
+
 def not_measured(reason: str) -> str:
     """"not measured: no cell finished (failed)": the verdict of a figure that is absent, with why."""
     return f"{NOT_MEASURED}: {reason}"
@@ -399,7 +424,8 @@ class QualityComparison:
     (this arm minus its baseline arm's), verdict: BASELINE, NO_DIFFERENCE (equal figures, or the difference's
     interval holds 0), BETTER / WORSE (it does not), NO_INTERVAL (the records give no noise to judge by:
     neither a bootstrap interval nor several seeds), or `not_measured(why)` where this arm or its baseline
-    arm has no figure (a failed, interrupted or running cell): no difference is made up for it.
+    arm has no figure (a failed, interrupted or running cell): no difference is made up for it;
+    "not comparable: why" (no difference either) where the two were trained or evaluated on other data.
     """
 
     column: str
@@ -436,9 +462,14 @@ def compare_quality(frame: pd.DataFrame, column: str) -> QualityComparison | Non
     table["delta_low"] = table["delta"] - z * noise
     table["delta_high"] = table["delta"] + z * noise
     verdicts = []
+    data = data_sets(frame)
     for arm, row in table.iterrows():
         base = bases[arm]
-        if arm == base:
+        differ = isinstance(base, str) and arm != base and pd.notna(row["mean"]) and _other_data(data, arm, base)
+        if differ:
+            table.loc[arm, ["delta", "delta_low", "delta_high"]] = float("nan")
+            verdicts.append(f"{NOT_COMPARABLE}: {differ}")
+        elif arm == base:
             verdicts.append(BASELINE if pd.notna(row["mean"]) else not_measured(absent_reason(frame, arm, column)))
         elif pd.isna(row["mean"]):
             verdicts.append(not_measured(absent_reason(frame, arm, column)))

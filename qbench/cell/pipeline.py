@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 
 class Interrupted(BaseException):
-    """SIGTERM or SIGINT reached the cell; the record is written as interrupted."""
+    """SIGTERM, SIGINT or SIGHUP reached the cell; the record is written as interrupted, naming it."""
 
 
 class RunnerGone(Interrupted):
@@ -130,12 +130,48 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_parent_pid = 0  # the process that started this cell (the runner, or the run's fork server); 0: not known
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
     # one stop is enough: a second signal (Ctrl-C reaches the cell, then the runner's SIGTERM) must not
     # break off the writing of the record
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise Interrupted(f"stopped by signal {signal.Signals(signum).name}")
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    reason = f"stopped by signal {signal.Signals(signum).name}"
+    if signum == signal.SIGTERM and _parent_pid and os.getppid() != _parent_pid:
+        # the parent-death signal: say whose death, not only which signal it is
+        gone = "the runner is gone" if _runner_gone() else f"its parent process (pid {_parent_pid}) ended"
+        reason += f", the parent-death signal: {gone}"
+    raise Interrupted(reason)
+
+
+def _runner_gone() -> bool:
+    """Whether nobody reads this cell's progress any more (the runner's end of its stdout pipe is closed)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class DataChanged(ValueError):
+    """A data file differs from what the run's checks read: the cell would train or evaluate on other data."""
+
+
+def same_data(expected: dict[str, str], read: dict[str, str], loaded: Any) -> None:
+    """DataChanged naming the file when a data file the cell read is not what the run's checks read (and
+    fingerprinted): one run folder is about one data set."""
+    data = loaded.suite.data
+    for key, digest in read.items():
+        if key in expected and expected[key] != digest:
+            name = getattr(data, key.removeprefix("data."), None) if data.kind != "builtin" else f"builtin:{data.name}"
+            raise DataChanged(f"{key}: {name} changed since the run's checks read it (sha256 {expected[key][:12]}... then, "
+                              f"{digest[:12]}... now): this cell would not measure the data the run's other cells did")
 
 
 def _status_for(error: BaseException) -> str:
@@ -394,6 +430,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 
         with cell.phase("data"):
             cell.update(task.prepare_data())
+            same_data(spec.data_files, task.data_read, cell.loaded)
         if hasattr(task, "contrastive_fields"):
             cell.update(task.contrastive_fields())
         calibration = partial(calibration_inputs, task, seed)  # what a data-driven init (eva, corda) reads
@@ -513,10 +550,12 @@ def contention_fields(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> int:
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    signal.signal(signal.SIGINT, _raise_interrupted)
+    global _parent_pid
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_interrupted)
     try:
         spec = CellSpec.from_json(sys.stdin.read())
+        _parent_pid = spec.parent_pid
         die_with_parent(spec.parent_pid)
         record = run_cell(spec)
         emit("done", status=record["status"], error=record["error"])

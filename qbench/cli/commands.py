@@ -10,11 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.markup import escape
 from rich.table import Table
 
 from qbench.cli import render
-from qbench.cli.render import console, errors
+from qbench.cli.render import console, echo, errors, plain
 from qbench.contract import optimizers, precisions
 from qbench.contract.exitcodes import Exit
 from qbench.contract.suite import SuiteError
@@ -126,26 +125,26 @@ def cmd_list(args: argparse.Namespace) -> int:
     shown.add_column("name")
     shown.add_column("base weights")
     for name, precision in precisions.REGISTRY.items():
-        shown.add_row(name, precision.description)
+        shown.add_row(plain(name), plain(precision.description))
     console.print(shown)
     shown = Table(title="optimizers (train.optimizer, matrix.optimizers)")
     shown.add_column("name")
     shown.add_column("what")
     for name, optimizer in optimizers.REGISTRY.items():
-        shown.add_row(name, optimizer.description)
+        shown.add_row(plain(name), plain(optimizer.description))
     console.print(shown)
     shown = Table(title="builtin models (model.id = \"builtin:NAME\")")
     shown.add_column("name")
     shown.add_column("what")
     for name, what in BUILTIN_MODELS.items():
-        shown.add_row(name, what)
+        shown.add_row(plain(name), plain(what))
     console.print(shown)
     shown = Table(title="builtin datasets (data.kind = \"builtin\", data.name = NAME)")
     shown.add_column("name")
     shown.add_column("task")
     shown.add_column("what")
     for name, (task, what) in BUILTIN_DATASETS.items():
-        shown.add_row(name, task, what)
+        shown.add_row(plain(name), plain(task), plain(what))
     console.print(shown)
     return Exit.OK
 
@@ -194,9 +193,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         render.error(str(problem) if isinstance(problem, files.NotOwned) else str(files.OutputError.from_os_error(out, problem)))
         return Exit.BAD_INPUT
     render.sections(shown)
-    console.print(f"{len(frame)} cells from {len(args.run_dirs)} input(s) -> html: {escape(str(paths['html']))}")
-    console.print(f"also: {escape(str(paths['markdown']))}  {escape(str(paths['csv']))}  {escape(str(paths['parquet']))}  "
-                  f"{escape(str(paths['summary_csv']))}", highlight=False)
+    console.print(f"{len(frame)} cells from {len(args.run_dirs)} input(s) -> html: {echo(paths['html'])}", highlight=False)
+    console.print(f"also: {echo(paths['markdown'])}  {echo(paths['csv'])}  {echo(paths['parquet'])}  "
+                  f"{echo(paths['summary_csv'])}", highlight=False)
     render.answer(shown)
     return Exit.OK
 
@@ -291,12 +290,13 @@ def cmd_baseline_refresh(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="qbench-baseline-") as scratch:
         for repeat in range(args.repeats):
             if args.repeats > 1:
-                console.print(f"repeat {repeat + 1} of {args.repeats}")
+                console.print(f"repeat {repeat + 1:d} of {args.repeats:d}")
             with render.RunDisplay() as display:
                 result = api.run_suite(loaded, out=scratch, device=args.device, threads=args.threads, listener=display)
-            code = render.run_result(result)
+            code = render.run_result(result, resumable=False)  # its scratch folder goes when this command ends
             if code != Exit.OK:
-                errors.print(f"[red]the run did not finish cleanly (exit {code}); the baseline is left as it was[/]")
+                errors.print(f"[red]the run did not finish cleanly (exit {code:d}); the baseline is left as it was[/]"
+                             + (" (a refresh runs every cell again: there is nothing to resume)" if result.interrupted else ""))
                 return code
         try:
             target = baseline.install(results.find_run_dirs(scratch), out, loaded.suite.name, args.allow_dirty)
@@ -306,5 +306,6 @@ def cmd_baseline_refresh(args: argparse.Namespace) -> int:
         except OSError as error:
             render.error(f"{OutputError.from_os_error(target, error)}; the baseline is left as it was")
             return Exit.BAD_INPUT
-    console.print(f"baseline of suite [bold]{escape(loaded.suite.name)}[/] refreshed: {escape(str(target))} — review the diff and commit it")
+    console.print(f"baseline of suite [bold]{echo(loaded.suite.name)}[/] refreshed: {echo(target)} — review the diff and commit it",
+                  highlight=False)
     return Exit.OK

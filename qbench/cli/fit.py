@@ -9,7 +9,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from qbench.cli.render import console, errors
+from qbench.cli.render import console, echo, errors
 from qbench.contract import sizes
 from qbench.contract.exitcodes import Exit
 
@@ -54,30 +54,30 @@ class FitProgress:
 
     def estimated(self, search: Any, first: int, prediction: Any) -> None:
         if search.estimate_unavailable:
-            console.print(f"[bold]{escape(search.arm)}[/] {search.axis} {search.low}..{search.high} (at most {search.max_trials} "
-                          f"trials): [yellow]no estimate[/] ({escape(search.estimate_unavailable)}); the trials alone "
+            console.print(f"[bold]{echo(search.arm)}[/] {echo(search.axis)} {echo(search.low)}..{echo(search.high)} (at most {echo(search.max_trials)} "
+                          f"trials): [yellow]no estimate[/] ({echo(search.estimate_unavailable)}); the trials alone "
                           "guide the search", highlight=False)
             return
-        console.print(f"[bold]{escape(search.arm)}[/] {search.axis} {search.low}..{search.high} (at most {search.max_trials} "
-                      f"trials): the estimate puts the limit at {first} ({sizes.label(prediction.peak)} there)", highlight=False)
+        console.print(f"[bold]{echo(search.arm)}[/] {echo(search.axis)} {echo(search.low)}..{echo(search.high)} (at most {echo(search.max_trials)} "
+                      f"trials): the estimate puts the limit at {echo(first)} ({echo(sizes.label(prediction.peak))} there)", highlight=False)
 
     def trial_started(self, search: Any, value: int, how: str, prediction: Any) -> None:
-        console.print(f"  trial {len(search.trials) + 1}: {search.axis} = {value} ({how}), estimate "
-                      f"{sizes.label(prediction.peak)} ({prediction.phase}) ...", end="", highlight=False)
+        console.print(f"  trial {len(search.trials) + 1:d}: {echo(search.axis)} = {echo(value)} ({echo(how)}), estimate "
+                      f"{echo(sizes.label(prediction.peak))} ({echo(prediction.phase)}) ...", end="", highlight=False)
 
     def trial_finished(self, search: Any, trial: Any) -> None:
         if trial.fits is None:
-            console.print(f" [red]not judged[/]: {escape(str(trial.reason))}", highlight=False)
+            console.print(f" [red]not judged[/]: {echo(str(trial.reason))}", highlight=False)
             return
         error = f"{100 * trial.error:+.1f} %" if trial.error is not None else "n/a"
         verdict = "[green]fits[/]" if trial.fits else "[yellow]over[/]"
-        console.print(f" measured {sizes.label(trial.measured)} ({error}) {verdict}", highlight=False)
+        console.print(f" measured {echo(sizes.label(trial.measured))} ({echo(error)}) {verdict:s}", highlight=False)  # our markup
 
     def search_finished(self, search: Any) -> None:
         answer = {"found": f"largest {search.axis} = {search.largest}", "all fit": f"{search.axis} >= {search.largest}",
                   "none fit": "nothing fits", "refused": "refused", "failed": "not answered"}[search.outcome]
-        console.print(f"  -> {escape(search.arm)}: {answer}{'' if search.outcome == 'found' else ': ' + escape(search.reason)}",
-                      highlight=False)
+        reason = "" if search.outcome == "found" else ": " + echo(search.reason)
+        console.print(f"  -> {echo(search.arm)}: {echo(answer)}{reason:s}", highlight=False)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -101,25 +101,25 @@ def cmd_fit(args: argparse.Namespace) -> int:
     plan = fit.with_device(plan, device)
     fit.check(plan)
     ranges = ", ".join(f"{axis} {low}..{high} (at most {fit.bound(low, high)} trials per arm)" for axis, (low, high) in plan.ranges.items())
-    console.print(f"fit [bold]{escape(loaded.suite.name)}[/]: {len(plan.arms)} arm(s) ({', '.join(a.id for a in plan.arms)}), "
-                  f"{ranges}; budget {plan.budget:,} bytes = {sizes.label(plan.budget)} ({plan.budget_source}), margin {plan.margin:g}, "
-                  f"on {device}",
+    console.print(f"fit [bold]{echo(loaded.suite.name)}[/]: {len(plan.arms)} arm(s) ({echo(', '.join(a.id for a in plan.arms))}), "
+                  f"{echo(ranges)}; budget {plan.budget:,} bytes = {echo(sizes.label(plan.budget))} ({echo(plan.budget_source)}), margin {plan.margin:g}, "
+                  f"on {echo(device)}",
                   highlight=False)
     from qbench.cell.budget import CPU_SOURCE, CUDA_SOURCE
 
-    console.print(f"judged: {CUDA_SOURCE if device.startswith('cuda') else CPU_SOURCE}", highlight=False)
+    console.print(f"judged: {echo(CUDA_SOURCE if device.startswith('cuda') else CPU_SOURCE)}", highlight=False)
     if args.check:
         console.print("the input passes every check; nothing was run (--check)")
         return Exit.OK
     thread_plan = threads.plan(args.threads, loaded.suite.threads, 1)
     done = fit.execute(plan, out, FitProgress(), thread_plan, args.launcher,
-                       on_start=lambda begun, folder: console.print(f"trials go to {escape(str(folder))}", highlight=False))
+                       on_start=lambda begun, folder: console.print(f"trials go to {echo(str(folder))}", highlight=False))
     paths = fit_report.write(done.result, done.folder)
     _show(done.result)
-    console.print(f"fit: {escape(str(paths['markdown']))}  {escape(str(paths['csv']))}  {escape(str(paths['trials_csv']))}"
-                  + (f"  {escape(str(paths['plot']))}" if "plot" in paths else ""), highlight=False)
+    console.print(f"fit: {echo(str(paths['markdown']))}  {echo(str(paths['csv']))}  {echo(str(paths['trials_csv']))}"
+                  + (f"  {echo(str(paths['plot']))}" if "plot" in paths else ""), highlight=False)
     if done.failed:
-        errors.print(f"[red]{len(done.failed)} search(es) not answered:[/] {escape('; '.join(done.failed))}", highlight=False)
+        errors.print(f"[red]{len(done.failed)} search(es) not answered:[/] {echo('; '.join(done.failed))}", highlight=False)
         return Exit.FAILED
     return Exit.OK
 
@@ -141,7 +141,7 @@ def _show(result: dict[str, Any]) -> None:
         table.add_row(*(_cell(row[c]) for c in columns))
     console.print(table)
     for _, row in frame[frame["outcome"] != "found"].iterrows():
-        console.print(f"{escape(row['arm'])} {row['axis']}: {row['outcome']}: {escape(str(row['note']))}", highlight=False)
+        console.print(f"{echo(row['arm'])} {echo(row['axis'])}: {echo(row['outcome'])}: {echo(str(row['note']))}", highlight=False)
 
 
 def _cell(value: Any) -> str:

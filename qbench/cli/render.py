@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from qbench import __version__
 from qbench.analysis.report import layout
@@ -26,8 +27,28 @@ if TYPE_CHECKING:
     from qbench.runner.api import RunResult
     from qbench.runner.runner import RunStarted
 
-console = Console()
-errors = Console(stderr=True)
+# emoji codes off: rich would turn ":fire:" in an echoed path (or "nf4-seed0:train:error") into a picture, a
+# text that is not in the file; markup stays on for qbench's own styling, and every echoed text is escaped (echo)
+console = Console(emoji=False)
+errors = Console(stderr=True, emoji=False)
+
+
+def echo(value: object) -> str:
+    """Any text qbench did not write itself (a path, a name, a caption, an error) made safe to interpolate into
+    a rich markup string: shown as it is, on one line, never read as markup ("[bold]", "[/]")."""
+    return escape(one_line(str(value)))
+
+
+def plain(value: object) -> Text:
+    """A table cell or header shown exactly as its text (tables read plain strings as markup)."""
+    return Text(str(value))
+
+
+def shell_quoted(path: object) -> str:
+    """A path as a shell reads it back (quoted where it holds spaces or shell characters)."""
+    import shlex
+
+    return shlex.quote(str(path))
 
 
 def one_line(text: str) -> str:
@@ -36,12 +57,16 @@ def one_line(text: str) -> str:
     cannot move the cursor or colour the terminal."""
     if text.isprintable():
         return text
+    try:  # a path as an ASCII locale names undecodable bytes (surrogate escapes): shown as the UTF-8 it is
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeError:
+        pass
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def error(message: str) -> None:
     """One red line on standard error; the text is escaped (it may hold user input)."""
-    errors.print(f"[red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+    errors.print(f"[red]error:[/] {echo(message)}", highlight=False, soft_wrap=True)
 
 
 class ProgressListener:
@@ -54,22 +79,24 @@ class ProgressListener:
         self.where: dict[str, str] = {}  # cell id -> "(gpu 2) " when cells run in device slots
 
     def cell_started(self, cell: Cell, index: int, total: int) -> None:
-        self.steps_tasks[cell.id] = self.progress.add_task(f"{cell.id}: starting", total=None)
+        self.steps_tasks[cell.id] = self.progress.add_task(f"{echo(cell.id)}: starting", total=None)
 
     def cell_event(self, cell: Cell, event: dict[str, Any]) -> None:
         task = self.steps_tasks.get(cell.id)
         if task is None:
             return
-        where = self.where.get(cell.id, "")
         if event["event"] == "slot":
             self.where[cell.id] = f"({event['slot']}) "
-            self.progress.update(task, description=f"{self.where[cell.id]}{cell.id}: starting")
+        where = self.where.get(cell.id, "")
+        if event["event"] == "slot":
+            self.progress.update(task, description=f"{echo(where)}{echo(cell.id)}: starting")
         elif event["event"] == "phase":
-            self.progress.update(task, description=f"{where}{cell.id}: {event['phase']}", total=event.get("total"), completed=0)
+            self.progress.update(task, description=f"{echo(where)}{echo(cell.id)}: {echo(event['phase'])}", total=event.get("total"),
+                                 completed=0)
         elif event["event"] == "step":
             self.progress.update(
                 task,
-                description=f"{where}{cell.id}: train (loss {event['loss']:.3f})",
+                description=f"{echo(where)}{echo(cell.id)}: train (loss {event['loss']:.3f})",
                 completed=event["step"],
                 total=event["total"],
             )
@@ -77,10 +104,10 @@ class ProgressListener:
     def cell_finished(self, cell: Cell, record: dict[str, Any]) -> None:
         status = record["status"]
         style = "green" if status == "ok" else "red"
-        message = f"[{style}]{cell.id}: {status}[/]"
+        message = f"[{style}]{echo(cell.id)}: {echo(status)}[/]"
         if status != "ok":
-            message += f" — {escape(one_line(str(record.get('error'))))}"
-        self.progress.console.print(message)
+            message += f" — {echo(record.get('error'))}"
+        self.progress.console.print(message, highlight=False)
         self.progress.advance(self.cells_task)
         task = self.steps_tasks.pop(cell.id, None)
         if task is not None:
@@ -127,40 +154,46 @@ class RunDisplay:
 def run_header(started: RunStarted) -> None:
     """The lines above a run's progress bars: what runs where, the compute dtype and why, the threads, how cells
     start; then any note and warning."""
-    suite, run_dir, where = escape(started.suite), escape(str(started.run_dir)), escape(started.where)
     if started.resumed:
         ids = ", ".join(c.id for c in started.cells)
-        console.print(f"qbench {__version__}: resuming [bold]{suite}[/] in {run_dir}: {len(started.cells)} of "
-                      f"{started.total_cells} cells to run ({escape(ids)}) on {where}")
+        console.print(f"qbench {echo(__version__)}: resuming [bold]{echo(started.suite)}[/] in {echo(started.run_dir)}: "
+                      f"{len(started.cells)} of {started.total_cells:d} cells to run ({echo(ids)}) on {echo(started.where)}",
+                      highlight=False)
     else:
         part = f", shard {started.shard[0]}/{started.shard[1]} of {started.matrix_cells}" if started.shard else ""
-        console.print(f"qbench {__version__}: suite [bold]{suite}[/] ({len(started.cells)} cells{part}) on {where} -> {run_dir}")
+        console.print(f"qbench {echo(__version__)}: suite [bold]{echo(started.suite)}[/] ({len(started.cells)} cells{echo(part)}) on "
+                      f"{echo(started.where)} -> {echo(started.run_dir)}", highlight=False)
     for line in started.lines:
-        console.print(f"  {escape(line)}", highlight=False)
+        console.print(f"  {echo(line)}", highlight=False)
     for note in started.notes:
-        console.print(f"  [dim]{escape(note)}[/]", highlight=False)
+        console.print(f"  [dim]{echo(note)}[/]", highlight=False)
     for warning in started.warnings:
-        errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+        errors.print(f"[yellow]warning:[/] {echo(warning)}", highlight=False, soft_wrap=True)
 
 
-def run_result(result: RunResult) -> int:
-    """How a run or a resumption ended, in the terminal (the verdict and tables, what did not finish, how to
-    resume); its exit code."""
+def run_result(result: RunResult, resumable: bool = True) -> int:
+    """How a run or a resumption ended, in the terminal (the verdict and tables, what did not finish, where its
+    files are and how to resume it: `resumable` False where its folder is a scratch one about to go); its exit
+    code."""
     if result.interrupted:
-        errors.print(f"[yellow]interrupted:[/] {escape(result.interrupted)}", highlight=False, soft_wrap=True)
-        errors.print(f"resume with: qbench run --resume {escape(str(result.run_dir))}", highlight=False, soft_wrap=True)
+        kept = f"; finished records are in {result.run_dir}" if resumable else ""
+        errors.print(f"[yellow]interrupted:[/] {echo(result.interrupted + kept)}", highlight=False, soft_wrap=True)
+        if resumable:
+            errors.print(f"resume with: qbench run --resume {echo(shell_quoted(result.run_dir))}", highlight=False,
+                         soft_wrap=True)
         return result.exit_code
     if result.error:
         error(result.error)
         return result.exit_code
     if result.note:
-        console.print(escape(result.note), highlight=False)
+        console.print(echo(result.note), highlight=False)
     if result.tables:
-        console.print(f"[bold]{escape(result.suite)}[/] — {escape(str(result.run_dir))}", highlight=False)
-        run_end(result.sections, result.run_dir, result.tables)
+        where = result.run_dir if resumable else "a scratch folder"
+        console.print(f"[bold]{echo(result.suite)}[/] — {echo(where)}", highlight=False)
+        run_end(result.sections, result.run_dir, result.tables, kept=resumable)
         budget_verdicts(result.records)
     if result.failed:
-        errors.print(f"[red]{len(result.failed)} cell(s) did not finish:[/] {escape(', '.join(result.failed))}",
+        errors.print(f"[red]{len(result.failed)} cell(s) did not finish:[/] {echo(', '.join(result.failed))}",
                      highlight=False, soft_wrap=True)
     return result.exit_code
 
@@ -185,13 +218,13 @@ def table(frame: pd.DataFrame, title: str, width: int | None = None) -> list[Tab
         widths = layout.widths(frame, group, width) if width is not None else [None] * (len(group) + 1)
         if width is not None and layout.FRAME + sum(w + 3 for w in widths) > width:  # one column wider than the line
             widths = [widths[0]] + [max(1, width - layout.FRAME - widths[0] - 6)] * len(group)
-        shown = Table(title=(title or None) if n == 0 else None, show_lines=False)
-        shown.add_column(str(frame.index.name or ""), width=widths[0], overflow="fold")
+        shown = Table(title=plain(title) if title and n == 0 else None, show_lines=False)
+        shown.add_column(plain(frame.index.name or ""), width=widths[0], overflow="fold")
         for column, column_width in zip(part.columns, widths[1:], strict=True):
-            shown.add_column(str(column), justify="left" if layout.is_text(part[column]) else "right", width=column_width,
+            shown.add_column(plain(column), justify="left" if layout.is_text(part[column]) else "right", width=column_width,
                              overflow="fold")
         for index, row in part.iterrows():
-            shown.add_row(str(index), *(format_value(v) for v in row))
+            shown.add_row(plain(index), *(plain(format_value(v)) for v in row))
         made.append(shown)
     return made
 
@@ -264,7 +297,7 @@ def sections(shown: list[Section], keys: tuple[str, ...] | None = None) -> None:
     for section in shown:
         if keys is not None and section.key not in keys:
             continue
-        console.print(Rule(f"[bold]{escape(section.title)}[/]", align="left", style="yellow" if section.key == "warnings" else "bold"),
+        console.print(Rule(f"[bold]{echo(section.title)}[/]", align="left", style="yellow" if section.key == "warnings" else "bold"),
                       width=min(layout_width() or 100, 100))
         if section.text:
             prose(section.text)
@@ -278,15 +311,16 @@ def sections(shown: list[Section], keys: tuple[str, ...] | None = None) -> None:
 RUN_END_SECTIONS = ("answer", "verdict", "nonfinite", "warnings", "relative", "per_precision", "failures")
 
 
-def run_end(shown: list[Section], run_dir: Path, paths: dict[str, Path]) -> None:
-    """The end of `qbench run`: the run's sections, where its files are, how to get the full report, and the
-    answer once more as the last line."""
-    import shlex
-
+def run_end(shown: list[Section], run_dir: Path, paths: dict[str, Path], kept: bool = True) -> None:
+    """The end of `qbench run`: the run's sections, where its files are (when `kept`: not a scratch folder about
+    to go), how to get the full report, and the answer once more as the last line."""
     sections(shown, RUN_END_SECTIONS)
-    console.print(f"records: {escape(str(run_dir / 'cells'))}   table: {escape(str(paths['csv']))}   "
-                  f"summary: {escape(str(paths['summary']))}", highlight=False, soft_wrap=layout_width() is None)
-    console.print(f"plots and the HTML page: [bold]qbench report {escape(shlex.quote(str(run_dir)))}[/]", highlight=False,
+    if not kept:
+        answer(shown)
+        return
+    console.print(f"records: {echo(run_dir / 'cells')}   table: {echo(paths['csv'])}   "
+                  f"summary: {echo(paths['summary'])}", highlight=False, soft_wrap=layout_width() is None)
+    console.print(f"plots and the HTML page: [bold]qbench report {echo(shell_quoted(run_dir))}[/]", highlight=False,
                   soft_wrap=layout_width() is None)
     answer(shown)
 
@@ -306,7 +340,7 @@ def machine(report: dict[str, Any]) -> None:
     versions.add_column("package")
     versions.add_column("version")
     for name, version in report["packages"].items():
-        versions.add_row(name, version or "[red]not installed[/]")
+        versions.add_row(plain(name), plain(version) if version else Text("not installed", style="red"))
     console.print(versions)
     torch_facts, nvml = report.get("torch", {}), report.get("nvml", {})
     facts = Table(title="machine", show_header=False)
@@ -320,32 +354,33 @@ def machine(report: dict[str, Any]) -> None:
         *((k, str(v)) for k, v in report["environment"].items()),
     ]
     for what, value in rows:
-        facts.add_row(what, value)
+        facts.add_row(plain(what), plain(value))
     console.print(facts)
     if torch_facts.get("devices"):
         devices = Table(title="GPUs (torch -> NVML)")
         for column in ("torch", "name", "capability", "memory MiB", "bf16", "NVML index", "matched"):
             devices.add_column(column)
         for d in torch_facts["devices"]:
-            devices.add_row(
-                d["torch_device"], d["name"], d["capability"], f"{d['total_memory_bytes'] / MB:,.0f}", str(d["bf16_supported"]),
-                str(d.get("nvml_index")), str(d.get("nvml_match")),
-            )
+            devices.add_row(*(plain(v) for v in (
+                d["torch_device"], d["name"], d["capability"], f"{d['total_memory_bytes'] / MB:,.0f}", d["bf16_supported"],
+                d.get("nvml_index"), d.get("nvml_match"),
+            )))
         console.print(devices)
     for d in nvml.get("devices", []):
-        console.print(f"NVML device {d['nvml_index']}: {d['name']} {d['uuid']}, used {d['used_bytes'] / MB:,.0f} of "
-                      f"{d['total_bytes'] / MB:,.0f} MiB, per-process memory {d['per_process_memory']}", highlight=False)
+        console.print(f"NVML device {echo(d['nvml_index'])}: {echo(d['name'])} {echo(d['uuid'])}, used {d['used_bytes'] / MB:,.0f} of "
+                      f"{d['total_bytes'] / MB:,.0f} MiB, per-process memory {echo(d['per_process_memory'])}", highlight=False)
     if "probe_error" in report:
-        errors.print(f"[red]probe failed:[/] {report['probe_error']}", highlight=False)
+        errors.print(f"[red]probe failed:[/] {echo(report['probe_error'])}", highlight=False)
         return
-    formats = Table(title=f"weight formats on {report['formats_device']} (quantize + forward + backward, compute {report['formats_compute_dtype']})")
+    formats = Table(title=plain(f"weight formats on {report['formats_device']} (quantize + forward + backward, compute "
+                                f"{report['formats_compute_dtype']})"))
     for column in ("precision", "works", "output error vs fp32", "seconds", "error"):
         formats.add_column(column)
     for name, result in report["formats"].items():
         ok = result["status"] == "ok"
         formats.add_row(
-            name, "[green]yes[/]" if ok else "[red]no[/]",
-            f"{result['output_rel_error']:.2%}" if ok else "—", f"{result['seconds']:.2f}", result.get("error", ""),
+            plain(name), Text("yes", style="green") if ok else Text("no", style="red"),
+            plain(f"{result['output_rel_error']:.2%}" if ok else "—"), plain(f"{result['seconds']:.2f}"), plain(result.get("error", "")),
         )
     console.print(formats)
 
@@ -356,7 +391,7 @@ def comparison(result: Comparison) -> None:
 
     if result.problems:
         for problem in result.problems:
-            errors.print(f"[red]unusable:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+            errors.print(f"[red]unusable:[/] {echo(problem)}", highlight=False, soft_wrap=True)
         return
     regressions = result.regressions
     # one line per regression: metric names are long, a table would cut them in a narrow terminal
@@ -364,10 +399,10 @@ def comparison(result: Comparison) -> None:
         detail = f"{row['baseline']} -> {row['new']} ({row['change']}; allowed {row['allowed worse by'] or '—'})"
         if row["verdict"] in ("failed", "missing") and row["note"]:
             detail = row["note"]
-        console.print(f"[red]{row['verdict']}[/] {row.get('arm', row.get('precision'))} {row['metric']}: {escape(detail)}",
+        console.print(f"[red]{echo(row['verdict'])}[/] {echo(row.get('arm', row.get('precision')))} {echo(row['metric'])}: {echo(detail)}",
                       highlight=False)
     for note in result.notes:
-        console.print(f"[dim]note: {escape(note)}[/]", highlight=False)
+        console.print(f"[dim]note: {echo(note)}[/]", highlight=False)
     if len(regressions):
         errors.print(f"[red]regression:[/] {len(regressions)} check(s) failed (exit 1)")
     else:
@@ -382,7 +417,7 @@ def budget_verdicts(records: list[dict[str, Any]]) -> None:
         if record.get("fit.budget_bytes") is None or "fit.within_budget" not in record:
             continue
         verdict = {True: "[green]within[/]", False: "[yellow]over[/]", None: "not judged:"}[record["fit.within_budget"]]
-        why = f" {escape(str(record.get('fit.verdict_reason')))}" if record["fit.within_budget"] is None else ""
-        console.print(f"{escape(record['cell_id'])}: peak {sizes.label(record.get('fit.peak_bytes'))} "
-                      f"({record.get('fit.peak_bytes')} bytes), {verdict}{why} the limit of {record['fit.limit_bytes']:,} bytes",
+        why = f" {echo(str(record.get('fit.verdict_reason')))}" if record["fit.within_budget"] is None else ""
+        console.print(f"{echo(record['cell_id'])}: peak {echo(sizes.label(record.get('fit.peak_bytes')))} "
+                      f"({echo(record.get('fit.peak_bytes'))} bytes), {verdict:s}{why:s} the limit of {record['fit.limit_bytes']:,} bytes",
                       highlight=False)

@@ -7,15 +7,20 @@ Why each rule:
 - a reader (report, compare, resume, another qbench) must see an old file or the whole new one, never a
   torn one, also when the disk fills up half-way (`write_bytes_atomic` and friends);
 - two commands started at the same moment must not share a run folder, nor replace each other's report or
-  baseline half-way (`create_dir_exclusive`, `staging_dir` + `publish_dir`).
+  baseline half-way (`create_dir_exclusive`, `staging_dir` + `publish_dir`);
+- a folder qbench replaces (a report, a baseline) may hold a person's own files under any name: qbench
+  replaces it only when its marker (`OWNED_MARKER`, written last) lists every file in it with the bytes
+  qbench wrote, never judging by names (`mark_owned`, `ownership_problem`).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -78,6 +83,43 @@ def child(parent: Path | str, name: str, what: str) -> Path:
     if path.is_symlink():
         raise ValueError(f"{path} is a symbolic link; qbench does not write through it ({what} {name!r})")
     return path
+
+
+def disk_name(text: str) -> str:
+    """A path read from a UTF-8 file (a suite, an annotation file) as this process must name it to find it:
+    itself, except where the file system encoding cannot hold it (an ASCII locale without Python's UTF-8
+    mode, where "café.png" cannot be encoded and an existing file would read as missing): then the same
+    UTF-8 bytes, as Python names undecodable bytes (surrogate escapes)."""
+    try:
+        os.fsencode(text)
+        return text
+    except UnicodeEncodeError:
+        return os.fsdecode(text.encode("utf-8", "surrogateescape"))
+
+
+def not_a_file(path: Path | str, wanted: str = "file") -> str | None:
+    """Why `path` is not the `wanted` thing ("file": a regular file to read; "folder"), in words ("is a FIFO
+    (named pipe), not a file"), or None: it is one, or nothing is there at all (the caller says "not found")."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        return None
+    except ValueError:
+        return "is not a usable path (it holds a NUL byte)"
+    except OSError as error:
+        reasons = {errno.ELOOP: "is a symbolic link that loops back on itself", errno.ENAMETOOLONG: "is a path too long for this system",
+                   errno.ENOTDIR: "cannot be reached: a part of its path is a file, not a folder",
+                   errno.EACCES: "cannot be reached (permission denied on a folder of its path)"}
+        return reasons.get(error.errno, f"cannot be read ({error.strerror or error})")
+    kinds = [(stat.S_ISREG, "file", "a file"), (stat.S_ISDIR, "folder", "a folder"), (stat.S_ISFIFO, "", "a FIFO (named pipe)"),
+             (stat.S_ISCHR, "", "a character device"), (stat.S_ISBLK, "", "a block device"), (stat.S_ISSOCK, "", "a socket")]
+    kind, name = next(((kind, name) for test, kind, name in kinds if test(mode)), ("", "not a regular file"))
+    if kind == wanted:
+        return None
+    why = " (qbench reads its data files whole, and more than once)" if wanted == "file" and not kind else ""
+    return f"is {name}, not a {wanted}{why}"
 
 
 def _umask() -> int:
@@ -185,18 +227,103 @@ class NotOwned(ValueError):
     """A folder qbench was asked to replace holds something qbench did not write there."""
 
 
-def publish_dir(staging: Path, target: Path, owned: Callable[[Path], str | None]) -> Path:
-    """Move the finished folder `staging` to `target`. An existing `target` is replaced only when
-    `owned(target)` finds nothing qbench did not write (it returns why not, else None; NotOwned then, and
-    `target` is left as it was). The old folder is moved aside first and removed only once the new one is in
-    place. `staging` is removed whatever happens."""
+OWNED_MARKER = ".qbench-owned.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _entries(folder: Path) -> tuple[list[str], list[str], list[str]]:
+    """(files, folders, other entries: links, FIFOs...) under `folder`, as paths relative to it, marker left out."""
+    found: tuple[list[str], list[str], list[str]] = ([], [], [])
+    for root, folders, names in os.walk(folder, onerror=_raise):
+        here = Path(root).relative_to(folder)
+        for name in folders:
+            (found[2] if (Path(root) / name).is_symlink() else found[1]).append((here / name).as_posix())
+        for name in names:
+            path = Path(root) / name
+            if here == Path(".") and name == OWNED_MARKER:
+                continue
+            (found[0] if path.is_file() and not path.is_symlink() else found[2]).append((here / name).as_posix())
+    return found
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
+def mark_owned(folder: Path | str, written_by: str) -> None:
+    """Write `folder`'s marker: every file qbench wrote in it, with its size and sha256 (call it last, once the
+    folder holds everything; `ownership_problem` later tells whether it still holds only that)."""
+    folder = Path(folder)
+    listed = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+              for name in sorted(_entries(folder)[0])}
+    (folder / OWNED_MARKER).write_text(json_text({"written_by": written_by, "files": listed}), encoding="utf-8")
+
+
+def ownership_problem(folder: Path | str) -> str | None:
+    """Why qbench may not remove `folder`, or None: it does not exist, is empty, or holds nothing but the files
+    its marker lists, each still as qbench wrote it. Names alone prove nothing: a `report.md` of a person's
+    own is theirs."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return None
+    if folder.is_symlink() or not folder.is_dir():
+        return "not a folder qbench wrote"
+    try:
+        found, folders, other = _entries(folder)
+        if not found and not folders and not other and not (folder / OWNED_MARKER).exists():
+            return None
+        try:
+            listed = json.loads((folder / OWNED_MARKER).read_text(encoding="utf-8"))["files"]
+            if not isinstance(listed, dict):
+                raise TypeError
+        except FileNotFoundError:
+            names = sorted(found + other)
+            return (f"holds files qbench did not write there ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}; "
+                    f"no {OWNED_MARKER} lists them)")
+        except (ValueError, TypeError, KeyError):
+            return f"its {OWNED_MARKER} is not one qbench wrote"
+        foreign = sorted(other + [name for name in found if name not in listed])
+        if foreign:
+            return f"holds files qbench did not write there ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+        for name in found:
+            expected = listed[name] if isinstance(listed[name], dict) else {}
+            path = folder / name
+            if path.stat().st_size != expected.get("bytes") or _sha256(path) != expected.get("sha256"):
+                return f"{name} was changed since qbench wrote it"
+        holding = {parent.as_posix() for name in found for parent in Path(name).parents}
+        empty = sorted(set(folders) - holding)
+        if empty:
+            return f"holds folders qbench did not write there ({', '.join(empty[:3])})"
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    return None
+
+
+def publish_dir(staging: Path, target: Path, owned: Callable[[Path], str | None] | None = None,
+                written_by: str = "qbench") -> Path:
+    """Mark the finished folder `staging` as qbench's (`mark_owned`) and move it to `target`. An existing
+    `target` is replaced only when `ownership_problem` finds nothing in it that qbench did not write, and
+    `owned(target)` (a caller's further check) returns None; NotOwned otherwise, and `target` is left as it
+    was. The old folder is moved aside first and removed only once the new one is in place. `staging` is
+    removed whatever happens."""
     staging, target = Path(staging), Path(target)
     aside = None
     try:
         if target.is_symlink() or (target.exists() and not target.is_dir()):
             raise NotOwned(f"{target} is not a folder qbench wrote; move it away or choose another folder")
+        try:
+            mark_owned(staging, written_by)
+        except OSError as error:
+            raise OutputError.from_os_error(staging / OWNED_MARKER, error) from None
         if target.exists():
-            reason = owned(target)
+            reason = ownership_problem(target) or (owned(target) if owned is not None else None)
             if reason:
                 raise NotOwned(f"{target}: {reason}")
             aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")

@@ -49,6 +49,8 @@ class CellSpec:
     compute: dict[str, Any] | None = None  # qbench.machine.compute.ComputeChoice's fields
     threads: int | None = None  # torch intra-op threads
     run_fields: dict[str, Any] = field(default_factory=dict)  # record fields the runner knows (threads' source, ...)
+    # what the run's checks read of each data file ("data.train" -> sha256): the cell reads the same or stops
+    data_files: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

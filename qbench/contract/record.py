@@ -375,9 +375,22 @@ class Params(Part):
 # --- data and evaluation protocol ---------------------------------------------------------------------------
 
 
+class DataFingerprint(Part):
+    """`data.fingerprint.*`: a hash of the data's content as the run's checks read it (qbench.contract.fingerprint):
+    a resume refuses changed data, and compare refuses to judge runs on other data."""
+
+    sha256: Text = None
+    train_sha256: Text = None
+    eval_sha256: Text = None
+    files: Annotated[int | None, Figure("count", None, "exact")] = None
+    read_bytes: Annotated[int | None, Figure("bytes", None, "exact")] = None
+    method: Text = None
+
+
 class Data(Part):
     """`data.*`: what was trained and evaluated on."""
 
+    fingerprint: DataFingerprint | None = None
     source: Text = None
     sha256: Text = None
     train_images: ExactCount = None
@@ -904,6 +917,7 @@ class Resumption(Manifest):
     forced: bool | None = None
     suite_file_changed: bool | None = None
     executor: str | None = None
+    data_changed: list[str] | None = None  # the data files that differed from the run's when it was resumed anyway
 
 
 class RunManifest(Manifest):
@@ -934,6 +948,8 @@ class RunManifest(Manifest):
     shared: list[str] | None = None  # what the fork server built once for every cell
     ray: dict[str, Any] | None = None  # the Ray cluster's address, version and resources
     slurm: dict[str, Any] | None = None  # submitit's cluster, version, partition and job parameters
+    data: dict[str, Any] | None = None  # the data's fingerprint, file by file (qbench.contract.fingerprint)
+    fit_trial: dict[str, Any] | None = None  # a trial of `qbench fit`: its settings, budget and steps
     resumes: list[Resumption] | None = None
 
     # another executor (qbench.runner.executors.REGISTRY) keeps what it placed under its own name, as ray and slurm do

@@ -545,7 +545,10 @@ class LoadedSuite:
         return self.text if self.text is not None else self.path.read_text(encoding="utf-8")
 
     def resolve(self, relative: str) -> Path:
-        path = Path(relative).expanduser()
+        """A path the suite names, relative to the suite's folder, as this process finds it on disk."""
+        from qbench.contract.files import disk_name
+
+        path = Path(disk_name(relative)).expanduser()
         return path if path.is_absolute() else (self.path.parent / path)
 
     def cells(self, only: tuple[str, ...] | None = None, seeds: tuple[int, ...] | None = None,

@@ -31,6 +31,7 @@ from qbench.runner.scheduler import LOCAL_SLOT
 if TYPE_CHECKING:
     from qbench.analysis.gate.compare import Settings
     from qbench.analysis.report.sections import Section
+    from qbench.contract.fingerprint import DataFingerprint
     from qbench.contract.suite import Cell
     from qbench.runner.resume import Resumable
 
@@ -79,10 +80,13 @@ def execute_plan(run_plan: plan.RunPlan, out: Path, device: str, check_only: boo
     loaded, executor, listener = run_plan.loaded, run_plan.executor, listener or QuietListener()
     assert executor is not None
     check_out_folder(out, "--out")
+    check_path_lengths(out, loaded.suite.name, run_plan.label, [cell.id for cell in run_plan.cells])
+    check_limits()
     gpus_per_cell = max(1, int(run_plan.gpus_per_cell or 1))
+    checked: list[Any] = []  # what the executor's call of the checks found (the data's fingerprint)
     request = Request(loaded, run_plan.cells, "cuda" if run_plan.on_gpus else device, run_plan.threads, run_plan.run_slots(),
                       run_plan.gpus_per_cell or 1,
-                      check=lambda on: preflight.check_suite(loaded, device=on, gpus_per_cell=gpus_per_cell))
+                      check=lambda on: checked.append(preflight.check_suite(loaded, device=on, gpus_per_cell=gpus_per_cell)))
     if check_only or not run_plan.cells:
         where = executor.check(request)
         if check_only:
@@ -97,12 +101,14 @@ def execute_plan(run_plan: plan.RunPlan, out: Path, device: str, check_only: boo
     try:
         placement = executor.prepare(request)
         run_dir = create_run_dir(out, loaded, run_plan.label)
+        data = data_fingerprint(checked)
         run = Run(loaded, run_dir, placement.device, run_plan.cells, executor, listener,
-                  slots=placement.slots or request.slots, compute=placement.compute, threads=placement.threads)
+                  slots=placement.slots or request.slots, compute=placement.compute, threads=placement.threads, data=data)
         listener.run_started(RunStarted(loaded.suite.name, run_dir, run_plan.cells, len(run_plan.cells), placement.where,
                                         placement.lines, placement.notes, placement.warnings, run_plan.shard,
                                         run_plan.matrix_cells))
-        manifest = {**run_plan.manifest_extras(), "executor": executor.name, **placement.manifest}
+        manifest = {**run_plan.manifest_extras(), "executor": executor.name, **placement.manifest,
+                    "data": data.manifest() if data else None}
         return _run_in(run, manifest, started_at)
     finally:
         executor.close(run_dir if run_dir is not None and run_dir.exists() else None)
@@ -118,6 +124,7 @@ def resume_run(run_dir: str | Path, *, executor: str | Executor | None = None, f
 
     listener = listener or QuietListener()
     state = resume.open_run(run_dir, force=force)
+    check_limits()
     executor = _resume_executor(state, executor)
     # the cells of one run folder start alike: forked or not, and as many side by side (a forked cell's PSS
     # shares pages with the fork server and its siblings, so either changes its memory figures)
@@ -187,17 +194,23 @@ def _run_pending(state: Resumable, executor: Executor, slots: list, gpus_per_cel
                                       side_by_side)
                    if per_cell else threads.plan(None, state.loaded.suite.threads, side_by_side, cores=cores))
     on_gpus = any("CUDA_VISIBLE_DEVICES" in slot.env for slot in slots)
+    checked: list[Any] = []
     request = Request(state.loaded, state.pending, "cuda" if on_gpus else state.device, thread_plan, slots,
                       gpus_per_cell, recorded_compute=choice,
-                      check=lambda on: preflight.check_suite(state.loaded, device=on, gpus_per_cell=max(1, int(gpus_per_cell))),
+                      check=lambda on: checked.append(preflight.check_suite(state.loaded, device=on,
+                                                                            gpus_per_cell=max(1, int(gpus_per_cell)))),
                       device_option=f"--resume (the run in {state.run_dir} ran on {state.device})")
     try:
         placement = executor.prepare(request)
+        data = data_fingerprint(checked)
+        changed = resume.data_changes(state, data)
+        if changed and not force:
+            raise SuiteError(state.run_dir / resume.MANIFEST, [resume.data_changed_line(changed)])
         run = Run(state.loaded, state.run_dir, placement.device, state.pending, executor, listener,
-                  slots=placement.slots or slots, compute=placement.compute, threads=placement.threads)
+                  slots=placement.slots or slots, compute=placement.compute, threads=placement.threads, data=data)
         listener.run_started(RunStarted(state.loaded.suite.name, state.run_dir, state.pending, len(state.cells),
                                         placement.where, placement.lines, placement.notes, placement.warnings, resumed=True))
-        resume.note_resume(state, forced=force, executor=executor.name)
+        resume.note_resume(state, forced=force, executor=executor.name, data_changed=changed)
         started.append(True)
         try:
             run.execute()
@@ -206,6 +219,54 @@ def _run_pending(state: Resumable, executor: Executor, slots: list, gpus_per_cel
     finally:
         executor.close(state.run_dir)
     return None
+
+
+def data_fingerprint(checked: list[Any]) -> DataFingerprint | None:
+    """The data's fingerprint the checks made (None: they did not run, or a stand-in for them made none)."""
+    return getattr(checked[-1], "data", None) if checked else None
+
+
+ADDRESS_SPACE = "ulimit -v"  # how a problem of this process's address-space limit is named
+
+
+def check_limits() -> None:
+    """SuiteError before anything imports torch when this process's limits leave no room for a run (an
+    address-space limit under what torch and a model need: torch would abort the process, not raise)."""
+    from qbench.machine import limits
+
+    problem = limits.address_space_problem()
+    if problem:
+        raise SuiteError(ADDRESS_SPACE, [problem])
+
+
+# what a run writes inside its folder beyond the files named by a cell (the report's staging folder and plots,
+# run.json's temporary file, ...): room kept for it under PATH_MAX
+RUN_FOLDER_TAIL_BYTES = 160
+RUN_STAMP = "20000101-000000"  # the run folder's name, as runner.create_run_dir makes it
+TEMPORARY_SUFFIX_BYTES = len(".json.") + 8 + len(".tmp")  # files.write_bytes_atomic's temporary beside a record
+
+
+def check_path_lengths(out: Path, suite: str, label: str, cell_ids: list[str]) -> None:
+    """SuiteError naming --out, before any check or cell, when a file the run will write would have a path
+    longer than this system allows (PATH_MAX), or a name longer than a folder can hold (NAME_MAX): the run
+    would otherwise fail half-way, with a resume hint that cannot work either."""
+    base = Path(os.path.abspath(out)) / suite / f"{RUN_STAMP}{f'-{label}' if label else ''}-9999"
+    existing = next((p for p in (base, *base.parents) if os.path.exists(p)), Path("/"))  # os.path: False past PATH_MAX
+    try:
+        path_max, name_max = os.pathconf(existing, "PC_PATH_MAX"), os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        path_max, name_max = 4096, 255
+    inside = [f"cells/.{cell_id}{TEMPORARY_SUFFIX_BYTES * 'x'}" for cell_id in cell_ids] + ["x" * RUN_FOLDER_TAIL_BYTES]
+    longest = max(inside, key=lambda tail: len(tail.encode("utf-8", "surrogateescape")))
+    needed = len(str(base / longest).encode("utf-8", "surrogateescape"))
+    if needed >= path_max:
+        raise SuiteError(COMMAND_LINE, [f"--out: {str(out)[:80]}{'...' if len(str(out)) > 80 else ''} is too deep: the run's "
+                                        f"files would have paths of up to {needed:,} bytes, more than this system's "
+                                        f"{path_max:,} (PATH_MAX); choose a shorter --out"])
+    named = max(cell_ids, key=len, default="")
+    if len(f".{named}".encode("utf-8", "surrogateescape")) + TEMPORARY_SUFFIX_BYTES > name_max:
+        raise SuiteError(COMMAND_LINE, [f"cell {named[:60]!r}...: its record's temporary file would have a name longer than "
+                                        f"{name_max} bytes (NAME_MAX); shorten the grid's axis values"])
 
 
 def check_out_folder(out: Path, option: str) -> None:
@@ -254,7 +315,7 @@ def _run_in(run: Run, manifest: dict[str, Any], started_at: float | None = None)
 
 
 def _interrupted(stop: RunInterrupted, run_dir: Path, suite: str) -> RunResult:
-    code = Exit.SIGTERM if stop.signal_name == "SIGTERM" else Exit.SIGINT
+    code = Exit.__members__.get(stop.signal_name, Exit.SIGINT)  # 128 + the signal's number, as a shell reports it
     return RunResult(code, run_dir, suite, interrupted=str(stop))
 
 

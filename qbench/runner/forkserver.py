@@ -9,7 +9,9 @@ that use it; bitsandbytes queries the GPU when imported, so on a machine where t
 server does not preload and the runner launches plain subprocesses instead). Torch runs here with one
 thread, so no OpenMP thread pool exists that a forked child could inherit half of.
 
-Protocol over a Unix SOCK_SEQPACKET socket (one JSON message per packet, file descriptors attached):
+Protocol over a Unix SOCK_SEQPACKET socket (one JSON message per packet, file descriptors attached; a message
+larger than INLINE_LIMIT, e.g. the text of a large suite or a large environment, travels in an anonymous file
+whose descriptor its packet carries, since a packet cannot be larger than the socket's send buffer):
 
     server -> parent   {"hello": {...}}                        once the imports are done
     parent -> server   {"op": "warm", "suite_text", "suite_path"}  -> {"warmed": {...}} or {"error": ...}
@@ -39,6 +41,10 @@ import traceback
 from typing import Any
 
 MAX_MESSAGE = 1 << 20
+# a packet this small always fits the socket's send buffer (net.core.wmem_default is about 208 KiB on Linux,
+# and may be set lower); a longer message goes in a file whose descriptor the packet carries
+INLINE_LIMIT = 32 * 1024
+CARRIED = "carried_bytes"  # the one key of a packet whose message is in the attached file
 # imported before any cell forks; the cell's own heavy imports then cost nothing
 PRELOAD = (
     "torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "psutil",
@@ -60,23 +66,54 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
 
 
 def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    """One message (and `fds`) as one packet; a long one in an attached anonymous file (see INLINE_LIMIT)."""
     data = json.dumps(message).encode()
-    if fds:
-        socket.send_fds(sock, [data], fds)
-    else:
-        sock.send(data)
+    fds = list(fds or [])
+    if len(data) <= INLINE_LIMIT:
+        if fds:
+            socket.send_fds(sock, [data], fds)
+        else:
+            sock.send(data)
+        return
+    carrier = _carrier(data)
+    try:
+        socket.send_fds(sock, [json.dumps({CARRIED: len(data)}).encode()], [*fds, carrier])
+    finally:
+        os.close(carrier)
+
+
+def _carrier(data: bytes) -> int:
+    """A descriptor of an anonymous file holding `data`, read from its start."""
+    try:
+        fd = os.memfd_create("qbench-message", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):  # not Linux: an unlinked temporary file does the same
+        import tempfile
+
+        with tempfile.TemporaryFile() as handle:
+            fd = os.dup(handle.fileno())
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def receive(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | None, list[int]]:
     """(message, fds), or (None, []) when the other side closed the socket."""
-    data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, max_fds)
+    data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, max_fds + 1)  # + 1: the file of a long message
     if not data:
         for fd in fds:
             os.close(fd)
         return None, []
-    return json.loads(data), fds
-
-
+    message = json.loads(data)
+    if isinstance(message, dict) and set(message) == {CARRIED} and fds:
+        with os.fdopen(fds.pop(), "rb") as carried:
+            message = json.loads(carried.read())
+    return message, fds
 def _cuda_visible_to_torch() -> bool:
     """Whether torch sees a GPU, asked in a forked child so that this process never initializes CUDA."""
     read, write = os.pipe()
@@ -253,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True, help="the Unix socket shared with the runner")
     args = parser.parse_args(argv)
     die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the runner's and the cells' to handle
+    for sig in (signal.SIGINT, signal.SIGHUP):  # Ctrl-C and a closed terminal are the runner's and the cells' to handle
+        signal.signal(sig, signal.SIG_IGN)
     sock = socket.socket(fileno=args.fd)
     try:
         hello = preload()

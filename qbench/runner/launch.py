@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any, TextIO
 
 from qbench.contract.protocol import CellSpec, child_env, parse_event
+from qbench.runner import forkserver as wire
 
 CHILD_STOP_GRACE_S = 60  # what a cell gets to write its interrupted record after SIGTERM
 
@@ -109,10 +110,11 @@ class CellProcess:
     def poll(self) -> int | None:
         return self.child.poll()
 
-    def terminate(self) -> None:
-        """Ask the cell to stop: it records itself as interrupted and exits."""
+    def terminate(self, sig: int = signal.SIGTERM) -> None:
+        """Ask the cell to stop (SIGTERM, or the signal that stopped the run): it records itself as interrupted,
+        naming the signal, and exits."""
         if self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM)
+            self.child.send_signal(sig)
 
     def stop(self, grace_s: float = CHILD_STOP_GRACE_S) -> None:
         """Ask the cell to stop, then make sure it is gone: killed after `grace_s`, or at once when a
@@ -222,14 +224,16 @@ class ForkServerLauncher:
 
     # -- the socket ------------------------------------------------------------------------------------
     def _receive(self, timeout_s: float | None) -> dict[str, Any] | None:
-        self._sock.settimeout(timeout_s)
         try:
-            data = self._sock.recv(1 << 20)
+            self._sock.settimeout(timeout_s)
+            message, fds = wire.receive(self._sock)
         except TimeoutError:
             raise ForkServerUnavailable(f"the fork server did not answer in {timeout_s:.0f} s") from None
-        except OSError:
+        except (OSError, ValueError):  # the socket is closed, or a torn message: the server is gone either way
             return None
-        return json.loads(data) if data else None
+        for fd in fds:
+            os.close(fd)
+        return message
 
     def _reply(self, timeout_s: float | None) -> dict[str, Any]:
         message = self._receive(timeout_s)
@@ -253,13 +257,9 @@ class ForkServerLauncher:
                 self._exited.notify_all()
 
     def _request(self, message: dict[str, Any], fds: list[int] | None = None, timeout_s: float | None = None) -> dict[str, Any]:
-        data = json.dumps(message).encode()
         with self._lock:
             try:
-                if fds:
-                    socket.send_fds(self._sock, [data], fds)
-                else:
-                    self._sock.send(data)
+                wire.send(self._sock, message, fds)
             except OSError as error:
                 raise ForkServerUnavailable(f"the fork server is gone ({error})") from None
             with self._exited:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qbench.cell.data.lines import DataError
 from qbench.contract import grid, inits, lengths, precisions
+from qbench.contract.files import not_a_file
+from qbench.contract.fingerprint import SPLITS, DataFingerprint, FileHashes
 from qbench.contract.suite import LoadedSuite, Suite, SuiteError, lora_problems
 from qbench.contract.tasks import BUILTIN_DATASETS
+from qbench.machine import limits
 from qbench.runner import estimate
 
 # module classes peft can put a LoRA adapter on (bitsandbytes' Linear8bitLt/Linear4bit replace Linear later)
@@ -20,11 +24,33 @@ PEFT_SPECIAL_TARGETS = ("all-linear",)
 
 @dataclass
 class _Data:
-    """What the data checks found that the model checks need."""
+    """What the data checks found that the model checks need, and the data's fingerprint."""
 
     train_examples: int | None = None  # clip: training captions (one batch takes batch_size of them)
     train_source: str = ""
     texts: dict[str, str] = field(default_factory=dict)  # causal_lm: suite key -> text
+    hashes: dict[str, FileHashes] = field(default_factory=lambda: {split: FileHashes() for split in SPLITS})
+    method: str = ""
+
+    def fingerprint(self) -> DataFingerprint:
+        files = sum(len(h.data_file) + len(h.images) for h in self.hashes.values()) if "file" in self.method else 0
+        return DataFingerprint.of(self.method, self.hashes, files)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What the checks found that the run keeps: the fingerprint of its data (None: the data checks found problems)."""
+
+    data: DataFingerprint | None = None
+
+
+def _path_problem(key: str, path: Any, wanted: str = "file") -> str | None:
+    """`data.<key>: ...` when the path the suite names is not there, or is something else than a `wanted`
+    ("file" or "folder"): a FIFO, a device, a link that loops, ..."""
+    odd = not_a_file(path, wanted)
+    if odd:
+        return f"data.{key}: {path} {odd}"
+    return None if os.path.lexists(path) else f"data.{key}: {wanted} not found: {path}"
 
 
 def _check_data(loaded: LoadedSuite) -> tuple[list[str], _Data]:
@@ -43,32 +69,39 @@ def _check_data(loaded: LoadedSuite) -> tuple[list[str], _Data]:
             problems.append(f"data.name: builtin dataset {data.name!r} is for task {known[data.name]!r}, not {suite.task!r}")
         elif suite.task == "clip":
             from qbench.cell.data import shapes
+            from qbench.cell.tasks.clip import builtin_splits
 
             found.train_examples, found.train_source = shapes.split_size("shifted-train"), f"builtin dataset {data.name!r}"
+            for split, made in zip(SPLITS, builtin_splits(data.name), strict=True):
+                found.hashes[split].add_data_file(f"data.{split}", shapes.content_bytes(made))
+            found.method = f"sha256 of the generated builtin set {data.name!r} (pixels and captions)"
         else:
             from qbench.cell.data.text import builtin_corpus
 
             corpus = builtin_corpus(data.name)
             found.texts = {"data.train": corpus.train, "data.eval": corpus.eval}
+            for split in SPLITS:
+                found.hashes[split].add_data_file(f"data.{split}", found.texts[f"data.{split}"])
+            found.method = f"sha256 of the builtin corpus {data.name!r} (its text)"
         return problems, found
     if (data.kind == "tsv") != (suite.task == "clip"):
         problems.append(f"data.kind: {data.kind!r} data does not fit task {suite.task!r} (clip reads tsv, causal_lm reads text)")
         return problems, found
-    for key in ("train", "eval"):
-        path = loaded.resolve(getattr(data, key))
-        if not path.is_file():
-            problems.append(f"data.{key}: file not found: {path}")
+    problems += [problem for key in SPLITS if (problem := _path_problem(key, loaded.resolve(getattr(data, key))))]
     if data.kind == "tsv":
         root = loaded.resolve(data.image_root)
-        if not root.is_dir():
-            problems.append(f"data.image_root: folder not found: {root}")
+        problem = _path_problem("image_root", root, "folder")
+        if problem:
+            problems.append(problem)
         if problems:
             return problems, found
         from qbench.cell.data.tsv import load_tsv
 
-        for key in ("train", "eval"):
+        found.method = "sha256 of the annotation files and of every image file, as the checks read them"
+        for key in SPLITS:
             try:
-                split = load_tsv(loaded.resolve(getattr(data, key)), root, decode_images=True)
+                split = load_tsv(loaded.resolve(getattr(data, key)), root, decode_images=True, hashes=found.hashes[key],
+                                 key=f"data.{key}")
             except DataError as error:
                 problems += [f"data.{key}: {line}" for line in error.problems]
             else:
@@ -79,9 +112,11 @@ def _check_data(loaded: LoadedSuite) -> tuple[list[str], _Data]:
         return problems, found
     from qbench.cell.data.text import load_text_file
 
-    for key in ("train", "eval"):
+    found.method = "sha256 of the text files, as the checks read them"
+    for key in SPLITS:
         try:
-            found.texts[f"data.{key}"] = load_text_file(loaded.resolve(getattr(data, key)))
+            found.texts[f"data.{key}"] = load_text_file(loaded.resolve(getattr(data, key)), hashes=found.hashes[key],
+                                                        key=f"data.{key}")
         except DataError as error:
             problems += [f"data.{key}: {line}" for line in error.problems]
     return problems, found
@@ -262,6 +297,7 @@ def _check_model(loaded: LoadedSuite) -> tuple[list[str], _Model | None]:
     except models.ModelNotFound as error:
         return [f"model.id: {error}"], None
     except Exception as error:  # e.g. a malformed hub id: one line, never a traceback
+        limits.reraise_exhausted(error)  # a limit hit is no fault of the suite's: said as what it is
         return [f"model.id: cannot find model {suite.model.id!r} ({type(error).__name__}: {error})"], None
     problems = []
     if suite.model.revision is not None and Path(path).is_dir():
@@ -272,12 +308,14 @@ def _check_model(loaded: LoadedSuite) -> tuple[list[str], _Model | None]:
         folder = models.checkpoint_folder(path, suite.model.revision)
         problem = models.unsafe_weights_problem(folder, suite.model.safetensors_only) if folder else None
     except Exception as error:
+        limits.reraise_exhausted(error)  # a limit hit is no fault of the suite's: said as what it is
         problem = f"cannot list the checkpoint's files ({type(error).__name__}: {error})"
     if problem:
         problems.append(f"model.safetensors_only: {problem}")
     try:
         config, module_types, parameters, model_class = _meta_model(path, suite)
     except Exception as error:  # a broken config.json, an unknown model type, remote code not allowed...
+        limits.reraise_exhausted(error)  # a limit hit is no fault of the suite's: said as what it is
         problems.append(f"model.id: cannot build the model from {path}/config.json ({_first_line(error)})")
         return problems, None
     if folder is not None and not problem:
@@ -287,6 +325,7 @@ def _check_model(loaded: LoadedSuite) -> tuple[list[str], _Model | None]:
     try:
         tokenizer = _load_tokenizer(path, suite)
     except Exception as error:  # no tokenizer files, a broken tokenizer.json, a missing image processor...
+        limits.reraise_exhausted(error)  # a limit hit is no fault of the suite's: said as what it is
         problems.append(f"model.id: cannot load the tokenizer or image processor from {path} ({_first_line(error)})")
         return problems, None
     return problems, _Model(path, config, parameters, tokenizer)
@@ -332,6 +371,7 @@ def _text_problems(suite: Any, found: _Data, tokenizer: Any, max_length: int) ->
         try:
             tokens = count_tokens_up_to(tokenizer, text, needed)
         except Exception as error:  # a tokenizer that cannot encode this text
+            limits.reraise_exhausted(error)  # a limit hit is no fault of the suite's: said as what it is
             problems.append(f"{key}: the model's tokenizer cannot encode the text ({_first_line(error)})")
             continue
         if tokens < needed:
@@ -358,8 +398,8 @@ def _model_problems(loaded: LoadedSuite, model: _Model, found: _Data, device: st
     return problems
 
 
-def check_suite(loaded: LoadedSuite, check_model: bool = True, device: str | None = None, gpus_per_cell: int = 1) -> None:
-    """SuiteError listing every problem found, or return quietly.
+def check_suite(loaded: LoadedSuite, check_model: bool = True, device: str | None = None, gpus_per_cell: int = 1) -> Checked:
+    """SuiteError listing every problem found, else what the run keeps of the checks (the data's fingerprint).
 
     Data files line by line (and every image decoded), the model's config, LoRA targets, tokenizer and
     safe weights, every length against the model's limit, the text corpora against its tokenizer, the
@@ -376,3 +416,4 @@ def check_suite(loaded: LoadedSuite, check_model: bool = True, device: str | Non
             problems += _model_problems(loaded, model, found, device, gpus_per_cell)
     if problems:
         raise SuiteError(loaded.path, problems)
+    return Checked(found.fingerprint())

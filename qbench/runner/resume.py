@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ from qbench.contract import grid, precisions
 from qbench.contract import record as record_model
 from qbench.contract import records as results
 from qbench.contract.files import component_problem
+from qbench.contract.fingerprint import DataFingerprint
 from qbench.contract.suite import Cell, LoadedSuite, SuiteError, parse
 
 MANIFEST = "run.json"
@@ -86,6 +88,71 @@ def _foreign_records(run_dir: Path, loaded: LoadedSuite, cells: list[Cell]) -> l
     return problems
 
 
+# what a run writes in its folder: none of it may be a link (a write would land wherever it points)
+RUN_PARTS = ("run.json", ".lock", results.RECORDS_DIR, "logs", "slurm", "report", "results.csv", "summary.md")
+DIRECTORIES = (results.RECORDS_DIR, "logs", "slurm", "report")
+CELL_FILES = ((results.RECORDS_DIR, "{}.json"), (results.RECORDS_DIR, ".{}" + results.ATTEMPT_SUFFIX), ("logs", "{}.log"))
+MAX_PARALLEL = 4096  # cells side by side on one machine: more is no machine's
+
+
+def _link_problem(path: Path, run_dir: Path) -> str | None:
+    if not path.is_symlink():
+        return None
+    try:
+        target = f" (to {os.readlink(path)})"
+    except OSError:
+        target = ""
+    return (f"{path} is a symbolic link{target}; qbench writes only inside the run folder {run_dir} and does not write "
+            "through links: put the real folder or file there (or start a new run)")
+
+
+def run_folder_problems(run_dir: Path, cell_ids: list[str]) -> list[str]:
+    """What stops a resumption from writing only inside `run_dir`: a part it writes (cells/, logs/, run.json, a
+    cell's record, attempt token or log, ...) that is a symbolic link, or a folder of it that is a file."""
+    problems = [problem for name in RUN_PARTS if (problem := _link_problem(run_dir / name, run_dir))]
+    problems += [f"{run_dir / name} is not a folder (a run folder's {name}/ holds the run's files)" for name in DIRECTORIES
+                 if (run_dir / name).exists() and not (run_dir / name).is_symlink() and not (run_dir / name).is_dir()]
+    if problems:
+        return problems
+    for cell_id in cell_ids:
+        problems += [problem for folder, pattern in CELL_FILES
+                     if (problem := _link_problem(run_dir / folder / pattern.format(cell_id), run_dir))]
+    forkserver_log = _link_problem(run_dir / "logs" / "forkserver.log", run_dir)
+    return problems + ([forkserver_log] if forkserver_log else [])
+
+
+def _whole_number(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def recorded_settings_problems(manifest: dict[str, Any]) -> list[str]:
+    """The settings a resumption takes from run.json (how many cells side by side, threads, compute dtype, how
+    cells start), each checked: a value edited by hand is named as run.json's, not as an option's."""
+    from qbench.machine.compute import ComputeChoice
+
+    problems = []
+    if manifest.get("parallel") is not None and not _whole_number(manifest["parallel"], 1, MAX_PARALLEL):
+        problems.append(f"parallel: {str(manifest['parallel'])[:40]!r} is not a number of cells from 1 to {MAX_PARALLEL}")
+    if manifest.get("threads_per_cell") is not None and not _whole_number(manifest["threads_per_cell"], 1, MAX_PARALLEL):
+        problems.append(f"threads_per_cell: {str(manifest['threads_per_cell'])[:40]!r} is not a number of threads from 1 to {MAX_PARALLEL}")
+    for key in ("threads_source", "cell_launcher", "executor"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], str):
+            problems.append(f"{key}: {str(manifest[key])[:40]!r} is not a text")
+    if manifest.get("data") is not None and DataFingerprint.from_manifest(manifest["data"]) is None:
+        problems.append(f"data: {str(manifest['data'])[:60]!r} is not the data fingerprint a run records")
+    compute = manifest.get("compute")
+    if compute is not None:
+        try:
+            if not isinstance(compute, dict) or not isinstance(compute.get("emulated", []), list):
+                raise TypeError
+            choice = ComputeChoice(**{**compute, "emulated": tuple(compute.get("emulated", ()))})
+            if not all(isinstance(getattr(choice, key), str) for key in ("setting", "dtype", "reason", "device")):
+                raise TypeError
+        except (TypeError, ValueError):
+            problems.append(f"compute: {str(compute)[:60]!r} is not the compute dtype a run records")
+    return [f"{problem} (run.json was edited?)" for problem in problems]
+
+
 def open_run(run_dir: Path | str, force: bool = False) -> Resumable:
     """Read RUN_DIR/run.json; SuiteError when it is missing or broken, when the suite file changed since
     the run started (unless `force`), or when a cell's record file holds a record of another cell or
@@ -93,6 +160,9 @@ def open_run(run_dir: Path | str, force: bool = False) -> Resumable:
     directory comes from one suite."""
     run_dir = Path(run_dir)
     manifest_path = run_dir / MANIFEST
+    link = _link_problem(manifest_path, run_dir)
+    if link:
+        raise SuiteError(run_dir, [link])
     manifest = results.read_record(manifest_path)
     if manifest is None:
         raise SuiteError(run_dir, [f"not a qbench run directory: no readable {MANIFEST}"])
@@ -122,8 +192,14 @@ def open_run(run_dir: Path | str, force: bool = False) -> Resumable:
             "suite recorded in run.json, not with the file as it is now. Start a new run to use the file, or pass "
             "--force to resume with the recorded suite"
         ])
+    settings = recorded_settings_problems(manifest)
+    if settings:
+        raise SuiteError(manifest_path, settings)
     loaded = LoadedSuite(parse(suite_text, suite_path), suite_path, recorded_sha, suite_text)
     cells = _recorded_cells(manifest_path, manifest["cells"], loaded)
+    links = run_folder_problems(run_dir, [cell.id for cell in cells])
+    if links:
+        raise SuiteError(run_dir, links)
     foreign = _foreign_records(run_dir, loaded, cells)
     if foreign:
         raise SuiteError(run_dir, foreign)
@@ -134,9 +210,28 @@ def open_run(run_dir: Path | str, force: bool = False) -> Resumable:
     )
 
 
-def note_resume(state: Resumable, forced: bool, executor: str = "local") -> None:
-    """Add this resumption (when, which cells, whether forced, what ran them) to run.json (atomically;
-    OutputError when the run folder cannot be written, before any cell starts)."""
+def data_changes(state: Resumable, now: DataFingerprint | None) -> list[str]:
+    """What differs between the data run.json's fingerprint describes and the data as the checks read it now,
+    one line per file ([] when the same, or when either is not known: a run from before fingerprints)."""
+    recorded = DataFingerprint.from_manifest(state.manifest.get("data"))
+    if recorded is None or now is None:
+        return []
+    data = state.loaded.suite.data
+    where = {f"data.{key}": str(state.loaded.resolve(value)) for key in ("train", "eval", "image_root")
+             if isinstance(value := getattr(data, key, None), str)}
+    return recorded.changes(now, where)
+
+
+def data_changed_line(changes: list[str]) -> str:
+    shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+    return (f"the data changed since this run started ({shown}): resuming would measure the missing cells on other "
+            "data than the finished ones. Start a new run, or pass --force to resume on the data as it is now (its "
+            "records say so, and reports do not compare them with the others)")
+
+
+def note_resume(state: Resumable, forced: bool, executor: str = "local", data_changed: list[str] | None = None) -> None:
+    """Add this resumption (when, which cells, whether forced, what ran them, what data changed) to run.json
+    (atomically; OutputError when the run folder cannot be written, before any cell starts)."""
     manifest = dict(state.manifest)
     earlier = manifest.get("resumes")
     manifest["resumes"] = [*(earlier if isinstance(earlier, list) else []), {
@@ -144,6 +239,7 @@ def note_resume(state: Resumable, forced: bool, executor: str = "local") -> None
         "cells": [c.id for c in state.pending],
         "forced": forced,
         "suite_file_changed": state.suite_file_changed,
+        "data_changed": list(data_changed or []),
         "executor": executor,
     }]
     results.write_manifest(state.run_dir, manifest)

@@ -1,6 +1,6 @@
 """The run folder of one `qbench run` and its records: the manifest, each cell's spec, the record of a cell
-that died or was stopped, and the one place that turns Ctrl-C / SIGTERM into RunInterrupted. Where the cells
-run is the executor's business (qbench.runner.executors)."""
+that died or was stopped, and the one place that turns Ctrl-C / SIGTERM / SIGHUP into RunInterrupted. Where
+the cells run is the executor's business (qbench.runner.executors)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +29,7 @@ from qbench.runner import scheduler
 from qbench.runner.scheduler import LOCAL_SLOT, Slot
 
 if TYPE_CHECKING:
+    from qbench.contract.fingerprint import DataFingerprint
     from qbench.machine.compute import ComputeChoice
     from qbench.runner.executors.base import Executor
 
@@ -74,11 +75,41 @@ class QuietListener:
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """The run was stopped by Ctrl-C or SIGTERM; finished records are intact."""
+    """The run was stopped by Ctrl-C, SIGTERM or SIGHUP; finished records are intact."""
 
     def __init__(self, message: str, signal_name: str = "SIGINT"):
         super().__init__(message)
         self.signal_name = signal_name
+
+
+# what stops a run cleanly (its cells recorded interrupted, a line saying how to resume): Ctrl-C, `kill`, and
+# the hangup of a closed terminal or a lost SSH session
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def signals_as_interrupts(heard: Callable[[str], None]) -> Iterator[None]:
+    """While inside, each of STOP_SIGNALS raises KeyboardInterrupt in the main thread (every time: a second one
+    stops the cells faster), `heard(its name)` called first. A signal this process ignores stays ignored
+    (`nohup` ignores SIGHUP so that the run outlives the terminal), and outside the main thread nothing changes."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        heard(name)
+        raise KeyboardInterrupt(name)
+
+    previous: dict[int, Any] = {}
+    try:
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, interrupt)
+    except ValueError:  # not the main thread: signals are the main thread's caller's to handle
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def resolve_device(requested: str) -> str:
@@ -117,9 +148,11 @@ class Run:
     compute: ComputeChoice | None = None  # the run's compute dtype (None: each cell decides)
     threads: ThreadPlan | None = None  # torch threads per cell (None: torch's default)
     env: dict[str, str] | None = None  # extra environment for the cell processes
+    data: DataFingerprint | None = None  # what the checks read of the data (None: no checks ran, e.g. a test's executor)
     # this `qbench run` or `--resume` (its start, UTC): the report marks speed ratios of cells timed in different ones
     session: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     stopping: bool = field(default=False, init=False)  # set once the run is being interrupted
+    stop_signal: str | None = field(default=None, init=False)  # the signal that stopped it (SIGINT, SIGTERM, SIGHUP)
     running: list[str] = field(default_factory=list, init=False)  # ids of the cells that run now
     stopped_during: list[str] = field(default_factory=list, init=False)  # the cells running when the stop came
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -149,7 +182,8 @@ class Run:
         the record itself). `parent_pid`: the process that starts the cell as its child (0 where that is not
         known here, e.g. a Ray worker or a SLURM job, which checks it itself)."""
         run_fields = {"env.cell_launcher": self.executor.launcher, "run_session": self.session,
-                      **(self.threads.record_fields() if self.threads else {})}
+                      **(self.threads.record_fields() if self.threads else {}),
+                      **(self.data.record_fields() if self.data else {})}
         return CellSpec(
             suite_text=self.loaded.source_text(),
             suite_path=str(self.loaded.path),
@@ -167,6 +201,7 @@ class Run:
             compute=asdict(self.compute) if self.compute else None,
             threads=self.threads.per_cell if self.threads else None,
             run_fields=run_fields,
+            data_files=dict(self.data.data_files) if self.data else {},
         )
 
     def crash_record(
@@ -175,7 +210,7 @@ class Run:
     ) -> dict[str, Any]:
         """The record of a cell whose process ended without finishing it: what it had measured, plus how it ended."""
         if interrupted:
-            how = "was stopped because the run was interrupted"
+            how = f"was stopped because the run was interrupted{f' by {self.stop_signal}' if self.stop_signal else ''}"
         elif returncode is not None and returncode < 0:
             how = f"was killed by signal {signal.Signals(-returncode).name}"
         else:
@@ -208,7 +243,7 @@ class Run:
         record_file = results.record_path(self.run_dir, cell.id)
         written = results.read_record(record_file)
         if written is not None and written.get("status") not in (None, "running"):
-            record = {**(fields or {}), **written}
+            record = self.named_stop({**(fields or {}), **written})
         else:
             record = {**self.crash_record(cell, returncode, last_phase, written, interrupted, slot), **(fields or {})}
             if failure and not interrupted:
@@ -220,6 +255,15 @@ class Run:
             results.write_record(record_file, record, attempt)
         except results.Superseded:
             return results.read_record(record_file) or record
+        return record
+
+    def named_stop(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A record the cell wrote as interrupted while the run was being stopped, naming the signal that stopped
+        the run: the cell itself got SIGTERM from whatever stopped it (the runner, its Ray task, its SLURM job),
+        whichever signal reached the run."""
+        if (self.stopping and self.stop_signal and record.get("status") == "interrupted"
+                and self.stop_signal not in str(record.get("error"))):
+            record["error"] = f"Interrupted: stopped by signal {self.stop_signal} (the run's)"
         return record
 
     # -- what the executors report (from one thread at a time: Run.execute serializes the listener) -----------
@@ -237,34 +281,32 @@ class Run:
                 self.running.remove(cell.id)
         self.listener.cell_finished(cell, record)
 
+    def execute(self) -> list[dict[str, Any]]:
+        """Run every cell with the executor; a failed cell is recorded and the run goes on. Ctrl-C, SIGTERM or
+        SIGHUP stops it: the executor stops its running cells (recorded `interrupted`, naming the signal) and
+        RunInterrupted is raised."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.listener = scheduler.serialized(self.listener)  # cells report from one thread per slot
+        with signals_as_interrupts(self._heard):
+            try:
+                return self.executor.run_cells(self)
+            except KeyboardInterrupt:
+                if not self.stopping:
+                    self.stop_requested()
+                where = f"during cell {', '.join(self.stopped_during)}" if self.stopped_during else "between cells"
+                signal_name = self.stop_signal or "SIGINT"
+                raise RunInterrupted(f"run stopped by {signal_name} {where}", signal_name) from None
+
+    def _heard(self, signal_name: str) -> None:
+        if self.stop_signal is None:  # the first one stopped the run; a second only hurries it
+            self.stop_signal = signal_name
+
     def stop_requested(self) -> None:
         """The run is being interrupted: remember which cells were running (for the message) and say so."""
         with self._lock:
             self.stopping = True
+            self.stop_signal = self.stop_signal or "SIGINT"  # a KeyboardInterrupt no handler of ours raised
             self.stopped_during = list(self.running)
-
-    def execute(self) -> list[dict[str, Any]]:
-        """Run every cell with the executor; a failed cell is recorded and the run goes on. Ctrl-C or SIGTERM
-        stops it: the executor stops its running cells (recorded `interrupted`) and RunInterrupted is raised."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.listener = scheduler.serialized(self.listener)  # cells report from one thread per slot
-        terminated: list[int] = []  # a KeyboardInterrupt may come back re-raised without our message (Ray does)
-
-        def sigterm_as_interrupt(signum: int, frame: Any) -> None:
-            terminated.append(signum)
-            raise KeyboardInterrupt("SIGTERM")
-
-        previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
-        try:
-            return self.executor.run_cells(self)
-        except KeyboardInterrupt:
-            if not self.stopping:
-                self.stop_requested()
-            where = f"during cell {', '.join(self.stopped_during)}" if self.stopped_during else "between cells"
-            signal_name = "SIGTERM" if terminated else "SIGINT"
-            raise RunInterrupted(f"run stopped by {signal_name} {where}; finished records are in {self.run_dir}", signal_name) from None
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def note_timing(run_dir: Path, timing: dict[str, Any]) -> None:

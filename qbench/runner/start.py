@@ -84,12 +84,20 @@ def finish(server: ForkServerLauncher | None, loaded: LoadedSuite, cells: list[C
     if device == "auto" and cuda_seen is False:
         device = "cpu"  # the fork server asked torch: no GPU
     shared: list[str] = []
-    if launcher is not None:  # the data first: the compute probe measures with a batch of it
-        warmed = launcher.warm(loaded.source_text(), str(loaded.path), device)
-        shared = list(warmed.get("built") or [])
-        if warmed.get("error"):
-            notes.append(f"the fork server could not prepare the data once for all cells ({warmed['error']}); each cell does")
-        timing.update({"warm_s": warmed.get("seconds"), "warm_cpu_s": warmed.get("cpu_s")})
+    if launcher is not None:
+        try:
+            warmed = launcher.warm(loaded.source_text(), str(loaded.path), device)
+        except ForkServerUnavailable as why:  # it died (the OOM killer, a limit): the cells go on without it
+            launcher.close()
+            launcher = None
+            if option == "forkserver":
+                raise
+            notes.append(f"cells start as plain subprocesses: {why}")
+        else:
+            shared = list(warmed.get("built") or [])
+            if warmed.get("error"):
+                notes.append(f"the fork server could not prepare the data once for all cells ({warmed['error']}); each cell does")
+            timing.update({"warm_s": warmed.get("seconds"), "warm_cpu_s": warmed.get("cpu_s")})
     probe_started = time.monotonic()
     device, choice = _compute_choice(launcher, loaded, cells, device, thread_plan, recorded)
     timing["compute_probe_s"] = time.monotonic() - probe_started

@@ -16,7 +16,10 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
+import sys
 import time
+
+from qbench.zoo.folders import run_writing
 
 DEFAULT_OUT_DIR = pathlib.Path(__file__).parent / "checkpoints" / "tiny-clip"
 
@@ -194,13 +197,13 @@ def _pretrain(model, pixels, input_ids, attention_mask, key_ids, seed: int) -> N
     model.eval()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    build(args.out, args.seed)
+    return run_writing("python -m qbench.zoo.clip", args.out, lambda: build(args.out, args.seed))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

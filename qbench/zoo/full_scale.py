@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qbench.zoo.folders import run_writing
+
 # openai/clip-vit-base-patch32's config.json, written out (text eos_token_id 2 is the hub file's
 # legacy value: transformers then pools at the highest token id, which the tokenizer below gives
 # its end-of-text token, as the real BPE tokenizer does)
@@ -101,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    write_random_clip(args.folder, seed=args.seed)
-    return 0
+    return run_writing("python -m qbench.zoo.full_scale", args.folder, lambda: write_random_clip(args.folder, seed=args.seed))
 
 
 if __name__ == "__main__":

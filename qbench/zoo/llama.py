@@ -21,7 +21,10 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
+import sys
 from dataclasses import asdict, dataclass
+
+from qbench.zoo.folders import run_writing
 
 DEFAULT_OUT_DIR = pathlib.Path(__file__).parent / "checkpoints" / "tiny-llama"
 CORPUS_NAME = "pydoc"
@@ -193,15 +196,15 @@ def _warmup_cosine(settings: PretrainSettings):
     return factor
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m qbench.zoo.llama", description=__doc__.split("\n\n")[0].replace("\n", " ")
     )
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT_DIR, help="checkpoint folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    build(args.out, seed=args.seed)
+    return run_writing("python -m qbench.zoo.llama", args.out, lambda: build(args.out, seed=args.seed))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

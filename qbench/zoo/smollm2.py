@@ -36,6 +36,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from qbench.contract import files
 from qbench.machine.model_cache import (  # noqa: F401  (re-exported: the conversion's own names)
     BASE_ORIGIN,
     CACHE_ENV,
@@ -186,16 +187,46 @@ def _remove_leftovers(cache: Path) -> list[Path]:
     return left
 
 
+def cache_problem(cache: Path) -> str | None:
+    """Why the conversion cannot write in the cache folder `cache` (made if missing), or None."""
+    for ancestor in (cache, *cache.parents):
+        if ancestor.exists() or ancestor.is_symlink():
+            if not ancestor.is_dir():
+                return f"the cache folder {cache}: {ancestor} is not a folder (set ${CACHE_ENV} or --cache to a folder)"
+            break
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"cannot create the cache folder {cache} ({error.strerror or error})"
+    if not os.access(cache, os.W_OK | os.X_OK):
+        return f"cannot write in the cache folder {cache} (read-only or no permission; set ${CACHE_ENV} or --cache to another folder)"
+    folder = checkpoint_dir(cache)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        return f"{folder} is not a folder the conversion wrote; move it away"
+    return None
+
+
 def convert(cache: Path | None = None, force: bool = False) -> Path:
-    """Make (or reuse) the bf16 checkpoint folder; returns its path. NotReady when the source is missing.
+    """Make (or reuse) the bf16 checkpoint folder; returns its path. NotReady when the source is missing, or
+    when the cache folder cannot be written (a file in its place, read-only, full), with the one line why.
 
     A finished folder whose files all match its manifest (sizes and sha256) is reused unless `force`;
     a half-written or damaged one is replaced. The new folder is written under a temporary name in the
     same cache folder and renamed into place, so readers see either the old state or the finished folder.
     """
     cache = Path(cache or cache_root())
+    problem = cache_problem(cache)
+    if problem:
+        raise NotReady(problem)
+    try:
+        return _convert_in(cache, force)
+    except OSError as error:  # the lock, the temporary folder, a full disk: nothing half-made is left
+        where = error.filename or cache
+        raise NotReady(f"cannot write the converted checkpoint in {cache}: {where}: {error.strerror or error}") from None
+
+
+def _convert_in(cache: Path, force: bool) -> Path:
     folder = checkpoint_dir(cache)
-    cache.mkdir(parents=True, exist_ok=True)
     with _conversion_lock(cache):
         _remove_leftovers(cache)
         if folder.exists() and not force and folder_problem(folder, hashes=True) is None:
@@ -216,9 +247,9 @@ def convert(cache: Path | None = None, force: bool = False) -> Path:
             finally:
                 torch.set_num_threads(threads)
             _write_manifest(partial, gguf, digest)
-            for path in partial.iterdir():  # safetensors writes 0600 and mkdtemp makes 0700: readable like any cache
-                os.chmod(path, 0o644)
-            os.chmod(partial, 0o755)
+            for path in partial.iterdir():  # safetensors writes 0600 and mkdtemp makes 0700: as the umask says
+                os.chmod(path, 0o666 & ~files.UMASK)
+            os.chmod(partial, 0o777 & ~files.UMASK)
             if folder.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.old-", dir=cache))
                 os.rename(folder, old / "previous")

@@ -58,14 +58,20 @@ def target_dir(baselines_dir: Path | str, suite_name: str) -> Path:
 
 def replace_problem(target: Path, suite_name: str) -> str | None:
     """Why the folder `target` may not be replaced by a baseline of `suite_name`, or None: it does not exist,
-    is empty, or holds only a baseline.json and run folders of that suite (their records and run.json say
-    so), each with only what a baseline keeps."""
+    is empty, or holds only what an earlier `baseline refresh` wrote there (its marker lists every file as
+    written: qbench.contract.files.ownership_problem), a baseline.json and run folders of that suite (their
+    records and run.json say so)."""
     if not target.exists() and not target.is_symlink():
         return None
     if target.is_symlink() or not target.is_dir():
         return f"{target} is not a baseline folder (not a folder)"
+    owned = files.ownership_problem(target)
+    if owned:
+        return f"{target} {owned}"
     try:
         for run in sorted(target.iterdir()):
+            if run.name == files.OWNED_MARKER:
+                continue
             if run.name == MANIFEST and run.is_file() and not run.is_symlink():
                 manifest = results.read_record(run)
                 if manifest is None or manifest.get("suite", suite_name) != suite_name:
@@ -141,6 +147,7 @@ def install(run_dirs: list[Path], baselines_dir: Path, suite_name: str, allow_di
         shutil.rmtree(staging, ignore_errors=True)
         raise files.OutputError(target, error.strerror or str(error), error.errno) from None
     try:
-        return files.publish_dir(staging, target, lambda folder: replace_problem(folder, suite_name))
+        return files.publish_dir(staging, target, lambda folder: replace_problem(folder, suite_name),
+                                 written_by="qbench baseline refresh")
     except files.NotOwned as problem:
         raise BaselineError(f"{problem}; the baseline is left as it was") from None

@@ -212,6 +212,23 @@ def grid_axes(baseline: pd.DataFrame, new: pd.DataFrame) -> list[str]:
     return [c for c in grid.RECORD_KEYS if c in varying]
 
 
+DATA_FINGERPRINTS = ("data.fingerprint.train_sha256", "data.fingerprint.eval_sha256")
+
+
+def data_problems(baseline: pd.DataFrame, new: pd.DataFrame) -> list[str]:
+    """The records were trained or evaluated on other data (their fingerprints differ, between the sides or
+    within one): what that changes is the data's doing, neither a regression nor an improvement."""
+    problems = []
+    for column in DATA_FINGERPRINTS:
+        old, now = _values(baseline, column), _values(new, column)
+        split = column.removeprefix("data.fingerprint.").removesuffix("_sha256")
+        if (old and now and old != now) or len(old) > 1 or len(now) > 1:
+            short = lambda values: ", ".join(v[:12] for v in sorted(values)) or "none"  # noqa: E731
+            problems.append(f"the {split} data differ (data.fingerprint.{split}_sha256: baseline {short(old)} vs new {short(now)}): "
+                            "a change of data is neither a regression nor an improvement; compare runs on the same data")
+    return problems
+
+
 def identity_problems(baseline: pd.DataFrame, new: pd.DataFrame, axes: list[str] | None = None) -> list[str]:
     """Reasons the two sets of records measure different things (suite, model, data, configuration, device).
     The grid's `axes` are left out: cells are matched by them, and a value on one side only is a cell missing."""
@@ -224,6 +241,7 @@ def identity_problems(baseline: pd.DataFrame, new: pd.DataFrame, axes: list[str]
         old, now = _values(baseline, column), _values(new, column)
         if old and now and old != now:
             problems.append(f"{column} differs: baseline {_shown(old)} vs new {_shown(now)}")
+    problems += data_problems(baseline, new)
     devices_old = {v.split(":")[0] for v in _values(baseline, "env.device")}
     devices_new = {v.split(":")[0] for v in _values(new, "env.device")}
     if devices_old and devices_new and devices_old != devices_new:

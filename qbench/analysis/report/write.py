@@ -43,8 +43,6 @@ SECTIONS = (
 )
 # the ones before the plots in report.md and the HTML page
 LEADING = ("answer", "verdict", "base_origin", "nonfinite", "warnings")
-# everything a report folder holds: a folder with anything else in it is not replaced
-REPORT_FILES = ("report.csv", "report.parquet", "summary.csv", "report.md", "report.html")
 PLOTS_DIR = "plots"
 
 
@@ -73,28 +71,12 @@ def default_report_dir(inputs: list[Path]) -> Path:
 
 
 def report_folder_problem(folder: Path) -> str | None:
-    """Why `folder` may not be replaced by a new report (it holds something a report does not write), or
-    None: an empty folder, or one an earlier `qbench report` wrote."""
-    unknown = []
-    try:
-        for entry in sorted(Path(folder).iterdir()):
-            if entry.is_symlink():
-                unknown.append(entry.name)
-            elif entry.name in REPORT_FILES and entry.is_file():
-                continue
-            elif entry.name == PLOTS_DIR and entry.is_dir() and all(
-                p.suffix == ".png" and p.is_file() and not p.is_symlink() for p in entry.iterdir()
-            ):
-                continue
-            else:
-                unknown.append(entry.name)
-    except OSError as error:
-        return f"cannot be read ({error.strerror or error})"
-    if unknown:
-        return (
-            f"holds files a qbench report does not write ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); "
-            "give --out a new or empty folder, or an earlier report's folder"
-        )
+    """Why `folder` may not be replaced by a new report, or None: it is new, empty, or holds only an earlier
+    report as qbench wrote it (its marker, qbench.contract.files.OWNED_MARKER, lists every file; names alone
+    prove nothing, a person's own report.md is theirs)."""
+    problem = files.ownership_problem(folder)
+    if problem:
+        return f"{problem}; give --out a new or empty folder, or an earlier report's folder"
     return None
 
 
@@ -115,7 +97,7 @@ def write_report(frame: pd.DataFrame, out_dir: Path, title: str | None = None, s
 
     The report is written in a folder beside `out_dir` and moved into place when complete, so a reader (or
     another `qbench report` at the same moment) sees an earlier report or this whole one. An existing
-    `out_dir` is replaced only if it holds nothing but an earlier report (files.NotOwned otherwise, before
+    `out_dir` is replaced only if it holds nothing but an earlier report as qbench wrote it (files.NotOwned otherwise, before
     anything is written); OutputError when a file cannot be written (a full disk), `out_dir` left as it was."""
     out_dir = Path(out_dir)
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
@@ -132,7 +114,10 @@ def write_report(frame: pd.DataFrame, out_dir: Path, title: str | None = None, s
         failed = Path(error.filename) if error.filename else None
         where = out_dir / failed.relative_to(staging) if failed and failed.is_relative_to(staging) else out_dir
         raise files.OutputError(where, error.strerror or str(error), error.errno) from None
-    files.publish_dir(staging, out_dir, report_folder_problem)
+    try:
+        files.publish_dir(staging, out_dir, written_by="qbench report")
+    except files.NotOwned as problem:
+        raise files.NotOwned(f"{problem}; give --out a new or empty folder, or an earlier report's folder") from None
     return {key: out_dir / path.relative_to(staging) for key, path in written.items()}
 
 

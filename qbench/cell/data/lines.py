@@ -9,7 +9,10 @@ tools disagree, so the file does not say how many lines it has. A NUL byte means
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+
+from qbench.contract.files import not_a_file
 
 
 class DataError(ValueError):
@@ -31,13 +34,18 @@ def raise_problems(problems: list[str]) -> None:
         raise DataError(problems[:MAX_PROBLEMS_SHOWN] + ([f"... and {more} more problems"] if more > 0 else []))
 
 
-def read_text(path: Path | str, what: str = "file") -> str:
+def read_text(path: Path | str, what: str = "file", on_read: Callable[[bytes], None] | None = None) -> str:
     """The file as text: UTF-8, a leading byte order mark dropped, CRLF read as LF; nothing else changed.
+    `on_read` gets the bytes as read (the data fingerprint hashes them: no second read).
 
-    DataError naming the file (and the physical line of the first bad byte) when it is missing,
-    unreadable, binary (a NUL byte) or not UTF-8.
+    DataError naming the file (and the physical line of the first bad byte) when it is missing, not a
+    regular file (a folder, a FIFO, a device: `files.not_a_file`), unreadable, binary (a NUL byte) or
+    not UTF-8.
     """
     path = Path(path)
+    odd = not_a_file(path)
+    if odd:
+        raise DataError(f"{path}: {what} {odd}")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -46,6 +54,8 @@ def read_text(path: Path | str, what: str = "file") -> str:
         raise DataError(f"{path}: {what} is a folder, not a file") from None
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: cannot read the {what} ({getattr(error, 'strerror', None) or error})") from None
+    if on_read is not None:
+        on_read(data)
     nul = data.find(b"\0")
     if nul >= 0:
         line = data.count(b"\n", 0, nul) + 1
@@ -58,13 +68,13 @@ def read_text(path: Path | str, what: str = "file") -> str:
     return text.removeprefix("\ufeff").replace("\r\n", "\n")
 
 
-def physical_lines(path: Path | str, what: str = "file") -> list[tuple[int, str]]:
+def physical_lines(path: Path | str, what: str = "file", on_read: Callable[[bytes], None] | None = None) -> list[tuple[int, str]]:
     """(line number from 1, text without its line ending) for every line, as `wc -l` and `awk` count them.
 
     A last line without a final LF is still a line. DataError as `read_text`, and naming the line of a
     CR that does not end one.
     """
-    text = read_text(path, what)
+    text = read_text(path, what, on_read)
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the LF that ends the last line does not start another

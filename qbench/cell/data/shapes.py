@@ -107,6 +107,14 @@ def make_split(name: str, seed: int = 0) -> ClipSplit:
     return ClipSplit([render(s, rng) for s in scenes], captions, list(range(len(scenes))))
 
 
+def content_bytes(split: ClipSplit) -> bytes:
+    """What a generated split holds, as bytes to hash (the data fingerprint): every image's size, mode and
+    pixels, every caption and the image it describes."""
+    parts = [f"{image.size[0]}x{image.size[1]} {image.mode}\n".encode() + image.tobytes() for image in split.images]
+    parts += [f"{index}\t{caption}\n".encode() for index, caption in zip(split.caption_image, split.captions, strict=True)]
+    return b"".join(parts)
+
+
 def split_size(name: str) -> int:
     """Images (one caption each) of split ``name``, counted without drawing them."""
     if name not in SPLITS:

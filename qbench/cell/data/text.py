@@ -21,8 +21,10 @@ import json
 import pathlib
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from qbench.cell.data.lines import DataError, physical_lines, read_text
+from qbench.contract.fingerprint import FileHashes
 from qbench.contract.tasks import builtin_names
 
 # The fine-tune domain is the tail of the sorted topics holding at least this share of the
@@ -89,7 +91,7 @@ def builtin_topics(name: str = "pydoc") -> dict[str, list[str]]:
     return {part: list(topics) for part, topics in parts.items()}
 
 
-def load_text_file(path: str | pathlib.Path) -> str:
+def load_text_file(path: str | pathlib.Path, hashes: FileHashes | None = None, key: str = "data") -> str:
     """Read a ``.txt`` file, or a ``.jsonl`` file whose lines each hold a "text" string.
 
     A ``.txt`` file is its text as is, except that a leading byte order mark is dropped and CRLF line
@@ -97,13 +99,15 @@ def load_text_file(path: str | pathlib.Path) -> str:
     only, as ``wc -l`` counts them); their records are joined with a blank line between them, and blank
     lines are skipped. Raises DataError (a ValueError) naming the file, and the physical line where it
     applies, when the content is unusable: missing, binary, not UTF-8, empty, bad JSON, no "text" string.
+    `hashes` (the data fingerprint, suite key `key`) gets the hash of the file's bytes as read.
     """
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
+    on_read = (lambda data: hashes.add_data_file(key, data)) if hashes is not None else None
     if suffix == ".txt":
-        text = read_text(path, "text file")
+        text = read_text(path, "text file", on_read)
     elif suffix == ".jsonl":
-        text = TOPIC_SEPARATOR.join(_read_jsonl_texts(path))
+        text = TOPIC_SEPARATOR.join(_read_jsonl_texts(path, on_read))
     else:
         raise DataError(f"{path}: unsupported text file type {suffix!r}; expected .txt or .jsonl")
     if not text.strip():
@@ -122,9 +126,9 @@ def _json_kind(value: object) -> str:
     return {list: "array", dict: "object", str: "string"}.get(type(value), "number")
 
 
-def _read_jsonl_texts(path: pathlib.Path) -> list[str]:
+def _read_jsonl_texts(path: pathlib.Path, on_read: Any = None) -> list[str]:
     texts = []
-    for line_number, line in physical_lines(path, "JSONL file"):
+    for line_number, line in physical_lines(path, "JSONL file", on_read):
         if not line.strip():
             continue
         where = f"{path}:{line_number}"

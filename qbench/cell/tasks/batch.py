@@ -116,6 +116,7 @@ class TaskBase:
         self.model_class = getattr(transformers, self.model_class_name)
         self.model_path = model_path
         self.device = device
+        self.data_read: dict[str, str] = {}  # suite key -> sha256 of its data file as prepare_data read it
 
     def differences(self, a: Evaluation, b: Evaluation) -> tuple[dict[str, Interval], str]:
         """The interval of `a - b` per metric, unpaired (a task with per-unit scores pairs them instead)."""

@@ -280,21 +280,28 @@ def evaluate_perplexity(model: torch.nn.Module, windows: Windows, text_bytes: in
     return perplexity_evaluation(score_windows(model, windows, batch_size, device), text_bytes, byte_shares)
 
 
-def load_texts(loaded_suite: LoadedSuite) -> tuple[str, str, dict[str, Any]]:
-    """(train text, eval text, record fields naming where they came from and their hash)."""
+def load_texts(loaded_suite: LoadedSuite, read: dict[str, str] | None = None) -> tuple[str, str, dict[str, Any]]:
+    """(train text, eval text, record fields naming where they came from and their hash). `read` gets, per suite
+    key ("data.train", "data.eval"), the sha256 of the file as read (of the text, for a builtin corpus)."""
     from qbench.cell.data import text
+    from qbench.contract.fingerprint import FileHashes
 
     data = loaded_suite.suite.data
+    hashes = FileHashes()
     if data.kind == "builtin":
         corpus = text.builtin_corpus(data.name)
         source = f"builtin:{data.name}: {corpus.source}"
+        hashes.add_data_file("data.train", corpus.train)
+        hashes.add_data_file("data.eval", corpus.eval)
     elif data.kind == "text":
-        train = text.load_text_file(loaded_suite.resolve(data.train))
-        held_out = text.load_text_file(loaded_suite.resolve(data.eval))
+        train = text.load_text_file(loaded_suite.resolve(data.train), hashes, "data.train")
+        held_out = text.load_text_file(loaded_suite.resolve(data.eval), hashes, "data.eval")
         corpus = text.TextCorpus.from_parts(train, held_out, f"text files: {data.train} / {data.eval}")
         source = corpus.source
     else:
         raise ValueError(f"the causal_lm task reads text (kind builtin or text), not {data.kind!r}")
+    if read is not None:
+        read.update(hashes.data_file)
     return corpus.train, corpus.eval, {
         "data.source": source,
         "data.sha256": corpus.sha256,
@@ -316,7 +323,7 @@ class CausalLMTask(TaskBase):
         spec = self.suite.model
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         config = AutoConfig.from_pretrained(self.model_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-        train_text, eval_text, info = load_texts(self.loaded_suite)
+        train_text, eval_text, info = load_texts(self.loaded_suite, self.data_read)
         limit = lengths.causal_lm_limit(config, self.tokenizer.model_max_length)
         self.window = lengths.eval_window(self.suite, limit)  # ValueError for a length past the model's context
         self.max_length, source = lengths.train_max_length(self.suite, limit)

@@ -23,28 +23,45 @@ if TYPE_CHECKING:
     from qbench.contract.suite import LoadedSuite
 
 
-def load_splits(loaded_suite: LoadedSuite) -> tuple[ClipSplit, ClipSplit, dict[str, Any]]:
-    """(train, eval) splits of the suite's data and record fields describing them."""
+def builtin_splits(name: str) -> tuple[ClipSplit, ClipSplit]:
+    """The (train, eval) splits of a builtin image-text set, generated once per process."""
+    from qbench.cell.data import shapes
     from qbench.machine import memo as shared
 
+    if name not in builtin_names("clip"):
+        raise ValueError(f"unknown builtin image-text dataset {name!r}; builtin: {', '.join(builtin_names('clip'))}")
+    train, held_out = (shared.memo(("shapes split", split), lambda split=split: shapes.make_split(split))
+                       for split in ("shifted-train", "shifted-eval"))
+    return train, held_out
+
+
+def load_splits(loaded_suite: LoadedSuite, read: dict[str, str] | None = None) -> tuple[ClipSplit, ClipSplit, dict[str, Any]]:
+    """(train, eval) splits of the suite's data and record fields describing them. `read` gets, per suite key
+    ("data.train", "data.eval"), the sha256 of the annotation file as read, or of the generated split's content:
+    what the data fingerprint of the run's checks says of them."""
+    from qbench.contract.fingerprint import FileHashes
+
     data = loaded_suite.suite.data
+    hashes = FileHashes()
     if data.kind == "builtin":
         from qbench.cell.data import shapes
 
-        if data.name not in builtin_names("clip"):
-            raise ValueError(f"unknown builtin image-text dataset {data.name!r}; builtin: {', '.join(builtin_names('clip'))}")
-        train, held_out = (shared.memo(("shapes split", name), lambda name=name: shapes.make_split(name))
-                           for name in ("shifted-train", "shifted-eval"))
+        train, held_out = builtin_splits(data.name)
+        if read is not None:
+            for key, split in (("data.train", train), ("data.eval", held_out)):
+                hashes.add_data_file(key, shapes.content_bytes(split))
         source = "builtin:shapes (generated; splits shifted-train / shifted-eval)"
     elif data.kind == "tsv":
         from qbench.cell.data.tsv import load_tsv
 
         root = loaded_suite.resolve(data.image_root)
-        train = load_tsv(loaded_suite.resolve(data.train), root)
-        held_out = load_tsv(loaded_suite.resolve(data.eval), root)
+        train = load_tsv(loaded_suite.resolve(data.train), root, hashes=hashes, key="data.train")
+        held_out = load_tsv(loaded_suite.resolve(data.eval), root, hashes=hashes, key="data.eval")
         source = f"tsv: {data.train} / {data.eval}, images under {data.image_root}"
     else:
         raise ValueError(f"the clip task reads image-caption data (kind builtin or tsv), not {data.kind!r}")
+    if read is not None:
+        read.update(hashes.data_file)
     info = {
         "data.source": source,
         "data.train_images": len(train.images),
@@ -96,7 +113,7 @@ class ClipTask(TaskBase):
         if problems:  # the checks before the run say so too; this keeps a cell honest when called on its own
             raise ValueError("; ".join(problems))
         self.max_length, source = lengths.train_max_length(self.suite, limit)
-        self.train_split, self.eval_split, info = load_splits(self.loaded_suite)
+        self.train_split, self.eval_split, info = load_splits(self.loaded_suite, self.data_read)
         self.positives = positives(self.eval_split, self._model_text)
         info["data.eval_duplicate_captions"] = duplicate_captions(self.eval_split, self._model_text)
         info.update(limit.record())

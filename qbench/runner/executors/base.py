@@ -11,13 +11,14 @@ The runner (qbench.runner.api) drives every executor the same way:
 
 An executor whose cells are processes it can follow (a local subprocess or fork, a SLURM job) says only how
 to start one (`ProcessExecutor.launch`, giving a `CellHandle`); the slots, the log, the record of a cell that
-died and the stopping are shared here. Ctrl-C and SIGTERM reach `run_cells` as KeyboardInterrupt (the run
-turns SIGTERM into one, once, in qbench.runner.runner.Run.execute): an executor stops its running cells and
-lets it go on.
+died and the stopping are shared here. Ctrl-C, SIGTERM and SIGHUP reach `run_cells` as KeyboardInterrupt
+(the run turns them into one in qbench.runner.runner.Run.execute, remembering which in `run.stop_signal`): an
+executor stops its running cells and lets it go on.
 """
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -128,8 +129,8 @@ class CellHandle(Protocol):
     def wait(self) -> int | None:
         """Until the cell's process ended; its exit code (None: not known)."""
 
-    def terminate(self) -> None:
-        """Ask the cell to stop (it records itself as interrupted)."""
+    def terminate(self, sig: int = signal.SIGTERM) -> None:
+        """Ask the cell to stop (it records itself as interrupted), with `sig` where the cell is a process here."""
 
     def stop(self) -> None:
         """Ask the cell to stop and make sure it is gone."""
@@ -159,8 +160,8 @@ class ProcessExecutor(Executor):
             run.stop_requested()
             with lock:
                 handles = list(running)
-            for handle in handles:
-                handle.terminate()
+            for handle in handles:  # the signal the run got, which the cell then names in its record
+                handle.terminate(signal.Signals[run.stop_signal or "SIGTERM"])
             for handle in handles:
                 handle.stop()
 

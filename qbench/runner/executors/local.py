@@ -88,6 +88,12 @@ class SubprocessExecutor(ProcessExecutor):
             request.check(device)
             begun = start.finish(self.server, request.loaded, request.cells, device, request.threads, self.asked, on_gpus,
                                  request.recorded_compute)
+        except ForkServerUnavailable as why:  # asked for by name (auto falls back to subprocesses)
+            if self.server is not None:
+                self.server.close()
+                self.server = None
+            raise SuiteError(COMMAND_LINE, [f"--executor forkserver: the fork server cannot run cells here ({why}); "
+                                            "use --executor local or subprocess"]) from None
         except BaseException:
             if self.server is not None:
                 self.server.close()

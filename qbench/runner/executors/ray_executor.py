@@ -85,23 +85,112 @@ def cell_resources(device: str, gpus_per_cell: float, cpus_per_cell: float) -> C
     return CellResources(gpus_per_cell if device.startswith("cuda") else 0.0, cpus_per_cell)
 
 
-def check_reachable(address: str) -> None:
-    """SuiteError unless something listens at the address's host and port (Ray itself would wait minutes)."""
+def check_reachable(address: str, timeout_s: float | None = None) -> None:
+    """SuiteError (one line, within about `timeout_s` per step) unless a Ray cluster answers at the address:
+    something listens at its host and port, speaks gRPC (HTTP/2, as Ray's GCS and Ray Client servers do),
+    and, for a GCS address, answers GCS's first question. Ray itself would retry for minutes, or forever at
+    a port where another service listens. `timeout_s` None: CONNECT_TIMEOUT_S."""
+    timeout_s = CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
     parts = urlsplit(address if "://" in address else f"//{address}")
     try:
         host, port = parts.hostname, parts.port
     except ValueError:
         host = port = None
-    if not host or not port:
+    if not host or not port or parts.scheme not in ("", "ray"):
         raise SuiteError(COMMAND_LINE, [
             f"--ray-address {address!r}: expected auto, local, HOST:PORT (the head's GCS, e.g. 10.0.0.1:6379) or "
             "ray://HOST:PORT (Ray Client, e.g. ray://10.0.0.1:10001)"
         ])
     try:
-        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+        with socket.create_connection((host, port), timeout=timeout_s) as connection:
+            answer = _http2_answer(connection, timeout_s)
     except OSError as error:
         reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
         raise SuiteError(COMMAND_LINE, [f"--ray-address {address}: cannot reach a Ray cluster at {host}:{port}: {reason}"]) from None
+    if answer is not None:
+        raise SuiteError(COMMAND_LINE, [f"--ray-address {address}: something listens at {host}:{port}, but no Ray cluster answers "
+                                        f"there ({answer}); give the head's GCS address (ray start prints it) or ray://HOST:PORT"])
+    problem = _ray_service_problem(f"{host}:{port}", parts.scheme == "ray", timeout_s)
+    if problem:
+        raise SuiteError(COMMAND_LINE, [f"--ray-address {address}: no Ray cluster answers at {host}:{port} ({problem})"])
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS frame
+
+
+def _http2_answer(connection: socket.socket, timeout_s: float) -> str | None:
+    """None when the server at the other end of `connection` answers the HTTP/2 preface with a SETTINGS frame
+    (every gRPC server does, Ray's among them), else what it did instead, in words."""
+    connection.settimeout(timeout_s)
+    try:
+        connection.sendall(HTTP2_PREFACE)
+        received = b""
+        while len(received) < 9:
+            chunk = connection.recv(9 - len(received))
+            if not chunk:
+                break
+            received += chunk
+    except TimeoutError:
+        return f"it did not answer the gRPC handshake in {timeout_s:g} s"
+    except OSError as error:
+        return f"it closed the connection: {error.strerror or error}"
+    if len(received) == 9 and received[3] == 4:  # frame type 4: SETTINGS
+        return None
+    if not received:
+        return "it closed the connection without a word"
+    try:  # the rest of its first line, for the message
+        while b"\n" not in received and len(received) < 80 and (chunk := connection.recv(80 - len(received))):
+            received += chunk
+    except OSError:
+        pass
+    said = received.split(b"\n")[0].strip().decode("ascii", "replace")
+    shown = repr(said) if said.isprintable() else f"bytes {received.hex()}"
+    return f"it does not speak gRPC; it said {shown}"
+
+
+def _ray_service_problem(target: str, client: bool, timeout_s: float) -> str | None:
+    """Why the gRPC server at `target` is not what a Ray address names (a GCS; with `client`, a Ray Client
+    server): the first question Ray asks it (GCS GetClusterId, Ray Client's ping) is not answered within
+    `timeout_s`. None when it is, or where this Ray keeps no such call."""
+    try:
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc, ray_client_pb2, ray_client_pb2_grpc
+    except ImportError:
+        return None
+    # no such method, no answer in time, no HTTP/2 peer: another service; any other refusal (UNAUTHENTICATED:
+    # a server that wants the token ray.init brings) comes from Ray
+    not_ray = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+    channel = grpc.insecure_channel(target)
+    try:
+        if client:
+            what = "Ray Client's ping"
+            ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(
+                ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING), timeout=timeout_s)
+        else:
+            what = "GetClusterId, the first thing Ray asks its GCS,"
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)
+    except grpc.RpcError as error:
+        code = error.code() if callable(getattr(error, "code", None)) else None
+        if code not in not_ray:
+            return None
+        details = error.details() if callable(getattr(error, "details", None)) else ""
+        return f"{what} gave {code.name}" + (f": {details}" if details else "")
+    except Exception:  # a Ray whose protocol moved on: ray.init says what is wrong
+        return None
+    finally:
+        channel.close()
+    return None
+
+
+def _auto_address() -> str | None:
+    """The GCS address `--ray-address auto` means, as Ray finds it; None where it finds none (ray.init then
+    says so at once) or this Ray cannot say."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address("auto")
+    except Exception:  # none found, or a Ray whose internals moved: ray.init decides
+        return None
 
 
 @dataclass
@@ -147,7 +236,11 @@ def connect(address: str | None) -> Cluster:
     address = address or os.environ.get("RAY_ADDRESS") or LOCAL
     started_here = not ray.is_initialized()
     if started_here:
-        if address not in (LOCAL, "auto"):
+        if address == "auto":  # the cluster Ray finds for itself ($RAY_ADDRESS, the last `ray start` here): probed too
+            found = _auto_address()
+            if found:
+                check_reachable(found)
+        elif address != LOCAL:
             check_reachable(address)
         options: dict[str, Any] = {"log_to_driver": False, "logging_level": "error"}
         if address == LOCAL:
@@ -362,7 +455,7 @@ class RayExecutor(Executor):
         returned = task.returned or {}
         written = returned.get("record")
         if written is not None and written.get("status") not in (None, "running"):
-            record = {**(task.placement or {}), **written}
+            record = self.run.named_stop({**(task.placement or {}), **written})
         else:
             partial = written or task.checkpoint
             record = self.run.crash_record(task.cell, returned.get("returncode"), returned.get("last_phase"), partial, self.run.stopping)

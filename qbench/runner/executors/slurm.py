@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ INSTALL_HINT = 'pip install "qbench[slurm]"'
 JOBS_FOLDER = "slurm"  # in the run folder: submitit's files, each job's own output, the cells' progress events
 DEFAULT_TIME_MIN = 24 * 60  # a job's time limit, unless --slurm-time-min says otherwise
 STOP_WAIT_S = CHILD_STOP_GRACE_S + 30  # how long an interrupted run waits for a cancelled job
+PROBE_TIMEOUT_S = 10.0  # what the SLURM controller gets to answer before any run folder (sbatch would wait)
 
 
 def import_submitit() -> Any:
@@ -58,6 +60,41 @@ def run_job(spec_json: str, env: dict[str, str], log_path: str, events_path: str
         finally:
             cell.stop()  # cancelled: the cell records itself interrupted and ends
     return {"returncode": returncode, "last_phase": cell.last_phase, "wall_s": time.monotonic() - launched}
+
+
+def _probe(argv: list[str]) -> tuple[str | None, str]:
+    """(why `argv` gave no answer, or None; its output): run with PROBE_TIMEOUT_S, never longer."""
+    import subprocess
+
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return f"`{argv[0]}` is not installed here", ""
+    except subprocess.TimeoutExpired:
+        return f"`{' '.join(argv)}` did not answer in {PROBE_TIMEOUT_S:g} s", ""
+    except OSError as error:
+        return f"`{argv[0]}` cannot run ({error.strerror or error})", ""
+    said = " ".join((done.stdout + " " + done.stderr).split())[:300]
+    if done.returncode != 0:
+        return f"`{' '.join(argv)}` failed (exit {done.returncode}{f': {said}' if said else ''})", said
+    return None, done.stdout
+
+
+def controller_problems(partition: str | None) -> list[str]:
+    """What stops jobs from being submitted, asked of SLURM itself with a bounded wait: its controller does not
+    answer (`scontrol ping`), or the partition asked for is none it knows (`sinfo`)."""
+    problem, said = _probe(["scontrol", "ping"])
+    if problem is None and "DOWN" in said and "UP" not in said:
+        problem = f"`scontrol ping` says the controller is down ({' '.join(said.split())[:200]})"
+    if problem:
+        return [f"--executor slurm: the SLURM controller does not answer: {problem}"]
+    if partition:
+        problem, said = _probe(["sinfo", "--noheader", "--partition", partition, "--format", "%P"])
+        if problem:
+            return [f"--slurm-partition {partition}: SLURM could not say whether it has this partition: {problem}"]
+        if not said.strip():
+            return [f"--slurm-partition {partition}: SLURM has no such partition (`sinfo --summarize` lists them)"]
+    return []
 
 
 class SlurmCell:
@@ -110,7 +147,7 @@ class SlurmCell:
         self.wall_s = outcome["wall_s"]
         return self._returncode
 
-    def terminate(self) -> None:
+    def terminate(self, sig: int = signal.SIGTERM) -> None:  # a job is cancelled whichever signal stopped the run
         try:
             self.job.cancel(check=False)
         except Exception:  # already gone
@@ -177,6 +214,7 @@ class SlurmExecutor(ProcessExecutor):
     def check(self, request: Request) -> str:
         if self.on_this_machine and request.device.startswith("cuda"):
             self.check_cuda(request.device_option or f"--device {request.device}")
+        self._check_submission()
         request.check(request.device if self.on_this_machine else None)
         return f"{request.device}, SLURM jobs through submitit ({self._where()})"
 
@@ -188,6 +226,7 @@ class SlurmExecutor(ProcessExecutor):
         decide on their nodes, as Ray's do (their records say what they chose)."""
         device, compute, notes, warnings = request.device, None, [], []
         threads = request.threads
+        self._check_submission()
         if self.on_this_machine:
             if device.startswith("cuda"):
                 self.check_cuda(request.device_option or f"--device {device}")
@@ -206,6 +245,31 @@ class SlurmExecutor(ProcessExecutor):
             manifest["compute"] = asdict(compute)
         return Placement(device=device, where=f"{device}, SLURM jobs through submitit ({self._where()})", compute=compute,
                          threads=threads, lines=lines, notes=notes, warnings=warnings, manifest=manifest)
+
+    def _check_submission(self) -> None:
+        """SuiteError, before any run folder, when the jobs could not be submitted: the SLURM controller does not
+        answer or has no such partition, or an --slurm-option is no sbatch setting submitit knows."""
+        import tempfile
+
+        problems = [] if self.on_this_machine else controller_problems(self.partition)
+        if problems:
+            raise SuiteError(COMMAND_LINE, problems)
+        with tempfile.TemporaryDirectory(prefix="qbench-slurm-check-") as scratch:
+            self._job_parameters(import_submitit().AutoExecutor(folder=scratch, cluster=self.cluster), "job")
+
+    def _job_parameters(self, jobs: Any, name: str) -> None:
+        """Set the jobs' sbatch settings on submitit's executor `jobs`; SuiteError for one submitit does not know."""
+        parameters: dict[str, Any] = {"timeout_min": self.time_min, "name": name, "gpus_per_node": self.gpus_per_cell,
+                                      "tasks_per_node": 1, "nodes": 1}
+        if self.cpus_per_cell:
+            parameters["cpus_per_task"] = int(self.cpus_per_cell)
+        if self.partition:
+            parameters["slurm_partition"] = self.partition
+        parameters.update({f"slurm_{key}": value for key, value in self.parameters.items()})
+        try:
+            jobs.update_parameters(**parameters)
+        except (NameError, ValueError, AssertionError, TypeError) as error:  # an sbatch setting submitit does not know
+            raise SuiteError(COMMAND_LINE, [f"--slurm-option: {' '.join(str(error).split())[:400]}"]) from None
 
     def _settings(self) -> dict[str, Any]:
         import submitit
@@ -226,17 +290,7 @@ class SlurmExecutor(ProcessExecutor):
         folder = run.run_dir / JOBS_FOLDER
         folder.mkdir(parents=True, exist_ok=True)
         self.jobs = submitit.AutoExecutor(folder=folder, cluster=self.cluster)
-        parameters: dict[str, Any] = {"timeout_min": self.time_min, "name": f"qbench-{run.loaded.suite.name}",
-                                      "gpus_per_node": self.gpus_per_cell, "tasks_per_node": 1, "nodes": 1}
-        if self.cpus_per_cell:
-            parameters["cpus_per_task"] = int(self.cpus_per_cell)
-        if self.partition:
-            parameters["slurm_partition"] = self.partition
-        parameters.update({f"slurm_{key}": value for key, value in self.parameters.items()})
-        try:
-            self.jobs.update_parameters(**parameters)
-        except (NameError, ValueError, AssertionError) as error:  # an sbatch setting submitit does not know
-            raise SuiteError(COMMAND_LINE, [f"--slurm-option: {' '.join(str(error).split())[:400]}"]) from None
+        self._job_parameters(self.jobs, f"qbench-{run.loaded.suite.name}")
         return super().run_cells(run)
 
     def launch(self, run: Run, cell: Cell, env: dict[str, str], log: TextIO, attempt: str) -> CellHandle:
