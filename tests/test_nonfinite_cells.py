@@ -141,6 +141,7 @@ def test_clip_float16_overflow_and_planted_nan_are_counted_never_hits_and_flagge
 LLM_SUITE = """
 name = "nanlm"
 task = "causal_lm"
+compute_dtype = "bfloat16"  # a 16-bit base that k-bit preparation widens (auto measures float32 on some CPUs)
 baseline = "fp32"
 [model]
 id = "builtin:tiny-llama"

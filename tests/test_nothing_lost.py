@@ -81,7 +81,7 @@ def test_install_without_runs_or_over_a_foreign_folder_leaves_it_as_it_was(tmp_p
     with pytest.raises(baseline.BaselineError, match=r"holds files qbench did not write there \(old/summary.md\)"):
         baseline.install([run], tmp_path / "baselines", "ci")
     (old / "summary.md").unlink()
-    (old / "cells" / "bf16-seed0.json").write_text(json.dumps({**make_records()[0], "note": "edited by hand"}))
+    (old / "cells" / "bf16-seed0.json").write_text(json.dumps({**make_records()[0], "weights.load.base_bytes": 1}))  # edited by hand
     with pytest.raises(baseline.BaselineError, match="old/cells/bf16-seed0.json was changed since qbench wrote it"):
         baseline.install([run], tmp_path / "baselines", "ci")
     other = write_run(tmp_path / "baselines" / "ci" / "other", make_records(run_id="other"))

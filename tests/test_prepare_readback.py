@@ -18,6 +18,7 @@ from .conftest import write_suite
 LLM_SUITE = """
 name = "prep"
 task = "causal_lm"
+compute_dtype = "bfloat16"  # a 16-bit base that k-bit preparation widens (auto measures float32 on some CPUs)
 baseline = "{baseline}"
 [model]
 id = "builtin:tiny-llama"

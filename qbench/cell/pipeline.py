@@ -140,9 +140,13 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     reason = f"stopped by signal {signal.Signals(signum).name}"
-    if signum == signal.SIGTERM and _parent_pid and os.getppid() != _parent_pid:
-        # the parent-death signal: say whose death, not only which signal it is
-        gone = "the runner is gone" if _runner_gone() else f"its parent process (pid {_parent_pid}) ended"
+    from qbench.cell import parent
+
+    runner_gone = signum == signal.SIGTERM and (parent.runner_gone() or _runner_gone())
+    if signum == signal.SIGTERM and (runner_gone or (_parent_pid and os.getppid() != _parent_pid)):
+        # the parent-death signal (or the fork server's SIGTERM when the runner died): say whose death, not only
+        # which signal it is
+        gone = "the runner is gone" if runner_gone else f"its parent process (pid {_parent_pid}) ended"
         reason += f", the parent-death signal: {gone}"
     raise Interrupted(reason)
 

@@ -212,7 +212,11 @@ def _child(target: str, env: dict[str, str], fds: list[int], sock: socket.socket
 
 
 def serve(sock: socket.socket) -> None:
+    from qbench.cell import parent
+
+    parent.share_with_children()
     children: set[int] = set()
+    closed_by_runner = False  # the runner said "close": else an end of the socket means the runner is gone
     wakeup_read, wakeup_write = os.pipe()
     os.set_blocking(wakeup_write, False)
     signal.set_wakeup_fd(wakeup_write)
@@ -241,6 +245,9 @@ def serve(sock: socket.socket) -> None:
             if message is None:
                 return
             op = message.get("op")
+            if op == "close":
+                closed_by_runner = True
+                return
             if op == "warm":
                 try:
                     send(sock, {"warmed": warm(message)})
@@ -262,6 +269,8 @@ def serve(sock: socket.socket) -> None:
                     os.close(fd)
                 send(sock, {"error": f"unknown op {op!r}"})
     finally:  # the parent is gone or stopped us: no cell of this run may outlive it
+        if children and not closed_by_runner:
+            parent.mark_runner_gone()  # the cells' SIGTERM is the runner's death passed on
         stop_children(children)
 
 

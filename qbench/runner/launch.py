@@ -317,6 +317,10 @@ class ForkServerLauncher:
     def close(self) -> None:
         """Stop the server (it kills any child still running) and wait for it."""
         try:
+            wire.send(self._sock, {"op": "close"})  # not the runner's death: the server's cells are stopped, not orphaned
+        except OSError:
+            pass
+        try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass

@@ -32,12 +32,13 @@ def planted(environ: dict[str, str] | None = None) -> Iterator[None]:
         if current[0][0].faults:
             self.record["test.injected_faults"] = current[0][0].describe()
 
-    def write(self: pipeline.CellRun, record: dict[str, Any]) -> None:
-        original_write(self, record)
+    def write(self: pipeline.CellRun, record: dict[str, Any]) -> dict[str, Any]:
+        written = original_write(self, record)
         phase = record.get("last_phase")  # a phase's checkpoint is on disk: its faults fire now, once
         if record.get("status") == "running" and current and phase and phase not in fired:
             fired.add(phase)
             current[0][0].phase(phase)
+        return written
 
     def get_task(*args: Any, **kwargs: Any) -> Any:
         task = original_get_task(*args, **kwargs)

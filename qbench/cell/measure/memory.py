@@ -137,6 +137,8 @@ class MemoryTracker:
         from qbench.cell.measure.forked import fork_server
 
         self.fork_server = fork_server()
+        # every record holds the key, wherever its cell ran (None: not forked from a fork server)
+        self.record["memory.fork_server_siblings_max"] = None
         try:
             self._sampler: SamplerProcess | None = SamplerProcess(
                 os.getpid(),
