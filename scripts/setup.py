@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
         os.chdir(REPO)
         run(python(), "-m", "piptools", "compile", "-q", *common, "-o", "requirements/main.txt", "pyproject.toml")
         run(python(), "-m", "piptools", "compile", "-q", *common, "-c", "requirements/main.txt", "--extra", "dev",
-            "--extra", "ray", "--extra", "real-lm", "-o", "requirements/test.txt", "pyproject.toml")
+            "--extra", "ray", "--extra", "slurm", "--extra", "real-lm", "-o", "requirements/test.txt", "pyproject.toml")
         return 0
     if what == "run":
         ensure("main.txt")
