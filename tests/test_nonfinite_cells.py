@@ -22,7 +22,7 @@ from qbench.analysis.report.findings import nonfinite_findings
 from qbench.contract import records as results
 
 from .conftest import write_suite
-from .helpers import clip
+from .helpers import clip, suites
 from .records import make_records
 
 pytestmark = pytest.mark.slow
@@ -138,34 +138,11 @@ def test_clip_float16_overflow_and_planted_nan_are_counted_never_hits_and_flagge
     }
 
 
-LLM_SUITE = """
-name = "nanlm"
-task = "causal_lm"
-baseline = "fp32"
-[model]
-id = "builtin:tiny-llama"
-[data]
-kind = "builtin"
-name = "pydoc"
-num_workers = 2
-[lora]
-r = 4
-alpha = 8
-dropout = 0.0
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = 3
-batch_size = 4
-lr = 1e-3
-max_length = 64
-untimed_steps = 1
-prepare = "peft-kbit"
-[eval]
-batch_size = 16
-window = 64
-[matrix]
-precisions = ["fp32", "nf4"]
-"""
+LLM_SUITE = suites.causal_lm(
+    precisions=("fp32", "nf4"), name="nanlm", settings='baseline = "fp32"', data_extra="num_workers = 2",
+    lora='r = 4\nalpha = 8\ndropout = 0.0\ntarget_modules = ["q_proj", "v_proj"]', steps=3,
+    train='batch_size = 4\nlr = 1e-3\nmax_length = 64\nuntimed_steps = 1\nprepare = "peft-kbit"', evaluation="batch_size = 16\nwindow = 64",
+)
 
 
 def test_causal_lm_planted_nan_logits_make_perplexity_infinite_and_k_bit_preparation_is_read_back(tmp_path, faulty_cells):

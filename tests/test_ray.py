@@ -309,34 +309,11 @@ def comparable(record: dict) -> dict:
 
 @pytest.mark.slow
 def test_real_cells_on_ray_give_the_records_of_the_local_runner(ray_cluster, tmp_path, monkeypatch):
-    suite = write_suite(tmp_path, """
-name = "same"
-task = "clip"
-compute_dtype = "float32"
-baseline = "nf4"
-[model]
-id = "builtin:tiny-clip"
-[data]
-kind = "builtin"
-name = "shapes"
-[lora]
-r = 4
-alpha = 8
-dropout = 0.0
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = 3
-batch_size = 8
-lr = 1e-3
-warmup_steps = 0
-untimed_steps = 1
-[eval]
-batch_size = 64
-recall_k = [1, 5]
-[matrix]
-precisions = ["nf4"]
-seeds = [0]
-""")
+    suite = write_suite(tmp_path, clip.suite(
+        precisions=("nf4",), name="same", settings='compute_dtype = "float32"\nbaseline = "nf4"', matrix="seeds = [0]", steps=3,
+        train="batch_size = 8\nlr = 1e-3\nwarmup_steps = 0\nuntimed_steps = 1",
+        lora='r = 4\nalpha = 8\ndropout = 0.0\ntarget_modules = ["q_proj", "v_proj"]', evaluation="batch_size = 64\nrecall_k = [1, 5]",
+    ))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # forwarded to the Ray workers' cells as to local ones
     assert cli.main(["run", str(suite), "--out", str(tmp_path / "local"), "--device", "cpu"]) == 0
     assert cli.main(["run", str(suite), "--out", str(tmp_path / "ray"), "--device", "cpu", "--executor", "ray"]) == 0

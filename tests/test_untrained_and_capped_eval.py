@@ -15,31 +15,15 @@ from qbench.cell.tasks.causal_lm import evaluate_perplexity, make_windows, score
 from qbench.contract.suite import parse
 
 from .conftest import write_suite
+from .helpers import suites
 from .test_suite import MINIMAL, problems_of
 
-LLM = """
-name = "untrained"
-task = "causal_lm"
-[model]
-id = "builtin:tiny-llama"
-[data]
-kind = "builtin"
-name = "pydoc"
-[lora]
-r = 4
-alpha = 8
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = {steps}
-batch_size = 4
-lr = 1e-3
-max_length = 32
-[eval]
-window = 64
-max_windows = {max_windows}
-[matrix]
-precisions = ["bf16", "nf4"]
-"""
+
+def llm(steps: int, max_windows: int, precisions: tuple[str, ...] = ("bf16", "nf4")) -> str:
+    return suites.causal_lm(
+        precisions=precisions, name="untrained", steps=steps, train="batch_size = 4\nlr = 1e-3\nmax_length = 32",
+        evaluation=f"window = 64\nmax_windows = {max_windows}",
+    )
 
 
 def test_zero_steps_is_a_valid_suite_whatever_untimed_steps_says():
@@ -57,7 +41,7 @@ def test_negative_steps_are_still_refused():
 
 
 def test_zero_steps_runs_no_train_phase_and_leaves_its_figures_absent_with_the_reason(tmp_path: Path):
-    suite = write_suite(tmp_path, LLM.format(steps=0, max_windows=4))
+    suite = write_suite(tmp_path, llm(steps=0, max_windows=4))
     assert cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     run_dir = next((tmp_path / "out" / "untrained").iterdir())
     for path in sorted((run_dir / "cells").glob("*.json")):
@@ -126,7 +110,7 @@ def test_perplexity_of_chosen_windows_is_that_of_those_windows_alone():
 
 
 def test_max_windows_is_recorded_with_the_protocol(tmp_path: Path):
-    suite = write_suite(tmp_path, LLM.format(steps=0, max_windows=3).replace('["bf16", "nf4"]', '["bf16"]'))
+    suite = write_suite(tmp_path, llm(steps=0, max_windows=3, precisions=("bf16",)))
     assert cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     record = json.loads(next((tmp_path / "out" / "untrained").glob("*/cells/bf16-seed0.json")).read_text())
     assert record["eval.windows"] == 3 and record["eval.available_windows"] > 3
