@@ -23,17 +23,17 @@ PHASES = ("data", "load", "prepare", "eval_before", "train", "eval_after")
 
 DROP_QUANTIZATION = '''
 import os
-from qbench.contract import precisions
+from qbench.cell import models
 
 _dropped = set(os.environ.get("QBENCH_TEST_DROP_QUANTIZATION", "").split(","))
-_original = precisions.Precision.quantization_config
+_original = models.quantization_config
 
 
-def _without_quantization(self, compute_dtype):
-    return None if self.name in _dropped else _original(self, compute_dtype)
+def _without_quantization(precision, compute_dtype):
+    return None if precision.name in _dropped else _original(precision, compute_dtype)
 
 
-precisions.Precision.quantization_config = _without_quantization
+models.quantization_config = _without_quantization
 '''
 
 

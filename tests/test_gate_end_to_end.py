@@ -34,7 +34,10 @@ def real_run(tmp_path_factory) -> Path:
 def test_report_of_a_real_run_embeds_every_plot(real_run: Path):
     assert cli.main(["report", str(real_run)]) == 0
     html = (real_run / "report" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4
+    drawn = sorted(p.stem for p in (real_run / "report" / "plots").glob("*.png"))
+    # no before/after plot: the suite evaluates after fine-tuning only
+    assert len(drawn) == 5 and not any("before" in name for name in drawn), drawn
+    assert html.count("data:image/png;base64,") == len(drawn)
     assert "Relative to bf16" in html
 
 

@@ -300,7 +300,7 @@ def test_sigterm_cancels_pending_tasks_stops_running_cells_and_resume_finishes_l
 
 # --- real cells: a record does not depend on where it was made ---------------------------------
 
-VOLATILE = ("time.", "speed.", "memory.", "cpu.", "env.", "run_id", "error_traceback", "model_path", "readback.weight_error_s")
+VOLATILE = ("time.", "speed.", "memory.", "cpu.", "env.", "run_id", "run_session", "error_traceback", "model_path", "readback.weight_error_s")
 
 
 def comparable(record: dict) -> dict:

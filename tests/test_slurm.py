@@ -155,7 +155,7 @@ def test_without_submitit_installed_executor_slurm_exits_2_with_one_line(tsv_sui
 
 # --- real cells: a record does not depend on how its process was started ------------------------
 
-VOLATILE = ("time.", "speed.", "memory.", "cpu.", "env.", "run_id", "error_traceback", "model_path", "readback.weight_error_s")
+VOLATILE = ("time.", "speed.", "memory.", "cpu.", "env.", "run_id", "run_session", "error_traceback", "model_path", "readback.weight_error_s")
 
 
 @pytest.mark.slow
