@@ -13,7 +13,7 @@ from qbench import cli
 from qbench.contract.suite import SuiteError, parse
 
 from .conftest import write_suite
-from .helpers import clip, suites
+from .helpers import clip, executors, suites
 from .test_suite import MINIMAL
 
 
@@ -24,8 +24,10 @@ def problems_of(text: str) -> list[str]:
 
 
 def run(tmp_path: Path, suite: Path, *options: str) -> int:
-    """A real `qbench run`: whatever it refuses must be refused before a run folder exists."""
-    code = cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu", *options])
+    """A real `qbench run`: whatever it refuses must be refused before a run folder exists (and before any cell)."""
+    with pytest.MonkeyPatch.context() as patch:
+        executors.use(patch, executors.NO_CELL)
+        code = cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu", *options])
     if code == 2:
         assert not (tmp_path / "out").exists()
     return code

@@ -15,7 +15,7 @@ from qbench.cell import models
 from qbench.contract.suite import load
 
 from .conftest import write_suite
-from .helpers import clip, suites
+from .helpers import clip, executors, suites
 
 TEXT = "The quick brown fox jumps over the lazy dog, and the dog does not mind at all.\n" * 60
 
@@ -30,7 +30,9 @@ def lm_suite(model: str, train: str = "max_length = 32", evaluation: str = "", d
 def check(tmp_path: Path, text: str, capsys) -> tuple[int, list[str]]:
     """`qbench run SUITE` (a real run, not --check: nothing may start): exit code and stderr lines."""
     suite = write_suite(tmp_path, text)
-    code = cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    with pytest.MonkeyPatch.context() as patch:
+        executors.use(patch, executors.NO_CELL)
+        code = cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert not (tmp_path / "out").exists()  # refused before any cell: no run folder
     return code, capsys.readouterr().err.splitlines()
 

@@ -82,7 +82,7 @@ def test_without_preparation_the_trained_base_is_the_loaded_one_and_lora_is_not_
         assert any(".lora_A." in n for n, _ in model.named_modules())
 
 
-def test_k_bit_preparation_with_a_16_bit_dense_arm_is_refused_before_any_cell(tmp_path: Path, capsys):
+def test_k_bit_preparation_with_a_16_bit_dense_arm_is_refused_before_any_cell(tmp_path: Path, capsys, no_cell):
     text = llm_text(listed=("bf16", "nf4"))
     suite_path = write_suite(tmp_path, text)
     code = cli.main(["run", str(suite_path), "--out", str(tmp_path / "out"), "--device", "cpu"])

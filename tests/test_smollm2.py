@@ -211,7 +211,7 @@ SUITE = suites.causal_lm("builtin:smollm2-135m", precisions=("nf4-dq", "fp4"), n
     ],
     ids=["missing wheel", "missing gguf", "corrupt gguf", "half-written cache", "not converted"],
 )
-def test_run_stops_before_any_cell_with_exit_2_and_the_fixing_commands(damage, expected, wheel, tmp_path, monkeypatch, capsys):
+def test_run_stops_before_any_cell_with_exit_2_and_the_fixing_commands(damage, expected, wheel, tmp_path, monkeypatch, capsys, no_cell):
     if damage == "corrupt":
         _corrupt_gguf(wheel)
     elif damage == "half-written":
