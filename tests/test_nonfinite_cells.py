@@ -25,7 +25,6 @@ from .conftest import write_suite
 from .helpers import clip, suites
 from .records import make_records
 
-pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
 
 
@@ -97,6 +96,7 @@ def _assert_tree_memory(record: dict, workers: int) -> None:
     )
 
 
+@pytest.mark.slow
 def test_clip_float16_overflow_and_planted_nan_are_counted_never_hits_and_flagged(tmp_path, faulty_cells, capsys):
     checkpoint, data = _clip_inputs(tmp_path)
     text = clip.suite(checkpoint, data, ("bf16", "fp16", "nf4"), name="nanclip", data_extra="num_workers = 2",
@@ -145,6 +145,7 @@ LLM_SUITE = suites.causal_lm(
 )
 
 
+@pytest.mark.slow
 def test_causal_lm_planted_nan_logits_make_perplexity_infinite_and_k_bit_preparation_is_read_back(tmp_path, faulty_cells):
     code, run_dir, records = _run(tmp_path, LLM_SUITE, faulty_cells, "nf4-seed0:eval_after:nan:2")
     assert code == 0 and all(r["status"] == "ok" for r in records.values()), {p: r.get("error") for p, r in records.items()}

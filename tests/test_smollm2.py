@@ -236,6 +236,7 @@ def test_the_conversion_command_reports_a_missing_wheel_with_exit_2(wheel, monke
     assert smollm2.INSTALL_WHEEL in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_real_run_records_what_the_base_is_and_puts_the_paper_beside_it(wheel, tmp_path, capsys):
     import pandas as pd
 
