@@ -69,8 +69,13 @@ def _clip_inputs(folder: Path) -> tuple[Path, dict[str, Path]]:
     return checkpoint, paths
 
 
+# each cell holds its train phase a second at its first step, its DataLoader workers alive: the sampler lists the
+# process tree every 0.1 s, and a few tiny steps on a quiet machine can end before it has seen every worker
+HOLD_TRAIN = "*:train:sleep:1"
+
+
 def _run(tmp_path: Path, text: str, faulty_cells, fault: str) -> tuple[int, Path, dict]:
-    faulty_cells(fault)
+    faulty_cells(f"{fault},{HOLD_TRAIN}")
     code = cli.main(["run", str(write_suite(tmp_path, text)), "--out", str(tmp_path / "out"), "--device", "cpu"])
     (run_dir,) = (p for p in (tmp_path / "out").glob("*/*") if p.is_dir())
     return code, run_dir, {r["precision"]: r for r in results.read_records(run_dir)}
