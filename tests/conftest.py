@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,15 @@ def fake_cells(monkeypatch, tmp_path):
 
 
 @pytest.fixture
+def no_cell(monkeypatch):
+    """Runs that must stop before any cell: no fork server starts (its imports would be thrown away) and a cell
+    that starts fails the test (tests/helpers/executors.py: NO_CELL)."""
+    from .helpers import executors
+
+    executors.use(monkeypatch, executors.NO_CELL)
+
+
+@pytest.fixture
 def faulty_cells(monkeypatch):
     """Runs on this machine start the real pipeline with test faults planted (tests/helpers/faulty_cell.py);
     `faulty_cells("nf4-seed0:train:nan:2")` sets the faults (QBENCH_TEST_FAULTS, tests/helpers/faults.py)."""
@@ -101,3 +111,25 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
             item.add_marker(pytest.mark.fuzz)
+# -- the tiers: the default run leaves out the slow tier (tests marked `slow`), which .ci/run runs as a second call --
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--slow", action="store_true", default=False,
+        help="run the slow tier too (Ray clusters, exploring fuzz, the full-size model, interrupted runs, long real runs); "
+             "`-m slow` runs the slow tier alone",
+    )
+
+
+def pytest_configure(config):
+    """Without --slow, and unless -m names the slow marker itself, leave the slow tier out (deselected, counted)."""
+    chosen = config.option.markexpr
+    if config.getoption("--slow", default=False) or re.search(r"\bslow\b", chosen or ""):
+        return
+    config.option.markexpr = f"({chosen}) and not slow" if chosen else "not slow"
+
+
+def pytest_report_header(config):
+    if re.search(r"\bnot slow\b", config.option.markexpr or ""):
+        return "tier: default (the slow tier left out: `pytest -m slow` runs it, `pytest --slow` both)"
+    return None

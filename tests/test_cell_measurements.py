@@ -17,8 +17,6 @@ from qbench.contract import records as results
 
 from .helpers import clip
 
-pytestmark = pytest.mark.slow
-
 PHASES = ("data", "load", "prepare", "eval_before", "train", "eval_after")
 
 DROP_QUANTIZATION = '''

@@ -108,7 +108,7 @@ def test_an_annotation_file_that_is_not_utf8_names_the_line(tmp_path: Path, imag
     assert tsv_problems(annotation, image_root) == [f"{annotation}:2: not UTF-8 text (byte 36)"]
 
 
-def test_tsv_problems_reach_the_command_line_as_one_line_each(tmp_path: Path, tiny_clip_dir: Path, image_root: Path, capsys):
+def test_tsv_problems_reach_the_command_line_as_one_line_each(tmp_path: Path, tiny_clip_dir: Path, image_root: Path, capsys, no_cell):
     data = image_root.parent
     (data / "train.tsv").write_text("train-000.png\tfine\ngarbage.png\tbroken\n", encoding="utf-8")
     (data / "eval.tsv").write_text("eval-000.png\n", encoding="utf-8")
@@ -133,7 +133,7 @@ def test_lora_targets_are_checked_against_the_model_modules(tmp_path: Path, tiny
     checks.check_suite(load(write_suite(tmp_path, text.replace('"q_prj", "encoder", ', '"all-linear", '))))
 
 
-def test_a_broken_config_json_is_one_line_not_a_traceback(tmp_path: Path, tiny_clip_dir: Path, tsv_data_dir: Path, capsys):
+def test_a_broken_config_json_is_one_line_not_a_traceback(tmp_path: Path, tiny_clip_dir: Path, tsv_data_dir: Path, capsys, no_cell):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_clip_dir, broken)
     (broken / "config.json").write_text('{"model_type": "clip", ', encoding="utf-8")

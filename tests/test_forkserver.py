@@ -20,33 +20,16 @@ from qbench.contract import records as results
 from qbench.contract.schema import ON_REQUEST_PHASES, TIME_PARTS
 
 from .conftest import write_suite
-from .helpers import executors, faults
+from .helpers import clip, executors, faults
 
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
 HELD_MIB = 300
 
-SUITE = """
-name = "forked"
-task = "clip"
-[model]
-id = "builtin:tiny-clip"
-[data]
-kind = "builtin"
-name = "shapes"
-[lora]
-r = 4
-alpha = 8
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = 4
-batch_size = 16
-lr = 1e-3
-untimed_steps = 1
-[matrix]
-precisions = ["dense", "nf4"]
-seeds = [0, 1]
-"""
+SUITE = clip.suite(
+    precisions=("dense", "nf4"), name="forked", matrix="seeds = [0, 1]", steps=4,
+    train="batch_size = 16\nlr = 1e-3\nuntimed_steps = 1", lora='r = 4\nalpha = 8\ntarget_modules = ["q_proj", "v_proj"]', evaluation=None,
+)
 
 
 def _run(folder: Path, *options: str, faults_value: str | None = None) -> tuple[dict[str, dict], dict]:

@@ -16,8 +16,6 @@ from qbench.zoo.full_scale import CLIP_VIT_B32_CONFIG, write_random_clip
 from .conftest import write_suite
 from .helpers import clip
 
-pytestmark = pytest.mark.slow
-
 EVERY_PRECISION = ["bf16", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"]
 DENSE_BYTES = 2  # bfloat16: the compute dtype, and the storage of everything bitsandbytes leaves alone
 INT64_BYTES = 8
@@ -149,6 +147,7 @@ def full_scale_run(tmp_path_factory) -> dict[str, dict]:
     return {r["precision"]: r for r in results.read_records(run_dir)}
 
 
+@pytest.mark.slow
 def test_every_precision_of_full_size_clip_vit_b32_runs_and_its_base_bytes_match_the_prediction(full_scale_run):
     records = full_scale_run
     assert sorted(records) == sorted(EVERY_PRECISION)

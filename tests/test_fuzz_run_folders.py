@@ -26,7 +26,6 @@ from qbench.analysis.report import plots
 from qbench.contract import records as results
 from qbench.runner import preflight
 
-from .conftest import examples
 from .helpers import clip, executors
 from .records import make_record, write_run
 
@@ -204,7 +203,9 @@ def quiet_world(monkeypatch):
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
 
 
-@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# The default tier: a few examples, the same every run (derandomised), and every example exploring once found
+# (add it here as an @example). The slow tier explores: new examples every run, many more of them.
+@settings(max_examples=8, derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutations=st.lists(MUTATIONS, min_size=1, max_size=4))
 # found by exploring (issue 28): a LoRA rank as text beside the others' numbers broke the report's grid plot
 @example(mutations=[("record", "int8-seed0", json.dumps(make_record("int8", **{"config.lora.r": "sixteen"})).encode())])
@@ -214,6 +215,19 @@ def quiet_world(monkeypatch):
 @example(mutations=[("setting", "parallel", "x")])  # blamed on "command line: --parallel"
 @example(mutations=[("setting", "compute", {"dtype": 1})])
 def test_mutated_run_folders_never_give_a_traceback_nor_lose_a_record(mutations, quiet_world, capsys, monkeypatch):
+    check_mutated_run_folder(mutations, capsys, monkeypatch)
+
+
+@pytest.mark.slow
+@settings(max_examples=60, derandomize=False, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations=st.lists(MUTATIONS, min_size=1, max_size=4))
+def test_mutated_run_folders_never_give_a_traceback_nor_lose_a_record_exploring(mutations, quiet_world, capsys, monkeypatch):
+    check_mutated_run_folder(mutations, capsys, monkeypatch)
+
+
+def check_mutated_run_folder(mutations, capsys, monkeypatch) -> None:
+    """Mutate a run folder, then report, compare both ways and resume it: exit 0, 1 or 2 without a traceback,
+    nothing written outside the run folder and --out, no existing file changed but what a resume may replace."""
     with tempfile.TemporaryDirectory(prefix="qbench-fuzz-") as scratch:
         root = Path(scratch)
         monkeypatch.setenv("FAKE_CELL_DIR", str(root / "fake"))

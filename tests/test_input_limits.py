@@ -13,7 +13,7 @@ from qbench import cli
 from qbench.contract.suite import SuiteError, parse
 
 from .conftest import write_suite
-from .helpers import clip
+from .helpers import clip, executors, suites
 from .test_suite import MINIMAL
 
 
@@ -24,8 +24,10 @@ def problems_of(text: str) -> list[str]:
 
 
 def run(tmp_path: Path, suite: Path, *options: str) -> int:
-    """A real `qbench run`: whatever it refuses must be refused before a run folder exists."""
-    code = cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu", *options])
+    """A real `qbench run`: whatever it refuses must be refused before a run folder exists (and before any cell)."""
+    with pytest.MonkeyPatch.context() as patch:
+        executors.use(patch, executors.NO_CELL)
+        code = cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu", *options])
     if code == 2:
         assert not (tmp_path / "out").exists()
     return code
@@ -154,25 +156,10 @@ def test_a_batch_that_cannot_fit_the_machine_is_refused_from_an_estimate(tmp_pat
     from qbench.runner import estimate
 
     monkeypatch.setattr(estimate, "device_memory", lambda device, gpus_per_cell=1: (2 * estimate.GIB, "RAM of this machine"))
-    lm = """
-name = "lm"
-task = "causal_lm"
-[model]
-id = "builtin:tiny-llama"
-[data]
-kind = "builtin"
-name = "pydoc"
-[lora]
-target_modules = ["q_proj"]
-[train]
-steps = 2
-batch_size = 4096
-lr = 1e-3
-max_length = 128
-untimed_steps = 1
-[matrix]
-precisions = ["bf16"]
-"""
+    lm = suites.causal_lm(
+        precisions=("bf16",), lora='target_modules = ["q_proj"]', steps=2,
+        train="batch_size = 4096\nlr = 1e-3\nmax_length = 128\nuntimed_steps = 1", evaluation=None,
+    )
     suite = write_suite(tmp_path, lm)
     assert run(tmp_path, suite) == 2
     (line,) = capsys.readouterr().err.splitlines()
@@ -196,28 +183,10 @@ def test_the_estimate_counts_clip_pixel_values():
 
 # -- text corpora: every problem a cell would meet, found first --------------------------------------
 
-LM_TEXT_SUITE = """
-name = "lm"
-task = "causal_lm"
-[model]
-id = "builtin:tiny-llama"
-[data]
-kind = "text"
-train = "{train}"
-eval = "{eval}"
-[lora]
-target_modules = ["q_proj"]
-[train]
-steps = 2
-batch_size = 2
-lr = 1e-3
-max_length = 32
-untimed_steps = 1
-[eval]
-window = 64
-[matrix]
-precisions = ["bf16", "nf4"]
-"""
+def lm_text_suite(train: str, evaluation: str) -> str:
+    return suites.causal_lm(
+        data={"train": train, "eval": evaluation}, lora='target_modules = ["q_proj"]', evaluation="window = 64",
+    )
 GOOD = "The quick brown fox jumps over the lazy dog. " * 40
 
 
@@ -238,7 +207,7 @@ def test_an_unusable_training_corpus_stops_before_any_cell(tmp_path: Path, capsy
     folder.mkdir()
     (folder / name).write_bytes(content)
     (folder / "eval.txt").write_text(GOOD, encoding="utf-8")
-    suite = write_suite(tmp_path, LM_TEXT_SUITE.format(train=f"lm-data/{name}", eval="lm-data/eval.txt"))
+    suite = write_suite(tmp_path, lm_text_suite(f"lm-data/{name}", "lm-data/eval.txt"))
     assert run(tmp_path, suite) == 2
     lines = capsys.readouterr().err.splitlines()
     expected = message.format(path=folder / name)
@@ -248,7 +217,7 @@ def test_an_unusable_training_corpus_stops_before_any_cell(tmp_path: Path, capsy
 def test_an_eval_text_of_one_token_is_refused(tmp_path: Path, capsys):
     (tmp_path / "train.txt").write_text(GOOD, encoding="utf-8")
     (tmp_path / "eval.txt").write_text("The", encoding="utf-8")
-    suite = write_suite(tmp_path, LM_TEXT_SUITE.format(train="train.txt", eval="eval.txt"))
+    suite = write_suite(tmp_path, lm_text_suite("train.txt", "eval.txt"))
     assert run(tmp_path, suite) == 2
     assert "data.eval: eval.txt has 1 token(s) for this model, fewer than the 2 of a perplexity" in capsys.readouterr().err
 
@@ -259,7 +228,7 @@ def test_a_good_corpus_passes_and_a_large_one_is_only_read_at_its_start(tmp_path
 
     (tmp_path / "train.txt").write_text(GOOD, encoding="utf-8")
     (tmp_path / "eval.txt").write_text(GOOD, encoding="utf-8")
-    assert run(tmp_path, write_suite(tmp_path, LM_TEXT_SUITE.format(train="train.txt", eval="eval.txt")), "--check") == 0
+    assert run(tmp_path, write_suite(tmp_path, lm_text_suite("train.txt", "eval.txt")), "--check") == 0
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(models.resolve("builtin:tiny-llama"))

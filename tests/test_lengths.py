@@ -15,40 +15,24 @@ from qbench.cell import models
 from qbench.contract.suite import load
 
 from .conftest import write_suite
-from .helpers import clip
+from .helpers import clip, executors, suites
 
 TEXT = "The quick brown fox jumps over the lazy dog, and the dog does not mind at all.\n" * 60
 
 
 def lm_suite(model: str, train: str = "max_length = 32", evaluation: str = "", data: str | None = None) -> str:
-    data = data or 'kind = "builtin"\nname = "pydoc"'
-    return f"""
-name = "lm"
-task = "causal_lm"
-[model]
-id = "{model}"
-[data]
-{data}
-[lora]
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = 3
-batch_size = 2
-lr = 1e-3
-untimed_steps = 1
-{train}
-[eval]
-batch_size = 4
-{evaluation}
-[matrix]
-precisions = ["bf16"]
-"""
+    return suites.causal_lm(
+        model, data, ("bf16",), steps=3, train=f"batch_size = 2\nlr = 1e-3\nuntimed_steps = 1\n{train}",
+        lora='target_modules = ["q_proj", "v_proj"]', evaluation=f"batch_size = 4\n{evaluation}",
+    )
 
 
 def check(tmp_path: Path, text: str, capsys) -> tuple[int, list[str]]:
     """`qbench run SUITE` (a real run, not --check: nothing may start): exit code and stderr lines."""
     suite = write_suite(tmp_path, text)
-    code = cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    with pytest.MonkeyPatch.context() as patch:
+        executors.use(patch, executors.NO_CELL)
+        code = cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert not (tmp_path / "out").exists()  # refused before any cell: no run folder
     return code, capsys.readouterr().err.splitlines()
 

@@ -6,6 +6,8 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
+
 from qbench import cli
 from qbench.contract import records as results
 from qbench.contract.suite import load
@@ -45,6 +47,7 @@ def test_llama3_suite_keeps_the_users_settings():
     assert config.load_in_4bit and config.bnb_4bit_use_double_quant and config.bnb_4bit_quant_type == "nf4"
 
 
+@pytest.mark.slow
 def test_llama3_suite_runs_on_a_local_llama_folder_with_text_files(tmp_path: Path, tiny_llama_path):
     model = scaled_down_llama3(tmp_path / "llama3-mini", tiny_llama_path)
     from pydoc_data.topics import topics

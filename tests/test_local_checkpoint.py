@@ -46,6 +46,7 @@ def local_setup(tmp_path_factory) -> dict[str, Path]:
     return {"checkpoint": clip.checkpoint(root / "my-clip", image_size=32, patch_size=8, text_positions=32), **clip.images_tsv(root / "data", size=48, user_format=True)}
 
 
+@pytest.mark.slow
 def test_every_precision_runs_to_ok_on_a_local_checkpoint_and_tsv_images(local_setup, tmp_path: Path):
     """The whole matrix, with the user's LoRA settings, gradient accumulation, DataLoader workers
     decoding the image files, and model.device_map = "auto" (accelerate places the base)."""

@@ -6,8 +6,9 @@ process and real child processes; only NVML's answers come from files.
 
 from __future__ import annotations
 
+import ctypes
 import os
-import random
+import shlex
 import subprocess
 import sys
 import threading
@@ -161,24 +162,42 @@ def test_a_listed_pid_without_a_figure_makes_the_process_figure_unknown(fake_nvm
 CHILD = """
 import sys, time, os
 import pynvml  # the fake, found through PYTHONPATH
-pynvml.set_usage(os.getpid(), int(sys.argv[1]))
+used, hold, wait_for, go, also = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+pynvml.set_usage(os.getpid(), used)
 pynvml.clear_usage(os.getpid())
-print("ready", flush=True)
-sys.stdin.readline()
-time.sleep(float(sys.argv[3]))
+if go == "wait-for-go":
+    print("ready", flush=True)
+    sys.stdin.readline()
 start = time.monotonic()
-pynvml.set_usage(os.getpid(), int(sys.argv[1]))
-time.sleep(float(sys.argv[2]))
+pynvml.set_usage(os.getpid(), used, watched=True)
+if hold == "until-seen":  # however busy the machine: until the reader this test is about has read the spike
+    seen = pynvml.wait_until_seen(os.getpid(), lambda reader: reader != -wait_for if wait_for < 0 else reader == wait_for)
+else:
+    time.sleep(float(hold))
+    seen = max(pynvml.seen_by(os.getpid()).values(), default=None)
+also_seen = None
+if also != "-":  # PID:SECONDS: then give that process as long to read it too
+    pid, seconds = also.split(":")
+    also_seen = pynvml.wait_until_seen(os.getpid(), lambda reader: reader == int(pid), float(seconds))
 pynvml.clear_usage(os.getpid())
 end = time.monotonic()
-print(start, end, flush=True)
+print(start, end, seen, also_seen, flush=True)
 """
 
 
-def start_spiking_child(used_bytes: int, hold_s: float = 0.05, delay_s: float = 0.0) -> subprocess.Popen:
-    """A child process that, once told to go, holds `used_bytes` of (fake) GPU memory for `hold_s`."""
+def spiking_child_command(used_bytes: int, hold: str, reader: int, go: str, also: str = "-") -> list[str]:
+    """A process that holds `used_bytes` of (fake) GPU memory for `hold` seconds or, with "until-seen", until the
+    process `reader` (with -pid: any process but that one) has read it, then with `also` = "PID:SECONDS" up to
+    SECONDS more until PID has read it too; it starts after "go" on its stdin with go = "wait-for-go". It prints
+    when the spike started and ended, and when each of the two readers first read it ("None": not at all)."""
+    return [sys.executable, "-c", CHILD, str(used_bytes), hold, str(reader), go, also]
+
+
+def start_spiking_child(used_bytes: int, hold: str = "until-seen", reader: int = 0) -> subprocess.Popen:
+    """A child process that, once told to go, holds `used_bytes` of (fake) GPU memory (see spiking_child_command);
+    `reader` 0: until a process other than this one has seen it (the sampler process)."""
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(used_bytes), str(hold_s), str(delay_s)],
+        spiking_child_command(used_bytes, hold, reader or -os.getpid(), "wait-for-go"),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     assert child.stdout.readline().strip() == "ready"
@@ -190,13 +209,28 @@ def let_go(child: subprocess.Popen) -> None:
     child.stdin.flush()
 
 
-def spike_window(child: subprocess.Popen) -> tuple[float, float]:
-    start, end = (float(v) for v in child.stdout.readline().split())
-    child.wait(timeout=30)
-    return start, end
+def spike_window(child: subprocess.Popen) -> tuple[float, float, float | None]:
+    """When the spike started and ended, and when the reader waited for first saw it (None: never)."""
+    window = child.stdout.readline()
+    child.wait(timeout=60)
+    return parse_window(window)[:3]
 
 
-def test_a_50ms_spike_in_a_child_process_is_caught_and_phase_peaks_reset(fake_nvml):
+def parse_window(line: str) -> tuple[float | None, ...]:
+    return tuple(None if value == "None" else float(value) for value in line.split())
+
+
+def sampled(used_bytes: int, times: int) -> None:
+    """List this process with `used_bytes` and wait until the sampler process (any process but this one) has read
+    it `times` times more: the phase holds samples whatever the machine's load, with no sleep a busy machine outlasts."""
+    for _ in range(times):
+        fake.set_usage(os.getpid(), used_bytes, watched=True)
+        assert fake.wait_until_seen(os.getpid(), lambda reader: reader != os.getpid()) is not None, "the sampler read nothing in 60 s"
+
+
+def test_a_spike_in_a_child_process_is_caught_and_phase_peaks_reset(fake_nvml):
+    """The spike lasts until the sampler has read it: whether the sampler catches a spike of a given length is
+    a matter of its timing, measured in benchmarks/test_measurement_cost.py."""
     fake.set_usage(os.getpid(), 200 * MiB)  # this process's own CUDA context and tensors
     fake.set_usage(os.getppid(), 9000 * MiB)  # another process on the same GPU
     counters = FakeCudaCounters(uuid=GPU_A)
@@ -204,16 +238,16 @@ def test_a_50ms_spike_in_a_child_process_is_caught_and_phase_peaks_reset(fake_nv
     try:
         assert tracker.nvml_available, tracker.record["memory.source.nvml"]
         assert tracker.record["memory.nvml.device_uuid"] == GPU_A
-        child = start_spiking_child(1500 * MiB, hold_s=0.05)
+        child = start_spiking_child(1500 * MiB)
         with tracker.phase("spike"):
             let_go(child)
-            start, end = spike_window(child)
+            start, end, seen = spike_window(child)
         with tracker.phase("after"):
-            time.sleep(0.1)
+            sampled(200 * MiB, 3)
     finally:
         tracker.close()
     record = tracker.record
-    assert end - start < 0.2  # the spike really was short
+    assert seen is not None and start <= seen <= end, "the sampler process never read the spike"
     assert record["memory.spike.nvml_process_peak_bytes"] == 200 * MiB + 1500 * MiB
     assert record["memory.spike.nvml_device_peak_bytes"] == 300 * MiB + 200 * MiB + 1500 * MiB + 9000 * MiB
     # the next phase starts from zero: the spike and the child are gone
@@ -277,63 +311,68 @@ def test_on_cuda_without_nvml_the_record_says_why(monkeypatch, tmp_path):
     assert tracker.record["memory.load.torch_allocated_peak_bytes"] == 32 * MiB
 
 
-def floats_that_sort_in(seconds: float) -> list[float]:
-    """A list whose sort() takes about `seconds`: sorting floats is one C call that never lets go of the GIL."""
-    size = 50_000
-    while True:
-        values = [random.random() for _ in range(size)]
-        started = time.monotonic()
-        sorted(values)
-        took = time.monotonic() - started
-        if took >= seconds / 8 or size > 20_000_000:
-            return [random.random() for _ in range(int(size * seconds / max(took, 1e-6)))]
-        size *= 2
+class ThreadSampler:
+    """What a sampler thread inside the measured process would read: the process tree's NVML figure every 10 ms."""
+
+    def __init__(self, device: nvml.NvmlDevice):
+        self.device, self.tree = device, ProcessTree(os.getpid())
+        self.peak, self.reads = 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self.device.process_used_bytes(self.tree.contains) or 0)
+            self.reads += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
-def hold_the_gil(values: list[float]) -> tuple[float, float]:
-    started = time.monotonic()
-    values.sort()
-    return started, time.monotonic()
+def hold_the_gil_while(command: list[str], output: Path) -> int:
+    """Run `command` (its output into `output`) to its end inside one C call that keeps the GIL: libc's system()
+    through ctypes.PyDLL, which does not release it. No other thread of this process runs Python meanwhile,
+    however long the command takes on a busy machine."""
+    return ctypes.PyDLL(None).system(f"{shlex.join(command)} > {shlex.quote(str(output))}".encode())
 
 
-def test_a_sampler_thread_misses_a_child_spike_while_the_gil_is_held_but_the_sampler_process_does_not(fake_nvml):
+def test_a_sampler_thread_misses_a_child_spike_while_the_gil_is_held_but_the_sampler_process_does_not(fake_nvml, tmp_path):
     """Why the sampler is a process: a thread in the measured process cannot read while a C call holds the GIL."""
     device = nvml.NvmlDevice.open(0, torch_uuid=GPU_A, pynvml=fake)
-    tree = ProcessTree(os.getpid())
-    thread_peak = [0]
-    stop = threading.Event()
-
-    def thread_sampler():
-        while not stop.wait(0.01):
-            thread_peak[0] = max(thread_peak[0], device.process_used_bytes(tree.contains) or 0)
-
     tracker = MemoryTracker("cuda:0", cuda_counters=FakeCudaCounters(uuid=GPU_A, reserved_bytes=0))
-    sampler = threading.Thread(target=thread_sampler)
-    sampler.start()
     try:
-        control = start_spiking_child(1200 * MiB, hold_s=0.3)
-        let_go(control)
-        spike_window(control)  # this process waits in a read: the GIL is free, the thread can read
-        assert thread_peak[0] == 1200 * MiB, "the thread sampler misses even a spike it could see"
-        for _attempt in range(3):
-            values = floats_that_sort_in(0.8)
-            child = start_spiking_child(1200 * MiB, hold_s=0.05, delay_s=0.2)
-            thread_peak[0] = 0
-            with tracker.phase(f"attempt{_attempt}"):
-                let_go(child)
-                held_from, held_to = hold_the_gil(values)
-                spike_from, spike_to = spike_window(child)
-            if held_from < spike_from and spike_to < held_to:
-                break  # the whole spike fell inside the GIL-holding call: the experiment is valid
-        else:
-            pytest.skip("the machine was too busy to place the spike inside the GIL-holding call")
+        control = ThreadSampler(device)
+        try:  # this process waits in a read (the GIL is free): the thread reads the spike, held until it has
+            spike = start_spiking_child(1200 * MiB, reader=os.getpid())
+            let_go(spike)
+            *_, seen = spike_window(spike)
+        finally:
+            control.stop()
+        assert seen is not None and control.peak == 1200 * MiB, "the thread sampler misses even a spike it could see"
+
+        thread = ThreadSampler(device)
+        try:
+            while thread.reads < 2:  # the thread is in its loop, reading
+                time.sleep(0.01)
+            # the spike lasts until the sampler process (not this one) has read it, then a second more for this
+            # process's thread, which would read it within 10 ms if the GIL were free
+            with tracker.phase("gil_held"):
+                command = spiking_child_command(1200 * MiB, "until-seen", -os.getpid(), "now", f"{os.getpid()}:1")
+                assert hold_the_gil_while(command, tmp_path / "spike.txt") == 0
+            reads_after = thread.reads
+            while thread.reads < reads_after + 2:  # the thread goes on once the GIL is free: it was only held up
+                time.sleep(0.01)
+        finally:
+            thread.stop()
     finally:
-        stop.set()
-        sampler.join()
         tracker.close()
         device.close()
-    assert tracker.record[f"memory.attempt{_attempt}.nvml_process_peak_bytes"] == 1200 * MiB
-    assert thread_peak[0] == 0
+    start, end, seen, seen_by_this_process = parse_window((tmp_path / "spike.txt").read_text())
+    assert seen is not None and start <= seen <= end and end - start >= 1.0
+    assert tracker.record["memory.gil_held.nvml_process_peak_bytes"] == 1200 * MiB
+    assert seen_by_this_process is None and thread.peak == 0
 
 
 def test_the_process_baseline_before_the_model_is_read_from_every_process_source(fake_nvml):

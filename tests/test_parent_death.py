@@ -42,14 +42,16 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
 def test_sigkill_of_the_parent_stops_its_cell_and_a_resume_keeps_its_own_record(tmp_path: Path, phase: str):
     suite = write_suite(tmp_path, clip.suite(precisions=("bf16",), name="tiny"))
     out = tmp_path / "out"
-    env = {**os.environ, faults.ENV_VAR: f"bf16-seed0:{phase}:sleep:300", "OMP_NUM_THREADS": "1"}
+    sleeping = tmp_path / "sleeping"
+    sleeping.mkdir()
+    env = {**os.environ, faults.ENV_VAR: f"bf16-seed0:{phase}:sleep:300", faults.SLEEPING_ENV_VAR: str(sleeping), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "tests.helpers.qbench_cli", "run", str(suite), "--out", str(out), "--device", "cpu"]
     with open(tmp_path / "run.log", "w") as log:
         parent = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     cell_processes: list[psutil.Process] = []
     try:
         wait_for(lambda: (record_of(out) or {}).get("last_phase") == phase, 600, f"the cell to reach {phase}")
-        time.sleep(1.0)  # into the phase's sleep
+        wait_for(lambda: any(sleeping.glob(f"{phase}.*")), 600, f"the cell to sleep in its {phase} phase")
         cell_processes += psutil.Process(parent.pid).children(recursive=True)
         assert cell_processes, "no cell process to watch"
         parent.send_signal(signal.SIGKILL)
@@ -70,7 +72,7 @@ def test_sigkill_of_the_parent_stops_its_cell_and_a_resume_keeps_its_own_record(
     if phase != "load":
         return
     (run_dir,) = (out / "tiny").iterdir()
-    clean = {k: v for k, v in env.items() if k != faults.ENV_VAR}
+    clean = {k: v for k, v in env.items() if k not in (faults.ENV_VAR, faults.SLEEPING_ENV_VAR)}
     resumed = subprocess.run([sys.executable, "-m", "qbench", "run", "--resume", str(run_dir)], cwd=REPO, env=clean,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr

@@ -14,40 +14,23 @@ from qbench.contract import suite as spec
 from qbench.runner import preflight
 
 from .conftest import write_suite
+from .helpers import suites
 
-LLM_SUITE = """
-name = "prep"
-task = "causal_lm"
-compute_dtype = "bfloat16"  # a 16-bit base that k-bit preparation widens (auto measures float32 on some CPUs)
-baseline = "{baseline}"
-[model]
-id = "builtin:tiny-llama"
-[data]
-kind = "builtin"
-name = "pydoc"
-[lora]
-r = 4
-alpha = 8
-dropout = 0.0
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = 2
-batch_size = 4
-lr = 1e-3
-max_length = 32
-untimed_steps = 1
-prepare = "{prepare}"
-gradient_checkpointing = {checkpointing}
-[eval]
-before = false
-[matrix]
-precisions = [{precisions}]
-"""
+
+def llm_text(prepare: str = "peft-kbit", listed=("fp32", "nf4"), checkpointing: bool = False) -> str:
+    return suites.causal_lm(
+        precisions=listed, name="prep",
+        # a 16-bit base that k-bit preparation widens (auto measures float32 on some CPUs)
+        settings=f'compute_dtype = "bfloat16"\nbaseline = "{listed[0]}"',
+        lora='r = 4\nalpha = 8\ndropout = 0.0\ntarget_modules = ["q_proj", "v_proj"]', steps=2,
+        train=f'batch_size = 4\nlr = 1e-3\nmax_length = 32\nuntimed_steps = 1\nprepare = "{prepare}"\n'
+              f"gradient_checkpointing = {str(checkpointing).lower()}",
+        evaluation="before = false",
+    )
 
 
 def llm_suite(prepare: str = "peft-kbit", listed=("fp32", "nf4"), checkpointing: bool = False) -> spec.Suite:
-    return spec.parse(LLM_SUITE.format(prepare=prepare, precisions=", ".join(f'"{p}"' for p in listed),
-                                       baseline=listed[0], checkpointing=str(checkpointing).lower()))
+    return spec.parse(llm_text(prepare, listed, checkpointing))
 
 
 def loaded_and_prepared(suite: spec.Suite, name: str):
@@ -101,8 +84,8 @@ def test_without_preparation_the_trained_base_is_the_loaded_one_and_lora_is_not_
         assert any(".lora_A." in n for n, _ in model.named_modules())
 
 
-def test_k_bit_preparation_with_a_16_bit_dense_arm_is_refused_before_any_cell(tmp_path: Path, capsys):
-    text = LLM_SUITE.format(prepare="peft-kbit", precisions='"bf16", "nf4"', baseline="bf16", checkpointing="false")
+def test_k_bit_preparation_with_a_16_bit_dense_arm_is_refused_before_any_cell(tmp_path: Path, capsys, no_cell):
+    text = llm_text(listed=("bf16", "nf4"))
     suite_path = write_suite(tmp_path, text)
     code = cli.main(["run", str(suite_path), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert code == 2

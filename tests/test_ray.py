@@ -242,6 +242,7 @@ def test_gpu_uuids_are_read_through_nvml_in_visible_order():
 # --- on the local cluster ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cells_spread_over_the_declared_gpus_each_seeing_only_its_own(ray_cluster, tsv_suite, tmp_path):
     run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:4], FAKE_CELL_HOLD_S="1.5")
     records = run.execute()
@@ -263,6 +264,7 @@ def test_cells_spread_over_the_declared_gpus_each_seeing_only_its_own(ray_cluste
         assert f"cell {cell.id} started" in log and f"cell {cell.id} ended" in log and ", ok" in log
 
 
+@pytest.mark.slow
 def test_a_cell_no_node_can_hold_stops_the_run_before_it_starts(ray_cluster, tsv_suite, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["run", str(tsv_suite), "--out", str(out), "--executor", "ray", "--cpus-per-cell", "64"]) == 2
@@ -271,6 +273,7 @@ def test_a_cell_no_node_can_hold_stops_the_run_before_it_starts(ray_cluster, tsv
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_half_a_gpu_per_cell_puts_two_cells_on_each_gpu(ray_cluster, tsv_suite, tmp_path):
     run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:4], gpus=0.5, FAKE_CELL_HOLD_S="1.0")
     records = run.execute()
@@ -279,6 +282,7 @@ def test_half_a_gpu_per_cell_puts_two_cells_on_each_gpu(ray_cluster, tsv_suite, 
     assert all(r["env.ray.gpu_ids"] == r["env.cuda_visible_devices"] for r in records)
 
 
+@pytest.mark.slow
 def test_without_streaming_as_over_ray_client_each_task_hands_back_everything_when_it_ends(ray_cluster, tsv_suite, tmp_path):
     """Ray Client (ray://) cannot stream a task's items: the same items then come back in one piece."""
     run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:3], FAKE_CELL_CRASH="int8")
@@ -291,10 +295,12 @@ def test_without_streaming_as_over_ray_client_each_task_hands_back_everything_wh
     assert "cell bf16-seed0 ended" in (tmp_path / "run" / "logs" / "bf16-seed0.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_real_ray_gcs_passes_the_probe(ray_cluster):
     ray_executor.check_reachable(ray.get_runtime_context().gcs_address)  # raises if the probe took it for another service
 
 
+@pytest.mark.slow
 def test_cpu_cells_ask_for_cpus_and_see_no_gpu(ray_cluster, tsv_suite, tmp_path):
     run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:2], device="cpu")
     assert run.executor.resources.options() == {"num_gpus": 0.0, "num_cpus": 1.0}
@@ -303,6 +309,7 @@ def test_cpu_cells_ask_for_cpus_and_see_no_gpu(ray_cluster, tsv_suite, tmp_path)
     assert all(not r["env.cuda_visible_devices"] and r["env.ray.gpu_ids"] is None for r in records)
 
 
+@pytest.mark.slow
 def test_a_cell_process_that_dies_and_a_worker_that_dies_give_failed_records_and_the_run_goes_on(ray_cluster, tsv_suite, tmp_path):
     run = ray_run(tsv_suite, tmp_path / "run", lambda loaded: loaded.cells()[:3], FAKE_CELL_HOLD_S="8", FAKE_CELL_CRASH="int8")
     pids = tmp_path / "fake" / "pids"
@@ -334,6 +341,7 @@ def test_a_cell_process_that_dies_and_a_worker_that_dies_give_failed_records_and
     assert on_disk == records
 
 
+@pytest.mark.slow
 def test_sigterm_cancels_pending_tasks_stops_running_cells_and_resume_finishes_locally_and_on_ray(
     ray_cluster, tsv_suite, fake_cells, tmp_path
 ):
@@ -399,34 +407,11 @@ def comparable(record: dict) -> dict:
 
 @pytest.mark.slow
 def test_real_cells_on_ray_give_the_records_of_the_local_runner(ray_cluster, tmp_path, monkeypatch):
-    suite = write_suite(tmp_path, """
-name = "same"
-task = "clip"
-compute_dtype = "float32"
-baseline = "nf4"
-[model]
-id = "builtin:tiny-clip"
-[data]
-kind = "builtin"
-name = "shapes"
-[lora]
-r = 4
-alpha = 8
-dropout = 0.0
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = 3
-batch_size = 8
-lr = 1e-3
-warmup_steps = 0
-untimed_steps = 1
-[eval]
-batch_size = 64
-recall_k = [1, 5]
-[matrix]
-precisions = ["nf4"]
-seeds = [0]
-""")
+    suite = write_suite(tmp_path, clip.suite(
+        precisions=("nf4",), name="same", settings='compute_dtype = "float32"\nbaseline = "nf4"', matrix="seeds = [0]", steps=3,
+        train="batch_size = 8\nlr = 1e-3\nwarmup_steps = 0\nuntimed_steps = 1",
+        lora='r = 4\nalpha = 8\ndropout = 0.0\ntarget_modules = ["q_proj", "v_proj"]', evaluation="batch_size = 64\nrecall_k = [1, 5]",
+    ))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # forwarded to the Ray workers' cells as to local ones
     assert cli.main(["run", str(suite), "--out", str(tmp_path / "local"), "--device", "cpu"]) == 0
     assert cli.main(["run", str(suite), "--out", str(tmp_path / "ray"), "--device", "cpu", "--executor", "ray"]) == 0

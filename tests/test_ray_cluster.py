@@ -17,30 +17,16 @@ from qbench.runner import runner
 from qbench.runner.executors import ray_executor
 
 from .conftest import write_suite
+from .helpers import clip
 from .helpers.executors import FakeCellsOnRay
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-SUITE = """
-name = "twonodes"
-task = "clip"
-[model]
-id = "builtin:tiny-clip"
-[data]
-kind = "builtin"
-name = "shapes"
-[lora]
-r = 4
-alpha = 8
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = 3
-lr = 1e-3
-[matrix]
-precisions = ["bf16", "nf4"]
-seeds = [0]
-"""
+SUITE = clip.suite(
+    precisions=("bf16", "nf4"), name="twonodes", matrix="seeds = [0]", steps=3, train="lr = 1e-3",
+    lora='r = 4\nalpha = 8\ntarget_modules = ["q_proj", "v_proj"]', evaluation=None,
+)
 
 
 @pytest.fixture(scope="module")

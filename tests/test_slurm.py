@@ -103,6 +103,7 @@ def test_a_cell_that_dies_in_its_job_is_recorded_failed_and_the_run_goes_on(tsv_
     assert {r["status"] for r in results.read_records(result.run_dir) if r["cell_id"] != "int8-seed0"} == {"ok"}
 
 
+@pytest.mark.slow
 def test_sigterm_cancels_the_running_job_records_it_interrupted_and_resume_finishes_it(tsv_suite, fake_cells, tmp_path):
     fake_cells.setenv("FAKE_CELL_HOLD_S", "60")
     running = tmp_path / "fake" / "running"

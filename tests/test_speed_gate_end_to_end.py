@@ -26,35 +26,16 @@ from qbench.contract import records as results
 from qbench.machine.threads import available_cores
 
 from .conftest import write_suite
-from .helpers import executors, faults
+from .helpers import clip, executors, faults
 
 pytestmark = pytest.mark.slow
 
-SUITE = """
-name = "speedgate"
-task = "clip"
-threads = 1
-[model]
-id = "builtin:tiny-clip"
-[data]
-kind = "builtin"
-name = "shapes"
-[lora]
-r = 4
-alpha = 8
-target_modules = ["q_proj", "k_proj", "v_proj", "out_proj"]
-[train]
-steps = 14
-batch_size = 16
-lr = 1e-3
-untimed_steps = 2
-[eval]
-before = false
-[matrix]
-precisions = ["dense", "nf4"]
-[compare.tolerances]
-"ratio.speed.*" = { rel = 0.3 }
-"""
+SUITE = clip.suite(
+    precisions=("dense", "nf4"), name="speedgate", settings="threads = 1", steps=14,
+    train="batch_size = 16\nlr = 1e-3\nuntimed_steps = 2",
+    lora='r = 4\nalpha = 8\ntarget_modules = ["q_proj", "k_proj", "v_proj", "out_proj"]', evaluation="before = false",
+    extra='[compare.tolerances]\n"ratio.speed.*" = { rel = 0.3 }\n',
+)
 
 
 SLOWER = "nf4-seed0:train:slow:2.0"  # each nf4 step does three times the CPU work

@@ -5,21 +5,9 @@ import pytest
 from qbench.contract.suite import SuiteError, load, parse
 
 from .conftest import SUITES
+from .helpers import clip
 
-MINIMAL = """
-name = "t"
-task = "clip"
-[model]
-id = "builtin:tiny-clip"
-[data]
-kind = "builtin"
-name = "shapes"
-[lora]
-target_modules = ["q_proj"]
-[train]
-steps = 4
-lr = 1e-3
-"""
+MINIMAL = clip.suite(name="t", precisions=None, steps=4, train="lr = 1e-3", lora='target_modules = ["q_proj"]', evaluation=None)
 
 
 def problems_of(text: str) -> list[str]:

@@ -15,32 +15,16 @@ from qbench.cell.tasks.causal_lm import evaluate_perplexity, make_windows, score
 from qbench.contract.suite import parse
 
 from .conftest import write_suite
+from .helpers import suites
 from .helpers.schema import assert_schema_3_run
 from .test_suite import MINIMAL, problems_of
 
-LLM = """
-name = "untrained"
-task = "causal_lm"
-[model]
-id = "builtin:tiny-llama"
-[data]
-kind = "builtin"
-name = "pydoc"
-[lora]
-r = 4
-alpha = 8
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = {steps}
-batch_size = 4
-lr = 1e-3
-max_length = 32
-[eval]
-window = 64
-max_windows = {max_windows}
-[matrix]
-precisions = ["bf16", "nf4"]
-"""
+
+def llm(steps: int, max_windows: int) -> str:
+    return suites.causal_lm(
+        name="untrained", steps=steps, train="batch_size = 4\nlr = 1e-3\nmax_length = 32",
+        evaluation=f"window = 64\nmax_windows = {max_windows}",
+    )
 
 
 def test_zero_steps_is_a_valid_suite_whatever_untimed_steps_says():
@@ -57,10 +41,17 @@ def test_negative_steps_are_still_refused():
     assert [p.split(":")[0] for p in problems_of(MINIMAL.replace("steps = 4", "steps = -1"))] == ["train.steps"]
 
 
-def test_zero_steps_runs_no_train_phase_and_leaves_its_figures_absent_with_the_reason(tmp_path: Path):
-    suite = write_suite(tmp_path, LLM.format(steps=0, max_windows=4))
-    assert cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
-    run_dir = next((tmp_path / "out" / "untrained").iterdir())
+@pytest.fixture(scope="module")
+def untrained_run(tmp_path_factory) -> Path:
+    """One real run of the tiny Llama with train.steps = 0 and eval.max_windows = 3, read by the tests below."""
+    folder = tmp_path_factory.mktemp("untrained")
+    suite = write_suite(folder, llm(steps=0, max_windows=3))
+    assert cli.main(["run", str(suite), "--out", str(folder / "out"), "--device", "cpu"]) == 0
+    return next((folder / "out" / "untrained").iterdir())
+
+
+def test_zero_steps_runs_no_train_phase_and_leaves_its_figures_absent_with_the_reason(untrained_run: Path, tmp_path: Path):
+    run_dir = untrained_run
     assert len(assert_schema_3_run(run_dir)) == 2
     for path in sorted((run_dir / "cells").glob("*.json")):
         record = json.loads(path.read_text())
@@ -127,10 +118,8 @@ def test_perplexity_of_chosen_windows_is_that_of_those_windows_alone():
     assert got["perplexity"] == pytest.approx(math.exp(nll / 8), rel=1e-5)
 
 
-def test_max_windows_is_recorded_with_the_protocol(tmp_path: Path):
-    suite = write_suite(tmp_path, LLM.format(steps=0, max_windows=3).replace('["bf16", "nf4"]', '["bf16"]'))
-    assert cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
-    record = json.loads(next((tmp_path / "out" / "untrained").glob("*/cells/bf16-seed0.json")).read_text())
+def test_max_windows_is_recorded_with_the_protocol(untrained_run: Path):
+    record = json.loads((untrained_run / "cells" / "bf16-seed0.json").read_text())
     assert record["eval.windows"] == 3 and record["eval.available_windows"] > 3
     assert 2 * 64 < record["eval.scored_tokens"] <= 3 * 64  # the last window of the text is one of the three
     assert "3 of the held-out text's" in record["eval.protocol"]

@@ -209,8 +209,20 @@ def _add_list(commands_: Commands) -> None:
     listing.set_defaults(handler=commands.cmd_list)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, except that `--option=--` gives the option the text `--`: Python 3.11's argparse drops it and
+    hands the option an empty list, which no command expects (it would end in a traceback, not one line)."""
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        if action.nargs is None and action.option_strings and arg_strings == ["--"]:
+            value = self._get_value(action, "--")
+            self._check_value(action, value)
+            return value
+        return super()._get_values(action, arg_strings)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="qbench",
         description="Run the same LoRA fine-tune under every base weight format (16-bit, LLM.int8, FP4, NF4, "
         "with and without double quantization) and compare memory, speed and quality.",

@@ -6,7 +6,10 @@ named by $QBENCH_FAKE_NVML_DIR:
 
     devices.json      {"driver_version": ..., "devices": [{"uuid", "name", "total_bytes", "reserved_bytes"}, ...]}
                       listed in PCI bus order, as NVML numbers them
-    procs/<pid>.json  {"device": index, "used_bytes": n, "lists": ["compute", "graphics", "mps"]}
+    procs/<pid>.json  {"device": index, "used_bytes": n, "lists": ["compute", "graphics", "mps"], "watched": bool}
+    seen/<pid>.<reader pid>   written the first time a process reads a watched entry: the reader's
+                      time.monotonic() then (a system-wide clock on Linux), so that a test can hold a spike
+                      until the reader it is about has seen it, however busy the machine is
 
 Like NVML, a device's `used` is its reserve plus every listed process; only live PIDs are listed.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,15 +46,46 @@ class NVMLError_NotFound(NVMLError):
 def configure(folder: Path | str, devices: list[dict], driver_version: str = "550.54.15") -> None:
     folder = Path(folder)
     (folder / "procs").mkdir(parents=True, exist_ok=True)
+    (folder / "seen").mkdir(exist_ok=True)
     _write(folder / "devices.json", {"driver_version": driver_version, "devices": devices})
 
 
-def set_usage(pid: int, used_bytes: int, device: int = 0, lists: tuple[str, ...] = ("compute",), folder: Path | str | None = None) -> None:
-    _write(_state(folder) / "procs" / f"{pid}.json", {"device": device, "used_bytes": used_bytes, "lists": list(lists)})
+def set_usage(pid: int, used_bytes: int, device: int = 0, lists: tuple[str, ...] = ("compute",), folder: Path | str | None = None,
+              watched: bool = False) -> None:
+    """List `pid` with `used_bytes`; `watched`: note who reads it (seen_by) from now on."""
+    state = _state(folder)
+    if watched:
+        for old in (state / "seen").glob(f"{pid}.*"):
+            old.unlink(missing_ok=True)
+    entry = {"device": device, "used_bytes": used_bytes, "lists": list(lists), "watched": watched}
+    _write(state / "procs" / f"{pid}.json", entry)
 
 
 def clear_usage(pid: int, folder: Path | str | None = None) -> None:
     (_state(folder) / "procs" / f"{pid}.json").unlink(missing_ok=True)
+
+
+def seen_by(pid: int, folder: Path | str | None = None) -> dict[int, float]:
+    """The processes that have read `pid`'s watched entry since it was set: reader pid -> when it first did."""
+    seen = {}
+    for path in (_state(folder) / "seen").glob(f"{pid}.*"):
+        try:
+            seen[int(path.suffix[1:])] = float(path.read_text())
+        except (OSError, ValueError):  # being written
+            continue
+    return seen
+
+
+def wait_until_seen(pid: int, reader=lambda reader_pid: True, timeout_s: float = 60.0) -> float | None:
+    """Wait until a reader that `reader(pid)` accepts has read `pid`'s watched entry; when it first did, or
+    None after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [when for reader_pid, when in seen_by(pid).items() if reader(reader_pid)]
+        if found:
+            return min(found)
+        time.sleep(0.001)
+    return None
 
 
 def _write(path: Path, data: dict) -> None:
@@ -146,7 +181,19 @@ def _entries(index: int) -> list[tuple[int, dict]]:
         pid = int(path.stem)
         if entry["device"] == index and _alive(pid):
             entries.append((pid, entry))
+            if entry.get("watched"):
+                _note_reader(pid)
     return entries
+
+
+def _note_reader(pid: int) -> None:
+    """Leave seen/<pid>.<this process> with the time, once per watched entry and reader."""
+    path = _state() / "seen" / f"{pid}.{os.getpid()}"
+    if not path.exists():
+        now = time.monotonic()
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(repr(now))
+        os.replace(temporary, path)
 
 
 def _processes(handle: SimpleNamespace, kind: str) -> list[SimpleNamespace]:

@@ -1,5 +1,6 @@
 """Tiny CLIP test assets, one builder of each: a random checkpoint, images with TSV annotation files,
-and suite texts (over such a checkpoint, or over the builtin tiny CLIP and its generated data).
+and suite texts (over such a checkpoint, or over the builtin tiny CLIP and its generated data; built by
+tests/helpers/suites.py, which builds every test suite).
 
 The checkpoint is written by `qbench.zoo.full_scale.write_random_clip`, the same code a user runs to
 try qbench at full scale offline, with a small configuration.
@@ -101,18 +102,23 @@ def suite(
     precisions: tuple[str, ...] | None = ("bf16", "nf4"),
     *,
     name: str = "tiny",
+    settings: str = "",
     steps: int | None = 3,
     train: str = "batch_size = 8\nlr = 1e-3\nmax_length = 16\nuntimed_steps = 1",
     lora: str = 'r = 4\nalpha = 8\ndropout = 0.0\ntarget_modules = ["q_proj", "v_proj"]',
     evaluation: str | None = "batch_size = 64",
+    matrix: str = "",
     model_extra: str = "",
     data_extra: str = "",
     extra: str = "",
 ) -> str:
-    """Suite text for a clip suite: over `data` (images_tsv's paths, or the folder it wrote; absolute paths) or,
-    without it, the builtin generated `shapes` set. Every section's body can be replaced; `steps` None leaves the
-    steps to `train`; `evaluation` or
-    `precisions` None leaves out [eval] or [matrix] (for `extra` to give them); `extra` appends sections."""
+    """Suite text for a clip suite (tests/helpers/suites.py's builder): over `data` (images_tsv's paths, or the
+    folder it wrote; absolute paths) or, without it, the builtin generated `shapes` set. Every section's body
+    can be replaced; `settings` adds top-level keys; `steps` None leaves the steps to `train`; `evaluation` or
+    `precisions` None leaves out [eval] or [matrix] (for `extra` to give them); `matrix` adds axes; `extra`
+    appends sections."""
+    from .suites import text
+
     if isinstance(data, Path):
         data = {"train": data / "train.tsv", "eval": data / "eval.tsv", "images": data / "images"}
     if data is None:
@@ -120,24 +126,10 @@ def suite(
     else:
         data_section = (f'kind = "tsv"\ntrain = "{data["train"]}"\neval = "{data["eval"]}"\n'
                         f'image_root = "{data["images"]}"')
-    sections = f"[eval]\n{evaluation}\n" if evaluation is not None else ""
-    if precisions is not None:
-        sections += "[matrix]\nprecisions = [" + ", ".join(f'"{p}"' for p in precisions) + "]\n"
-    return f"""
-name = "{name}"
-task = "clip"
-[model]
-id = "{model}"
-{model_extra}
-[data]
-{data_section}
-{data_extra}
-[lora]
-{lora}
-[train]
-{f"steps = {steps}" if steps is not None else ""}
-{train}
-{sections}{extra}"""
+    return text(
+        "clip", model, data_section, precisions, name=name, settings=settings, steps=steps, train=train, lora=lora,
+        evaluation=evaluation, matrix=matrix, model_extra=model_extra, data_extra=data_extra, extra=extra,
+    )
 
 
 def assert_recall_is_an_exact_share(record: dict, phase: str) -> None:

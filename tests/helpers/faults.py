@@ -13,7 +13,9 @@ and its record says which (`test.injected_faults`). The variable's value is a co
            unsupported  raise NotImplementedError (the cell's status becomes `unsupported`)
            error        raise RuntimeError
            sigkill      the cell process kills itself with SIGKILL (no chance to write anything)
-           sleep        sleep ARG seconds (to interrupt a cell at a known point)
+           sleep        sleep ARG seconds (to interrupt a cell at a known point); with QBENCH_TEST_SLEEPING set
+                        to a folder, the cell first leaves PHASE.PID in it, so a test waits for the cell to
+                        be asleep instead of guessing how long that takes on a busy machine
            slow         train phase only: every step takes ARG times more CPU (busy work after each loss
                         computation; 0.3 = 30 % more), a real slowdown whatever the machine's load
            alloc        hold ARG MiB of resident memory from the start of the phase to the end of the process
@@ -32,11 +34,13 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from qbench.contract.schema import PHASES
 
 ENV_VAR = "QBENCH_TEST_FAULTS"
+SLEEPING_ENV_VAR = "QBENCH_TEST_SLEEPING"
 KINDS = ("oom", "nan", "unsupported", "error", "sigkill", "sleep", "slow", "alloc")
 EVAL_PHASES = ("eval_before", "eval_after")
 OUTPUT_PROJECTIONS = ("visual_projection", "lm_head")  # where an eval-phase nan fault plants its NaN
@@ -88,6 +92,8 @@ def _fire(fault: Fault) -> None:
     if fault.kind == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
     if fault.kind == "sleep":
+        if os.environ.get(SLEEPING_ENV_VAR):
+            Path(os.environ[SLEEPING_ENV_VAR], f"{fault.phase}.{os.getpid()}").touch()
         time.sleep(fault.arg if fault.arg is not None else 60)
     if fault.kind == "alloc":
         _HELD.append(b"\x01" * int((fault.arg or 100) * 1024 * 1024))  # written, so every page is resident
