@@ -399,6 +399,8 @@ class GateProgress:
 
 def speed_checks(result: Comparison) -> None:
     """Every speed check in the terminal: arm, each side's median, the change, samples, p, verdict."""
+    import pandas as pd
+
     checks = result.checks
     if checks.empty or "kind" not in checks.columns:
         return
