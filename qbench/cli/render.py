@@ -429,7 +429,7 @@ def _ms(value: Any) -> str:
 def gate_end(result: Any) -> None:
     """The gate's last line: how long it took, and where its runs are."""
     runs = [b.run_dir for b in result.runs.blocks if b.run_dir is not None]
-    where = runs[0].parent.parent.parent if runs else None
+    where = runs[0].parents[3] if runs else None  # OUT/<side>/<turn>/<suite>/<run-id>
     console.print(f"gate: {len(result.runs.blocks)} runs against commit {result.commit[:12]} in {result.seconds:.0f} s"
                   + (f"; runs kept in {escape(str(where))}" if where else ""), highlight=False)
 

@@ -586,7 +586,8 @@ def _notes(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings, used_r
     notes += _code_notes(baseline, new)
     notes += _schema_notes(baseline, new)
     unused = [f"{source}: {pattern}" for pattern, _, source in settings.rules
-              if source != "default" and f"{source}: {pattern}" not in used_rules]
+              if source != "default" and f"{source}: {pattern}" not in used_rules
+              and (settings.speed_ratios or not pattern.startswith(fields.RATIO_PREFIX))]  # no ratio asked: none to match
     if unused:
         notes.append("tolerances that matched no compared metric: " + "; ".join(unused))
     return notes
