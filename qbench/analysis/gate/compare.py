@@ -503,7 +503,7 @@ def _check_ratio(arm: str, precision: str, metric: str, both: _Stats, tolerance:
     result = rank.judge(_arm_values(both.old_values, both.old_arms, arm, metric),
                         _arm_values(both.new_values, both.new_arms, arm, metric), RATIO_ALPHA, change,
                         lower_is_better=spec.direction == "lower", what="cells")
-    row.update(allowed=change * abs(row["baseline"]), noise=0.0, p_value=result.p_slower if spec.direction == "lower" else result.p_faster,
+    row.update(allowed=change * abs(row["baseline"]), noise=0.0, p_value=result.p_worse,
                judged_by="one-sided Mann–Whitney U over each cell's ratio (one run and seed each)")
     return _row(precision, metric, result.verdict, arm, note=result.note, **row)
 

@@ -98,8 +98,8 @@ def fewest_samples(alpha: float) -> int:
 
 @dataclass(frozen=True)
 class Judgement:
-    """One arm's speed: each side's median and sample count, the new over the baseline median, the one-sided
-    p-values (new slower; new faster), the verdict (ok / regression / improved / not judged) and why."""
+    """One arm's figure: each side's median and sample count, the new over the baseline median, the one-sided
+    p-values (new worse; new better), the verdict (ok / regression / improved / not judged) and why."""
 
     verdict: str
     baseline: float
@@ -107,8 +107,8 @@ class Judgement:
     n_baseline: int
     n_new: int
     ratio: float
-    p_slower: float
-    p_faster: float
+    p_worse: float
+    p_better: float
     note: str
 
 
@@ -199,5 +199,5 @@ def speed_rows(reference: pd.DataFrame, new: pd.DataFrame, policy: SpeedPolicy, 
         result = judge(a, b, policy.alpha, policy.change, what=what)
         rows.append({**row, "verdict": result.verdict, "baseline": result.baseline, "new": result.new,
                      "n_baseline": result.n_baseline, "n_new": result.n_new, "ratio": result.ratio,
-                     "p_value": result.p_slower, "note": result.note})
+                     "p_value": result.p_worse, "note": result.note})
     return rows
