@@ -196,9 +196,10 @@ def steps(table: pd.DataFrame, runs: pd.DataFrame, min_change: float = 0.05) -> 
 
 def change_points(values: Any, min_change: float = 0.05) -> list[tuple[int, float, float]]:
     """(index where the new level starts, level before, level after) of each step of `values`: PELT (ruptures,
-    l2 cost, segments of one point allowed) with a penalty of 2·σ²·ln(n)·3, σ from the median absolute first
-    difference (so one outlier does not hide the rest), then only cuts whose mean changes by more than
-    `min_change` of the mean before it."""
+    l2 cost, segments of one point allowed) with a penalty of 2·σ²·ln(n)·3, then only cuts whose mean changes by
+    more than `min_change` of the mean before it. σ is the smaller of two robust estimates of the noise: from the
+    median absolute first difference (blind to a lasting step) and from the median absolute deviation of the
+    values (blind to a few points off the level, such as one planted run between unchanged ones)."""
     import numpy as np
     import ruptures
 
@@ -206,7 +207,9 @@ def change_points(values: Any, min_change: float = 0.05) -> list[tuple[int, floa
     n = len(signal)
     if n < 3 or np.allclose(signal, signal[0]):
         return []
-    sigma = float(np.median(np.abs(np.diff(signal)))) / (0.6745 * math.sqrt(2))
+    from_differences = float(np.median(np.abs(np.diff(signal)))) / (0.6745 * math.sqrt(2))
+    from_level = 1.4826 * float(np.median(np.abs(signal - np.median(signal))))
+    sigma = min(from_differences, from_level)
     floor = max(abs(float(np.median(signal))) * min_change / 4, 1e-12)  # steady series: a step is measured against this
     sigma = max(sigma, floor)
     penalty = 2 * sigma**2 * math.log(n) * 3
