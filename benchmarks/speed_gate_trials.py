@@ -4,6 +4,7 @@ training step is made slower from outside.
     python benchmarks/speed_gate_trials.py                  # 20 trials of suites/ci.toml on this machine
     python benchmarks/speed_gate_trials.py --trials 5 --out /tmp/trials
     python benchmarks/speed_gate_trials.py --summary /tmp/trials/trials.jsonl   # the rates of trials already run
+    python benchmarks/speed_gate_trials.py --spread /tmp/trials   # per-process spread of each step-time figure
 
 Each trial is one job of the gate (qbench.runner.gate) with four sides in turns (A B C D A B C D): the baseline
 side (the `--against` commit, HEAD by default, in a temporary git worktree, as `qbench gate` runs it), and three
@@ -34,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PLANT = '''"""Planted by benchmarks/speed_gate_trials.py: every optimizer step QBENCH_TRIAL_SLOWER slower (a spin),
+PLANT = '''"""Planted by benchmarks/speed_gate_trials.py: every optimizer step QBENCH_TRIAL_SLOWER slower (a spin, or a sleep),
 in every arm or, with QBENCH_TRIAL_ONLY=4bit, only in processes whose model runs bitsandbytes' Linear4bit."""
 import importlib.abc
 import os
@@ -43,13 +44,17 @@ import time
 
 SLOWER = float(os.environ.get("QBENCH_TRIAL_SLOWER", "0"))
 ONLY_4BIT = os.environ.get("QBENCH_TRIAL_ONLY") == "4bit"
+SLEEP = os.environ.get("QBENCH_TRIAL_PLANT") == "sleep"  # wait instead of computing: no CPU time spent
 _state = {"last": None, "4bit": False}
 
 
 def _after_step(optimizer, args, kwargs):
     now = time.perf_counter()
     if _state["last"] is not None and (_state["4bit"] or not ONLY_4BIT):
-        end = now + SLOWER * (now - _state["last"])  # the step's own time since the previous step ended
+        wait = SLOWER * (now - _state["last"])  # the step's own time since the previous step ended
+        if SLEEP:
+            time.sleep(wait)
+        end = now + wait
         while time.perf_counter() < end:
             pass
     _state["last"] = time.perf_counter()
@@ -110,7 +115,7 @@ def load_average() -> float | None:
         return None
 
 
-def sides(tree: Path, plant_dir: Path, slower: float, kinds: list[str]) -> list:
+def sides(tree: Path, plant_dir: Path, slower: float, kinds: list[str], plant: str = "spin") -> list:
     from qbench.runner import gate
 
     made = [gate.Side(gate.BASELINE_SIDE, tree, gate.side_env(tree, inherit_path=False))]
@@ -119,7 +124,7 @@ def sides(tree: Path, plant_dir: Path, slower: float, kinds: list[str]) -> list:
         planted, _ = KINDS[kind]
         if planted:
             env["PYTHONPATH"] = os.pathsep.join([str(plant_dir), env["PYTHONPATH"]])
-            env.update(planted, QBENCH_TRIAL_SLOWER=str(slower))
+            env.update(planted, QBENCH_TRIAL_SLOWER=str(slower), QBENCH_TRIAL_PLANT=plant)
         made.append(gate.Side(kind, ROOT, env))
     return made
 
@@ -137,7 +142,7 @@ def trial(number: int, args: argparse.Namespace, tree: Path, plant_dir: Path, ou
         print(f"  trial {number}: {block.side} run {block.turn + 1} {block.seconds:.0f} s (exit {block.exit_code})", flush=True)
 
     relative = gate.suite_in_repo(ROOT / args.suite, ROOT)
-    runs = gate.run_sides(sides(tree, plant_dir, args.slower, args.kinds), relative, out / f"trial-{number}", args.device,
+    runs = gate.run_sides(sides(tree, plant_dir, args.slower, args.kinds, args.plant), relative, out / f"trial-{number}", args.device,
                           policy.blocks, policy.seeds_per_block, seen)
     outcomes = []
     for kind in args.kinds:
@@ -183,6 +188,59 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SPREAD_FIGURES = {"wall": "speed.step_time_p50_s", "cpu": "speed.step_cpu_time_p50_s", "unqueued": "speed.step_unqueued_time_p50_s"}
+
+
+def spread(out: Path) -> str:
+    """What the trials' unchanged cells say of each per-process step-time figure (wall, CPU, unqueued): its spread
+    over processes per arm, and how often a rank test at p < 0.01 calls the same code slower when each process's
+    median is a sample (the gate on a CPU) and when every timed step is one (the gate on a GPU)."""
+    from scipy.stats import mannwhitneyu
+
+    from qbench.analysis import load
+
+    lines = []
+    frames = {}
+    for trial_dir in sorted(out.glob("trial-*")):
+        for side in ("baseline", "unchanged"):
+            runs = sorted(trial_dir.glob(f"{side}/*/*/*"))
+            if runs:
+                frame = load.load_results(runs)
+                frames[(trial_dir.name, side)] = frame[frame["status"] == "ok"]
+    if not frames:
+        return f"{out}: no trial runs"
+    both = list(frames.values())
+    import pandas as pd
+
+    every = pd.concat(both, ignore_index=True)
+    for arm, cells in every.groupby("precision"):
+        parts = []
+        for name, column in SPREAD_FIGURES.items():
+            values = pd.to_numeric(cells[column], errors="coerce").dropna()
+            parts.append(f"{name} {1e3 * values.median():.1f} ms, spread (sd/mean) {values.std() / values.mean():.1%}, "
+                         f"{1e3 * values.min():.1f}-{1e3 * values.max():.1f}")
+        lines.append(f"{arm} ({len(cells)} processes): " + "; ".join(parts))
+    alarms = {"process": 0, "step": 0}
+    tests = 0
+    for trial in sorted({t for t, _ in frames}):
+        if (trial, "baseline") not in frames or (trial, "unchanged") not in frames:
+            continue
+        a, b = frames[(trial, "baseline")], frames[(trial, "unchanged")]
+        for arm in sorted(set(a["precision"])):
+            x, y = a[a["precision"] == arm], b[b["precision"] == arm]
+            tests += 1
+            per_process = mannwhitneyu(y[SPREAD_FIGURES["unqueued"]], x[SPREAD_FIGURES["unqueued"]], alternative="greater").pvalue
+            steps_x = [v for steps in x["speed.step_unqueued_times_s"] for v in steps]
+            steps_y = [v for steps in y["speed.step_unqueued_times_s"] for v in steps]
+            per_step = mannwhitneyu(steps_y, steps_x, alternative="greater").pvalue
+            alarms["process"] += per_process < 0.01
+            alarms["step"] += per_step < 0.01
+    if tests:
+        lines.append(f"same code, p < 0.01 (one-sided, unqueued time) in {tests} arm comparisons: {alarms['process']} with each "
+                     f"process's median as a sample, {alarms['step']} with every timed step as a sample")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=20, help="trials (default 20)")
@@ -191,13 +249,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", default="HEAD", help="the baseline side's commit (default HEAD: the same code as the "
                         "unchanged side)")
     parser.add_argument("--slower", type=float, default=0.30, help="how much slower a planted step is (default 0.30)")
+    parser.add_argument("--plant", default="spin", choices=("spin", "sleep"), help="how a planted step is slower: it "
+                        "computes (spin, the default) or waits (sleep)")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"sides to run, of {', '.join(KINDS)}")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--processes", type=int, help="cell processes per arm and side (default: the gate's for the device)")
     parser.add_argument("--blocks", type=int, help="runs per side (default: the gate's for the device)")
     parser.add_argument("--out", help="folder for the runs and trials.jsonl (default: a temporary folder)")
     parser.add_argument("--summary", metavar="JSONL", help="print the rates of the trials in JSONL and stop")
+    parser.add_argument("--spread", metavar="OUT", help="print the per-process spread of the step-time figures in the "
+                        "unchanged runs of the trials in OUT, and stop")
     args = parser.parse_args(argv)
+    if args.spread:
+        print(spread(Path(args.spread)))
+        return 0
     if args.summary:
         print(summary([json.loads(line) for line in Path(args.summary).read_text().splitlines() if line.strip()]))
         return 0
