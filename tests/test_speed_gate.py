@@ -218,3 +218,20 @@ def test_the_gate_refuses_a_suite_outside_the_repository(tmp_path):
 
     with pytest.raises(SuiteError, match="inside the repository"):
         gate.suite_in_repo(tmp_path / "x.toml", gate.PACKAGE_ROOT)
+
+
+def test_the_gate_command_refuses_bad_input_with_one_line_before_any_run(tmp_path, capsys):
+    from qbench import cli
+    from qbench.runner.gate import PACKAGE_ROOT
+
+    suite = str(PACKAGE_ROOT / "suites" / "ci.toml")
+    assert cli.main(["gate", suite, "--baseline", str(tmp_path / "none")]) == 2
+    assert "no baseline runs there" in capsys.readouterr().err
+    assert cli.main(["gate", suite, "--baseline", str(PACKAGE_ROOT / "results" / "baselines" / "ci"), "--processes", "0"]) == 2
+    assert "--processes 0" in capsys.readouterr().err
+    assert cli.main(["gate", suite, "--baseline", str(PACKAGE_ROOT / "results" / "baselines" / "ci"), "--against", "0" * 40]) == 2
+    assert "is not in the git checkout" in capsys.readouterr().err
+    outside = tmp_path / "ci.toml"
+    outside.write_text((PACKAGE_ROOT / "suites" / "ci.toml").read_text())
+    assert cli.main(["gate", str(outside), "--baseline", str(PACKAGE_ROOT / "results" / "baselines" / "ci")]) == 2
+    assert "inside the repository" in capsys.readouterr().err

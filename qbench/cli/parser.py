@@ -166,7 +166,9 @@ def _add_compare(commands_: Commands) -> None:
         help="regression gate: NEW against BASELINE, exit 0 ok, 1 regression, 2 unusable input",
         description="Compare the records of NEW against BASELINE (run directories, folders of them, or exported "
         "CSV). Exact metrics must match, quality and memory may move the worse way by their tolerance (or the "
-        "seeds' noise), speed is compared only as ratios to the baseline precision within one run. Tolerances: "
+        "seeds' noise), speed is compared only as ratios to the baseline precision within one run, each by a rank test over "
+        "its cells (not judged with fewer than five a side; `qbench gate` judges speed against the baseline's code run "
+        "in the same job). Tolerances: "
         "--tolerance, then the suite's [compare.tolerances], then qbench's defaults. Writes a Markdown summary "
         "to --markdown and, when set, $GITHUB_STEP_SUMMARY. Exit 0: no regression; 1: regression; 2: unusable input.",
     )

@@ -11,12 +11,16 @@ What is compared comes from the metric registry (`qbench.contract.fields`):
 - counts of non-finite model outputs in evaluation (`quality.<phase>.nonfinite_*`) must not rise;
 - interval bounds (`interval.*`) describe a metric's noise and are not gated themselves;
 - absolute times and rates are never compared (they move from machine to machine); speed is
-  compared as ratios measured within one run, e.g. nf4-dq samples/s over dense samples/s. On a CPU
-  the same ratios of CPU time are judged too (samples per CPU-second of the timed steps): a busy
-  machine makes steps wait for a core, which moves wall time a lot and CPU time little. The
-  wall-time ratios of a run in which a cell was contended (its threads waited for a core, see
-  `speed.contended`) are not judged; no speed ratio is when a cell had a core less than half the
-  time it wanted one (then its CPU time moved too); the verdict says why.
+  compared as ratios measured within one run, e.g. nf4-dq samples/s over dense samples/s, each judged by a
+  one-sided rank test over its cells (qbench.analysis.gate.speed: a regression when the test rejects at
+  p < RATIO_ALPHA and the median moved the worse way by more than the tolerance; not judged, never "ok", with
+  fewer cells a side than the test needs). On a CPU the same ratios of CPU time are judged too (samples per
+  CPU-second of the timed steps): a busy machine makes steps wait for a core, which moves wall time a lot
+  and CPU time little. The wall-time ratios of a run in which a cell was contended (its threads waited for a
+  core, see `speed.contended`) are not judged; no speed ratio is when a cell had a core less than half the
+  time it wanted one (then its CPU time moved too); the verdict says why. A ratio cannot see a slowdown of
+  every arm: `qbench gate` (qbench.analysis.gate.same_job) judges speed against the baseline's code re-run
+  in the same job instead.
 Tolerances: the command line's, then the suite's `[compare.tolerances]`, then DEFAULT_TOLERANCES;
 for each field the first pattern that matches wins.
 """
