@@ -235,3 +235,13 @@ def test_the_gate_command_refuses_bad_input_with_one_line_before_any_run(tmp_pat
     outside.write_text((PACKAGE_ROOT / "suites" / "ci.toml").read_text())
     assert cli.main(["gate", str(outside), "--baseline", str(PACKAGE_ROOT / "results" / "baselines" / "ci")]) == 2
     assert "inside the repository" in capsys.readouterr().err
+
+
+def test_the_gate_refuses_an_out_folder_that_holds_anything(tmp_path, capsys):
+    from qbench import cli
+    from qbench.runner.gate import PACKAGE_ROOT
+
+    (tmp_path / "old").mkdir()
+    assert cli.main(["gate", str(PACKAGE_ROOT / "suites" / "ci.toml"), "--baseline",
+                     str(PACKAGE_ROOT / "results" / "baselines" / "ci"), "--out", str(tmp_path)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err

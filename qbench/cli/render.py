@@ -392,7 +392,7 @@ class GateProgress:
 
     def block(self, block: Any, done: int, total: int) -> None:
         self.progress.update(self.task, completed=done, total=total)
-        status = "" if block.exit_code == 0 else f" [red](qbench run exited {block.exit_code})[/]"
+        status = "" if block.exit_code == 0 else f" [red](qbench run exited {block.exit_code}: {escape(str(block.log))})[/]"
         self.progress.console.print(f"{block.side} run {block.turn + 1}: {block.seconds:.0f} s{status}"
                                     + (f"  {escape(str(block.run_dir))}" if block.run_dir else ""), highlight=False)
 

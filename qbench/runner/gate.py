@@ -28,9 +28,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qbench.contract.suite import SuiteError, load
 from qbench.runner.plan import COMMAND_LINE
+
+if TYPE_CHECKING:
+    from qbench.analysis.gate.compare import Comparison
+    from qbench.analysis.gate.speed import SpeedPolicy
 
 BASELINE_SIDE = "baseline"
 NEW_SIDE = "new"
@@ -52,14 +57,15 @@ class Side:
 
 @dataclass(frozen=True)
 class Block:
-    """One run of one side: which side, which turn, its run folder (None: the run wrote none), its exit code
-    and wall seconds."""
+    """One run of one side: which side, which turn, its run folder (None: the run wrote none), its exit code,
+    wall seconds, and the log of its `qbench run` (what it printed)."""
 
     side: str
     turn: int
     run_dir: Path | None
     exit_code: int
     seconds: float
+    log: Path | None = None
 
 
 @dataclass
@@ -133,18 +139,22 @@ def _new_run_dir(out: Path) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def run_block(side: Side, suite: str, out: Path, seeds: list[int], device: str, timeout_s: float | None = None) -> Block:
-    """One `qbench run` of `suite` (a path relative to the side's checkout) by the side's code, into `out`."""
+def run_block(side: Side, suite: str, out: Path, seeds: list[int], device: str, turn: int = 0,
+              timeout_s: float | None = None) -> Block:
+    """One `qbench run` of `suite` (a path relative to the side's checkout) by the side's code, into `out`; what
+    it prints goes to `out`.log."""
     command = [sys.executable, "-m", "qbench", "run", str(side.root / suite), "--out", str(out), "--device", device,
                "--seeds", ",".join(map(str, seeds))]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.with_name(out.name + ".log")
     started = time.perf_counter()
-    try:
-        done = subprocess.run(command, cwd=side.root, env=side.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True, timeout=timeout_s)
-        code = done.returncode
-    except subprocess.TimeoutExpired:
-        code = 124
-    return Block(side.name, 0, _new_run_dir(out), code, time.perf_counter() - started)
+    with log.open("w", encoding="utf-8") as handle:
+        try:
+            code = subprocess.run(command, cwd=side.root, env={**side.env, "COLUMNS": "120"}, stdin=subprocess.DEVNULL,
+                                  stdout=handle, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+    return Block(side.name, turn, _new_run_dir(out), code, time.perf_counter() - started, log)
 
 
 def run_sides(sides: list[Side], suite: str, out: Path, device: str, blocks: int, seeds_per_block: int,
@@ -156,8 +166,7 @@ def run_sides(sides: list[Side], suite: str, out: Path, device: str, blocks: int
     seeds = list(range(seeds_per_block))
     for turn in range(blocks):
         for side in sides:
-            block = run_block(side, suite, out / side.name / str(turn), seeds, device)
-            block = Block(block.side, turn, block.run_dir, block.exit_code, block.seconds)
+            block = run_block(side, suite, out / side.name / str(turn), seeds, device, turn)
             runs.blocks.append(block)
             on_block(block, len(runs.blocks), total)
     return runs
@@ -190,10 +199,10 @@ class GateResult:
 
     runs: GateRuns
     commit: str
-    comparison: object  # qbench.analysis.gate.compare.Comparison
+    comparison: Comparison
     seconds: float
     device: str
-    policy: object  # qbench.analysis.gate.speed.SpeedPolicy
+    policy: SpeedPolicy
 
 
 def run_gate(suite: str | Path, baseline: str | Path, *, against: str | None = None, out: str | Path | None = None,
@@ -218,6 +227,8 @@ def run_gate(suite: str | Path, baseline: str | Path, *, against: str | None = N
                         "from a clean checkout")
     commit = resolve_commit(repo, commit)
     policy = speed.policy_for(device, processes, blocks)
+    if out is not None and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise SuiteError(COMMAND_LINE, [f"--out {out}: not an empty folder; the gate's runs need one of their own"])
     out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="qbench-gate-runs-"))
     with checkout(repo, commit) as tree:
         sides = [Side(speed_side, root, side_env(root, inherit_path=speed_side == NEW_SIDE))
