@@ -8,8 +8,8 @@ Targets (issues 12 and 28), on a quiet 2-core CPU, judged only when benchmarking
 - `qbench run suites/clip.toml` (six cells, the suite's steps and eval unchanged): at most 60 s wall, its first
   cell started at most 5 s after the command;
 - fixed cost per cell (its process's wall time less its measured phases): at most 2 s;
-- `.ci/run`'s regression gate (run suites/ci.toml, report it, compare it with the committed baseline):
-  at most 30 s.
+- `.ci/run`'s regression gate (`qbench gate suites/ci.toml`: the suite run with the baseline commit's code and
+  with this code in turns, judged; then the report): at most 240 s (issue 26), on a shared machine too.
 The harness overhead against a bare loop is benchmarks/test_overhead.py; the same job beside busy processes is
 benchmarks/test_threads_under_load.py. Each figure is printed and kept
 in the benchmark's extra_info; `qbench run` is run as a user runs it, in its own process.
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 MATRIX_TARGET_S = float(os.environ.get("QBENCH_MATRIX_TARGET_S", "60"))
 FIRST_CELL_TARGET_S = float(os.environ.get("QBENCH_FIRST_CELL_TARGET_S", "5"))
 FIXED_COST_TARGET_S = float(os.environ.get("QBENCH_FIXED_COST_TARGET_S", "2"))
-GATE_TARGET_S = float(os.environ.get("QBENCH_GATE_TARGET_S", "30"))
+GATE_TARGET_S = float(os.environ.get("QBENCH_GATE_TARGET_S", "240"))
 PHASES = ("data", "load", "prepare", "eval_before", "train", "eval_after")  # the measured phases of a cell
 SMOKE_SHORTENING = {"steps = 200": "steps = 6", "warmup_steps = 10": "warmup_steps = 1",
                     'precisions = ["dense", "int8", "fp4", "fp4-dq", "nf4", "nf4-dq"]': 'precisions = ["dense", "nf4"]'}
@@ -138,17 +138,16 @@ def test_ci_gate_wall_time(benchmark, tmp_path):
     seconds = {}
 
     def gate() -> None:
-        code, seconds["run"], tail = _qbench("run", str(REPO / "suites" / "ci.toml"), "--out", str(out), "--device", "cpu",
-                                             cwd=REPO)
-        assert code == 0, tail
-        _, seconds["report"], _ = _qbench("report", str(out / "ci"), "--out", str(out / "report"), cwd=REPO)
-        seconds["compare_exit"], seconds["compare"], _ = _qbench("compare", str(REPO / "results" / "baselines" / "ci"),
-                                                                 str(out / "ci"), cwd=REPO)
+        seconds["gate_exit"], seconds["gate"], tail = _qbench(
+            "gate", str(REPO / "suites" / "ci.toml"), "--baseline", str(REPO / "results" / "baselines" / "ci"),
+            "--device", "cpu", "--out", str(out), cwd=REPO)
+        assert seconds["gate_exit"] in (0, 1), tail
+        _, seconds["report"], _ = _qbench("report", str(out / "new"), "--out", str(out / "report"), cwd=REPO)
 
     benchmark.pedantic(gate, rounds=1, iterations=1)
-    (run_dir,) = (out / "ci").iterdir()
-    figures = {**run_figures(run_dir, seconds["run"]), "report_s": seconds["report"], "compare_s": seconds["compare"],
-               "compare_exit": seconds["compare_exit"], "gate_s": seconds["run"] + seconds["report"] + seconds["compare"]}
+    run_dir = sorted((out / "new").glob("*/ci/*"))[0]
+    figures = {**run_figures(run_dir, seconds["gate"]), "report_s": seconds["report"], "gate_exit": seconds["gate_exit"],
+               "gate_s": seconds["gate"] + seconds["report"]}
     benchmark.extra_info.update(figures)
-    _show("CI gate (suites/ci.toml: run + report + compare)", figures)
+    _show("CI gate (qbench gate suites/ci.toml, then its report)", figures)
     assert figures["gate_s"] <= GATE_TARGET_S, f"the gate took {figures['gate_s']:.1f} s (target {GATE_TARGET_S:.0f} s)"

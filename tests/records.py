@@ -71,3 +71,19 @@ def slower(record: dict[str, Any], factor: float) -> dict[str, Any]:
         elif key.startswith(("speed.", "time.")) and key.endswith("_s"):
             changed[key] = value * factor
     return changed
+
+
+def make_runs(count: int = 6, prefix: str = "run", precisions=("bf16", "int8", "nf4-dq")) -> list[dict[str, Any]]:
+    """`count` runs of seed 0 (run ids `<prefix>-<i>`), their speeds a little apart from run to run (no two runs
+    time alike), so that a rank test over the runs' speed ratios has that many distinct samples a side (five is
+    the fewest with which one can reach p < 0.01)."""
+    records = []
+    for index in range(count):
+        wiggle = 1 + 0.004 * (index - (count - 1) / 2)
+        for record in make_records(precisions, (0,), f"{prefix}-{index}"):
+            if record["precision"] != record["baseline_precision"]:
+                record["speed.train_samples_per_s"] *= wiggle
+                record["speed.train_tokens_per_s"] *= wiggle
+                record["speed.step_time_p50_s"] /= wiggle
+            records.append(record)
+    return records

@@ -1,7 +1,8 @@
 """The speed gate on real runs: loading the machine during a run does not fail `qbench compare`, a step that
 really got slower (planted: each step does three times the CPU work) does.
 
-Three runs of the builtin tiny CLIP with one thread per cell: a baseline, the same run while busy loops
+Three runs of the builtin tiny CLIP with one thread per cell and five seeds (compare judges a ratio by a rank test
+over its cells, which needs five a side): a baseline, the same run while busy loops
 take every core, and a run whose nf4 cell is slowed by the `slow` test fault. What else runs moves a
 cell's CPU time per step a little (shared caches, memory bandwidth) and its wall time a lot; the planted
 slowdown (three times the work) is well beyond the first. With the busy loops the cells get a core less
@@ -34,11 +35,12 @@ SUITE = clip.suite(
     precisions=("dense", "nf4"), name="speedgate", settings="threads = 1", steps=14,
     train="batch_size = 16\nlr = 1e-3\nuntimed_steps = 2",
     lora='r = 4\nalpha = 8\ntarget_modules = ["q_proj", "k_proj", "v_proj", "out_proj"]', evaluation="before = false",
-    extra='[compare.tolerances]\n"ratio.speed.*" = { rel = 0.3 }\n',
+    matrix="seeds = [0, 1, 2, 3, 4]", extra='[compare.tolerances]\n"ratio.speed.*" = { rel = 0.3 }\n',
 )
 
 
-SLOWER = "nf4-seed0:train:slow:2.0"  # each nf4 step does three times the CPU work
+SEEDS = 5  # cells a side per ratio: the fewest with which compare's rank test can reject at p < 0.01
+SLOWER = ",".join(f"nf4-seed{seed}:train:slow:2.0" for seed in range(SEEDS))  # each nf4 step does three times the work
 
 
 def _run(folder: Path, suite: Path, fault: str | None = None) -> Path:

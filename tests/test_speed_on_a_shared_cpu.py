@@ -1,5 +1,6 @@
 """Speed you can trust on a shared CPU: `qbench compare` judges CPU-time ratios there, and does not judge the
-wall-time ratios of a run whose cells waited for a core; a real slowdown still fails (synthetic records)."""
+wall-time ratios of a run whose cells waited for a core; a real slowdown still fails (synthetic records of six
+runs a side: a ratio is judged by a rank test over its cells, which needs six to reject at p < 0.01)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pandas as pd
 from qbench.analysis.gate import compare
 from qbench.contract import fields
 
-from .records import make_records
+from .records import make_runs
 
 WALL = "ratio.speed.train_samples_per_s"
 CPU = "ratio.speed.train_samples_per_cpu_s"
@@ -42,9 +43,9 @@ def test_the_cpu_time_twin_of_a_throughput_field():
 
 
 def test_a_busy_moment_during_one_cell_does_not_fail_the_gate_when_its_cpu_time_is_unchanged():
-    baseline = pd.DataFrame(with_cpu_time(make_records()))
+    baseline = pd.DataFrame(with_cpu_time(make_runs()))
     # the machine got busy while nf4-dq trained: its wall-clock throughput halved, its CPU time did not move
-    new = pd.DataFrame(changed(with_cpu_time(make_records(run_id="run-b"), contended=True), "nf4-dq",
+    new = pd.DataFrame(changed(with_cpu_time(make_runs(prefix="new"), contended=True), "nf4-dq",
                                speed__train_samples_per_s=0.5))
     result = compare.compare(baseline, new)
     assert result.exit_code == 0, result.markdown()
@@ -54,9 +55,9 @@ def test_a_busy_moment_during_one_cell_does_not_fail_the_gate_when_its_cpu_time_
 
 
 def test_a_real_slowdown_fails_the_gate_even_on_a_busy_machine():
-    baseline = pd.DataFrame(with_cpu_time(make_records()))
+    baseline = pd.DataFrame(with_cpu_time(make_runs()))
     # 30 % more work per step: both wall and CPU time grow; the load hides the wall figure, not the CPU one
-    new = pd.DataFrame(changed(with_cpu_time(make_records(run_id="run-b"), contended=True), "nf4-dq",
+    new = pd.DataFrame(changed(with_cpu_time(make_runs(prefix="new"), contended=True), "nf4-dq",
                                speed__train_samples_per_s=0.5, speed__train_samples_per_cpu_s=1 / 1.3 / 1.3))
     result = compare.compare(baseline, new)
     assert result.exit_code == 1
@@ -65,16 +66,16 @@ def test_a_real_slowdown_fails_the_gate_even_on_a_busy_machine():
 
 def test_without_contention_the_wall_time_ratio_is_judged_too():
     # a step that sleeps (waits on I/O, a lock) takes no more CPU: only wall time shows it, on a quiet machine
-    baseline = pd.DataFrame(with_cpu_time(make_records()))
-    new = pd.DataFrame(changed(with_cpu_time(make_records(run_id="run-b")), "nf4-dq", speed__train_samples_per_s=0.6))
+    baseline = pd.DataFrame(with_cpu_time(make_runs()))
+    new = pd.DataFrame(changed(with_cpu_time(make_runs(prefix="new")), "nf4-dq", speed__train_samples_per_s=0.6))
     result = compare.compare(baseline, new)
     assert result.exit_code == 1
     assert set(zip(result.regressions["precision"], result.regressions["metric"], strict=True)) == {("nf4-dq", WALL)}
 
 
 def test_a_baseline_without_cpu_time_declines_to_judge_a_contended_run_and_says_so():
-    baseline = pd.DataFrame(make_records())  # an older baseline: wall time only
-    new = pd.DataFrame(changed(with_cpu_time(make_records(run_id="run-b"), contended=True), "nf4-dq",
+    baseline = pd.DataFrame(make_runs())  # an older baseline: wall time only
+    new = pd.DataFrame(changed(with_cpu_time(make_runs(prefix="new"), contended=True), "nf4-dq",
                                speed__train_samples_per_s=0.5))
     result = compare.compare(baseline, new)
     assert result.exit_code == 0
@@ -89,8 +90,8 @@ def test_on_a_gpu_the_contention_of_the_host_cpu_does_not_turn_the_speed_gate_of
             record["env.device"] = "cuda"
         return records
 
-    baseline = pd.DataFrame(on_gpu(with_cpu_time(make_records())))
-    new = pd.DataFrame(changed(on_gpu(with_cpu_time(make_records(run_id="run-b"), contended=True)), "nf4-dq",
+    baseline = pd.DataFrame(on_gpu(with_cpu_time(make_runs())))
+    new = pd.DataFrame(changed(on_gpu(with_cpu_time(make_runs(prefix="new"), contended=True)), "nf4-dq",
                                speed__train_samples_per_s=0.5))
     result = compare.compare(baseline, new)
     assert result.exit_code == 1 and set(result.regressions["metric"]) == {WALL}
@@ -99,8 +100,8 @@ def test_on_a_gpu_the_contention_of_the_host_cpu_does_not_turn_the_speed_gate_of
 
 def test_a_run_whose_cells_barely_had_a_core_is_not_judged_on_speed_at_all_and_says_why():
     # time-sliced that finely, a cell's CPU time per step moves too (its caches go cold at every slice)
-    baseline = pd.DataFrame(with_cpu_time(make_records()))
-    starved = with_cpu_time(make_records(run_id="run-b"), contended=True)
+    baseline = pd.DataFrame(with_cpu_time(make_runs()))
+    starved = with_cpu_time(make_runs(prefix="new"), contended=True)
     for record in starved:
         record["cpu.train.share"] = 0.2
     new = pd.DataFrame(changed(starved, "nf4-dq", speed__train_samples_per_s=0.5, speed__train_samples_per_cpu_s=0.5))

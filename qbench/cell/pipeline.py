@@ -207,7 +207,7 @@ NOT_TRAINED = "train.steps = 0: no optimizer step was run (the suite measures th
 SPEED_FIELDS = ("speed.timed_steps", "speed.timed_wall_s", "speed.train_samples_per_s", "speed.train_tokens_per_s",
                 "speed.step_time_p50_s", "speed.step_time_p90_s", "speed.step_time_mean_s", "speed.timed_cpu_s",
                 "speed.train_samples_per_cpu_s", "speed.train_tokens_per_cpu_s", "speed.step_cpu_time_p50_s",
-                "speed.contended")
+                "speed.step_unqueued_time_p50_s", "speed.step_unqueued_times_s", "speed.timed_queue_wait_s", "speed.contended")
 
 
 def untrained_fields(record: dict[str, Any]) -> dict[str, Any]:

@@ -223,6 +223,20 @@ def _markdown_targets(args: argparse.Namespace) -> list[str]:
     return targets
 
 
+def _write_markdown(markdown: str, targets: list[str]) -> str | None:
+    """Append `markdown` to each target ('-': standard output); one line saying what could not be written, or None."""
+    for target in targets:
+        try:
+            if target == "-":
+                sys.stdout.write(markdown + "\n")
+            else:
+                with open(target, "a", encoding="utf-8") as handle:
+                    handle.write(markdown + "\n")
+        except OSError as error:
+            return f"cannot write the Markdown summary to {target}: {error.strerror or error}"
+    return None
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Exit 0: no regression; 1: regression; 2: unusable input (nothing comparable, unreadable records,
     different experiments), or the Markdown summary cannot be written."""
@@ -241,18 +255,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         comparison = compare.Comparison.unusable([str(problem)], args.baseline, args.new)
     else:
         comparison = compare.compare(baseline, new, settings, args.baseline, args.new)
-    markdown = comparison.markdown()
-    unwritten = None
-    for target in targets:
-        try:
-            if target == "-":
-                sys.stdout.write(markdown + "\n")
-            else:
-                with open(target, "a", encoding="utf-8") as handle:
-                    handle.write(markdown + "\n")
-        except OSError as error:
-            unwritten = f"cannot write the Markdown summary to {target}: {error.strerror or error}"
-            break
+    unwritten = _write_markdown(comparison.markdown(), targets)
     render.comparison(comparison)
     if unwritten:
         render.error(unwritten)
@@ -308,4 +311,83 @@ def cmd_baseline_refresh(args: argparse.Namespace) -> int:
             return Exit.BAD_INPUT
     console.print(f"baseline of suite [bold]{echo(loaded.suite.name)}[/] refreshed: {echo(target)} — review the diff and commit it",
                   highlight=False)
+    return Exit.OK
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    """Exit 0: no regression; 1: regression; 2: unusable input (the suite, the baseline, no git checkout or
+    commit to take the baseline's code from), or the Markdown summary or history cannot be written."""
+    from qbench.runner import gate
+
+    targets = _markdown_targets(args)
+    for option, value in (("--processes", args.processes), ("--blocks", args.blocks)):
+        if value is not None and value < 1:
+            raise SuiteError(COMMAND_LINE, [f"{option} {value}: needs at least 1"])
+    with render.GateProgress() as progress:
+        try:
+            result = gate.run_gate(args.suite, args.baseline, against=args.against, out=args.out, device=args.device,
+                                   processes=args.processes, blocks=args.blocks, on_block=progress.block)
+        except gate.GateError as problem:
+            render.error(str(problem))
+            return Exit.BAD_INPUT
+    unwritten = _write_markdown(result.comparison.markdown(), targets)
+    render.comparison(result.comparison)
+    render.gate_end(result)
+    if args.history and not result.comparison.problems:
+        unwritten = unwritten or _append_history(args.history, result)
+    if unwritten:
+        render.error(unwritten)
+        return Exit.BAD_INPUT
+    return result.comparison.exit_code
+
+
+def _append_history(store: str, result: Any) -> str | None:
+    """Append the gate run to the history store; one line when it cannot be written, else None."""
+    import sqlite3
+
+    from qbench.analysis import load
+    from qbench.analysis.gate import history
+    from qbench.runner.gate import NEW_SIDE
+
+    new = load.load_results(result.runs.run_dirs(NEW_SIDE))
+    machine, description = history.machine_fingerprint(new)
+    commits = sorted({str(c) for c in new.get("env.git_commit", []) if isinstance(c, str)})
+    hosts = sorted({str(h) for h in new.get("env.hostname", []) if isinstance(h, str)})
+    suites = sorted({str(h) for h in new.get("suite", []) if isinstance(h, str)})
+    comparison = result.comparison
+    verdict = "regression" if comparison.exit_code == Exit.FAILED else "ok"
+    run = history.GateRun(suites[0] if suites else None, commits[0] if commits else None, result.commit, machine, description,
+                          hosts[0] if hosts else None, verdict, int(comparison.exit_code), result.seconds,
+                          os.environ.get("QBENCH_HISTORY_LABEL"))
+    try:
+        run_id = history.append(store, run, comparison.checks)
+    except (OSError, sqlite3.Error) as error:
+        return f"cannot append to the history store {store}: {error}"
+    console.print(f"history: gate run {run_id} appended to {render.echo(store)}", highlight=False)
+    return None
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """Exit 0 with the table (and the plot); 2 when the store cannot be read or holds no matching figure."""
+    from qbench.analysis.gate import history
+
+    try:
+        runs, figures = history.read(args.store)
+    except history.HistoryError as problem:
+        render.error(str(problem))
+        return Exit.BAD_INPUT
+    patterns = tuple(args.figure) if args.figure else history.MAIN_FIGURES
+    table = history.series(runs, figures, patterns, args.last)
+    if table.empty:
+        render.error(f"{args.store}: no figure matching {', '.join(patterns)} in {len(runs)} gate run(s)")
+        return Exit.BAD_INPUT
+    chosen = runs[runs["id"].isin(table.columns)]
+    found = history.steps(table, chosen, args.min_change)
+    target = Path(args.plot) if args.plot else Path(args.store).with_suffix(".png")
+    try:
+        history.plot(table, chosen, found, target)
+    except OSError as error:
+        render.error(f"cannot write the plot {target}: {error.strerror or error}")
+        return Exit.BAD_INPUT
+    render.history(table, chosen, found, target)
     return Exit.OK

@@ -166,7 +166,9 @@ def _add_compare(commands_: Commands) -> None:
         help="regression gate: NEW against BASELINE, exit 0 ok, 1 regression, 2 unusable input",
         description="Compare the records of NEW against BASELINE (run directories, folders of them, or exported "
         "CSV). Exact metrics must match, quality and memory may move the worse way by their tolerance (or the "
-        "seeds' noise), speed is compared only as ratios to the baseline precision within one run. Tolerances: "
+        "seeds' noise), speed is compared only as ratios to the baseline precision within one run, each by a rank test over "
+        "its cells (not judged with fewer than five a side; `qbench gate` judges speed against the baseline's code run "
+        "in the same job). Tolerances: "
         "--tolerance, then the suite's [compare.tolerances], then qbench's defaults. Writes a Markdown summary "
         "to --markdown and, when set, $GITHUB_STEP_SUMMARY. Exit 0: no regression; 1: regression; 2: unusable input.",
     )
@@ -178,6 +180,50 @@ def _add_compare(commands_: Commands) -> None:
     comparing.add_argument("--noise-sigmas", type=float, help="standard errors of seed noise allowed (default: suite, 3)")
     comparing.add_argument("--markdown", metavar="FILE", help="append the Markdown summary to FILE ('-': standard output)")
     comparing.set_defaults(handler=commands.cmd_compare)
+
+
+def _add_gate(commands_: Commands) -> None:
+    gating = commands_.add_parser(
+        "gate",
+        help="the CI regression gate in one job: SUITE run with the baseline's code and with this code in turns, judged",
+        description="Run SUITE with the code of the commit the committed baseline measured (BASELINE/baseline.json, or "
+        "--against; checked out in a temporary git worktree) and with this checkout's code, in turns (A B A B ...), "
+        "then judge: exact figures, quality, memory and health against the committed records in BASELINE, speed "
+        "(each step's time less its waits for a core) against the baseline's code run here, by a one-sided "
+        "Mann-Whitney test per arm (docs/speed-gate.md). Exit 0: no regression; 1: regression; 2: unusable input.",
+    )
+    gating.add_argument("suite", help="suite file inside this repository, e.g. suites/ci.toml")
+    gating.add_argument("--baseline", required=True, metavar="DIR", help="the committed baseline, e.g. results/baselines/ci")
+    gating.add_argument("--against", metavar="COMMIT", help="run this commit's code as the baseline side (default: the "
+                        "commit BASELINE/baseline.json names)")
+    gating.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the cells run (default: cpu); "
+                        "it also picks how speed is sampled (docs/speed-gate.md)")
+    gating.add_argument("--processes", type=int, metavar="N", help="cell processes per arm and side (default by device: "
+                        "8 on a CPU, 2 on a GPU)")
+    gating.add_argument("--blocks", type=int, metavar="N", help="runs per side, in turns with the other side's (default 2)")
+    gating.add_argument("--out", metavar="DIR", help="keep the runs here (default: a temporary folder, kept and named)")
+    gating.add_argument("--markdown", metavar="FILE", help="append the Markdown verdict to FILE ('-': standard output)")
+    gating.add_argument("--history", metavar="STORE", help="append this gate's figures to the history store STORE "
+                        "(SQLite, made when missing), e.g. results/history/ci.sqlite")
+    gating.set_defaults(handler=commands.cmd_gate)
+
+
+def _add_history(commands_: Commands) -> None:
+    showing = commands_.add_parser(
+        "history",
+        help="each figure of a history store over commits: a table, a plot, and the steps where it changed",
+        description="Show the figures `qbench gate --history STORE` appended, one column per gate run (oldest first), "
+        "flag step changes (a change point found by ruptures' PELT and larger than --min-change) and say which run and "
+        "commit each step started at; draw them into --plot.",
+    )
+    showing.add_argument("store", metavar="STORE", help="the history store, e.g. results/history/ci.sqlite")
+    showing.add_argument("--figure", action="append", metavar="PATTERN",
+                         help="figures to show (fnmatch), e.g. 'speed.*'; repeatable (default: the main figures)")
+    showing.add_argument("--last", type=int, metavar="N", help="only the last N gate runs")
+    showing.add_argument("--plot", metavar="FILE", help="write the plot here (default: STORE with .png)")
+    showing.add_argument("--min-change", type=float, default=0.05, metavar="FRACTION",
+                         help="a step smaller than this share of the level before it is not flagged (default 0.05)")
+    showing.set_defaults(handler=commands.cmd_history)
 
 
 def _add_baseline(commands_: Commands) -> None:
@@ -233,6 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     commands_ = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from qbench.cli import fit
 
-    for add in (_add_run, fit.add_parser, _add_env, _add_report, _add_compare, _add_baseline, _add_list):
+    for add in (_add_run, fit.add_parser, _add_env, _add_report, _add_compare, _add_gate, _add_history, _add_baseline, _add_list):
         add(commands_)
     return parser

@@ -401,6 +401,7 @@ def comparison(result: Comparison) -> None:
             detail = row["note"]
         console.print(f"[red]{echo(row['verdict'])}[/] {echo(row.get('arm', row.get('precision')))} {echo(row['metric'])}: {echo(detail)}",
                       highlight=False)
+    speed_checks(result)
     for note in result.notes:
         console.print(f"[dim]note: {echo(note)}[/]", highlight=False)
     if len(regressions):
@@ -421,3 +422,91 @@ def budget_verdicts(records: list[dict[str, Any]]) -> None:
         console.print(f"{echo(record['cell_id'])}: peak {echo(sizes.label(record.get('fit.peak_bytes')))} "
                       f"({echo(record.get('fit.peak_bytes'))} bytes), {verdict:s}{why:s} the limit of {record['fit.limit_bytes']:,} bytes",
                       highlight=False)
+class GateProgress:
+    """The gate's progress: one line per finished run (side, turn, seconds, exit code) under a bar over the runs."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 console=console)
+        self.task: Any = None
+
+    def __enter__(self) -> GateProgress:
+        self.progress.start()
+        self.task = self.progress.add_task("gate: runs (baseline's code and this code in turns)", total=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def block(self, block: Any, done: int, total: int) -> None:
+        self.progress.update(self.task, completed=done, total=total)
+        status = "" if block.exit_code == 0 else f" [red](qbench run exited {block.exit_code}: {echo(block.log)})[/]"
+        self.progress.console.print(f"{block.side} run {block.turn + 1}: {block.seconds:.0f} s{status}"
+                                    + (f"  {echo(block.run_dir)}" if block.run_dir else ""), highlight=False)
+
+
+def speed_checks(result: Comparison) -> None:
+    """Every speed check in the terminal: arm, each side's median, the change, samples, p, verdict."""
+    import pandas as pd
+
+    checks = result.checks
+    if checks.empty or "kind" not in checks.columns:
+        return
+    speed = checks[checks["kind"] == "speed"]
+    if speed.empty:
+        return
+    shown = Table(title="speed: this code against the baseline's code, run in turns in this job")
+    for column in ("arm", "baseline", "new", "change", "samples", "p (slower)", "verdict"):
+        shown.add_column(column)
+    for _, row in speed.iterrows():
+        ratio, p = row.get("ratio"), row.get("p_value")
+        shown.add_row(str(row["arm"]), _ms(row.get("baseline")), _ms(row.get("new")),
+                      f"{ratio - 1:+.1%}" if isinstance(ratio, float) and ratio == ratio else "—",
+                      f"{int(row['n_baseline'])}/{int(row['n_new'])}" if pd.notna(row.get("n_baseline")) else "—",
+                      f"{p:.2g}" if isinstance(p, float) and p == p else "—", str(row["verdict"]))
+    console.print(shown)
+    judged = speed["judged_by"].dropna() if "judged_by" in speed.columns else pd.Series(dtype=object)
+    if len(judged):
+        console.print(f"[dim]judged by: {echo(judged.iloc[0])}[/]", highlight=False)
+
+
+def _ms(value: Any) -> str:
+    return f"{value * 1e3:.2f} ms" if isinstance(value, float) and value == value else "—"
+
+
+def gate_end(result: Any) -> None:
+    """The gate's last line: how long it took, and where its runs are."""
+    runs = [b.run_dir for b in result.runs.blocks if b.run_dir is not None]
+    where = runs[0].parents[3] if runs else None  # OUT/<side>/<turn>/<suite>/<run-id>
+    console.print(f"gate: {len(result.runs.blocks)} runs against commit {result.commit[:12]} in {result.seconds:.0f} s"
+                  + (f"; runs kept in {echo(where)}" if where else ""), highlight=False)
+
+
+def history(table: pd.DataFrame, runs: pd.DataFrame, found: list[Any], plot: Path) -> None:
+    """Each figure over the gate runs (columns: run id and commit), then the steps, then where the plot is."""
+    labels = {int(r["id"]): f"{r['id']} {(r['git_commit'] or '?')[:7]}" for _, r in runs.iterrows()}
+    shown = Table(title=f"gate history: {len(runs)} run(s), oldest first")
+    for column in ("arm", "figure", *(labels.get(int(c), str(c)) for c in table.columns)):
+        shown.add_column(column, overflow="fold")
+    for (_machine, arm, name), values in table.iterrows():
+        shown.add_row(str(arm), str(name), *(_value(name, v) for v in values))
+    console.print(shown)
+    for step in found:
+        console.print(f"[yellow]step[/] {echo(step.arm)} {echo(step.figure)}: {step.change:+.1%} "
+                      f"({_value(step.figure, step.before)} -> {_value(step.figure, step.after)}) starting at gate run {step.run}, "
+                      f"commit {(step.commit or '?')[:12]}", highlight=False)
+    if not found:
+        console.print("no step change in these runs")
+    console.print(f"plot: {echo(plot)}", highlight=False)
+
+
+def _value(figure: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "—"
+    if figure.endswith(".ratio"):
+        return f"{value:.3f}"
+    if figure.endswith("_s"):
+        return f"{value * 1e3:.2f} ms"
+    if figure.endswith("_bytes"):
+        return f"{value / 2**20:.1f} MiB"
+    return f"{value:.4g}"

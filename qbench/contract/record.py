@@ -659,6 +659,13 @@ class Speed(Part):
     step_time_p90_s: Seconds = None
     step_time_mean_s: Seconds = None
     step_cpu_time_p50_s: Seconds = None
+    # a step's wall time less the time its thread waited in the run queue for a core (what `qbench gate` judges);
+    # each timed step's (past STEP_TIMES_POINTS steps, the mean of each run of `step_unqueued_times_every_steps`)
+    step_unqueued_time_p50_s: Seconds = None
+    step_unqueued_times_s: list[float] | None = None
+    step_unqueued_times_every_steps: SettingInt = None
+    timed_queue_wait_s: Annotated[float | None, Figure("s", "lower", "informational")] = None
+    queue_wait_absent_reason: Text = None
     contended: Flag = None
     contention: Text = None
     absent_reason: Text = None

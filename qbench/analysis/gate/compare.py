@@ -11,12 +11,16 @@ What is compared comes from the metric registry (`qbench.contract.fields`):
 - counts of non-finite model outputs in evaluation (`quality.<phase>.nonfinite_*`) must not rise;
 - interval bounds (`interval.*`) describe a metric's noise and are not gated themselves;
 - absolute times and rates are never compared (they move from machine to machine); speed is
-  compared as ratios measured within one run, e.g. nf4-dq samples/s over dense samples/s. On a CPU
-  the same ratios of CPU time are judged too (samples per CPU-second of the timed steps): a busy
-  machine makes steps wait for a core, which moves wall time a lot and CPU time little. The
-  wall-time ratios of a run in which a cell was contended (its threads waited for a core, see
-  `speed.contended`) are not judged; no speed ratio is when a cell had a core less than half the
-  time it wanted one (then its CPU time moved too); the verdict says why.
+  compared as ratios measured within one run, e.g. nf4-dq samples/s over dense samples/s, each judged by a
+  one-sided rank test over its cells (qbench.analysis.gate.speed: a regression when the test rejects at
+  p < RATIO_ALPHA and the median moved the worse way by more than the tolerance; not judged, never "ok", with
+  fewer cells a side than the test needs). On a CPU the same ratios of CPU time are judged too (samples per
+  CPU-second of the timed steps): a busy machine makes steps wait for a core, which moves wall time a lot
+  and CPU time little. The wall-time ratios of a run in which a cell was contended (its threads waited for a
+  core, see `speed.contended`) are not judged; no speed ratio is when a cell had a core less than half the
+  time it wanted one (then its CPU time moved too); the verdict says why. A ratio cannot see a slowdown of
+  every arm: `qbench gate` (qbench.analysis.gate.same_job) judges speed against the baseline's code re-run
+  in the same job instead.
 Tolerances: the command line's, then the suite's `[compare.tolerances]`, then DEFAULT_TOLERANCES;
 for each field the first pattern that matches wins.
 """
@@ -32,6 +36,7 @@ import pandas as pd
 from pydantic import ValidationError
 
 from qbench.analysis import stats
+from qbench.analysis.gate import speed as rank
 from qbench.contract import fields, grid
 from qbench.contract.exitcodes import Exit
 from qbench.contract.schema import SCHEMA_VERSION, STARVED_SHARE
@@ -174,11 +179,10 @@ class Comparison:
 
 
 REGRESSION_VERDICTS = ("regression", "mismatch", "missing", "failed")
-NOT_JUDGED = "not judged"  # measured, shown, and deliberately left out of the verdict (the note says why)
-# a ratio whose noise allowance (noise_sigmas standard errors of the two sides' spread) reaches this share of
-# its baseline value is not judged: under such an allowance even halving the speed would read "ok", so "ok"
-# would say nothing
-BLIND_SHARE = 0.5
+NOT_JUDGED = rank.NOT_JUDGED  # measured, shown, and deliberately left out of the verdict (the note says why)
+# a speed ratio is judged by a one-sided rank test at this level over its cells; fewer cells than the test needs
+# to reject (qbench.analysis.gate.speed.fewest_samples) leave it not judged
+RATIO_ALPHA = 0.01
 
 
 def _normalised(value: Any) -> str | None:
@@ -313,7 +317,7 @@ def compare(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings | None
                          and not (shape[1] and _launcher_free(c))}
     not_judged = {**speed.not_judged, **memory_not_judged}
     both = _Stats(stats.aggregate(old, columns, axes), stats.aggregate(now, [c for c in columns if c in now.columns], axes),
-                  stats.baseline_precision(old), _Arms(old, axes), _Arms(now, axes), not_judged)
+                  stats.baseline_precision(old), _Arms(old, axes), _Arms(now, axes), not_judged, old, now)
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     used_rules: set[str] = set()
@@ -436,6 +440,8 @@ class _Stats:
     old_arms: _Arms
     new_arms: _Arms
     not_judged: dict[str, str] = field(default_factory=dict)
+    old_values: pd.DataFrame | None = None  # every cell's values (with the ratio columns): a rank test's samples
+    new_values: pd.DataFrame | None = None
 
 
 def _row(precision: str, metric: str, verdict: str, arm: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -492,17 +498,36 @@ def _check_metric(arm: str, precision: str, metric: str, both: _Stats, settings:
         return _row(precision, metric, NOT_JUDGED, arm, note=both.not_judged[metric], **row)
     if pd.isna(after):
         return _row(precision, metric, "missing", arm, note="the new results lack this metric", **row)
+    if metric.startswith(fields.RATIO_PREFIX):
+        return _check_ratio(arm, precision, metric, both, tolerance, row)
     allowed = max(tolerance.abs or 0.0, (tolerance.rel or 0.0) * abs(before))
     noise = 0.0
     if spec.kind not in NO_NOISE_KINDS:
         noise = settings.noise_sigmas * _noise(both.old.std.loc[arm, metric], n_old, both.new.std.loc[arm, metric], n_new)
     row.update(allowed=allowed, noise=noise)
-    if metric.startswith(fields.RATIO_PREFIX) and before and noise >= BLIND_SHARE * abs(before):
-        # a gate that would pass any slowdown is no gate: say so instead of printing "ok"
-        return _row(precision, metric, NOT_JUDGED, arm, note=(
-            f"the runs' spread allows {noise:.2f} of noise around {before:.2f} ({noise / abs(before):.0%}): no slowdown "
-            "of less than that could fail; measure more timed steps (train.steps) or more runs to judge it"), **row)
     return _row(precision, metric, _verdict(spec, before, after, max(allowed, noise)), arm, **row)
+
+
+def _arm_values(frame: pd.DataFrame | None, arms: _Arms, arm: str, metric: str) -> list[float]:
+    if frame is None or metric not in frame.columns:
+        return []
+    ok = frame["status"] == "ok" if "status" in frame.columns else pd.Series(True, index=frame.index)
+    return [float(v) for v in pd.to_numeric(frame.loc[ok & (arms.labels == arm), metric], errors="coerce").dropna()]
+
+
+def _check_ratio(arm: str, precision: str, metric: str, both: _Stats, tolerance: ToleranceSpec,
+                 row: dict[str, Any]) -> dict[str, Any]:
+    """A speed ratio judged by a rank test over its cells (each seed of each run one sample): a regression only
+    when the test rejects and the mean moved the worse way by more than the tolerance; with fewer cells than the
+    test needs to reject, not judged (never "ok")."""
+    spec = fields.spec_for(metric)
+    change = tolerance.rel if tolerance.rel is not None else (tolerance.abs or 0.0) / abs(row["baseline"] or 1.0)
+    result = rank.judge(_arm_values(both.old_values, both.old_arms, arm, metric),
+                        _arm_values(both.new_values, both.new_arms, arm, metric), RATIO_ALPHA, change,
+                        lower_is_better=spec.direction == "lower", what="cells")
+    row.update(allowed=change * abs(row["baseline"]), noise=0.0, p_value=result.p_worse,
+               judged_by="one-sided Mann–Whitney U over each cell's ratio (one run and seed each)")
+    return _row(precision, metric, result.verdict, arm, note=result.note, **row)
 
 
 def _verdict(spec: fields.FieldSpec, before: float, after: float, limit: float) -> str:
@@ -567,7 +592,7 @@ def _notes(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings, used_r
             f"torch threads differ (baseline {_shown(threads_old)}, new {_shown(threads_new)}): "
             "speed ratios may move for that reason alone (set OMP_NUM_THREADS as the baseline was made)"
         )
-    if any(getattr(fields.spec_for(c), "kind", None) == "speed" for c in new.columns):
+    if settings.speed_ratios and any(getattr(fields.spec_for(c), "kind", None) == "speed" for c in new.columns):
         judged = [c for c in (speed.fields if speed else settings.speed_ratios)
                   if not speed or fields.ratio_column(c) not in speed.not_judged]
         notes.append(
@@ -583,7 +608,8 @@ def _notes(baseline: pd.DataFrame, new: pd.DataFrame, settings: Settings, used_r
     notes += _code_notes(baseline, new)
     notes += _schema_notes(baseline, new)
     unused = [f"{source}: {pattern}" for pattern, _, source in settings.rules
-              if source != "default" and f"{source}: {pattern}" not in used_rules]
+              if source != "default" and f"{source}: {pattern}" not in used_rules
+              and (settings.speed_ratios or not pattern.startswith(fields.RATIO_PREFIX))]  # no ratio asked: none to match
     if unused:
         notes.append("tolerances that matched no compared metric: " + "; ".join(unused))
     return notes

@@ -23,6 +23,8 @@ def show(metric: str, value: Any) -> str:
         return f"{value:,.0f}" if float(value).is_integer() else f"{value:.4g}"
     if spec.kind == "speed-ratio":
         return f"{value:.3f}"
+    if spec.unit == "s":
+        return f"{value * 1e3:.2f} ms"
     factor, unit = fields.scale(metric)
     if unit == "%":
         return f"{value * factor:.2f} %"
@@ -38,12 +40,15 @@ def _change(metric: str, before: Any, after: Any) -> str:
     delta = after - before
     if spec is not None and spec.kind == "exact":
         return f"{delta:+,.0f}" if float(delta).is_integer() else f"{delta:+.4g}"
-    factor, unit = fields.scale(metric)
-    shown = {"%": f"{delta * factor:+.2f} points", "MiB": f"{delta * factor:+.2f} MiB"}.get(unit, f"{delta * factor:+.3g}")
+    factor, unit = (1e3, "ms") if spec is not None and spec.unit == "s" else fields.scale(metric)
+    shown = {"%": f"{delta * factor:+.2f} points", "MiB": f"{delta * factor:+.2f} MiB",
+             "ms": f"{delta * factor:+.2f} ms"}.get(unit, f"{delta * factor:+.3g}")
     return shown + (f" ({100 * delta / abs(before):+.1f} %)" if before else "")
 
 
 def _limit(metric: str, row: pd.Series) -> str:
+    if row.get("kind") == "speed" and isinstance(row.get("tolerance"), str):  # a rank test: the change that counts and its level
+        return row["tolerance"]
     allowed = row.get("allowed")
     if allowed is None or pd.isna(allowed):
         return ""
@@ -59,9 +64,17 @@ def _limit(metric: str, row: pd.Series) -> str:
     return text
 
 
+def _samples(row: pd.Series) -> str:
+    """How many samples stand behind the check: seeds (or cells, runs) of each side, or a rank test's samples."""
+    old, new = row.get("n_baseline"), row.get("n_new")
+    if old is None or pd.isna(old):
+        return ""
+    return f"{int(old)}/{int(new) if new is not None and pd.notna(new) else 0}"
+
+
 def checks_table(checks: pd.DataFrame) -> pd.DataFrame:
     """The checks as display strings: precision (or arm, when the grid has axes other than precision and
-    seed), metric, baseline, new, change, allowed, verdict, note."""
+    seed), metric, baseline, new, change, allowed, samples (baseline/new), how it was judged, verdict, note."""
     shown = []
     by_arm = "arm" in checks.columns and (checks["arm"] != checks["precision"]).any()
     for _, row in checks.iterrows():
@@ -73,11 +86,23 @@ def checks_table(checks: pd.DataFrame) -> pd.DataFrame:
             "new": show(metric, row.get("new")),
             "change": _change(metric, row.get("baseline"), row.get("new")),
             "allowed worse by": _limit(metric, row),
-            "seeds": f"{row.get('n_baseline', '') or ''}/{row.get('n_new', '') or ''}".strip("/") if pd.notna(row.get("n_baseline")) else "",
+            "samples": _samples(row),
+            "judged by": row.get("judged_by") if isinstance(row.get("judged_by"), str) else _judged_by(row),
             "verdict": row["verdict"],
             "note": row.get("note") if isinstance(row.get("note"), str) else "",
         })
     return pd.DataFrame(shown)
+
+
+def _judged_by(row: pd.Series) -> str:
+    kind = row.get("kind")
+    if kind == "exact":
+        return "must match"
+    if kind == "health":
+        return "must not rise"
+    if kind in ("quality", "memory"):
+        return "mean of the seeds within the tolerance (or the seeds' noise)"
+    return ""
 
 
 def render_markdown(comparison: Comparison) -> str:

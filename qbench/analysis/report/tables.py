@@ -230,6 +230,8 @@ def precision_table(frame: pd.DataFrame) -> pd.DataFrame:
             table["increase over it (MiB)"] = (mean[memory] - mean[process]) / MB
     if throughput:
         table[fields.label(throughput)] = mean[throughput]
+        # how many cell processes each speed figure is the mean of (shown, not tested: see qbench gate)
+        table["timed cells"] = agg.count[throughput]
     if throughput_cpu:  # what a busy machine moves least: the same work over the process's CPU seconds
         table[fields.label(throughput_cpu)] = mean[throughput_cpu]
     if "speed.step_time_p50_s" in mean.columns:

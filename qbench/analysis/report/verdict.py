@@ -159,7 +159,8 @@ class _Builder:
         self.process = fields.process_baseline_of(memory) if memory else None
         self.throughput = self.relative.throughput_column if self.relative else fields.first_present(frame, fields.HEADLINE_THROUGHPUT)
         columns = [c for c in (fields.HEADLINE_WEIGHTS, memory, self.process, self.throughput) if c]
-        self.means = stats.aggregate(frame, columns).mean
+        aggregated = stats.aggregate(frame, columns)
+        self.means, self.counts = aggregated.mean, aggregated.count
         self.quality = self.relative.quality if self.relative else None
         self.warnings = warnings
         self.notes: dict[str, str] = {}
@@ -253,7 +254,9 @@ class _Builder:
         if self.is_base(precision) or base is None or self.relative is None or "speed_x" not in self.relative.table.columns:
             return Figure("speed", f"{format_value(value, 1)} {label}", meaningful)
         ratio = self.relative.table.loc[precision, "speed_x"]
-        text = f"{format_value(ratio, 2)}× {base}'s {label}"
+        cells = int(self.counts.loc[precision, self.throughput]) if self.throughput in self.counts.columns else 0
+        # shown, never tested here: one cell process's speed level is noise of its own (qbench gate judges speed)
+        text = f"{format_value(ratio, 2)}× {base}'s {label} (the mean of {cells} within-run ratio{'s' if cells != 1 else ''}, untested)"
         if bool(self.relative.table.loc[precision].get("speed_mixed", False)):
             text += f" ({MIXED_MARK}: {precision} and {base} were timed in different sessions of a resumed run)"
             self.notes["mixed"] = (
