@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from qbench import cli
 from qbench.cell import probe
 from qbench.cli import render
@@ -19,6 +21,16 @@ def test_a_format_is_tried_and_its_output_compared_with_the_dense_layer():
     assert result["status"] == "ok", result
     assert 0.02 < result["output_rel_error"] < 0.3  # 4-bit: a few percent off, not zero, not garbage
     assert probe.probe_format("fp32", "cpu")["output_rel_error"] == 0.0
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_every_registered_format_works_on_the_cpu_in_either_compute_dtype(compute_dtype):
+    """The dense arm stores the compute dtype the probe asked for (float32 where auto chose it): never reported
+    as broken for storing what it was asked to store (review B, F1)."""
+    from qbench.contract import precisions
+
+    results = {name: probe.probe_format(name, "cpu", compute_dtype) for name in precisions.REGISTRY}
+    assert {name: r["status"] for name, r in results.items() if r["status"] != "ok"} == {}, results
 
 
 def test_a_format_whose_kernel_fails_is_reported_as_not_working(monkeypatch):

@@ -61,7 +61,8 @@ def probe_format(name: str, device: str, compute_dtype: str = "bfloat16") -> dic
         x = torch.randn(BATCH, IN_FEATURES)
         reference = dense(x).detach()
         layer = _layer(precision, dense, device, compute_dtype).requires_grad_(False)
-        weights.check_format(torch.nn.Sequential(layer), precision, compute_dtype if precision.kind == "4bit" else None)
+        # the compute dtype: what a 4-bit layer computes in, and what the dense arm (no dense_dtype of its own) stores
+        weights.check_format(torch.nn.Sequential(layer), precision, compute_dtype if precision.kind != "int8" else None)
         inputs = x.to(device=device, dtype=getattr(torch, compute_dtype) if precision.quantized else layer.weight.dtype)
         inputs.requires_grad_(True)
         output = layer(inputs)
