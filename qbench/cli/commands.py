@@ -363,7 +363,7 @@ def _append_history(store: str, result: Any) -> str | None:
         run_id = history.append(store, run, comparison.checks)
     except (OSError, sqlite3.Error) as error:
         return f"cannot append to the history store {store}: {error}"
-    console.print(f"history: gate run {run_id} appended to {render.echo(store)}", highlight=False)
+    console.print(f"history: gate run {run_id:d} appended to {echo(store)}", highlight=False)
     return None
 
 

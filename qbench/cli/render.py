@@ -440,9 +440,10 @@ class GateProgress:
 
     def block(self, block: Any, done: int, total: int) -> None:
         self.progress.update(self.task, completed=done, total=total)
-        status = "" if block.exit_code == 0 else f" [red](qbench run exited {block.exit_code}: {echo(block.log)})[/]"
-        self.progress.console.print(f"{block.side} run {block.turn + 1}: {block.seconds:.0f} s{status}"
-                                    + (f"  {echo(block.run_dir)}" if block.run_dir else ""), highlight=False)
+        line = f"{echo(block.side)} run {block.turn + 1:d}: {block.seconds:.0f} s"
+        if block.exit_code != 0:
+            line += f" [red](qbench run exited {block.exit_code:d}: {echo(block.log)})[/]"
+        self.progress.console.print(line + (f"  {echo(block.run_dir)}" if block.run_dir else ""), highlight=False)
 
 
 def speed_checks(result: Comparison) -> None:
@@ -478,7 +479,7 @@ def gate_end(result: Any) -> None:
     """The gate's last line: how long it took, and where its runs are."""
     runs = [b.run_dir for b in result.runs.blocks if b.run_dir is not None]
     where = runs[0].parents[3] if runs else None  # OUT/<side>/<turn>/<suite>/<run-id>
-    console.print(f"gate: {len(result.runs.blocks)} runs against commit {result.commit[:12]} in {result.seconds:.0f} s"
+    console.print(f"gate: {len(result.runs.blocks)} runs against commit {echo(result.commit[:12])} in {result.seconds:.0f} s"
                   + (f"; runs kept in {echo(where)}" if where else ""), highlight=False)
 
 
@@ -487,14 +488,14 @@ def history(table: pd.DataFrame, runs: pd.DataFrame, found: list[Any], plot: Pat
     labels = {int(r["id"]): f"{r['id']} {(r['git_commit'] or '?')[:7]}" for _, r in runs.iterrows()}
     shown = Table(title=f"gate history: {len(runs)} run(s), oldest first")
     for column in ("arm", "figure", *(labels.get(int(c), str(c)) for c in table.columns)):
-        shown.add_column(column, overflow="fold")
+        shown.add_column(plain(column), overflow="fold")
     for (_machine, arm, name), values in table.iterrows():
-        shown.add_row(str(arm), str(name), *(_value(name, v) for v in values))
+        shown.add_row(plain(arm), plain(name), *(plain(_value(name, v)) for v in values))
     console.print(shown)
     for step in found:
         console.print(f"[yellow]step[/] {echo(step.arm)} {echo(step.figure)}: {step.change:+.1%} "
-                      f"({_value(step.figure, step.before)} -> {_value(step.figure, step.after)}) starting at gate run {step.run}, "
-                      f"commit {(step.commit or '?')[:12]}", highlight=False)
+                      f"({echo(_value(step.figure, step.before))} -> {echo(_value(step.figure, step.after))}) starting at gate run "
+                      f"{echo(step.run)}, commit {echo((step.commit or '?')[:12])}", highlight=False)
     if not found:
         console.print("no step change in these runs")
     console.print(f"plot: {echo(plot)}", highlight=False)
