@@ -170,6 +170,38 @@ def test_a_full_disk_leaves_an_existing_file_as_it_was(tmp_path: Path, disk_full
     assert target.read_text() == "a,b\n1,2\n" and [p.name for p in tmp_path.iterdir()] == ["results.csv"]
 
 
+def test_a_full_disk_at_the_fork_server_log_is_reported_not_raised(tmp_path: Path, disk_full):
+    """The fork server's log is copied beside the records when the run ends, also when the run is ending
+    because the disk is full: whole or not at all, and never a traceback over the run's own line (case
+    disk-full-traceback-and-half-written-results-csv, 40 KiB free)."""
+    import tempfile
+
+    from qbench.runner.launch import ForkServerLauncher
+
+    server = ForkServerLauncher.__new__(ForkServerLauncher)  # only its log: no server process is needed
+    server._log = tempfile.TemporaryFile("w+", encoding="utf-8")
+    server._log.write("a warning the server printed\n" * 1000)
+    disk_full(["forkserver.log"])
+    problem = server.save_log(tmp_path / "logs" / "forkserver.log")
+    assert problem is not None and problem.startswith(f"cannot write {tmp_path / 'logs' / 'forkserver.log'}")
+    assert "No space left on device" in problem and list((tmp_path / "logs").iterdir()) == []
+    disk_full.free()
+    assert server.save_log(tmp_path / "logs" / "forkserver.log") is None
+    assert (tmp_path / "logs" / "forkserver.log").read_text().count("a warning") == 1000
+
+
+def test_a_full_disk_without_a_file_name_is_one_line_not_a_traceback(suite, tmp_path, capsys, monkeypatch):
+    from qbench.runner import api
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a plain write or flush raises it: no file name
+
+    monkeypatch.setattr(api, "run_suite", full)
+    assert cli.main(["run", str(suite), "--out", str(tmp_path / "out"), "--device", "cpu"]) == Exit.BAD_INPUT
+    line = one_error_line(capsys)
+    assert line.startswith("error: No space left on device (errno 28) while writing") and "--resume" in line
+
+
 # --- qbench run --resume ----------------------------------------------------------------------------------
 
 

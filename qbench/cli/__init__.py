@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 from qbench.contract.exitcodes import Exit
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         return _exhausted(error)
 
 
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
+
+
 def _exhausted(error: BaseException) -> int:
     """A limit hit (memory, threads) in one line and exit 2; a file that could not be read or written too;
     anything else goes on as the error it is."""
@@ -52,6 +56,13 @@ def _exhausted(error: BaseException) -> int:
 
         shown = str(error) if isinstance(error, OutputError) else f"{error.filename}: {error.strerror or error}"
         print_error(shown)
+        return Exit.BAD_INPUT
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:  # a write without a file name (a log, a pipe)
+        from qbench.cli.render import error as print_error
+
+        print_error(f"{error.strerror or error} (errno {error.errno}) while writing; the records written so far "
+                    "are whole (each file is written in one piece); free space and run the command again, or "
+                    "resume a stopped run with `qbench run --resume RUN_DIR`")
         return Exit.BAD_INPUT
     raise error
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TextIO
 
+from qbench.contract.files import write_text_atomic
 from qbench.contract.protocol import CellSpec, child_env, parse_event
 from qbench.runner import forkserver as wire
 
@@ -210,17 +211,24 @@ class ForkServerLauncher:
         """The server's process id: the parent of every cell it forks."""
         return self._process.pid
 
-    def save_log(self, path: Path) -> None:
-        """Copy what the server wrote (import warnings, a crash) to `path`."""
+    def save_log(self, path: Path) -> str | None:
+        """Copy what the server wrote (import warnings, a crash) to `path`, whole or not at all (an atomic
+        write); why it could not be written (a full disk), else None. Never raises: the log is kept beside a
+        run's records, and a run that ends on a full disk must still say so in its own one line."""
         try:
             self._log.flush()
             self._log.seek(0)
             text = self._log.read()
         except (OSError, ValueError):
-            return
-        if text:
+            return None
+        if not text:
+            return None
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
+            write_text_atomic(path, text)
+        except OSError as error:
+            return f"cannot write {path}: {error.strerror or error}"
+        return None
 
     # -- the socket ------------------------------------------------------------------------------------
     def _receive(self, timeout_s: float | None) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ or plain subprocesses), the compute dtype with its reason, the threads per cell,
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +44,10 @@ class RunStart:
 
     def close(self, run_dir: Path | None = None) -> None:
         if self.forkserver is not None:
-            if run_dir is not None:
-                self.forkserver.save_log(run_dir / "logs" / "forkserver.log")
+            problem = self.forkserver.save_log(run_dir / "logs" / "forkserver.log") if run_dir is not None else None
             self.forkserver.close()
+            if problem is not None:  # a full disk: the run's own line says what became of its records
+                print(f"warning: the fork server's log was not kept: {problem}", file=sys.stderr)
 
 
 def begin(option: LauncherOption, device: str, gpus: bool) -> ForkServerLauncher | None:

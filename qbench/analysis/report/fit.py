@@ -16,6 +16,7 @@ import pandas as pd
 
 from qbench.analysis.report.plots import colours_for, png, pyplot
 from qbench.contract import fields, sizes
+from qbench.contract.files import write_bytes_atomic, write_text_atomic
 
 MIB = 1024 * 1024
 OUTCOMES = {
@@ -162,12 +163,13 @@ def write(result: dict[str, Any], folder: Path | str) -> dict[str, Path]:
     """fit.md, fit.csv (the answers), fit-trials.csv and plots/fit.png into `folder`."""
     folder = Path(folder)
     paths = {"markdown": folder / "fit.md", "csv": folder / "fit.csv", "trials_csv": folder / "fit-trials.csv"}
-    paths["markdown"].write_text(markdown(result), encoding="utf-8")
-    answers(result).to_csv(paths["csv"], index=False)
-    trials(result).to_csv(paths["trials_csv"], index=False)
+    # each file whole or not at all (a full disk leaves the previous version, never half a table)
+    write_text_atomic(paths["markdown"], markdown(result))
+    write_text_atomic(paths["csv"], answers(result).to_csv(index=False))
+    write_text_atomic(paths["trials_csv"], trials(result).to_csv(index=False))
     figure = plot(result)
     if figure is not None:
         (folder / "plots").mkdir(exist_ok=True)
         paths["plot"] = folder / "plots" / "fit.png"
-        paths["plot"].write_bytes(figure)
+        write_bytes_atomic(paths["plot"], figure)
     return paths
