@@ -146,7 +146,7 @@ def test_clip_float16_overflow_and_planted_nan_are_counted_never_hits_and_flagge
 LLM_SUITE = suites.causal_lm(
     precisions=("fp32", "nf4"), name="nanlm",
     # a 16-bit base that k-bit preparation widens (auto measures float32 on some CPUs)
-    settings='compute_dtype = "bfloat16"\nbaseline = "fp32"', data_extra="num_workers = 2",
+    settings='compute_dtype = "bfloat16"\nbaseline = "fp32"',
     lora='r = 4\nalpha = 8\ndropout = 0.0\ntarget_modules = ["q_proj", "v_proj"]', steps=3,
     train='batch_size = 4\nlr = 1e-3\nmax_length = 64\nuntimed_steps = 1\nprepare = "peft-kbit"', evaluation="batch_size = 16\nwindow = 64",
 )
