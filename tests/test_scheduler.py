@@ -221,6 +221,7 @@ def test_run_with_gpus_on_the_command_line_writes_every_record_and_the_manifest(
     assert (run_dir / "summary.md").is_file()
 
 
+@pytest.mark.slow  # two runs and a report (about 25 s)
 def test_two_shards_are_exactly_one_full_run_and_merge_into_one_report(tsv_suite, fake_cells, tmp_path):
     out = tmp_path / "out"
     common = ["--seeds", "0,1", "--device", "cpu"]

@@ -131,6 +131,7 @@ def test_sigterm_cancels_the_running_job_records_it_interrupted_and_resume_finis
     assert json.loads((result.run_dir / "run.json").read_text())["resumes"][0]["executor"] == "slurm"
 
 
+@pytest.mark.slow  # about 20 s each: a real job started, stopped and cancelled (SIGTERM: the test above)
 @pytest.mark.parametrize("stop", [signal.SIGHUP, signal.SIGINT])
 def test_every_stop_signal_cancels_the_running_job_and_its_record_names_it(tsv_suite, fake_cells, tmp_path, stop):
     fake_cells.setenv("FAKE_CELL_HOLD_S", "60")
