@@ -86,8 +86,10 @@ def _ci_nf4_dq(out: Path, launcher: str) -> dict:
 @pytest.mark.skipif(sys.platform != "linux", reason="the fork server runs on Linux")
 def test_the_ci_nf4_dq_cell_holds_the_same_memory_forked_and_as_its_own_process(tmp_path):
     """The CI suite's nf4-dq cell, twice forked from the fork server and twice as a fresh subprocess: the mean peak
-    PSS agree within 2 % (the cell's own memory moves by about that from run to run), where the PSS of the forked
-    tree alone is some 40 % lower; and compare judges PSS across the launchers again, RSS not."""
+    PSS agree within 8 %, where the PSS of the forked tree alone is some 40 % lower; and compare judges PSS across
+    the launchers again, RSS not. Measured: 0.5 % apart on a busy machine, 5-6 % (forked lower) on a quiet one,
+    the file pages a fresh process maps as it imports torch (docs/measurement.md); compare's 15 % for CPU memory
+    holds that offset."""
     import pandas as pd
 
     from qbench.analysis.gate import compare
@@ -97,7 +99,7 @@ def test_the_ci_nf4_dq_cell_holds_the_same_memory_forked_and_as_its_own_process(
         for launcher in runs:
             runs[launcher].append(_ci_nf4_dq(tmp_path / f"{launcher}-{i}", launcher))
     peak = {launcher: sum(r["memory.all_phases.pss_peak_bytes"] for r in records) / 2 for launcher, records in runs.items()}
-    assert peak["forkserver"] == pytest.approx(peak["subprocess"], rel=0.02)
+    assert peak["forkserver"] == pytest.approx(peak["subprocess"], rel=0.08)
     forked_tree = sum(r["memory.all_phases.tree_pss_peak_bytes"] for r in runs["forkserver"]) / 2
     assert forked_tree < 0.8 * peak["subprocess"]
     assert all(r["memory.train.fork_server_share_bytes"] > 0 for r in runs["forkserver"])

@@ -143,12 +143,27 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     from qbench.cell import parent
 
     runner_gone = signum == signal.SIGTERM and (parent.runner_gone() or _runner_gone())
-    if signum == signal.SIGTERM and (runner_gone or (_parent_pid and os.getppid() != _parent_pid)):
+    if signum == signal.SIGTERM and (runner_gone or _parent_ended()):
         # the parent-death signal (or the fork server's SIGTERM when the runner died): say whose death, not only
         # which signal it is
         gone = "the runner is gone" if runner_gone else f"its parent process (pid {_parent_pid}) ended"
         reason += f", the parent-death signal: {gone}"
     raise Interrupted(reason)
+
+
+def _parent_ended() -> bool:
+    """Whether the process that started this cell has ended: this process was handed to another parent, or its
+    parent is a zombie (some kernels, gVisor's among them, send the parent-death signal while the dead parent
+    still holds its children, so that getppid() still names it)."""
+    if not _parent_pid:
+        return False
+    if os.getppid() != _parent_pid:
+        return True
+    try:
+        state = Path(f"/proc/{_parent_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False  # no /proc to ask (not Linux): only a change of parent tells
+    return state in ("Z", "X")
 
 
 def _runner_gone() -> bool:
