@@ -35,7 +35,7 @@ nf4, fp4 = paper.estimate(frame, "nf4-dq", metric), paper.estimate(frame, "fp4",
 if nf4 is None or fp4 is None:
     sys.exit(f"smollm2 check: no perplexity before fine-tuning for nf4-dq and fp4 in {sys.argv[1]}")
 margin = fp4.value - nf4.value
-paired = paper.paired_estimate(frame, [("nf4-dq", "before"), ("fp4", "before")], lambda p: p[1] - p[0])
+paired = paper.paired_estimate(frame, [("nf4-dq", "eval_before"), ("fp4", "eval_before")], lambda p: p[1] - p[0])
 se = paper.difference_se(nf4, fp4)
 if paired is not None:  # both arms scored the same windows: the interval of the difference itself
     needed, how = paper.Z_95 * paired.se, "95 % interval of the difference, paired bootstrap over the same windows"

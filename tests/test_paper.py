@@ -210,6 +210,8 @@ def test_paired_difference_is_the_difference_of_the_figures():
     text = _difficulty()
     records = [_windowed("nf4-dq", text, [100] * len(text), se=1.0), _windowed("fp4", text + 0.1, [100] * len(text), se=1.0)]
     paired = paper.paired_estimate(pd.DataFrame(records), [("nf4-dq", "eval_before"), ("fp4", "eval_before")], lambda p: p[1] - p[0])
+    with pytest.raises(ValueError, match="phase before"):  # a schema-2 phase name is refused, not read as "no scores"
+        paper.paired_estimate(pd.DataFrame(records), [("nf4-dq", "before"), ("fp4", "before")], lambda p: p[1] - p[0])
     assert paired.value == pytest.approx(records[1]["quality.eval_before.perplexity"] - records[0]["quality.eval_before.perplexity"])
     assert 0 < paired.se < 0.5
 

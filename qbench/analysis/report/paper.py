@@ -105,6 +105,9 @@ def estimate(frame: pd.DataFrame, precision: str, metric: str) -> Estimate | Non
 PAIRED_RESAMPLES = 2000
 
 
+WINDOW_PHASES = ("eval_before", "eval_after", "merge_dequantized", "merge_requantized")  # per_window.<phase>.*
+
+
 def _window_scores(row: pd.Series, phase: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(summed NLL per window, scored tokens per window) of a causal-LM record, or None when it has none."""
     nll, tokens = row.get(f"per_window.{phase}.window_nll"), row.get("per_window.scored_tokens")
@@ -125,6 +128,9 @@ def paired_estimate(frame: pd.DataFrame, arms: list[tuple[str, str]],
     the standard error adds the seeds' spread. None unless every arm has per-window scores on identical
     windows (same data, protocol and tokens per window), so the caller falls back to unpaired intervals.
     """
+    unknown = sorted({phase for _, phase in arms} - set(WINDOW_PHASES))
+    if unknown:  # a misspelt phase would read no scores and fall back to wider intervals without a word
+        raise ValueError(f"no per-window scores are recorded for phase {', '.join(unknown)}; phases: {', '.join(WINDOW_PHASES)}")
     rows = stats.ok_rows(frame)
     if "seed" not in rows.columns or "per_window.scored_tokens" not in rows.columns:
         return None
