@@ -170,8 +170,10 @@ if go == "wait-for-go":
     sys.stdin.readline()
 start = time.monotonic()
 pynvml.set_usage(os.getpid(), used, watched=True)
-if hold == "until-seen":  # however busy the machine: until the reader this test is about has read the spike
-    seen = pynvml.wait_until_seen(os.getpid(), lambda reader: reader != -wait_for if wait_for < 0 else reader == wait_for)
+if hold.startswith("until-seen"):  # however busy the machine: until the reader this test is about has read the spike
+    # (until-seen-everywhere: in the process lists and in the device's used memory both)
+    seen = pynvml.wait_until_seen(os.getpid(), lambda reader: reader != -wait_for if wait_for < 0 else reader == wait_for,
+                                  kinds=pynvml.READ_KINDS if hold == "until-seen-everywhere" else None)
 else:
     time.sleep(float(hold))
     seen = max(pynvml.seen_by(os.getpid()).values(), default=None)
@@ -238,7 +240,7 @@ def test_a_spike_in_a_child_process_is_caught_and_phase_peaks_reset(fake_nvml):
     try:
         assert tracker.nvml_available, tracker.record["memory.source.nvml"]
         assert tracker.record["memory.nvml.device_uuid"] == GPU_A
-        child = start_spiking_child(1500 * MiB)
+        child = start_spiking_child(1500 * MiB, hold="until-seen-everywhere")  # the device figure is asserted too
         with tracker.phase("spike"):
             let_go(child)
             start, end, seen = spike_window(child)

@@ -10,6 +10,7 @@ named by $QBENCH_FAKE_NVML_DIR:
     seen/<pid>.<reader pid>   written the first time a process reads a watched entry: the reader's
                       time.monotonic() then (a system-wide clock on Linux), so that a test can hold a spike
                       until the reader it is about has seen it, however busy the machine is
+    read-kinds/<pid>.<reader pid>.<kind>   the same per way of reading it (kind: processes, memory)
 
 Like NVML, a device's `used` is its reserve plus every listed process; only live PIDs are listed.
 """
@@ -55,7 +56,7 @@ def set_usage(pid: int, used_bytes: int, device: int = 0, lists: tuple[str, ...]
     """List `pid` with `used_bytes`; `watched`: note who reads it (seen_by) from now on."""
     state = _state(folder)
     if watched:
-        for old in (state / "seen").glob(f"{pid}.*"):
+        for old in [*(state / "seen").glob(f"{pid}.*"), *(state / "read-kinds").glob(f"{pid}.*")]:
             old.unlink(missing_ok=True)
     entry = {"device": device, "used_bytes": used_bytes, "lists": list(lists), "watched": watched}
     _write(state / "procs" / f"{pid}.json", entry)
@@ -65,8 +66,18 @@ def clear_usage(pid: int, folder: Path | str | None = None) -> None:
     (_state(folder) / "procs" / f"{pid}.json").unlink(missing_ok=True)
 
 
-def seen_by(pid: int, folder: Path | str | None = None) -> dict[int, float]:
-    """The processes that have read `pid`'s watched entry since it was set: reader pid -> when it first did."""
+def seen_by(pid: int, folder: Path | str | None = None, kinds: tuple[str, ...] | None = None) -> dict[int, float]:
+    """The processes that have read `pid`'s watched entry since it was set: reader pid -> when it first did;
+    with `kinds`, only those that have read it each of these ways, and when they first had."""
+    if kinds:
+        times: dict[int, dict[str, float]] = {}
+        for path in (_state(folder) / "read-kinds").glob(f"{pid}.*.*"):
+            try:
+                _, reader, kind = path.name.split(".")
+                times.setdefault(int(reader), {})[kind] = float(path.read_text())
+            except (OSError, ValueError):  # being written, or a temporary file
+                continue
+        return {reader: max(found.values()) for reader, found in times.items() if set(kinds) <= set(found)}
     seen = {}
     for path in (_state(folder) / "seen").glob(f"{pid}.*"):
         try:
@@ -76,12 +87,13 @@ def seen_by(pid: int, folder: Path | str | None = None) -> dict[int, float]:
     return seen
 
 
-def wait_until_seen(pid: int, reader=lambda reader_pid: True, timeout_s: float = 60.0) -> float | None:
-    """Wait until a reader that `reader(pid)` accepts has read `pid`'s watched entry; when it first did, or
-    None after `timeout_s`."""
+def wait_until_seen(pid: int, reader=lambda reader_pid: True, timeout_s: float = 60.0,
+                    kinds: tuple[str, ...] | None = None) -> float | None:
+    """Wait until a reader that `reader(pid)` accepts has read `pid`'s watched entry (each of `kinds` ways); when
+    it first did, or None after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        found = [when for reader_pid, when in seen_by(pid).items() if reader(reader_pid)]
+        found = [when for reader_pid, when in seen_by(pid, kinds=kinds).items() if reader(reader_pid)]
         if found:
             return min(found)
         time.sleep(0.001)
@@ -171,7 +183,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _entries(index: int) -> list[tuple[int, dict]]:
+def _entries(index: int, kind: str) -> list[tuple[int, dict]]:
     entries = []
     for path in (_state() / "procs").glob("*.json"):
         try:
@@ -182,12 +194,23 @@ def _entries(index: int) -> list[tuple[int, dict]]:
         if entry["device"] == index and _alive(pid):
             entries.append((pid, entry))
             if entry.get("watched"):
-                _note_reader(pid)
+                _note_reader(pid, kind)
     return entries
 
 
-def _note_reader(pid: int) -> None:
-    """Leave seen/<pid>.<this process> with the time, once per watched entry and reader."""
+READ_KINDS = ("processes", "memory")  # a process list; the device's used memory
+
+
+def _note_reader(pid: int, kind: str) -> None:
+    """Leave seen/<pid>.<this process> with the time, once per watched entry and reader, and read-kinds/<pid>.<this
+    process>.<kind> likewise per way of reading it (`seen_by(pid, kinds=READ_KINDS)`: read both ways. A sampler
+    reads the process lists, then the device's memory: a spike set between the two is in the second only, and
+    one cleared as soon as the lists had it would be missing from the device's figure)."""
+    kinds = _state() / "read-kinds"
+    kinds.mkdir(exist_ok=True)
+    marker = kinds / f"{pid}.{os.getpid()}.{kind}"
+    if not marker.exists():
+        marker.write_text(repr(time.monotonic()))
     path = _state() / "seen" / f"{pid}.{os.getpid()}"
     if not path.exists():
         now = time.monotonic()
@@ -200,7 +223,7 @@ def _processes(handle: SimpleNamespace, kind: str) -> list[SimpleNamespace]:
     _check()
     return [
         SimpleNamespace(pid=pid, usedGpuMemory=entry["used_bytes"])
-        for pid, entry in _entries(handle.index)
+        for pid, entry in _entries(handle.index, "processes")
         if kind in entry["lists"]
     ]
 
@@ -221,7 +244,7 @@ def nvmlDeviceGetMemoryInfo(handle: SimpleNamespace) -> SimpleNamespace:
     _check()
     device = _devices()[handle.index]
     per_pid: dict[int, int] = {}
-    for pid, entry in _entries(handle.index):
+    for pid, entry in _entries(handle.index, "memory"):
         per_pid[pid] = entry["used_bytes"] or 0
     used = device.get("reserved_bytes", 0) + sum(per_pid.values())
     return SimpleNamespace(total=device["total_bytes"], used=used, free=device["total_bytes"] - used)
