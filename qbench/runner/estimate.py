@@ -283,33 +283,7 @@ def sample_values(low: int, high: int, count: int = 7) -> list[int]:
 def run_estimate_child(server: Any, request: dict[str, Any], timeout_s: float = 600) -> dict[str, Any]:
     """Ask qbench.cell.estimate (forked from `server`, or as `python -m` when None); its JSON answer.
     RuntimeError with the child's error when it fails."""
-    import json
-    import subprocess
-    import sys
-    import tempfile
+    from qbench.runner.launch import Target, run_json_child
 
-    from qbench.contract.protocol import child_env
-    from qbench.runner.launch import Target
-
-    target = Target("qbench.cell.estimate", "qbench.cell.estimate:main")
-    with tempfile.TemporaryFile("w+", encoding="utf-8") as errors:
-        if server is not None:
-            child: Any = server.start(target, child_env(), errors)
-        else:
-            child = subprocess.Popen([sys.executable, "-m", target.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=errors, text=True, env=child_env())
-        child.stdin.write(json.dumps(request))
-        child.stdin.close()
-        output = child.stdout.read()
-        child.stdout.close()
-        try:
-            code = child.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            raise RuntimeError(f"the estimate did not finish in {timeout_s:.0f} s") from None
-        lines = [line for line in output.splitlines() if line.startswith("{")]
-        answer = json.loads(lines[-1]) if lines else {}
-        if code != 0 or not lines or "error" in answer:
-            errors.seek(0)
-            raise RuntimeError(answer.get("error") or f"the estimate exited with code {code}: {errors.read().strip()[-800:]}")
-        return answer
+    return run_json_child(server, Target("qbench.cell.estimate", "qbench.cell.estimate:main"), request, "the estimate",
+                          timeout_s=timeout_s, error_key=True)

@@ -341,15 +341,16 @@ class ForkServerLauncher:
         self._closed = True
 
 
-def run_probe(server: ForkServerLauncher | None, request: dict[str, Any], env: dict[str, str] | None = None,
-              timeout_s: float = 300) -> dict[str, Any]:
-    """Run the compute probe (qbench.cell.compute_probe) forked from `server`, or as `python -m` when None;
-    its JSON answer. RuntimeError with its error output when it fails."""
+def run_json_child(server: ForkServerLauncher | None, target: Target, request: dict[str, Any], what: str,
+                   env: dict[str, str] | None = None, timeout_s: float = 300, error_key: bool = False) -> dict[str, Any]:
+    """Run `target` forked from `server`, or as `python -m` when None, with `request` as JSON on its stdin; the
+    last JSON line it printed. RuntimeError naming `what` with its error output when it fails (`error_key`: also
+    when the answer holds an "error", which is then the message)."""
     with tempfile.TemporaryFile("w+", encoding="utf-8") as errors:
         if server is not None:
-            child: Any = server.start(COMPUTE_PROBE, child_env(env), errors)
+            child: Any = server.start(target, child_env(env), errors)
         else:
-            child = subprocess.Popen([sys.executable, "-m", COMPUTE_PROBE.module], stdin=subprocess.PIPE,
+            child = subprocess.Popen([sys.executable, "-m", target.module], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=errors, text=True, env=child_env(env))
         child.stdin.write(json.dumps(request))
         child.stdin.close()
@@ -359,9 +360,18 @@ def run_probe(server: ForkServerLauncher | None, request: dict[str, Any], env: d
             code = child.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             child.kill()
-            raise RuntimeError(f"the compute probe did not finish in {timeout_s:.0f} s") from None
+            raise RuntimeError(f"{what} did not finish in {timeout_s:.0f} s") from None
         lines = [line for line in output.splitlines() if line.startswith("{")]
-        if code != 0 or not lines:
+        answer = json.loads(lines[-1]) if lines else {}
+        if code != 0 or not lines or (error_key and "error" in answer):
             errors.seek(0)
-            raise RuntimeError(f"the compute probe exited with code {code}: {errors.read().strip()[-800:]}")
-        return json.loads(lines[-1])
+            raise RuntimeError((answer.get("error") if error_key else None)
+                               or f"{what} exited with code {code}: {errors.read().strip()[-800:]}")
+        return answer
+
+
+def run_probe(server: ForkServerLauncher | None, request: dict[str, Any], env: dict[str, str] | None = None,
+              timeout_s: float = 300) -> dict[str, Any]:
+    """Run the compute probe (qbench.cell.compute_probe) forked from `server`, or as `python -m` when None;
+    its JSON answer. RuntimeError with its error output when it fails."""
+    return run_json_child(server, COMPUTE_PROBE, request, "the compute probe", env, timeout_s)
