@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,16 @@ from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Output captured by a test goes to a file, never a terminal: tables and prose are laid out unbounded there unless
+# COLUMNS says a width (qbench.cli.render.layout_width). pytest-xdist's workers inherit COLUMNS=80 from it; a test
+# that needs a width sets COLUMNS itself.
+os.environ.pop("COLUMNS", None)
+# A shell that starts pytest in the background (`cmd &` without job control, `nohup`) hands it SIGINT or SIGHUP
+# ignored, and its children inherit that: the tests of how a run stops on each signal need them as a terminal has them.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 # Randomised tests (hypothesis) run derandomised by default: the same examples every run, so the test command
 # passes or fails for the code alone; an example that once failed stays as an explicit @example. The fuzz

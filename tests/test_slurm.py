@@ -105,21 +105,23 @@ def test_a_cell_that_dies_in_its_job_is_recorded_failed_and_the_run_goes_on(tsv_
 
 @pytest.mark.slow
 def test_sigterm_cancels_the_running_job_records_it_interrupted_and_resume_finishes_it(tsv_suite, fake_cells, tmp_path):
-    fake_cells.setenv("FAKE_CELL_HOLD_S", "60")
+    fake_cells.setenv("FAKE_CELL_HOLD_S", "300")
     running = tmp_path / "fake" / "running"
+    signalled: list[float] = []
 
     def terminate_when_a_cell_runs() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if running.is_dir() and list(running.iterdir()):
+                signalled.append(time.monotonic())
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
             time.sleep(0.05)
 
     threading.Thread(target=terminate_when_a_cell_runs, daemon=True).start()
-    started = time.monotonic()
     result = api.run_suite(tsv_suite, out=tmp_path / "out", executor=fake_slurm(), device="cpu")
-    assert result.exit_code == Exit.SIGTERM and time.monotonic() - started < 60  # the 60 s hold was cut short
+    # the 300 s hold was cut short: the stop's own time, from the signal, not the job's start under load
+    assert result.exit_code == Exit.SIGTERM and time.monotonic() - signalled[0] < 120
     assert "run stopped by SIGTERM during cell bf16-seed0" in result.interrupted
     assert {r["cell_id"]: r["status"] for r in results.read_records(result.run_dir)} == {"bf16-seed0": "interrupted"}
 
