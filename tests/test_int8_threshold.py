@@ -9,35 +9,14 @@ import pytest
 
 from qbench.contract.suite import LoadedSuite, SuiteError, parse
 
-SUITE = """
-name = "int8thr"
-task = "causal_lm"
-compute_dtype = "float32"
-baseline = "dense"
-threads = 1
-[model]
-id = "builtin:tiny-llama"
-[data]
-kind = "builtin"
-name = "pydoc"
-[lora]
-r = 8
-alpha = 16
-dropout = 0.0
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = 0
-batch_size = 4
-lr = 5e-3
-max_length = 64
-untimed_steps = 0
-[eval]
-batch_size = 16
-window = 64
-max_windows = 16
-[matrix]
-precisions = ["dense", "int8"]
-"""
+from .helpers import suites
+
+SUITE = suites.causal_lm(
+    precisions=("dense", "int8"), name="int8thr", settings='compute_dtype = "float32"\nbaseline = "dense"\nthreads = 1',
+    steps=0, train="batch_size = 4\nlr = 5e-3\nmax_length = 64\nuntimed_steps = 0",
+    lora='r = 8\nalpha = 16\ndropout = 0.0\ntarget_modules = ["q_proj", "v_proj"]',
+    evaluation="batch_size = 16\nwindow = 64\nmax_windows = 16",
+)
 
 
 def loaded(text: str) -> LoadedSuite:

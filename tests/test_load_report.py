@@ -16,37 +16,7 @@ from qbench.contract.suite import ModelSpec, SuiteError, load
 from qbench.runner.preflight import check_suite
 
 from .conftest import write_suite
-
-SUITE = """
-name = "headless"
-task = "causal_lm"
-compute_dtype = "float32"
-baseline = "dense"
-threads = 1
-[model]
-id = "{model}"
-{model_extra}
-[data]
-kind = "builtin"
-name = "pydoc"
-[lora]
-r = 8
-alpha = 16
-dropout = 0.0
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = 3
-batch_size = 4
-lr = 5e-3
-max_length = 64
-untimed_steps = 1
-[eval]
-batch_size = 16
-window = 64
-max_windows = 12
-[matrix]
-precisions = {precisions}
-"""
+from .helpers import suites
 
 
 def _copy(source: str, folder: Path, config: dict | None = None, edit=None) -> Path:
@@ -128,7 +98,13 @@ def test_a_sharded_checkpoint_is_read_from_every_shard(tmp_path):
 
 
 def _suite(tmp_path: Path, model: Path, extra: str = "", precisions: str = '["dense", "nf4"]') -> Path:
-    return write_suite(tmp_path, SUITE.format(model=model, model_extra=extra, precisions=precisions))
+    text = suites.causal_lm(
+        model, precisions=None, name="headless", settings='compute_dtype = "float32"\nbaseline = "dense"\nthreads = 1',
+        steps=3, train="batch_size = 4\nlr = 5e-3\nmax_length = 64\nuntimed_steps = 1",
+        lora='r = 8\nalpha = 16\ndropout = 0.0\ntarget_modules = ["q_proj", "v_proj"]',
+        evaluation="batch_size = 16\nwindow = 64\nmax_windows = 12", model_extra=extra, extra=f"[matrix]\nprecisions = {precisions}\n",
+    )
+    return write_suite(tmp_path, text)
 
 
 def test_the_checks_before_the_run_stop_on_a_missing_weight_and_on_an_allowed_one_bitsandbytes_would_quantize(tmp_path):

@@ -14,36 +14,14 @@ from qbench.contract.suite import SuiteError, load, parse
 from qbench.runner import preflight
 
 from .conftest import write_suite
+from .helpers import suites
 
-SUITE = """
-name = "inits"
-task = "causal_lm"
-compute_dtype = "float32"
-threads = 1
-[model]
-id = "builtin:tiny-llama"
-[data]
-kind = "builtin"
-name = "pydoc"
-[lora]
-r = 8
-alpha = 16
-dropout = 0.0
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = 3
-batch_size = 4
-lr = 5e-3
-max_length = 64
-untimed_steps = 1
-[eval]
-batch_size = 16
-window = 64
-max_windows = 8
-after_merge = true
-[output]
-keep_adapters = true
-"""
+SUITE = suites.causal_lm(
+    precisions=None, name="inits", settings='compute_dtype = "float32"\nthreads = 1', steps=3,
+    train="batch_size = 4\nlr = 5e-3\nmax_length = 64\nuntimed_steps = 1",
+    lora='r = 8\nalpha = 16\ndropout = 0.0\ntarget_modules = ["q_proj", "v_proj"]',
+    evaluation="batch_size = 16\nwindow = 64\nmax_windows = 8\nafter_merge = true", extra="[output]\nkeep_adapters = true\n",
+)
 
 
 def with_matrix(baseline: str, matrix: str) -> str:
