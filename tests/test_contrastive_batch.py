@@ -13,42 +13,22 @@ import torch
 
 from qbench.contract.suite import LoadedSuite, SuiteError, parse
 
-SUITE = """
-name = "clipga"
-task = "clip"
-compute_dtype = "float32"
-baseline = "dense"
-threads = 1
-[model]
-id = "builtin:tiny-clip"
-[data]
-kind = "builtin"
-name = "shapes"
-[lora]
-r = 8
-alpha = 16
-dropout = 0.0
-target_modules = ["q_proj", "k_proj", "v_proj", "out_proj"]
-[train]
-steps = 12
-batch_size = {batch}
-grad_accum = {accum}
-{extra}
-lr = 2e-3
-scheduler = "cosine"
-warmup_steps = 2
-max_length = 16
-untimed_steps = 2
-[eval]
-batch_size = 256
-recall_k = [1, 5, 10]
-[matrix]
-precisions = ["dense"]
-"""
+from .helpers import clip
+
+
+def suite_text(batch: int, accum: int, extra: str = "") -> str:
+    """The dense tiny CLIP, 12 steps of `batch` examples in `accum` micro-batches; `extra`: more [train] keys."""
+    train = "\n".join(line for line in (f"batch_size = {batch}", f"grad_accum = {accum}", extra, "lr = 2e-3",
+                                         'scheduler = "cosine"', "warmup_steps = 2", "max_length = 16", "untimed_steps = 2") if line)
+    return clip.suite(
+        precisions=("dense",), name="clipga", settings='compute_dtype = "float32"\nbaseline = "dense"\nthreads = 1', steps=12,
+        train=train, lora='r = 8\nalpha = 16\ndropout = 0.0\ntarget_modules = ["q_proj", "k_proj", "v_proj", "out_proj"]',
+        evaluation="batch_size = 256\nrecall_k = [1, 5, 10]",
+    )
 
 
 def loaded(batch: int, accum: int, extra: str = "") -> LoadedSuite:
-    text = SUITE.format(batch=batch, accum=accum, extra=extra)
+    text = suite_text(batch, accum, extra)
     return LoadedSuite(parse(text, "s.toml"), Path("s.toml"), "0" * 64, text)
 
 
@@ -110,7 +90,7 @@ def test_accumulating_over_cached_features_is_the_loss_and_gradient_of_the_whole
 
 
 def test_a_contrastive_setting_outside_clip_is_refused():
-    text = SUITE.format(batch=8, accum=4, extra='contrastive_batch = "step"').replace('task = "clip"', 'task = "causal_lm"')
+    text = suite_text(8, 4, 'contrastive_batch = "step"').replace('task = "clip"', 'task = "causal_lm"')
     text = text.replace('name = "shapes"', 'name = "pydoc"').replace("recall_k = [1, 5, 10]", "").replace("builtin:tiny-clip", "builtin:tiny-llama")
     with pytest.raises(SuiteError) as caught:
         parse(text, "s.toml")
@@ -144,7 +124,7 @@ def test_the_handed_case_records_its_contrastive_batch_and_step_accumulation_mat
     for name, (batch, accum, extra) in {"accum1": (32, 1, ""), "accum4": (8, 4, ""),
                                        "step4": (8, 4, 'contrastive_batch = "step"')}.items():
         suite = tmp_path / f"{name}.toml"
-        suite.write_text(SUITE.format(batch=batch, accum=accum, extra=extra))
+        suite.write_text(suite_text(batch, accum, extra))
         assert cli.main(["run", str(suite), "--device", "cpu", "--out", str(tmp_path / name)]) == 0
         (run_dir,) = (tmp_path / name / "clipga").iterdir()
         (found[name],) = records.read_records(run_dir)

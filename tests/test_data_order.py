@@ -12,6 +12,8 @@ import torch
 
 from qbench.cell.tasks.clip import EpochOrder
 
+from .helpers import clip
+
 
 def _batches(loader: torch.utils.data.DataLoader, epochs: int) -> list[list[int]]:
     return [batch.tolist() for _ in range(epochs) for batch in loader]
@@ -52,37 +54,12 @@ def test_epoch_order_is_the_same_with_and_without_persistent_workers():
     assert orders[0] == orders[1]
 
 
-CASE_SUITE = """
-name = "workers"
-task = "clip"
-compute_dtype = "float32"
-baseline = "dense"
-threads = 1
-[model]
-id = "builtin:tiny-clip"
-[data]
-kind = "tsv"
-train = "data/train.tsv"
-eval = "data/eval.tsv"
-image_root = "data/images"
-num_workers = WORKERS
-[lora]
-r = 8
-alpha = 16
-dropout = 0.1
-target_modules = ["q_proj", "v_proj"]
-[train]
-steps = 6
-batch_size = 4
-lr = 2e-3
-max_length = 16
-untimed_steps = 1
-[eval]
-batch_size = 16
-recall_k = [1, 5]
-[matrix]
-precisions = ["dense"]
-"""
+CASE_SUITE = clip.suite(  # the handed case's suite: its data relative to the suite file, WORKERS replaced per run
+    data={"train": Path("data/train.tsv"), "eval": Path("data/eval.tsv"), "images": Path("data/images")},
+    precisions=("dense",), name="workers", settings='compute_dtype = "float32"\nbaseline = "dense"\nthreads = 1', steps=6,
+    train="batch_size = 4\nlr = 2e-3\nmax_length = 16\nuntimed_steps = 1", data_extra="num_workers = WORKERS",
+    lora='r = 8\nalpha = 16\ndropout = 0.1\ntarget_modules = ["q_proj", "v_proj"]', evaluation="batch_size = 16\nrecall_k = [1, 5]",
+)
 
 
 def _case_inputs(folder: Path) -> None:
