@@ -232,6 +232,18 @@ def test_without_a_finished_baseline_nothing_is_compared_and_the_answer_says_why
         "No answer: no cell of the baseline precision bf16 finished, so nothing could be compared with it.")
 
 
+def test_a_finished_baseline_without_any_figure_compared_is_not_called_unfinished():
+    records = make_records()
+    for record in records:
+        if record["precision"] == "bf16":
+            for key in [k for k in record if k.startswith(("weights.", "memory.", "speed."))]:
+                record[key] = None
+    frame = pd.DataFrame(records)
+    assert records[0]["status"] == "ok" and stats.relative(frame) is None
+    said = sections.ReportData(frame).answer.markdown()
+    assert said.startswith("No answer: the cells of the baseline precision bf16 finished without") and "no cell" not in said
+
+
 def test_a_baseline_without_the_figure_gives_no_difference_either():
     records = make_records(seeds=(0, 1))
     for record in records:

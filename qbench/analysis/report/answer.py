@@ -160,8 +160,14 @@ def answer(frame: pd.DataFrame, verdict: Verdict) -> Answer | None:
     relative = stats.relative(frame)
     if relative is None:
         baseline = stats.baseline_precision(frame)
+        if not baseline:
+            return None
+        finished = "status" in frame.columns and bool(((frame["precision"] == baseline) & (frame["status"] == "ok")).any())
+        if finished:  # its cells are ok, but hold none of the figures an answer compares
+            return Answer((f"No answer: the cells of the baseline precision {baseline} finished without base weights, peak "
+                           "memory or speed figures, so nothing could be compared with them",))
         return Answer((f"No answer: no cell of the baseline precision {baseline} finished, so nothing could be compared "
-                       "with it",)) if baseline else None
+                       "with it",))
     groups: dict[str, list[str]] = defaultdict(list)
     for arm in stats.arm_order(frame):
         groups[_rest_of(arm)].append(arm)
