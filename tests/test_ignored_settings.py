@@ -10,7 +10,7 @@ import pytest
 from qbench.contract.suite import SuiteError, parse
 
 from .helpers import clip
-from .test_load_report import SUITE as LLM_SUITE
+from .test_load_report import suite_text as llm_suite_text
 
 
 def problems_of(text: str) -> list[str]:
@@ -20,7 +20,7 @@ def problems_of(text: str) -> list[str]:
 
 
 def llm(model_extra: str = "", precisions: str = '["dense", "nf4"]') -> str:
-    return LLM_SUITE.format(model="builtin:tiny-llama", model_extra=model_extra, precisions=precisions)
+    return llm_suite_text("builtin:tiny-llama", model_extra, precisions)
 
 
 @pytest.mark.parametrize(("text", "expected"), [

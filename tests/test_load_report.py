@@ -97,14 +97,20 @@ def test_a_sharded_checkpoint_is_read_from_every_shard(tmp_path):
     assert _report(folder).missing == ("lm_head.weight",)
 
 
-def _suite(tmp_path: Path, model: Path, extra: str = "", precisions: str = '["dense", "nf4"]') -> Path:
-    text = suites.causal_lm(
+def suite_text(model: Path | str, model_extra: str = "", precisions: str = '["dense", "nf4"]') -> str:
+    """The causal-LM suite these tests (and test_ignored_settings, test_perplexity_protocols) run: `model` with
+    `model_extra` in its [model] section, the precisions as a TOML list."""
+    return suites.causal_lm(
         model, precisions=None, name="headless", settings='compute_dtype = "float32"\nbaseline = "dense"\nthreads = 1',
         steps=3, train="batch_size = 4\nlr = 5e-3\nmax_length = 64\nuntimed_steps = 1",
         lora='r = 8\nalpha = 16\ndropout = 0.0\ntarget_modules = ["q_proj", "v_proj"]',
-        evaluation="batch_size = 16\nwindow = 64\nmax_windows = 12", model_extra=extra, extra=f"[matrix]\nprecisions = {precisions}\n",
+        evaluation="batch_size = 16\nwindow = 64\nmax_windows = 12", model_extra=model_extra,
+        extra=f"[matrix]\nprecisions = {precisions}\n",
     )
-    return write_suite(tmp_path, text)
+
+
+def _suite(tmp_path: Path, model: Path, extra: str = "", precisions: str = '["dense", "nf4"]') -> Path:
+    return write_suite(tmp_path, suite_text(model, extra, precisions))
 
 
 def test_the_checks_before_the_run_stop_on_a_missing_weight_and_on_an_allowed_one_bitsandbytes_would_quantize(tmp_path):

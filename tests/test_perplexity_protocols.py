@@ -45,9 +45,9 @@ def _perplexity_records(tmp_path: Path, protocol: str) -> dict:
     from qbench.cell.tasks.causal_lm import CausalLMTask
     from qbench.contract.suite import LoadedSuite, parse
 
-    from .test_load_report import SUITE
+    from .test_load_report import suite_text
 
-    text = SUITE.format(model="builtin:tiny-llama", model_extra="", precisions='["dense"]').replace(
+    text = suite_text("builtin:tiny-llama", "", '["dense"]').replace(
         "max_windows = 12", f'max_windows = 12\nprotocol = "{protocol}"')
     loaded = LoadedSuite(parse(text, "s.toml"), tmp_path / "s.toml", "0" * 64, text)
     from qbench.cell import models
