@@ -162,8 +162,7 @@ def answer(frame: pd.DataFrame, verdict: Verdict) -> Answer | None:
         baseline = stats.baseline_precision(frame)
         if not baseline:
             return None
-        finished = "status" in frame.columns and bool(((frame["precision"] == baseline) & (frame["status"] == "ok")).any())
-        if finished:  # its cells are ok, but hold none of the figures an answer compares
+        if (stats.ok_rows(frame)["precision"] == baseline).any():  # ok, but none of the figures an answer compares
             return Answer((f"No answer: the cells of the baseline precision {baseline} finished without base weights, peak "
                            "memory or speed figures, so nothing could be compared with them",))
         return Answer((f"No answer: no cell of the baseline precision {baseline} finished, so nothing could be compared "
