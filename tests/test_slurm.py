@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,6 +19,7 @@ from qbench import cli
 from qbench.contract import records as results
 from qbench.contract.exitcodes import Exit
 from qbench.runner import api
+from qbench.runner.executors.slurm import SlurmCell
 
 from .conftest import write_suite
 from .helpers import clip, executors
@@ -229,3 +231,42 @@ def test_real_cells_as_local_jobs_give_the_records_and_memory_of_plain_subproces
     for key in ("memory.all_phases.pss_peak_bytes", "memory.all_phases.rss_peak_bytes", "memory.process_baseline.pss_bytes"):
         assert abs(job[key] - local[key]) < 0.15 * local[key], (key, job[key], local[key])
     assert 0 <= job["time.other.wall_s"] < job["time.cell.wall_s"]
+
+
+class _Job:
+    """A submitit job as SlurmCell sees it, done, whose outcome file exists or not."""
+
+    job_id = "7"
+
+    def __init__(self, result_pickle: Path, outcome: dict | None = None):
+        self.paths = SimpleNamespace(result_pickle=result_pickle)
+        self.outcome = outcome
+        self.cancels = 0
+
+    def done(self) -> bool:
+        return True
+
+    def cancel(self, check: bool = True) -> None:
+        self.cancels += 1
+
+    def result(self) -> dict:
+        if self.outcome is None:  # submitit's own result() would poll for the file for 15 s, then raise
+            raise AssertionError("waited for the outcome of a job that left none")
+        return self.outcome
+
+
+def test_a_cancelled_job_that_left_no_outcome_is_not_waited_for_and_one_that_did_is_read(tmp_path):
+    cancelled = SlurmCell(_Job(tmp_path / "7_result.pkl"), tmp_path / "events", {})
+    cancelled.terminate(signal.SIGINT)
+    assert cancelled.job.cancels == 1
+    assert cancelled.wait() is None and cancelled.failure == {"error_type": "SlurmJobCancelled",
+                                                              "error": "the job 7 was cancelled"}
+    (tmp_path / "7_result.pkl").write_bytes(b"kept")  # it ended as it was cancelled: its outcome is read
+    ended = SlurmCell(_Job(tmp_path / "7_result.pkl", {"returncode": 0, "last_phase": "eval_after", "wall_s": 1.5}),
+                      tmp_path / "events", {})
+    ended.terminate()
+    assert ended.wait() == 0 and ended.failure is None and ended.wall_s == 1.5
+    # a job not cancelled is asked for its outcome however long that takes (a shared file system may lag)
+    (tmp_path / "7_result.pkl").unlink()
+    uncancelled = SlurmCell(_Job(tmp_path / "7_result.pkl"), tmp_path / "events", {})
+    assert uncancelled.wait() is None and "waited for the outcome" in uncancelled.failure["error"]

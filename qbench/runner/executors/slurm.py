@@ -108,6 +108,7 @@ class SlurmCell:
         self.failure: dict[str, Any] | None = None
         self.wall_s: float | None = None  # the cell process's, measured by its job (queueing is not the cell's)
         self._returncode: int | None = None
+        self.cancelled = False
 
     @property
     def returncode(self) -> int | None:
@@ -135,6 +136,11 @@ class SlurmCell:
             time.sleep(self.POLL_S)
 
     def wait(self) -> int | None:
+        if self.cancelled and self.job.done() and not self.job.paths.result_pickle.exists():
+            # a job cancelled while its cell ran hands back no outcome (its cell wrote its own record, interrupted):
+            # submitit's result() would wait 15 s for one, for every cell running when a run is stopped
+            self.failure = {"error_type": "SlurmJobCancelled", "error": f"the job {self.job.job_id} was cancelled"}
+            return None
         try:
             outcome = self.job.result()
         except Exception as error:  # the job died (node failure, time limit, cancelled) without handing back its end
@@ -148,6 +154,7 @@ class SlurmCell:
         return self._returncode
 
     def terminate(self, sig: int = signal.SIGTERM) -> None:  # a job is cancelled whichever signal stopped the run
+        self.cancelled = True
         try:
             self.job.cancel(check=False)
         except Exception:  # already gone
