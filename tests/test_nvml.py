@@ -148,6 +148,18 @@ def test_another_process_is_in_the_device_figure_but_not_in_the_process_figure(f
         device.close()
 
 
+def test_a_descendant_that_ended_after_nvml_listed_it_is_still_counted():
+    """NVML lists a child with its memory; the child ends and is reaped before the sampler asks whose it is (the
+    default tier once recorded a 1,500 MiB spike in a child as 0 this way): a known member is still the tree's."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    tree = ProcessTree(os.getpid())
+    assert child.pid in tree.members()
+    child.stdin.close()
+    child.wait()
+    assert tree.contains(child.pid)
+    assert not tree.contains(os.getppid())  # a process that never was a member is not
+
+
 def test_a_listed_pid_without_a_figure_makes_the_process_figure_unknown(fake_nvml):
     fake.set_usage(os.getpid(), None)
     device = nvml.NvmlDevice.open(0, torch_uuid=GPU_A, pynvml=fake)

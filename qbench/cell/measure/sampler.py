@@ -94,9 +94,12 @@ class ProcessTree:
 
     def contains(self, pid: int) -> bool:
         """Whether `pid` is the root or descends from it; asked for every PID NVML lists, so a child
-        that lives for 50 ms between two refreshes of the member list is still counted."""
+        that lives for 50 ms between two refreshes of the member list is still counted, and so is a known member
+        that ended after NVML listed it (its parent can no longer be asked)."""
         if pid in self.exclude:
             return False
+        if pid in self._members or pid in self.members():
+            return True
         seen = 0
         while pid > 1 and seen < 64:
             if pid == self.root:
