@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -25,8 +24,7 @@ from hypothesis import strategies as st
 from qbench import cli
 from qbench.analysis.report import plots
 from qbench.contract import records as results
-from qbench.machine import compute
-from qbench.runner import launch, preflight
+from qbench.runner import preflight
 
 from .helpers import clip, executors
 from .records import make_record, write_run
@@ -195,22 +193,12 @@ def run_cli(argv: list[str], capsys) -> int:
     return code
 
 
-def _probe_measuring_nothing(server, request, env=None, timeout_s=300):
-    """The compute probe's answer without its process: a resume whose run.json lost its compute dtype asks the
-    probe, which imports torch (about 2 s of CPU an example); the probe itself is test_compute_dtype's subject."""
-    device = "cpu" if request["device"] == "auto" else request["device"]
-    choice = compute.choose(request["setting"], device, dense_dtypes=tuple(request["dense_dtypes"]),
-                            unmeasured="the fuzz's stand-in probe measures nothing")
-    return {"device": device, "choice": asdict(choice)}
-
-
 @pytest.fixture
 def quiet_world(monkeypatch):
-    """Fake cells, no suite checks against the model, no compute probe, no plots: each example stays well under
-    a second."""
+    """Fake cells and the fake compute probe, no suite checks against the model, no plots: each example stays
+    well under a second."""
     executors.use(monkeypatch, executors.FAKE)
     monkeypatch.setattr(preflight, "check_suite", lambda loaded, check_model=True, **options: None)
-    monkeypatch.setattr(launch, "run_probe", _probe_measuring_nothing)
     monkeypatch.setattr(plots, "all_plots", lambda frame: [])
     monkeypatch.setenv("FAKE_CELL_HOLD_S", "0")
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)

@@ -371,7 +371,7 @@ def run_json_child(server: ForkServerLauncher | None, target: Target, request: d
 
 
 def run_probe(server: ForkServerLauncher | None, request: dict[str, Any], env: dict[str, str] | None = None,
-              timeout_s: float = 300) -> dict[str, Any]:
-    """Run the compute probe (qbench.cell.compute_probe) forked from `server`, or as `python -m` when None;
-    its JSON answer. RuntimeError with its error output when it fails."""
-    return run_json_child(server, COMPUTE_PROBE, request, "the compute probe", env, timeout_s)
+              timeout_s: float = 300, target: Target = COMPUTE_PROBE) -> dict[str, Any]:
+    """Run the compute probe (`target`: qbench.cell.compute_probe, or an executor's stand-in) forked from
+    `server`, or as `python -m` when None; its JSON answer. RuntimeError with its error output when it fails."""
+    return run_json_child(server, target, request, "the compute probe", env, timeout_s)

@@ -59,7 +59,7 @@ def begin(option: LauncherOption, device: str, gpus: bool) -> ForkServerLauncher
 
 def finish(server: ForkServerLauncher | None, loaded: LoadedSuite, cells: list[Cell], device: str,
            thread_plan: threads.ThreadPlan, option: LauncherOption = "auto", gpus: bool = False,
-           recorded: compute.ComputeChoice | None = None) -> RunStart:
+           recorded: compute.ComputeChoice | None = None, probe: launch.Target = launch.COMPUTE_PROBE) -> RunStart:
     """Wait for the fork server (or fall back to subprocesses), decide the device and the compute dtype (or keep
     the one a resumed run `recorded`), warm the suite's data in the server. ForkServerUnavailable only when
     the fork server was asked for by name."""
@@ -101,7 +101,7 @@ def finish(server: ForkServerLauncher | None, loaded: LoadedSuite, cells: list[C
                 notes.append(f"the fork server could not prepare the data once for all cells ({warmed['error']}); each cell does")
             timing.update({"warm_s": warmed.get("seconds"), "warm_cpu_s": warmed.get("cpu_s")})
     probe_started = time.monotonic()
-    device, choice = _compute_choice(launcher, loaded, cells, device, thread_plan, recorded)
+    device, choice = _compute_choice(launcher, loaded, cells, device, thread_plan, recorded, probe)
     timing["compute_probe_s"] = time.monotonic() - probe_started
     warnings = choice.warnings()
     timing["start_s"] = time.monotonic() - started
@@ -113,7 +113,8 @@ def finish(server: ForkServerLauncher | None, loaded: LoadedSuite, cells: list[C
 
 
 def _compute_choice(launcher: ForkServerLauncher | None, loaded: LoadedSuite, cells: list[Cell], device: str,
-                    thread_plan: threads.ThreadPlan, recorded: compute.ComputeChoice | None) -> tuple[str, compute.ComputeChoice]:
+                    thread_plan: threads.ThreadPlan, recorded: compute.ComputeChoice | None,
+                    probe: launch.Target = launch.COMPUTE_PROBE) -> tuple[str, compute.ComputeChoice]:
     """(the device, the run's compute dtype): the one a resumed run `recorded`; on a CPU with an explicit dtype
     it has arithmetic for, decided here; else the compute probe's answer (it asks torch about the GPU and, for
     auto, measures a training step in each dtype, or reads that measurement from the user cache)."""
@@ -126,5 +127,5 @@ def _compute_choice(launcher: ForkServerLauncher | None, loaded: LoadedSuite, ce
             return device, flagged
     answer = launch.run_probe(launcher, {"device": device, "setting": loaded.suite.compute_dtype, "dense_dtypes": list(dense),
                                          "suite_text": loaded.source_text(), "suite_path": str(loaded.path),
-                                         "threads": thread_plan.per_cell})
+                                         "threads": thread_plan.per_cell}, target=probe)
     return answer["device"], compute.ComputeChoice.from_dict(answer["choice"])

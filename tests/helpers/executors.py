@@ -3,7 +3,8 @@ each running a test cell instead of `python -m qbench.cell`, and the registry en
 of the real ones for a command-line run (`use(monkeypatch, FAKE)`).
 
     FAKE    tests/fake_cell.py: the standard library only, a plausible record in a moment; it decides for
-            itself what a device is, so fake GPUs (--gpus 0,1) work on a machine without one
+            itself what a device is, so fake GPUs (--gpus 0,1) work on a machine without one; the compute
+            probe tests/fake_probe.py, which measures nothing and imports no torch
     FAULTY  tests/helpers/faulty_cell.py: the real pipeline with the faults of QBENCH_TEST_FAULTS planted
 """
 
@@ -17,13 +18,15 @@ from qbench.runner.executors.ray_executor import RayExecutor
 from qbench.runner.launch import Target
 
 FAKE_CELL = Target("tests.fake_cell", "tests.fake_cell:main")
+FAKE_PROBE = Target("tests.fake_probe", "tests.fake_probe:main")  # the compute probe without torch
 FAULTY_CELL = Target("tests.helpers.faulty_cell", "tests.helpers.faulty_cell:main")
 
 
 class FakeCells(SubprocessExecutor):
-    """Each cell tests/fake_cell.py, a fresh process on this machine."""
+    """Each cell tests/fake_cell.py, a fresh process on this machine; the compute probe tests/fake_probe.py."""
 
     cell = FAKE_CELL
+    probe = FAKE_PROBE
 
     def check_cuda(self, option: str) -> None:
         """The fake cell takes whatever device it is given: no GPU is looked for."""
@@ -58,6 +61,7 @@ def fake_cells_on_slurm() -> type:
 
     class FakeCellsOnSlurm(SlurmExecutor):
         cell = FAKE_CELL
+        probe = FAKE_PROBE
 
         def check_cuda(self, option: str) -> None:
             pass

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar, TextIO
 from qbench.contract.suite import SuiteError
 from qbench.runner import start
 from qbench.runner.executors.base import CellHandle, Placement, ProcessExecutor, Request
-from qbench.runner.launch import CELL, CellProcess, ForkServerLauncher, ForkServerUnavailable, Target
+from qbench.runner.launch import CELL, COMPUTE_PROBE, CellProcess, ForkServerLauncher, ForkServerUnavailable, Target
 from qbench.runner.plan import COMMAND_LINE
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ class SubprocessExecutor(ProcessExecutor):
     name = "local"
     asked: ClassVar[start.LauncherOption] = "subprocess"  # how cell processes start: qbench.runner.start
     cell: ClassVar[Target] = CELL  # what each cell process runs
+    probe: ClassVar[Target] = COMPUTE_PROBE  # what decides the device and the compute dtype before the first cell
 
     def __init__(self) -> None:
         self.server: ForkServerLauncher | None = None
@@ -87,7 +88,7 @@ class SubprocessExecutor(ProcessExecutor):
         try:
             request.check(device)
             begun = start.finish(self.server, request.loaded, request.cells, device, request.threads, self.asked, on_gpus,
-                                 request.recorded_compute)
+                                 request.recorded_compute, self.probe)
         except ForkServerUnavailable as why:  # asked for by name (auto falls back to subprocesses)
             if self.server is not None:
                 self.server.close()

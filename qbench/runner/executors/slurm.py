@@ -19,7 +19,7 @@ from qbench.contract.protocol import CellSpec, child_env
 from qbench.contract.suite import SuiteError
 from qbench.runner import start
 from qbench.runner.executors.base import CellHandle, Placement, ProcessExecutor, Request
-from qbench.runner.launch import CELL, CHILD_STOP_GRACE_S, CellProcess, Target
+from qbench.runner.launch import CELL, CHILD_STOP_GRACE_S, COMPUTE_PROBE, CellProcess, Target
 from qbench.runner.plan import COMMAND_LINE
 from qbench.runner.scheduler import Slot
 
@@ -175,6 +175,7 @@ class SlurmExecutor(ProcessExecutor):
     OPTIONS = {"cpus_per_cell": "--cpus-per-cell", "partition": "--slurm-partition", "time_min": "--slurm-time-min",
                "parameters": "--slurm-option"}
     cell: ClassVar[Target] = CELL  # what each job's cell process runs
+    probe: ClassVar[Target] = COMPUTE_PROBE  # on this machine: what decides the compute dtype before the first job
 
     def __init__(self, cpus_per_cell: float | None = None, partition: str | None = None, time_min: int | None = None,
                  parameters: dict[str, Any] | None = None, cluster: str | None = None):
@@ -239,7 +240,7 @@ class SlurmExecutor(ProcessExecutor):
                 self.check_cuda(request.device_option or f"--device {device}")
             request.check(device)
             begun = start.finish(None, request.loaded, request.cells, device, request.threads, "subprocess", False,
-                                 request.recorded_compute)
+                                 request.recorded_compute, self.probe)
             device, compute, threads, notes, warnings = begun.device, begun.compute, begun.threads, begun.notes, begun.warnings
         else:
             request.check(None)
