@@ -77,6 +77,16 @@ def running_now(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
+class StartedCells(runner.QuietListener):
+    """The cells whose start the driver has heard of (from their task's placement, on Ray)."""
+
+    def __init__(self):
+        self.cells: set[str] = set()
+
+    def cell_started(self, cell, index, total):
+        self.cells.add(cell.id)
+
+
 def wait_for(condition, timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -315,8 +325,13 @@ def test_a_cell_process_that_dies_and_a_worker_that_dies_give_failed_records_and
     pids = tmp_path / "fake" / "pids"
     orphans: list[int] = []
 
+    started = StartedCells()
+    run.listener = started
+
     def kill_the_worker_of_fp4() -> None:
-        wait_for(lambda: (pids / "fp4-seed0").is_file() and "fp4-seed0" in running_now(tmp_path))
+        # its cell runs, and the driver has its placement (Ray streams the task's items to the driver on its own
+        # schedule: a worker killed before its first item arrived never said where it ran)
+        wait_for(lambda: (pids / "fp4-seed0").is_file() and "fp4-seed0" in running_now(tmp_path) and "fp4-seed0" in started.cells)
         cell = psutil.Process(int((pids / "fp4-seed0").read_text()))
         orphans.append(cell.pid)
         os.kill(cell.ppid(), signal.SIGKILL)  # the Ray worker running the task, as if its node lost it
