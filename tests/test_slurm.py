@@ -255,18 +255,22 @@ class _Job:
         return self.outcome
 
 
-def test_a_cancelled_job_that_left_no_outcome_is_not_waited_for_and_one_that_did_is_read(tmp_path):
-    cancelled = SlurmCell(_Job(tmp_path / "7_result.pkl"), tmp_path / "events", {})
+def test_a_cancelled_local_job_that_left_no_outcome_is_not_waited_for_and_one_that_did_is_read(tmp_path):
+    cancelled = SlurmCell(_Job(tmp_path / "7_result.pkl"), tmp_path / "events", {}, local=True)
     cancelled.terminate(signal.SIGINT)
     assert cancelled.job.cancels == 1
     assert cancelled.wait() is None and cancelled.failure == {"error_type": "SlurmJobCancelled",
                                                               "error": "the job 7 was cancelled"}
     (tmp_path / "7_result.pkl").write_bytes(b"kept")  # it ended as it was cancelled: its outcome is read
     ended = SlurmCell(_Job(tmp_path / "7_result.pkl", {"returncode": 0, "last_phase": "eval_after", "wall_s": 1.5}),
-                      tmp_path / "events", {})
+                      tmp_path / "events", {}, local=True)
     ended.terminate()
     assert ended.wait() == 0 and ended.failure is None and ended.wall_s == 1.5
-    # a job not cancelled is asked for its outcome however long that takes (a shared file system may lag)
+    # a job not cancelled is asked for its outcome however long that takes (a shared file system may lag), and so
+    # is a cancelled job on SLURM, which may still write its outcome after sacct says CANCELLED
     (tmp_path / "7_result.pkl").unlink()
-    uncancelled = SlurmCell(_Job(tmp_path / "7_result.pkl"), tmp_path / "events", {})
+    uncancelled = SlurmCell(_Job(tmp_path / "7_result.pkl"), tmp_path / "events", {}, local=True)
     assert uncancelled.wait() is None and "waited for the outcome" in uncancelled.failure["error"]
+    on_slurm = SlurmCell(_Job(tmp_path / "7_result.pkl"), tmp_path / "events", {}, local=False)
+    on_slurm.terminate()
+    assert on_slurm.wait() is None and "waited for the outcome" in on_slurm.failure["error"]

@@ -102,8 +102,9 @@ class SlurmCell:
 
     POLL_S = 0.5
 
-    def __init__(self, job: Any, events_path: Path, fields: dict[str, Any]):
+    def __init__(self, job: Any, events_path: Path, fields: dict[str, Any], local: bool = False):
         self.job, self.events_path, self.fields = job, events_path, fields
+        self.local = local  # submitit's local executor: the job is a process of this machine
         self.last_phase: str | None = None
         self.failure: dict[str, Any] | None = None
         self.wall_s: float | None = None  # the cell process's, measured by its job (queueing is not the cell's)
@@ -136,9 +137,11 @@ class SlurmCell:
             time.sleep(self.POLL_S)
 
     def wait(self) -> int | None:
-        if self.cancelled and self.job.done() and not self.job.paths.result_pickle.exists():
-            # a job cancelled while its cell ran hands back no outcome (its cell wrote its own record, interrupted):
-            # submitit's result() would wait 15 s for one, for every cell running when a run is stopped
+        if self.local and self.cancelled and self.job.done() and not self.job.paths.result_pickle.exists():
+            # a local job cancelled while its cell ran (SIGINT) has ended and hands back no outcome (its cell wrote
+            # its own record, interrupted): submitit's result() would wait 15 s for one, for every cell running
+            # when a run is stopped. On SLURM a cancelled job may still write its outcome after sacct says
+            # CANCELLED, and a shared file system may show it late: result() waits for it there.
             self.failure = {"error_type": "SlurmJobCancelled", "error": f"the job {self.job.job_id} was cancelled"}
             return None
         try:
@@ -307,4 +310,5 @@ class SlurmExecutor(ProcessExecutor):
         target = None if self.cell == CELL else (self.cell.module, self.cell.function)
         job = self.jobs.submit(run_job, run.spec(cell, attempt).to_json(), env, str(Path(log.name).resolve()),
                                str(events_path), target)
-        return SlurmCell(job, events_path, {"env.slurm.job_id": str(job.job_id), "env.slurm.cluster": self.cluster})
+        return SlurmCell(job, events_path, {"env.slurm.job_id": str(job.job_id), "env.slurm.cluster": self.cluster},
+                         local=self.on_this_machine)
