@@ -23,6 +23,7 @@ from qbench.runner.executors import ray_executor, ray_task
 
 from .conftest import REPO, write_suite
 from .helpers import clip, executors
+from .helpers.listeners import RecordingListener
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -75,16 +76,6 @@ def ray_run(suite: Path, run_dir: Path, cells, device: str = "cuda", gpus: float
 def running_now(tmp_path: Path) -> list[str]:
     folder = tmp_path / "fake" / "running"
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-
-
-class StartedCells(runner.QuietListener):
-    """The cells whose start the driver has heard of (from their task's placement, on Ray)."""
-
-    def __init__(self):
-        self.cells: set[str] = set()
-
-    def cell_started(self, cell, index, total):
-        self.cells.add(cell.id)
 
 
 def wait_for(condition, timeout_s: float = 90.0) -> None:
@@ -325,13 +316,13 @@ def test_a_cell_process_that_dies_and_a_worker_that_dies_give_failed_records_and
     pids = tmp_path / "fake" / "pids"
     orphans: list[int] = []
 
-    started = StartedCells()
-    run.listener = started
+    heard = RecordingListener()
+    run.listener = heard
 
     def kill_the_worker_of_fp4() -> None:
         # its cell runs, and the driver has its placement (Ray streams the task's items to the driver on its own
         # schedule: a worker killed before its first item arrived never said where it ran)
-        wait_for(lambda: (pids / "fp4-seed0").is_file() and "fp4-seed0" in running_now(tmp_path) and "fp4-seed0" in started.cells)
+        wait_for(lambda: (pids / "fp4-seed0").is_file() and "fp4-seed0" in running_now(tmp_path) and "fp4-seed0" in heard.started())
         cell = psutil.Process(int((pids / "fp4-seed0").read_text()))
         orphans.append(cell.pid)
         os.kill(cell.ppid(), signal.SIGKILL)  # the Ray worker running the task, as if its node lost it

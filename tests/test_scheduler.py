@@ -24,6 +24,7 @@ from . import fake_cell
 from .conftest import write_suite
 from .helpers import clip
 from .helpers.executors import FakeCells
+from .helpers.listeners import RecordingListener
 
 CELLS = [Cell(p, s) for s in (0, 1) for p in ("bf16", "int8", "nf4")]
 
@@ -133,20 +134,6 @@ def test_the_fake_cell_speaks_the_protocol():
     from qbench.contract.protocol import EVENT_PREFIX
 
     assert fake_cell.EVENT_PREFIX == EVENT_PREFIX
-
-
-class RecordingListener:
-    def __init__(self):
-        self.log: list[tuple[str, str, dict]] = []
-
-    def cell_started(self, cell, index, total):
-        self.log.append(("started", cell.id, {}))
-
-    def cell_event(self, cell, event):
-        self.log.append(("event", cell.id, event))
-
-    def cell_finished(self, cell, record):
-        self.log.append(("finished", cell.id, record))
 
 
 def test_each_cell_process_gets_its_own_gpu_and_a_crashed_cell_frees_its_slot(tsv_suite, fake_cells, tmp_path):

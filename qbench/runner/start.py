@@ -114,7 +114,7 @@ def finish(server: ForkServerLauncher | None, loaded: LoadedSuite, cells: list[C
 
 def _compute_choice(launcher: ForkServerLauncher | None, loaded: LoadedSuite, cells: list[Cell], device: str,
                     thread_plan: threads.ThreadPlan, recorded: compute.ComputeChoice | None,
-                    probe: launch.Target = launch.COMPUTE_PROBE) -> tuple[str, compute.ComputeChoice]:
+                    probe: launch.Target) -> tuple[str, compute.ComputeChoice]:
     """(the device, the run's compute dtype): the one a resumed run `recorded`; on a CPU with an explicit dtype
     it has arithmetic for, decided here; else the compute probe's answer (it asks torch about the GPU and, for
     auto, measures a training step in each dtype, or reads that measurement from the user cache)."""
